@@ -1,0 +1,172 @@
+"""Datasets as labelled PIL images, split into train and validation, and the spec resolved from them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+
+from server.preprocess import PreprocessSpec, to_model_pixels
+
+from .errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DATASETS = ("digits",)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# torchvision's reference eval transform resizes to size / 0.875 before the center crop.
+CROP_FRACTION = 0.875
+
+
+@dataclass
+class Split:
+    """Images (in memory, or paths loaded on access) with their class indices."""
+
+    images: Sequence[Image.Image | Path]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, index: int, mode: str) -> Image.Image:
+        item = self.images[index]
+        if isinstance(item, Path):
+            with Image.open(item) as opened:
+                item = opened.convert(mode)
+        return item if item.mode == mode else item.convert(mode)
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    classes: list[str]
+    color_mode: str  # "L" or "RGB": what the images are, and what the model takes
+    default_image_size: int
+    train: Split
+    val: Split
+
+
+def load_dataset(source: str, *, val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    """`digits` (scikit-learn's bundled 8x8 digits) or a folder of class subfolders (ImageFolder)."""
+    if source == "digits":
+        return _digits(val_fraction, seed)
+    path = Path(source)
+    if not path.exists():
+        raise DatasetError(
+            f"dataset {source!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing folder"
+        )
+    return _image_folder(path, val_fraction, seed)
+
+
+def _stratified(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    indices = list(range(len(labels)))
+    train, val = train_test_split(indices, test_size=val_fraction, random_state=seed, stratify=labels)
+    return sorted(train), sorted(val)
+
+
+def _digits(val_fraction: float, seed: int) -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Values are 0..16; scale to 8-bit grayscale so they are ordinary images.
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = [Image.fromarray(p, mode="L") for p in pixels]
+    labels = [int(t) for t in digits.target]
+    train, val = _stratified(labels, val_fraction, seed)
+    return ImageDataset(
+        name="digits",
+        classes=[str(c) for c in digits.target_names],
+        color_mode="L",
+        default_image_size=32,
+        train=Split([images[i] for i in train], [labels[i] for i in train]),
+        val=Split([images[i] for i in val], [labels[i] for i in val]),
+    )
+
+
+def _scan_classes(root: Path) -> tuple[list[str], list[Path], list[int]]:
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} is not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"dataset folder {root} has no class subfolders (expected {root}/<class>/<image>)")
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted(
+            f for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise DatasetError(f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += files
+        labels += [index] * len(files)
+    return classes, paths, labels
+
+
+def _image_folder(root: Path, val_fraction: float, seed: int) -> ImageDataset:
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train_paths, train_labels = _scan_classes(root / "train")
+        val_classes, val_paths, val_labels = _scan_classes(root / "val")
+        if val_classes != classes:
+            raise DatasetError(f"{root}/train and {root}/val have different class folders")
+        train, val = Split(train_paths, train_labels), Split(val_paths, val_labels)
+    else:
+        classes, paths, labels = _scan_classes(root)
+        if len(paths) < 2 * len(classes):
+            raise DatasetError(f"dataset folder {root} needs at least two images per class to split")
+        train_idx, val_idx = _stratified(labels, val_fraction, seed)
+        train = Split([paths[i] for i in train_idx], [labels[i] for i in train_idx])
+        val = Split([paths[i] for i in val_idx], [labels[i] for i in val_idx])
+    return ImageDataset(
+        name=str(root), classes=classes, color_mode="RGB", default_image_size=224, train=train, val=val
+    )
+
+
+def resolve_spec(
+    dataset: ImageDataset,
+    *,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    max_images: int = 2000,
+) -> PreprocessSpec:
+    """The eval preprocessing for this dataset: size, crop and mean/std measured on the training split."""
+    size = image_size or dataset.default_image_size
+    # Images no larger than the input (digits) are resized straight to it; photos get the usual crop margin.
+    resize = size if size <= 64 else int(round(size / CROP_FRACTION))
+    channels = 1 if dataset.color_mode == "L" else 3
+    if mean is None or std is None:
+        geometry = PreprocessSpec(size, resize, (0.0,) * channels, (1.0,) * channels, dataset.color_mode)
+        count = min(len(dataset.train), max_images)
+        rng = np.random.default_rng(0)
+        chosen = rng.choice(len(dataset.train), size=count, replace=False)
+        pixels = np.stack(
+            [
+                np.asarray(to_model_pixels(dataset.train.image(int(i), dataset.color_mode), geometry))
+                for i in chosen
+            ]
+        ).astype(np.float64) / 255.0
+        pixels = pixels.reshape(count, size, size, channels)
+        mean = mean or tuple(float(v) for v in pixels.mean(axis=(0, 1, 2)))
+        std = std or tuple(max(float(v), 1e-3) for v in pixels.std(axis=(0, 1, 2)))
+    return PreprocessSpec(
+        image_size=size, resize_size=resize, mean=tuple(mean), std=tuple(std), color_mode=dataset.color_mode
+    )
+
+
+class TorchSplit(Dataset):
+    """A split as a torch Dataset: PIL image -> `transform` -> CHW float tensor."""
+
+    def __init__(self, split: Split, mode: str, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.split, self.mode, self.transform = split, mode, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.split.image(index, self.mode)), self.split.labels[index]

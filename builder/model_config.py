@@ -1,0 +1,131 @@
+"""Triton `config.pbtxt` from typed objects, through tritonclient's own protobuf classes.
+
+`render()` and `parse()` are inverses, so what publish writes can be read back and checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+DTYPES = {"FP32": pb.TYPE_FP32, "FP16": pb.TYPE_FP16, "INT8": pb.TYPE_INT8, "INT64": pb.TYPE_INT64}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple[int, ...]  # without the batch dimension
+    data_type: str = "FP32"
+    label_filename: str | None = None
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    preferred_batch_sizes: tuple[int, ...] = (4, 8)
+    max_queue_delay_us: int = 2000
+    # A bounded queue: past it Triton rejects at once, which the gateway turns into a 429.
+    max_queue_size: int = 64
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    backend: str = "python"
+    max_batch_size: int = 32
+    dynamic_batching: DynamicBatching | None = field(default_factory=DynamicBatching)
+    instance_count: int = 1
+    instance_kind: str = "KIND_CPU"
+    latest_versions: int = 1
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 0:
+            raise ValueError("max_batch_size must be >= 0")
+        if self.dynamic_batching is not None and self.max_batch_size == 0:
+            raise ValueError("dynamic batching needs max_batch_size > 0")
+        if self.dynamic_batching is not None:
+            too_big = [b for b in self.dynamic_batching.preferred_batch_sizes if b > self.max_batch_size]
+            if too_big:
+                raise ValueError(f"preferred batch sizes {too_big} exceed max_batch_size {self.max_batch_size}")
+        if self.instance_count < 1:
+            raise ValueError("instance_count must be >= 1")
+
+
+def _tensor(spec: TensorSpec, message) -> None:
+    message.name = spec.name
+    message.data_type = DTYPES[spec.data_type]
+    message.dims.extend(spec.dims)
+    if spec.label_filename:
+        message.label_filename = spec.label_filename
+
+
+def to_protobuf(config: ModelConfig) -> pb.ModelConfig:
+    message = pb.ModelConfig(name=config.name, backend=config.backend, max_batch_size=config.max_batch_size)
+    for spec in config.inputs:
+        _tensor(spec, message.input.add())
+    for spec in config.outputs:
+        _tensor(spec, message.output.add())
+    _set_batching(config, message)
+    _set_instance_group(config, message)
+    message.version_policy.latest.num_versions = config.latest_versions
+    for key, value in sorted(config.parameters.items()):
+        message.parameters[key].string_value = value
+    return message
+
+
+def _set_batching(config: ModelConfig, message: pb.ModelConfig) -> None:
+    batching = config.dynamic_batching
+    if batching is None:
+        return
+    message.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+    message.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    message.dynamic_batching.default_queue_policy.max_queue_size = batching.max_queue_size
+
+
+def _set_instance_group(config: ModelConfig, message: pb.ModelConfig) -> None:
+    group = message.instance_group.add()
+    group.count = config.instance_count
+    group.kind = pb.ModelInstanceGroup.Kind.Value(config.instance_kind)
+
+
+def render(config: ModelConfig) -> str:
+    return text_format.MessageToString(to_protobuf(config))
+
+
+def _tensor_from(message) -> TensorSpec:
+    return TensorSpec(
+        name=message.name,
+        dims=tuple(message.dims),
+        data_type=pb.DataType.Name(message.data_type).removeprefix("TYPE_"),
+        label_filename=message.label_filename or None,
+    )
+
+
+def parse(text: str) -> ModelConfig:
+    message = text_format.Parse(text, pb.ModelConfig())
+    batching = None
+    if message.HasField("dynamic_batching"):
+        batching = DynamicBatching(
+            preferred_batch_sizes=tuple(message.dynamic_batching.preferred_batch_size),
+            max_queue_delay_us=message.dynamic_batching.max_queue_delay_microseconds,
+            max_queue_size=message.dynamic_batching.default_queue_policy.max_queue_size,
+        )
+    group = message.instance_group[0] if message.instance_group else None
+    return ModelConfig(
+        name=message.name,
+        inputs=tuple(_tensor_from(t) for t in message.input),
+        outputs=tuple(_tensor_from(t) for t in message.output),
+        backend=message.backend,
+        max_batch_size=message.max_batch_size,
+        dynamic_batching=batching,
+        instance_count=group.count if group else 1,
+        instance_kind=pb.ModelInstanceGroup.Kind.Name(group.kind) if group else "KIND_CPU",
+        latest_versions=message.version_policy.latest.num_versions or 1,
+        parameters={key: value.string_value for key, value in message.parameters.items()},
+    )
+

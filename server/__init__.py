@@ -1,0 +1,1 @@
+"""The gateway in front of Triton, and the launcher of the local stack."""

@@ -1,0 +1,284 @@
+"""Starting, health-checking and stopping the processes of the local stack.
+
+The only module that spawns processes. `TritonServer` runs the real `tritonserver` binary that the
+`nvidia-pytriton` wheel ships, serving a model repository exactly as NVIDIA's container would;
+`GatewayProcess` runs the FastAPI gateway under uvicorn.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """A server process did not start, or did not become ready in time."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if the parent dies without stopping us (kill -9, crash),
+    # the kernel sends SIGTERM, so no orphaned server keeps ports and memory.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+class _ManagedProcess:
+    """A child process in its own session, stopped with SIGTERM and then SIGKILL."""
+
+    name = "process"
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self._process: subprocess.Popen | None = None
+        self._log_file = None
+
+    def _spawn(self, command: Sequence[str], env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")
+        log.info("starting %s: %s", self.name, " ".join(command))
+        self._process = subprocess.Popen(
+            list(command),
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _wait_until(self, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise LaunchError(
+                    f"{self.name} exited with code {self._process.returncode} before it was ready; "
+                    f"last lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            if _http_ok(url):
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise LaunchError(f"{self.name} was not ready at {url} within {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM to the whole process group, then SIGKILL if it has not exited in time."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            log.info("stopping %s (pid %d)", self.name, process.pid)
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            except ProcessLookupError:
+                pass
+        if process is not None:
+            # Stub processes of the Python backend share the group; make sure none outlive the server.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> None:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+
+def pytriton_home() -> Path:
+    """Where the `nvidia-pytriton` wheel keeps the tritonserver binary, backends and stubs."""
+    try:
+        import pytriton
+    except ImportError as e:
+        raise LaunchError("the nvidia-pytriton package is not installed; run `make install`") from e
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def prepare_backends(cache_dir: Path) -> Path:
+    """A writable backend directory whose python backend has the stub for the running Python.
+
+    The wheel keeps one stub per Python version apart from the backend; Triton looks for
+    `triton_python_backend_stub` next to `libtriton_python.so`.
+    """
+    home = pytriton_home()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = home / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise LaunchError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+    backends = cache_dir / f"backends-py{version}"
+    marker = backends / "python" / "triton_python_backend_stub"
+    if not marker.exists():
+        staging = Path(tempfile.mkdtemp(prefix=".backends-", dir=cache_dir))
+        shutil.copytree(home / "backends", staging / "backends")
+        shutil.copy2(stub, staging / "backends" / "python" / "triton_python_backend_stub")
+        if backends.exists():
+            shutil.rmtree(backends)
+        os.replace(staging / "backends", backends)
+        shutil.rmtree(staging, ignore_errors=True)
+    return backends
+
+
+@dataclass
+class TritonServer(_ManagedProcess):
+    """The real Triton Inference Server on a model repository, bound to loopback by default."""
+
+    model_repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    model_control_mode: str = "poll"
+    repository_poll_s: int = 2
+    cache_dir: Path = field(default_factory=lambda: Path(".cache/triton"))
+    log_path: Path | None = None
+    startup_timeout_s: float = 120.0
+    extra_args: Sequence[str] = ()
+
+    name = "tritonserver"
+
+    def __post_init__(self) -> None:
+        self.model_repository = Path(self.model_repository).resolve()
+        self.cache_dir = Path(self.cache_dir).resolve()
+        if self.log_path is None:
+            self.log_path = self.cache_dir / "tritonserver.log"
+        if self.model_control_mode not in ("none", "poll", "explicit"):
+            raise ValueError("model_control_mode must be one of none, poll, explicit")
+        super().__init__(Path(self.log_path))
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, backends: Path) -> list[str]:
+        command = [
+            str(pytriton_home() / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            # One broken model must not take the others down; the gateway reports it as not ready.
+            "--exit-on-error=false",
+            # Readiness of each model is the gateway's business; the server is ready once it serves.
+            "--strict-readiness=false",
+            f"--model-control-mode={self.model_control_mode}",
+        ]
+        if self.model_control_mode == "poll":
+            command.append(f"--repository-poll-secs={self.repository_poll_s}")
+        return command + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = pytriton_home().parent.parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        # The backend stub runs model.py with the Python found on PATH: make it this environment's,
+        # so numpy and onnxruntime import.
+        python_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join((python_bin, env.get("PATH", "")))
+        if sys.prefix != sys.base_prefix:
+            env["VIRTUAL_ENV"] = sys.prefix
+        return env
+
+    def start(self) -> None:
+        if not self.model_repository.is_dir():
+            raise LaunchError(f"model repository {self.model_repository} is not a directory")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        backends = prepare_backends(self.cache_dir)
+        self._spawn(self.command(backends), self.environment())
+        self._wait_until(f"http://{self.http_url}/v2/health/ready", self.startup_timeout_s)
+        log.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
+
+
+@dataclass
+class GatewayProcess(_ManagedProcess):
+    """The gateway under uvicorn, in its own process, configured through the environment."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path = field(default_factory=lambda: Path(".cache/gateway.log"))
+    startup_timeout_s: float = 60.0
+
+    name = "gateway"
+
+    def __post_init__(self) -> None:
+        super().__init__(Path(self.log_path))
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory",
+            "--host", self.host, "--port", str(self.port), "--log-level", "warning",
+        ]
+        env = {**os.environ, **self.env}
+        self._spawn(command, env)
+        self._wait_until(f"{self.url}/healthz", self.startup_timeout_s)

@@ -1,0 +1,172 @@
+"""The preprocessing spec a model was trained with, and the one function that applies it.
+
+Training's eval transform, calibration, the gateway and the local gRPC client all call
+`preprocess()` with the spec that `builder publish` wrote into the model's `config.pbtxt`,
+so what the model sees at serving time is what it saw at validation time.
+
+Only Pillow and NumPy here: the gateway image carries no torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+import numpy as np
+from PIL import Image, ImageOps
+
+COLOR_MODES = ("RGB", "BGR", "L")
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# Triton's config.pbtxt parameters are a flat string map; these keys hold the spec there.
+PARAMETER_PREFIX = "preprocess."
+
+
+class InvalidImageError(ValueError):
+    """The bytes are not an image this gateway can decode."""
+
+
+class ImageTooLargeError(ValueError):
+    """The image has more pixels than the configured limit."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How raw images become the model's input tensor (NCHW float32)."""
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    color_mode: str = "RGB"
+    interpolation: str = "bilinear"
+    layout: str = field(default="NCHW", init=False)
+
+    def __post_init__(self) -> None:
+        if self.color_mode not in COLOR_MODES:
+            raise ValueError(f"color_mode {self.color_mode!r} is not one of {', '.join(COLOR_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
+            )
+        if self.image_size <= 0 or self.resize_size < self.image_size:
+            raise ValueError(
+                f"need 0 < image_size <= resize_size, got image_size={self.image_size} "
+                f"resize_size={self.resize_size}"
+            )
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need {self.channels} values for color_mode {self.color_mode}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "L" else 3
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "PreprocessSpec":
+        return cls(
+            image_size=int(data["image_size"]),
+            resize_size=int(data["resize_size"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            color_mode=str(data.get("color_mode", "RGB")),
+            interpolation=str(data.get("interpolation", "bilinear")),
+        )
+
+    def to_parameters(self) -> dict[str, str]:
+        """Flat string map for Triton's `parameters` section."""
+        return {
+            f"{PARAMETER_PREFIX}{key}": json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            for key, value in self.to_dict().items()
+        }
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> "PreprocessSpec":
+        values = {
+            key[len(PARAMETER_PREFIX):]: value
+            for key, value in parameters.items()
+            if key.startswith(PARAMETER_PREFIX)
+        }
+        missing = {"image_size", "resize_size", "mean", "std"} - values.keys()
+        if missing:
+            raise KeyError(f"model config lacks preprocessing parameters: {', '.join(sorted(missing))}")
+        values["mean"] = json.loads(values["mean"])
+        values["std"] = json.loads(values["std"])
+        return cls.from_dict(values)
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
+    """Decode bytes into a PIL image with EXIF orientation applied (first frame of animations)."""
+    if not data:
+        raise InvalidImageError("empty image")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(str(e)) from e
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's ways of saying "not an image I can read"
+        raise InvalidImageError(f"cannot decode image: {e}") from e
+
+
+def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    # Same arithmetic as torchvision's Resize(int): the shorter side becomes `shorter`,
+    # the longer one is scaled and truncated.
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """Color conversion, resize of the shorter side and center crop: the geometric half of the transform."""
+    mode = "L" if spec.color_mode == "L" else "RGB"
+    if image.mode != mode:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            # Composite transparent pixels on white rather than on whatever the hidden color is.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        image = image.convert(mode)
+    width, height = image.size
+    new_size = _resized_size(width, height, spec.resize_size)
+    if new_size != image.size:
+        image = image.resize(new_size, INTERPOLATIONS[spec.interpolation])
+    width, height = image.size
+    top = int(round((height - spec.image_size) / 2.0))
+    left = int(round((width - spec.image_size) / 2.0))
+    return image.crop((left, top, left + spec.image_size, top + spec.image_size))
+
+
+def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """HWC or HW uint8 pixels -> CHW float32, scaled to [0, 1] and normalized in one pass."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if spec.color_mode == "BGR":
+        pixels = pixels[:, :, ::-1]
+    scale = (1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32)))
+    offset = (np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32))
+    chw = pixels.transpose(2, 0, 1).astype(np.float32)
+    return chw * scale[:, None, None] - offset[:, None, None]
+
+
+def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """A decoded image -> the model's CHW float32 input."""
+    return normalize(np.asarray(to_model_pixels(image, spec)), spec)
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None) -> np.ndarray:
+    return preprocess(decode_image(data, max_pixels=max_pixels), spec)

@@ -1,0 +1,53 @@
+"""Every gateway setting in one typed place, each overridable by a GATEWAY_* environment variable."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=None, extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=1, le=65535)
+
+    triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_grpc_url: str = "127.0.0.1:8001"
+    triton_http_url: str = "127.0.0.1:8000"
+    triton_timeout_s: float = Field(10.0, gt=0, description="per Triton call; past it the gateway answers 504")
+    model_info_ttl_s: float = Field(5.0, ge=0, description="how long a model's config (spec, labels) is cached")
+
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_images_per_request: int = Field(32, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0, description="checked before decoding (decompression bombs)")
+    default_top_k: int = Field(5, ge=1)
+    preprocess_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
+
+    @property
+    def triton_url(self) -> str:
+        return self.triton_grpc_url if self.triton_protocol == "grpc" else self.triton_http_url
+
+
+class TritonSettings(BaseSettings):
+    """The embedded Triton server of the local stack (`make serve`, `make demo`), TRITON_* variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TRITON_", env_file=None, extra="ignore")
+
+    model_repository: str = "model_repository"
+    host: str = "127.0.0.1"  # only the gateway is meant to be reachable
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(8001, ge=1, le=65535)
+    metrics_port: int = Field(8002, ge=1, le=65535)
+    model_control_mode: Literal["none", "poll", "explicit"] = "poll"
+    repository_poll_s: int = Field(2, ge=1)
+    cache_dir: str = ".cache/triton"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

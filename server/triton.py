@@ -1,0 +1,161 @@
+"""The gateway's one connection to Triton: tritonclient's asyncio client, gRPC or HTTP.
+
+Results come back as plain Python and NumPy; tritonclient's errors are translated here into the
+gateway's own (`server.errors`), so routes never see a foreign exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, TypeVar
+
+import numpy as np
+from tritonclient.utils import InferenceServerException
+
+from .errors import GatewayError, ModelNotFound, TooManyRequests, TritonFailed, TritonTimeout, TritonUnavailable
+from .preprocess import PreprocessSpec
+
+T = TypeVar("T")
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the gateway needs to serve a model, read from its config.pbtxt through Triton."""
+
+    name: str
+    spec: PreprocessSpec
+    labels: tuple[str, ...]
+    input_name: str
+    output_name: str
+    max_batch_size: int
+
+    def public(self) -> dict[str, Any]:
+        return {"preprocessing": self.spec.to_dict(), "labels": list(self.labels),
+                "input": self.input_name, "output": self.output_name, "max_batch_size": self.max_batch_size}
+
+
+def translate_error(error: Exception, model: str | None = None) -> GatewayError:
+    """tritonclient's and the transports' exceptions -> the gateway's errors."""
+    if isinstance(error, GatewayError):
+        return error
+    if isinstance(error, asyncio.TimeoutError):
+        return TritonTimeout("Triton did not answer in time", retry_after_s=RETRY_AFTER_S)
+    message = str(error.message() if isinstance(error, InferenceServerException) else error)
+    status = str(error.status() or "") if isinstance(error, InferenceServerException) else ""
+    lowered = message.lower()
+    if "maximum queue size" in lowered:
+        return TooManyRequests(f"model {model!r} is at capacity; retry shortly", retry_after_s=RETRY_AFTER_S)
+    if "unknown model" in lowered or "not found" in lowered or "NOT_FOUND" in status:
+        return ModelNotFound(f"model {model!r} is not served" if model else message)
+    if "is not ready" in lowered or "unavailable" in lowered or "not ready" in lowered:
+        if "DEADLINE" in status:
+            return TritonTimeout("Triton did not answer in time", retry_after_s=RETRY_AFTER_S)
+        return TritonUnavailable(f"Triton or model {model!r} is unavailable", retry_after_s=RETRY_AFTER_S)
+    if "DEADLINE_EXCEEDED" in status or "deadline exceeded" in lowered or "timeout" in lowered:
+        return TritonTimeout("Triton did not answer in time", retry_after_s=RETRY_AFTER_S)
+    if isinstance(error, (OSError, ConnectionError)) or "connect" in lowered or "UNAVAILABLE" in status:
+        return TritonUnavailable("Triton is unreachable", retry_after_s=RETRY_AFTER_S)
+    return TritonFailed(f"Triton error: {message.splitlines()[0] if message else type(error).__name__}")
+
+
+def _parameters(config: dict) -> dict[str, str]:
+    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+
+class TritonClient:
+    """Async access to one Triton server, with model configs cached for `info_ttl_s`."""
+
+    def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 10.0, info_ttl_s: float = 5.0):
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
+        self.url, self.protocol, self.timeout_s, self.info_ttl_s = url, protocol, timeout_s, info_ttl_s
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as client_module
+        else:
+            import tritonclient.http.aio as client_module
+        self._module = client_module
+        self._client = client_module.InferenceServerClient(url)
+        self._info: dict[str, tuple[float, ModelInfo]] = {}
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _call(self, call: Awaitable[T], model: str | None = None) -> T:
+        try:
+            return await asyncio.wait_for(call, self.timeout_s)
+        except Exception as e:  # every failure leaves here as a GatewayError
+            raise translate_error(e, model) from e
+
+    async def server_ready(self) -> bool:
+        try:
+            return bool(await self._call(self._client.is_server_ready()))
+        except GatewayError:
+            return False
+
+    async def repository_index(self) -> list[dict[str, str]]:
+        """Every model Triton knows of, one entry per version: name, version, state, reason."""
+        if self.protocol == "grpc":
+            index = await self._call(self._client.get_model_repository_index(as_json=True))
+            entries = index.get("models", [])
+        else:
+            entries = await self._call(self._client.get_model_repository_index())
+        return [
+            {"name": e.get("name", ""), "version": str(e.get("version", "")), "state": e.get("state", ""),
+             "reason": e.get("reason", "")}
+            for e in entries
+        ]
+
+    async def model_config(self, name: str) -> dict:
+        if self.protocol == "grpc":
+            return (await self._call(self._client.get_model_config(name, as_json=True), name))["config"]
+        return await self._call(self._client.get_model_config(name), name)
+
+    async def model_info(self, name: str) -> ModelInfo:
+        cached = self._info.get(name)
+        if cached and time.monotonic() - cached[0] < self.info_ttl_s:
+            return cached[1]
+        config = await self.model_config(name)
+        parameters = _parameters(config)
+        try:
+            info = ModelInfo(
+                name=name,
+                spec=PreprocessSpec.from_parameters(parameters),
+                labels=tuple(json.loads(parameters.get("labels", "[]"))),
+                input_name=config["input"][0]["name"],
+                output_name=config["output"][0]["name"],
+                max_batch_size=int(config.get("max_batch_size", 0)),
+            )
+        except (KeyError, ValueError, IndexError) as e:
+            raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e
+        self._info[name] = (time.monotonic(), info)
+        return info
+
+    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "") -> tuple[np.ndarray, str]:
+        """Logits for an N x C x H x W batch, split into chunks of the model's max batch size."""
+        step = info.max_batch_size or len(batch)
+        chunks = [batch[i:i + step] for i in range(0, len(batch), step)]
+        results = await asyncio.gather(*(self._infer_one(info, chunk, version) for chunk in chunks))
+        return np.concatenate([logits for logits, _ in results]), results[0][1]
+
+    async def _infer_one(self, info: ModelInfo, batch: np.ndarray, version: str) -> tuple[np.ndarray, str]:
+        tensor = self._module.InferInput(info.input_name, list(batch.shape), "FP32")
+        if self.protocol == "grpc":
+            tensor.set_data_from_numpy(batch)
+            outputs = [self._module.InferRequestedOutput(info.output_name)]
+        else:
+            tensor.set_data_from_numpy(batch, binary_data=True)
+            outputs = [self._module.InferRequestedOutput(info.output_name, binary_data=True)]
+        result = await self._call(
+            self._client.infer(info.name, [tensor], model_version=version, outputs=outputs), info.name
+        )
+        response = result.get_response(as_json=True) if self.protocol == "grpc" else result.get_response()
+        return result.as_numpy(info.output_name), str(response.get("model_version", version))
+
+    async def statistics(self, name: str) -> dict:
+        if self.protocol == "grpc":
+            return await self._call(self._client.get_inference_statistics(name, as_json=True), name)
+        return await self._call(self._client.get_inference_statistics(name), name)
