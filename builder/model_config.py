@@ -102,7 +102,7 @@ def _tensor_from(message) -> TensorSpec:
         name=message.name,
         dims=tuple(message.dims),
         data_type=pb.DataType.Name(message.data_type).removeprefix("TYPE_"),
-        label_filename=message.label_filename or None,
+        label_filename=getattr(message, "label_filename", "") or None,  # outputs only
     )
 
 

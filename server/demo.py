@@ -1,8 +1,7 @@
 """`python -m server.demo` (the last step of make demo): start the stack, classify sample images, stop.
 
-The samples are real images: handwritten digits from scikit-learn,
-saved as 8x8 PNG
-as in the dataset, and photos that scikit-image ships, saved as JPEG.
+The samples are real images: handwritten digits from scikit-learn, saved as 8x8 PNG as in the
+dataset, and photos that scikit-image ships, saved as JPEG.
 """
 
 from __future__ import annotations

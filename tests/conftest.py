@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny model trained by the builder, its ONNX export, and real sample photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import skimage
+from PIL import Image
+
+from builder.export import export_onnx
+from builder.train import TrainConfig, train
+
+PHOTO_DIR = Path(skimage.__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """ResNet-18 on digits at 8x8 for two epochs (a few seconds): best.pt and model.onnx."""
+    run_dir = tmp_path_factory.mktemp("run")
+    result = train(TrainConfig(dataset="digits", epochs=2, image_size=8, out_dir=run_dir))
+    export_onnx(result.best_checkpoint, run_dir / "model.onnx", parity_images=16)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> list[Path]:
+    """Real photos of several sizes and orientations, as JPEG and PNG files."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name, fmt in (("astronaut.png", "JPEG"), ("coffee.png", "PNG"), ("chelsea.png", "JPEG"),
+                      ("rocket.jpg", "JPEG"), ("camera.png", "PNG")):
+        image = Image.open(PHOTO_DIR / name)
+        path = folder / f"{Path(name).stem}.{fmt.lower()}"
+        image.save(path, fmt)
+        paths.append(path)
+    # A portrait one, so both resize branches run.
+    portrait = folder / "coffee-portrait.jpeg"
+    Image.open(PHOTO_DIR / "coffee.png").transpose(Image.Transpose.ROTATE_90).save(portrait, "JPEG")
+    paths.append(portrait)
+    return paths

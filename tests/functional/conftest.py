@@ -1,0 +1,52 @@
+"""The real stack on loopback: tritonserver from the nvidia-pytriton wheel and the gateway under uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.publish import publish
+from server.launcher import GatewayProcess, TritonServer, free_port
+
+MODEL = "digits"
+
+
+def start_triton(repository: Path, cache_dir: Path, **kwargs) -> TritonServer:
+    server = TritonServer(
+        model_repository=repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        cache_dir=cache_dir, repository_poll_s=1, **kwargs,
+    )
+    server.start()
+    return server
+
+
+def start_gateway(triton_grpc_url: str, log_path: Path, **env: str) -> GatewayProcess:
+    gateway = GatewayProcess(
+        port=free_port(), log_path=log_path,
+        env={"GATEWAY_TRITON_GRPC_URL": triton_grpc_url, "GATEWAY_TRITON_TIMEOUT_S": "5",
+             "GATEWAY_MODEL_INFO_TTL_S": "0.5", **env},
+    )
+    gateway.start()
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def repository(tiny_run, tmp_path_factory) -> Path:
+    repository = tmp_path_factory.mktemp("model_repository")
+    publish(tiny_run / "model.onnx", repository, MODEL)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def triton(repository, tmp_path_factory):
+    server = start_triton(repository, tmp_path_factory.mktemp("triton-cache"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(triton, tmp_path_factory):
+    process = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    yield process
+    process.stop()

@@ -1,0 +1,151 @@
+"""The stack under failure: Triton gone, a broken model beside a good one, a new version while serving."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from builder.publish import publish
+from server.launcher import LaunchError, TritonServer, free_port
+
+from .conftest import MODEL, start_gateway, start_triton
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def post_png(url: str, model: str = MODEL) -> httpx.Response:
+    return httpx.post(f"{url}/v1/models/{model}/classify", content=png(),
+                      headers={"Content-Type": "image/png"}, timeout=30)
+
+
+def wait_for(predicate, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_triton_down_gives_503_with_retry_after_and_the_gateway_recovers_when_it_is_back(
+    repository, tmp_path
+):
+    grpc_port = free_port()
+    gateway = start_gateway(f"127.0.0.1:{grpc_port}", tmp_path / "gateway.log")
+    try:
+        started = time.monotonic()
+        response = post_png(gateway.url)
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert response.json()["error"]["code"] == "triton_unavailable"
+        assert time.monotonic() - started < 10
+        assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 503
+
+        triton = TritonServer(model_repository=repository, http_port=free_port(), grpc_port=grpc_port,
+                              metrics_port=free_port(), cache_dir=tmp_path / "cache")
+        with triton:
+            assert wait_for(lambda: post_png(gateway.url).status_code == 200)
+            assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
+    finally:
+        gateway.stop()
+
+
+def test_a_broken_model_does_not_take_the_good_one_down(tiny_run, tmp_path):
+    repository = tmp_path / "repo"
+    publish(tiny_run / "model.onnx", repository, MODEL)
+    publish(tiny_run / "model.onnx", repository, "broken")
+    (repository / "broken" / "1" / "model.onnx").write_bytes(b"corrupted")
+    triton = start_triton(repository, tmp_path / "cache")
+    gateway = start_gateway(triton.grpc_url, tmp_path / "gateway.log")
+    try:
+        assert post_png(gateway.url).status_code == 200
+        ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
+        assert ready.status_code == 503 and "broken" in ready.json()["reason"]
+        broken = post_png(gateway.url, "broken")
+        assert broken.status_code in (404, 503) and "error" in broken.json()
+    finally:
+        gateway.stop()
+        triton.stop()
+
+
+def test_a_version_published_while_triton_polls_is_served_without_restart(tiny_run, tmp_path):
+    repository = tmp_path / "repo"
+    publish(tiny_run / "model.onnx", repository, MODEL)
+    triton = start_triton(repository, tmp_path / "cache")
+    gateway = start_gateway(triton.grpc_url, tmp_path / "gateway.log")
+    try:
+        assert post_png(gateway.url).json()["version"] == "1"
+        publish(tiny_run / "model.onnx", repository, MODEL)
+        assert wait_for(lambda: post_png(gateway.url).json().get("version") == "2")
+        failed = [line for line in triton.log_tail(400).splitlines() if "failed to load" in line]
+        assert not failed, failed
+    finally:
+        gateway.stop()
+        triton.stop()
+
+
+def test_launcher_refuses_a_missing_repository(tmp_path):
+    with pytest.raises(LaunchError, match="not a directory"):
+        TritonServer(model_repository=tmp_path / "missing", cache_dir=tmp_path).start()
+
+
+def _descendants(pid: int) -> set[int]:
+    found, frontier = set(), [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+        for child in map(int, children):
+            found.add(child)
+            frontier.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited; only its parent has not reaped it yet
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep to list child processes")
+def test_serve_stops_triton_and_the_gateway_on_ctrl_c_with_no_orphans(repository, tmp_path):
+    gateway_port = free_port()
+    env = {**os.environ, "TRITON_HTTP_PORT": str(free_port()), "TRITON_GRPC_PORT": str(free_port()),
+           "TRITON_METRICS_PORT": str(free_port()), "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+           "GATEWAY_PORT": str(gateway_port), "GATEWAY_HOST": "127.0.0.1"}
+    serve = subprocess.Popen([sys.executable, "-m", "server", "--repository", str(repository)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: _ok(f"http://127.0.0.1:{gateway_port}/v1/models/{MODEL}/classify"), 90)
+        children = _descendants(serve.pid)
+        assert len(children) >= 3  # tritonserver, its Python-backend stub, the gateway
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0
+        assert wait_for(lambda: not any(_alive(pid) for pid in children), 15)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return post_png(url.rsplit("/v1/", 1)[0]).status_code == 200
+    except httpx.HTTPError:
+        return False

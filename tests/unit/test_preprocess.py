@@ -1,0 +1,118 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from server.preprocess import (
+    ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, preprocess, preprocess_bytes,
+)
+
+IMAGENET = PreprocessSpec(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def reference_transform(spec: PreprocessSpec):
+    return transforms.Compose([
+        transforms.Resize(spec.resize_size, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(spec.image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+
+
+@pytest.mark.parametrize("spec", [IMAGENET, PreprocessSpec(64, 73, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
+def test_preprocess_equals_torchvision_reference_eval_transform_on_real_photos(photos, spec):
+    reference = reference_transform(spec)
+    for path in photos:
+        image = decode_image(path.read_bytes())
+        ours = preprocess(image, spec)
+        expected = reference(image.convert("RGB")).numpy()
+        assert ours.shape == expected.shape == spec.input_shape
+        # Within 1/255 of a pixel, in normalized units.
+        assert np.max(np.abs(ours - expected)) <= (1 / 255) / min(spec.std) + 1e-6, path.name
+
+
+def test_grayscale_spec_converts_color_photos_to_one_channel(photos):
+    spec = PreprocessSpec(32, 32, (0.3,), (0.3,), color_mode="L")
+    tensor = preprocess_bytes(photos[0].read_bytes(), spec)
+    assert tensor.shape == (1, 32, 32)
+    assert tensor.dtype == np.float32
+
+
+def test_bgr_spec_reverses_channels(photos):
+    rgb = PreprocessSpec(32, 32, (0.5,) * 3, (0.25,) * 3)
+    bgr = PreprocessSpec(32, 32, (0.5,) * 3, (0.25,) * 3, color_mode="BGR")
+    data = photos[0].read_bytes()
+    np.testing.assert_array_equal(preprocess_bytes(data, rgb)[::-1], preprocess_bytes(data, bgr))
+
+
+def test_spec_round_trips_through_triton_parameters():
+    spec = PreprocessSpec(32, 36, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), color_mode="BGR", interpolation="bicubic")
+    parameters = spec.to_parameters()
+    assert all(isinstance(v, str) for v in parameters.values())
+    assert PreprocessSpec.from_parameters({**parameters, "labels": "[]"}) == spec
+
+
+def test_spec_from_parameters_names_missing_keys():
+    with pytest.raises(KeyError, match="mean"):
+        PreprocessSpec.from_parameters({"preprocess.image_size": "8", "preprocess.resize_size": "8",
+                                        "preprocess.std": "[1]"})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"color_mode": "CMYK"}, "color_mode"),
+    ({"interpolation": "lanczos9"}, "interpolation"),
+    ({"image_size": 300}, "resize_size"),
+    ({"mean": (0.5,)}, "mean and std"),
+    ({"std": (0.2, 0.0, 0.2)}, "positive"),
+])
+def test_spec_rejects_invalid_values_with_a_message(kwargs, message):
+    values = {"image_size": 224, "resize_size": 256, "mean": (0.5,) * 3, "std": (0.2,) * 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        PreprocessSpec(**values)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_decode_rejects_non_images(data):
+    with pytest.raises(InvalidImageError):
+        decode_image(data)
+
+
+def test_decode_rejects_truncated_jpeg(photos):
+    data = photos[0].read_bytes()
+    with pytest.raises(InvalidImageError):
+        decode_image(data[: len(data) // 3])
+
+
+def test_decode_refuses_images_over_the_pixel_limit_before_decoding():
+    buffer = io.BytesIO()
+    Image.new("RGB", (400, 300)).save(buffer, "PNG")
+    with pytest.raises(ImageTooLargeError, match="400x300"):
+        decode_image(buffer.getvalue(), max_pixels=100_000)
+    assert decode_image(buffer.getvalue(), max_pixels=120_000).size == (400, 300)
+
+
+def test_decode_applies_exif_orientation():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif.tobytes())
+    assert decode_image(buffer.getvalue()).size == (20, 40)
+
+
+def test_transparent_pixels_become_white_not_black():
+    buffer = io.BytesIO()
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(buffer, "PNG")
+    spec = PreprocessSpec(16, 16, (0.0,) * 3, (1.0,) * 3)
+    np.testing.assert_allclose(preprocess_bytes(buffer.getvalue(), spec), 1.0)
+
+
+def test_training_eval_transform_is_the_gateway_preprocessing(photos):
+    from builder.train import eval_transform
+
+    spec = PreprocessSpec(48, 55, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    image = decode_image(photos[1].read_bytes())
+    torch.testing.assert_close(eval_transform(spec)(image), torch.from_numpy(preprocess(image, spec)))

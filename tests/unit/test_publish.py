@@ -1,0 +1,85 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from builder import model_config
+from builder.errors import PublishError
+from builder.publish import PublishSettings, inspect_onnx, publish
+from server.preprocess import PreprocessSpec
+
+
+def test_publish_writes_a_complete_version_with_spec_and_labels_in_the_config(tiny_run, tmp_path):
+    repository = tmp_path / "repo"
+    published = publish(tiny_run / "model.onnx", repository, "digits")
+    assert published.version == 1
+    files = sorted(p.name for p in published.version_dir.iterdir())
+    assert files == ["build.json", "model.onnx", "model.py"]
+    config = model_config.parse((repository / "digits" / "config.pbtxt").read_text())
+    spec = PreprocessSpec.from_parameters(config.parameters)
+    assert spec.input_shape == (1, 8, 8)
+    assert json.loads(config.parameters["labels"]) == [str(i) for i in range(10)]
+    assert config.inputs[0].dims == (1, 8, 8) and config.outputs[0].dims == (10,)
+    assert config.dynamic_batching is not None
+    assert (repository / "digits" / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+    lineage = json.loads((published.version_dir / "build.json").read_text())
+    assert lineage["version"] == 1 and lineage["onnx_metadata"]["arch"] == "resnet18"
+
+
+def test_publishing_again_adds_the_next_version_and_leaves_no_staging_folders(tiny_run, tmp_path):
+    repository = tmp_path / "repo"
+    first = publish(tiny_run / "model.onnx", repository, "digits")
+    before = (first.version_dir / "model.onnx").stat().st_mtime_ns
+    second = publish(tiny_run / "model.onnx", repository, "digits",
+                     settings=PublishSettings(max_batch_size=8, preferred_batch_sizes=(2, 4)))
+    assert second.version == 2
+    assert (first.version_dir / "model.onnx").stat().st_mtime_ns == before  # never changed in place
+    assert sorted(p.name for p in (repository / "digits").iterdir()) == ["1", "2", "config.pbtxt", "labels.txt"]
+    assert [p.name for p in repository.iterdir()] == ["digits"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert model_config.parse((repository / "digits" / "config.pbtxt").read_text()).max_batch_size == 8
+
+
+def test_a_file_that_is_not_onnx_is_refused_and_nothing_is_written(tmp_path):
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(os.urandom(256))
+    with pytest.raises(PublishError, match="not a valid ONNX model"):
+        publish(bogus, tmp_path / "repo", "digits")
+    assert not (tmp_path / "repo" / "digits").exists()
+
+
+def test_missing_onnx_file_is_named(tmp_path):
+    with pytest.raises(PublishError, match="does not exist"):
+        publish(tmp_path / "nope.onnx", tmp_path / "repo", "digits")
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", ".hidden", "x" * 65])
+def test_invalid_model_names_are_refused(tiny_run, tmp_path, name):
+    with pytest.raises(PublishError, match="model name"):
+        publish(tiny_run / "model.onnx", tmp_path / "repo", name)
+
+
+def test_label_count_must_match_the_model(tiny_run, tmp_path):
+    with pytest.raises(PublishError, match="3 labels"):
+        publish(tiny_run / "model.onnx", tmp_path / "repo", "digits", labels=["a", "b", "c"])
+
+
+def test_spec_must_produce_the_model_input_shape(tiny_run, tmp_path):
+    spec = PreprocessSpec(16, 16, (0.5,), (0.5,), color_mode="L")
+    with pytest.raises(PublishError, match="preprocessing makes"):
+        publish(tiny_run / "model.onnx", tmp_path / "repo", "digits", spec=spec)
+
+
+def test_repository_that_cannot_be_written_is_a_publish_error(tiny_run, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PublishError, match="cannot write to model repository"):
+        publish(tiny_run / "model.onnx", blocker / "repo", "digits")
+
+
+def test_inspect_reads_names_and_shapes_from_the_graph(tiny_run):
+    model = inspect_onnx(tiny_run / "model.onnx")
+    assert (model.input_name, model.input_dims, model.output_names, model.num_classes) == (
+        "input", (1, 8, 8), ("logits",), 10)
+    assert "preprocess" in model.metadata

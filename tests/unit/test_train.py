@@ -1,0 +1,100 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from builder.data import load_dataset, resolve_spec
+from builder.errors import CheckpointError, DatasetError
+from builder.models import create_model
+from builder.train import load_checkpoint, warmup_cosine
+
+
+def test_warmup_rises_linearly_then_cosine_decays_to_zero():
+    values = [warmup_cosine(step, warmup_steps=4, total_steps=14) for step in range(14)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == 1.0
+    assert values[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert warmup_cosine(14, warmup_steps=4, total_steps=14) == pytest.approx(0.0)
+
+
+def test_training_writes_checkpoints_metrics_and_learns(tiny_run):
+    history = json.loads((tiny_run / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert max(h["val_accuracy"] for h in history) > 0.5  # ten classes: chance is 0.1
+    assert (tiny_run / "last.pt").is_file() and (tiny_run / "config.json").is_file()
+
+
+def test_checkpoint_reloads_into_the_same_model(tiny_run):
+    model, meta = load_checkpoint(tiny_run / "best.pt")
+    assert meta["arch"] == "resnet18" and meta["classes"] == [str(i) for i in range(10)]
+    batch = torch.zeros(2, 1, 8, 8)
+    assert model(batch).shape == (2, 10)
+    assert meta["val_accuracy"] == max(h["val_accuracy"] for h in json.loads((tiny_run / "metrics.json").read_text()))
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(bogus)
+    other = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(other)
+
+
+def test_spec_mean_and_std_are_measured_on_the_training_split():
+    dataset = load_dataset("digits")
+    spec = resolve_spec(dataset, image_size=8)
+    pixels = np.stack([np.asarray(img, dtype=np.float64) / 255 for img in dataset.train.images])
+    assert spec.mean[0] == pytest.approx(pixels.mean(), rel=1e-6)
+    assert spec.std[0] == pytest.approx(pixels.std(), rel=1e-6)
+    assert (spec.color_mode, spec.image_size, spec.resize_size) == ("L", 8, 8)
+
+
+def test_digits_split_is_stratified_and_seeded():
+    a, b = load_dataset("digits", seed=3), load_dataset("digits", seed=3)
+    assert a.val.labels == b.val.labels
+    counts = np.bincount(a.val.labels)
+    assert counts.min() >= 0.8 * counts.max()
+    assert len(a.train) + len(a.val) == 1797
+
+
+def test_image_folder_dataset_is_split_and_checked(tmp_path, photos):
+    from PIL import Image
+
+    for name in ("cats", "cups"):
+        (tmp_path / name).mkdir()
+        for i in range(5):
+            Image.open(photos[0 if name == "cats" else 1]).save(tmp_path / name / f"{i}.png")
+    dataset = load_dataset(str(tmp_path), val_fraction=0.4)
+    assert dataset.classes == ["cats", "cups"]
+    assert (len(dataset.train), len(dataset.val)) == (6, 4)
+    assert dataset.train.image(0, "RGB").mode == "RGB"
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "neither a built-in"),
+    ("empty", "no class subfolders"),
+    ("empty_class", "has no images"),
+])
+def test_bad_dataset_folders_are_named(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "empty_class":
+        (root / "cats").mkdir()
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(str(root))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_small_inputs_keep_their_resolution_through_the_stem(arch):
+    model = create_model(arch, num_classes=4, in_channels=1, image_size=32).eval()
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 4)
+    first = model.conv1 if arch.startswith("resnet") else model.features[0][0]
+    assert first.stride == (1, 1) and first.in_channels == 1
