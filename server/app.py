@@ -1,135 +1,145 @@
 """The FastAPI gateway: images in, top-k classes out, with Triton doing the inference.
 
-A classification runs as: read the body -> decode and preprocess (in a thread pool, with the
-model's published spec) -> one Triton call -> softmax and top-k -> JSON.
+`create_app()` wires settings, the Triton client, the preprocessing thread pool, the routes
+(`server.routes`), one middleware for request ids, metrics and logs, and the error handlers.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
+import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-import numpy as np
-from fastapi import FastAPI, Query, Request
+import httpx
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import UploadFile
+from fastapi.responses import JSONResponse
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import (
-    BadRequest, GatewayError, InvalidImage, PayloadTooLarge, UnsupportedMediaType,
-)
+from .errors import GatewayError
 from .metrics import GatewayMetrics
-from .preprocess import ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, preprocess
+from .routes import health, kserve, models
 from .settings import Settings, get_settings
 from .triton import TritonClient
 
 log = logging.getLogger("server")
-RAW_MEDIA_TYPES = ("image/", "application/octet-stream")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+TRITON_ERROR_CODES = {"triton_unavailable", "triton_timeout", "triton_error"}
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def prepare_batch(
-    images: list[bytes], spec: PreprocessSpec, max_pixels: int
-) -> tuple[np.ndarray, float, float]:
-    """Decode and preprocess every image; returns the batch and the seconds spent in each stage."""
-    decode_s = preprocess_s = 0.0
-    tensors = []
-    for position, data in enumerate(images):
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: Settings) -> None:
+    if not settings.log_json or any(isinstance(h.formatter, JsonFormatter) for h in log.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class RequestContextMiddleware:
+    """Request id (accepted or made, always echoed), per-request metrics, and one JSON log line."""
+
+    def __init__(self, app, metrics: GatewayMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        context: dict[str, Any] = {"request_id": request_id, "model": None, "stages": {}, "inference": False}
+        scope.setdefault("state", {})["context"] = context
         started = time.perf_counter()
+        sizes = {"request": 0, "response": 0}
+        status = 500
+
+        async def counting_receive():
+            message = await receive()
+            sizes["request"] += len(message.get("body", b""))
+            return message
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body":
+                sizes["response"] += len(message.get("body", b""))
+            await send(message)
+
         try:
-            image = decode_image(data, max_pixels=max_pixels)
-        except ImageTooLargeError as e:
-            raise PayloadTooLarge(f"image {position}: {e}") from e
-        except InvalidImageError as e:
-            raise InvalidImage(f"image {position}: {e}") from e
-        decoded = time.perf_counter()
-        tensors.append(preprocess(image, spec))
-        decode_s += decoded - started
-        preprocess_s += time.perf_counter() - decoded
-    return np.stack(tensors), decode_s, preprocess_s
+            await self.app(scope, counting_receive, send_with_id)
+        finally:
+            total = time.perf_counter() - started
+            self._record(scope, context, status, total, sizes)
 
-
-def top_k(logits: np.ndarray, k: int, labels: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Softmax over classes, then the k most probable per image, most probable first."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    probabilities = np.exp(shifted)
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
-    k = min(k, logits.shape[1])
-    results = []
-    for row in probabilities:
-        best = np.argsort(-row, kind="stable")[:k]
-        results.append({"predictions": [
-            {"label": labels[i] if i < len(labels) else str(i), "index": int(i), "score": float(row[i])}
-            for i in best
-        ]})
-    return results
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_images(request: Request, settings: Settings) -> list[bytes]:
-    """The images of a raw-image body or of a multipart body's `image` fields."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type == "multipart/form-data":
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {settings.max_body_bytes}")
-        try:
-            form = await request.form(max_files=settings.max_images_per_request + 1)
-        except Exception as e:  # starlette's parser raises several kinds for broken bodies
-            raise BadRequest(f"malformed multipart body: {e}") from e
-        files = [item for item in form.getlist("image") if isinstance(item, UploadFile)]
-        if not files:
-            raise BadRequest("multipart body has no file field named 'image'")
-        if len(files) > settings.max_images_per_request:
-            raise PayloadTooLarge(f"{len(files)} images; the limit is {settings.max_images_per_request}")
-        return [await f.read() for f in files]
-    if media_type.startswith(RAW_MEDIA_TYPES):
-        body = await read_body(request, settings.max_body_bytes)
-        if not body:
-            raise InvalidImage("request body is empty")
-        return [body]
-    raise UnsupportedMediaType(
-        f"content type {media_type or '(none)'!r} is not supported; send an image (image/jpeg, image/png, ...) "
-        "or multipart/form-data with 'image' file fields"
-    )
+    def _record(self, scope, context: dict, status: int, total: float, sizes: dict) -> None:
+        metrics, model = self.metrics, context["model"] or "unknown"
+        if context["inference"]:
+            metrics.requests.labels(model, str(status)).inc()
+            metrics.observe_stage("total", total)
+            for stage, seconds in context["stages"].items():
+                metrics.observe_stage(stage, seconds)
+            metrics.request_bytes.observe(sizes["request"])
+            metrics.response_bytes.observe(sizes["response"])
+        code = context.get("error_code")
+        if code:
+            metrics.rejections.labels(code).inc()
+            if code in TRITON_ERROR_CODES:
+                metrics.triton_errors.labels(code).inc()
+        if scope["path"] in ("/healthz", "/readyz", "/metrics") and status < 400:
+            return  # probes and scrapes would drown the log
+        log.info("request", extra={"fields": {
+            "request_id": context["request_id"], "method": scope["method"], "path": scope["path"],
+            "status": status, "model": context["model"], "duration_ms": round(total * 1000, 3),
+            "stages_ms": {k: round(v * 1000, 3) for k, v in context["stages"].items()},
+            **({"error": code} if code else {}),
+        }})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    metrics = GatewayMetrics()
+    configure_logging(settings)
+    # Pillow's own decompression-bomb guard, set explicitly; the gateway also checks before decoding.
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        key = settings.triton_repository_key.get_secret_value() if settings.triton_repository_key else ""
         app.state.triton = TritonClient(
             settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
-            info_ttl_s=settings.model_info_ttl_s,
+            info_ttl_s=settings.model_info_ttl_s, repository_key=key or None,
+        )
+        app.state.triton_http = httpx.AsyncClient(
+            base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s
         )
         app.state.pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
         try:
             yield
         finally:
             await app.state.triton.close()
+            await app.state.triton_http.aclose()
             app.state.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
@@ -138,123 +148,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.settings, app.state.metrics = settings, metrics
+    metrics = GatewayMetrics()
+    app.state.settings, app.state.metrics, app.state.in_flight = settings, metrics, 0
+    app.state.api_keys = tuple(k.encode() for k in settings.load_api_keys())
+    app.include_router(health)
+    app.include_router(models)
+    app.include_router(kserve)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     _install_error_handlers(app)
-
-    @app.get("/healthz", tags=["health"], summary="The process is up")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["health"], summary="Triton and every served model are ready")
-    async def readyz(request: Request) -> JSONResponse:
-        triton: TritonClient = request.app.state.triton
-        if not await triton.server_ready():
-            return JSONResponse({"status": "not ready", "reason": "Triton is not ready or unreachable"}, 503,
-                                headers={"Retry-After": "1"})
-        try:
-            models = _group_versions(await triton.repository_index())
-        except GatewayError as e:
-            return JSONResponse({"status": "not ready", "reason": e.message}, 503, headers={"Retry-After": "1"})
-        not_ready = [m["name"] for m in models if not m["ready"]]
-        if not models or not_ready:
-            reason = f"models not ready: {', '.join(not_ready)}" if not_ready else "no models are served"
-            return JSONResponse({"status": "not ready", "reason": reason, "models": models}, 503,
-                                headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ready", "models": models})
-
-    @app.get("/v1/models", tags=["models"], summary="Served models with versions, state and preprocessing")
-    async def list_models(request: Request) -> dict[str, Any]:
-        triton: TritonClient = request.app.state.triton
-        models = _group_versions(await triton.repository_index())
-        for model in models:
-            try:
-                model["preprocessing"] = (await triton.model_info(model["name"])).spec.to_dict()
-            except GatewayError:
-                model["preprocessing"] = None
-        return {"models": models}
-
-    @app.post(
-        "/v1/models/{name}/classify",
-        tags=["models"],
-        summary="Classify one or more images",
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-        }}},
-    )
-    async def classify(
-        name: str,
-        request: Request,
-        top_k_: Annotated[int, Query(alias="top_k", ge=1, le=1000)] = settings.default_top_k,
-        version: Annotated[str, Query(pattern=r"^[0-9]*$", max_length=18)] = "",
-    ) -> JSONResponse:
-        started = time.perf_counter()
-        status, model_label = 500, "unknown"
-        metrics.in_flight.inc()
-        try:
-            triton: TritonClient = request.app.state.triton
-            images = await read_images(request, settings)
-            info = await triton.model_info(name)
-            model_label = name
-            batch, decode_s, preprocess_s = await asyncio.get_running_loop().run_in_executor(
-                request.app.state.pool, prepare_batch, images, info.spec, settings.max_image_pixels
-            )
-            metrics.observe_stage("decode", decode_s)
-            metrics.observe_stage("preprocess", preprocess_s)
-            inference_started = time.perf_counter()
-            logits, served_version = await triton.infer(info, batch, version)
-            metrics.observe_stage("inference", time.perf_counter() - inference_started)
-            metrics.images.labels(name).inc(len(images))
-            status = 200
-            return JSONResponse({"model": name, "version": served_version,
-                                 "results": top_k(logits, top_k_, info.labels)})
-        except GatewayError as e:
-            status = e.status
-            raise
-        finally:
-            metrics.in_flight.dec()
-            metrics.requests.labels(model_label, str(status)).inc()
-            metrics.observe_stage("total", time.perf_counter() - started)
-
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     return app
 
 
-def _group_versions(index: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """Triton lists one entry per version; group them per model. A model is ready if a version is."""
-    models: dict[str, dict[str, Any]] = {}
-    for entry in index:
-        model = models.setdefault(entry["name"], {"name": entry["name"], "versions": [], "ready": False})
-        if entry["version"]:
-            model["versions"].append({"version": entry["version"], "state": entry["state"],
-                                      **({"reason": entry["reason"]} if entry["reason"] else {})})
-        model["ready"] = model["ready"] or entry["state"] == "READY"
-    return sorted(models.values(), key=lambda m: m["name"])
+def _json_error(request: Request, status: int, code: str, message: str, headers=None) -> JSONResponse:
+    context = getattr(request.state, "context", None)
+    if context is not None:
+        context["error_code"] = code
+    return JSONResponse(error_body(code, message), status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, error: GatewayError) -> JSONResponse:
-        return JSONResponse(error_body(error.code, error.message), error.status, headers=error.headers())
+        return _json_error(request, error.status, error.code, error.message, error.headers())
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in error.errors()
         )
-        return JSONResponse(error_body("invalid_request", problems), 422)
+        return _json_error(request, 422, "invalid_request", problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSONResponse(error_body(code, str(error.detail)), error.status_code, headers=error.headers)
+        return _json_error(request, error.status_code, code, str(error.detail), error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal error; see the gateway log"), 500)
+        return _json_error(request, 500, "internal_error", "internal error; see the gateway log")

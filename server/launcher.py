@@ -26,6 +26,9 @@ from typing import Sequence
 log = logging.getLogger(__name__)
 
 
+REPOSITORY_KEY_HEADER = "repository-key"
+
+
 class LaunchError(RuntimeError):
     """A server process did not start, or did not become ready in time."""
 
@@ -65,7 +68,8 @@ class _ManagedProcess:
     def _spawn(self, command: Sequence[str], env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
-        log.info("starting %s: %s", self.name, " ".join(command))
+        shown = [part.split("=", 1)[0] + "=***" if "restricted" in part else part for part in command]
+        log.info("starting %s: %s", self.name, " ".join(shown))
         self._process = subprocess.Popen(
             list(command),
             env=env,
@@ -185,6 +189,9 @@ class TritonServer(_ManagedProcess):
     cache_dir: Path = field(default_factory=lambda: Path(".cache/triton"))
     log_path: Path | None = None
     startup_timeout_s: float = 120.0
+    # With a key, Triton's model-repository API (load/unload/index) answers only requests that carry it
+    # in the REPOSITORY_KEY_HEADER header; the gateway never forwards that API.
+    repository_api_key: str | None = None
     extra_args: Sequence[str] = ()
 
     name = "tritonserver"
@@ -231,6 +238,9 @@ class TritonServer(_ManagedProcess):
         ]
         if self.model_control_mode == "poll":
             command.append(f"--repository-poll-secs={self.repository_poll_s}")
+        if self.repository_api_key:
+            restriction = f"model-repository:{REPOSITORY_KEY_HEADER}={self.repository_api_key}"
+            command += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
         return command + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:

@@ -1,4 +1,8 @@
-"""Prometheus metrics of the gateway. Label values are bounded: model names Triton serves, or "unknown"."""
+"""Prometheus metrics of the gateway.
+
+Label values are bounded: model names Triton serves (or "unknown"), HTTP statuses, stage names and the
+gateway's own error codes; never raw user strings.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,30 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 STAGES = ("decode", "preprocess", "inference", "total")
 # Milliseconds to seconds: preprocessing of a small image takes ~1 ms, a CPU batch can take a second.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BYTES_BUCKETS = (1e3, 1e4, 5e4, 1e5, 5e5, 1e6, 5e6, 2e7)
+IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.requests = Counter(
-            "gateway_requests", "Classification requests by model and HTTP status",
-            ["model", "status"], registry=self.registry,
-        )
-        self.stage_seconds = Histogram(
-            "gateway_stage_seconds", "Time spent per request in each stage", ["stage"],
-            buckets=LATENCY_BUCKETS_S, registry=self.registry,
-        )
-        self.images = Counter("gateway_images", "Images classified", ["model"], registry=self.registry)
-        self.in_flight = Gauge("gateway_in_flight_requests", "Requests being served", registry=self.registry)
+        r = self.registry
+        self.requests = Counter("gateway_requests", "Inference requests by model and HTTP status",
+                                ["model", "status"], registry=r)
+        self.stage_seconds = Histogram("gateway_stage_seconds", "Time spent per request in each stage",
+                                       ["stage"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.images = Counter("gateway_images", "Images classified", ["model"], registry=r)
+        self.images_per_request = Histogram("gateway_images_per_request", "Images in one request",
+                                            buckets=IMAGES_BUCKETS, registry=r)
+        self.request_bytes = Histogram("gateway_request_bytes", "Request body size", buckets=BYTES_BUCKETS,
+                                       registry=r)
+        self.response_bytes = Histogram("gateway_response_bytes", "Response body size", buckets=BYTES_BUCKETS,
+                                        registry=r)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Inference requests being served", registry=r)
+        self.rejections = Counter("gateway_rejections", "Requests refused, by reason (the error code)",
+                                  ["reason"], registry=r)
+        self.triton_errors = Counter("gateway_triton_errors", "Failed Triton calls, by the gateway's error code",
+                                     ["code"], registry=r)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(seconds)

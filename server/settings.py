@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,13 +20,29 @@ class Settings(BaseSettings):
     triton_grpc_url: str = "127.0.0.1:8001"
     triton_http_url: str = "127.0.0.1:8000"
     triton_timeout_s: float = Field(10.0, gt=0, description="per Triton call; past it the gateway answers 504")
+    triton_repository_key: SecretStr | None = Field(None, description="header value for Triton's repository API")
     model_info_ttl_s: float = Field(5.0, ge=0, description="how long a model's config (spec, labels) is cached")
 
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_images_per_request: int = Field(32, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0, description="checked before decoding (decompression bombs)")
     default_top_k: int = Field(5, ge=1)
+    max_in_flight: int = Field(64, gt=0, description="inference requests at once; past it 429 with Retry-After")
     preprocess_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
+
+    # Optional bearer tokens: comma-separated, or one per line in a file. Never logged.
+    api_keys: SecretStr | None = None
+    api_keys_file: str | None = None
+    log_json: bool = True
+
+    def load_api_keys(self) -> tuple[str, ...]:
+        keys: list[str] = []
+        if self.api_keys is not None:
+            keys += self.api_keys.get_secret_value().split(",")
+        if self.api_keys_file:
+            with open(self.api_keys_file) as f:
+                keys += f.read().splitlines()
+        return tuple(k.strip() for k in keys if k.strip())
 
     @property
     def triton_url(self) -> str:
@@ -46,6 +62,9 @@ class TritonSettings(BaseSettings):
     model_control_mode: Literal["none", "poll", "explicit"] = "poll"
     repository_poll_s: int = Field(2, ge=1)
     cache_dir: str = ".cache/triton"
+    # Load/unload through Triton's repository API needs this header value; unset, the stack makes one
+    # and keeps it in <cache_dir>/repository-api-key for `builder publish`.
+    repository_api_key: SecretStr | None = None
 
 
 @lru_cache

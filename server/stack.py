@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
 from pathlib import Path
 from typing import Iterator
 
@@ -13,12 +15,24 @@ from .settings import TritonSettings
 log = logging.getLogger(__name__)
 
 
+def repository_api_key(cache_dir: Path) -> str:
+    """The local stack's repository-API key, made once and readable only by this user."""
+    path = cache_dir / "repository-api-key"
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
 @contextlib.contextmanager
 def local_stack(
     triton_settings: TritonSettings, *, gateway_host: str = "127.0.0.1", gateway_port: int = 8080,
 ) -> Iterator[tuple[TritonServer, GatewayProcess]]:
     """Triton on the repository, then the gateway pointed at its gRPC port; both stopped on exit."""
     cache_dir = Path(triton_settings.cache_dir)
+    key = triton_settings.repository_api_key
     triton = TritonServer(
         model_repository=Path(triton_settings.model_repository),
         host=triton_settings.host,
@@ -28,12 +42,14 @@ def local_stack(
         model_control_mode=triton_settings.model_control_mode,
         repository_poll_s=triton_settings.repository_poll_s,
         cache_dir=cache_dir,
+        repository_api_key=key.get_secret_value() if key else repository_api_key(cache_dir),
     )
     gateway = GatewayProcess(
         host=gateway_host,
         port=gateway_port,
         env={"GATEWAY_TRITON_PROTOCOL": "grpc", "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
-             "GATEWAY_TRITON_HTTP_URL": triton.http_url},
+             "GATEWAY_TRITON_HTTP_URL": triton.http_url,
+             "GATEWAY_TRITON_REPOSITORY_KEY": triton.repository_api_key or ""},
         log_path=cache_dir / "gateway.log",
     )
     with triton, gateway:

@@ -15,6 +15,7 @@ from typing import Any, Awaitable, TypeVar
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
+from .launcher import REPOSITORY_KEY_HEADER
 from .errors import GatewayError, ModelNotFound, TooManyRequests, TritonFailed, TritonTimeout, TritonUnavailable
 from .preprocess import PreprocessSpec
 
@@ -62,17 +63,32 @@ def translate_error(error: Exception, model: str | None = None) -> GatewayError:
     return TritonFailed(f"Triton error: {message.splitlines()[0] if message else type(error).__name__}")
 
 
-def _parameters(config: dict) -> dict[str, str]:
-    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+def model_info_from_config(name: str, config: dict) -> ModelInfo:
+    """A model's config, as Triton's model-config API returns it in JSON, -> what serving it needs."""
+    parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+    try:
+        return ModelInfo(
+            name=name,
+            spec=PreprocessSpec.from_parameters(parameters),
+            labels=tuple(json.loads(parameters.get("labels", "[]"))),
+            input_name=config["input"][0]["name"],
+            output_name=config["output"][0]["name"],
+            max_batch_size=int(config.get("max_batch_size", 0)),
+        )
+    except (KeyError, ValueError, IndexError) as e:
+        raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e
 
 
 class TritonClient:
     """Async access to one Triton server, with model configs cached for `info_ttl_s`."""
 
-    def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 10.0, info_ttl_s: float = 5.0):
+    def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 10.0, info_ttl_s: float = 5.0,
+                 repository_key: str | None = None):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
         self.url, self.protocol, self.timeout_s, self.info_ttl_s = url, protocol, timeout_s, info_ttl_s
+        # Triton restricts its repository API (the index included) to callers that carry this header.
+        self._repository_headers = {REPOSITORY_KEY_HEADER: repository_key} if repository_key else None
         if protocol == "grpc":
             import tritonclient.grpc.aio as client_module
         else:
@@ -99,10 +115,12 @@ class TritonClient:
     async def repository_index(self) -> list[dict[str, str]]:
         """Every model Triton knows of, one entry per version: name, version, state, reason."""
         if self.protocol == "grpc":
-            index = await self._call(self._client.get_model_repository_index(as_json=True))
+            index = await self._call(
+                self._client.get_model_repository_index(headers=self._repository_headers, as_json=True)
+            )
             entries = index.get("models", [])
         else:
-            entries = await self._call(self._client.get_model_repository_index())
+            entries = await self._call(self._client.get_model_repository_index(headers=self._repository_headers))
         return [
             {"name": e.get("name", ""), "version": str(e.get("version", "")), "state": e.get("state", ""),
              "reason": e.get("reason", "")}
@@ -118,19 +136,7 @@ class TritonClient:
         cached = self._info.get(name)
         if cached and time.monotonic() - cached[0] < self.info_ttl_s:
             return cached[1]
-        config = await self.model_config(name)
-        parameters = _parameters(config)
-        try:
-            info = ModelInfo(
-                name=name,
-                spec=PreprocessSpec.from_parameters(parameters),
-                labels=tuple(json.loads(parameters.get("labels", "[]"))),
-                input_name=config["input"][0]["name"],
-                output_name=config["output"][0]["name"],
-                max_batch_size=int(config.get("max_batch_size", 0)),
-            )
-        except (KeyError, ValueError, IndexError) as e:
-            raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e
+        info = model_info_from_config(name, await self.model_config(name))
         self._info[name] = (time.monotonic(), info)
         return info
 

@@ -79,7 +79,8 @@ def _png() -> bytes:
 @pytest.mark.parametrize("request_kwargs, status, code", [
     ({"content": b"not an image", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
     ({"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
-    ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "unsupported_media_type"),
+    ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+    ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
     ({"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400,
      "bad_request"),
     ({"files": [("other", ("a.png", _png(), "image/png"))]}, 400, "bad_request"),

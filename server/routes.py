@@ -1,0 +1,272 @@
+"""HTTP routes: health, models, classification, and the KServe v2 pass-through to Triton.
+
+A classification reads as: read the images -> look up the model's spec -> decode and preprocess in
+the thread pool -> one Triton call -> softmax and top-k -> JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+import httpx
+import numpy as np
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .errors import (
+    GatewayError, InvalidImage, ModelNotFound, PayloadTooLarge, TooManyRequests, TritonTimeout, TritonUnavailable,
+)
+from .inputs import read_body, read_images
+from .postprocess import top_k
+from .preprocess import ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, preprocess
+from .security import require_api_key
+from .triton import RETRY_AFTER_S, TritonClient
+
+ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["digits"])]
+VersionPath = Annotated[str, Path(pattern=r"^[0-9]{1,18}$", examples=["1"])]
+
+health = APIRouter(tags=["health"])
+models = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
+kserve = APIRouter(tags=["kserve v2"], dependencies=[Depends(require_api_key)])
+
+CLASSIFY_EXAMPLE = {"model": "digits", "version": "1", "results": [{"predictions": [
+    {"label": "3", "index": 3, "score": 0.97}, {"label": "8", "index": 8, "score": 0.01}]}]}
+ERROR_EXAMPLE = {"error": {"code": "model_not_found", "message": "model 'x' is not served"}}
+
+
+def _error_responses(*statuses: int) -> dict[int, dict]:
+    return {s: {"description": "JSON error", "content": {"application/json": {"example": ERROR_EXAMPLE}}}
+            for s in statuses}
+
+
+def prepare_batch(images: list[bytes], spec: PreprocessSpec, max_pixels: int) -> tuple[np.ndarray, float, float]:
+    """Decode and preprocess every image; returns the batch and the seconds spent in each stage."""
+    decode_s = preprocess_s = 0.0
+    tensors = []
+    for position, data in enumerate(images):
+        started = time.perf_counter()
+        try:
+            image = decode_image(data, max_pixels=max_pixels)
+        except ImageTooLargeError as e:
+            raise PayloadTooLarge(f"image {position}: {e}") from e
+        except InvalidImageError as e:
+            raise InvalidImage(f"image {position}: {e}") from e
+        decoded = time.perf_counter()
+        tensors.append(preprocess(image, spec))
+        decode_s += decoded - started
+        preprocess_s += time.perf_counter() - decoded
+    return np.stack(tensors), decode_s, preprocess_s
+
+
+def _group_versions(index: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Triton lists one entry per version; group them per model. A model is ready if a version is."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for entry in index:
+        model = grouped.setdefault(entry["name"], {"name": entry["name"], "versions": [], "ready": False})
+        if entry["version"]:
+            model["versions"].append({"version": entry["version"], "state": entry["state"],
+                                      **({"reason": entry["reason"]} if entry["reason"] else {})})
+        model["ready"] = model["ready"] or entry["state"] == "READY"
+    return sorted(grouped.values(), key=lambda m: m["name"])
+
+
+def _not_ready(reason: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"status": "not ready", "reason": reason, **extra}, 503,
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+@health.get("/healthz", summary="The process is up",
+            responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@health.get("/readyz", summary="Triton and every served model are ready",
+            responses={200: {"content": {"application/json": {"example": {"status": "ready", "models": [
+                {"name": "digits", "ready": True, "versions": [{"version": "1", "state": "READY"}]}]}}}},
+                       503: {"description": "not ready", "content": {"application/json": {"example": {
+                           "status": "not ready", "reason": "Triton is not ready or unreachable"}}}}})
+async def readyz(request: Request) -> JSONResponse:
+    triton: TritonClient = request.app.state.triton
+    if not await triton.server_ready():
+        return _not_ready("Triton is not ready or unreachable")
+    try:
+        served = _group_versions(await triton.repository_index())
+    except GatewayError as e:
+        return _not_ready(e.message)
+    not_ready = [m["name"] for m in served if not m["ready"]]
+    if not served:
+        return _not_ready("no models are served", models=served)
+    if not_ready:
+        return _not_ready(f"models not ready: {', '.join(not_ready)}", models=served)
+    return JSONResponse({"status": "ready", "models": served})
+
+
+@health.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": "gateway_requests_total{...} 1.0"}}}})
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@models.get("/v1/models", summary="Served models with versions, state and preprocessing",
+            responses={200: {"content": {"application/json": {"example": {"models": [
+                {"name": "digits", "ready": True, "versions": [{"version": "1", "state": "READY"}],
+                 "preprocessing": {"image_size": 32, "resize_size": 32, "mean": [0.3], "std": [0.32],
+                                   "color_mode": "L", "interpolation": "bilinear", "layout": "NCHW"}}]}}}}})
+async def list_models(request: Request) -> dict[str, Any]:
+    triton: TritonClient = request.app.state.triton
+    served = _group_versions(await triton.repository_index())
+    for model in served:
+        try:
+            model["preprocessing"] = (await triton.model_info(model["name"])).spec.to_dict()
+        except GatewayError:
+            model["preprocessing"] = None
+    return {"models": served}
+
+
+@models.get("/v1/models/{name}", summary="One model: versions, preprocessing, labels and Triton's statistics",
+            responses=_error_responses(404, 503))
+async def model_details(name: ModelName, request: Request) -> dict[str, Any]:
+    triton: TritonClient = request.app.state.triton
+    served = [m for m in _group_versions(await triton.repository_index()) if m["name"] == name]
+    if not served:
+        raise ModelNotFound(f"model {name!r} is not in the repository")
+    details = served[0]
+    try:
+        details.update((await triton.model_info(name)).public())
+        details["statistics"] = await triton.statistics(name)
+    except GatewayError as e:
+        if not isinstance(e, (ModelNotFound, TritonUnavailable)):
+            raise
+        details["statistics"] = None
+    return details
+
+
+@models.post(
+    "/v1/models/{name}/classify",
+    summary="Classify one or more images",
+    description="Send one image as the raw body (image/jpeg, image/png, image/webp, image/bmp, image/gif), "
+                "several as multipart/form-data `image` fields, or as JSON `{\"images\": [\"<base64>\"]}`. "
+                "Returns the top-k classes per image, in request order.",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "application/json": {"schema": {"type": "object", "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "byte"}}}},
+            "example": {"images": ["iVBORw0KGgoAAAANSUhEUgAAAAgAAAAIC..."]}},
+    }}},
+    responses={200: {"content": {"application/json": {"example": CLASSIFY_EXAMPLE}}},
+               **_error_responses(400, 404, 413, 415, 422, 429, 503, 504)},
+)
+async def classify(
+    name: ModelName,
+    request: Request,
+    top_k_: Annotated[int, Query(alias="top_k", ge=1, le=1000, description="classes per image")] = 5,
+    version: Annotated[str, Query(pattern=r"^[0-9]{0,18}$", description="pinned version; default newest")] = "",
+) -> JSONResponse:
+    app = request.app
+    settings, metrics, triton = app.state.settings, app.state.metrics, app.state.triton
+    context = request.state.context
+    async with inference_slot(request):
+        images = await read_images(request, settings)
+        metrics.images_per_request.observe(len(images))
+        info = await triton.model_info(name)
+        context["model"] = name
+        batch, decode_s, preprocess_s = await asyncio.get_running_loop().run_in_executor(
+            app.state.pool, prepare_batch, images, info.spec, settings.max_image_pixels
+        )
+        context["stages"].update(decode=decode_s, preprocess=preprocess_s)
+        started = time.perf_counter()
+        logits, served_version = await triton.infer(info, batch, version)
+        context["stages"]["inference"] = time.perf_counter() - started
+        metrics.images.labels(name).inc(len(images))
+        return JSONResponse({"model": name, "version": served_version,
+                             "results": top_k(logits, top_k_, info.labels)})
+
+
+class inference_slot:
+    """Counts a request against `max_in_flight`; past it the request is refused with 429 at once."""
+
+    def __init__(self, request: Request) -> None:
+        self.state = request.app.state
+        request.state.context["inference"] = True
+
+    async def __aenter__(self) -> None:
+        if self.state.in_flight >= self.state.settings.max_in_flight:
+            raise TooManyRequests(f"the gateway is serving {self.state.in_flight} requests; retry shortly",
+                                  retry_after_s=RETRY_AFTER_S)
+        self.state.in_flight += 1
+        self.state.metrics.in_flight.inc()
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.state.in_flight -= 1
+        self.state.metrics.in_flight.dec()
+
+
+# KServe v2 for clients that send tensors: forwarded to Triton's HTTP endpoint as they are, binary
+# tensor extension included. Only inference and model metadata pass; the repository API never does.
+PASSED_REQUEST_HEADERS = ("content-type", "inference-header-content-length", "content-encoding", "accept-encoding")
+PASSED_RESPONSE_HEADERS = ("content-type", "inference-header-content-length", "content-encoding")
+
+
+async def _forward(request: Request, method: str, path: str, body: bytes = b"", model: str = "") -> Response:
+    proxy: httpx.AsyncClient = request.app.state.triton_http
+    headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
+    try:
+        upstream = await proxy.request(method, path, content=body, headers=headers)
+    except httpx.TimeoutException as e:
+        raise TritonTimeout("Triton did not answer in time", retry_after_s=RETRY_AFTER_S) from e
+    except httpx.HTTPError as e:
+        raise TritonUnavailable("Triton is unreachable", retry_after_s=RETRY_AFTER_S) from e
+    if upstream.status_code != 404 and model:
+        request.state.context["model"] = model  # a served model: a bounded label value
+    if upstream.status_code >= 400:
+        try:
+            message = upstream.json().get("error", upstream.text)
+        except ValueError:
+            message = upstream.text
+        status = upstream.status_code if upstream.status_code < 500 else 502
+        if "maximum queue size" in message.lower():
+            raise TooManyRequests(message, retry_after_s=RETRY_AFTER_S)
+        code = "model_not_found" if upstream.status_code == 404 else "triton_error"
+        return JSONResponse({"error": {"code": code, "message": message}}, status)
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
+    return Response(upstream.content, upstream.status_code, headers=headers)
+
+
+@kserve.get("/v2/models/{name}", summary="KServe v2 model metadata (from Triton)",
+            responses=_error_responses(404, 503))
+async def v2_metadata(name: ModelName, request: Request) -> Response:
+    return await _forward(request, "GET", f"/v2/models/{name}")
+
+
+@kserve.get("/v2/models/{name}/versions/{version}", summary="KServe v2 model version metadata (from Triton)",
+            responses=_error_responses(404, 503))
+async def v2_version_metadata(name: ModelName, version: VersionPath, request: Request) -> Response:
+    return await _forward(request, "GET", f"/v2/models/{name}/versions/{version}")
+
+
+V2_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"example": {
+    "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}],
+    "outputs": [{"name": "logits"}]}}}}}
+
+
+@kserve.post("/v2/models/{name}/infer", summary="KServe v2 inference with tensors (passed to Triton)",
+             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 404, 413, 429, 503, 504))
+async def v2_infer(name: ModelName, request: Request) -> Response:
+    async with inference_slot(request):
+        body = await read_body(request, request.app.state.settings.max_body_bytes)
+        return await _forward(request, "POST", f"/v2/models/{name}/infer", body, model=name)
+
+
+@kserve.post("/v2/models/{name}/versions/{version}/infer", summary="KServe v2 inference of a pinned version",
+             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 404, 413, 429, 503, 504))
+async def v2_version_infer(name: ModelName, version: VersionPath, request: Request) -> Response:
+    async with inference_slot(request):
+        body = await read_body(request, request.app.state.settings.max_body_bytes)
+        return await _forward(request, "POST", f"/v2/models/{name}/versions/{version}/infer", body, model=name)
