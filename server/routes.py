@@ -210,8 +210,10 @@ class inference_slot:
 
 # KServe v2 for clients that send tensors: forwarded to Triton's HTTP endpoint as they are, binary
 # tensor extension included. Only inference and model metadata pass; the repository API never does.
-PASSED_REQUEST_HEADERS = ("content-type", "inference-header-content-length", "content-encoding", "accept-encoding")
-PASSED_RESPONSE_HEADERS = ("content-type", "inference-header-content-length", "content-encoding")
+# The body is forwarded as received (compressed or not); the answer comes back uncompressed, since httpx
+# decodes it and the binary extension's header length counts uncompressed bytes.
+PASSED_REQUEST_HEADERS = ("content-type", "inference-header-content-length", "content-encoding")
+PASSED_RESPONSE_HEADERS = ("content-type", "inference-header-content-length")
 
 
 async def _forward(request: Request, method: str, path: str, body: bytes = b"", model: str = "") -> Response:

@@ -88,7 +88,9 @@ class TritonClient:
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
         self.url, self.protocol, self.timeout_s, self.info_ttl_s = url, protocol, timeout_s, info_ttl_s
         # Triton restricts its repository API (the index included) to callers that carry this header.
-        self._repository_headers = {REPOSITORY_KEY_HEADER: repository_key} if repository_key else None
+        # Over gRPC, Triton expects the header name with its own prefix.
+        header = REPOSITORY_KEY_HEADER if protocol == "http" else f"triton-grpc-protocol-{REPOSITORY_KEY_HEADER}"
+        self._repository_headers = {header: repository_key} if repository_key else None
         if protocol == "grpc":
             import tritonclient.grpc.aio as client_module
         else:

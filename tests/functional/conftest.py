@@ -21,10 +21,11 @@ def start_triton(repository: Path, cache_dir: Path, **kwargs) -> TritonServer:
     return server
 
 
-def start_gateway(triton_grpc_url: str, log_path: Path, **env: str) -> GatewayProcess:
+def start_gateway(triton_grpc_url: str, log_path: Path, http_url: str | None = None, **env: str) -> GatewayProcess:
     gateway = GatewayProcess(
         port=free_port(), log_path=log_path,
         env={"GATEWAY_TRITON_GRPC_URL": triton_grpc_url, "GATEWAY_TRITON_TIMEOUT_S": "5",
+             "GATEWAY_TRITON_HTTP_URL": http_url or f"127.0.0.1:{free_port()}",
              "GATEWAY_MODEL_INFO_TTL_S": "0.5", **env},
     )
     gateway.start()
@@ -47,6 +48,6 @@ def triton(repository, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gateway(triton, tmp_path_factory):
-    process = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    process = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log", triton.http_url)
     yield process
     process.stop()

@@ -1,0 +1,242 @@
+"""The gateway's contract beyond the basics: inputs, versions, KServe v2, limits, keys, metrics, docs."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from builder.publish import PublishSettings, publish
+from server.client import classify, classify_grpc
+from server.launcher import TritonServer, free_port
+
+from .conftest import MODEL, start_gateway, start_triton
+
+
+def encoded(mode: str, fmt: str, size=(12, 9), **save) -> bytes:
+    buffer = io.BytesIO()
+    color = {"L": 90, "RGB": (200, 30, 60), "RGBA": (20, 200, 60, 128), "CMYK": (10, 20, 30, 0),
+             "P": 3, "LA": (90, 200)}[mode]
+    Image.new(mode, size, color).save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def post(url: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}{path}", timeout=30, **kwargs)
+
+
+@pytest.mark.parametrize("mode, fmt", [
+    ("RGB", "JPEG"), ("CMYK", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "GIF"),
+    ("RGB", "WEBP"), ("RGB", "BMP"),
+])
+def test_accepted_formats_and_modes_are_classified(gateway, mode, fmt):
+    response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=encoded(mode, fmt),
+                    headers={"Content-Type": f"image/{fmt.lower()}"})
+    assert response.status_code == 200, response.text
+
+
+def test_formats_outside_the_accepted_list_are_refused(gateway):
+    response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=encoded("RGB", "TIFF"),
+                    headers={"Content-Type": "image/tiff"})
+    assert response.status_code == 400 and "accepted format" in response.json()["error"]["message"]
+
+
+def test_json_base64_multipart_and_raw_bodies_give_the_same_answer(gateway, photos):
+    data = [p.read_bytes() for p in photos[:2]]
+    as_json = post(gateway.url, f"/v1/models/{MODEL}/classify", json={"images": [
+        base64.b64encode(data[0]).decode(), "data:image/png;base64," + base64.b64encode(data[1]).decode()]})
+    as_multipart = classify(photos[:2], model=MODEL, url=gateway.url)
+    assert as_json.status_code == 200
+    assert as_json.json()["results"] == as_multipart["results"]
+    raw = post(gateway.url, f"/v1/models/{MODEL}/classify", content=data[0], headers={"Content-Type": "image/jpeg"})
+    assert raw.json()["results"][0] == as_multipart["results"][0]
+
+
+@pytest.mark.parametrize("body", [{"images": []}, {"images": ["%%%"]}, {"images": [3]}, ["x"], {"pictures": []}])
+def test_bad_json_bodies_are_400(gateway, body):
+    response = post(gateway.url, f"/v1/models/{MODEL}/classify", json=body)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
+
+
+def test_grpc_client_and_gateway_give_the_same_predictions(gateway, triton, photos):
+    over_http = classify(photos, model=MODEL, url=gateway.url, top_k=3)
+    over_grpc = classify_grpc(photos, model=MODEL, url=triton.grpc_url, top_k=3)
+    assert over_grpc["version"] == over_http["version"]
+    for a, b in zip(over_http["results"], over_grpc["results"]):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+        np.testing.assert_allclose([p["score"] for p in a["predictions"]],
+                                   [p["score"] for p in b["predictions"]], rtol=1e-5)
+
+
+def test_request_id_is_echoed_or_made(gateway):
+    png = encoded("L", "PNG")
+    given = post(gateway.url, f"/v1/models/{MODEL}/classify", content=png,
+                 headers={"Content-Type": "image/png", "X-Request-ID": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    made = post(gateway.url, f"/v1/models/{MODEL}/classify", content=png, headers={"Content-Type": "image/png"})
+    assert len(made.headers["x-request-id"]) == 32
+    unsafe = post(gateway.url, f"/v1/models/{MODEL}/classify", content=png,
+                  headers={"Content-Type": "image/png", "X-Request-ID": "a b\tc" * 40})
+    assert unsafe.headers["x-request-id"] != "a b\tc" * 40
+    assert "abc-123" in gateway.log_path.read_text()
+
+
+def test_pinned_version_is_served_and_an_unknown_one_is_404(gateway):
+    png = encoded("L", "PNG")
+    ok = post(gateway.url, f"/v1/models/{MODEL}/classify?version=1", content=png, headers={"Content-Type": "image/png"})
+    assert ok.status_code == 200 and ok.json()["version"] == "1"
+    missing = post(gateway.url, f"/v1/models/{MODEL}/classify?version=9", content=png,
+                   headers={"Content-Type": "image/png"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    bad = post(gateway.url, f"/v1/models/{MODEL}/classify?version=latest", content=png,
+               headers={"Content-Type": "image/png"})
+    assert bad.status_code == 422
+
+
+def test_model_details_include_triton_statistics(gateway):
+    details = httpx.get(f"{gateway.url}/v1/models/{MODEL}", timeout=10).json()
+    assert details["preprocessing"]["image_size"] == 8 and len(details["labels"]) == 10
+    assert details["statistics"]["model_stats"][0]["name"] == MODEL
+    assert httpx.get(f"{gateway.url}/v1/models/nope", timeout=10).status_code == 404
+
+
+def test_kserve_v2_metadata_and_tensor_inference_pass_through(gateway):
+    metadata = httpx.get(f"{gateway.url}/v2/models/{MODEL}", timeout=10).json()
+    assert metadata["inputs"][0]["name"] == "input" and metadata["outputs"][0]["name"] == "logits"
+    assert httpx.get(f"{gateway.url}/v2/models/{MODEL}/versions/1", timeout=10).status_code == 200
+    request = {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 128}]}
+    answer = post(gateway.url, f"/v2/models/{MODEL}/infer", json=request)
+    assert answer.status_code == 200
+    (output,) = answer.json()["outputs"]
+    assert output["name"] == "logits" and output["shape"] == [2, 10]
+    wrong = post(gateway.url, f"/v2/models/{MODEL}/infer", json={"inputs": [
+        {"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]})
+    assert wrong.status_code == 400 and "error" in wrong.json()
+    assert httpx.get(f"{gateway.url}/v2/models/nope", timeout=10).status_code == 404
+
+
+def test_repository_api_is_not_reachable_through_the_gateway(gateway):
+    for path in ("/v2/repository/index", f"/v2/repository/models/{MODEL}/unload"):
+        assert post(gateway.url, path, json={}).status_code == 404
+
+
+def test_openapi_has_an_example_on_every_endpoint_and_docs_render(gateway):
+    spec = httpx.get(f"{gateway.url}/openapi.json", timeout=10).json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            documented = json_dumps(operation)
+            assert '"example' in documented, f"{method.upper()} {path} has no example"
+    assert httpx.get(f"{gateway.url}/docs", timeout=10).status_code == 200
+
+
+def json_dumps(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def test_metrics_count_rejections_by_reason(gateway):
+    post(gateway.url, f"/v1/models/{MODEL}/classify", content=b"junk", headers={"Content-Type": "image/png"})
+    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    assert 'gateway_rejections_total{reason="invalid_image"}' in text
+    assert "gateway_images_per_request_bucket" in text and "gateway_request_bytes_bucket" in text
+
+
+@pytest.fixture(scope="module")
+def limited_gateway(triton, tmp_path_factory):
+    process = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("limited") / "gateway.log",
+                            GATEWAY_MAX_BODY_BYTES="4000", GATEWAY_MAX_IMAGES_PER_REQUEST="2",
+                            GATEWAY_MAX_IMAGE_PIXELS="10000", GATEWAY_API_KEYS="key-one,key-two")
+    yield process
+    process.stop()
+
+
+def test_limits_on_body_pixels_and_image_count_are_413(limited_gateway):
+    auth = {"Authorization": "Bearer key-one"}
+    url = f"/v1/models/{MODEL}/classify"
+    big_body = post(limited_gateway.url, url, content=b"\xff" * 5000, headers={"Content-Type": "image/png", **auth})
+    assert big_body.status_code == 413
+    many_pixels = post(limited_gateway.url, url, content=encoded("L", "PNG", size=(200, 200)),
+                       headers={"Content-Type": "image/png", **auth})
+    assert many_pixels.status_code == 413 and "pixels" in many_pixels.json()["error"]["message"]
+    files = [("image", (f"{i}.png", encoded("L", "PNG"), "image/png")) for i in range(3)]
+    too_many = post(limited_gateway.url, url, files=files, headers=auth)
+    assert too_many.status_code == 413 and too_many.json()["error"]["code"] == "payload_too_large"
+
+
+def test_api_keys_guard_models_but_not_health_and_are_never_logged(limited_gateway):
+    url = f"/v1/models/{MODEL}/classify"
+    png = encoded("L", "PNG")
+    assert post(limited_gateway.url, url, content=png, headers={"Content-Type": "image/png"}).status_code == 401
+    wrong = post(limited_gateway.url, url, content=png,
+                 headers={"Content-Type": "image/png", "Authorization": "Bearer key-three"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    for key in ("key-one", "key-two"):
+        right = post(limited_gateway.url, url, content=png,
+                     headers={"Content-Type": "image/png", "Authorization": f"Bearer {key}"})
+        assert right.status_code == 200
+    for open_path in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(f"{limited_gateway.url}{open_path}", timeout=10).status_code == 200
+    assert httpx.get(f"{limited_gateway.url}/v1/models", timeout=10).status_code == 401
+    log = limited_gateway.log_path.read_text()
+    assert "key-one" not in log and "key-two" not in log and "key-three" not in log
+
+
+@pytest.fixture(scope="module")
+def slow_stack(tiny_run, tmp_path_factory):
+    """A model whose batcher holds requests for a second in a queue of one: full queues on demand."""
+    folder = tmp_path_factory.mktemp("slow")
+    publish(tiny_run / "model.onnx", folder / "repo", "slow", settings=PublishSettings(
+        max_batch_size=32, preferred_batch_sizes=(32,), max_queue_delay_us=1_000_000, max_queue_size=1))
+    server = start_triton(folder / "repo", folder / "cache")
+    yield server, folder
+    server.stop()
+
+
+def _concurrently(url: str, count: int, **kwargs) -> list[httpx.Response]:
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: post(url, "/v1/models/slow/classify", **kwargs), range(count)))
+
+
+def test_a_full_triton_queue_becomes_429_with_retry_after(slow_stack):
+    server, folder = slow_stack
+    gateway = start_gateway(server.grpc_url, folder / "gateway-queue.log")
+    try:
+        responses = _concurrently(gateway.url, 4, content=encoded("L", "PNG"), headers={"Content-Type": "image/png"})
+        statuses = sorted(r.status_code for r in responses)
+        assert 200 in statuses and 429 in statuses and all(s in (200, 429) for s in statuses)
+        rejected = next(r for r in responses if r.status_code == 429)
+        assert rejected.headers["Retry-After"] and rejected.json()["error"]["code"] == "too_many_requests"
+    finally:
+        gateway.stop()
+
+
+def test_gateway_in_flight_limit_is_429_and_triton_timeout_is_504(slow_stack):
+    server, folder = slow_stack
+    gateway = start_gateway(server.grpc_url, folder / "gateway-limit.log", GATEWAY_MAX_IN_FLIGHT="1",
+                            GATEWAY_TRITON_TIMEOUT_S="0.3")
+    try:
+        responses = _concurrently(gateway.url, 3, content=encoded("L", "PNG"), headers={"Content-Type": "image/png"})
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(504) >= 1 and statuses.count(429) >= 1, statuses
+        assert all(r.json()["error"]["code"] in ("triton_timeout", "too_many_requests") for r in responses)
+    finally:
+        gateway.stop()
+
+
+def test_triton_repository_api_needs_the_key(repository, tmp_path):
+    with TritonServer(model_repository=repository, http_port=free_port(), grpc_port=free_port(),
+                      metrics_port=free_port(), cache_dir=tmp_path, repository_api_key="s3cret") as server:
+        index = f"http://{server.http_url}/v2/repository/index"
+        assert httpx.post(index, json={}, timeout=10).status_code in (401, 403)
+        assert httpx.post(index, json={}, headers={"repository-key": "s3cret"}, timeout=10).status_code == 200
+        gateway = start_gateway(server.grpc_url, tmp_path / "gateway.log", GATEWAY_TRITON_REPOSITORY_KEY="s3cret")
+        try:
+            assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
+        finally:
+            gateway.stop()
