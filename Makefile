@@ -9,7 +9,7 @@ REPOSITORY ?= model_repository
 RUN ?= runs/demo
 EPOCHS ?= 6
 
-.PHONY: install demo test serve clean
+.PHONY: install demo test serve bench clean
 
 $(INSTALLED): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks.gateway --duration $(or $(BENCH_SECONDS),10)
 
 serve: install
 	$(PY) -m server --repository $(REPOSITORY)
