@@ -130,9 +130,27 @@ class TritonClient:
         ]
 
     async def model_config(self, name: str) -> dict:
-        if self.protocol == "grpc":
-            return (await self._call(self._client.get_model_config(name, as_json=True), name))["config"]
-        return await self._call(self._client.get_model_config(name), name)
+        try:
+            if self.protocol == "grpc":
+                return (await self._call(self._client.get_model_config(name, as_json=True), name))["config"]
+            return await self._call(self._client.get_model_config(name), name)
+        except ModelNotFound:
+            raise await self._absent_or_unavailable(name, "")
+
+    async def _absent_or_unavailable(self, name: str, version: str) -> GatewayError:
+        """Triton says "unknown model" both for a name it never had and for an unloaded model: a model
+        (or version) still in the repository is unavailable for now (503), anything else is absent (404)."""
+        try:
+            index = await self.repository_index()
+        except GatewayError:
+            index = []
+        known = [e for e in index if e["name"] == name and (not version or e["version"] == version)]
+        if known:
+            self._info.pop(name, None)
+            return TritonUnavailable(f"model {name!r} is not ready (state {known[0]['state']})",
+                                     retry_after_s=RETRY_AFTER_S)
+        what = f"version {version} of model {name!r}" if version else f"model {name!r}"
+        return ModelNotFound(f"{what} is not served")
 
     async def model_info(self, name: str) -> ModelInfo:
         cached = self._info.get(name)
@@ -157,9 +175,12 @@ class TritonClient:
         else:
             tensor.set_data_from_numpy(batch, binary_data=True)
             outputs = [self._module.InferRequestedOutput(info.output_name, binary_data=True)]
-        result = await self._call(
-            self._client.infer(info.name, [tensor], model_version=version, outputs=outputs), info.name
-        )
+        try:
+            result = await self._call(
+                self._client.infer(info.name, [tensor], model_version=version, outputs=outputs), info.name
+            )
+        except ModelNotFound:
+            raise await self._absent_or_unavailable(info.name, version)
         response = result.get_response(as_json=True) if self.protocol == "grpc" else result.get_response()
         return result.as_numpy(info.output_name), str(response.get("model_version", version))
 

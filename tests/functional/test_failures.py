@@ -149,3 +149,23 @@ def _ok(url: str) -> bool:
         return post_png(url.rsplit("/v1/", 1)[0]).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_an_unloaded_model_is_503_then_served_again_once_reloaded(repository, tmp_path):
+    key = "k3y"
+    triton = start_triton(repository, tmp_path / "cache", model_control_mode="explicit",
+                          repository_api_key=key, extra_args=("--load-model=*",))
+    gateway = start_gateway(triton.grpc_url, tmp_path / "gateway.log", GATEWAY_TRITON_REPOSITORY_KEY=key)
+    control = f"http://{triton.http_url}/v2/repository/models/{MODEL}"
+    try:
+        assert post_png(gateway.url).status_code == 200
+        assert httpx.post(f"{control}/unload", headers={"repository-key": key}, timeout=30).status_code == 200
+        unloaded = post_png(gateway.url)
+        assert unloaded.status_code == 503 and unloaded.headers["Retry-After"]
+        assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 503
+        assert post_png(gateway.url, "never-existed").status_code == 404
+        assert httpx.post(f"{control}/load", headers={"repository-key": key}, timeout=60).status_code == 200
+        assert wait_for(lambda: post_png(gateway.url).status_code == 200)
+    finally:
+        gateway.stop()
+        triton.stop()
