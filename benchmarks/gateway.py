@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -165,7 +166,10 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/gateway.json"))
+    parser.add_argument("--jpeg-draft", action="store_true", help="let the gateway decode JPEGs at reduced scale")
     args = parser.parse_args()
+    if args.jpeg_draft:
+        os.environ["GATEWAY_JPEG_DRAFT"] = "true"  # the gateway process inherits the environment
     console = Console(width=120)
     jpegs = sample_jpegs()
     tensors = [preprocess_bytes(j, IMAGENET) for j in jpegs]

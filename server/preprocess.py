@@ -109,11 +109,14 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int | None = None, formats: tuple[str, ...] = ACCEPTED_FORMATS
+    data: bytes, *, max_pixels: int | None = None, formats: tuple[str, ...] = ACCEPTED_FORMATS,
+    draft_size: int | None = None,
 ) -> Image.Image:
     """Decode bytes into a PIL image with EXIF orientation applied (first frame of animations).
 
-    The pixel count is checked from the header, before any pixel is decoded.
+    The pixel count is checked from the header, before any pixel is decoded. With `draft_size`, a
+    JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose sides stay >= draft_size: several
+    times faster on large photos, at the price of pixels that differ slightly from a full decode.
     """
     if not data:
         raise InvalidImageError("empty image")
@@ -122,6 +125,8 @@ def decode_image(
         width, height = image.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLargeError(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
+        if draft_size and image.format == "JPEG":
+            image.draft(image.mode, (draft_size, draft_size))
         image.load()
         return ImageOps.exif_transpose(image)
     except ImageTooLargeError:

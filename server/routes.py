@@ -42,14 +42,17 @@ def _error_responses(*statuses: int) -> dict[int, dict]:
             for s in statuses}
 
 
-def prepare_batch(images: list[bytes], spec: PreprocessSpec, max_pixels: int) -> tuple[np.ndarray, float, float]:
+def prepare_batch(
+    images: list[bytes], spec: PreprocessSpec, max_pixels: int, jpeg_draft: bool = False
+) -> tuple[np.ndarray, float, float]:
     """Decode and preprocess every image; returns the batch and the seconds spent in each stage."""
+    draft_size = spec.resize_size if jpeg_draft else None
     decode_s = preprocess_s = 0.0
     tensors = []
     for position, data in enumerate(images):
         started = time.perf_counter()
         try:
-            image = decode_image(data, max_pixels=max_pixels)
+            image = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
         except ImageTooLargeError as e:
             raise PayloadTooLarge(f"image {position}: {e}") from e
         except InvalidImageError as e:
@@ -178,7 +181,7 @@ async def classify(
         info = await triton.model_info(name)
         context["model"] = name
         batch, decode_s, preprocess_s = await asyncio.get_running_loop().run_in_executor(
-            app.state.pool, prepare_batch, images, info.spec, settings.max_image_pixels
+            app.state.pool, prepare_batch, images, info.spec, settings.max_image_pixels, settings.jpeg_draft
         )
         context["stages"].update(decode=decode_s, preprocess=preprocess_s)
         started = time.perf_counter()

@@ -116,3 +116,21 @@ def test_training_eval_transform_is_the_gateway_preprocessing(photos):
     spec = PreprocessSpec(48, 55, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
     image = decode_image(photos[1].read_bytes())
     torch.testing.assert_close(eval_transform(spec)(image), torch.from_numpy(preprocess(image, spec)))
+
+
+def test_jpeg_draft_decodes_large_photos_at_reduced_scale_and_stays_close(photos):
+    big = Image.open(photos[0]).convert("RGB").resize((1024, 1024))
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=92)
+    data = buffer.getvalue()
+    assert decode_image(data, draft_size=256).size == (256, 256)
+    assert decode_image(data).size == (1024, 1024)
+    full = preprocess(decode_image(data), IMAGENET)
+    drafted = preprocess(decode_image(data, draft_size=IMAGENET.resize_size), IMAGENET)
+    pixel_error = np.abs(full - drafted) * np.asarray(IMAGENET.std)[:, None, None] * 255
+    assert pixel_error.mean() < 2.0
+
+
+def test_jpeg_draft_leaves_other_formats_alone(photos):
+    png = next(p for p in photos if p.suffix == ".png")
+    assert decode_image(png.read_bytes(), draft_size=16).size == Image.open(png).size
