@@ -26,7 +26,7 @@ from .errors import GatewayError
 from .metrics import GatewayMetrics
 from .routes import health, kserve, models
 from .settings import Settings, get_settings
-from .triton import TritonClient
+from .pool import TritonPool
 
 log = logging.getLogger("server")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -127,10 +127,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         key = settings.triton_repository_key.get_secret_value() if settings.triton_repository_key else ""
-        app.state.triton = TritonClient(
+        app.state.triton = TritonPool(
             settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
             info_ttl_s=settings.model_info_ttl_s, repository_key=key or None,
         )
+        await app.state.triton.start()
         app.state.triton_http = httpx.AsyncClient(
             base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s
         )

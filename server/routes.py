@@ -23,7 +23,8 @@ from .inputs import read_body, read_images
 from .postprocess import top_k
 from .preprocess import ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, preprocess
 from .security import require_api_key
-from .triton import RETRY_AFTER_S, TritonClient
+from .pool import TritonPool
+from .triton import RETRY_AFTER_S
 
 ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["digits"])]
 VersionPath = Annotated[str, Path(pattern=r"^[0-9]{1,18}$", examples=["1"])]
@@ -93,7 +94,7 @@ async def healthz() -> dict[str, str]:
                        503: {"description": "not ready", "content": {"application/json": {"example": {
                            "status": "not ready", "reason": "Triton is not ready or unreachable"}}}}})
 async def readyz(request: Request) -> JSONResponse:
-    triton: TritonClient = request.app.state.triton
+    triton: TritonPool = request.app.state.triton
     if not await triton.server_ready():
         return _not_ready("Triton is not ready or unreachable")
     try:
@@ -120,7 +121,7 @@ async def prometheus_metrics(request: Request) -> Response:
                  "preprocessing": {"image_size": 32, "resize_size": 32, "mean": [0.3], "std": [0.32],
                                    "color_mode": "L", "interpolation": "bilinear", "layout": "NCHW"}}]}}}}})
 async def list_models(request: Request) -> dict[str, Any]:
-    triton: TritonClient = request.app.state.triton
+    triton: TritonPool = request.app.state.triton
     served = _group_versions(await triton.repository_index())
     for model in served:
         try:
@@ -133,7 +134,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @models.get("/v1/models/{name}", summary="One model: versions, preprocessing, labels and Triton's statistics",
             responses=_error_responses(404, 503))
 async def model_details(name: ModelName, request: Request) -> dict[str, Any]:
-    triton: TritonClient = request.app.state.triton
+    triton: TritonPool = request.app.state.triton
     served = [m for m in _group_versions(await triton.repository_index()) if m["name"] == name]
     if not served:
         raise ModelNotFound(f"model {name!r} is not in the repository")

@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535)
 
     triton_protocol: Literal["grpc", "http"] = "grpc"
+    # One endpoint, a comma-separated list of replicas, or dns:///name:port re-resolved (a headless Service).
     triton_grpc_url: str = "127.0.0.1:8001"
     triton_http_url: str = "127.0.0.1:8000"
     triton_timeout_s: float = Field(10.0, gt=0, description="per Triton call; past it the gateway answers 504")
