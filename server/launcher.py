@@ -285,9 +285,10 @@ class GatewayProcess(_ManagedProcess):
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
+        # The stock asyncio loop: grpc.aio, which carries every Triton call, does not support uvloop.
         command = [
             sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory",
-            "--host", self.host, "--port", str(self.port), "--log-level", "warning",
+            "--host", self.host, "--port", str(self.port), "--log-level", "warning", "--loop", "asyncio",
         ]
         env = {**os.environ, **self.env}
         self._spawn(command, env)
