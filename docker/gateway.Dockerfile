@@ -1,0 +1,19 @@
+# The gateway alone: pyproject's base dependencies, no torch, no training code.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Numeric uid, so Kubernetes' runAsNonRoot can verify it.
+RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin gateway
+
+WORKDIR /app
+COPY pyproject.toml ./
+COPY server/ server/
+RUN pip install --no-cache-dir . && rm -rf build *.egg-info
+
+USER 10001:10001
+EXPOSE 8080
+# The stock asyncio loop: grpc.aio, which carries every Triton call, does not support uvloop.
+CMD ["uvicorn", "server.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8080", "--loop", "asyncio"]

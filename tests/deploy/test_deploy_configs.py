@@ -1,0 +1,520 @@
+"""Offline checks of the deployment files: compose, Dockerfiles, Prometheus, Grafana, Kubernetes.
+
+No container is started. Where the real validators are installed (`docker-compose` or `docker compose`,
+`promtool`) they are run too; otherwise those tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from server.metrics import STAGES, GatewayMetrics
+from server.pool import parse_endpoints
+from server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKER = ROOT / "docker"
+PROMETHEUS = ROOT / "deploy/prometheus/prometheus.yml"
+GRAFANA = ROOT / "deploy/grafana"
+DASHBOARD = GRAFANA / "dashboards/gateway.json"
+K8S = ROOT / "deploy/k8s"
+
+# Triton's metrics (its documented names) with their labels; the dashboard may use only these.
+TRITON_METRICS = {
+    name: {"model", "version"}
+    for name in ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+                 "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+                 "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+                 "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count")
+} | {
+    name: {"gpu_uuid"}
+    for name in ("nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",
+                 "nv_gpu_power_usage", "nv_energy_consumption")
+}
+SCRAPE_LABELS = {"instance", "job"}
+PROMQL_WORDS = {"sum", "by", "without", "rate", "irate", "increase", "histogram_quantile", "avg", "max", "min",
+                "count", "on", "ignoring", "group_left", "group_right", "or", "and", "unless", "offset"}
+RUN_TIMEOUT_S = 30
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def load_yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def k8s_objects() -> dict[tuple[str, str], dict]:
+    objects = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                key = (doc["kind"], doc["metadata"]["name"])
+                assert key not in objects, f"{key} defined twice"
+                objects[key] = doc
+    return objects
+
+
+def volumes(service: dict) -> list[dict]:
+    """Short (`src:dst[:ro]`) and long volume syntax, as {source, target, read_only}."""
+    found = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *mode = volume.split(":")
+            found.append({"source": source, "target": target, "read_only": "ro" in mode})
+        else:
+            found.append({"source": volume["source"], "target": volume["target"],
+                          "read_only": bool(volume.get("read_only"))})
+    return found
+
+
+def ports(service: dict) -> list[tuple[str, int, int]]:
+    """`[ip:]host:container` as (ip or "", host, container)."""
+    parsed = []
+    for spec in service.get("ports", []):
+        parts = str(spec).split(":")
+        ip = parts[0] if len(parts) == 3 else ""
+        parsed.append((ip, int(parts[-2]), int(parts[-1])))
+    return parsed
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments), with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    instructions = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            instructions.append((word.upper(), rest.strip()))
+    return instructions
+
+
+def reservation_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def container(deployment: dict) -> dict:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def gateway_metric_labels() -> dict[str, set[str]]:
+    """Every sample name the gateway exposes, with its labels, from its own registry."""
+    metrics = GatewayMetrics()
+    for wrapper in vars(metrics).values():
+        if isinstance(wrapper, MetricWrapperBase) and wrapper._labelnames:
+            wrapper.labels(*["x"] * len(wrapper._labelnames))  # a child, so the family has samples
+    names: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            names.setdefault(sample.name, set()).update(sample.labels)
+    return names
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def metric_names(expr: str) -> set[str]:
+    without_strings = re.sub(r'"[^"]*"', '""', expr)
+    without_labels = re.sub(r"\{[^}]*\}", "", without_strings)
+    without_grouping = re.sub(r"\b(?:by|without|on|ignoring)\s*\([^)]*\)", "", without_labels)
+    without_ranges = re.sub(r"\[[^\]]*\]", "", without_grouping)
+    words = set(re.findall(r"\b[a-zA-Z_:][a-zA-Z0-9_:]*\b(?!\s*\()", without_ranges))
+    return {w for w in words if w not in PROMQL_WORDS}
+
+
+def used_labels(expr: str) -> set[str]:
+    labels = set()
+    for group in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr):
+        labels.update(label.strip() for label in group.split(",") if label.strip())
+    for matchers in re.findall(r"\{([^}]*)\}", re.sub(r'"[^"]*"', '""', expr)):
+        labels.update(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*[!=]", matchers))
+    return labels
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=RUN_TIMEOUT_S)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_yaml(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[tuple[str, str], dict]:
+    return k8s_objects()
+
+
+# ---------------------------------------------------------------------------------------------- compose
+
+def test_compose_has_the_services_and_profiles(services):
+    assert set(services) == {"triton", "builder", "gateway", "prometheus", "grafana", "locust-master",
+                             "locust-worker"}
+    profiles = {name: service.get("profiles", []) for name, service in services.items()}
+    assert profiles["builder"] == ["build"]
+    assert profiles["locust-master"] == profiles["locust-worker"] == ["loadtest"]
+    # The serving stack comes up with a plain `up`.
+    assert not any(profiles[name] for name in ("triton", "gateway", "prometheus", "grafana"))
+
+
+@pytest.mark.parametrize("name", ["triton", "builder"])
+def test_gpu_is_reserved(services, name):
+    assert reservation_devices(services[name]) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def test_gateway_and_monitoring_reserve_no_gpu(services):
+    for name in ("gateway", "prometheus", "grafana", "locust-master", "locust-worker"):
+        assert not reservation_devices(services[name]), name
+
+
+def test_triton_serves_the_model_repository_read_only(services):
+    triton = services["triton"]
+    mounts = [v for v in volumes(triton) if v["target"] == "/models"]
+    assert mounts == [{"source": "./model_repository", "target": "/models", "read_only": True}]
+    command = triton["command"]
+    command = shlex.split(command) if isinstance(command, str) else command
+    assert command[0] == "tritonserver"
+    for flag in ("--model-repository=/models", "--model-control-mode=poll", "--repository-poll-secs=5",
+                 "--exit-on-error=false", "--strict-readiness=false"):
+        assert flag in command
+    assert triton["shm_size"] == "1g"  # the Python backend's tensors go through /dev/shm
+
+
+def test_triton_is_built_with_onnxruntime(services):
+    build = services["triton"]["build"]
+    dockerfile = ROOT / build["context"] / build["dockerfile"]
+    assert dockerfile == DOCKER / "triton.Dockerfile"
+    instructions = dockerfile_instructions(dockerfile)
+    assert instructions[0] == ("FROM", "nvcr.io/nvidia/tritonserver:24.10-py3")
+    installs = " ".join(args for word, args in instructions if word == "RUN" and "pip install" in args)
+    assert "onnxruntime" in installs and '"numpy<2"' in installs
+
+
+def test_only_the_gateway_is_published_beyond_localhost(services):
+    for name, service in services.items():
+        for ip, host, container_port in ports(service):
+            if name == "gateway":
+                assert (host, container_port) == (8080, 8080)
+            else:
+                assert ip == "127.0.0.1", f"{name} publishes {host} on every interface"
+    assert {p[2] for p in ports(services["triton"])} == {8000, 8001, 8002}
+    assert ports(services["gateway"]) == [("", 8080, 8080)]
+
+
+def test_triton_healthcheck_asks_for_readiness(services):
+    check = services["triton"]["healthcheck"]["test"]
+    assert check[0] == "CMD" and check[1:3] == ["curl", "-fsS"]
+    assert check[3].endswith("localhost:8000/v2/health/ready")
+    # The stock image may lack curl; the Dockerfile makes sure it is there.
+    assert "curl" in (DOCKER / "triton.Dockerfile").read_text()
+
+
+def test_gateway_healthcheck_runs_python_against_readyz(services):
+    check = services["gateway"]["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "python", "-c"]  # python:3.11-slim has no curl
+    compile(check[3], "healthcheck", "exec")
+    assert "http://127.0.0.1:8080/readyz" in check[3]
+
+
+def test_gateway_waits_for_a_healthy_triton(services):
+    assert services["gateway"]["depends_on"] == {"triton": {"condition": "service_healthy"}}
+
+
+def test_gateway_environment_names_real_settings(services, monkeypatch):
+    env = environment(services["gateway"])
+    assert env["GATEWAY_TRITON_GRPC_URL"] == "triton:8001"
+    assert env["GATEWAY_TRITON_HTTP_URL"] == "triton:8000"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    for key, value in env.items():
+        field = key.removeprefix("GATEWAY_").lower()
+        assert key.startswith("GATEWAY_") and field in Settings.model_fields, f"{key} is no gateway setting"
+        assert str(getattr(settings, field)) == value
+
+
+def test_build_contexts_and_dockerfiles_exist(services):
+    for name, service in services.items():
+        if "build" in service:
+            context = ROOT / service["build"]["context"]
+            assert (context / service["build"]["dockerfile"]).is_file(), name
+            assert service.get("image"), f"{name}: name the image so Kubernetes can refer to it"
+
+
+def test_builder_runs_the_cli_in_the_mounted_repository(services):
+    builder = services["builder"]
+    assert builder["entrypoint"] == ["builder"]
+    assert {"source": ".", "target": builder["working_dir"], "read_only": False} in volumes(builder)
+    instructions = dockerfile_instructions(ROOT / builder["build"]["context"] / builder["build"]["dockerfile"])
+    assert instructions[0] == ("FROM", "nvcr.io/nvidia/tensorrt:24.10-py3")
+    assert any(word == "RUN" and 'pip install --no-cache-dir ".[builder]"' in args for word, args in instructions)
+    assert ("ENTRYPOINT", '["builder"]') in instructions
+
+
+def test_engines_and_triton_come_from_one_ngc_release():
+    # A TensorRT plan loads only in the TensorRT release that built it.
+    tags = {}
+    for name in ("triton.Dockerfile", "builder.Dockerfile"):
+        base = dockerfile_instructions(DOCKER / name)[0][1]
+        tags[name] = re.fullmatch(r"nvcr\.io/nvidia/\w+:(\d\d\.\d\d)-py3", base).group(1)
+    assert len(set(tags.values())) == 1, tags
+
+
+def test_locust_runs_the_loadtests_locustfile_against_the_gateway(services):
+    master, worker = services["locust-master"], services["locust-worker"]
+    for service in (master, worker):
+        assert service["image"].startswith("locustio/locust")
+        assert any(v["source"] == "./loadtests" and v["target"] == "/mnt/locust" for v in volumes(service))
+        command = service["command"]
+        assert command[command.index("-f") + 1] == "/mnt/locust/locustfile.py"
+    assert "--master" in master["command"]
+    assert master["command"][master["command"].index("--host") + 1] == "http://gateway:8080"
+    assert worker["command"][worker["command"].index("--master-host") + 1] == "locust-master"
+    assert (ROOT / "loadtests").is_dir()
+
+
+def test_monitoring_mounts_existing_files(services):
+    prometheus = volumes(services["prometheus"])
+    assert {"source": "./deploy/prometheus/prometheus.yml", "target": "/etc/prometheus/prometheus.yml",
+            "read_only": True} in prometheus
+    grafana = {v["target"]: v for v in volumes(services["grafana"])}
+    assert grafana["/etc/grafana/provisioning"]["source"] == "./deploy/grafana/provisioning"
+    for service in ("prometheus", "grafana"):
+        for volume in volumes(services[service]):
+            assert (ROOT / volume["source"]).exists(), volume["source"]
+
+
+def test_compose_file_validates():
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    result = subprocess.run([*command, "-f", str(COMPOSE), "--profile", "build", "--profile", "loadtest",
+                             "config", "-q"], capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dockerignore_keeps_build_contexts_small():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", "runs", ".cache", "model_repository/*"):
+        assert entry in ignored
+
+
+# ---------------------------------------------------------------------------------------------- gateway image
+
+def test_gateway_image_installs_the_base_dependencies_only(services):
+    build = services["gateway"]["build"]
+    dockerfile = ROOT / build["context"] / build["dockerfile"]
+    instructions = dockerfile_instructions(dockerfile)
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    installs = [args for word, args in instructions if word == "RUN" and "pip install" in args]
+    assert len(installs) == 1
+    target = installs[0].split("pip install", 1)[1].split("&&")[0].split()
+    assert target == ["--no-cache-dir", "."], "no extras: they bring torch into the gateway image"
+    assert not any("torch" in args.lower() for _, args in instructions)
+
+
+def test_gateway_image_runs_the_app_factory_as_non_root(services):
+    instructions = dockerfile_instructions(DOCKER / "gateway.Dockerfile")
+    user = [args for word, args in instructions if word == "USER"][-1]
+    assert user.split(":")[0].isdigit() and int(user.split(":")[0]) > 0, "numeric uid for runAsNonRoot"
+    cmd = json.loads([args for word, args in instructions if word == "CMD"][-1])
+    assert cmd == ["uvicorn", "server.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8080"]
+    from server.app import create_app
+    assert callable(create_app)
+
+
+def test_base_dependencies_contain_no_torch():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[\s\[<>=!~;]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
+    assert not names & {"torch", "torchvision"}
+
+
+# ---------------------------------------------------------------------------------------------- prometheus
+
+def test_prometheus_scrapes_gateway_and_triton():
+    config = load_yaml(PROMETHEUS)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = {name: [t for sc in job["static_configs"] for t in sc["targets"]] for name, job in jobs.items()}
+    assert targets == {"gateway": ["gateway:8080"], "triton": ["triton:8002"]}
+    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
+
+
+def test_prometheus_config_passes_promtool():
+    if not shutil.which("promtool"):
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    result = subprocess.run(["promtool", "check", "config", str(PROMETHEUS)], capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- grafana
+
+def test_grafana_provisioning_matches_the_dashboards(services):
+    datasources = load_yaml(GRAFANA / "provisioning/datasources/prometheus.yml")["datasources"]
+    assert [(d["type"], d["url"]) for d in datasources] == [("prometheus", "http://prometheus:9090")]
+    uid = datasources[0]["uid"]
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == uid, panel["title"]
+    providers = load_yaml(GRAFANA / "provisioning/dashboards/dashboards.yml")["providers"]
+    mounted = {v["target"]: v["source"] for v in volumes(services["grafana"])}
+    for provider in providers:
+        source = mounted[provider["options"]["path"]]
+        assert (ROOT / source / DASHBOARD.name).is_file()
+
+
+def test_dashboard_panels_are_well_formed():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"]), panel["title"]
+        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+
+
+def test_every_dashboard_metric_exists():
+    known = gateway_metric_labels() | TRITON_METRICS
+    for title, expr in dashboard_exprs():
+        names = metric_names(expr)
+        assert names, f"{title}: no metric in {expr!r}"
+        for name in names:
+            assert name in known, f"{title}: {name} is neither a gateway nor a Triton metric"
+        allowed = SCRAPE_LABELS.union(*(known[n] for n in names))
+        assert used_labels(expr) <= allowed, f"{title}: unknown label in {expr!r}"
+
+
+def test_dashboard_shows_what_the_stack_needs():
+    exprs = " ".join(expr for _, expr in dashboard_exprs())
+    for name in ("gateway_requests_total", "gateway_stage_seconds_bucket", "gateway_in_flight_requests",
+                 "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
+                 "nv_inference_request_success", "nv_inference_exec_count", "nv_inference_count",
+                 "nv_gpu_utilization"):
+        assert re.search(rf"\b{name}\b", exprs), name
+    assert 'status=~"[45].."' in exprs  # the error rate: every status >= 400
+    quantiles = [expr for _, expr in dashboard_exprs() if "gateway_stage_seconds_bucket" in expr]
+    assert quantiles and all("le" in used_labels(e) and "stage" in used_labels(e) for e in quantiles)
+    assert set(STAGES) == {"decode", "preprocess", "inference", "total"}  # the panel's legend promises these
+    batch = [expr for _, expr in dashboard_exprs() if "nv_inference_exec_count" in expr]
+    assert any(e.index("nv_inference_count") < e.index("/") < e.index("nv_inference_exec_count") for e in batch)
+
+
+def test_dashboard_queries_parse_with_promtool(tmp_path):
+    if not shutil.which("promtool"):
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    rules = [{"record": f"dashboard:panel_{i}", "expr": expr.replace("$__rate_interval", "1m")}
+             for i, (_, expr) in enumerate(dashboard_exprs())]
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- kubernetes
+
+def test_k8s_manifests_have_the_expected_objects(k8s):
+    assert set(k8s) == {("PersistentVolumeClaim", "model-repository"), ("Deployment", "triton"),
+                        ("Service", "triton-headless"), ("Deployment", "gateway"), ("Service", "gateway"),
+                        ("HorizontalPodAutoscaler", "gateway")}
+
+
+def test_k8s_triton_has_a_gpu_probes_and_the_shared_repository(k8s):
+    deployment = k8s[("Deployment", "triton")]
+    triton = container(deployment)
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8000}
+    assert {p["containerPort"] for p in triton["ports"]} == {8000, 8001, 8002}
+    assert "--model-repository=/models" in triton["args"]
+    mount = next(m for m in triton["volumeMounts"] if m["mountPath"] == "/models")
+    assert mount["readOnly"] is True
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in k8s
+
+
+def test_k8s_triton_service_is_headless(k8s):
+    service = k8s[("Service", "triton-headless")]
+    assert service["spec"]["clusterIP"] == "None" or service["spec"]["clusterIP"] is None
+    assert {p["port"] for p in service["spec"]["ports"]} == {8000, 8001, 8002}
+    pod_labels = k8s[("Deployment", "triton")]["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_k8s_gateway_resolves_the_headless_service(k8s, monkeypatch):
+    gateway = container(k8s[("Deployment", "gateway")])
+    env = {e["name"]: e["value"] for e in gateway["env"]}
+    grpc_port = next(p["port"] for p in k8s[("Service", "triton-headless")]["spec"]["ports"] if p["name"] == "grpc")
+    assert parse_endpoints(env["GATEWAY_TRITON_GRPC_URL"]) == ([], f"triton-headless:{grpc_port}")
+    for key, value in env.items():
+        assert key.removeprefix("GATEWAY_").lower() in Settings.model_fields, f"{key} is no gateway setting"
+        monkeypatch.setenv(key, value)
+    Settings()  # values validate
+
+
+def test_k8s_gateway_probes_resources_and_user(k8s):
+    deployment = k8s[("Deployment", "gateway")]
+    gateway = container(deployment)
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8080}
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(gateway["resources"][kind])
+    pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert pod_security["runAsNonRoot"] is True
+    user = [args for word, args in dockerfile_instructions(DOCKER / "gateway.Dockerfile") if word == "USER"][-1]
+    assert pod_security["runAsUser"] == int(user.split(":")[0])
+    assert gateway["securityContext"]["allowPrivilegeEscalation"] is False
+    service = k8s[("Service", "gateway")]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [8080]
+
+
+def test_k8s_hpa_scales_the_gateway_on_cpu(k8s):
+    hpa = k8s[("HorizontalPodAutoscaler", "gateway")]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) in k8s
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100
+    # Utilization is relative to the request: without one the HPA cannot act.
+    assert "cpu" in container(k8s[(target["kind"], target["name"])])["resources"]["requests"]
+
+
+def test_k8s_images_are_the_ones_compose_builds(k8s, services):
+    built = {service["image"] for service in services.values() if "build" in service}
+    for kind, name in (("Deployment", "triton"), ("Deployment", "gateway")):
+        assert container(k8s[(kind, name)])["image"] in built
