@@ -144,6 +144,16 @@ async def gateway_end_to_end(url: str, jpegs: list[bytes], concurrency: int, dur
                   percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3)
 
 
+async def measure_served(grpc_url: str, gateway_url: str, tensors: list[np.ndarray], jpegs: list[bytes],
+                         args: argparse.Namespace, console: Console) -> list[Result]:
+    results = []
+    for concurrency in args.concurrency:
+        console.print(f"measuring concurrency {concurrency} ...")
+        results.append(await triton_direct(grpc_url, tensors, concurrency, args.duration))
+        results.append(await gateway_end_to_end(gateway_url, jpegs, concurrency, args.duration))
+    return results
+
+
 def report(results: list[Result], console: Console) -> None:
     ceiling = results[0].images_per_s
     table = Table(title="Gateway benchmark: ResNet-18 224x224 FP32 on this machine's CPU")
@@ -177,15 +187,13 @@ def main() -> int:
         folder = Path(tmp)
         onnx_path = build_model(folder)
         publish(onnx_path, folder / "repo", MODEL, spec=IMAGENET, labels=[f"class {i}" for i in range(1000)])
-        console.print("measuring the model-only ceiling ...")
-        results = [model_ceiling(onnx_path, tensors, args.duration)]
         settings = TritonSettings(model_repository=str(folder / "repo"), http_port=free_port(),
                                   grpc_port=free_port(), metrics_port=free_port(), cache_dir=str(folder / "cache"))
         with local_stack(settings, gateway_port=free_port()) as (triton, gateway):
-            for concurrency in args.concurrency:
-                console.print(f"measuring concurrency {concurrency} ...")
-                results.append(asyncio.run(triton_direct(triton.grpc_url, tensors, concurrency, args.duration)))
-                results.append(asyncio.run(gateway_end_to_end(gateway.url, jpegs, concurrency, args.duration)))
+            # One event loop for every measurement: grpc.aio is bound to the loop it first ran on.
+            served = asyncio.run(measure_served(triton.grpc_url, gateway.url, tensors, jpegs, args, console))
+        console.print("measuring the model-only ceiling ...")
+        results = [model_ceiling(onnx_path, tensors, args.duration), *served]
     report(results, console)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps([asdict(r) for r in results], indent=2))
