@@ -149,6 +149,10 @@ class TritonClient:
             self._info.pop(name, None)
             return TritonUnavailable(f"model {name!r} is not ready (state {known[0]['state']})",
                                      retry_after_s=RETRY_AFTER_S)
+        # A server on its way down unloads every model first: that is an outage, not an absent model,
+        # and it lets a pool of replicas fail over instead of answering 404.
+        if not await self.server_ready():
+            return TritonUnavailable("Triton is not ready", retry_after_s=RETRY_AFTER_S)
         what = f"version {version} of model {name!r}" if version else f"model {name!r}"
         return ModelNotFound(f"{what} is not served")
 
