@@ -40,12 +40,149 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    from .publish import PublishSettings, publish
+    from .publish import PublishSettings, publish, publish_plan
 
-    settings = PublishSettings(max_batch_size=args.max_batch_size, instance_count=args.instances)
-    published = publish(Path(args.onnx), Path(args.repository), args.name, settings=settings)
+    settings = PublishSettings(
+        max_batch_size=args.max_batch_size, instance_count=args.instances, target=args.target, keep=args.keep,
+        version_policy=args.version_policy, latest_versions=args.latest_versions, triton_url=args.triton_url,
+        trt_cache_path=args.trt_cache_path, cuda_graphs=not args.no_cuda_graphs,
+    )
+    spec, labels = _publish_interface(args)
+    if args.plan:
+        published = publish_plan(Path(args.plan), Path(args.onnx), Path(args.repository), args.name, spec=spec,
+                                 labels=labels, settings=settings)
+    else:
+        published = publish(Path(args.onnx), Path(args.repository), args.name, spec=spec, labels=labels,
+                            settings=settings)
     print(json.dumps({"model": args.name, "version": published.version,
                       "path": str(published.version_dir)}))
+
+
+def _publish_interface(args: argparse.Namespace):
+    """Preprocessing and labels for a model exported elsewhere: flags win over the ONNX metadata."""
+    from server.preprocess import PreprocessSpec
+
+    from .errors import PublishError
+    from .publish import inspect_onnx
+
+    labels = None
+    if args.labels:
+        try:
+            labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise PublishError(f"labels file {args.labels} cannot be read: {e.strerror or e}") from e
+    flags = (args.resize, args.crop, args.mean, args.std, args.color_mode)
+    if all(f is None for f in flags) and "preprocess" in inspect_onnx(Path(args.onnx)).metadata:
+        return None, labels
+    try:
+        spec = PreprocessSpec(
+            image_size=args.crop or 224, resize_size=args.resize or 256,
+            mean=tuple(args.mean or (0.485, 0.456, 0.406)), std=tuple(args.std or (0.229, 0.224, 0.225)),
+            color_mode=args.color_mode or "RGB",
+        )
+    except ValueError as e:
+        raise PublishError(f"preprocessing flags: {e}") from e
+    return spec, labels
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate, measure_speed, validation_data, write_evaluation
+
+    out = Path(args.out)
+    if args.checkpoint:
+        from .prune import load_model
+
+        model, meta = load_model(Path(args.checkpoint))
+        target = model
+    else:
+        from .quantize import read_metadata
+
+        metadata = read_metadata(Path(args.onnx))
+        if "preprocess" not in metadata:
+            raise BuilderError(f"{args.onnx} carries no preprocessing spec; export it with `builder export`")
+        recipe = json.loads(metadata.get("dataset", "{}"))
+        meta = {"preprocess": json.loads(metadata["preprocess"]), "classes": json.loads(metadata.get("labels", "[]")),
+                "config": {"dataset": recipe.get("source", "digits"), "val_fraction": recipe.get("val_fraction", 0.2),
+                           "seed": recipe.get("seed", 0)}}
+        target = Path(args.onnx)
+    if args.dataset:
+        meta["config"] = {**meta.get("config", {}), "dataset": args.dataset}
+    evaluation = evaluate(target, validation_data(meta), confusion_png=out / "confusion.png")
+    write_evaluation(evaluation, out / "evaluation.json")
+    summary = {"top1": round(evaluation.top1, 4), "images": evaluation.images, "out": str(out)}
+    if args.onnx:
+        speed = measure_speed(Path(args.onnx))
+        summary.update(latency_b1_ms=round(speed.latency_b1_ms, 3), throughput_b8=round(speed.throughput_b8, 1))
+    print(json.dumps(summary))
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from .prune import PruneConfig, prune
+
+    config = PruneConfig(target=args.target, keep_ratio=args.keep_ratio, importance=args.importance,
+                         scope=args.scope, steps=args.steps, finetune_epochs=args.finetune_epochs,
+                         round_to=args.round_to)
+    output = Path(args.output) if args.output else Path(args.checkpoint).with_name("pruned.pt")
+    result = prune(Path(args.checkpoint), output, config)
+    print(json.dumps({"checkpoint": str(result.checkpoint), "macs_kept": round(result.macs_after / result.macs_before, 4),
+                      "params_kept": round(result.params_after / result.params_before, 4),
+                      "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None}))
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from .quantize import QuantizeConfig, convert_fp16, quantize_int8
+
+    onnx_path = Path(args.onnx)
+    if args.precision == "fp16":
+        output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + "-fp16.onnx")
+        print(json.dumps({"onnx": str(convert_fp16(onnx_path, output))}))
+        return
+    output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + "-int8.onnx")
+    config = QuantizeConfig(calibration_images=args.calibration_images, method=args.calibration_method)
+    result = quantize_int8(onnx_path, output, config)
+    print(json.dumps({"onnx": str(result.onnx_path), "calibration_images": result.calibration_images,
+                      "method": result.method}))
+
+
+def _engine(args: argparse.Namespace) -> None:
+    from .engine import EngineConfig, engine_from_onnx
+
+    config = EngineConfig(precision=args.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
+                          max_batch=args.max_batch, calibration_images=args.calibration_images)
+    output = Path(args.output) if args.output else Path(args.onnx).with_name("model.plan")
+    print(json.dumps({"plan": str(engine_from_onnx(Path(args.onnx), output, config))}))
+
+
+def _build(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .build import BuildConfig, build
+
+    config = BuildConfig.from_yaml(Path(args.config)) if args.config else BuildConfig()
+    overrides = {key: value for key, value in (
+        ("name", args.name), ("out_dir", Path(args.out) if args.out else None),
+        ("checkpoint", Path(args.checkpoint) if args.checkpoint else None),
+        ("max_accuracy_drop", args.max_accuracy_drop)) if value is not None}
+    config = dataclasses.replace(config, **overrides)
+    config.train = {**config.train, **{k: v for k, v in (
+        ("dataset", args.dataset), ("arch", args.arch), ("epochs", args.epochs),
+        ("image_size", args.image_size)) if v is not None}}
+    if args.no_prune:
+        config.prune = None
+    elif args.keep_ratio is not None and config.prune is not None:
+        config.prune = {**config.prune, "keep_ratio": args.keep_ratio}
+    if args.no_quantize:
+        config.quantize = None
+    elif args.calibration_images is not None and config.quantize is not None:
+        config.quantize = {**config.quantize, "calibration_images": args.calibration_images}
+    if args.repository or args.target:
+        config.publish = {**(config.publish or {}), **({"repository": args.repository} if args.repository else {}),
+                          **({"target": args.target} if args.target else {})}
+    if args.no_publish:
+        config.publish = None
+    result = build(config)
+    print(json.dumps({"report": str(result.report_paths["md"]), "onnx": str(result.final_onnx),
+                      "published_version": result.published.version if result.published else None}))
 
 
 def _positive_int(text: str) -> int:
@@ -87,7 +224,79 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--repository", default="model_repository")
     publish.add_argument("--max-batch-size", type=_positive_int, default=32)
     publish.add_argument("--instances", type=_positive_int, default=1)
+    publish.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
+                         help="cpu: Python backend + ONNX Runtime; gpu: ONNX Runtime backend with TensorRT")
+    publish.add_argument("--plan", help="a TensorRT engine from `builder engine` (with --onnx it was built from)")
+    publish.add_argument("--keep", type=_positive_int, help="remove all but the newest N versions")
+    publish.add_argument("--version-policy", choices=("latest", "all"), default="latest")
+    publish.add_argument("--latest-versions", type=_positive_int, default=1, help="versions Triton serves")
+    publish.add_argument("--triton-url", help="Triton HTTP address in explicit model-control mode: load the new version")
+    publish.add_argument("--trt-cache-path", help="TensorRT engine cache on the serving machine (--target gpu)")
+    publish.add_argument("--no-cuda-graphs", action="store_true", help="TensorRT plans: do not capture CUDA graphs")
+    publish.add_argument("--labels", help="text file, one label per line (default: ONNX metadata, else class index)")
+    publish.add_argument("--resize", type=_positive_int, help="shorter side before the crop (default 256)")
+    publish.add_argument("--crop", type=_positive_int, help="center crop = model input side (default 224)")
+    publish.add_argument("--mean", type=float, nargs="+", help="per channel (default ImageNet's)")
+    publish.add_argument("--std", type=float, nargs="+", help="per channel (default ImageNet's)")
+    publish.add_argument("--color-mode", choices=("RGB", "BGR", "L"), help="default RGB")
     publish.set_defaults(func=_publish)
+
+    evaluate = commands.add_parser("evaluate", help="top-1, per-class precision/recall and confusion matrix")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint")
+    source.add_argument("--onnx")
+    evaluate.add_argument("--dataset", help="override the dataset recorded in the model")
+    evaluate.add_argument("--out", default="runs/evaluate", help="folder for evaluation.json and confusion.png")
+    evaluate.set_defaults(func=_evaluate)
+
+    prune = commands.add_parser("prune", help="structured channel pruning with fine-tuning (Torch-Pruning)")
+    prune.add_argument("--checkpoint", required=True)
+    prune.add_argument("--output", help="pruned checkpoint (default: pruned.pt beside the input)")
+    prune.add_argument("--target", choices=("macs", "params"), default="macs")
+    prune.add_argument("--keep-ratio", type=float, default=0.5, help="fraction of MACs/params to keep")
+    prune.add_argument("--importance", choices=("l1", "l2"), default="l1")
+    prune.add_argument("--scope", choices=("global", "uniform"), default="global")
+    prune.add_argument("--steps", type=_positive_int, default=3)
+    prune.add_argument("--finetune-epochs", type=float, default=1.0, help="per step")
+    prune.add_argument("--round-to", type=_positive_int, default=8, help="channel counts stay multiples of this")
+    prune.set_defaults(func=_prune)
+
+    quantize = commands.add_parser("quantize", help="static INT8 (ONNX Runtime, QDQ) or FP16")
+    quantize.add_argument("--onnx", required=True)
+    quantize.add_argument("--output")
+    quantize.add_argument("--precision", choices=("int8", "fp16"), default="int8")
+    quantize.add_argument("--calibration-images", type=_positive_int, default=256)
+    quantize.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    quantize.set_defaults(func=_quantize)
+
+    engine = commands.add_parser("engine", help="TensorRT engine (needs an NVIDIA GPU and tensorrt)")
+    engine.add_argument("--onnx", required=True)
+    engine.add_argument("--output", help="default: model.plan beside the ONNX file")
+    engine.add_argument("--precision", choices=("fp16", "int8"), default="fp16")
+    engine.add_argument("--min-batch", type=_positive_int, default=1)
+    engine.add_argument("--opt-batch", type=_positive_int, default=8)
+    engine.add_argument("--max-batch", type=_positive_int, default=32)
+    engine.add_argument("--calibration-images", type=_positive_int, default=256)
+    engine.set_defaults(func=_engine)
+
+    build = commands.add_parser("build", help="train, prune, quantize, publish; report what each stage cost")
+    build.add_argument("--config", help="YAML build file (flags override it)")
+    build.add_argument("--name", help="model name in the repository")
+    build.add_argument("--out", help="build folder (report, artifacts)")
+    build.add_argument("--checkpoint", help="start from this trained checkpoint instead of training")
+    build.add_argument("--dataset")
+    build.add_argument("--arch", choices=ARCHITECTURES)
+    build.add_argument("--epochs", type=_positive_int)
+    build.add_argument("--image-size", type=_positive_int)
+    build.add_argument("--keep-ratio", type=float, help="pruning: fraction of MACs to keep")
+    build.add_argument("--calibration-images", type=_positive_int)
+    build.add_argument("--repository", help="publish into this Triton repository")
+    build.add_argument("--target", choices=("cpu", "gpu"))
+    build.add_argument("--max-accuracy-drop", type=float, help="top-1 points a stage may lose (default 1)")
+    build.add_argument("--no-prune", action="store_true")
+    build.add_argument("--no-quantize", action="store_true")
+    build.add_argument("--no-publish", action="store_true")
+    build.set_defaults(func=_build)
     return parser
 
 

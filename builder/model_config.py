@@ -31,19 +31,41 @@ class DynamicBatching:
 
 
 @dataclass(frozen=True)
+class ExecutionAccelerator:
+    """An entry of `optimization.execution_accelerators` (e.g. ONNX Runtime's TensorRT provider)."""
+
+    name: str
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+VERSION_POLICIES = ("latest", "all", "specific")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     backend: str = "python"
+    platform: str = ""  # e.g. onnxruntime_onnx, tensorrt_plan; empty for the Python backend
     max_batch_size: int = 32
     dynamic_batching: DynamicBatching | None = field(default_factory=DynamicBatching)
     instance_count: int = 1
     instance_kind: str = "KIND_CPU"
+    version_policy: str = "latest"
     latest_versions: int = 1
+    specific_versions: tuple[int, ...] = ()
     parameters: Mapping[str, str] = field(default_factory=dict)
+    gpu_accelerators: tuple[ExecutionAccelerator, ...] = ()
+    cuda_graphs: bool = False  # honoured by the TensorRT backend
 
     def __post_init__(self) -> None:
+        if self.version_policy not in VERSION_POLICIES:
+            raise ValueError(f"version_policy {self.version_policy!r} is not one of {', '.join(VERSION_POLICIES)}")
+        if self.version_policy == "latest" and self.latest_versions < 1:
+            raise ValueError("latest_versions must be >= 1")
+        if self.version_policy == "specific" and not self.specific_versions:
+            raise ValueError("a specific version policy needs specific_versions")
         if self.max_batch_size < 0:
             raise ValueError("max_batch_size must be >= 0")
         if self.dynamic_batching is not None and self.max_batch_size == 0:
@@ -65,17 +87,37 @@ def _tensor(spec: TensorSpec, message) -> None:
 
 
 def to_protobuf(config: ModelConfig) -> pb.ModelConfig:
-    message = pb.ModelConfig(name=config.name, backend=config.backend, max_batch_size=config.max_batch_size)
+    message = pb.ModelConfig(name=config.name, backend=config.backend, platform=config.platform,
+                             max_batch_size=config.max_batch_size)
     for spec in config.inputs:
         _tensor(spec, message.input.add())
     for spec in config.outputs:
         _tensor(spec, message.output.add())
     _set_batching(config, message)
     _set_instance_group(config, message)
-    message.version_policy.latest.num_versions = config.latest_versions
+    _set_version_policy(config, message)
+    _set_optimization(config, message)
     for key, value in sorted(config.parameters.items()):
         message.parameters[key].string_value = value
     return message
+
+
+def _set_version_policy(config: ModelConfig, message: pb.ModelConfig) -> None:
+    if config.version_policy == "all":
+        message.version_policy.all.SetInParent()
+    elif config.version_policy == "specific":
+        message.version_policy.specific.versions.extend(config.specific_versions)
+    else:
+        message.version_policy.latest.num_versions = config.latest_versions
+
+
+def _set_optimization(config: ModelConfig, message: pb.ModelConfig) -> None:
+    for accelerator in config.gpu_accelerators:
+        entry = message.optimization.execution_accelerators.gpu_execution_accelerator.add(name=accelerator.name)
+        for key, value in accelerator.parameters.items():
+            entry.parameters[key] = value
+    if config.cuda_graphs:
+        message.optimization.cuda.graphs = True
 
 
 def _set_batching(config: ModelConfig, message: pb.ModelConfig) -> None:
@@ -116,16 +158,26 @@ def parse(text: str) -> ModelConfig:
             max_queue_size=message.dynamic_batching.default_queue_policy.max_queue_size,
         )
     group = message.instance_group[0] if message.instance_group else None
+    policy = message.version_policy.WhichOneof("policy_choice") or "latest"
+    accelerators = tuple(
+        ExecutionAccelerator(a.name, dict(a.parameters))
+        for a in message.optimization.execution_accelerators.gpu_execution_accelerator
+    )
     return ModelConfig(
         name=message.name,
         inputs=tuple(_tensor_from(t) for t in message.input),
         outputs=tuple(_tensor_from(t) for t in message.output),
         backend=message.backend,
+        platform=message.platform,
         max_batch_size=message.max_batch_size,
         dynamic_batching=batching,
         instance_count=group.count if group else 1,
         instance_kind=pb.ModelInstanceGroup.Kind.Name(group.kind) if group else "KIND_CPU",
+        version_policy=policy,
         latest_versions=message.version_policy.latest.num_versions or 1,
+        specific_versions=tuple(message.version_policy.specific.versions),
         parameters={key: value.string_value for key, value in message.parameters.items()},
+        gpu_accelerators=accelerators,
+        cuda_graphs=message.optimization.cuda.graphs,
     )
 

@@ -8,12 +8,17 @@ Layout written (what NVIDIA's tritonserver container expects):
     model_repository/NAME/<version>/model.onnx
     model_repository/NAME/<version>/build.json  where this version came from
 
+For `target="gpu"` the version holds only `model.onnx` and the config names Triton's ONNX Runtime
+backend with the TensorRT execution accelerator, which builds the engine on the serving GPU at load
+time; `publish_plan` publishes a prebuilt TensorRT engine (`model.plan`) for the TensorRT backend.
+
 Every file is staged beside its destination and renamed into place, so a server polling the
-repository never sees a half-written version.
+repository never sees a half-written version. A published version is never changed in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import json
@@ -37,6 +42,14 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LABELS_PARAMETER = "labels"
 
 
+TARGETS = ("cpu", "gpu")
+# TensorRT engines load only in the TensorRT release they were built with.
+TRITON_TENSORRT = {"24.10": "10.5"}
+DEFAULT_TRITON_RELEASE = "24.10"
+# Inside the serving container; mount a volume there so engines survive restarts.
+DEFAULT_TRT_CACHE_ROOT = "/opt/tritonserver/trt_engine_cache"
+
+
 @dataclass(frozen=True)
 class PublishSettings:
     max_batch_size: int = 32
@@ -45,6 +58,23 @@ class PublishSettings:
     max_queue_size: int = 64
     instance_count: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime uses every core
+    target: str = "cpu"  # "cpu": Python backend + ONNX Runtime; "gpu": ONNX Runtime backend + TensorRT
+    keep: int | None = None  # after publishing, remove all but the newest `keep` versions
+    version_policy: str = "latest"  # Triton serves the newest `latest_versions`, or "all"
+    latest_versions: int = 1
+    trt_fp16: bool = True
+    trt_cache_path: str | None = None  # default: DEFAULT_TRT_CACHE_ROOT/<name>
+    cuda_graphs: bool = True  # for TensorRT plans (the backend that supports them)
+    triton_url: str | None = None  # HTTP endpoint of a server in explicit model-control mode
+    triton_release: str = DEFAULT_TRITON_RELEASE
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise PublishError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
+        if self.keep is not None and self.keep < 1:
+            raise PublishError(f"--keep {self.keep}: keep at least 1 version")
+        if self.triton_release not in TRITON_TENSORRT:
+            raise PublishError(f"Triton release {self.triton_release!r} is not one of {', '.join(TRITON_TENSORRT)}")
 
 
 @dataclass(frozen=True)
@@ -115,11 +145,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels: Sequence[str],
                  settings: PublishSettings) -> model_config.ModelConfig:
-    parameters = {
-        **spec.to_parameters(),
-        LABELS_PARAMETER: json.dumps(list(labels)),
-        "onnxruntime.intra_op_threads": str(settings.intra_op_threads),
-    }
+    parameters = {**spec.to_parameters(), LABELS_PARAMETER: json.dumps(list(labels))}
+    if settings.target == "cpu":
+        parameters["onnxruntime.intra_op_threads"] = str(settings.intra_op_threads)
+    gpu = settings.target == "gpu"
     return model_config.ModelConfig(
         name=name,
         inputs=(model_config.TensorSpec(model.input_name, model.input_dims),),
@@ -127,7 +156,8 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
             model_config.TensorSpec(out, (model.num_classes,), label_filename="labels.txt" if i == 0 else None)
             for i, out in enumerate(model.output_names)
         ),
-        backend="python",
+        backend="onnxruntime" if gpu else "python",
+        platform="onnxruntime_onnx" if gpu else "",
         max_batch_size=settings.max_batch_size,
         dynamic_batching=model_config.DynamicBatching(
             preferred_batch_sizes=settings.preferred_batch_sizes,
@@ -135,22 +165,27 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
             max_queue_size=settings.max_queue_size,
         ),
         instance_count=settings.instance_count,
+        instance_kind="KIND_GPU" if gpu else "KIND_CPU",
+        version_policy=settings.version_policy,
+        latest_versions=settings.latest_versions,
         parameters=parameters,
+        gpu_accelerators=(tensorrt_accelerator(name, settings),) if gpu else (),
     )
 
 
-def publish(
-    onnx_path: Path,
-    repository: Path,
-    name: str,
-    *,
-    spec: PreprocessSpec | None = None,
-    labels: Sequence[str] | None = None,
-    settings: PublishSettings = PublishSettings(),
-) -> PublishedVersion:
-    """Write `onnx_path` as the next version of `name`; spec and labels default to the file's metadata."""
-    if not MODEL_NAME.match(name):
-        raise PublishError(f"model name {name!r} must be letters, digits, '_', '.' or '-' (at most 64)")
+def tensorrt_accelerator(name: str, settings: PublishSettings) -> model_config.ExecutionAccelerator:
+    """ONNX Runtime's TensorRT provider: the engine is built on the serving GPU at load time, then cached."""
+    parameters = {
+        "precision_mode": "FP16" if settings.trt_fp16 else "FP32",
+        "trt_engine_cache_enable": "true",
+        "trt_engine_cache_path": settings.trt_cache_path or f"{DEFAULT_TRT_CACHE_ROOT}/{name}",
+    }
+    return model_config.ExecutionAccelerator("tensorrt", parameters)
+
+
+def resolve_interface(onnx_path: Path, spec: PreprocessSpec | None, labels: Sequence[str] | None,
+                      ) -> tuple[OnnxClassifier, PreprocessSpec, list[str]]:
+    """The model's tensors, preprocessing and labels: given ones win over the file's metadata."""
     model = inspect_onnx(onnx_path)
     if spec is None:
         if "preprocess" not in model.metadata:
@@ -164,44 +199,146 @@ def publish(
         raise PublishError(f"{len(labels)} labels given for a model with {model.num_classes} classes")
     if tuple(model.input_dims) != spec.input_shape:
         raise PublishError(f"model input is {model.input_dims} but the preprocessing makes {spec.input_shape}")
-    config = build_config(name, model, spec, labels, settings)
+    return model, spec, list(labels)
 
-    repository = Path(repository)
+
+def _check_name(name: str) -> None:
+    if not MODEL_NAME.match(name):
+        raise PublishError(f"model name {name!r} must be letters, digits, '_', '.' or '-' (at most 64)")
+
+
+def publish(
+    onnx_path: Path,
+    repository: Path,
+    name: str,
+    *,
+    spec: PreprocessSpec | None = None,
+    labels: Sequence[str] | None = None,
+    settings: PublishSettings = PublishSettings(),
+) -> PublishedVersion:
+    """Write `onnx_path` as the next version of `name`; spec and labels default to the file's metadata."""
+    _check_name(name)
+    model, spec, labels = resolve_interface(onnx_path, spec, labels)
+    config = build_config(name, model, spec, labels, settings)
+    files = {"model.onnx": Path(onnx_path)}
+    if settings.target == "cpu":
+        files["model.py"] = BACKEND_MODEL
+    lineage = {"source_onnx": str(Path(onnx_path).resolve()), "onnx_metadata": model.metadata,
+               "target": settings.target}
+    return _publish_files(files, Path(repository), name, config, labels, lineage, settings)
+
+
+def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, *,
+                 spec: PreprocessSpec | None = None, labels: Sequence[str] | None = None,
+                 settings: PublishSettings = PublishSettings(target="gpu")) -> PublishedVersion:
+    """Publish a TensorRT engine for Triton's TensorRT backend; `onnx_path` is the model it was built from.
+
+    Refused unless the TensorRT version recorded beside the plan is the one the target Triton loads.
+    """
+    from .engine import read_engine_info
+
+    _check_name(name)
+    info = read_engine_info(plan_path)
+    wanted = TRITON_TENSORRT[settings.triton_release]
+    built = ".".join(str(info.get("tensorrt_version", "unknown")).split(".")[:2])
+    if built != wanted:
+        raise PublishError(
+            f"{plan_path} was built with TensorRT {info.get('tensorrt_version', 'unknown')} but Triton "
+            f"{settings.triton_release} loads TensorRT {wanted}; rebuild the engine with TensorRT {wanted} "
+            f"(e.g. inside nvcr.io/nvidia/tritonserver:{settings.triton_release}-py3) or publish the ONNX "
+            f"model with --target gpu"
+        )
+    model, spec, labels = resolve_interface(onnx_path, spec, labels)
+    gpu_onnx = build_config(name, model, spec, labels, settings)
+    config = dataclasses.replace(
+        gpu_onnx, backend="tensorrt", platform="tensorrt_plan", gpu_accelerators=(),
+        max_batch_size=min(settings.max_batch_size, int(info.get("max_batch", settings.max_batch_size))),
+        cuda_graphs=settings.cuda_graphs,
+    )
+    lineage = {"source_onnx": str(Path(onnx_path).resolve()), "engine": info, "target": "gpu"}
+    return _publish_files({"model.plan": Path(plan_path)}, Path(repository), name, config, labels, lineage,
+                          settings)
+
+
+def _publish_files(files: dict[str, Path], repository: Path, name: str, config: model_config.ModelConfig,
+                   labels: Sequence[str], lineage: dict, settings: PublishSettings) -> PublishedVersion:
     try:
         repository.mkdir(parents=True, exist_ok=True)
-        return _write_version(Path(onnx_path), repository, name, config, labels, model)
+        published = _write_version(files, repository, name, config, labels, lineage)
+        if settings.keep:
+            remove_old_versions(published.model_dir, settings.keep)
     except OSError as e:
         raise PublishError(f"cannot write to model repository {repository}: {e.strerror or e}") from e
+    if settings.triton_url:
+        load_in_triton(settings.triton_url, name, published.version)
+    return published
 
 
-def _stage_version(version_dir: Path, onnx_path: Path, lineage: dict) -> None:
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.exists():
+        return []
+    return sorted(int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit())
+
+
+def remove_old_versions(model_dir: Path, keep: int) -> list[int]:
+    """Remove all but the newest `keep` versions; each is first renamed out of Triton's sight."""
+    removed = versions(model_dir)[:-keep]
+    for version in removed:
+        # A non-numeric folder is not a version to Triton: after the rename it is gone at once,
+        # even if deleting the files takes a while or fails halfway.
+        hidden = Path(tempfile.mkdtemp(prefix=f".removing-{version}-", dir=model_dir))
+        os.rename(model_dir / str(version), hidden / "version")
+        shutil.rmtree(hidden, ignore_errors=True)
+    return removed
+
+
+def load_in_triton(url: str, name: str, version: int) -> None:
+    """Ask a server in explicit model-control mode to (re)load `name`; polling servers find it themselves."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    address = url.removeprefix("http://")
+    try:
+        client = httpclient.InferenceServerClient(address, connection_timeout=10, network_timeout=120)
+        client.load_model(name)
+        if not client.is_model_ready(name, str(version)):
+            raise PublishError(f"Triton at {url} loaded {name} but version {version} is not ready; see its log")
+    except InferenceServerException as e:
+        if "polling is enabled" in str(e):
+            return  # poll mode: the server picks the new version up on its next scan
+        raise PublishError(f"version {version} of {name} is published, but Triton at {url} could not load it: "
+                           f"{e.message() or e}") from e
+    except ConnectionError as e:
+        raise PublishError(f"version {version} of {name} is published, but Triton at {url} is unreachable") from e
+
+
+def _stage_version(version_dir: Path, files: dict[str, Path], lineage: dict) -> None:
     version_dir.mkdir(exist_ok=True)
-    shutil.copy2(onnx_path, version_dir / "model.onnx")
-    shutil.copy2(BACKEND_MODEL, version_dir / "model.py")
+    for target, source in files.items():
+        shutil.copy2(source, version_dir / target)
     (version_dir / "build.json").write_text(json.dumps(lineage, indent=2, default=str))
 
 
-def _write_version(onnx_path: Path, repository: Path, name: str, config: model_config.ModelConfig,
-                   labels: Sequence[str], model: OnnxClassifier) -> PublishedVersion:
+def _write_version(files: dict[str, Path], repository: Path, name: str, config: model_config.ModelConfig,
+                   labels: Sequence[str], lineage: dict) -> PublishedVersion:
     model_dir = repository / name
     version = _next_version(model_dir)
     lineage = {
         "name": name,
         "version": version,
         "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source_onnx": str(Path(onnx_path).resolve()),
-        "onnx_metadata": model.metadata,
+        **lineage,
         "config": asdict(config),
     }
     config_text, labels_text = model_config.render(config), "\n".join(labels) + "\n"
-    if not model_dir.exists() and _publish_new_model(model_dir, version, onnx_path, lineage, config_text, labels_text):
+    if not model_dir.exists() and _publish_new_model(model_dir, version, files, lineage, config_text, labels_text):
         return PublishedVersion(model_dir, version)
     # Triton ignores version folders whose names are not numbers, so a new version is staged in a
     # hidden folder of the model and renamed into place complete.
     model_dir.mkdir(exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
-        _stage_version(staging, onnx_path, lineage)
+        _stage_version(staging, files, lineage)
         os.rename(staging, model_dir / str(version))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -210,7 +347,7 @@ def _write_version(onnx_path: Path, repository: Path, name: str, config: model_c
     return PublishedVersion(model_dir, version)
 
 
-def _publish_new_model(model_dir: Path, version: int, onnx_path: Path, lineage: dict, config_text: str,
+def _publish_new_model(model_dir: Path, version: int, files: dict[str, Path], lineage: dict, config_text: str,
                        labels_text: str) -> bool:
     """Stage a whole new model beside the repository and rename it in; False where that cannot be done.
 
@@ -222,7 +359,7 @@ def _publish_new_model(model_dir: Path, version: int, onnx_path: Path, lineage: 
     except OSError:
         return False
     try:
-        _stage_version(staging / str(version), onnx_path, lineage)
+        _stage_version(staging / str(version), files, lineage)
         (staging / "labels.txt").write_text(labels_text)
         (staging / "config.pbtxt").write_text(config_text)
         os.rename(staging, model_dir)

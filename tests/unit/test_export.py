@@ -35,3 +35,18 @@ def test_export_of_a_non_checkpoint_fails_without_writing(tmp_path):
     with pytest.raises(CheckpointError):
         export_onnx(bogus, tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == [bogus]
+
+
+def test_exported_graph_has_batchnorm_folded_into_the_convolutions(tiny_run):
+    ops = {node.op_type for node in onnx.load(str(tiny_run / "model.onnx")).graph.node}
+    assert "Conv" in ops and "BatchNormalization" not in ops
+
+
+def test_pruned_checkpoint_exports_with_parity(tiny_run, tmp_path):
+    from builder.prune import PruneConfig, prune
+
+    pruned = prune(tiny_run / "best.pt", tmp_path / "pruned.pt", PruneConfig(steps=1, finetune_epochs=0, increments=40))
+    result = export_onnx(pruned.checkpoint, tmp_path / "pruned.onnx", parity_images=8)
+    assert result.max_abs_diff <= 1e-4
+    assert {p.key: p.value for p in onnx.load(str(result.onnx_path)).metadata_props}["pruned"] == "true"
+    assert result.onnx_path.stat().st_size < (tiny_run / "model.onnx").stat().st_size

@@ -45,3 +45,35 @@ def test_preferred_batch_size_above_max_batch_size_is_rejected():
 def test_dynamic_batching_needs_batching_enabled():
     with pytest.raises(ValueError, match="max_batch_size > 0"):
         sample_config(max_batch_size=0)
+
+
+def test_gpu_onnx_runtime_config_with_tensorrt_accelerator_round_trips():
+    accelerator = mc.ExecutionAccelerator("tensorrt", {"precision_mode": "FP16", "trt_engine_cache_enable": "true",
+                                                       "trt_engine_cache_path": "/cache/digits"})
+    config = sample_config(backend="onnxruntime", platform="onnxruntime_onnx", instance_kind="KIND_GPU",
+                           gpu_accelerators=(accelerator,))
+    text = mc.render(config)
+    assert mc.parse(text) == config
+    for fragment in ('platform: "onnxruntime_onnx"', "gpu_execution_accelerator", 'name: "tensorrt"',
+                     'key: "precision_mode"', 'value: "FP16"', "kind: KIND_GPU"):
+        assert fragment in text
+
+
+@pytest.mark.parametrize("policy, extra, fragment", [
+    ("all", {}, "all {"), ("specific", {"specific_versions": (2, 3)}, "versions: 2"),
+    ("latest", {"latest_versions": 2}, "num_versions: 2"),
+])
+def test_version_policies_round_trip(policy, extra, fragment):
+    config = sample_config(version_policy=policy, **extra)
+    assert fragment in mc.render(config)
+    assert mc.parse(mc.render(config)) == config
+
+
+def test_cuda_graphs_round_trip():
+    config = sample_config(backend="tensorrt", platform="tensorrt_plan", cuda_graphs=True)
+    assert "graphs: true" in mc.render(config) and mc.parse(mc.render(config)).cuda_graphs
+
+
+def test_unknown_version_policy_is_rejected():
+    with pytest.raises(ValueError, match="latest, all, specific"):
+        sample_config(version_policy="newest")

@@ -83,3 +83,84 @@ def test_inspect_reads_names_and_shapes_from_the_graph(tiny_run):
     assert (model.input_name, model.input_dims, model.output_names, model.num_classes) == (
         "input", (1, 8, 8), ("logits",), 10)
     assert "preprocess" in model.metadata
+
+
+def test_keep_removes_all_but_the_newest_versions(tiny_run, tmp_path):
+    repository = tmp_path / "repo"
+    for _ in range(3):
+        published = publish(tiny_run / "model.onnx", repository, "digits", settings=PublishSettings(keep=2))
+    assert published.version == 3
+    assert sorted(p.name for p in (repository / "digits").iterdir()) == ["2", "3", "config.pbtxt", "labels.txt"]
+
+
+def test_gpu_target_publishes_onnx_for_the_onnx_runtime_backend_with_tensorrt(tiny_run, tmp_path):
+    published = publish(tiny_run / "model.onnx", tmp_path / "repo", "digits",
+                        settings=PublishSettings(target="gpu", instance_count=2, trt_cache_path="/cache/trt/digits"))
+    assert sorted(p.name for p in published.version_dir.iterdir()) == ["build.json", "model.onnx"]
+    text = (published.model_dir / "config.pbtxt").read_text()
+    config = model_config.parse(text)
+    assert (config.backend, config.platform, config.instance_kind, config.instance_count) == (
+        "onnxruntime", "onnxruntime_onnx", "KIND_GPU", 2)
+    (accelerator,) = config.gpu_accelerators
+    assert accelerator.name == "tensorrt" and accelerator.parameters == {
+        "precision_mode": "FP16", "trt_engine_cache_enable": "true", "trt_engine_cache_path": "/cache/trt/digits"}
+    assert PreprocessSpec.from_parameters(config.parameters).input_shape == (1, 8, 8)
+
+
+def _foreign_onnx(path: Path) -> Path:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=8), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    torch.onnx.export(model.eval(), (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False,
+                      input_names=["pixels"], output_names=["scores"], dynamic_axes={"pixels": {0: "n"}, "scores": {0: "n"}})
+    return path
+
+
+def test_an_onnx_classifier_exported_elsewhere_is_published_with_labels_and_default_preprocessing(tmp_path, capsys):
+    from builder.cli import main
+
+    onnx_path = _foreign_onnx(tmp_path / "foreign.onnx")
+    (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
+    assert main(["publish", "--onnx", str(onnx_path), "--name", "animals", "--labels", str(tmp_path / "labels.txt"),
+                 "--repository", str(tmp_path / "repo")]) == 0
+    config = model_config.parse((tmp_path / "repo" / "animals" / "config.pbtxt").read_text())
+    spec = PreprocessSpec.from_parameters(config.parameters)
+    assert (spec.image_size, spec.resize_size, spec.color_mode) == (224, 256, "RGB")
+    assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
+    assert (config.inputs[0].name, config.outputs[0].name) == ("pixels", "scores")
+    assert json.loads(config.parameters["labels"]) == ["cat", "dog", "bird"]
+
+
+def test_an_unreadable_labels_file_is_a_one_line_error(tmp_path, capsys):
+    from builder.cli import main
+
+    onnx_path = _foreign_onnx(tmp_path / "foreign.onnx")
+    assert main(["publish", "--onnx", str(onnx_path), "--name", "animals", "--labels", str(tmp_path / "nope.txt"),
+                 "--repository", str(tmp_path / "repo")]) == 2
+    assert "labels file" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_an_unreachable_triton_is_reported_after_the_version_is_safely_written(tiny_run, tmp_path):
+    from server.launcher import free_port
+
+    with pytest.raises(PublishError, match="is published, but Triton at"):
+        publish(tiny_run / "model.onnx", tmp_path / "repo", "digits",
+                settings=PublishSettings(triton_url=f"127.0.0.1:{free_port()}"))
+    assert (tmp_path / "repo" / "digits" / "1" / "model.onnx").is_file()
+
+
+def test_a_read_only_repository_is_a_publish_error_and_leaves_nothing(tiny_run, tmp_path):
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    repository.chmod(0o555)
+    try:
+        if os.access(repository, os.W_OK):
+            pytest.skip("running as a user that ignores file permissions")
+        with pytest.raises(PublishError, match="cannot write to model repository"):
+            publish(tiny_run / "model.onnx", repository, "digits")
+        assert list(repository.iterdir()) == []
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    finally:
+        repository.chmod(0o755)

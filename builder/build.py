@@ -1,0 +1,160 @@
+"""`builder build`: train, export, prune, quantize and publish in one go, with a report of each stage.
+
+The pipeline calls the same functions the subcommands call. Every stage's ONNX file is measured the
+same way (`report.measure_stage`), and a stage that loses more top-1 than `max_accuracy_drop` points
+against the trained model stops the build before anything is published; the report names the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import BuilderError
+from .evaluate import count_macs_and_params, dataset_recipe, load_run_dataset, validation_data
+from .export import export_model, parity_batch
+from .prune import PruneConfig, load_model, prune
+from .publish import PublishedVersion, PublishSettings, publish
+from .quantize import QuantizeConfig, quantize_int8
+from .report import BudgetError, Report, measure_stage, write_report
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("train", "prune", "quantize", "publish")
+
+
+@dataclass
+class BuildConfig:
+    name: str = "model"
+    out_dir: Path = Path("runs/build")
+    checkpoint: Path | None = None  # start from a trained checkpoint instead of training
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    prune: dict[str, Any] | None = field(default_factory=dict)  # PruneConfig fields; None skips the stage
+    quantize: dict[str, Any] | None = field(default_factory=dict)  # QuantizeConfig fields; None skips it
+    publish: dict[str, Any] | None = None  # PublishSettings fields + "repository"; None skips it
+    max_accuracy_drop: float = 1.0  # top-1 points below the trained model
+    parity_images: int = 32
+    benchmark_seconds: float = 1.5  # per batch size and stage; the median run is reported
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "BuildConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise BuilderError(f"unknown build settings {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
+        values = dict(data)
+        for key in ("out_dir", "checkpoint"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        for section in SECTIONS:
+            # `prune: false` in YAML skips a stage; `prune:` (empty) runs it with defaults.
+            if values.get(section) is False:
+                values[section] = None
+            elif section in values and values[section] is None:
+                values[section] = {}
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> "BuildConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise BuilderError(f"build file {path} cannot be read: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise BuilderError(f"build file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(data, dict):
+            raise BuilderError(f"build file {path} must be a mapping of settings")
+        return cls.from_mapping(data)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["out_dir"] = str(self.out_dir)
+        data["checkpoint"] = str(self.checkpoint) if self.checkpoint else None
+        return data
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    report: Report
+    report_paths: dict[str, Path]
+    final_onnx: Path
+    published: PublishedVersion | None
+
+
+def _section(config_type, values: Mapping[str, Any], stage: str):
+    try:
+        return config_type(**values)
+    except TypeError as e:
+        valid = ", ".join(f.name for f in dataclasses.fields(config_type))
+        raise BuilderError(f"bad {stage} settings ({e}); valid: {valid}") from e
+
+
+def _train(config: BuildConfig) -> Path:
+    from .train import TrainConfig, train
+
+    settings = {**config.train, "out_dir": config.out_dir / "train"}
+    return train(_section(TrainConfig, settings, "train")).best_checkpoint
+
+
+def build(config: BuildConfig) -> BuildResult:
+    """Run every configured stage; write report.md/json/png into `out_dir` even when a stage fails."""
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "build.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    prune_config = _section(PruneConfig, config.prune, "prune") if config.prune is not None else None
+    quantize_config = _section(QuantizeConfig, config.quantize, "quantize") if config.quantize is not None else None
+    publish_values = dict(config.publish or {})
+    repository = Path(publish_values.pop("repository", "model_repository"))
+    settings = _section(PublishSettings, publish_values, "publish") if config.publish is not None else None
+
+    checkpoint = config.checkpoint or _train(config)
+    model, meta = load_model(checkpoint)
+    dataset = load_run_dataset(dataset_recipe(meta))
+    data = validation_data(meta, dataset)
+    input_shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
+    parity = parity_batch(meta, config.parity_images, dataset)
+    report = Report(max_accuracy_drop=config.max_accuracy_drop)
+
+    def stage(name: str, onnx_path: Path, macs: int, params: int) -> None:
+        metrics = measure_stage(name, onnx_path, data, macs=macs, parameters=params,
+                                confusion_png=out / f"confusion-{name}.png",
+                                benchmark_seconds=config.benchmark_seconds)
+        report.add(metrics)
+        log.info("stage %s: top-1 %.4f, %.0f images/s at batch 8", name, metrics.top1, metrics.throughput_b8)
+        report.check_budget(metrics)
+
+    try:
+        fp32 = export_model(model, meta, out / "fp32.onnx", parity=parity, source=checkpoint).onnx_path
+        macs, params = count_macs_and_params(model, input_shape)
+        stage("fp32", fp32, macs, params)
+        serving_fp32 = latest = fp32
+        if prune_config is not None:
+            pruned = prune(checkpoint, out / "pruned.pt", prune_config, dataset)
+            pruned_model, pruned_meta = load_model(pruned.checkpoint)
+            latest = serving_fp32 = export_model(pruned_model, pruned_meta, out / "pruned.onnx", parity=parity,
+                                                 source=pruned.checkpoint).onnx_path
+            stage("pruned", latest, pruned.macs_after, pruned.params_after)
+            macs, params = pruned.macs_after, pruned.params_after
+        if quantize_config is not None:
+            latest = quantize_int8(latest, out / "int8.onnx", quantize_config, dataset).onnx_path
+            stage("int8", latest, macs, params)
+    except BuilderError as e:  # the stages measured so far are still worth a report
+        if not isinstance(e, BudgetError):
+            report.failure = f"build stopped: {e}"
+        write_report(report, out)
+        raise
+    paths = write_report(report, out)
+    published = None
+    if settings is not None:
+        # GPU targets get FP32 ONNX: TensorRT in Triton builds its own FP16 engine from it.
+        served = serving_fp32 if settings.target == "gpu" else latest
+        published = publish(served, repository, config.name, settings=settings)
+        (out / "published.json").write_text(json.dumps(
+            {"model": config.name, "version": published.version, "path": str(published.version_dir)}))
+    return BuildResult(report, paths, latest, published)

@@ -1,0 +1,238 @@
+"""One `evaluate()` for every stage: top-1, per-class precision and recall, a confusion matrix.
+
+A PyTorch model and an ONNX file are scored the same way, on the validation split, through the
+real eval transform (`builder.train.eval_transform`), so the numbers of different stages compare.
+`measure_speed()` times an ONNX file with ONNX Runtime on this machine: latency at batch 1 and
+throughput at batch 8.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from server.preprocess import PreprocessSpec
+
+from .data import ImageDataset, Split, load_dataset
+from .errors import BuilderError
+from .train import eval_transform
+
+LATENCY_BATCH = 1
+THROUGHPUT_BATCH = 8
+
+
+@dataclass(frozen=True)
+class ValidationData:
+    """The validation split with the spec that turns its images into model inputs."""
+
+    split: Split
+    color_mode: str
+    spec: PreprocessSpec
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batches(self, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        transform = eval_transform(self.spec)
+        for start in range(0, len(self.split), batch_size):
+            indices = range(start, min(start + batch_size, len(self.split)))
+            images = np.stack([transform(self.split.image(i, self.color_mode)).numpy() for i in indices])
+            yield images, np.asarray([self.split.labels[i] for i in indices])
+
+
+def dataset_recipe(meta: Mapping) -> dict:
+    """How the run that made a checkpoint split its dataset (what `load_dataset` needs)."""
+    config = meta.get("config", {})
+    return {"source": config.get("dataset", "digits"), "val_fraction": config.get("val_fraction", 0.2),
+            "seed": config.get("seed", 0)}
+
+
+def load_run_dataset(recipe: Mapping) -> ImageDataset:
+    return load_dataset(recipe["source"], val_fraction=recipe["val_fraction"], seed=recipe["seed"])
+
+
+def validation_data(meta: Mapping, dataset: ImageDataset | None = None) -> ValidationData:
+    """The validation split of the run a checkpoint's (or an exported ONNX file's) `meta` describes."""
+    dataset = dataset or load_run_dataset(dataset_recipe(meta))
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    classes = list(meta.get("classes") or dataset.classes)
+    if len(classes) != len(dataset.classes):
+        raise BuilderError(f"the model has {len(classes)} classes but dataset {dataset.name!r} has "
+                           f"{len(dataset.classes)}; give the dataset it was trained on")
+    return ValidationData(dataset.val, dataset.color_mode, spec, classes)
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    label: str
+    precision: float
+    recall: float
+    support: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    top1: float
+    images: int
+    per_class: tuple[ClassScore, ...]
+    confusion: np.ndarray = field(repr=False)  # rows: true class, columns: predicted class
+    predictions: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"top1": self.top1, "images": self.images,
+                "per_class": [vars(c) for c in self.per_class], "confusion": self.confusion.tolist()}
+
+
+def _torch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    model.eval()
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(images)).numpy()
+
+    return predict
+
+
+def onnx_session(path: Path, *, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime's own error types for missing or foreign files
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BuilderError(f"{path} cannot be loaded as an ONNX model: {first_line}") from e
+
+
+def _onnx_predictor(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    session = onnx_session(path)
+    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    return lambda images: session.run([output_name], {input_name: images})[0]
+
+
+def evaluate(model: nn.Module | Path | str, data: ValidationData, *, confusion_png: Path | None = None,
+             batch_size: int = 64) -> Evaluation:
+    """Score a PyTorch model or an ONNX file on the validation split; optionally draw the confusion matrix."""
+    predict = _torch_predictor(model) if isinstance(model, nn.Module) else _onnx_predictor(Path(model))
+    predictions, labels = [], []
+    for images, batch_labels in data.batches(batch_size):
+        predictions.append(predict(images).argmax(axis=1))
+        labels.append(batch_labels)
+    predicted, truth = np.concatenate(predictions), np.concatenate(labels)
+    confusion = confusion_matrix(truth, predicted, len(data.classes))
+    evaluation = Evaluation(
+        top1=float((predicted == truth).mean()) if len(truth) else 0.0,
+        images=len(truth),
+        per_class=per_class_scores(confusion, data.classes),
+        confusion=confusion,
+        predictions=predicted,
+    )
+    if confusion_png is not None:
+        plot_confusion(confusion, data.classes, confusion_png, title=f"top-1 {evaluation.top1:.2%}")
+    return evaluation
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    return matrix
+
+
+def per_class_scores(confusion: np.ndarray, classes: Sequence[str]) -> tuple[ClassScore, ...]:
+    hits = np.diag(confusion).astype(np.float64)
+    predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
+    # A class never predicted (or absent) has precision (recall) 0 rather than NaN.
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
+    return tuple(ClassScore(label, float(p), float(r), int(n))
+                 for label, p, r, n in zip(classes, precision, recall, actual))
+
+
+def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path, *, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on build machines
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.45 * len(classes) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(confusion, cmap="Blues")
+    ticks = range(len(classes))
+    axes.set_xticks(ticks, labels=classes, rotation=90 if len(classes) > 12 else 0)
+    axes.set_yticks(ticks, labels=classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    if len(classes) <= 30:
+        threshold = confusion.max() / 2 if confusion.size else 0
+        for (row, column), count in np.ndenumerate(confusion):
+            axes.text(column, row, str(count), ha="center", va="center", fontsize=7,
+                      color="white" if count > threshold else "black")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+@dataclass(frozen=True)
+class Speed:
+    latency_b1_ms: float  # median of single-image runs
+    throughput_b8: float  # images per second at batch 8 (median run)
+
+
+def _median_seconds(run: Callable[[], object], *, min_seconds: float, min_runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        run()
+    times, started = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - started < min_seconds:
+        begin = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - begin)
+    return float(np.median(times))
+
+
+def measure_speed(onnx_path: Path, *, threads: int | None = None, min_seconds: float = 1.5,
+                  min_runs: int = 10, warmup: int = 3) -> Speed:
+    """ONNX Runtime (CPU) latency at batch 1 and throughput at batch 8, on this machine."""
+    session = onnx_session(Path(onnx_path), threads=threads)
+    first = session.get_inputs()[0]
+    sample_shape = [d if isinstance(d, int) else 1 for d in first.shape[1:]]
+    rng = np.random.default_rng(0)
+    timings = {}
+    for batch in (LATENCY_BATCH, THROUGHPUT_BATCH):
+        feed = {first.name: rng.standard_normal((batch, *sample_shape)).astype(np.float32)}
+        timings[batch] = _median_seconds(lambda: session.run(None, feed), min_seconds=min_seconds,
+                                         min_runs=min_runs, warmup=warmup)
+    return Speed(latency_b1_ms=timings[LATENCY_BATCH] * 1000.0,
+                 throughput_b8=THROUGHPUT_BATCH / timings[THROUGHPUT_BATCH])
+
+
+def count_macs_and_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
+    """Multiply-accumulates and parameters of one forward pass at batch 1."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return int(macs), int(params)
+
+
+def write_evaluation(evaluation: Evaluation, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(evaluation.to_dict(), indent=2))
+    return path

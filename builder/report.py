@@ -1,0 +1,183 @@
+"""What each stage cost and bought: a table in the terminal, report.md, report.json and report.png.
+
+Every stage is measured the same way on this machine: the ONNX file it produced, scored by
+`evaluate()` on the validation split and timed by `measure_speed()`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BuilderError
+from .evaluate import ValidationData, evaluate, measure_speed
+
+
+class BudgetError(BuilderError):
+    """A stage lost more accuracy than the budget allows."""
+
+
+@dataclass(frozen=True)
+class StageMetrics:
+    stage: str
+    artifact: str
+    parameters: int
+    macs: int
+    file_bytes: int
+    top1: float
+    latency_b1_ms: float
+    throughput_b8: float  # images per second
+    notes: str = ""
+
+
+def measure_stage(stage: str, onnx_path: Path, data: ValidationData, *, macs: int, parameters: int,
+                  confusion_png: Path | None = None, notes: str = "", benchmark_seconds: float = 1.5,
+                  ) -> StageMetrics:
+    evaluation = evaluate(onnx_path, data, confusion_png=confusion_png)
+    speed = measure_speed(onnx_path, min_seconds=benchmark_seconds)
+    return StageMetrics(stage=stage, artifact=str(onnx_path), parameters=parameters, macs=macs,
+                        file_bytes=Path(onnx_path).stat().st_size, top1=evaluation.top1,
+                        latency_b1_ms=speed.latency_b1_ms, throughput_b8=speed.throughput_b8, notes=notes)
+
+
+@dataclass
+class Report:
+    stages: list[StageMetrics] = field(default_factory=list)
+    max_accuracy_drop: float = 1.0  # percentage points below the first stage
+    failed_stage: str | None = None
+    failure: str | None = None
+
+    def add(self, metrics: StageMetrics) -> None:
+        self.stages.append(metrics)
+
+    def accuracy_drop(self, metrics: StageMetrics) -> float:
+        """Points of top-1 lost against the first (trained) stage."""
+        return 100.0 * (self.stages[0].top1 - metrics.top1) if self.stages else 0.0
+
+    def check_budget(self, metrics: StageMetrics) -> None:
+        drop = self.accuracy_drop(metrics)
+        if drop > self.max_accuracy_drop:
+            self.failed_stage = metrics.stage
+            self.failure = (f"stage {metrics.stage!r} lost {drop:.2f} points of top-1 "
+                            f"({100 * self.stages[0].top1:.2f}% -> {100 * metrics.top1:.2f}%), more than the "
+                            f"budget of {self.max_accuracy_drop:g}; not publishing (raise --max-accuracy-drop "
+                            f"or change the stage's settings)")
+            raise BudgetError(self.failure)
+
+    def rows(self) -> list[dict]:
+        rows, previous = [], None
+        for metrics in self.stages:
+            row = asdict(metrics)
+            if previous is not None:
+                row["change"] = {
+                    "top1_points": 100.0 * (metrics.top1 - previous.top1),
+                    "parameters_ratio": _ratio(metrics.parameters, previous.parameters),
+                    "macs_ratio": _ratio(metrics.macs, previous.macs),
+                    "file_ratio": _ratio(metrics.file_bytes, previous.file_bytes),
+                    "latency_speedup": _ratio(previous.latency_b1_ms, metrics.latency_b1_ms),
+                    "throughput_speedup": _ratio(metrics.throughput_b8, previous.throughput_b8),
+                }
+            row["accuracy_drop_points"] = self.accuracy_drop(metrics)
+            rows.append(row)
+            previous = metrics
+        return rows
+
+    def to_dict(self) -> dict:
+        return {"max_accuracy_drop_points": self.max_accuracy_drop, "failed_stage": self.failed_stage,
+                "failure": self.failure, "stages": self.rows()}
+
+
+def _ratio(new: float, old: float) -> float | None:
+    return new / old if old else None
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.2f} MB"
+
+
+def _change(row: dict, key: str, fmt: str) -> str:
+    value = row.get("change", {}).get(key)
+    return "" if value is None else fmt.format(value)
+
+
+COLUMNS = ("stage", "params", "MACs", "file", "top-1", "Δtop-1", "latency b1", "throughput b8", "speed-up b8",
+           "size ratio")
+
+
+def _cells(row: dict) -> list[str]:
+    return [
+        row["stage"], f"{row['parameters'] / 1e6:.2f} M", f"{row['macs'] / 1e6:.1f} M", _megabytes(row["file_bytes"]),
+        f"{100 * row['top1']:.2f}%", _change(row, "top1_points", "{:+.2f} pt"),
+        f"{row['latency_b1_ms']:.2f} ms", f"{row['throughput_b8']:.0f} img/s",
+        _change(row, "throughput_speedup", "{:.2f}x"), _change(row, "file_ratio", "{:.2f}x"),
+    ]
+
+
+def rich_table(report: Report) -> Table:
+    table = Table(title="What each stage cost and bought (validation split, ONNX Runtime on this machine)")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for row in report.rows():
+        style = "bold red" if row["stage"] == report.failed_stage else None
+        table.add_row(*_cells(row), style=style)
+    return table
+
+
+def to_markdown(report: Report) -> str:
+    lines = ["# Build report", "",
+             "Measured on the validation split with ONNX Runtime (CPU) on the build machine. Changes are "
+             "against the previous stage.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows()]
+    lines += ["", f"Accuracy budget: at most {report.max_accuracy_drop:g} points below the first stage."]
+    if report.failure:
+        where = f"at stage `{report.failed_stage}`" if report.failed_stage else "(build stopped)"
+        lines += ["", f"**FAILED {where}**: {report.failure}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Report, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for metrics in report.stages:
+        color = "tab:red" if metrics.stage == report.failed_stage else "tab:blue"
+        axes.scatter(metrics.throughput_b8, 100 * metrics.top1, color=color)
+        axes.annotate(metrics.stage, (metrics.throughput_b8, 100 * metrics.top1), textcoords="offset points",
+                      xytext=(5, 5))
+    axes.set_xlabel("ONNX Runtime throughput at batch 8 (images/s)")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_title("accuracy against throughput, one point per stage")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def write_report(report: Report, folder: Path, *, console: Console | None = None) -> dict[str, Path]:
+    """The table on the terminal, and report.md, report.json, report.png in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if console is None:
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            console = Console(stderr=True, width=160)  # logs and CI: do not squeeze the table to 80 columns
+    console.print(rich_table(report))
+    paths = {"md": folder / "report.md", "json": folder / "report.json", "png": folder / "report.png"}
+    paths["md"].write_text(to_markdown(report))
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2))
+    plot(report, paths["png"])
+    return paths
+
+
+def stage_names(report: Report) -> Sequence[str]:
+    return [s.stage for s in report.stages]
