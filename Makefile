@@ -9,7 +9,7 @@ REPOSITORY ?= model_repository
 RUN ?= runs/demo
 EPOCHS ?= 6
 
-.PHONY: install system-tools demo test serve bench clean
+.PHONY: install system-tools demo test serve bench clean loadtest
 
 $(INSTALLED): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,3 +45,13 @@ serve: install
 
 clean:
 	rm -rf .cache runs .pytest_cache
+
+# Headless locust against the running stack (or one started for the run), report in loadtests/reports/<timestamp>/.
+# More options (thresholds, the saturation ramp): LOADTEST_ARGS='--max-p99-ms 300 --fail-ratio 0.001' or '--ramp'.
+USERS ?= 8
+SPAWN_RATE ?= 4
+DURATION ?= 30s
+TARGET ?= gateway
+loadtest: install
+	$(PY) -m loadtests.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --target $(TARGET) \
+	  --model $(MODEL) --repository $(REPOSITORY) $(LOADTEST_ARGS)
