@@ -40,3 +40,11 @@ def write_samples(folder: Path = DEFAULT_FOLDER) -> list[Path]:
 def image_files(folder: Path) -> list[Path]:
     """The images in a folder, sorted, so every worker sends the same set."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+if __name__ == "__main__":
+    # The images a containerized locust mounts (docker-compose.yml): `python -m loadtests.samples [FOLDER]`.
+    import sys
+
+    for written in write_samples(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_FOLDER):
+        print(written)

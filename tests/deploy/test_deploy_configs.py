@@ -7,10 +7,12 @@ No container is started. Where the real validators are installed (`docker-compos
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -303,7 +305,42 @@ def test_locust_runs_the_loadtests_locustfile_against_the_gateway(services):
     assert "--master" in master["command"]
     assert master["command"][master["command"].index("--host") + 1] == "http://gateway:8080"
     assert worker["command"][worker["command"].index("--master-host") + 1] == "locust-master"
-    assert (ROOT / "loadtests").is_dir()
+    assert (ROOT / "loadtests/locustfile.py").is_file()
+
+
+def test_containerized_locust_runs_only_the_gateway_scenario_on_mounted_images(services):
+    from loadtests.samples import DEFAULT_FOLDER
+
+    for service in (services["locust-master"], services["locust-worker"]):
+        # The locust image has no tritonclient, so the Triton scenario must not be picked.
+        assert service["command"][-1] == "GatewayUser"
+        env = environment(service)
+        # The gateway container is not on loopback: the locustfile refuses it unless told it is ours.
+        assert env["LOADTEST_ALLOW_REMOTE"] == "1"
+        images = [v for v in volumes(service) if v["target"] == env["LOADTEST_IMAGES"]]
+        assert images == [{"source": f"./{DEFAULT_FOLDER}", "target": "/mnt/images", "read_only": True}]
+
+
+def test_locustfile_loads_from_its_own_folder_alone(tmp_path):
+    # What the locust container does: the folder mounted somewhere, no project on the path.
+    folder = tmp_path / "locust"
+    folder.mkdir()
+    for source in (ROOT / "loadtests").glob("*.py"):
+        (folder / source.name).write_bytes(source.read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    locust = Path(sys.executable).with_name("locust")
+    listed = subprocess.run([str(locust), "-f", str(folder / "locustfile.py"), "--list"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "GatewayUser" in listed.stdout
+
+
+def test_triton_keeps_onnxruntime_tensorrt_engines_where_publish_points_them(compose, services):
+    from builder.publish import DEFAULT_TRT_CACHE_ROOT
+
+    cache = [v for v in volumes(services["triton"]) if v["target"] == DEFAULT_TRT_CACHE_ROOT]
+    assert len(cache) == 1 and not cache[0]["read_only"]
+    assert cache[0]["source"] in compose["volumes"]  # a named volume: it outlives the container
 
 
 def test_monitoring_mounts_existing_files(services):
