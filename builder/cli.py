@@ -46,6 +46,8 @@ def _publish(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size, instance_count=args.instances, target=args.target, keep=args.keep,
         version_policy=args.version_policy, latest_versions=args.latest_versions, triton_url=args.triton_url,
         trt_cache_path=args.trt_cache_path, cuda_graphs=not args.no_cuda_graphs,
+        dynamic_batching=not args.no_dynamic_batching, max_queue_delay_us=args.max_queue_delay_us,
+        max_queue_size=args.max_queue_size,
     )
     spec, labels = _publish_interface(args)
     if args.plan:
@@ -195,6 +197,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="builder", description="Train, export and publish image classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -224,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--repository", default="model_repository")
     publish.add_argument("--max-batch-size", type=_positive_int, default=32)
     publish.add_argument("--instances", type=_positive_int, default=1)
+    publish.add_argument("--max-queue-delay-us", type=_non_negative_int, default=2000,
+                         help="how long Triton waits to fill a batch")
+    publish.add_argument("--max-queue-size", type=_positive_int, default=64,
+                         help="requests queued before Triton rejects (the gateway answers 429)")
+    publish.add_argument("--no-dynamic-batching", action="store_true",
+                         help="one request per model execution (no batching across requests, no queue bound)")
     publish.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
                          help="cpu: Python backend + ONNX Runtime; gpu: ONNX Runtime backend with TensorRT")
     publish.add_argument("--plan", help="a TensorRT engine from `builder engine` (with --onnx it was built from)")

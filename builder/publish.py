@@ -56,6 +56,8 @@ class PublishSettings:
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
     max_queue_delay_us: int = 2000
     max_queue_size: int = 64
+    # Off: Triton hands the model one request per execution (what batching buys is measured with this).
+    dynamic_batching: bool = True
     instance_count: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime uses every core
     target: str = "cpu"  # "cpu": Python backend + ONNX Runtime; "gpu": ONNX Runtime backend + TensorRT
@@ -163,7 +165,7 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
             preferred_batch_sizes=settings.preferred_batch_sizes,
             max_queue_delay_us=settings.max_queue_delay_us,
             max_queue_size=settings.max_queue_size,
-        ),
+        ) if settings.dynamic_batching else None,
         instance_count=settings.instance_count,
         instance_kind="KIND_GPU" if gpu else "KIND_CPU",
         version_policy=settings.version_policy,

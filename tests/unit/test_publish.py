@@ -151,16 +151,13 @@ def test_an_unreachable_triton_is_reported_after_the_version_is_safely_written(t
     assert (tmp_path / "repo" / "digits" / "1" / "model.onnx").is_file()
 
 
-def test_a_read_only_repository_is_a_publish_error_and_leaves_nothing(tiny_run, tmp_path):
+def test_dynamic_batching_and_its_queue_are_set_from_the_command_line(tiny_run, tmp_path):
+    from builder.cli import main
+
     repository = tmp_path / "repo"
-    repository.mkdir()
-    repository.chmod(0o555)
-    try:
-        if os.access(repository, os.W_OK):
-            pytest.skip("running as a user that ignores file permissions")
-        with pytest.raises(PublishError, match="cannot write to model repository"):
-            publish(tiny_run / "model.onnx", repository, "digits")
-        assert list(repository.iterdir()) == []
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    finally:
-        repository.chmod(0o755)
+    common = ["publish", "--onnx", str(tiny_run / "model.onnx"), "--repository", str(repository)]
+    assert main([*common, "--name", "batched", "--max-queue-delay-us", "0", "--max-queue-size", "8"]) == 0
+    batched = model_config.parse((repository / "batched" / "config.pbtxt").read_text()).dynamic_batching
+    assert (batched.max_queue_delay_us, batched.max_queue_size) == (0, 8)
+    assert main([*common, "--name", "unbatched", "--no-dynamic-batching"]) == 0
+    assert model_config.parse((repository / "unbatched" / "config.pbtxt").read_text()).dynamic_batching is None
