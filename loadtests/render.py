@@ -35,7 +35,13 @@ def _ramp_section(ramp: dict) -> list[str]:
     budget = ramp.get("budget_ms")
     lines = ["## Saturation ramp", ""]
     best = saturation_step(ramp)
-    if best:
+    steps = ramp.get("steps", [])
+    if best and all(s["within_budget"] for s in steps):
+        # The ramp ran out of users before latency crossed the budget: the server was not saturated.
+        lines.append(f"Every step stayed within the p99 budget of {budget:.0f} ms up to the ramp's cap of "
+                     f"{steps[-1]['users']} users: saturation is above **{best['rps']:.1f} requests/s**; "
+                     "raise --ramp-max-users to find it.")
+    elif best:
         lines.append(f"Saturation: **{best['rps']:.1f} requests/s at {best['users']} users** (p99 "
                      f"{_ms(best['p99_ms'])} ms, budget {budget:.0f} ms). At 80% of it, "
                      f"{0.8 * best['rps']:.1f} requests/s, is where to measure the latency users will see.")

@@ -213,3 +213,14 @@ def test_a_duration_locust_would_not_understand_is_refused(capsys):
     with pytest.raises(SystemExit):
         run_parser().parse_args(["--duration", "ten seconds"])
     assert "not a duration" in capsys.readouterr().err
+
+
+def test_a_ramp_that_never_crossed_the_budget_does_not_claim_saturation():
+    from loadtests.render import _ramp_section
+
+    capped = {"budget_ms": 100, "steps": [{"users": 2, "rps": 5.0, "p50_ms": 10, "p99_ms": 20, "failures": 0,
+                                           "within_budget": True}]}
+    assert "saturation is above **5.0 requests/s**" in "\n".join(_ramp_section(capped))
+    crossed = {"budget_ms": 100, "steps": [*capped["steps"], {"users": 4, "rps": 6.0, "p50_ms": 90, "p99_ms": 200,
+                                                              "failures": 0, "within_budget": False}]}
+    assert "Saturation: **5.0 requests/s at 2 users**" in "\n".join(_ramp_section(crossed))
