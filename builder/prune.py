@@ -36,7 +36,7 @@ SCOPES = ("global", "uniform")
 TARGETS = ("macs", "params")
 # Verified end to end (prune, fine-tune, reload, ONNX export). The MobileNetV3 variants prune too, but
 # their squeeze-excitation widths round badly at multiples of 8; add them here once measured.
-PRUNABLE_ARCHITECTURES = ("resnet18", "resnet50")
+PRUNABLE_ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
 MAX_LAYER_PRUNING = 0.9
 
 

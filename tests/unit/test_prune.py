@@ -47,13 +47,30 @@ def test_uniform_l2_pruning_by_parameters_also_reaches_its_target(tiny_run, tmp_
     assert result.params_after <= 0.7 * result.params_before
 
 
-def test_an_architecture_the_pruner_cannot_handle_is_refused_with_the_choices(tmp_path):
-    model = create_model("mobilenet_v3_small", num_classes=10, in_channels=1, image_size=8)
-    meta = {"arch": "mobilenet_v3_small", "num_classes": 10, "in_channels": 1, "image_size": 8,
+def _untrained_checkpoint(path, arch: str) -> None:
+    model = create_model(arch, num_classes=10, in_channels=1, image_size=16) if arch != "vit_b_16" else nn.Linear(1, 1)
+    meta = {"arch": arch, "num_classes": 10, "in_channels": 1, "image_size": 16,
             "classes": [str(i) for i in range(10)], "config": {"dataset": "digits"}}
-    torch.save({"model": model.state_dict(), "meta": meta}, tmp_path / "best.pt")
-    with pytest.raises(PruneError, match="'mobilenet_v3_small' cannot be pruned here; prunable: resnet18"):
-        prune(tmp_path / "best.pt", tmp_path / "pruned.pt")
+    torch.save({"model": model.state_dict(), "meta": meta}, path)
+
+
+def test_mobilenet_v3_with_its_squeeze_excitation_blocks_prunes_and_reloads(tmp_path):
+    _untrained_checkpoint(tmp_path / "best.pt", "mobilenet_v3_small")
+    result = prune(tmp_path / "best.pt", tmp_path / "pruned.pt", PruneConfig(keep_ratio=0.5, steps=1, increments=40,
+                                                                            finetune_epochs=0))
+    assert result.macs_after <= 0.5 * result.macs_before
+    model, _ = load_model(result.checkpoint)
+    assert count_macs_and_params(model, (1, 16, 16)) == (result.macs_after, result.params_after)
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_an_architecture_the_pruner_cannot_handle_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from builder.cli import main
+
+    _untrained_checkpoint(tmp_path / "best.pt", "vit_b_16")
+    assert main(["prune", "--checkpoint", str(tmp_path / "best.pt")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("builder prune: error:") and "vit_b_16" in error and "\n" not in error
     assert not (tmp_path / "pruned.pt").exists()
 
 
