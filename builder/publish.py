@@ -60,6 +60,7 @@ class PublishSettings:
     dynamic_batching: bool = True
     instance_count: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime uses every core
+    intra_op_spinning: bool = True  # ONNX Runtime's default; off where Triton shares cores with the gateway
     target: str = "cpu"  # "cpu": Python backend + ONNX Runtime; "gpu": ONNX Runtime backend + TensorRT
     keep: int | None = None  # after publishing, remove all but the newest `keep` versions
     version_policy: str = "latest"  # Triton serves the newest `latest_versions`, or "all"
@@ -150,6 +151,7 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
     parameters = {**spec.to_parameters(), LABELS_PARAMETER: json.dumps(list(labels))}
     if settings.target == "cpu":
         parameters["onnxruntime.intra_op_threads"] = str(settings.intra_op_threads)
+        parameters["onnxruntime.allow_spinning"] = "1" if settings.intra_op_spinning else "0"
     gpu = settings.target == "gpu"
     return model_config.ModelConfig(
         name=name,

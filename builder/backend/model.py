@@ -22,6 +22,10 @@ class TritonPythonModel:
         # 0 lets ONNX Runtime use every core; several instances on one machine should set it lower.
         options.intra_op_num_threads = int(parameters.get("onnxruntime.intra_op_threads", "0"))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads busy-wait for the next run by default; on a machine whose cores the
+        # gateway shares, that spinning takes CPU from decoding the next images.
+        spinning = parameters.get("onnxruntime.allow_spinning", "1")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         self.session = ort.InferenceSession(
             str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )

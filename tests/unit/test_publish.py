@@ -161,3 +161,15 @@ def test_dynamic_batching_and_its_queue_are_set_from_the_command_line(tiny_run, 
     assert (batched.max_queue_delay_us, batched.max_queue_size) == (0, 8)
     assert main([*common, "--name", "unbatched", "--no-dynamic-batching"]) == 0
     assert model_config.parse((repository / "unbatched" / "config.pbtxt").read_text()).dynamic_batching is None
+
+
+def test_onnx_runtime_spinning_is_a_model_parameter(tiny_run, tmp_path):
+    from builder.cli import main
+
+    repository = tmp_path / "repo"
+    common = ["publish", "--onnx", str(tiny_run / "model.onnx"), "--repository", str(repository)]
+    assert main([*common, "--name", "spinning"]) == 0
+    assert main([*common, "--name", "sleeping", "--no-intra-op-spinning"]) == 0
+    for name, value in (("spinning", "1"), ("sleeping", "0")):
+        config = model_config.parse((repository / name / "config.pbtxt").read_text())
+        assert config.parameters["onnxruntime.allow_spinning"] == value
