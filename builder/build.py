@@ -3,6 +3,12 @@
 The pipeline calls the same functions the subcommands call. Every stage's ONNX file is measured the
 same way (`report.measure_stage`), and a stage that loses more top-1 than `max_accuracy_drop` points
 against the trained model stops the build before anything is published; the report names the stage.
+
+Quantization (`quantize:` section, `qat: auto|always|never`): with `auto` (the default), a static INT8
+stage over the budget does not stop the build at once: quantization-aware training runs from the
+latest checkpoint (pruned, else trained) and is measured as stage `int8-qat`; the build fails only if
+that stage is over the budget too. The report keeps both rows, the static one with a note. `always`
+runs QAT instead of static INT8; `never` keeps static INT8 only.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from .evaluate import count_macs_and_params, dataset_recipe, load_run_dataset, v
 from .export import export_model, parity_batch
 from .prune import PruneConfig, load_model, prune
 from .publish import PublishedVersion, PublishSettings, publish
+from .qat import QATConfig, quantization_aware_train
 from .quantize import QuantizeConfig, quantize_int8
-from .report import BudgetError, Report, measure_stage, write_report
+from .report import BudgetError, Report, StageMetrics, measure_stage, write_report
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ("train", "prune", "quantize", "publish")
+QAT_MODES = ("auto", "always", "never")
 
 
 @dataclass
@@ -36,7 +44,10 @@ class BuildConfig:
     checkpoint: Path | None = None  # start from a trained checkpoint instead of training
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     prune: dict[str, Any] | None = field(default_factory=dict)  # PruneConfig fields; None skips the stage
-    quantize: dict[str, Any] | None = field(default_factory=dict)  # QuantizeConfig fields; None skips it
+    # QuantizeConfig fields, plus `qat`: auto (quantization-aware training when static INT8 is over the
+    # accuracy budget), always (QAT instead of static INT8) or never; and `qat_<QATConfig field>`
+    # (qat_epochs, qat_lr, ...). None skips the stage.
+    quantize: dict[str, Any] | None = field(default_factory=dict)
     publish: dict[str, Any] | None = None  # PublishSettings fields + "repository"; None skips it
     max_accuracy_drop: float = 1.0  # top-1 points below the trained model
     parity_images: int = 32
@@ -95,6 +106,26 @@ def _section(config_type, values: Mapping[str, Any], stage: str):
         raise BuilderError(f"bad {stage} settings ({e}); valid: {valid}") from e
 
 
+def _quantize_sections(values: Mapping[str, Any] | None,
+                       ) -> tuple[QuantizeConfig | None, str, QATConfig | None]:
+    """The static INT8 settings, the QAT mode and the QAT settings (`qat_<QATConfig field>`) of `quantize`."""
+    if values is None:
+        return None, "never", None
+    values = dict(values)
+    mode = values.pop("qat", "auto")
+    if isinstance(mode, bool):  # YAML reads `qat: yes` / `qat: no` as booleans
+        mode = "always" if mode else "never"
+    if mode not in QAT_MODES:
+        raise BuilderError(f"quantize: qat {mode!r} is not one of {', '.join(QAT_MODES)}")
+    qat_values = {key[len("qat_"):]: values.pop(key) for key in list(values) if key.startswith("qat_")}
+    known = {f.name for f in dataclasses.fields(QATConfig)}
+    if set(qat_values) - known:
+        raise BuilderError(f"unknown quantize settings {', '.join(sorted('qat_' + k for k in set(qat_values) - known))}"
+                           f"; valid QAT settings: qat, {', '.join('qat_' + f for f in sorted(known))}")
+    qat_config = _section(QATConfig, qat_values, "quantize qat_*") if mode != "never" else None
+    return _section(QuantizeConfig, values, "quantize"), mode, qat_config
+
+
 def _train(config: BuildConfig) -> Path:
     from .train import TrainConfig, train
 
@@ -108,7 +139,7 @@ def build(config: BuildConfig) -> BuildResult:
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     prune_config = _section(PruneConfig, config.prune, "prune") if config.prune is not None else None
-    quantize_config = _section(QuantizeConfig, config.quantize, "quantize") if config.quantize is not None else None
+    quantize_config, qat_mode, qat_config = _quantize_sections(config.quantize)
     publish_values = dict(config.publish or {})
     repository = Path(publish_values.pop("repository", "model_repository"))
     settings = _section(PublishSettings, publish_values, "publish") if config.publish is not None else None
@@ -121,19 +152,30 @@ def build(config: BuildConfig) -> BuildResult:
     parity = parity_batch(meta, config.parity_images, dataset)
     report = Report(max_accuracy_drop=config.max_accuracy_drop)
 
-    def stage(name: str, onnx_path: Path, macs: int, params: int) -> None:
+    def stage(name: str, onnx_path: Path, macs: int, params: int, notes: str = "", check: bool = True,
+              ) -> StageMetrics:
         metrics = measure_stage(name, onnx_path, data, macs=macs, parameters=params,
-                                confusion_png=out / f"confusion-{name}.png",
+                                confusion_png=out / f"confusion-{name}.png", notes=notes,
                                 benchmark_seconds=config.benchmark_seconds)
         report.add(metrics)
         log.info("stage %s: top-1 %.4f, %.0f images/s at batch 8", name, metrics.top1, metrics.throughput_b8)
-        report.check_budget(metrics)
+        if check:
+            report.check_budget(metrics)
+        return metrics
+
+    def qat_stage(source: Path, macs: int, params: int, notes: str = "") -> Path:
+        result = quantization_aware_train(source, out / "int8-qat.onnx", qat_config, dataset)
+        stage("int8-qat", result.onnx_path, macs, params, notes=(
+            f"{notes}QAT {result.epochs:g} epochs from {Path(source).name}; fake-quant top-1 "
+            f"{100 * result.val_accuracy:.2f}%, ONNX Runtime agrees on {100 * result.agreement:.1f}%"))
+        return result.onnx_path
 
     try:
         fp32 = export_model(model, meta, out / "fp32.onnx", parity=parity, source=checkpoint).onnx_path
         macs, params = count_macs_and_params(model, input_shape)
         stage("fp32", fp32, macs, params)
         serving_fp32 = latest = fp32
+        latest_checkpoint = checkpoint
         if prune_config is not None:
             pruned = prune(checkpoint, out / "pruned.pt", prune_config, dataset)
             pruned_model, pruned_meta = load_model(pruned.checkpoint)
@@ -141,9 +183,22 @@ def build(config: BuildConfig) -> BuildResult:
                                                  source=pruned.checkpoint).onnx_path
             stage("pruned", latest, pruned.macs_after, pruned.params_after)
             macs, params = pruned.macs_after, pruned.params_after
-        if quantize_config is not None:
-            latest = quantize_int8(latest, out / "int8.onnx", quantize_config, dataset).onnx_path
-            stage("int8", latest, macs, params)
+            latest_checkpoint = pruned.checkpoint
+        if quantize_config is not None and qat_mode == "always":
+            latest = qat_stage(latest_checkpoint, macs, params)
+        elif quantize_config is not None:
+            static = quantize_int8(latest, out / "int8.onnx", quantize_config, dataset).onnx_path
+            metrics = stage("int8", static, macs, params, check=qat_mode == "never")
+            drop = report.accuracy_drop(metrics)
+            if drop <= config.max_accuracy_drop:
+                latest = static
+            else:  # auto: quantization-aware training gets a chance before the build fails
+                note = (f"over the budget ({drop:.2f} points lost > {config.max_accuracy_drop:g}); "
+                        f"replaced by int8-qat")
+                report.stages[-1] = dataclasses.replace(metrics, notes=note, superseded=True)
+                log.warning("static INT8 lost %.2f points of top-1; trying quantization-aware training", drop)
+                latest = qat_stage(latest_checkpoint, macs, params,
+                                   notes=f"static int8 lost {drop:.2f} points; ")
     except BuilderError as e:  # the stages measured so far are still worth a report
         if not isinstance(e, BudgetError):
             report.failure = f"build stopped: {e}"

@@ -134,6 +134,12 @@ def _prune(args: argparse.Namespace) -> None:
 def _quantize(args: argparse.Namespace) -> None:
     from .quantize import QuantizeConfig, convert_fp16, quantize_int8
 
+    if args.method == "qat":
+        _quantize_aware(args)
+        return
+    if args.checkpoint or not args.onnx:
+        raise BuilderError("--method static (INT8 or FP16) reads an exported model: give --onnx "
+                           "(--checkpoint is for --method qat)")
     onnx_path = Path(args.onnx)
     if args.precision == "fp16":
         output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + "-fp16.onnx")
@@ -144,6 +150,22 @@ def _quantize(args: argparse.Namespace) -> None:
     result = quantize_int8(onnx_path, output, config)
     print(json.dumps({"onnx": str(result.onnx_path), "calibration_images": result.calibration_images,
                       "method": result.method}))
+
+
+def _quantize_aware(args: argparse.Namespace) -> None:
+    from .qat import QATConfig, quantization_aware_train
+
+    if args.precision != "int8":
+        raise BuilderError(f"--method qat writes INT8; it cannot be combined with --precision {args.precision}")
+    if args.onnx or not args.checkpoint:
+        raise BuilderError("--method qat fine-tunes a PyTorch model: give --checkpoint (a trained or pruned "
+                           ".pt), not --onnx")
+    checkpoint = Path(args.checkpoint)
+    output = Path(args.output) if args.output else checkpoint.with_name(checkpoint.stem + "-int8-qat.onnx")
+    result = quantization_aware_train(checkpoint, output, QATConfig(epochs=args.qat_epochs, lr=args.qat_lr))
+    print(json.dumps({"onnx": str(result.onnx_path), "method": "qat", "epochs": result.epochs,
+                      "val_accuracy": round(result.val_accuracy, 4), "onnx_agreement": round(result.agreement, 4),
+                      "seconds": round(result.seconds, 1)}))
 
 
 def _engine(args: argparse.Namespace) -> None:
@@ -276,12 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=_positive_int, default=8, help="channel counts stay multiples of this")
     prune.set_defaults(func=_prune)
 
-    quantize = commands.add_parser("quantize", help="static INT8 (ONNX Runtime, QDQ) or FP16")
-    quantize.add_argument("--onnx", required=True)
-    quantize.add_argument("--output")
+    quantize = commands.add_parser(
+        "quantize", help="static INT8 (ONNX Runtime, QDQ), FP16, or quantization-aware training (--method qat)")
+    quantize.add_argument("--onnx", help="exported model (static INT8 and FP16)")
+    quantize.add_argument("--checkpoint", help="trained or pruned checkpoint (--method qat)")
+    quantize.add_argument("--output", help="default: beside the input, -int8/-fp16/-int8-qat.onnx")
+    quantize.add_argument("--method", choices=("static", "qat"), default="static",
+                          help="static: ONNX Runtime calibration of --onnx; qat: fine-tune --checkpoint with fake "
+                               "quantization (PyTorch), export INT8 QDQ ONNX; for when static INT8 loses too much")
     quantize.add_argument("--precision", choices=("int8", "fp16"), default="int8")
     quantize.add_argument("--calibration-images", type=_positive_int, default=256)
     quantize.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    quantize.add_argument("--qat-epochs", type=float, default=2.0, help="--method qat: fine-tuning epochs")
+    quantize.add_argument("--qat-lr", type=float, default=1e-4, help="--method qat: peak learning rate (AdamW)")
     quantize.set_defaults(func=_quantize)
 
     engine = commands.add_parser("engine", help="TensorRT engine (needs an NVIDIA GPU and tensorrt)")

@@ -33,6 +33,7 @@ class StageMetrics:
     latency_b1_ms: float
     throughput_b8: float  # images per second
     notes: str = ""
+    superseded: bool = False  # measured, then replaced by a later stage (e.g. static INT8 by QAT)
 
 
 def measure_stage(stage: str, onnx_path: Path, data: ValidationData, *, macs: int, parameters: int,
@@ -84,7 +85,8 @@ class Report:
                 }
             row["accuracy_drop_points"] = self.accuracy_drop(metrics)
             rows.append(row)
-            previous = metrics
+            # A stage the build replaced is not what the next one improves on.
+            previous = previous if metrics.superseded and previous is not None else metrics
         return rows
 
     def to_dict(self) -> dict:
@@ -128,12 +130,18 @@ def rich_table(report: Report) -> Table:
     return table
 
 
+def notes_lines(report: Report) -> list[str]:
+    noted = [m for m in report.stages if m.notes]
+    return ["", "Notes:", *(f"- `{m.stage}`: {m.notes}" for m in noted)] if noted else []
+
+
 def to_markdown(report: Report) -> str:
     lines = ["# Build report", "",
              "Measured on the validation split with ONNX Runtime (CPU) on the build machine. Changes are "
              "against the previous stage.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows()]
+    lines += notes_lines(report)
     lines += ["", f"Accuracy budget: at most {report.max_accuracy_drop:g} points below the first stage."]
     if report.failure:
         where = f"at stage `{report.failed_stage}`" if report.failed_stage else "(build stopped)"
@@ -172,6 +180,8 @@ def write_report(report: Report, folder: Path, *, console: Console | None = None
         if not console.is_terminal:
             console = Console(stderr=True, width=160)  # logs and CI: do not squeeze the table to 80 columns
     console.print(rich_table(report))
+    for line in notes_lines(report)[1:]:
+        console.print(line, markup=False, highlight=False)
     paths = {"md": folder / "report.md", "json": folder / "report.json", "png": folder / "report.png"}
     paths["md"].write_text(to_markdown(report))
     paths["json"].write_text(json.dumps(report.to_dict(), indent=2))

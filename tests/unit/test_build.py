@@ -56,3 +56,119 @@ def test_a_stage_can_be_switched_off_in_yaml(tmp_path):
     (tmp_path / "build.yaml").write_text("prune: false\nquantize:\n")
     config = BuildConfig.from_yaml(tmp_path / "build.yaml")
     assert config.prune is None and config.quantize == {}
+
+
+# ---- quantization-aware training in the build ----
+
+QUICK_QAT = {"qat_epochs": 0.3, "qat_parity_images": 128}
+
+
+def _flip_classifier(onnx_path):
+    """Negate the int8 weights of the final Gemm: the file still runs, but ranks classes backwards."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(onnx_path))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    weight_name = producers[gemm.input[1]].input[0] if gemm.input[1] in producers else gemm.input[1]
+    for initializer in proto.graph.initializer:
+        if initializer.name == weight_name:
+            weight = numpy_helper.to_array(initializer)
+            flipped = np.negative(weight.astype(np.int16)).clip(np.iinfo(weight.dtype).min, np.iinfo(weight.dtype).max)
+            initializer.CopyFrom(numpy_helper.from_array(flipped.astype(weight.dtype), initializer.name))
+    onnx.save(proto, str(onnx_path))
+
+
+@pytest.fixture
+def static_int8_loses_accuracy(monkeypatch):
+    """Static INT8 that really is over the budget: the real quantizer's file with its classifier ranking backwards."""
+    import builder.build as build_module
+
+    real = build_module.quantize_int8
+
+    def quantize_int8(*args, **kwargs):
+        result = real(*args, **kwargs)
+        _flip_classifier(result.onnx_path)
+        return result
+
+    monkeypatch.setattr(build_module, "quantize_int8", quantize_int8)
+
+
+def _qat_build(tiny_run, tmp_path, qat, **quantize):
+    return BuildConfig(name="digits", out_dir=tmp_path / "build", checkpoint=tiny_run / "best.pt", prune=None,
+                       quantize={"calibration_images": 32, "qat": qat, **QUICK_QAT, **quantize},
+                       publish={"repository": str(tmp_path / "repo")}, max_accuracy_drop=5.0,
+                       benchmark_seconds=0.05, parity_images=8)
+
+
+def test_build_with_qat_always_runs_qat_instead_of_static_int8_and_publishes_it(tiny_run, tmp_path):
+    result = build(_qat_build(tiny_run, tmp_path, "always"))
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["fp32", "int8-qat"]
+    assert report["failed_stage"] is None and "QAT 0.3 epochs from best.pt" in report["stages"][1]["notes"]
+    assert result.final_onnx == tmp_path / "build" / "int8-qat.onnx" and not (tmp_path / "build" / "int8.onnx").exists()
+    assert "| int8-qat |" in (tmp_path / "build" / "report.md").read_text()
+    lineage = json.loads((result.published.version_dir / "build.json").read_text())
+    assert lineage["onnx_metadata"]["precision"] == "int8" and lineage["onnx_metadata"]["quantization"] == "qat"
+
+
+def test_build_with_qat_auto_falls_back_to_qat_when_static_int8_is_over_the_budget(
+        tiny_run, tmp_path, static_int8_loses_accuracy):
+    result = build(_qat_build(tiny_run, tmp_path, "auto"))
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["fp32", "int8", "int8-qat"]
+    fp32, static, qat = report["stages"]
+    assert static["accuracy_drop_points"] > 5.0 and "over the budget" in static["notes"]
+    assert qat["accuracy_drop_points"] <= 5.0 and "static int8 lost" in qat["notes"]
+    assert static["superseded"] and not qat["superseded"]
+    # The QAT row's changes are against the stage it improves on (fp32), not the replaced static row.
+    assert qat["change"]["top1_points"] == pytest.approx(100 * (qat["top1"] - fp32["top1"]))
+    markdown = (tmp_path / "build" / "report.md").read_text()
+    assert "- `int8`: over the budget" in markdown and "- `int8-qat`: static int8 lost" in markdown
+    assert report["failed_stage"] is None and report["failure"] is None
+    assert result.final_onnx.name == "int8-qat.onnx" and result.published.version == 1
+    lineage = json.loads((result.published.version_dir / "build.json").read_text())
+    assert lineage["onnx_metadata"]["quantization"] == "qat"
+
+
+def test_build_with_qat_auto_fails_when_qat_is_over_the_budget_too(tiny_run, tmp_path, monkeypatch,
+                                                                    static_int8_loses_accuracy):
+    import builder.build as build_module
+
+    real = build_module.quantization_aware_train
+
+    def quantization_aware_train(*args, **kwargs):
+        result = real(*args, **kwargs)
+        _flip_classifier(result.onnx_path)
+        return result
+
+    monkeypatch.setattr(build_module, "quantization_aware_train", quantization_aware_train)
+    with pytest.raises(BudgetError, match="stage 'int8-qat' lost"):
+        build(_qat_build(tiny_run, tmp_path, "auto"))
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["fp32", "int8", "int8-qat"]
+    assert report["failed_stage"] == "int8-qat" and not (tmp_path / "repo").exists()
+
+
+def test_build_with_qat_never_fails_at_the_static_int8_stage(tiny_run, tmp_path, static_int8_loses_accuracy):
+    with pytest.raises(BudgetError, match="stage 'int8' lost"):
+        build(_qat_build(tiny_run, tmp_path, "never"))
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["fp32", "int8"] and report["failed_stage"] == "int8"
+    assert not (tmp_path / "build" / "int8-qat.onnx").exists()
+
+
+@pytest.mark.parametrize("quantize, message", [
+    ({"qat": "sometimes"}, "qat 'sometimes' is not one of auto, always, never"),
+    ({"qat_epoch": 1}, "unknown quantize settings qat_epoch; valid QAT settings: qat, .*qat_epochs"),
+    ({"qat_epochs": 0}, "QAT epochs must be more than 0"),
+])
+def test_bad_qat_build_settings_are_one_line_cli_errors(quantize, message, tmp_path, capsys):
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "build"), "quantize": quantize}))
+    assert main(["build", "--config", str(tmp_path / "build.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("builder build: error:") and "\n" not in err
+    import re
+    assert re.search(message, err)
