@@ -177,8 +177,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/gateway.json"))
     parser.add_argument("--jpeg-draft", action="store_true", help="let the gateway decode JPEGs at reduced scale")
-    parser.add_argument("--no-intra-op-spinning", action="store_true",
-                        help="publish the model with ONNX Runtime's idle threads sleeping, not busy-waiting")
+    parser.add_argument("--intra-op-spinning", action="store_true",
+                        help="publish the model with ONNX Runtime's idle threads busy-waiting (its own default)")
     args = parser.parse_args()
     if args.jpeg_draft:
         os.environ["GATEWAY_JPEG_DRAFT"] = "true"  # the gateway process inherits the environment
@@ -189,7 +189,7 @@ def main() -> int:
         folder = Path(tmp)
         onnx_path = build_model(folder)
         publish(onnx_path, folder / "repo", MODEL, spec=IMAGENET, labels=[f"class {i}" for i in range(1000)],
-                settings=PublishSettings(intra_op_spinning=not args.no_intra_op_spinning))
+                settings=PublishSettings(intra_op_spinning=args.intra_op_spinning))
         settings = TritonSettings(model_repository=str(folder / "repo"), http_port=free_port(),
                                   grpc_port=free_port(), metrics_port=free_port(), cache_dir=str(folder / "cache"))
         with local_stack(settings, gateway_port=free_port()) as (triton, gateway):

@@ -47,7 +47,7 @@ def _publish(args: argparse.Namespace) -> None:
         version_policy=args.version_policy, latest_versions=args.latest_versions, triton_url=args.triton_url,
         trt_cache_path=args.trt_cache_path, cuda_graphs=not args.no_cuda_graphs,
         dynamic_batching=not args.no_dynamic_batching, max_queue_delay_us=args.max_queue_delay_us,
-        max_queue_size=args.max_queue_size, intra_op_spinning=not args.no_intra_op_spinning,
+        max_queue_size=args.max_queue_size, intra_op_spinning=args.intra_op_spinning,
     )
     spec, labels = _publish_interface(args)
     if args.plan:
@@ -256,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="how long Triton waits to fill a batch")
     publish.add_argument("--max-queue-size", type=_positive_int, default=64,
                          help="requests queued before Triton rejects (the gateway answers 429)")
-    publish.add_argument("--no-intra-op-spinning", action="store_true",
-                         help="CPU target: ONNX Runtime's idle threads sleep instead of busy-waiting "
-                              "(where Triton shares its cores with the gateway)")
+    publish.add_argument("--intra-op-spinning", action="store_true",
+                         help="CPU target: ONNX Runtime's idle threads busy-wait for the next batch (its own "
+                              "default; faster only where Triton has the cores to itself)")
     publish.add_argument("--no-dynamic-batching", action="store_true",
                          help="one request per model execution (no batching across requests, no queue bound)")
     publish.add_argument("--target", choices=("cpu", "gpu"), default="cpu",

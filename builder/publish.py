@@ -60,7 +60,9 @@ class PublishSettings:
     dynamic_batching: bool = True
     instance_count: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime uses every core
-    intra_op_spinning: bool = True  # ONNX Runtime's default; off where Triton shares cores with the gateway
+    # ONNX Runtime's idle threads busy-wait by default. Off: on a CPU that Triton shares with the gateway
+    # (and its stub processes), spinning cost throughput and caused rare 0.5 s stalls in `make bench`.
+    intra_op_spinning: bool = False
     target: str = "cpu"  # "cpu": Python backend + ONNX Runtime; "gpu": ONNX Runtime backend + TensorRT
     keep: int | None = None  # after publishing, remove all but the newest `keep` versions
     version_policy: str = "latest"  # Triton serves the newest `latest_versions`, or "all"

@@ -35,8 +35,8 @@ def start_gateway(triton_grpc_url: str, log_path: Path, http_url: str | None = N
 @pytest.fixture(scope="session")
 def repository(tiny_run, tmp_path_factory) -> Path:
     repository = tmp_path_factory.mktemp("model_repository")
-    # Spinning off here, on in test_int8_serving: both ways of configuring ONNX Runtime load in Triton.
-    publish(tiny_run / "model.onnx", repository, MODEL, settings=PublishSettings(intra_op_spinning=False))
+    # Spinning on here, off (the default) in test_int8_serving: both ways of configuring ONNX Runtime load.
+    publish(tiny_run / "model.onnx", repository, MODEL, settings=PublishSettings(intra_op_spinning=True))
     return repository
 
 

@@ -168,8 +168,8 @@ def test_onnx_runtime_spinning_is_a_model_parameter(tiny_run, tmp_path):
 
     repository = tmp_path / "repo"
     common = ["publish", "--onnx", str(tiny_run / "model.onnx"), "--repository", str(repository)]
-    assert main([*common, "--name", "spinning"]) == 0
-    assert main([*common, "--name", "sleeping", "--no-intra-op-spinning"]) == 0
+    assert main([*common, "--name", "spinning", "--intra-op-spinning"]) == 0
+    assert main([*common, "--name", "sleeping"]) == 0
     for name, value in (("spinning", "1"), ("sleeping", "0")):
         config = model_config.parse((repository / name / "config.pbtxt").read_text())
         assert config.parameters["onnxruntime.allow_spinning"] == value
