@@ -18,16 +18,45 @@ from .models import ARCHITECTURES
 log = logging.getLogger("builder")
 
 
-def _train(args: argparse.Namespace) -> None:
-    from .train import TrainConfig, train
+def _train_config(args: argparse.Namespace):
+    """TrainConfig from its defaults, then `--params` (a tune result), then the flags given explicitly."""
+    from .shapes import with_options
+    from .train import TrainConfig, load_params
 
-    config = TrainConfig(
-        dataset=args.dataset, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        image_size=args.image_size, seed=args.seed, out_dir=Path(args.out),
-    )
-    result = train(config)
+    given = {key: value for key, value in vars(args).items() if key in _RECIPE_FIELDS}
+    values = load_params(Path(args.params)) if getattr(args, "params", None) else {}
+    values.update(given)
+    if "out" in vars(args):
+        values["out_dir"] = Path(args.out)
+    values["dataset"] = with_options(values.get("dataset", "digits"), per_class=getattr(args, "shapes_per_class", None),
+                                     imbalance=getattr(args, "shapes_imbalance", None),
+                                     size=getattr(args, "shapes_size", None))
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:  # a params file value of the wrong kind
+        raise BuilderError(f"training settings: {e}") from e
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    result = train(_train_config(args))
     print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),
-                      "val_accuracy": round(result.val_accuracy, 4), "seconds": round(result.seconds, 1)}))
+                      "val_accuracy": round(result.val_accuracy, 4), "epochs": result.epochs,
+                      "stopped_early": result.stopped_early, "seconds": round(result.seconds, 1)}))
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from .tune import TuneConfig, tune
+
+    base = _train_config(args)
+    config = TuneConfig(trials=args.trials, timeout_s=args.timeout, sampler=args.sampler, seed=base.seed,
+                        out_dir=Path(args.out))
+    result = tune(base, config)
+    print(json.dumps({"study": result.study_name, "trials": result.trials, "completed": result.completed,
+                      "pruned": result.pruned, "best_val_accuracy": round(result.best_value, 4),
+                      "best_params": result.best_params, "best_json": str(result.best_json),
+                      "plot": str(result.plot)}))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -111,7 +140,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         meta["config"] = {**meta.get("config", {}), "dataset": args.dataset}
     evaluation = evaluate(target, validation_data(meta), confusion_png=out / "confusion.png")
     write_evaluation(evaluation, out / "evaluation.json")
-    summary = {"top1": round(evaluation.top1, 4), "images": evaluation.images, "out": str(out)}
+    summary = {"top1": round(evaluation.top1, 4), "macro_recall": round(evaluation.macro_recall, 4),
+               "images": evaluation.images, "out": str(out)}
     if args.onnx:
         speed = measure_speed(Path(args.onnx))
         summary.update(latency_b1_ms=round(speed.latency_b1_ms, 3), throughput_b8=round(speed.throughput_b8, 1))
@@ -223,22 +253,101 @@ def _non_negative_int(text: str) -> int:
     return 0 if text.strip() == "0" else _positive_int(text)
 
 
+def _alphas(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0 turns it off)")
+    return value
+
+
+# Flags whose destination is a TrainConfig field of the same name.
+_RECIPE_FIELDS = (
+    "dataset", "arch", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing",
+    "image_size", "val_fraction", "seed", "dropout", "init", "freeze_backbone", "mean", "std", "equalize",
+    "augment", "cutmix", "mixup", "loss", "class_weights", "focal_gamma", "optimizer", "schedule", "step_size",
+    "gamma", "accum_steps", "clip_grad", "amp", "patience", "resume", "tensorboard",
+)
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training recipe's flags. None has a parser default (SUPPRESS): a flag not given leaves the
+    setting to `--params` or to TrainConfig's default (shown in the help)."""
+    from .train import AMP_MODES, AUGMENT_PRESETS, OPTIMIZERS, TrainConfig
+
+    defaults = TrainConfig()
+
+    def add(flag: str, help: str, **kwargs) -> None:
+        dest = flag.lstrip("-").replace("-", "_")
+        default = getattr(defaults, dest, None)
+        suffix = "" if kwargs.get("action") == "store_true" or default is None else f" (default: {default})"
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=help + suffix, **kwargs)
+
+    add("--dataset", "digits, shapes[:per_class=N,imbalance=R,size=S] or a folder of class subfolders")
+    add("--image-size", "model input side in pixels (default: the dataset's: 32 for digits and shapes, 224 for "
+        "folders)", type=_positive_int)
+    add("--val-fraction", "validation share of the data", type=float)
+    add("--mean", "per-channel mean (default: measured on the training split)", type=float, nargs="+")
+    add("--std", "per-channel std (default: measured on the training split)", type=float, nargs="+")
+    add("--equalize", "histogram-equalize every image (also in the gateway)", action="store_true")
+    for flag, kind, text in (("--shapes-per-class", _positive_int, "shapes: training images of the largest class"),
+                             ("--shapes-imbalance", float, "shapes: largest / smallest class in the training split"),
+                             ("--shapes-size", _positive_int, "shapes: generated image side")):
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
+    add("--arch", "architecture", choices=ARCHITECTURES)
+    add("--dropout", "dropout before the classifier (default: 0 for ResNets, 0.2 for MobileNetV3)", type=float)
+    add("--init", "start from the weights of this builder checkpoint (mismatched layers are skipped)")
+    add("--freeze-backbone", "train the classifier only", action="store_true")
+    add("--augment", "augmentation preset", choices=AUGMENT_PRESETS)
+    add("--cutmix", "CutMix alpha, 0 = off (strong preset: 1.0)", type=_alphas)
+    add("--mixup", "MixUp alpha, 0 = off (strong preset: 0.2)", type=_alphas)
+    add("--loss", "ce (cross-entropy) or focal", choices=("ce", "focal"))
+    add("--class-weights", "none, auto (inverse training frequency) or w1,w2,... one per class")
+    add("--label-smoothing", "label smoothing", type=float)
+    add("--focal-gamma", "focal loss focusing parameter", type=float)
+    add("--optimizer", "adamw, or sgd (momentum 0.9, Nesterov)", choices=OPTIMIZERS)
+    add("--lr", "peak learning rate", type=float)
+    add("--weight-decay", "weight decay", type=float)
+    add("--batch-size", "images per micro-batch", type=_positive_int)
+    add("--accum-steps", "micro-batches per optimizer step (gradient accumulation)", type=_positive_int)
+    add("--epochs", "epochs", type=_positive_int)
+    add("--schedule", "cosine (warmup + cosine), step (lr * gamma^(epoch // step-size)) or onecycle",
+        choices=("cosine", "step", "onecycle"))
+    add("--warmup-epochs", "linear warmup (cosine, step; onecycle's rise)", type=float)
+    add("--step-size", "epochs between decays (step schedule)", type=_positive_int)
+    add("--gamma", "decay factor (step schedule)", type=float)
+    add("--clip-grad", "clip the gradient norm to this", type=float)
+    add("--amp", "mixed precision: auto (only on CUDA), on, off", choices=AMP_MODES)
+    add("--patience", "stop after this many epochs without a better val accuracy", type=_positive_int)
+    add("--seed", "seed: split, initialization, shuffling, augmentation", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="builder", description="Train, export and publish image classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a classifier")
-    train.add_argument("--dataset", default="digits", help="'digits' or a folder of class subfolders")
-    train.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
-    train.add_argument("--epochs", type=_positive_int, default=6)
-    train.add_argument("--batch-size", type=_positive_int, default=64)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--image-size", type=_positive_int, default=None,
-                       help="model input side in pixels (default: 32 for digits, 224 for folders)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", default="runs/latest", help="run folder for checkpoints and metrics")
+    _add_recipe_arguments(train)
+    train.add_argument("--out", default=argparse.SUPPRESS, help="run folder for checkpoints and metrics "
+                       "(default runs/latest)")
+    train.add_argument("--params", help="JSON of settings, e.g. best.json from `builder tune` (flags given win)")
+    train.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
+                       help="continue the run in --out from its last.pt")
+    train.add_argument("--tensorboard", action="store_true", default=argparse.SUPPRESS,
+                       help="write TensorBoard event files to <out>/tensorboard")
     train.set_defaults(func=_train)
+
+    tune = commands.add_parser("tune", help="search learning rate, weight decay, batch size, augmentation and "
+                                            "label smoothing with Optuna")
+    _add_recipe_arguments(tune)
+    tune.add_argument("--out", default="runs/tune", help="study folder: study.db, trial-NNN/, best.json, tune.png")
+    tune.add_argument("--trials", type=_positive_int, default=20, help="trials to add to the study")
+    tune.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    tune.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
+    tune.set_defaults(func=_tune)
 
     export = commands.add_parser("export", help="export a checkpoint to ONNX, parity-checked")
     export.add_argument("--checkpoint", required=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,7 +19,7 @@ from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_DATASETS = ("digits",)
+BUILTIN_DATASETS = ("digits", "shapes")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # torchvision's reference eval transform resizes to size / 0.875 before the center crop.
 CROP_FRACTION = 0.875
@@ -51,12 +51,21 @@ class ImageDataset:
     default_image_size: int
     train: Split
     val: Split
+    # Whether a mirrored image is still an image of its class (photos, shapes: yes; digits: no).
+    flip_invariant: bool = True
+    # Files found but unreadable, left out of both splits.
+    skipped: list[Path] = field(default_factory=list)
 
 
 def load_dataset(source: str, *, val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
-    """`digits` (scikit-learn's bundled 8x8 digits) or a folder of class subfolders (ImageFolder)."""
+    """`digits` (scikit-learn's bundled 8x8 digits), `shapes[:options]` (builder/shapes.py, generated) or a
+    folder of class subfolders (ImageFolder; unreadable images are skipped with a warning)."""
+    from .shapes import is_shapes, load_shapes
+
     if source == "digits":
         return _digits(val_fraction, seed)
+    if is_shapes(source):
+        return load_shapes(source, val_fraction=val_fraction, seed=seed)
     path = Path(source)
     if not path.exists():
         raise DatasetError(
@@ -87,10 +96,20 @@ def _digits(val_fraction: float, seed: int) -> ImageDataset:
         default_image_size=32,
         train=Split([images[i] for i in train], [labels[i] for i in train]),
         val=Split([images[i] for i in val], [labels[i] for i in val]),
+        flip_invariant=False,
     )
 
 
-def _scan_classes(root: Path) -> tuple[list[str], list[Path], list[int]]:
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()  # checks the file's structure without decoding every pixel
+        return True
+    except Exception:  # Pillow raises many types (OSError, SyntaxError, ValueError...) for broken files
+        return False
+
+
+def _scan_classes(root: Path, skipped: list[Path]) -> tuple[list[str], list[Path], list[int]]:
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} is not a directory")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -101,6 +120,12 @@ def _scan_classes(root: Path) -> tuple[list[str], list[Path], list[int]]:
         files = sorted(
             f for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
         )
+        unreadable = [f for f in files if not _readable(f)]
+        if unreadable:
+            log.warning("skipping %d unreadable image(s) in %s: %s", len(unreadable), root / name,
+                        ", ".join(f.name for f in unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""))
+            skipped += unreadable
+            files = [f for f in files if f not in set(unreadable)]
         if not files:
             raise DatasetError(f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         paths += files
@@ -109,21 +134,23 @@ def _scan_classes(root: Path) -> tuple[list[str], list[Path], list[int]]:
 
 
 def _image_folder(root: Path, val_fraction: float, seed: int) -> ImageDataset:
+    skipped: list[Path] = []
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train_paths, train_labels = _scan_classes(root / "train")
-        val_classes, val_paths, val_labels = _scan_classes(root / "val")
+        classes, train_paths, train_labels = _scan_classes(root / "train", skipped)
+        val_classes, val_paths, val_labels = _scan_classes(root / "val", skipped)
         if val_classes != classes:
             raise DatasetError(f"{root}/train and {root}/val have different class folders")
         train, val = Split(train_paths, train_labels), Split(val_paths, val_labels)
     else:
-        classes, paths, labels = _scan_classes(root)
+        classes, paths, labels = _scan_classes(root, skipped)
         if len(paths) < 2 * len(classes):
             raise DatasetError(f"dataset folder {root} needs at least two images per class to split")
         train_idx, val_idx = _stratified(labels, val_fraction, seed)
         train = Split([paths[i] for i in train_idx], [labels[i] for i in train_idx])
         val = Split([paths[i] for i in val_idx], [labels[i] for i in val_idx])
     return ImageDataset(
-        name=str(root), classes=classes, color_mode="RGB", default_image_size=224, train=train, val=val
+        name=str(root), classes=classes, color_mode="RGB", default_image_size=224, train=train, val=val,
+        skipped=skipped,
     )
 
 
@@ -133,15 +160,23 @@ def resolve_spec(
     image_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    equalize: bool = False,
     max_images: int = 2000,
 ) -> PreprocessSpec:
-    """The eval preprocessing for this dataset: size, crop and mean/std measured on the training split."""
+    """The eval preprocessing for this dataset: size, crop, equalization and mean/std (given, or measured on
+    the training split after the same geometry and equalization)."""
     size = image_size or dataset.default_image_size
     # Images no larger than the input (digits) are resized straight to it; photos get the usual crop margin.
     resize = size if size <= 64 else int(round(size / CROP_FRACTION))
     channels = 1 if dataset.color_mode == "L" else 3
+    for name, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) != channels:
+            raise DatasetError(f"--{name} needs {channels} value(s) for {dataset.color_mode} images, got {len(values)}")
+    if std is not None and any(v <= 0 for v in std):
+        raise DatasetError(f"--std values must be positive, got {', '.join(map(str, std))}")
     if mean is None or std is None:
-        geometry = PreprocessSpec(size, resize, (0.0,) * channels, (1.0,) * channels, dataset.color_mode)
+        geometry = PreprocessSpec(size, resize, (0.0,) * channels, (1.0,) * channels, dataset.color_mode,
+                                  equalize=equalize)
         count = min(len(dataset.train), max_images)
         rng = np.random.default_rng(0)
         chosen = rng.choice(len(dataset.train), size=count, replace=False)
@@ -155,7 +190,8 @@ def resolve_spec(
         mean = mean or tuple(float(v) for v in pixels.mean(axis=(0, 1, 2)))
         std = std or tuple(max(float(v), 1e-3) for v in pixels.std(axis=(0, 1, 2)))
     return PreprocessSpec(
-        image_size=size, resize_size=resize, mean=tuple(mean), std=tuple(std), color_mode=dataset.color_mode
+        image_size=size, resize_size=resize, mean=tuple(mean), std=tuple(std), color_mode=dataset.color_mode,
+        equalize=equalize,
     )
 
 

@@ -87,8 +87,14 @@ class Evaluation:
     confusion: np.ndarray = field(repr=False)  # rows: true class, columns: predicted class
     predictions: np.ndarray = field(repr=False)
 
+    @property
+    def macro_recall(self) -> float:
+        """Mean recall over the classes present: every class counts the same, however rare."""
+        recalls = [c.recall for c in self.per_class if c.support > 0]
+        return float(np.mean(recalls)) if recalls else 0.0
+
     def to_dict(self) -> dict:
-        return {"top1": self.top1, "images": self.images,
+        return {"top1": self.top1, "macro_recall": self.macro_recall, "images": self.images,
                 "per_class": [vars(c) for c in self.per_class], "confusion": self.confusion.tolist()}
 
 

@@ -1,23 +1,52 @@
-"""torchvision architectures, with the stem adapted to small inputs."""
+"""torchvision architectures, with the stem adapted to small inputs; dropout, partial init, frozen backbone."""
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
 from torchvision import models
 
-from .errors import BuilderError
+from .errors import BuilderError, CheckpointError
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
 # Below this input side the ImageNet stem (stride-2 conv + max pool) throws away most of the image.
 SMALL_INPUT = 96
 
 
-def create_model(arch: str, *, num_classes: int, in_channels: int = 3, image_size: int = 224) -> nn.Module:
-    """An untrained torchvision classifier for `in_channels` x `image_size` x `image_size` inputs."""
+class DropoutLinear(nn.Linear):
+    """A Linear layer with dropout on its input. Its parameters keep the plain Linear's names, so
+    checkpoints load into a model built without dropout (which is what eval does anyway)."""
+
+    def __init__(self, in_features: int, out_features: int, p: float) -> None:
+        super().__init__(in_features, out_features)
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.dropout(x))
+
+
+def create_model(arch: str, *, num_classes: int, in_channels: int = 3, image_size: int = 224,
+                 dropout: float | None = None) -> nn.Module:
+    """An untrained torchvision classifier for `in_channels` x `image_size` x `image_size` inputs.
+
+    `dropout`: probability of dropping the features entering the classifier (None: the architecture's
+    default, 0 for ResNets and 0.2 for MobileNetV3).
+    """
     if arch not in ARCHITECTURES:
         raise BuilderError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    model = getattr(models, arch)(weights=None, num_classes=num_classes)
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise BuilderError(f"dropout {dropout} must be in [0, 1)")
+    extra = {"dropout": dropout} if dropout is not None and arch.startswith("mobilenet") else {}
+    model = getattr(models, arch)(weights=None, num_classes=num_classes, **extra)
+    if dropout and arch.startswith("resnet"):
+        model.fc = DropoutLinear(model.fc.in_features, num_classes, dropout)
     small = image_size < SMALL_INPUT
     if arch.startswith("resnet"):
         if small or in_channels != 3:
@@ -42,3 +71,80 @@ def count_parameters(model: nn.Module) -> int:
 def predict_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     model.eval()
     return model(batch)
+
+
+def default_dropout(arch: str) -> float:
+    return 0.2 if arch.startswith("mobilenet") else 0.0
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The classification head: ResNet's `fc`, MobileNetV3's `classifier` (two Linear layers)."""
+    head = model.fc if hasattr(model, "fc") else getattr(model, "classifier", None)
+    if not isinstance(head, nn.Module):
+        raise BuilderError(f"{type(model).__name__} has no `fc` or `classifier` head")
+    return head
+
+
+def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
+    """Stop gradients everywhere but the classifier; returns the parameters left to train.
+
+    The training loop must also keep the backbone in eval mode (`backbone_eval`), or its BatchNorm
+    running statistics would still move.
+    """
+    head_parameters = {id(p) for p in classifier(model).parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in head_parameters)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def backbone_eval(model: nn.Module) -> None:
+    """Everything in eval mode (BatchNorm statistics fixed) except the classifier (its dropout stays on)."""
+    model.eval()
+    classifier(model).train()
+
+
+@dataclass
+class InitReport:
+    path: str
+    loaded: int
+    skipped: list[str] = field(default_factory=list)  # "name: why"
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "loaded": self.loaded, "skipped": self.skipped}
+
+
+def load_matching(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "") -> InitReport:
+    """Copy every tensor of `state` whose name and shape match `model`; report what was left out."""
+    own = model.state_dict()
+    matched, skipped = {}, []
+    for name, tensor in state.items():
+        if name not in own:
+            skipped.append(f"{name}: not in this model")
+        elif own[name].shape != tensor.shape:
+            skipped.append(f"{name}: shape {tuple(tensor.shape)} != {tuple(own[name].shape)}")
+        else:
+            matched[name] = tensor
+    model.load_state_dict(matched, strict=False)
+    return InitReport(path=source, loaded=len(matched), skipped=skipped)
+
+
+def load_init_weights(model: nn.Module, path: Path) -> InitReport:
+    """Start `model` from a checkpoint of this builder (`--init`): matching tensors load, others are skipped
+    (the classifier, when the class counts differ)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--init checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        state = payload["model"]
+        if not isinstance(state, Mapping):
+            raise TypeError("'model' is not a state dict")
+    except Exception as e:  # torch raises pickle's, zipfile's and its own errors for foreign files
+        raise CheckpointError(f"--init {path} is not a checkpoint written by `builder train`: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    report = load_matching(model, state, source=str(path))
+    if report.loaded == 0:
+        raise CheckpointError(f"--init {path}: no tensor matches this architecture (was it trained as another?)")
+    log.info("init from %s: %d tensors loaded, %d skipped%s", path, report.loaded, len(report.skipped),
+             f" ({', '.join(s.split(':')[0] for s in report.skipped[:6])})" if report.skipped else "")
+    return report

@@ -1,18 +1,25 @@
-"""Training: AdamW with linear warmup and cosine decay, light augmentation, best checkpoint by val accuracy."""
+"""Training: the recipe (model, data, augmentation, loss, optimizer, schedule) and the loop that runs it.
+
+A run folder (`out_dir`) holds `best.pt` (by val accuracy), `last.pt` (with the state `--resume` needs),
+`metrics.json` (one record per epoch), `config.json` (the resolved config), `datacheck.json` and
+`curves.png`, and with `tensorboard=True` the event files under `tensorboard/`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -21,20 +28,36 @@ from torchvision.transforms import v2
 from server.preprocess import PreprocessSpec, normalize, preprocess, to_model_pixels
 
 from .data import ImageDataset, TorchSplit, load_dataset, resolve_spec
-from .errors import CheckpointError
-from .models import create_model
-from .progress import progress_bar
+from .datacheck import check_dataset, log_report
+from .errors import BuilderError, CheckpointError
+from .losses import LOSSES, create_loss, resolve_class_weights
+from .models import (ARCHITECTURES, backbone_eval, create_model, default_dropout, freeze_backbone,
+                     load_init_weights)
+from .progress import console, progress_bar
+from .schedules import SCHEDULES, create_scheduler, warmup_cosine  # noqa: F401  (warmup_cosine: public here)
 
 log = logging.getLogger(__name__)
+
+AUGMENT_PRESETS = ("none", "light", "strong")
+OPTIMIZERS = ("adamw", "sgd")
+AMP_MODES = ("auto", "on", "off")
+# `strong` turns batch mixing on unless --cutmix/--mixup say otherwise (timm's usual alphas).
+STRONG_CUTMIX_ALPHA = 1.0
+STRONG_MIXUP_ALPHA = 0.2
+SGD_MOMENTUM = 0.9
+
+
+class TrainError(BuilderError):
+    """A training setting cannot be used as given."""
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "digits"
+    dataset: str = "digits"  # digits | shapes[:options] | folder
     arch: str = "resnet18"
     epochs: int = 6
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
@@ -42,11 +65,84 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     out_dir: Path = field(default_factory=lambda: Path("runs/latest"))
+    # model
+    dropout: float | None = None  # before the classifier; None: the architecture's default
+    init: str | None = None  # checkpoint of this builder to start from
+    freeze_backbone: bool = False  # train the classifier only
+    # preprocessing (recorded in the PreprocessSpec the gateway applies)
+    mean: tuple[float, ...] | None = None  # None: measured on the training split
+    std: tuple[float, ...] | None = None
+    equalize: bool = False
+    # augmentation
+    augment: str = "light"  # none | light | strong
+    cutmix: float | None = None  # CutMix alpha; None: 1.0 with augment=strong, else off
+    mixup: float | None = None  # MixUp alpha; None: 0.2 with augment=strong, else off
+    # loss
+    loss: str = "ce"  # ce | focal
+    class_weights: str = "none"  # none | auto | w1,w2,...
+    focal_gamma: float = 2.0
+    # optimization
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, Nesterov)
+    schedule: str = "cosine"  # cosine | step | onecycle
+    step_size: int = 2  # epochs between decays (schedule=step)
+    gamma: float = 0.1  # decay factor (schedule=step)
+    accum_steps: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = None  # max gradient norm
+    amp: str = "auto"  # mixed precision: auto (on CUDA), on (needs CUDA), off
+    # run
+    patience: int | None = None  # stop after this many epochs without a better val accuracy
+    resume: bool = False  # continue from out_dir/last.pt
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        for name in ("mean", "std"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        self._check_choices()
+        self._check_ranges()
+
+    def _check_choices(self) -> None:
+        for name, choices in (("arch", ARCHITECTURES), ("augment", AUGMENT_PRESETS), ("loss", LOSSES),
+                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP_MODES)):
+            if getattr(self, name) not in choices:
+                raise TrainError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}")
+
+    def _check_ranges(self) -> None:
+        problems = [
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.accum_steps >= 1, "accum_steps must be at least 1"),
+            (self.step_size >= 1, "step_size must be at least 1"),
+            (self.lr > 0, "lr must be positive"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (0 < self.val_fraction < 1, "val_fraction must be between 0 and 1"),
+            (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (self.cutmix is None or self.cutmix >= 0, "cutmix alpha must be >= 0 (0: off)"),
+            (self.mixup is None or self.mixup >= 0, "mixup alpha must be >= 0 (0: off)"),
+            (self.focal_gamma >= 0, "focal_gamma must be >= 0"),
+            (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
+            (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be positive"),
+            (self.patience is None or self.patience >= 1, "patience must be at least 1"),
+            (self.image_size is None or self.image_size >= 1, "image_size must be at least 1"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise TrainError(message)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["out_dir"] = str(self.out_dir)
         return data
+
+    def mixing_alphas(self) -> tuple[float, float]:
+        """(CutMix alpha, MixUp alpha), the preset's defaults filled in."""
+        strong = self.augment == "strong"
+        cutmix = self.cutmix if self.cutmix is not None else (STRONG_CUTMIX_ALPHA if strong else 0.0)
+        mixup = self.mixup if self.mixup is not None else (STRONG_MIXUP_ALPHA if strong else 0.0)
+        return cutmix, mixup
 
 
 @dataclass(frozen=True)
@@ -54,25 +150,92 @@ class TrainResult:
     run_dir: Path
     best_checkpoint: Path
     val_accuracy: float
-    epochs: int
+    epochs: int  # epochs trained in total (fewer than asked after early stopping)
     seconds: float
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
 
+
+# ---- parameters from `builder tune` ----
+
+def load_params(path: Path) -> dict:
+    """Hyperparameters from a JSON file (tune's `best.json`, or a flat {field: value} object)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise TrainError(f"params file {path} cannot be read: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise TrainError(f"params file {path} is not JSON: {e}") from e
+    params = data.get("params", data) if isinstance(data, dict) else None
+    if not isinstance(params, dict):
+        raise TrainError(f"params file {path} must hold an object of training settings")
+    valid = {f.name for f in fields(TrainConfig)} - {"out_dir", "resume"}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise TrainError(f"params file {path}: unknown setting(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(sorted(valid))}")
+    return params
+
+
+# ---- transforms ----
 
 def eval_transform(spec: PreprocessSpec):
     """The exact transform the gateway applies, as a torch tensor."""
     return lambda image: torch.from_numpy(preprocess(image, spec))
 
 
-def train_transform(spec: PreprocessSpec):
-    """Small geometric jitter on the model-sized image, then the same normalization as eval."""
-    jitter = v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1))
+class TrainTransform:
+    """Augmentation on the model-sized image (after the eval geometry and equalization), then the eval
+    normalization, so train and eval inputs share scale and statistics.
 
-    def transform(image: Image.Image) -> torch.Tensor:
-        pixels = jitter(to_model_pixels(image, spec))
-        return torch.from_numpy(normalize(np.asarray(pixels), spec))
+    none: the eval transform. light: small affine jitter (rotation 10 deg, shift 8%, scale 0.9-1.1).
+    strong: random resized crop (50-100% of the area), rotation 15 deg, brightness/contrast jitter (and
+    saturation/hue for color images), random erasing (p 0.25). Horizontal flips (light and strong) only
+    where `flip` is set: datasets whose classes survive mirroring (shapes, photos), not digits.
+    """
 
-    return transform
+    def __init__(self, spec: PreprocessSpec, augment: str = "light", *, flip: bool = False) -> None:
+        if augment not in AUGMENT_PRESETS:
+            raise TrainError(f"augment {augment!r} is not one of {', '.join(AUGMENT_PRESETS)}")
+        color = spec.channels == 3
+        ops: list = []
+        if augment == "light":
+            ops.append(v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1)))
+        elif augment == "strong":
+            ops += [v2.RandomResizedCrop(spec.image_size, scale=(0.5, 1.0), antialias=True), v2.RandomRotation(15),
+                    v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3 if color else 0,
+                                   hue=0.05 if color else 0)]
+        if flip and augment != "none":
+            ops.append(v2.RandomHorizontalFlip())
+        self.spec = spec
+        self.geometry = v2.Compose(ops) if ops else None
+        self.erase = v2.RandomErasing(p=0.25, value=0) if augment == "strong" else None
 
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = to_model_pixels(image, self.spec)
+        if self.geometry is not None:
+            pixels = self.geometry(pixels)
+        tensor = torch.from_numpy(normalize(np.asarray(pixels), self.spec))
+        return self.erase(tensor) if self.erase is not None else tensor
+
+
+def train_transform(spec: PreprocessSpec, augment: str = "light", *, flip: bool = False) -> TrainTransform:
+    """The training transform for `spec` (`light`, no flips: what prune and QAT fine-tune with)."""
+    return TrainTransform(spec, augment, flip=flip)
+
+
+def batch_mixer(num_classes: int, *, cutmix: float = 0.0, mixup: float = 0.0):
+    """CutMix and/or MixUp on (images, labels) batches (one of them per batch, chosen at random), or None.
+    Labels come back as class probabilities."""
+    ops = ([v2.CutMix(num_classes=num_classes, alpha=cutmix)] if cutmix > 0 else []) + \
+          ([v2.MixUp(num_classes=num_classes, alpha=mixup)] if mixup > 0 else [])
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+# ---- pieces of the loop ----
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -80,12 +243,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate multiplier: linear from ~0 to 1 over warmup, then cosine down to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic algorithms while training (warn instead of fail where an op has none), then as before."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def create_optimizer(parameters, name: str, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay, momentum=SGD_MOMENTUM, nesterov=True)
+    raise TrainError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 @torch.no_grad()
@@ -98,6 +273,71 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader) -> float:
     return correct / max(total, 1)
 
 
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, device: str = "cpu") -> dict:
+    """Validation loss (plain cross-entropy: comparable across loss settings), accuracy and macro recall."""
+    model.eval()
+    loss_sum, hits, support = 0.0, torch.zeros(num_classes), torch.zeros(num_classes)
+    for images, labels in loader:
+        logits = model(images.to(device)).float().cpu()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct = logits.argmax(dim=1) == labels
+        hits += torch.bincount(labels[correct], minlength=num_classes)
+        support += torch.bincount(labels, minlength=num_classes)
+    total = max(int(support.sum()), 1)
+    present = support > 0
+    return {"val_loss": loss_sum / total, "val_accuracy": float(hits.sum()) / total,
+            "val_macro_recall": float((hits[present] / support[present]).mean()) if present.any() else 0.0}
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
+                    criterion: nn.Module, *, accum_steps: int = 1, clip_grad: float | None = None, mixer=None,
+                    device: str = "cpu", scaler: torch.amp.GradScaler | None = None, frozen_backbone: bool = False,
+                    advance: Callable[[str], None] | None = None) -> dict:
+    """One pass over `loader`. Gradients of `accum_steps` micro-batches (each loss divided by their count)
+    add up to one optimizer step, and the scheduler steps with the optimizer."""
+    if frozen_backbone:
+        backbone_eval(model)
+    else:
+        model.train()
+    amp = scaler is not None and scaler.is_enabled()
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
+    batches, loss_sum, correct, seen = len(loader), 0.0, 0, 0
+    last_lr = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+    for index, (images, labels) in enumerate(loader):
+        images, labels = images.to(device), labels.to(device)
+        targets = labels
+        if mixer is not None:
+            images, targets = mixer(images, labels)
+        with torch.autocast("cuda", enabled=amp):
+            logits = model(images)
+            loss = criterion(logits, targets)
+        # The last group of an epoch can be short: divide by its real size so every step averages the same way.
+        group = min(accum_steps, batches - (index // accum_steps) * accum_steps)
+        scaler.scale(loss / group).backward()
+        if (index + 1) % accum_steps == 0 or index + 1 == batches:
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            last_lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        count = labels.numel()
+        loss_sum += loss.item() * count
+        truth = targets.argmax(dim=1) if targets.is_floating_point() else targets
+        correct += (logits.argmax(dim=1) == truth).sum().item()
+        seen += count
+        if advance is not None:
+            advance(f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}")
+    # lr: what the epoch's last optimizer step used.
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), "lr": last_lr}
+
+
+# ---- the run ----
+
 def _save(payload: dict, path: Path) -> None:
     # Written beside and renamed, so a crash never leaves a half-written checkpoint.
     tmp = path.with_suffix(".tmp")
@@ -105,71 +345,236 @@ def _save(payload: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(config: TrainConfig, dataset: ImageDataset | None = None) -> TrainResult:
-    """Train a classifier and write `best.pt`, `last.pt`, `metrics.json` and `config.json` to `out_dir`."""
-    seed_everything(config.seed)
-    dataset = dataset or load_dataset(config.dataset, val_fraction=config.val_fraction, seed=config.seed)
-    spec = resolve_spec(dataset, image_size=config.image_size)
-    model = create_model(
-        config.arch, num_classes=len(dataset.classes), in_channels=spec.channels, image_size=spec.image_size
-    )
-    run_dir = Path(config.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+def _device(config: TrainConfig) -> tuple[str, bool]:
+    cuda = torch.cuda.is_available()
+    if config.amp == "on" and not cuda:
+        raise TrainError("--amp on needs a CUDA GPU; none is available (use --amp auto)")
+    return ("cuda" if cuda else "cpu"), cuda and config.amp != "off"
 
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "loader": generator.get_state(), "python": random.getstate(),
+            "numpy": [state[0], state[1].tolist(), *state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["loader"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    np.random.set_state((state["numpy"][0], np.asarray(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class _Run:
+    """Everything one training run builds before its first epoch."""
+
+    config: TrainConfig
+    dataset: ImageDataset
+    spec: PreprocessSpec
+    model: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    generator: torch.Generator
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    mixer: object
+    device: str
+    meta: dict
+
+
+def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
+    device, amp = _device(config)
+    if config.init and not Path(config.init).is_file():
+        raise CheckpointError(f"--init checkpoint {config.init} does not exist")
+    if config.tensorboard:
+        _tensorboard_writer(None)  # fail before the work starts if the package is missing
+    dataset = dataset or load_dataset(config.dataset, val_fraction=config.val_fraction, seed=config.seed)
+    spec = resolve_spec(dataset, image_size=config.image_size, mean=config.mean, std=config.std,
+                        equalize=config.equalize)
+    num_classes = len(dataset.classes)
+    train_counts = np.bincount(dataset.train.labels, minlength=num_classes).tolist()
+    weights = resolve_class_weights(config.class_weights, train_counts)
+    dropout = config.dropout if config.dropout is not None else default_dropout(config.arch)
+    model = create_model(config.arch, num_classes=num_classes, in_channels=spec.channels,
+                         image_size=spec.image_size, dropout=dropout)
+    init = load_init_weights(model, Path(config.init)).to_dict() if config.init else None
+    parameters = freeze_backbone(model) if config.freeze_backbone else list(model.parameters())
+    model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
+    # num_workers=0: augmentation draws from the process's torch RNG, which is seeded and checkpointed.
     train_loader = DataLoader(
-        TorchSplit(dataset.train, dataset.color_mode, train_transform(spec)),
-        batch_size=config.batch_size, shuffle=True, generator=generator,
+        TorchSplit(dataset.train, dataset.color_mode,
+                   train_transform(spec, config.augment, flip=dataset.flip_invariant)),
+        batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=0,
     )
-    val_loader = DataLoader(
-        TorchSplit(dataset.val, dataset.color_mode, eval_transform(spec)), batch_size=2 * config.batch_size
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = config.epochs * len(train_loader)
-    warmup_steps = max(1, int(config.warmup_epochs * len(train_loader)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps)
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(spec)),
+                            batch_size=2 * config.batch_size)
+    optimizer = create_optimizer(parameters, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(train_loader) // config.accum_steps)
+    scheduler = create_scheduler(optimizer, config.schedule, lr=config.lr, epochs=config.epochs,
+                                 steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs,
+                                 step_size=config.step_size, gamma=config.gamma)
+    criterion = create_loss(config.loss, weight=weights.to(device) if weights is not None else None,
+                            label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma)
+    cutmix, mixup = config.mixing_alphas()
     meta = {
-        "arch": config.arch,
-        "num_classes": len(dataset.classes),
-        "in_channels": spec.channels,
-        "image_size": spec.image_size,
-        "classes": dataset.classes,
-        "preprocess": spec.to_dict(),
+        "arch": config.arch, "num_classes": num_classes, "in_channels": spec.channels,
+        "image_size": spec.image_size, "classes": dataset.classes, "preprocess": spec.to_dict(),
         "config": config.to_dict(),
+        "recipe": {"dropout": dropout, "cutmix": cutmix, "mixup": mixup, "device": device, "amp": amp,
+                   "class_weights": weights.tolist() if weights is not None else None,
+                   "steps_per_epoch": steps_per_epoch, "train_counts": train_counts, "init": init},
+    }
+    return _Run(config, dataset, spec, model, train_loader, val_loader, generator, optimizer, scheduler,
+                torch.amp.GradScaler("cuda", enabled=amp), criterion,
+                batch_mixer(num_classes, cutmix=cutmix, mixup=mixup), device, meta)
+
+
+def _tensorboard_writer(log_dir: Path | None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(str(log_dir)) if log_dir is not None else None
+
+
+def _restore(run: _Run, path: Path) -> tuple[int, list[dict], float, int]:
+    """Load last.pt's model, optimizer, scheduler and RNG state; returns (epoch, history, best acc, best epoch)."""
+    if not path.is_file():
+        raise TrainError(f"--resume: {path} does not exist (nothing to resume in {path.parent})")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        state = payload["resume"]
+        run.model.load_state_dict(payload["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], run.generator)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise TrainError(f"--resume: {path} cannot continue this run (other settings, or not written by "
+                         f"this builder): {str(e).splitlines()[0]}") from e
+    previous = payload["meta"].get("config", {})
+    changed = sorted(k for k in previous if k not in ("resume", "out_dir") and previous[k] != run.meta["config"].get(k))
+    if changed:
+        log.warning("resuming with different settings than the run started with: %s", ", ".join(changed))
+    return state["epoch"], list(state["history"]), state["best_accuracy"], state["best_epoch"]
+
+
+def _checkpoint(run: _Run, epoch: int, record: dict, history: list[dict], best: tuple[float, int]) -> dict:
+    return {
+        "model": run.model.state_dict(),
+        "meta": {**run.meta, "epoch": epoch, "val_accuracy": record["val_accuracy"]},
+        # last.pt only: what --resume needs. Loaders of trained models read "model" and "meta".
+        "resume": {"epoch": epoch, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                   "scaler": run.scaler.state_dict(), "history": history, "best_accuracy": best[0],
+                   "best_epoch": best[1], "rng": _rng_state(run.generator)},
     }
 
-    history, best_accuracy, start = [], -1.0, time.monotonic()
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        running_loss = seen = 0
-        with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(train_loader)) as advance:
-            for images, labels in train_loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = criterion(model(images), labels)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                running_loss += loss.item() * labels.numel()
-                seen += labels.numel()
-                advance(f"loss {running_loss / seen:.4f}")
-        val_accuracy = evaluate_accuracy(model, val_loader)
-        history.append(
-            {"epoch": epoch, "train_loss": running_loss / seen, "val_accuracy": val_accuracy,
-             "lr": scheduler.get_last_lr()[0]}
-        )
-        log.info("epoch %d: train loss %.4f, val accuracy %.4f", epoch, running_loss / seen, val_accuracy)
-        checkpoint = {"model": model.state_dict(), "meta": {**meta, "epoch": epoch, "val_accuracy": val_accuracy}}
-        _save(checkpoint, run_dir / "last.pt")
-        if val_accuracy > best_accuracy:
-            best_accuracy = val_accuracy
-            _save(checkpoint, run_dir / "best.pt")
-        (run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
 
-    return TrainResult(run_dir, run_dir / "best.pt", best_accuracy, config.epochs, time.monotonic() - start)
+def _write_records(run_dir: Path, history: list[dict]) -> None:
+    from .curves import plot_curves
+
+    (run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
+    plot_curves(history, run_dir / "curves.png")
+
+
+def train(config: TrainConfig, dataset: ImageDataset | None = None, *,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train a classifier; write best.pt, last.pt, metrics.json, config.json, datacheck.json and curves.png.
+
+    `on_epoch(record)` is called after each epoch's checkpoints are written, with that epoch's metrics;
+    an exception it raises (e.g. optuna.TrialPruned) ends the run and propagates.
+    """
+    seed_everything(config.seed)
+    run_dir = Path(config.out_dir)
+    with deterministic():
+        run = _prepare(config, dataset)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), **run.meta["recipe"],
+                                                         "preprocess": run.meta["preprocess"]}, indent=2))
+        report = check_dataset(run.dataset)
+        log_report(report)
+        report.write(run_dir / "datacheck.json")
+        start_epoch, history, best_accuracy, best_epoch = 0, [], -1.0, 0
+        if config.resume:
+            start_epoch, history, best_accuracy, best_epoch = _restore(run, run_dir / "last.pt")
+            log.info("resuming %s after epoch %d (best val accuracy %.4f)", run_dir, start_epoch, best_accuracy)
+        writer = _tensorboard_writer(run_dir / "tensorboard") if config.tensorboard else None
+        started = time.monotonic()
+        try:
+            stopped_early = _epochs(run, run_dir, start_epoch, history, [best_accuracy, best_epoch], writer, on_epoch)
+        finally:
+            if writer is not None:
+                writer.close()
+    _print_summary(history)
+    best = max(history, key=lambda h: h["val_accuracy"]) if history else {"val_accuracy": best_accuracy}
+    return TrainResult(run_dir, run_dir / "best.pt", best["val_accuracy"], len(history),
+                       time.monotonic() - started, history, stopped_early)
+
+
+def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], best: list, writer,
+            on_epoch: Callable[[dict], None] | None) -> bool:
+    """Epochs `start_epoch + 1 .. config.epochs`; returns whether early stopping ended them."""
+    config = run.config
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        if config.patience and epoch - 1 - best[1] >= config.patience:
+            log.info("early stop: no better val accuracy for %d epochs (best %.4f at epoch %d)",
+                     config.patience, best[0], best[1])
+            return True
+        started = time.monotonic()
+        with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(run.train_loader)) as advance:
+            record = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.criterion,
+                                     accum_steps=config.accum_steps, clip_grad=config.clip_grad, mixer=run.mixer,
+                                     device=run.device, scaler=run.scaler, frozen_backbone=config.freeze_backbone,
+                                     advance=advance)
+        record = {"epoch": epoch, **record, **evaluate_loader(run.model, run.val_loader, len(run.dataset.classes),
+                                                              run.device),
+                  "seconds": round(time.monotonic() - started, 2)}
+        history.append(record)
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch, record["train_loss"],
+                 record["val_loss"], record["val_accuracy"])
+        improved = record["val_accuracy"] > best[0]
+        if improved:
+            best[:] = [record["val_accuracy"], epoch]
+        checkpoint = _checkpoint(run, epoch, record, history, (best[0], best[1]))
+        _save(checkpoint, run_dir / "last.pt")
+        if improved:
+            _save({"model": checkpoint["model"], "meta": checkpoint["meta"]}, run_dir / "best.pt")
+        _write_records(run_dir, history)
+        if writer is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, epoch)
+            writer.flush()
+        if on_epoch is not None:
+            on_epoch(record)
+    return False
+
+
+def _print_summary(history: list[dict]) -> None:
+    if not history:
+        return
+    best = max(history, key=lambda h: h["val_accuracy"])["epoch"]
+    columns = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_recall", "lr")
+    try:
+        from rich.table import Table
+    except ImportError:
+        for record in history:
+            print("  ".join(f"{c} {record[c]:.4g}" for c in columns), file=console.file)
+        return
+    table = Table(title="training summary (* best)")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right")
+    for record in history:
+        table.add_row(f"{record['epoch']}{'*' if record['epoch'] == best else ''}",
+                      *(f"{record[c]:.4f}" if c != "lr" else f"{record[c]:.2e}" for c in columns[1:]))
+    console.print(table)
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:

@@ -41,6 +41,8 @@ class PreprocessSpec:
     std: tuple[float, ...]
     color_mode: str = "RGB"
     interpolation: str = "bilinear"
+    # Histogram equalization of the model-sized image (Pillow's ImageOps.equalize, per channel).
+    equalize: bool = False
     layout: str = field(default="NCHW", init=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +82,7 @@ class PreprocessSpec:
             std=tuple(float(v) for v in data["std"]),
             color_mode=str(data.get("color_mode", "RGB")),
             interpolation=str(data.get("interpolation", "bilinear")),
+            equalize=_flag(data.get("equalize", False)),
         )
 
     def to_parameters(self) -> dict[str, str]:
@@ -102,6 +105,15 @@ class PreprocessSpec:
         values["mean"] = json.loads(values["mean"])
         values["std"] = json.loads(values["std"])
         return cls.from_dict(values)
+
+
+def _flag(value) -> bool:
+    # Triton parameters are strings: "True"/"False" come back from to_parameters().
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"equalize must be true or false, got {value!r}")
+        return value.strip().lower() in ("true", "1")
+    return bool(value)
 
 
 # Only these decoders are reachable from a request: bugs in Pillow's rarer format plugins stay out of reach.
@@ -148,7 +160,7 @@ def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
 
 
 def to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """Color conversion, resize of the shorter side and center crop: the geometric half of the transform."""
+    """Color conversion, resize of the shorter side, center crop and (if the spec asks) equalization."""
     mode = "L" if spec.color_mode == "L" else "RGB"
     if image.mode != mode:
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -164,7 +176,8 @@ def to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     width, height = image.size
     top = int(round((height - spec.image_size) / 2.0))
     left = int(round((width - spec.image_size) / 2.0))
-    return image.crop((left, top, left + spec.image_size, top + spec.image_size))
+    image = image.crop((left, top, left + spec.image_size, top + spec.image_size))
+    return ImageOps.equalize(image) if spec.equalize else image
 
 
 def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

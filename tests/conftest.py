@@ -39,3 +39,15 @@ def photos(tmp_path_factory) -> list[Path]:
     Image.open(PHOTO_DIR / "coffee.png").transpose(Image.Transpose.ROTATE_90).save(portrait, "JPEG")
     paths.append(portrait)
     return paths
+
+
+@pytest.fixture(scope="session")
+def small_digits():
+    """A 200/80-image slice of the digits split: enough to train at 8x8 for an epoch in about a second."""
+    import dataclasses
+
+    from builder.data import Split, load_dataset
+
+    full = load_dataset("digits")
+    return dataclasses.replace(full, train=Split(full.train.images[:200], full.train.labels[:200]),
+                               val=Split(full.val.images[:80], full.val.labels[:80]))

@@ -98,3 +98,50 @@ def test_small_inputs_keep_their_resolution_through_the_stem(arch):
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 4)
     first = model.conv1 if arch.startswith("resnet") else model.features[0][0]
     assert first.stride == (1, 1) and first.in_channels == 1
+
+
+@pytest.mark.parametrize("source", ["digits", "shapes:per_class=4,size=20"])
+@pytest.mark.parametrize("equalize", [False, True])
+def test_gateway_preprocessing_equals_the_training_eval_transform(source, equalize):
+    from server.preprocess import PreprocessSpec, preprocess
+
+    from builder.train import eval_transform
+
+    dataset = load_dataset(source)
+    spec = resolve_spec(dataset, image_size=16, equalize=equalize)
+    # Through the gateway's own spec transport: Triton's string parameters.
+    served = PreprocessSpec.from_parameters(spec.to_parameters())
+    assert served == spec and served.equalize is equalize
+    transform = eval_transform(spec)
+    for image in dataset.val.images[:8]:
+        expected = preprocess(image, served)
+        assert expected.shape == spec.input_shape
+        np.testing.assert_array_equal(transform(image).numpy(), expected)
+
+
+def test_equalization_changes_the_input_and_is_off_for_old_specs():
+    from server.preprocess import PreprocessSpec, preprocess
+
+    image = load_dataset("shapes:per_class=2,size=16").train.images[0]
+    plain = PreprocessSpec.from_dict({"image_size": 16, "resize_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+    assert plain.equalize is False
+    equalized = PreprocessSpec(16, 16, (0.5,) * 3, (0.25,) * 3, equalize=True)
+    assert not np.array_equal(preprocess(image, plain), preprocess(image, equalized))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--class-weights", "1,2"], "--class-weights has 2 value(s) but the dataset has 10 classes"),
+    (["--init", "missing.pt"], "--init checkpoint missing.pt does not exist"),
+    (["--params", "missing.json"], "params file missing.json cannot be read"),
+    (["--dataset", "shapes:sides=3"], "unknown option 'sides'"),
+    (["--dataset", "digits", "--shapes-imbalance", "3"], "--shapes-* options apply to --dataset shapes"),
+    (["--mean", "0.5", "0.5"], "--mean needs 1 value(s)"),
+    (["--dropout", "1.5"], "dropout must be in [0, 1)"),
+])
+def test_bad_training_settings_are_one_line_errors(capsys, tmp_path, args, message):
+    from builder.cli import main
+
+    assert main(["train", "--image-size", "8", "--epochs", "1", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("builder train: error:") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
