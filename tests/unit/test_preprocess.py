@@ -34,6 +34,24 @@ def test_preprocess_equals_torchvision_reference_eval_transform_on_real_photos(p
         assert np.max(np.abs(ours - expected)) <= (1 / 255) / min(spec.std) + 1e-6, path.name
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(8, 8), (31, 97), (224, 224), (257, 256), (640, 203), (1001, 777)])
+def test_cropped_resize_equals_resize_then_crop_on_odd_sizes_and_upscaling(photos, size, interpolation):
+    # The gateway resizes only the region the crop keeps; torchvision resizes the whole image first.
+    image = decode_image(photos[0].read_bytes()).convert("RGB").resize(size)
+    for spec in (PreprocessSpec(24, 32, (0.5,) * 3, (0.25,) * 3, interpolation=interpolation),
+                 PreprocessSpec(224, 256, (0.5,) * 3, (0.25,) * 3, interpolation=interpolation),
+                 PreprocessSpec(20, 20, (0.5,), (0.25,), color_mode="L", interpolation=interpolation)):
+        mode = transforms.InterpolationMode.BICUBIC if interpolation == "bicubic" else transforms.InterpolationMode.BILINEAR
+        reference = transforms.Compose([transforms.Resize(spec.resize_size, interpolation=mode),
+                                        transforms.CenterCrop(spec.image_size), transforms.ToTensor(),
+                                        transforms.Normalize(spec.mean, spec.std)])
+        expected = reference(image.convert(spec.color_mode)).numpy()
+        ours = preprocess(image, spec)
+        assert ours.shape == expected.shape
+        assert np.max(np.abs(ours - expected)) <= (1 / 255) / min(spec.std) + 1e-6, (size, spec)
+
+
 def test_grayscale_spec_converts_color_photos_to_one_channel(photos):
     spec = PreprocessSpec(32, 32, (0.3,), (0.3,), color_mode="L")
     tensor = preprocess_bytes(photos[0].read_bytes(), spec)
