@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Mapping
 
 import numpy as np
@@ -184,16 +185,27 @@ def to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     return ImageOps.equalize(image) if spec.equalize else image
 
 
+@lru_cache(maxsize=64)
+def _level_table(spec: PreprocessSpec) -> np.ndarray:
+    """channels x 256: the normalized value of every 8-bit level, (level / 255 - mean) / std."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = np.asarray(spec.mean, dtype=np.float64), np.asarray(spec.std, dtype=np.float64)
+    return ((levels[None, :] - mean[:, None]) / std[:, None]).astype(np.float32)
+
+
 def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """HWC or HW uint8 pixels -> CHW float32, scaled to [0, 1] and normalized in one pass."""
+    """HWC or HW uint8 pixels -> CHW float32, scaled to [0, 1] and normalized by table look-up."""
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"normalize takes 8-bit pixels, not {pixels.dtype}")
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if spec.color_mode == "BGR":
         pixels = pixels[:, :, ::-1]
-    scale = (1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32)))
-    offset = (np.asarray(spec.mean, dtype=np.float32) / np.asarray(spec.std, dtype=np.float32))
-    chw = pixels.transpose(2, 0, 1).astype(np.float32)
-    return chw * scale[:, None, None] - offset[:, None, None]
+    table = _level_table(spec)
+    out = np.empty((pixels.shape[2], pixels.shape[0], pixels.shape[1]), dtype=np.float32)
+    for channel in range(pixels.shape[2]):
+        np.take(table[channel], pixels[:, :, channel], out=out[channel])
+    return out
 
 
 def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
