@@ -267,7 +267,7 @@ def _alphas(text: str) -> float:
 _RECIPE_FIELDS = (
     "dataset", "arch", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing",
     "image_size", "val_fraction", "seed", "dropout", "init", "freeze_backbone", "mean", "std", "equalize",
-    "augment", "cutmix", "mixup", "loss", "class_weights", "focal_gamma", "optimizer", "schedule", "step_size",
+    "augment", "cutmix", "mixup", "loss", "class_weights", "class_weights_start", "focal_gamma", "optimizer", "schedule", "step_size",
     "gamma", "accum_steps", "clip_grad", "amp", "patience", "resume", "tensorboard",
 )
 
@@ -305,6 +305,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mixup", "MixUp alpha, 0 = off (strong preset: 0.2)", type=_alphas)
     add("--loss", "ce (cross-entropy) or focal", choices=("ce", "focal"))
     add("--class-weights", "none, auto (inverse training frequency) or w1,w2,... one per class")
+    add("--class-weights-start", "first epoch with the class weights; later defers re-weighting until the "
+        "features are learned", type=_positive_int)
     add("--label-smoothing", "label smoothing", type=float)
     add("--focal-gamma", "focal loss focusing parameter", type=float)
     add("--optimizer", "adamw, or sgd (momentum 0.9, Nesterov)", choices=OPTIMIZERS)

@@ -80,6 +80,9 @@ class TrainConfig:
     # loss
     loss: str = "ce"  # ce | focal
     class_weights: str = "none"  # none | auto | w1,w2,...
+    # First epoch trained with the class weights. Later than 1 defers re-weighting until the features are
+    # learned from every image at equal weight (deferred re-weighting, Cao et al. 2019).
+    class_weights_start: int = 1
     focal_gamma: float = 2.0
     # optimization
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, Nesterov)
@@ -126,6 +129,7 @@ class TrainConfig:
             (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be positive"),
             (self.patience is None or self.patience >= 1, "patience must be at least 1"),
+            (self.class_weights_start >= 1, "class_weights_start must be at least 1"),
             (self.image_size is None or self.image_size >= 1, "image_size must be at least 1"),
         ]
         for ok, message in problems:
@@ -383,6 +387,7 @@ class _Run:
     scheduler: object
     scaler: torch.amp.GradScaler
     criterion: nn.Module
+    class_weights: torch.Tensor | None
     mixer: object
     device: str
     meta: dict
@@ -420,7 +425,8 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
     scheduler = create_scheduler(optimizer, config.schedule, lr=config.lr, epochs=config.epochs,
                                  steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs,
                                  step_size=config.step_size, gamma=config.gamma)
-    criterion = create_loss(config.loss, weight=weights.to(device) if weights is not None else None,
+    weights = weights.to(device) if weights is not None else None
+    criterion = create_loss(config.loss, weight=weights if config.class_weights_start <= 1 else None,
                             label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma)
     cutmix, mixup = config.mixing_alphas()
     meta = {
@@ -432,7 +438,7 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
                    "steps_per_epoch": steps_per_epoch, "train_counts": train_counts, "init": init},
     }
     return _Run(config, dataset, spec, model, train_loader, val_loader, generator, optimizer, scheduler,
-                torch.amp.GradScaler("cuda", enabled=amp), criterion,
+                torch.amp.GradScaler("cuda", enabled=amp), criterion, weights,
                 batch_mixer(num_classes, cutmix=cutmix, mixup=mixup), device, meta)
 
 
@@ -528,6 +534,8 @@ def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], bes
                      config.patience, best[0], best[1])
             return True
         started = time.monotonic()
+        # Both losses keep their weights in a `weight` buffer; None is plain (unweighted) averaging.
+        run.criterion.weight = run.class_weights if epoch >= config.class_weights_start else None
         with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(run.train_loader)) as advance:
             record = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.criterion,
                                      accum_steps=config.accum_steps, clip_grad=config.clip_grad, mixer=run.mixer,

@@ -187,6 +187,27 @@ def test_a_run_writes_metrics_curves_datacheck_and_a_loadable_checkpoint(tmp_pat
     assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10) and meta["recipe"]["class_weights"]
 
 
+def test_deferred_class_weights_apply_from_their_start_epoch_only(tmp_path, small_digits, monkeypatch):
+    import builder.train as train_module
+
+    seen = []
+    original = train_module.train_one_epoch
+
+    def recording(model, loader, optimizer, scheduler, criterion, **kwargs):
+        seen.append(None if criterion.weight is None else criterion.weight.clone())
+        return original(model, loader, optimizer, scheduler, criterion, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", recording)
+    result = train(small_config(tmp_path, "drw", epochs=3, class_weights="auto", class_weights_start=3),
+                   small_digits)
+    counts = [list(small_digits.train.labels).count(c) for c in range(10)]
+    assert seen[0] is None and seen[1] is None
+    assert torch.allclose(seen[2], inverse_frequency_weights(counts))
+    assert result.epochs == 3
+    with pytest.raises(TrainError, match="class_weights_start"):
+        TrainConfig(class_weights_start=0)
+
+
 def test_params_file_is_validated(tmp_path):
     good = tmp_path / "best.json"
     good.write_text(json.dumps({"params": {"lr": 0.01, "augment": "none"}}))
