@@ -141,7 +141,9 @@ def decode_image(
         if draft_size and image.format == "JPEG":
             image.draft(image.mode, (draft_size, draft_size))
         image.load()
-        return ImageOps.exif_transpose(image)
+        # In place: without an orientation tag, the copying variant would copy every pixel for nothing.
+        ImageOps.exif_transpose(image, in_place=True)
+        return image
     except ImageTooLargeError:
         raise
     except Image.DecompressionBombError as e:
