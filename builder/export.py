@@ -70,7 +70,8 @@ def export_onnx(checkpoint: Path, output: Path, *, parity_images: int = 32, simp
     return export_model(model, meta, output, parity=batch, source=checkpoint, simplify=simplify)
 
 
-def _to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> onnx.ModelProto:
+def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> onnx.ModelProto:
+    """TorchScript export with a dynamic batch axis and the project's tensor names; the loaded graph."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         # In eval mode the exporter folds each BatchNorm into the convolution before it.
@@ -122,7 +123,7 @@ def export_model(model: torch.nn.Module, meta: dict, output: Path, *, parity: to
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     try:
-        proto = _to_onnx(model, parity[:1], tmp)
+        proto = torch_to_onnx(model, parity[:1], tmp)
         if simplify:
             proto = simplify_graph(proto)
         set_metadata(proto, onnx_metadata(meta, source))

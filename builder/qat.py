@@ -44,7 +44,7 @@ from server.preprocess import PreprocessSpec
 from .data import ImageDataset, TorchSplit
 from .errors import BuilderError
 from .evaluate import dataset_recipe, load_run_dataset
-from .export import INPUT_NAME, OPSET, OUTPUT_NAME, onnx_metadata, set_metadata, simplify_graph
+from .export import INPUT_NAME, OUTPUT_NAME, onnx_metadata, set_metadata, simplify_graph, torch_to_onnx
 from .progress import progress_bar
 from .prune import load_model
 from .train import eval_transform, evaluate_accuracy, seed_everything, train_transform, warmup_cosine
@@ -349,14 +349,8 @@ def _scalar_quantization_parameters(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> onnx.ModelProto:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            model.eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
-    proto = _drop_relu_before_quantize(_quantize_weights(onnx.load(str(path))))
+    """The fake-quantized model as QDQ ONNX: weights stored as INT8, the graph simplified and checked."""
+    proto = _drop_relu_before_quantize(_quantize_weights(torch_to_onnx(model, example, path)))
     # onnxslim drops the Identity nodes (shared zero points) and keeps the QDQ pairs.
     proto = _scalar_quantization_parameters(simplify_graph(proto))
     onnx.checker.check_model(proto)
