@@ -6,6 +6,7 @@ No container is started. Where the real validators are installed (`docker-compos
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -481,6 +482,22 @@ def test_dashboard_queries_parse_with_promtool(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- kubernetes
+
+# The manifests use only long-stable APIs (apps/v1, autoscaling/v2); checked against this release's schema.
+K8S_VERSION = "1.32.0"
+
+
+def test_k8s_manifests_validate_against_the_kubernetes_schema_strictly(k8s):
+    import kubernetes_validate
+
+    for manifest in k8s.values():
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)  # raises on any unknown or bad field
+    # The validator does look: a misspelt field in the gateway's container is refused.
+    broken = copy.deepcopy(k8s[("Deployment", "gateway")])
+    container(broken)["readinesProbe"] = container(broken).pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
 
 def test_k8s_manifests_have_the_expected_objects(k8s):
     assert set(k8s) == {("PersistentVolumeClaim", "model-repository"), ("Deployment", "triton"),
