@@ -1,9 +1,12 @@
 # The gateway alone: pyproject's base dependencies, no torch, no training code.
 FROM python:3.11-slim
 
+# The malloc thresholds keep the per-request 600 KB buffers on the heap (see server/launcher.py).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MALLOC_MMAP_THRESHOLD_=16777216 \
+    MALLOC_TRIM_THRESHOLD_=67108864
 
 # Numeric uid, so Kubernetes' runAsNonRoot can verify it.
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin gateway

@@ -265,6 +265,12 @@ class TritonServer(_ManagedProcess):
         log.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
 
 
+# Every request allocates and frees several 600 KB buffers (the normalized image, the batch, the gRPC
+# message). Above glibc's mmap threshold each one is a fresh mapping whose pages fault in again; kept
+# on the heap they are reused. docker/gateway.Dockerfile sets the same; the environment overrides both.
+GATEWAY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
+
 @dataclass
 class GatewayProcess(_ManagedProcess):
     """The gateway under uvicorn, in its own process, configured through the environment."""
@@ -284,12 +290,15 @@ class GatewayProcess(_ManagedProcess):
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def environment(self) -> dict[str, str]:
+        """This process's environment plus `env`, over the gateway's allocator defaults."""
+        return {**GATEWAY_MALLOC_ENV, **os.environ, **self.env}
+
     def start(self) -> None:
         # The stock asyncio loop: grpc.aio, which carries every Triton call, does not support uvloop.
         command = [
             sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory",
             "--host", self.host, "--port", str(self.port), "--log-level", "warning", "--loop", "asyncio",
         ]
-        env = {**os.environ, **self.env}
-        self._spawn(command, env)
+        self._spawn(command, self.environment())
         self._wait_until(f"{self.url}/healthz", self.startup_timeout_s)

@@ -395,6 +395,14 @@ def test_gateway_image_runs_the_app_factory_as_non_root(services):
     assert callable(create_app)
 
 
+def test_gateway_image_sets_the_allocator_thresholds_of_the_local_gateway():
+    from server.launcher import GATEWAY_MALLOC_ENV
+
+    env = dict(pair.split("=", 1) for word, args in dockerfile_instructions(DOCKER / "gateway.Dockerfile")
+               if word == "ENV" for pair in shlex.split(args))
+    assert {key: env.get(key) for key in GATEWAY_MALLOC_ENV} == GATEWAY_MALLOC_ENV
+
+
 def test_base_dependencies_contain_no_torch():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[\s\[<>=!~;]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
