@@ -267,8 +267,8 @@ def _alphas(text: str) -> float:
 _RECIPE_FIELDS = (
     "dataset", "arch", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing",
     "image_size", "val_fraction", "seed", "dropout", "init", "freeze_backbone", "mean", "std", "equalize",
-    "augment", "cutmix", "mixup", "loss", "class_weights", "class_weights_start", "focal_gamma", "optimizer", "schedule", "step_size",
-    "gamma", "accum_steps", "clip_grad", "amp", "patience", "resume", "tensorboard",
+    "augment", "cutmix", "mixup", "loss", "class_weights", "class_weights_start", "focal_gamma", "optimizer",
+    "schedule", "step_size", "gamma", "accum_steps", "clip_grad", "amp", "patience", "resume", "tensorboard",
 )
 
 

@@ -426,8 +426,8 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
                                  steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs,
                                  step_size=config.step_size, gamma=config.gamma)
     weights = weights.to(device) if weights is not None else None
-    criterion = create_loss(config.loss, weight=weights if config.class_weights_start <= 1 else None,
-                            label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma)
+    # Unweighted here: each epoch sets the class weights it trains with (see `_epochs`).
+    criterion = create_loss(config.loss, label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma)
     cutmix, mixup = config.mixing_alphas()
     meta = {
         "arch": config.arch, "num_classes": num_classes, "in_channels": spec.channels,

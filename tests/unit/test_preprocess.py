@@ -39,10 +39,10 @@ def test_preprocess_equals_torchvision_reference_eval_transform_on_real_photos(p
 def test_cropped_resize_equals_resize_then_crop_on_odd_sizes_and_upscaling(photos, size, interpolation):
     # The gateway resizes only the region the crop keeps; torchvision resizes the whole image first.
     image = decode_image(photos[0].read_bytes()).convert("RGB").resize(size)
+    mode = transforms.InterpolationMode.BICUBIC if interpolation == "bicubic" else transforms.InterpolationMode.BILINEAR
     for spec in (PreprocessSpec(24, 32, (0.5,) * 3, (0.25,) * 3, interpolation=interpolation),
                  PreprocessSpec(224, 256, (0.5,) * 3, (0.25,) * 3, interpolation=interpolation),
                  PreprocessSpec(20, 20, (0.5,), (0.25,), color_mode="L", interpolation=interpolation)):
-        mode = transforms.InterpolationMode.BICUBIC if interpolation == "bicubic" else transforms.InterpolationMode.BILINEAR
         reference = transforms.Compose([transforms.Resize(spec.resize_size, interpolation=mode),
                                         transforms.CenterCrop(spec.image_size), transforms.ToTensor(),
                                         transforms.Normalize(spec.mean, spec.std)])
