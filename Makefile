@@ -38,7 +38,7 @@ test: install system-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m benchmarks.gateway --duration $(or $(BENCH_SECONDS),10)
+	$(PY) -m benchmarks.gateway --duration $(or $(BENCH_SECONDS),6) --rounds $(or $(BENCH_ROUNDS),3)
 
 serve: install
 	$(PY) -m server --repository $(REPOSITORY)

@@ -5,7 +5,11 @@ depend on the weights) it measures:
   1. the model-only ceiling: ONNX Runtime in this process, batch 8;
   2. Triton direct over gRPC with preprocessed tensors, one image per request;
   3. the gateway end to end, JPEG in and top-5 out, one image per request;
-2 and 3 at concurrency 1, 4 and 16, each for a fixed duration. Prints a table and writes JSON.
+2 and 3 at concurrency 1, 4 and 16, each for a fixed duration. Every measurement is repeated in
+several rounds, interleaved (ceiling, then Triton direct and the gateway at each concurrency, the order of
+the two alternating between rounds), so that a burst of load from elsewhere on a shared machine hits both
+sides of a comparison. The table gives the median throughput over the rounds with its range, and p50 and
+p99 over every request of every round. Prints the table and writes JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -29,7 +33,7 @@ from rich.table import Table
 
 from builder.models import create_model
 from builder.publish import PublishSettings, publish
-from server.launcher import free_port
+from server.launcher import GatewayProcess, TritonServer, free_port
 from server.preprocess import PreprocessSpec, preprocess_bytes
 from server.settings import TritonSettings
 from server.stack import local_stack
@@ -40,13 +44,60 @@ MODEL = "resnet18"
 
 
 @dataclass
+class Run:
+    """One measurement: how many requests (or batches) were answered in how long, and each latency."""
+
+    images: int
+    seconds: float
+    latencies_s: list[float]
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds each served process spent meanwhile
+
+
+@dataclass
 class Result:
     path: str
     concurrency: int
     requests: int
-    images_per_s: float
-    p50_ms: float
+    images_per_s: float  # the median over the rounds
+    p50_ms: float  # over every request of every round
     p99_ms: float
+    images_per_s_min: float
+    images_per_s_max: float
+    rounds: int
+    cpu_ms_per_image: dict[str, float] = field(default_factory=dict)
+
+
+def summarize(path: str, concurrency: int, runs: list[Run]) -> Result:
+    rates = [run.images / run.seconds for run in runs]
+    latencies = [latency for run in runs for latency in run.latencies_s]
+    images = sum(run.images for run in runs)
+    cpu = {name: 1e3 * sum(run.cpu_s.get(name, 0.0) for run in runs) / images for name in runs[0].cpu_s}
+    return Result(path, concurrency, sum(len(run.latencies_s) for run in runs), float(np.median(rates)),
+                  percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3, min(rates), max(rates),
+                  len(runs), cpu)
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants (Triton's backend stubs), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in os.listdir(f"/proc/{current}/task"):
+                pending += [int(c) for c in Path(f"/proc/{current}/task/{task}/children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue  # a process that exited meanwhile, or no /proc: it counts nothing
+    return total
+
+
+async def with_cpu(processes: dict[str, int], measurement) -> Run:
+    before = {name: process_tree_cpu_s(pid) for name, pid in processes.items()}
+    run = await measurement
+    run.cpu_s = {name: process_tree_cpu_s(pid) - before[name] for name, pid in processes.items()}
+    return run
 
 
 def sample_jpegs() -> list[bytes]:
@@ -79,8 +130,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def model_ceiling(onnx_path: Path, tensors: list[np.ndarray], duration_s: float) -> Result:
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+def model_ceiling(session: ort.InferenceSession, tensors: list[np.ndarray], duration_s: float) -> Run:
     batch = np.stack([tensors[i % len(tensors)] for i in range(8)])
     session.run(None, {"input": batch})
     latencies, deadline = [], time.perf_counter() + duration_s
@@ -88,11 +138,10 @@ def model_ceiling(onnx_path: Path, tensors: list[np.ndarray], duration_s: float)
         started = time.perf_counter()
         session.run(None, {"input": batch})
         latencies.append(time.perf_counter() - started)
-    return Result("model only (ORT, batch 8)", 1, len(latencies), 8 * len(latencies) / sum(latencies),
-                  percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3)
+    return Run(8 * len(latencies), sum(latencies), latencies)
 
 
-async def closed_loop(call, concurrency: int, duration_s: float) -> tuple[int, float, list[float]]:
+async def closed_loop(call, concurrency: int, duration_s: float) -> Run:
     """`concurrency` workers, each sending its next request when the last one is answered."""
     latencies: list[float] = []
     deadline = time.perf_counter() + duration_s
@@ -107,10 +156,10 @@ async def closed_loop(call, concurrency: int, duration_s: float) -> tuple[int, f
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return len(latencies), time.perf_counter() - started, latencies
+    return Run(len(latencies), time.perf_counter() - started, latencies)
 
 
-async def triton_direct(grpc_url: str, tensors: list[np.ndarray], concurrency: int, duration_s: float) -> Result:
+async def triton_direct(grpc_url: str, tensors: list[np.ndarray], concurrency: int, duration_s: float) -> Run:
     import tritonclient.grpc.aio as grpcclient
 
     client = grpcclient.InferenceServerClient(grpc_url)
@@ -123,14 +172,12 @@ async def triton_direct(grpc_url: str, tensors: list[np.ndarray], concurrency: i
 
     try:
         await call(0)
-        count, elapsed, latencies = await closed_loop(call, concurrency, duration_s)
+        return await closed_loop(call, concurrency, duration_s)
     finally:
         await client.close()
-    return Result("Triton gRPC (tensors)", concurrency, count, count / elapsed,
-                  percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3)
 
 
-async def gateway_end_to_end(url: str, jpegs: list[bytes], concurrency: int, duration_s: float) -> Result:
+async def gateway_end_to_end(url: str, jpegs: list[bytes], concurrency: int, duration_s: float) -> Run:
     # aiohttp (tritonclient's HTTP transport) rather than httpx: a GET /healthz round trip costs it 0.2 ms
     # here against httpx's 0.6 ms, and the client's own overhead is not the gateway's.
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -142,29 +189,43 @@ async def gateway_end_to_end(url: str, jpegs: list[bytes], concurrency: int, dur
                 response.raise_for_status()
 
         await call(0)
-        count, elapsed, latencies = await closed_loop(call, concurrency, duration_s)
-    return Result("gateway (JPEG in, top-5 out)", concurrency, count, count / elapsed,
-                  percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3)
+        return await closed_loop(call, concurrency, duration_s)
 
 
-async def measure_served(grpc_url: str, gateway_url: str, tensors: list[np.ndarray], jpegs: list[bytes],
-                         args: argparse.Namespace, console: Console) -> list[Result]:
-    results = []
-    for concurrency in args.concurrency:
-        console.print(f"measuring concurrency {concurrency} ...")
-        results.append(await triton_direct(grpc_url, tensors, concurrency, args.duration))
-        results.append(await gateway_end_to_end(gateway_url, jpegs, concurrency, args.duration))
-    return results
+CEILING, TRITON, GATEWAY = "model only (ORT, batch 8)", "Triton gRPC (tensors)", "gateway (JPEG in, top-5 out)"
+
+
+async def measure(session: ort.InferenceSession, triton: TritonServer, gateway: GatewayProcess,
+                  tensors: list[np.ndarray], jpegs: list[bytes], args: argparse.Namespace,
+                  console: Console) -> list[Result]:
+    processes = {"Triton": triton.pid, "gateway": gateway.pid}
+    runs: dict[tuple[str, int], list[Run]] = {}
+    for round_ in range(args.rounds):
+        console.print(f"round {round_ + 1} of {args.rounds}: the ceiling, then concurrency "
+                      f"{', '.join(map(str, args.concurrency))} ...")
+        # Triton idles meanwhile: the in-process session has the cores to itself.
+        runs.setdefault((CEILING, 1), []).append(model_ceiling(session, tensors, args.duration))
+        for concurrency in args.concurrency:
+            sides = [(TRITON, lambda: triton_direct(triton.grpc_url, tensors, concurrency, args.duration)),
+                     (GATEWAY, lambda: gateway_end_to_end(gateway.url, jpegs, concurrency, args.duration))]
+            for path, run in sides if round_ % 2 == 0 else reversed(sides):
+                runs.setdefault((path, concurrency), []).append(await with_cpu(processes, run()))
+    order = [(CEILING, 1)] + [(path, c) for c in args.concurrency for path in (TRITON, GATEWAY)]
+    return [summarize(path, concurrency, runs[(path, concurrency)]) for path, concurrency in order]
 
 
 def report(results: list[Result], console: Console) -> None:
     ceiling = results[0].images_per_s
     table = Table(title="Gateway benchmark: ResNet-18 224x224 FP32 on this machine's CPU")
-    for column in ("path", "concurrency", "requests", "images/s", "p50 ms", "p99 ms", "% of ceiling"):
+    for column in ("path", "concurrency", "requests", "images/s", "range", "p50 ms", "p99 ms", "% of ceiling",
+                   "Triton CPU ms/image", "gateway CPU ms/image"):
         table.add_column(column, justify="right" if column != "path" else "left")
     for r in results:
-        table.add_row(r.path, str(r.concurrency), str(r.requests), f"{r.images_per_s:.1f}", f"{r.p50_ms:.1f}",
-                      f"{r.p99_ms:.1f}", f"{100 * r.images_per_s / ceiling:.0f}%")
+        cpu = [f"{r.cpu_ms_per_image[name]:.1f}" if name in r.cpu_ms_per_image else "-"
+               for name in ("Triton", "gateway")]
+        table.add_row(r.path, str(r.concurrency), str(r.requests), f"{r.images_per_s:.1f}",
+                      f"{r.images_per_s_min:.0f}-{r.images_per_s_max:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
+                      f"{100 * r.images_per_s / ceiling:.0f}%", *cpu)
     console.print(table)
     by_key = {(r.path.split()[0], r.concurrency): r for r in results}
     # The target lines need their runs; a --concurrency list without 1 or 16 leaves them out.
@@ -179,6 +240,7 @@ def report(results: list[Result], console: Console) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="times each measurement is repeated, interleaved")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/gateway.json"))
     parser.add_argument("--jpeg-draft", action="store_true", help="let the gateway decode JPEGs at reduced scale")
@@ -190,7 +252,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.jpeg_draft:
         os.environ["GATEWAY_JPEG_DRAFT"] = "true"  # the gateway process inherits the environment
-    console = Console(width=120)
+    console = Console(width=150)
     jpegs = sample_jpegs()
     tensors = [preprocess_bytes(j, IMAGENET) for j in jpegs]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -201,11 +263,10 @@ def main() -> int:
                                          intra_op_threads=args.intra_op_threads))
         settings = TritonSettings(model_repository=str(folder / "repo"), http_port=free_port(),
                                   grpc_port=free_port(), metrics_port=free_port(), cache_dir=str(folder / "cache"))
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         with local_stack(settings, gateway_port=free_port()) as (triton, gateway):
             # One event loop for every measurement: grpc.aio is bound to the loop it first ran on.
-            served = asyncio.run(measure_served(triton.grpc_url, gateway.url, tensors, jpegs, args, console))
-        console.print("measuring the model-only ceiling ...")
-        results = [model_ceiling(onnx_path, tensors, args.duration), *served]
+            results = asyncio.run(measure(session, triton, gateway, tensors, jpegs, args, console))
     report(results, console)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps([asdict(r) for r in results], indent=2))

@@ -1,0 +1,73 @@
+"""The gateway bench's arithmetic: medians over rounds, pooled percentiles, and the target lines."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from rich.console import Console
+
+from benchmarks.gateway import CEILING, GATEWAY, TRITON, Run, process_tree_cpu_s, report, summarize
+
+
+def test_summary_takes_the_median_rate_and_pools_latencies_over_rounds():
+    runs = [Run(100, 1.0, [0.010] * 100), Run(50, 1.0, [0.030] * 50), Run(90, 1.0, [0.020] * 90)]
+    result = summarize(GATEWAY, 16, runs)
+    assert result.images_per_s == pytest.approx(90.0)  # the median, not the mean (80)
+    assert (result.images_per_s_min, result.images_per_s_max) == (50.0, 100.0)
+    assert result.requests == 240 and result.rounds == 3
+    assert result.p50_ms == pytest.approx(20.0)  # the middle of all 240 latencies
+    assert result.p99_ms == pytest.approx(30.0)
+
+
+def test_report_states_both_targets_against_the_ceiling():
+    results = [
+        summarize(CEILING, 1, [Run(800, 6.0, [0.06] * 100)]),  # 133.3 images/s
+        summarize(TRITON, 1, [Run(80, 1.0, [0.012] * 80)]),
+        summarize(GATEWAY, 1, [Run(60, 1.0, [0.0165] * 60)]),
+        summarize(TRITON, 16, [Run(110, 1.0, [0.14] * 110)]),
+        summarize(GATEWAY, 16, [Run(100, 1.0, [0.16] * 100)]),
+    ]
+    out = io.StringIO()
+    report(results, Console(file=out, width=200))
+    text = out.getvalue()
+    assert "concurrency 16: 75% of the model-only ceiling" in text
+    assert "Triton direct p50: 4.5 ms" in text
+
+
+def test_report_leaves_out_target_lines_without_their_runs():
+    results = [summarize(CEILING, 1, [Run(800, 6.0, [0.06] * 100)]),
+               summarize(TRITON, 4, [Run(90, 1.0, [0.04] * 90)]), summarize(GATEWAY, 4, [Run(70, 1.0, [0.05] * 70)])]
+    out = io.StringIO()
+    report(results, Console(file=out, width=200))
+    assert "target" not in out.getvalue()
+
+
+def test_cpu_per_image_sums_over_rounds():
+    runs = [Run(100, 1.0, [0.01] * 100, {"Triton": 1.6, "gateway": 0.3}),
+            Run(50, 1.0, [0.02] * 50, {"Triton": 0.8, "gateway": 0.2})]
+    result = summarize(GATEWAY, 16, runs)
+    assert result.cpu_ms_per_image == pytest.approx({"Triton": 16.0, "gateway": 10 / 3})
+
+
+def test_process_tree_cpu_counts_children():
+    # The parent only sleeps; its child burns 0.3 s of CPU, which the tree's total must include.
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.process_time()\\n"
+        "while time.process_time() - t < 0.3: pass\\ntime.sleep(30)'])\n"
+        "time.sleep(30)\n")])
+    try:
+        deadline = time.monotonic() + 20
+        while process_tree_cpu_s(parent.pid) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process_tree_cpu_s(parent.pid) >= 0.3
+        assert process_tree_cpu_s(os.getpid()) > 0
+    finally:
+        subprocess.run(["pkill", "-P", str(parent.pid)])
+        parent.kill()
+        parent.wait()
