@@ -195,8 +195,11 @@ def _level_table(spec: PreprocessSpec) -> np.ndarray:
     return ((levels[None, :] - mean[:, None]) / std[:, None]).astype(np.float32)
 
 
-def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """HWC or HW uint8 pixels -> CHW float32, scaled to [0, 1] and normalized by table look-up."""
+def normalize(pixels: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """HWC or HW uint8 pixels -> CHW float32, scaled to [0, 1] and normalized by table look-up.
+
+    With `out` (a C x H x W float32 array, such as one image of a batch), the result is written there.
+    """
     if pixels.dtype != np.uint8:
         raise TypeError(f"normalize takes 8-bit pixels, not {pixels.dtype}")
     if pixels.ndim == 2:
@@ -204,15 +207,19 @@ def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if spec.color_mode == "BGR":
         pixels = pixels[:, :, ::-1]
     table = _level_table(spec)
-    out = np.empty((pixels.shape[2], pixels.shape[0], pixels.shape[1]), dtype=np.float32)
+    shape = (pixels.shape[2], pixels.shape[0], pixels.shape[1])
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {shape}, not {out.dtype} {out.shape}")
     for channel in range(pixels.shape[2]):
         np.take(table[channel], pixels[:, :, channel], out=out[channel])
     return out
 
 
-def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """A decoded image -> the model's CHW float32 input."""
-    return normalize(np.asarray(to_model_pixels(image, spec)), spec)
+def preprocess(image: Image.Image, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """A decoded image -> the model's CHW float32 input (written into `out` if given)."""
+    return normalize(np.asarray(to_model_pixels(image, spec)), spec, out)
 
 
 def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None) -> np.ndarray:

@@ -152,3 +152,27 @@ def test_jpeg_draft_decodes_large_photos_at_reduced_scale_and_stays_close(photos
 def test_jpeg_draft_leaves_other_formats_alone(photos):
     png = next(p for p in photos if p.suffix == ".png")
     assert decode_image(png.read_bytes(), draft_size=16).size == Image.open(png).size
+
+
+def test_preprocess_writes_into_a_batch_slot(photos):
+    image = Image.open(photos[0])
+    batch = np.full((2, *IMAGENET.input_shape), np.nan, dtype=np.float32)
+    returned = preprocess(image, IMAGENET, out=batch[1])
+    assert np.shares_memory(returned, batch)
+    np.testing.assert_array_equal(batch[1], preprocess(image, IMAGENET))
+    assert np.isnan(batch[0]).all()  # the other slot is untouched
+    with pytest.raises(ValueError, match="out must be float32"):
+        preprocess(image, IMAGENET, out=np.empty((3, 8, 8), dtype=np.float32))
+
+
+def test_prepare_batch_keeps_request_order_and_reports_the_failing_image(photos):
+    from server.errors import InvalidImage
+    from server.routes import prepare_batch
+
+    first, second = photos[1].read_bytes(), photos[0].read_bytes()
+    batch, decode_s, preprocess_s = prepare_batch([first, second], IMAGENET, max_pixels=10**8)
+    assert batch.shape == (2, *IMAGENET.input_shape) and decode_s > 0 and preprocess_s > 0
+    np.testing.assert_array_equal(batch[0], preprocess_bytes(first, IMAGENET))
+    np.testing.assert_array_equal(batch[1], preprocess_bytes(second, IMAGENET))
+    with pytest.raises(InvalidImage, match="image 1"):
+        prepare_batch([first, b"not an image"], IMAGENET, max_pixels=10**8)
