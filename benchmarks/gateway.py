@@ -239,7 +239,7 @@ def report(results: list[Result], console: Console) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway", description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="times each measurement is repeated, interleaved")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/gateway.json"))
@@ -250,6 +250,8 @@ def main() -> int:
     parser.add_argument("--intra-op-threads", type=int, default=0,
                         help="ONNX Runtime threads per instance (0: every core)")
     args = parser.parse_args()
+    if args.duration <= 0 or args.rounds < 1 or min(args.concurrency) < 1 or args.instances < 1:
+        parser.error("--duration, --rounds, --concurrency and --instances must be positive")
     if args.jpeg_draft:
         os.environ["GATEWAY_JPEG_DRAFT"] = "true"  # the gateway process inherits the environment
     console = Console(width=150)
