@@ -227,13 +227,13 @@ def report(results: list[Result], console: Console) -> None:
                       f"{r.images_per_s_min:.0f}-{r.images_per_s_max:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
                       f"{100 * r.images_per_s / ceiling:.0f}%", *cpu)
     console.print(table)
-    by_key = {(r.path.split()[0], r.concurrency): r for r in results}
+    by_key = {(r.path, r.concurrency): r for r in results}
     # The target lines need their runs; a --concurrency list without 1 or 16 leaves them out.
-    if ("gateway", 16) in by_key:
-        share = 100 * by_key[("gateway", 16)].images_per_s / ceiling
+    if (GATEWAY, 16) in by_key:
+        share = 100 * by_key[(GATEWAY, 16)].images_per_s / ceiling
         console.print(f"gateway throughput at concurrency 16: {share:.0f}% of the model-only ceiling (target >= 75%)")
-    if ("gateway", 1) in by_key and ("Triton", 1) in by_key:
-        gap = by_key[("gateway", 1)].p50_ms - by_key[("Triton", 1)].p50_ms
+    if (GATEWAY, 1) in by_key and (TRITON, 1) in by_key:
+        gap = by_key[(GATEWAY, 1)].p50_ms - by_key[(TRITON, 1)].p50_ms
         console.print(f"gateway p50 at concurrency 1 minus Triton direct p50: {gap:.1f} ms (target <= 5 ms)")
 
 
