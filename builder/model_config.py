@@ -11,7 +11,8 @@ from typing import Mapping
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-DTYPES = {"FP32": pb.TYPE_FP32, "FP16": pb.TYPE_FP16, "INT8": pb.TYPE_INT8, "INT64": pb.TYPE_INT64}
+DTYPES = {"FP32": pb.TYPE_FP32, "FP16": pb.TYPE_FP16, "INT8": pb.TYPE_INT8, "UINT8": pb.TYPE_UINT8,
+          "INT64": pb.TYPE_INT64}
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,12 @@ from server.preprocess import PreprocessSpec
 
 from . import model_config
 from .errors import PublishError
+from .pixel_input import add_pixel_input
 
 BACKEND_MODEL = Path(__file__).parent / "backend" / "model.py"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LABELS_PARAMETER = "labels"
+PIXEL_DATATYPE = "UINT8"
 
 
 TARGETS = ("cpu", "gpu")
@@ -72,6 +74,8 @@ class PublishSettings:
     cuda_graphs: bool = True  # for TensorRT plans (the backend that supports them)
     triton_url: str | None = None  # HTTP endpoint of a server in explicit model-control mode
     triton_release: str = DEFAULT_TRITON_RELEASE
+    # The model takes N x H x W x C uint8 pixels and normalizes them itself (builder.pixel_input).
+    pixel_input: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -155,9 +159,14 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
         parameters["onnxruntime.intra_op_threads"] = str(settings.intra_op_threads)
         parameters["onnxruntime.allow_spinning"] = "1" if settings.intra_op_spinning else "0"
     gpu = settings.target == "gpu"
+    if settings.pixel_input:
+        model_input = model_config.TensorSpec(model.input_name, (spec.image_size, spec.image_size, spec.channels),
+                                              data_type=PIXEL_DATATYPE)
+    else:
+        model_input = model_config.TensorSpec(model.input_name, model.input_dims)
     return model_config.ModelConfig(
         name=name,
-        inputs=(model_config.TensorSpec(model.input_name, model.input_dims),),
+        inputs=(model_input,),
         outputs=tuple(
             model_config.TensorSpec(out, (model.num_classes,), label_filename="labels.txt" if i == 0 else None)
             for i, out in enumerate(model.output_names)
@@ -226,12 +235,15 @@ def publish(
     _check_name(name)
     model, spec, labels = resolve_interface(onnx_path, spec, labels)
     config = build_config(name, model, spec, labels, settings)
-    files = {"model.onnx": Path(onnx_path)}
-    if settings.target == "cpu":
-        files["model.py"] = BACKEND_MODEL
     lineage = {"source_onnx": str(Path(onnx_path).resolve()), "onnx_metadata": model.metadata,
-               "target": settings.target}
-    return _publish_files(files, Path(repository), name, config, labels, lineage, settings)
+               "target": settings.target, "pixel_input": settings.pixel_input}
+    with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+        if settings.pixel_input:
+            onnx_path = add_pixel_input(Path(onnx_path), spec, Path(tmp) / "model.onnx")
+        files = {"model.onnx": Path(onnx_path)}
+        if settings.target == "cpu":
+            files["model.py"] = BACKEND_MODEL
+        return _publish_files(files, Path(repository), name, config, labels, lineage, settings)
 
 
 def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, *,
@@ -244,6 +256,9 @@ def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, 
     from .engine import read_engine_info
 
     _check_name(name)
+    if settings.pixel_input:
+        raise PublishError("a TensorRT plan keeps the float input it was built with; publish it without "
+                           "--pixel-input, or publish the ONNX model with --target gpu --pixel-input")
     info = read_engine_info(plan_path)
     wanted = TRITON_TENSORRT[settings.triton_release]
     built = ".".join(str(info.get("tensorrt_version", "unknown")).split(".")[:2])

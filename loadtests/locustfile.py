@@ -160,7 +160,8 @@ class TritonGrpcUser(User):
         self.client = grpcclient.InferenceServerClient(TRITON_GRPC)
         config = self.client.get_model_config(MODEL, as_json=True, client_timeout=30)["config"]
         self.info = model_info_from_config(MODEL, config)
-        self.tensors = [preprocess_bytes(data, self.info.spec) for _, data, _ in load_images()]
+        self.tensors = [preprocess_bytes(data, self.info.spec, pixel_input=self.info.pixel_input)
+                        for _, data, _ in load_images()]
         self.stack = np.stack
         self.turn = 0
 
@@ -171,7 +172,7 @@ class TritonGrpcUser(User):
         chosen = [self.tensors[(self.turn + i) % len(self.tensors)] for i in range(count)]
         self.turn += count
         batch = self.stack(chosen)
-        tensor = self.grpc.InferInput(self.info.input_name, list(batch.shape), "FP32")
+        tensor = self.grpc.InferInput(self.info.input_name, list(batch.shape), self.info.input_datatype)
         tensor.set_data_from_numpy(batch)
         outputs = [self.grpc.InferRequestedOutput(self.info.output_name)]
         started = time.perf_counter()

@@ -66,12 +66,13 @@ def classify_grpc(
     try:
         config = client.get_model_config(model, as_json=True, client_timeout=timeout_s)["config"]
         info = model_info_from_config(model, config)
-        batch = np.stack([preprocess_bytes(_read(image), info.spec) for image in images])
+        batch = np.stack([preprocess_bytes(_read(image), info.spec, pixel_input=info.pixel_input)
+                          for image in images])
         step = info.max_batch_size or len(batch)
         logits, served_version = [], version
         for start in range(0, len(batch), step):
             chunk = batch[start:start + step]
-            tensor = grpcclient.InferInput(info.input_name, list(chunk.shape), "FP32")
+            tensor = grpcclient.InferInput(info.input_name, list(chunk.shape), info.input_datatype)
             tensor.set_data_from_numpy(chunk)
             result = client.infer(model, [tensor], model_version=version, client_timeout=timeout_s,
                                   outputs=[grpcclient.InferRequestedOutput(info.output_name)])

@@ -222,5 +222,34 @@ def preprocess(image: Image.Image, spec: PreprocessSpec, out: np.ndarray | None 
     return normalize(np.asarray(to_model_pixels(image, spec)), spec, out)
 
 
-def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None) -> np.ndarray:
-    return preprocess(decode_image(data, max_pixels=max_pixels), spec)
+def model_pixels(image: Image.Image, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """A decoded image -> H x W x C uint8 in the model's channel order, for a model that normalizes
+    its input itself (`builder publish --pixel-input`); written into `out` if given."""
+    pixels = np.asarray(to_model_pixels(image, spec))
+    pixels = pixels.reshape(*pixels.shape[:2], spec.channels)
+    if spec.color_mode == "BGR":
+        pixels = pixels[:, :, ::-1]
+    if out is None:
+        return np.ascontiguousarray(pixels)
+    if out.shape != pixels.shape or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 {pixels.shape}, not {out.dtype} {out.shape}")
+    out[...] = pixels
+    return out
+
+
+def model_input(image: Image.Image, spec: PreprocessSpec, *, pixel_input: bool = False,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """What the model takes for one image: normalized CHW float32, or HWC uint8 pixels with `pixel_input`."""
+    return model_pixels(image, spec, out) if pixel_input else preprocess(image, spec, out)
+
+
+def input_batch(size: int, spec: PreprocessSpec, *, pixel_input: bool = False) -> np.ndarray:
+    """An empty batch of `size` model inputs, to be filled by `model_input(..., out=batch[i])`."""
+    if pixel_input:
+        return np.empty((size, spec.image_size, spec.image_size, spec.channels), dtype=np.uint8)
+    return np.empty((size, *spec.input_shape), dtype=np.float32)
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None,
+                     pixel_input: bool = False) -> np.ndarray:
+    return model_input(decode_image(data, max_pixels=max_pixels), spec, pixel_input=pixel_input)

@@ -21,7 +21,9 @@ from .errors import (
 )
 from .inputs import read_body, read_images
 from .postprocess import top_k
-from .preprocess import ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, preprocess
+from .preprocess import (
+    ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, input_batch, model_input,
+)
 from .security import require_api_key
 from .pool import TritonPool
 from .triton import RETRY_AFTER_S
@@ -44,13 +46,13 @@ def _error_responses(*statuses: int) -> dict[int, dict]:
 
 
 def prepare_batch(
-    images: list[bytes], spec: PreprocessSpec, max_pixels: int, jpeg_draft: bool = False
+    images: list[bytes], spec: PreprocessSpec, max_pixels: int, jpeg_draft: bool = False, pixel_input: bool = False,
 ) -> tuple[np.ndarray, float, float]:
     """Decode and preprocess every image; returns the batch and the seconds spent in each stage."""
     draft_size = spec.resize_size if jpeg_draft else None
     decode_s = preprocess_s = 0.0
-    # Each image is normalized straight into its slot of the batch: no stacking copy afterwards.
-    batch = np.empty((len(images), *spec.input_shape), dtype=np.float32)
+    # Each image goes straight into its slot of the batch: no stacking copy afterwards.
+    batch = input_batch(len(images), spec, pixel_input=pixel_input)
     for position, data in enumerate(images):
         started = time.perf_counter()
         try:
@@ -60,7 +62,7 @@ def prepare_batch(
         except InvalidImageError as e:
             raise InvalidImage(f"image {position}: {e}") from e
         decoded = time.perf_counter()
-        preprocess(image, spec, out=batch[position])
+        model_input(image, spec, pixel_input=pixel_input, out=batch[position])
         decode_s += decoded - started
         preprocess_s += time.perf_counter() - decoded
     return batch, decode_s, preprocess_s
@@ -183,7 +185,8 @@ async def classify(
         info = await triton.model_info(name)
         context["model"] = name
         batch, decode_s, preprocess_s = await asyncio.get_running_loop().run_in_executor(
-            app.state.pool, prepare_batch, images, info.spec, settings.max_image_pixels, settings.jpeg_draft
+            app.state.pool, prepare_batch, images, info.spec, settings.max_image_pixels, settings.jpeg_draft,
+            info.pixel_input,
         )
         context["stages"].update(decode=decode_s, preprocess=preprocess_s)
         started = time.perf_counter()

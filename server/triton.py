@@ -33,10 +33,17 @@ class ModelInfo:
     input_name: str
     output_name: str
     max_batch_size: int
+    # The model takes N x H x W x C uint8 pixels and normalizes them itself (`builder publish --pixel-input`).
+    pixel_input: bool = False
+
+    @property
+    def input_datatype(self) -> str:
+        return "UINT8" if self.pixel_input else "FP32"
 
     def public(self) -> dict[str, Any]:
         return {"preprocessing": self.spec.to_dict(), "labels": list(self.labels),
-                "input": self.input_name, "output": self.output_name, "max_batch_size": self.max_batch_size}
+                "input": self.input_name, "input_datatype": self.input_datatype, "output": self.output_name,
+                "max_batch_size": self.max_batch_size}
 
 
 def translate_error(error: Exception, model: str | None = None) -> GatewayError:
@@ -74,6 +81,7 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             input_name=config["input"][0]["name"],
             output_name=config["output"][0]["name"],
             max_batch_size=int(config.get("max_batch_size", 0)),
+            pixel_input=config["input"][0].get("data_type") == "TYPE_UINT8",
         )
     except (KeyError, ValueError, IndexError) as e:
         raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e
@@ -172,7 +180,7 @@ class TritonClient:
         return np.concatenate([logits for logits, _ in results]), results[0][1]
 
     async def _infer_one(self, info: ModelInfo, batch: np.ndarray, version: str) -> tuple[np.ndarray, str]:
-        tensor = self._module.InferInput(info.input_name, list(batch.shape), "FP32")
+        tensor = self._module.InferInput(info.input_name, list(batch.shape), info.input_datatype)
         if self.protocol == "grpc":
             tensor.set_data_from_numpy(batch)
             outputs = [self._module.InferRequestedOutput(info.output_name)]

@@ -30,6 +30,8 @@ class TritonPythonModel:
             str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
         self.input_name = config["input"][0]["name"]
+        # float32 tensors, or uint8 pixels for a model published with --pixel-input.
+        self.input_dtype = np.uint8 if self.session.get_inputs()[0].type == "tensor(uint8)" else np.float32
         self.output_names = [output["name"] for output in config["output"]]
 
     def execute(self, requests):
@@ -38,7 +40,7 @@ class TritonPythonModel:
         sizes = [array.shape[0] for array in arrays]
         try:
             batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-            outputs = self.session.run(self.output_names, {self.input_name: batch.astype(np.float32, copy=False)})
+            outputs = self.session.run(self.output_names, {self.input_name: batch.astype(self.input_dtype, copy=False)})
         except Exception as e:  # one failure answers every request of the batch with the reason
             error = pb_utils.TritonError(f"inference failed: {e}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]

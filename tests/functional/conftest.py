@@ -10,6 +10,7 @@ from builder.publish import PublishSettings, publish
 from server.launcher import GatewayProcess, TritonServer, free_port
 
 MODEL = "digits"
+PIXEL_MODEL = "digits-pixels"  # the same model, published to take 8-bit pixels
 
 
 def start_triton(repository: Path, cache_dir: Path, **kwargs) -> TritonServer:
@@ -37,6 +38,7 @@ def repository(tiny_run, tmp_path_factory) -> Path:
     repository = tmp_path_factory.mktemp("model_repository")
     # Spinning on here, off (the default) in test_int8_serving: both ways of configuring ONNX Runtime load.
     publish(tiny_run / "model.onnx", repository, MODEL, settings=PublishSettings(intra_op_spinning=True))
+    publish(tiny_run / "model.onnx", repository, PIXEL_MODEL, settings=PublishSettings(pixel_input=True))
     return repository
 
 

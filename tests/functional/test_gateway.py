@@ -15,7 +15,7 @@ from builder.publish import PublishSettings, publish
 from server.client import classify, classify_grpc
 from server.launcher import TritonServer, free_port
 
-from .conftest import MODEL, start_gateway, start_triton
+from .conftest import MODEL, PIXEL_MODEL, start_gateway, start_triton
 
 
 def encoded(mode: str, fmt: str, size=(12, 9), **save) -> bytes:
@@ -71,6 +71,22 @@ def test_grpc_client_and_gateway_give_the_same_predictions(gateway, triton, phot
         assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
         np.testing.assert_allclose([p["score"] for p in a["predictions"]],
                                    [p["score"] for p in b["predictions"]], rtol=1e-5)
+
+
+def test_a_model_that_takes_pixels_answers_as_the_float_model_through_the_gateway_and_grpc(gateway, triton, photos):
+    floats = classify(photos, model=MODEL, url=gateway.url, top_k=3)
+    pixels = classify(photos, model=PIXEL_MODEL, url=gateway.url, top_k=3)
+    pixels_over_grpc = classify_grpc(photos, model=PIXEL_MODEL, url=triton.grpc_url, top_k=3)
+    for a, b, c in zip(floats["results"], pixels["results"], pixels_over_grpc["results"]):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]] == [
+            p["index"] for p in c["predictions"]]
+        np.testing.assert_allclose([p["score"] for p in b["predictions"]], [p["score"] for p in a["predictions"]],
+                                   rtol=1e-4)
+        np.testing.assert_allclose([p["score"] for p in c["predictions"]], [p["score"] for p in b["predictions"]],
+                                   rtol=1e-5)
+    assert httpx.get(f"{gateway.url}/v1/models/{PIXEL_MODEL}", timeout=10).json()["input_datatype"] == "UINT8"
+    metadata = httpx.get(f"{gateway.url}/v2/models/{PIXEL_MODEL}", timeout=10).json()
+    assert (metadata["inputs"][0]["datatype"], metadata["inputs"][0]["shape"]) == ("UINT8", [-1, 8, 8, 1])
 
 
 def test_request_id_is_echoed_or_made(gateway):

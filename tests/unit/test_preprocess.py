@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision import transforms
 
 from server.preprocess import (
-    ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, preprocess, preprocess_bytes,
+    ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, model_pixels, preprocess, preprocess_bytes,
 )
 
 IMAGENET = PreprocessSpec(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -176,3 +176,27 @@ def test_prepare_batch_keeps_request_order_and_reports_the_failing_image(photos)
     np.testing.assert_array_equal(batch[1], preprocess_bytes(second, IMAGENET))
     with pytest.raises(InvalidImage, match="image 1"):
         prepare_batch([first, b"not an image"], IMAGENET, max_pixels=10**8)
+
+
+@pytest.mark.parametrize("color_mode", ["RGB", "BGR", "L"])
+def test_pixel_input_is_the_model_sized_image_in_the_model_channel_order(photos, color_mode):
+    channels = 1 if color_mode == "L" else 3
+    spec = PreprocessSpec(32, 40, (0.5,) * channels, (0.25,) * channels, color_mode=color_mode)
+    data = photos[0].read_bytes()
+    pixels = preprocess_bytes(data, spec, pixel_input=True)
+    assert pixels.shape == (32, 32, channels) and pixels.dtype == np.uint8 and pixels.flags.c_contiguous
+    # Normalizing those pixels as the model does gives exactly what the gateway sends a float model.
+    expected = preprocess_bytes(data, spec)
+    normalized = (pixels.transpose(2, 0, 1) / 255.0 - 0.5) / 0.25
+    np.testing.assert_allclose(normalized, expected, atol=1e-6)
+
+
+def test_prepare_batch_of_pixels_fills_uint8_slots(photos):
+    from server.routes import prepare_batch
+
+    first, second = photos[1].read_bytes(), photos[0].read_bytes()
+    batch, _, _ = prepare_batch([first, second], IMAGENET, max_pixels=10**8, pixel_input=True)
+    assert batch.shape == (2, 224, 224, 3) and batch.dtype == np.uint8
+    np.testing.assert_array_equal(batch[1], preprocess_bytes(second, IMAGENET, pixel_input=True))
+    with pytest.raises(ValueError, match="out must be uint8"):
+        model_pixels(Image.open(photos[0]), IMAGENET, out=np.empty((224, 224, 3), dtype=np.float32))

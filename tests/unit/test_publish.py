@@ -173,3 +173,41 @@ def test_onnx_runtime_spinning_is_a_model_parameter(tiny_run, tmp_path):
     for name, value in (("spinning", "1"), ("sleeping", "0")):
         config = model_config.parse((repository / name / "config.pbtxt").read_text())
         assert config.parameters["onnxruntime.allow_spinning"] == value
+
+
+def test_pixel_input_moves_the_normalization_into_the_published_model(tiny_run, tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from builder.cli import main
+
+    source = tiny_run / "model.onnx"
+    before = source.read_bytes()
+    assert main(["publish", "--onnx", str(source), "--name", "pixels", "--repository", str(tmp_path / "repo"),
+                 "--pixel-input"]) == 0
+    assert source.read_bytes() == before  # the source file is never changed
+    version_dir = tmp_path / "repo" / "pixels" / "1"
+    config = model_config.parse((tmp_path / "repo" / "pixels" / "config.pbtxt").read_text())
+    assert (config.inputs[0].name, config.inputs[0].data_type, config.inputs[0].dims) == ("input", "UINT8", (8, 8, 1))
+    assert json.loads((version_dir / "build.json").read_text())["pixel_input"] is True
+    spec = PreprocessSpec.from_parameters(config.parameters)
+    published = onnx.load(str(version_dir / "model.onnx"))
+    assert {p.key for p in published.metadata_props} >= {"preprocess", "labels"}
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 1), dtype=np.uint8)
+    normalized = ((pixels.transpose(0, 3, 1, 2) / 255.0 - np.array(spec.mean)[:, None, None])
+                  / np.array(spec.std)[:, None, None]).astype(np.float32)
+    floats = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    eight_bit = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(eight_bit.run(None, {"input": pixels})[0],
+                               floats.run(None, {"input": normalized})[0], atol=1e-4)
+
+
+def test_a_tensorrt_plan_cannot_take_pixels(tiny_run, tmp_path):
+    from builder.publish import publish_plan
+
+    with pytest.raises(PublishError, match="keeps the float input"):
+        publish_plan(tmp_path / "model.plan", tiny_run / "model.onnx", tmp_path / "repo", "digits",
+                     settings=PublishSettings(target="gpu", pixel_input=True))
+    assert not (tmp_path / "repo").exists()
