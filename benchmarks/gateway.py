@@ -9,7 +9,9 @@ depend on the weights) it measures:
 several rounds, interleaved (ceiling, then Triton direct and the gateway at each concurrency, the order of
 the two alternating between rounds), so that a burst of load from elsewhere on a shared machine hits both
 sides of a comparison. The table gives the median throughput over the rounds with its range, and p50 and
-p99 over every request of every round. Prints the table and writes JSON.
+p99 over every request of every round, and the CPU that Triton, the gateway and this load generator
+spent per image. Prints the table and writes JSON. With --pixel-input the model is published to take
+8-bit pixels, and the ceiling runs that same published file.
 """
 
 from __future__ import annotations
@@ -93,10 +95,17 @@ def process_tree_cpu_s(pid: int) -> float:
     return total
 
 
+CLIENT = "bench client"
+
+
 async def with_cpu(processes: dict[str, int], measurement) -> Run:
+    """The measurement, with the CPU each served process and this load generator spent meanwhile."""
     before = {name: process_tree_cpu_s(pid) for name, pid in processes.items()}
+    client_before = time.process_time()
     run = await measurement
     run.cpu_s = {name: process_tree_cpu_s(pid) - before[name] for name, pid in processes.items()}
+    # The load generator shares the cores with what it measures: what it spends, they lack.
+    run.cpu_s[CLIENT] = time.process_time() - client_before
     return run
 
 
@@ -166,8 +175,9 @@ async def triton_direct(grpc_url: str, tensors: list[np.ndarray], concurrency: i
     output = [grpcclient.InferRequestedOutput("logits")]
 
     async def call(i: int) -> None:
-        tensor = grpcclient.InferInput("input", [1, 3, 224, 224], "FP32")
-        tensor.set_data_from_numpy(tensors[i % len(tensors)][None])
+        chosen = tensors[i % len(tensors)][None]
+        tensor = grpcclient.InferInput("input", list(chosen.shape), "UINT8" if chosen.dtype == np.uint8 else "FP32")
+        tensor.set_data_from_numpy(chosen)
         await client.infer(MODEL, [tensor], outputs=output)
 
     try:
@@ -218,11 +228,11 @@ def report(results: list[Result], console: Console) -> None:
     ceiling = results[0].images_per_s
     table = Table(title="Gateway benchmark: ResNet-18 224x224 FP32 on this machine's CPU")
     for column in ("path", "concurrency", "requests", "images/s", "range", "p50 ms", "p99 ms", "% of ceiling",
-                   "Triton CPU ms/image", "gateway CPU ms/image"):
+                   "Triton CPU ms/image", "gateway CPU ms/image", "client CPU ms/image"):
         table.add_column(column, justify="right" if column != "path" else "left")
     for r in results:
         cpu = [f"{r.cpu_ms_per_image[name]:.1f}" if name in r.cpu_ms_per_image else "-"
-               for name in ("Triton", "gateway")]
+               for name in ("Triton", "gateway", CLIENT)]
         table.add_row(r.path, str(r.concurrency), str(r.requests), f"{r.images_per_s:.1f}",
                       f"{r.images_per_s_min:.0f}-{r.images_per_s_max:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
                       f"{100 * r.images_per_s / ceiling:.0f}%", *cpu)
@@ -249,6 +259,8 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=1, help="model instances in Triton")
     parser.add_argument("--intra-op-threads", type=int, default=0,
                         help="ONNX Runtime threads per instance (0: every core)")
+    parser.add_argument("--pixel-input", action="store_true",
+                        help="publish the model with an 8-bit pixel input that it normalizes itself")
     args = parser.parse_args()
     if args.duration <= 0 or args.rounds < 1 or min(args.concurrency) < 1 or args.instances < 1:
         parser.error("--duration, --rounds, --concurrency and --instances must be positive")
@@ -256,13 +268,17 @@ def main() -> int:
         os.environ["GATEWAY_JPEG_DRAFT"] = "true"  # the gateway process inherits the environment
     console = Console(width=150)
     jpegs = sample_jpegs()
-    tensors = [preprocess_bytes(j, IMAGENET) for j in jpegs]
+    tensors = [preprocess_bytes(j, IMAGENET, pixel_input=args.pixel_input) for j in jpegs]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         folder = Path(tmp)
-        onnx_path = build_model(folder)
-        publish(onnx_path, folder / "repo", MODEL, spec=IMAGENET, labels=[f"class {i}" for i in range(1000)],
-                settings=PublishSettings(intra_op_spinning=args.intra_op_spinning, instance_count=args.instances,
-                                         intra_op_threads=args.intra_op_threads))
+        published = publish(build_model(folder), folder / "repo", MODEL, spec=IMAGENET,
+                            labels=[f"class {i}" for i in range(1000)],
+                            settings=PublishSettings(intra_op_spinning=args.intra_op_spinning,
+                                                     instance_count=args.instances,
+                                                     intra_op_threads=args.intra_op_threads,
+                                                     pixel_input=args.pixel_input))
+        # The ceiling runs the very file Triton serves (with --pixel-input, its normalization included).
+        onnx_path = published.version_dir / "model.onnx"
         settings = TritonSettings(model_repository=str(folder / "repo"), http_port=free_port(),
                                   grpc_port=free_port(), metrics_port=free_port(), cache_dir=str(folder / "cache"))
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

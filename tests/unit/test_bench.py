@@ -71,3 +71,18 @@ def test_process_tree_cpu_counts_children():
         subprocess.run(["pkill", "-P", str(parent.pid)])
         parent.kill()
         parent.wait()
+
+
+def test_the_load_generator_counts_its_own_cpu():
+    import asyncio
+
+    from benchmarks.gateway import CLIENT, with_cpu
+
+    async def busy_measurement() -> Run:
+        deadline = time.process_time() + 0.2
+        while time.process_time() < deadline:
+            pass
+        return Run(10, 0.2, [0.02] * 10)
+
+    run = asyncio.run(with_cpu({}, busy_measurement()))
+    assert 0.2 <= run.cpu_s[CLIENT] < 1.0
