@@ -170,13 +170,14 @@ async def closed_loop(call, concurrency: int, duration_s: float) -> Run:
 
 async def triton_direct(grpc_url: str, tensors: list[np.ndarray], concurrency: int, duration_s: float) -> Run:
     import tritonclient.grpc.aio as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
 
     client = grpcclient.InferenceServerClient(grpc_url)
     output = [grpcclient.InferRequestedOutput("logits")]
 
     async def call(i: int) -> None:
         chosen = tensors[i % len(tensors)][None]
-        tensor = grpcclient.InferInput("input", list(chosen.shape), "UINT8" if chosen.dtype == np.uint8 else "FP32")
+        tensor = grpcclient.InferInput("input", list(chosen.shape), np_to_triton_dtype(chosen.dtype))
         tensor.set_data_from_numpy(chosen)
         await client.infer(MODEL, [tensor], outputs=output)
 

@@ -2,7 +2,7 @@
 
 The published model's input becomes N x H x W x C uint8 (what a decoded, resized and cropped image
 already is), followed by Cast, Transpose to NCHW, and `(x / 255 - mean) / std` as one Mul and one Add.
-A request then carries a quarter of the bytes of float32 tensors (150 KB instead of 600 KB for a
+A request then carries a quarter of the bytes of float32 tensors (147 KiB instead of 588 KiB for a
 224x224 RGB image), and the client does no float arithmetic at all.
 """
 

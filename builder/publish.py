@@ -32,7 +32,7 @@ from typing import Sequence
 
 import onnx
 
-from server.preprocess import PreprocessSpec
+from server.preprocess import PIXEL_DATATYPE, PreprocessSpec
 
 from . import model_config
 from .errors import PublishError
@@ -41,7 +41,6 @@ from .pixel_input import add_pixel_input
 BACKEND_MODEL = Path(__file__).parent / "backend" / "model.py"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LABELS_PARAMETER = "labels"
-PIXEL_DATATYPE = "UINT8"
 
 
 TARGETS = ("cpu", "gpu")

@@ -22,6 +22,8 @@ COLOR_MODES = ("RGB", "BGR", "L")
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # Triton's config.pbtxt parameters are a flat string map; these keys hold the spec there.
 PARAMETER_PREFIX = "preprocess."
+# Triton datatype of the input of a model that takes 8-bit pixels (`builder publish --pixel-input`).
+PIXEL_DATATYPE = "UINT8"
 
 
 class InvalidImageError(ValueError):

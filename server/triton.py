@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from .launcher import REPOSITORY_KEY_HEADER
 from .errors import GatewayError, ModelNotFound, TooManyRequests, TritonFailed, TritonTimeout, TritonUnavailable
-from .preprocess import PreprocessSpec
+from .preprocess import PIXEL_DATATYPE, PreprocessSpec
 
 T = TypeVar("T")
 RETRY_AFTER_S = 1
@@ -38,7 +38,7 @@ class ModelInfo:
 
     @property
     def input_datatype(self) -> str:
-        return "UINT8" if self.pixel_input else "FP32"
+        return PIXEL_DATATYPE if self.pixel_input else "FP32"
 
     def public(self) -> dict[str, Any]:
         return {"preprocessing": self.spec.to_dict(), "labels": list(self.labels),
@@ -81,7 +81,7 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             input_name=config["input"][0]["name"],
             output_name=config["output"][0]["name"],
             max_batch_size=int(config.get("max_batch_size", 0)),
-            pixel_input=config["input"][0].get("data_type") == "TYPE_UINT8",
+            pixel_input=config["input"][0].get("data_type") == f"TYPE_{PIXEL_DATATYPE}",
         )
     except (KeyError, ValueError, IndexError) as e:
         raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e
