@@ -257,14 +257,16 @@ def main() -> int:
     parser.add_argument("--jpeg-draft", action="store_true", help="let the gateway decode JPEGs at reduced scale")
     parser.add_argument("--intra-op-spinning", action="store_true",
                         help="publish the model with ONNX Runtime's idle threads busy-waiting (its own default)")
-    parser.add_argument("--instances", type=int, default=1, help="model instances in Triton")
+    parser.add_argument("--instances", type=int, help="model instances in Triton (default: publish's, 2 on the CPU)")
     parser.add_argument("--intra-op-threads", type=int, default=0,
-                        help="ONNX Runtime threads per instance (0: every core)")
+                        help="ONNX Runtime threads per instance (0: the cores divided among the instances)")
     parser.add_argument("--pixel-input", action="store_true",
                         help="publish the model with an 8-bit pixel input that it normalizes itself")
     args = parser.parse_args()
-    if args.duration <= 0 or args.rounds < 1 or min(args.concurrency) < 1 or args.instances < 1:
-        parser.error("--duration, --rounds, --concurrency and --instances must be positive")
+    if args.duration <= 0 or args.rounds < 1 or min(args.concurrency) < 1 \
+            or (args.instances is not None and args.instances < 1) or args.intra_op_threads < 0:
+        parser.error("--duration, --rounds, --concurrency and --instances must be positive, "
+                     "--intra-op-threads 0 or more")
     if args.jpeg_draft:
         os.environ["GATEWAY_JPEG_DRAFT"] = "true"  # the gateway process inherits the environment
     console = Console(width=150)

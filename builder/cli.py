@@ -71,12 +71,14 @@ def _export(args: argparse.Namespace) -> None:
 def _publish(args: argparse.Namespace) -> None:
     from .publish import PublishSettings, publish, publish_plan
 
+    target = args.target or ("gpu" if args.plan else "cpu")
     settings = PublishSettings(
-        max_batch_size=args.max_batch_size, instance_count=args.instances, target=args.target, keep=args.keep,
+        max_batch_size=args.max_batch_size, instance_count=args.instances, target=target, keep=args.keep,
         version_policy=args.version_policy, latest_versions=args.latest_versions, triton_url=args.triton_url,
         trt_cache_path=args.trt_cache_path, cuda_graphs=not args.no_cuda_graphs,
         dynamic_batching=not args.no_dynamic_batching, max_queue_delay_us=args.max_queue_delay_us,
         max_queue_size=args.max_queue_size, intra_op_spinning=args.intra_op_spinning, pixel_input=args.pixel_input,
+        intra_op_threads=args.intra_op_threads,
     )
     spec, labels = _publish_interface(args)
     if args.plan:
@@ -250,7 +252,13 @@ def _positive_int(text: str) -> int:
 
 
 def _non_negative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
 
 
 def _alphas(text: str) -> float:
@@ -362,7 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--name", required=True)
     publish.add_argument("--repository", default="model_repository")
     publish.add_argument("--max-batch-size", type=_positive_int, default=32)
-    publish.add_argument("--instances", type=_positive_int, default=1)
+    publish.add_argument("--instances", type=_positive_int,
+                         help="model instances Triton runs side by side (default: 2 on the CPU, as Triton itself "
+                              "does for ONNX Runtime; 1 per GPU)")
+    publish.add_argument("--intra-op-threads", type=_non_negative_int, default=0,
+                         help="CPU target: ONNX Runtime threads per instance (default 0: the serving machine's "
+                              "cores divided among the instances)")
     publish.add_argument("--max-queue-delay-us", type=_non_negative_int, default=2000,
                          help="how long Triton waits to fill a batch")
     publish.add_argument("--max-queue-size", type=_positive_int, default=64,
@@ -372,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "default; faster only where Triton has the cores to itself)")
     publish.add_argument("--no-dynamic-batching", action="store_true",
                          help="one request per model execution (no batching across requests, no queue bound)")
-    publish.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
-                         help="cpu: Python backend + ONNX Runtime; gpu: ONNX Runtime backend with TensorRT")
+    publish.add_argument("--target", choices=("cpu", "gpu"),
+                         help="cpu: Python backend + ONNX Runtime; gpu: ONNX Runtime backend with TensorRT "
+                              "(default: gpu with --plan, cpu otherwise)")
     publish.add_argument("--pixel-input", action="store_true",
                          help="the model takes N x H x W x C uint8 pixels and normalizes them itself: a quarter of "
                               "the bytes per request, and no float arithmetic in the gateway")

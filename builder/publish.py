@@ -44,6 +44,9 @@ LABELS_PARAMETER = "labels"
 
 
 TARGETS = ("cpu", "gpu")
+# Instances when none are asked for: on the CPU, Triton's own default for ONNX Runtime models (two side by side,
+# which serve more under load than one on every core); on a GPU, one per device.
+DEFAULT_INSTANCES = {"cpu": 2, "gpu": 1}
 # TensorRT engines load only in the TensorRT release they were built with.
 TRITON_TENSORRT = {"24.10": "10.5"}
 DEFAULT_TRITON_RELEASE = "24.10"
@@ -59,8 +62,9 @@ class PublishSettings:
     max_queue_size: int = 64
     # Off: Triton hands the model one request per execution (what batching buys is measured with this).
     dynamic_batching: bool = True
-    instance_count: int = 1
-    intra_op_threads: int = 0  # 0: ONNX Runtime uses every core
+    instance_count: int | None = None  # None: DEFAULT_INSTANCES of the target
+    # CPU target. 0: the serving machine's cores divided among the instances, worked out where Triton runs.
+    intra_op_threads: int = 0
     # ONNX Runtime's idle threads busy-wait by default. Off: on a CPU that Triton shares with the gateway
     # (and its stub processes), spinning cost throughput and caused rare 0.5 s stalls in `make bench`.
     intra_op_spinning: bool = False
@@ -81,6 +85,12 @@ class PublishSettings:
             raise PublishError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.keep is not None and self.keep < 1:
             raise PublishError(f"--keep {self.keep}: keep at least 1 version")
+        if self.instance_count is None:
+            object.__setattr__(self, "instance_count", DEFAULT_INSTANCES[self.target])
+        if self.instance_count < 1:
+            raise PublishError(f"instance_count {self.instance_count}: at least 1 instance")
+        if self.intra_op_threads < 0:
+            raise PublishError(f"intra_op_threads {self.intra_op_threads}: 0 (share the cores) or more")
         if self.triton_release not in TRITON_TENSORRT:
             raise PublishError(f"Triton release {self.triton_release!r} is not one of {', '.join(TRITON_TENSORRT)}")
 
@@ -255,6 +265,8 @@ def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, 
     from .engine import read_engine_info
 
     _check_name(name)
+    if settings.target != "gpu":
+        raise PublishError("a TensorRT plan runs only on a GPU: publish it with --target gpu")
     if settings.pixel_input:
         raise PublishError("a TensorRT plan keeps the float input it was built with; publish it without "
                            "--pixel-input, or publish the ONNX model with --target gpu --pixel-input")

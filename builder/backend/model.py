@@ -6,11 +6,35 @@ tritonserver container with `pip install onnxruntime`.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a container's --cpus)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def intra_op_threads(requested: int, instances: int, cores: int) -> int:
+    """The threads of each instance's session: `requested`, or with 0 the cores divided among the instances.
+
+    The instances run side by side; more threads than cores leaves a session's threads waiting on whichever
+    of them was preempted, and the whole batch waits with them.
+    """
+    if requested > 0:
+        return requested
+    return max(1, cores // max(1, instances))
 
 
 class TritonPythonModel:
@@ -19,8 +43,15 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
         options = ort.SessionOptions()
-        # 0 lets ONNX Runtime use every core; several instances on one machine should set it lower.
-        options.intra_op_num_threads = int(parameters.get("onnxruntime.intra_op_threads", "0"))
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+        cores = usable_cores()
+        options.intra_op_num_threads = intra_op_threads(
+            int(parameters.get("onnxruntime.intra_op_threads", "0")), instances, cores
+        )
+        pb_utils.Logger.log_info(
+            f"{args['model_instance_name']}: ONNX Runtime on {options.intra_op_num_threads} intra-op thread(s) "
+            f"({instances} instance(s), {cores} usable core(s))"
+        )
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle intra-op threads busy-wait for the next run by default; on a machine whose cores the
         # gateway shares, that spinning takes CPU from decoding the next images.

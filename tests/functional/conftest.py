@@ -37,8 +37,10 @@ def start_gateway(triton_grpc_url: str, log_path: Path, http_url: str | None = N
 def repository(tiny_run, tmp_path_factory) -> Path:
     repository = tmp_path_factory.mktemp("model_repository")
     # Spinning on here, off (the default) in test_int8_serving: both ways of configuring ONNX Runtime load.
+    # Two instances (the default) here, one on every core for the pixel model: both thread layouts load.
     publish(tiny_run / "model.onnx", repository, MODEL, settings=PublishSettings(intra_op_spinning=True))
-    publish(tiny_run / "model.onnx", repository, PIXEL_MODEL, settings=PublishSettings(pixel_input=True))
+    publish(tiny_run / "model.onnx", repository, PIXEL_MODEL,
+            settings=PublishSettings(pixel_input=True, instance_count=1))
     return repository
 
 

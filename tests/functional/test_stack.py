@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 
 import httpx
 import numpy as np
@@ -15,7 +17,7 @@ from PIL import Image
 from server.client import classify
 from server.preprocess import PreprocessSpec, preprocess_bytes
 
-from .conftest import MODEL
+from .conftest import MODEL, PIXEL_MODEL
 
 
 def triton_inference_count(triton) -> int:
@@ -43,6 +45,20 @@ def test_gateway_top5_equals_onnx_runtime_on_real_photos_and_triton_counts_them(
         np.testing.assert_allclose([p["score"] for p in result["predictions"]], row[indices], rtol=1e-4)
         assert [p["label"] for p in result["predictions"]] == [str(i) for i in indices]
     assert triton_inference_count(triton) - before == len(photos)
+
+
+def test_each_instance_runs_onnx_runtime_on_its_share_of_the_cores(triton):
+    """The default two instances split the cores between them; a single instance takes them all."""
+    cores = len(os.sched_getaffinity(0))
+    log = triton.log_path.read_text(errors="replace")
+    for model, instances in ((MODEL, 2), (PIXEL_MODEL, 1)):
+        # Every (re)load of the model logs one line per instance.
+        lines = re.findall(rf"({re.escape(model)}_\d+_\d+): ONNX Runtime on (\d+) intra-op thread\(s\) "
+                           rf"\((\d+) instance\(s\), (\d+) usable core\(s\)\)", log)
+        assert len({name for name, *_ in lines}) == instances, (model, lines)
+        for _, threads, counted, usable in lines:
+            assert int(counted) == instances and int(usable) <= cores
+            assert int(threads) == max(1, int(usable) // instances)
 
 
 def test_raw_image_body_is_classified(gateway, photos):

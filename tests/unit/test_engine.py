@@ -72,3 +72,18 @@ def test_a_matching_plan_is_published_for_the_tensorrt_backend_with_cuda_graphs(
     config = model_config.parse((published.model_dir / "config.pbtxt").read_text())
     assert (config.platform, config.backend, config.instance_kind) == ("tensorrt_plan", "tensorrt", "KIND_GPU")
     assert config.cuda_graphs and config.max_batch_size == 16 and not config.gpu_accelerators
+
+
+def test_the_cli_publishes_a_plan_for_the_gpu_without_being_told(tiny_run, tmp_path):
+    from builder.cli import main
+
+    plan = _fake_plan(tmp_path, "10.5.0")
+    common = ["publish", "--plan", str(plan), "--onnx", str(tiny_run / "model.onnx"),
+              "--repository", str(tmp_path / "repo")]
+    assert main([*common, "--name", "digits"]) == 0
+    config = model_config.parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text())
+    assert (config.backend, config.instance_kind, config.instance_count) == ("tensorrt", "KIND_GPU", 1)
+    assert not any(key.startswith("onnxruntime.") for key in config.parameters)
+    # Asked for the CPU, a plan is refused with one line and nothing is written.
+    assert main([*common, "--name", "cpu", "--target", "cpu"]) == 2
+    assert not (tmp_path / "repo" / "cpu").exists()

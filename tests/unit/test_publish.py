@@ -175,6 +175,50 @@ def test_onnx_runtime_spinning_is_a_model_parameter(tiny_run, tmp_path):
         assert config.parameters["onnxruntime.allow_spinning"] == value
 
 
+def test_instances_default_to_two_on_the_cpu_and_one_per_gpu(tiny_run, tmp_path):
+    from builder.cli import main
+
+    repository = tmp_path / "repo"
+    common = ["publish", "--onnx", str(tiny_run / "model.onnx"), "--repository", str(repository)]
+    assert main([*common, "--name", "cpu"]) == 0
+    assert main([*common, "--name", "gpu", "--target", "gpu"]) == 0
+    assert main([*common, "--name", "one", "--instances", "1", "--intra-op-threads", "3"]) == 0
+    expected = {"cpu": (2, "KIND_CPU", "0"), "gpu": (1, "KIND_GPU", None), "one": (1, "KIND_CPU", "3")}
+    for name, (count, kind, threads) in expected.items():
+        config = model_config.parse((repository / name / "config.pbtxt").read_text())
+        assert (config.instance_count, config.instance_kind) == (count, kind), name
+        assert config.parameters.get("onnxruntime.intra_op_threads") == threads, name
+        assert json.loads((repository / name / "1" / "build.json").read_text())["config"]["instance_count"] == count
+    with pytest.raises(SystemExit) as exited:  # argparse: one usage line, exit code 2
+        main([*common, "--name", "bad", "--intra-op-threads", "-1"])
+    assert exited.value.code == 2 and not (repository / "bad").exists()
+    with pytest.raises(PublishError, match="at least 1 instance"):
+        PublishSettings(instance_count=0)
+
+
+@pytest.mark.parametrize(("requested", "instances", "cores", "threads"), [
+    (0, 2, 2, 1),    # the default on this kind of machine: one core each
+    (0, 1, 2, 2),    # a single instance takes every core
+    (0, 2, 16, 8),
+    (0, 3, 2, 1),    # more instances than cores: still one thread each
+    (4, 2, 2, 4),    # asked for explicitly: as asked
+])
+def test_the_served_model_divides_the_cores_among_its_instances(monkeypatch, requested, instances, cores, threads):
+    import importlib.util
+    import types
+
+    from builder.publish import BACKEND_MODEL
+
+    # model.py imports Triton's backend utilities at the top; the arithmetic under test never touches them.
+    monkeypatch.setitem(__import__("sys").modules, "triton_python_backend_utils",
+                        types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("served_model", BACKEND_MODEL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.intra_op_threads(requested, instances, cores) == threads
+    assert 1 <= module.usable_cores() <= (os.cpu_count() or 1)
+
+
 def test_pixel_input_moves_the_normalization_into_the_published_model(tiny_run, tmp_path):
     import numpy as np
     import onnx
