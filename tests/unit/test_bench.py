@@ -35,8 +35,16 @@ def test_report_states_both_targets_against_the_ceiling():
     out = io.StringIO()
     report(results, Console(file=out, width=200))
     text = out.getvalue()
-    assert "concurrency 16: 75% of the model-only ceiling" in text
-    assert "Triton direct p50: 4.5 ms" in text
+    assert "concurrency 16: 75.0% of the model-only ceiling (target >= 75%: met)" in text
+    assert "Triton direct p50: 4.5 ms (target <= 5 ms: met)" in text
+    # A hair under the target is a miss, not a rounded-up pass; so is a gap over 5 ms.
+    results[-1] = summarize(GATEWAY, 16, [Run(99, 1.0, [0.16] * 99)])
+    results[2] = summarize(GATEWAY, 1, [Run(60, 1.0, [0.0171] * 60)])
+    out = io.StringIO()
+    report(results, Console(file=out, width=200))
+    text = out.getvalue()
+    assert "concurrency 16: 74.2% of the model-only ceiling (target >= 75%: missed)" in text
+    assert "Triton direct p50: 5.1 ms (target <= 5 ms: missed)" in text
 
 
 def test_report_leaves_out_target_lines_without_their_runs():
