@@ -376,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--intra-op-threads", type=_non_negative_int, default=0,
                          help="CPU target: ONNX Runtime threads per instance (default 0: the serving machine's "
                               "cores divided among the instances)")
-    publish.add_argument("--max-queue-delay-us", type=_non_negative_int, default=2000,
-                         help="how long Triton waits to fill a batch")
+    publish.add_argument("--max-queue-delay-us", type=_non_negative_int,
+                         help="how long Triton waits to fill a batch (default: 0 on the CPU, 2000 on a GPU)")
     publish.add_argument("--max-queue-size", type=_positive_int, default=64,
                          help="requests queued before Triton rejects (the gateway answers 429)")
     publish.add_argument("--intra-op-spinning", action="store_true",

@@ -44,9 +44,15 @@ LABELS_PARAMETER = "labels"
 
 
 TARGETS = ("cpu", "gpu")
-# Instances when none are asked for: on the CPU, Triton's own default for ONNX Runtime models (two side by side,
-# which serve more under load than one on every core); on a GPU, one per device.
-DEFAULT_INSTANCES = {"cpu": 2, "gpu": 1}
+# The settings whose defaults depend on where the model runs (measured with `make bench`, see the README).
+# CPU: two instances side by side, Triton's own default for ONNX Runtime models, serve more under load than one
+# on every core. Batches form from whatever is queued, at once (Triton's recommended starting point): batching
+# saves next to nothing per image on a CPU, and with preferred sizes a burst of four requests became one batch
+# on one instance while the other idled. GPU: one instance per device, waiting briefly for batches of 4 or 8.
+TARGET_DEFAULTS = {
+    "cpu": {"instance_count": 2, "preferred_batch_sizes": (), "max_queue_delay_us": 0},
+    "gpu": {"instance_count": 1, "preferred_batch_sizes": (4, 8), "max_queue_delay_us": 2000},
+}
 # TensorRT engines load only in the TensorRT release they were built with.
 TRITON_TENSORRT = {"24.10": "10.5"}
 DEFAULT_TRITON_RELEASE = "24.10"
@@ -57,12 +63,13 @@ DEFAULT_TRT_CACHE_ROOT = "/opt/tritonserver/trt_engine_cache"
 @dataclass(frozen=True)
 class PublishSettings:
     max_batch_size: int = 32
-    preferred_batch_sizes: tuple[int, ...] = (4, 8)
-    max_queue_delay_us: int = 2000
+    # None here and for instance_count: the target's value in TARGET_DEFAULTS.
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    max_queue_delay_us: int | None = None
     max_queue_size: int = 64
     # Off: Triton hands the model one request per execution (what batching buys is measured with this).
     dynamic_batching: bool = True
-    instance_count: int | None = None  # None: DEFAULT_INSTANCES of the target
+    instance_count: int | None = None
     # CPU target. 0: the serving machine's cores divided among the instances, worked out where Triton runs.
     intra_op_threads: int = 0
     # ONNX Runtime's idle threads busy-wait by default. Off: on a CPU that Triton shares with the gateway
@@ -85,8 +92,10 @@ class PublishSettings:
             raise PublishError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.keep is not None and self.keep < 1:
             raise PublishError(f"--keep {self.keep}: keep at least 1 version")
-        if self.instance_count is None:
-            object.__setattr__(self, "instance_count", DEFAULT_INSTANCES[self.target])
+        for key, value in TARGET_DEFAULTS[self.target].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        object.__setattr__(self, "preferred_batch_sizes", tuple(self.preferred_batch_sizes))
         if self.instance_count < 1:
             raise PublishError(f"instance_count {self.instance_count}: at least 1 instance")
         if self.intra_op_threads < 0:

@@ -175,7 +175,7 @@ def test_onnx_runtime_spinning_is_a_model_parameter(tiny_run, tmp_path):
         assert config.parameters["onnxruntime.allow_spinning"] == value
 
 
-def test_instances_default_to_two_on_the_cpu_and_one_per_gpu(tiny_run, tmp_path):
+def test_cpu_and_gpu_targets_get_their_own_instance_and_batching_defaults(tiny_run, tmp_path):
     from builder.cli import main
 
     repository = tmp_path / "repo"
@@ -183,10 +183,14 @@ def test_instances_default_to_two_on_the_cpu_and_one_per_gpu(tiny_run, tmp_path)
     assert main([*common, "--name", "cpu"]) == 0
     assert main([*common, "--name", "gpu", "--target", "gpu"]) == 0
     assert main([*common, "--name", "one", "--instances", "1", "--intra-op-threads", "3"]) == 0
-    expected = {"cpu": (2, "KIND_CPU", "0"), "gpu": (1, "KIND_GPU", None), "one": (1, "KIND_CPU", "3")}
-    for name, (count, kind, threads) in expected.items():
+    assert main([*common, "--name", "waiting", "--max-queue-delay-us", "700"]) == 0
+    expected = {"cpu": (2, "KIND_CPU", "0", (), 0), "gpu": (1, "KIND_GPU", None, (4, 8), 2000),
+                "one": (1, "KIND_CPU", "3", (), 0), "waiting": (2, "KIND_CPU", "0", (), 700)}
+    for name, (count, kind, threads, preferred, delay) in expected.items():
         config = model_config.parse((repository / name / "config.pbtxt").read_text())
         assert (config.instance_count, config.instance_kind) == (count, kind), name
+        batching = config.dynamic_batching
+        assert (batching.preferred_batch_sizes, batching.max_queue_delay_us) == (preferred, delay), name
         assert config.parameters.get("onnxruntime.intra_op_threads") == threads, name
         assert json.loads((repository / name / "1" / "build.json").read_text())["config"]["instance_count"] == count
     with pytest.raises(SystemExit) as exited:  # argparse: one usage line, exit code 2
