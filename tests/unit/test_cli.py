@@ -42,6 +42,22 @@ def test_non_numeric_epochs_is_rejected():
     assert result.returncode == 2 and "not a whole number" in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["publish", "--onnx", "m.onnx", "--name", "m", "--instances", "0"], "argument --instances: 0 must be at least 1"),
+    (["publish", "--onnx", "m.onnx", "--name", "m", "--intra-op-threads", "-2"],
+     "argument --intra-op-threads: -2 must be 0 or more"),
+    (["publish", "--onnx", "m.onnx", "--name", "m", "--max-queue-delay-us", "0"], None),  # 0 is allowed here
+])
+def test_counts_are_checked_against_their_own_minimum(capsys, tmp_path, args, message):
+    if message is None:  # past argparse: the missing file is what stops it
+        assert main([*args, "--repository", str(tmp_path)]) == 2
+        assert "does not exist" in capsys.readouterr().err
+        return
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
 def test_train_export_publish_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--image-size", "8", "--out", str(run)]) == 0

@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,7 +215,7 @@ def test_the_served_model_divides_the_cores_among_its_instances(monkeypatch, req
     from builder.publish import BACKEND_MODEL
 
     # model.py imports Triton's backend utilities at the top; the arithmetic under test never touches them.
-    monkeypatch.setitem(__import__("sys").modules, "triton_python_backend_utils",
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils",
                         types.ModuleType("triton_python_backend_utils"))
     spec = importlib.util.spec_from_file_location("served_model", BACKEND_MODEL)
     module = importlib.util.module_from_spec(spec)
