@@ -106,7 +106,7 @@ def qconfig():
 
     Activations keep to 7 bits, as in PyTorch's own x86 (fbgemm) default: x86 CPUs without VNNI (AVX2
     and older AVX-512) multiply uint8 by int8 with an instruction that adds pairs of products into
-    int16, which saturates once 255 x 128 x 2 goes over 32767. ONNX Runtime's fused kernels then drift
+    int16, which saturates: 255 x 128 x 2 is over 32767, 127 x 128 x 2 is not. ONNX Runtime's fused kernels drift
     from the fake-quantized model (top-1 agreement 97.8% on an AVX2 EPYC, 100% with 7 bits); training
     with the 7-bit range makes the exported model exact on every x86 CPU.
 
