@@ -99,12 +99,17 @@ class TritonClient:
         # Over gRPC, Triton expects the header name with its own prefix.
         header = REPOSITORY_KEY_HEADER if protocol == "http" else f"triton-grpc-protocol-{REPOSITORY_KEY_HEADER}"
         self._repository_headers = {header: repository_key} if repository_key else None
+        # The transport enforces the timeout (a gRPC deadline on every call, aiohttp's total timeout over
+        # HTTP): asyncio.wait_for would wrap each inference in one more task and event-loop trip.
         if protocol == "grpc":
             import tritonclient.grpc.aio as client_module
+            self._client = client_module.InferenceServerClient(url)
+            self._timeout: dict[str, float] = {"client_timeout": timeout_s}
         else:
             import tritonclient.http.aio as client_module
+            self._client = client_module.InferenceServerClient(url, conn_timeout=timeout_s)
+            self._timeout = {}
         self._module = client_module
-        self._client = client_module.InferenceServerClient(url)
         self._info: dict[str, tuple[float, ModelInfo]] = {}
 
     async def close(self) -> None:
@@ -112,22 +117,21 @@ class TritonClient:
 
     async def _call(self, call: Awaitable[T], model: str | None = None) -> T:
         try:
-            return await asyncio.wait_for(call, self.timeout_s)
+            return await call
         except Exception as e:  # every failure leaves here as a GatewayError
             raise translate_error(e, model) from e
 
     async def server_ready(self) -> bool:
         try:
-            return bool(await self._call(self._client.is_server_ready()))
+            return bool(await self._call(self._client.is_server_ready(**self._timeout)))
         except GatewayError:
             return False
 
     async def repository_index(self) -> list[dict[str, str]]:
         """Every model Triton knows of, one entry per version: name, version, state, reason."""
         if self.protocol == "grpc":
-            index = await self._call(
-                self._client.get_model_repository_index(headers=self._repository_headers, as_json=True)
-            )
+            index = await self._call(self._client.get_model_repository_index(
+                headers=self._repository_headers, as_json=True, **self._timeout))
             entries = index.get("models", [])
         else:
             entries = await self._call(self._client.get_model_repository_index(headers=self._repository_headers))
@@ -140,7 +144,8 @@ class TritonClient:
     async def model_config(self, name: str) -> dict:
         try:
             if self.protocol == "grpc":
-                return (await self._call(self._client.get_model_config(name, as_json=True), name))["config"]
+                config = self._client.get_model_config(name, as_json=True, **self._timeout)
+                return (await self._call(config, name))["config"]
             return await self._call(self._client.get_model_config(name), name)
         except ModelNotFound:
             raise await self._absent_or_unavailable(name, "")
@@ -175,6 +180,8 @@ class TritonClient:
     async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "") -> tuple[np.ndarray, str]:
         """Logits for an N x C x H x W batch, split into chunks of the model's max batch size."""
         step = info.max_batch_size or len(batch)
+        if len(batch) <= step:
+            return await self._infer_one(info, batch, version)
         chunks = [batch[i:i + step] for i in range(0, len(batch), step)]
         results = await asyncio.gather(*(self._infer_one(info, chunk, version) for chunk in chunks))
         return np.concatenate([logits for logits, _ in results]), results[0][1]
@@ -189,7 +196,8 @@ class TritonClient:
             outputs = [self._module.InferRequestedOutput(info.output_name, binary_data=True)]
         try:
             result = await self._call(
-                self._client.infer(info.name, [tensor], model_version=version, outputs=outputs), info.name
+                self._client.infer(info.name, [tensor], model_version=version, outputs=outputs, **self._timeout),
+                info.name,
             )
         except ModelNotFound:
             raise await self._absent_or_unavailable(info.name, version)
@@ -201,5 +209,6 @@ class TritonClient:
 
     async def statistics(self, name: str) -> dict:
         if self.protocol == "grpc":
-            return await self._call(self._client.get_inference_statistics(name, as_json=True), name)
+            statistics = self._client.get_inference_statistics(name, as_json=True, **self._timeout)
+            return await self._call(statistics, name)
         return await self._call(self._client.get_inference_statistics(name), name)

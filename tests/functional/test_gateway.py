@@ -73,6 +73,22 @@ def test_grpc_client_and_gateway_give_the_same_predictions(gateway, triton, phot
                                    [p["score"] for p in b["predictions"]], rtol=1e-5)
 
 
+def test_a_gateway_that_reaches_triton_over_http_answers_as_over_grpc(gateway, triton, photos, tmp_path):
+    over_http = start_gateway(triton.grpc_url, tmp_path / "gateway-http.log", triton.http_url,
+                              GATEWAY_TRITON_PROTOCOL="http")
+    try:
+        for model in (MODEL, PIXEL_MODEL):
+            expected = classify(photos, model=model, url=gateway.url, top_k=3)["results"]
+            assert classify(photos, model=model, url=over_http.url, top_k=3)["results"] == expected
+        assert httpx.get(f"{over_http.url}/readyz", timeout=10).status_code == 200
+        assert httpx.get(f"{over_http.url}/v1/models/{MODEL}", timeout=10).json()["statistics"] is not None
+        missing = post(over_http.url, "/v1/models/absent/classify", content=photos[0].read_bytes(),
+                       headers={"Content-Type": "image/jpeg"})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    finally:
+        over_http.stop()
+
+
 def test_a_model_that_takes_pixels_answers_as_the_float_model_through_the_gateway_and_grpc(gateway, triton, photos):
     floats = classify(photos, model=MODEL, url=gateway.url, top_k=3)
     pixels = classify(photos, model=PIXEL_MODEL, url=gateway.url, top_k=3)
@@ -241,6 +257,21 @@ def test_gateway_in_flight_limit_is_429_and_triton_timeout_is_504(slow_stack):
         statuses = sorted(r.status_code for r in responses)
         assert statuses.count(504) >= 1 and statuses.count(429) >= 1, statuses
         assert all(r.json()["error"]["code"] in ("triton_timeout", "too_many_requests") for r in responses)
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_request_triton_holds_past_the_timeout_is_504_over_either_protocol(slow_stack, protocol):
+    server, folder = slow_stack
+    gateway = start_gateway(server.grpc_url, folder / f"gateway-timeout-{protocol}.log", server.http_url,
+                            GATEWAY_TRITON_PROTOCOL=protocol, GATEWAY_TRITON_TIMEOUT_S="0.3")
+    try:
+        # The batcher holds a lone request for a second, more than three times the timeout.
+        response = post(gateway.url, "/v1/models/slow/classify", content=encoded("L", "PNG"),
+                        headers={"Content-Type": "image/png"})
+        assert response.status_code == 504 and response.json()["error"]["code"] == "triton_timeout"
+        assert response.headers["Retry-After"]
     finally:
         gateway.stop()
 
