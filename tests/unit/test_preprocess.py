@@ -7,7 +7,8 @@ from PIL import Image
 from torchvision import transforms
 
 from server.preprocess import (
-    ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, model_pixels, preprocess, preprocess_bytes,
+    ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, model_pixels, normalize, preprocess,
+    preprocess_bytes,
 )
 
 IMAGENET = PreprocessSpec(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -50,6 +51,22 @@ def test_cropped_resize_equals_resize_then_crop_on_odd_sizes_and_upscaling(photo
         ours = preprocess(image, spec)
         assert ours.shape == expected.shape
         assert np.max(np.abs(ours - expected)) <= (1 / 255) / min(spec.std) + 1e-6, (size, spec)
+
+
+@pytest.mark.parametrize("color_mode", ["RGB", "BGR", "L"])
+def test_normalize_maps_every_level_of_every_channel_as_the_formula_does(color_mode):
+    channels = 1 if color_mode == "L" else 3
+    spec = PreprocessSpec(16, 16, (0.485, 0.456, 0.406)[:channels], (0.229, 0.224, 0.225)[:channels],
+                          color_mode=color_mode)
+    # 16 x 16 pixels hold all 256 levels; each channel gets them in a different order.
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    pixels = np.stack([np.roll(levels, 37 * c) for c in range(channels)], axis=2)
+    ordered = pixels[:, :, ::-1] if color_mode == "BGR" else pixels
+    expected = np.stack([(ordered[:, :, c] / 255.0 - spec.mean[c]) / spec.std[c] for c in range(channels)])
+    batch = np.full((2, channels, 16, 16), np.nan, dtype=np.float32)
+    normalize(pixels[:, :, 0] if color_mode == "L" else pixels, spec, out=batch[1])
+    np.testing.assert_allclose(batch[1], expected, rtol=1e-6, atol=1e-6)
+    assert np.isnan(batch[0]).all()  # the other slot is untouched
 
 
 def test_grayscale_spec_converts_color_photos_to_one_channel(photos):
