@@ -127,7 +127,8 @@ def _quantize_sections(values: Mapping[str, Any] | None,
 
 
 def _train(config: BuildConfig) -> Path:
-    from .train import TrainConfig, train
+    from .train import train
+    from .train_config import TrainConfig
 
     settings = {**config.train, "out_dir": config.out_dir / "train"}
     return train(_section(TrainConfig, settings, "train")).best_checkpoint

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import BuilderError
-from .models import ARCHITECTURES
+from .train_config import (
+    AMP_MODES, ARCHITECTURES, AUGMENT_PRESETS, LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig, load_params,
+)
 
 log = logging.getLogger("builder")
 
@@ -21,7 +23,6 @@ log = logging.getLogger("builder")
 def _train_config(args: argparse.Namespace):
     """TrainConfig from its defaults, then `--params` (a tune result), then the flags given explicitly."""
     from .shapes import with_options
-    from .train import TrainConfig, load_params
 
     given = {key: value for key, value in vars(args).items() if key in _RECIPE_FIELDS}
     values = load_params(Path(args.params)) if getattr(args, "params", None) else {}
@@ -282,8 +283,6 @@ _RECIPE_FIELDS = (
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     """The training recipe's flags. None has a parser default (SUPPRESS): a flag not given leaves the
     setting to `--params` or to TrainConfig's default (shown in the help)."""
-    from .train import AMP_MODES, AUGMENT_PRESETS, OPTIMIZERS, TrainConfig
-
     defaults = TrainConfig()
 
     def add(flag: str, help: str, **kwargs) -> None:
@@ -310,7 +309,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     add("--augment", "augmentation preset", choices=AUGMENT_PRESETS)
     add("--cutmix", "CutMix alpha, 0 = off (strong preset: 1.0)", type=_alphas)
     add("--mixup", "MixUp alpha, 0 = off (strong preset: 0.2)", type=_alphas)
-    add("--loss", "ce (cross-entropy) or focal", choices=("ce", "focal"))
+    add("--loss", "ce (cross-entropy) or focal", choices=LOSSES)
     add("--class-weights", "none, auto (inverse training frequency) or w1,w2,... one per class")
     add("--class-weights-start", "first epoch with the class weights; later defers re-weighting until the "
         "features are learned", type=_positive_int)
@@ -323,7 +322,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     add("--accum-steps", "micro-batches per optimizer step (gradient accumulation)", type=_positive_int)
     add("--epochs", "epochs", type=_positive_int)
     add("--schedule", "cosine (warmup + cosine), step (lr * gamma^(epoch // step-size)) or onecycle",
-        choices=("cosine", "step", "onecycle"))
+        choices=SCHEDULES)
     add("--warmup-epochs", "linear warmup (cosine, step; onecycle's rise)", type=float)
     add("--step-size", "epochs between decays (step schedule)", type=_positive_int)
     add("--gamma", "decay factor (step schedule)", type=float)

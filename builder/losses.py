@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BuilderError
-
-LOSSES = ("ce", "focal")
+from .train_config import LOSSES
 
 
 class LossError(BuilderError):

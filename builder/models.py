@@ -12,10 +12,10 @@ from torch import nn
 from torchvision import models
 
 from .errors import BuilderError, CheckpointError
+from .train_config import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
 # Below this input side the ImageNet stem (stride-2 conv + max pool) throws away most of the image.
 SMALL_INPUT = 96
 

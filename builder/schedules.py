@@ -13,8 +13,7 @@ import math
 import torch
 
 from .errors import BuilderError
-
-SCHEDULES = ("cosine", "step", "onecycle")
+from .train_config import SCHEDULES
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .data import ImageDataset, load_dataset
 from .errors import BuilderError
-from .train import AUGMENT_PRESETS, TrainConfig, train
+from .train import train
+from .train_config import AUGMENT_PRESETS, TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import skimage
 from PIL import Image
 
 from builder.export import export_onnx
-from builder.train import TrainConfig, train
+from builder.train import train
+from builder.train_config import TrainConfig
 
 PHOTO_DIR = Path(skimage.__file__).parent / "data"
 

@@ -60,6 +60,15 @@ def test_a_count_that_may_be_0_passes_argparse(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_parsing_and_publishing_do_not_import_torch(tmp_path):
+    # Importing torch takes seconds; only the stages that train or read checkpoints need it.
+    code = ("import sys; from builder.cli import main; "
+            "code = main(['publish', '--onnx', 'missing.onnx', '--name', 'm', '--repository', sys.argv[1]]); "
+            "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+
+
 def test_train_export_publish_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--image-size", "8", "--out", str(run)]) == 0

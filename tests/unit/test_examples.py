@@ -8,7 +8,7 @@ from builder.build import BuildConfig, _section
 from builder.prune import PruneConfig
 from builder.publish import PublishSettings
 from builder.quantize import QuantizeConfig
-from builder.train import TrainConfig
+from builder.train_config import TrainConfig
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 

@@ -13,7 +13,8 @@ from builder.errors import CheckpointError
 from builder.losses import LossError, focal_loss, inverse_frequency_weights, resolve_class_weights
 from builder.models import classifier, create_model, load_init_weights
 from builder.schedules import create_scheduler
-from builder.train import TrainConfig, TrainError, load_params, train, train_one_epoch
+from builder.train import train, train_one_epoch
+from builder.train_config import TrainConfig, TrainError, load_params
 
 
 def lrs(name, steps, **kwargs):

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from builder.cli import _train_config, build_parser
-from builder.train import TrainConfig
+from builder.train_config import TrainConfig
 from builder.tune import GRID, TuneConfig, TuneError, plot_study, tune
 
 

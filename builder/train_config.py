@@ -1,0 +1,147 @@
+"""The training recipe's settings (`TrainConfig`), checked when made, and the names of its choices.
+
+Torch-free, so that the command line can list the choices and defaults in its help, and parse flags,
+without importing torch; `builder.train` runs the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import BuilderError
+
+ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
+LOSSES = ("ce", "focal")
+SCHEDULES = ("cosine", "step", "onecycle")
+AUGMENT_PRESETS = ("none", "light", "strong")
+OPTIMIZERS = ("adamw", "sgd")
+AMP_MODES = ("auto", "on", "off")
+# `strong` turns batch mixing on unless --cutmix/--mixup say otherwise (timm's usual alphas).
+STRONG_CUTMIX_ALPHA = 1.0
+STRONG_MIXUP_ALPHA = 0.2
+
+
+class TrainError(BuilderError):
+    """A training setting cannot be used as given."""
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"  # digits | shapes[:options] | folder
+    arch: str = "resnet18"
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    image_size: int | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    out_dir: Path = field(default_factory=lambda: Path("runs/latest"))
+    # model
+    dropout: float | None = None  # before the classifier; None: the architecture's default
+    init: str | None = None  # checkpoint of this builder to start from
+    freeze_backbone: bool = False  # train the classifier only
+    # preprocessing (recorded in the PreprocessSpec the gateway applies)
+    mean: tuple[float, ...] | None = None  # None: measured on the training split
+    std: tuple[float, ...] | None = None
+    equalize: bool = False
+    # augmentation
+    augment: str = "light"  # none | light | strong
+    cutmix: float | None = None  # CutMix alpha; None: 1.0 with augment=strong, else off
+    mixup: float | None = None  # MixUp alpha; None: 0.2 with augment=strong, else off
+    # loss
+    loss: str = "ce"  # ce | focal
+    class_weights: str = "none"  # none | auto | w1,w2,...
+    # First epoch trained with the class weights. Later than 1 defers re-weighting until the features are
+    # learned from every image at equal weight (deferred re-weighting, Cao et al. 2019).
+    class_weights_start: int = 1
+    focal_gamma: float = 2.0
+    # optimization
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, Nesterov)
+    schedule: str = "cosine"  # cosine | step | onecycle
+    step_size: int = 2  # epochs between decays (schedule=step)
+    gamma: float = 0.1  # decay factor (schedule=step)
+    accum_steps: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = None  # max gradient norm
+    amp: str = "auto"  # mixed precision: auto (on CUDA), on (needs CUDA), off
+    # run
+    patience: int | None = None  # stop after this many epochs without a better val accuracy
+    resume: bool = False  # continue from out_dir/last.pt
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        for name in ("mean", "std"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        self._check_choices()
+        self._check_ranges()
+
+    def _check_choices(self) -> None:
+        for name, choices in (("arch", ARCHITECTURES), ("augment", AUGMENT_PRESETS), ("loss", LOSSES),
+                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP_MODES)):
+            if getattr(self, name) not in choices:
+                raise TrainError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}")
+
+    def _check_ranges(self) -> None:
+        problems = [
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.accum_steps >= 1, "accum_steps must be at least 1"),
+            (self.step_size >= 1, "step_size must be at least 1"),
+            (self.lr > 0, "lr must be positive"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (0 < self.val_fraction < 1, "val_fraction must be between 0 and 1"),
+            (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (self.cutmix is None or self.cutmix >= 0, "cutmix alpha must be >= 0 (0: off)"),
+            (self.mixup is None or self.mixup >= 0, "mixup alpha must be >= 0 (0: off)"),
+            (self.focal_gamma >= 0, "focal_gamma must be >= 0"),
+            (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
+            (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be positive"),
+            (self.patience is None or self.patience >= 1, "patience must be at least 1"),
+            (self.class_weights_start >= 1, "class_weights_start must be at least 1"),
+            (self.image_size is None or self.image_size >= 1, "image_size must be at least 1"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise TrainError(message)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["out_dir"] = str(self.out_dir)
+        return data
+
+    def mixing_alphas(self) -> tuple[float, float]:
+        """(CutMix alpha, MixUp alpha), the preset's defaults filled in."""
+        strong = self.augment == "strong"
+        cutmix = self.cutmix if self.cutmix is not None else (STRONG_CUTMIX_ALPHA if strong else 0.0)
+        mixup = self.mixup if self.mixup is not None else (STRONG_MIXUP_ALPHA if strong else 0.0)
+        return cutmix, mixup
+
+
+# ---- parameters from `builder tune` ----
+
+def load_params(path: Path) -> dict:
+    """Hyperparameters from a JSON file (tune's `best.json`, or a flat {field: value} object)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise TrainError(f"params file {path} cannot be read: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise TrainError(f"params file {path} is not JSON: {e}") from e
+    params = data.get("params", data) if isinstance(data, dict) else None
+    if not isinstance(params, dict):
+        raise TrainError(f"params file {path} must hold an object of training settings")
+    valid = {f.name for f in fields(TrainConfig)} - {"out_dir", "resume"}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise TrainError(f"params file {path}: unknown setting(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(sorted(valid))}")
+    return params
