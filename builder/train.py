@@ -1,5 +1,7 @@
 """Training: the recipe (model, data, augmentation, loss, optimizer, schedule) and the loop that runs it.
 
+Its settings are `TrainConfig` (`builder.train_config`).
+
 A run folder (`out_dir`) holds `best.pt` (by val accuracy), `last.pt` (with the state `--resume` needs),
 `metrics.json` (one record per epoch), `config.json` (the resolved config), `datacheck.json` and
 `curves.png`, and with `tensorboard=True` the event files under `tensorboard/`.
