@@ -9,14 +9,24 @@ REPOSITORY ?= model_repository
 RUN ?= runs/demo
 EPOCHS ?= 6
 
-.PHONY: install system-tools demo test serve bench clean loadtest
+.PHONY: install system-tools demo test serve bench clean loadtest lock
 
-$(INSTALLED): pyproject.toml requirements.txt
+$(INSTALLED): pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -e '.[builder,serve,test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements.txt -e '.[builder,serve,test]'
 	touch $@
 
 install: $(INSTALLED)
+
+# constraints.txt anew: the newest releases that pyproject.toml allows, resolved in a scratch environment.
+# Run `make test` before committing the new file.
+LOCK_VENV := .cache/lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt -e '.[builder,serve,test]'
+	{ sed -n '1,2p' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 # Validators for the deployment files (docker-compose config, promtool), from Debian's packages where
 # apt-get can install them; without them those tests skip and say why.
