@@ -18,13 +18,14 @@ $(INSTALLED): pyproject.toml requirements.txt constraints.txt
 
 install: $(INSTALLED)
 
-# constraints.txt anew: the newest releases that pyproject.toml allows, resolved in a scratch environment.
+# constraints.txt anew: the newest releases that pyproject.toml allows (torch and torchvision as requirements.txt
+# pins them), resolved in a scratch environment.
 # Run `make test` before committing the new file.
 LOCK_VENV := .cache/lock-venv
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt -e '.[builder,serve,test]'
-	{ sed -n '1,2p' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
 

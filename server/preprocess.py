@@ -208,6 +208,9 @@ def normalize(pixels: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None =
         pixels = pixels[:, :, None]
     if spec.color_mode == "BGR":
         pixels = pixels[:, :, ::-1]
+    if pixels.shape[2] != spec.channels:
+        raise ValueError(f"normalize takes {spec.channels}-channel pixels for color_mode {spec.color_mode}, "
+                         f"not {pixels.shape[2]}")
     shape = (pixels.shape[2], pixels.shape[0], pixels.shape[1])
     if out is None:
         out = np.empty(shape, dtype=np.float32)

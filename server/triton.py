@@ -94,7 +94,7 @@ class TritonClient:
                  repository_key: str | None = None):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
-        self.url, self.protocol, self.timeout_s, self.info_ttl_s = url, protocol, timeout_s, info_ttl_s
+        self.url, self.protocol, self.info_ttl_s = url, protocol, info_ttl_s
         # Triton restricts its repository API (the index included) to callers that carry this header.
         # Over gRPC, Triton expects the header name with its own prefix.
         header = REPOSITORY_KEY_HEADER if protocol == "http" else f"triton-grpc-protocol-{REPOSITORY_KEY_HEADER}"

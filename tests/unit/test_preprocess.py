@@ -69,6 +69,14 @@ def test_normalize_maps_every_level_of_every_channel_as_the_formula_does(color_m
     assert np.isnan(batch[0]).all()  # the other slot is untouched
 
 
+@pytest.mark.parametrize("color_mode, shape", [("L", (4, 4, 3)), ("RGB", (4, 4)), ("BGR", (4, 4, 4))])
+def test_normalize_refuses_pixels_with_another_channel_count(color_mode, shape):
+    channels = 1 if color_mode == "L" else 3
+    spec = PreprocessSpec(4, 4, (0.5,) * channels, (0.25,) * channels, color_mode=color_mode)
+    with pytest.raises(ValueError, match="channel"):
+        normalize(np.zeros(shape, dtype=np.uint8), spec)
+
+
 def test_grayscale_spec_converts_color_photos_to_one_channel(photos):
     spec = PreprocessSpec(32, 32, (0.3,), (0.3,), color_mode="L")
     tensor = preprocess_bytes(photos[0].read_bytes(), spec)
