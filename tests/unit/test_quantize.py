@@ -8,7 +8,7 @@ from onnx import numpy_helper
 from builder.data import load_dataset
 from builder.evaluate import evaluate, validation_data
 from builder.qat import load_model, validation_images
-from builder.quantize import QuantizeConfig, QuantizeError, convert_fp16, quantize_int8
+from builder.quantize import QuantizeConfig, QuantizeError, convert_fp16, quantize_int8, read_metadata
 from tests.int8 import integer_kernel_agreement
 
 
@@ -55,7 +55,7 @@ def test_int8_weights_keep_to_7_bits_so_the_served_kernels_compute_what_was_cali
     weights = _conv_weights(proto)
     # Symmetric 7 bits is -64..64 in ONNX Runtime: 255 x 64 x 2 still fits the int16 sum.
     assert len(weights) == 20 and all(w.dtype == np.int8 and np.abs(w.astype(np.int16)).max() <= 64 for w in weights)
-    assert {p.key: p.value for p in proto.metadata_props}["weight_bits"] == "7"
+    assert read_metadata(int8.onnx_path)["weight_bits"] == "7"
     _, meta = load_model(tiny_run / "best.pt")
     images = validation_images(meta, load_dataset("digits"), 360).numpy()
     # On x86 without VNNI, 8-bit weights saturate the integer kernels (95.6% here on an AVX2 CPU).
@@ -66,7 +66,7 @@ def test_int8_weights_keep_to_7_bits_so_the_served_kernels_compute_what_was_cali
                  "--calibration-images", "64", "--full-range-weights"]) == 0
     proto = onnx.load(str(full))
     assert max(int(np.abs(w.astype(np.int16)).max()) for w in _conv_weights(proto)) > 64
-    assert {p.key: p.value for p in proto.metadata_props}["weight_bits"] == "8"
+    assert read_metadata(full)["weight_bits"] == "8"
 
 
 def test_a_calibration_set_smaller_than_asked_is_refused_and_nothing_is_written(tiny_run, tmp_path):
