@@ -1,7 +1,8 @@
 """The FastAPI gateway: images in, top-k classes out, with Triton doing the inference.
 
-`create_app()` wires settings, the Triton client, the preprocessing thread pool, the routes
-(`server.routes`), one middleware for request ids, metrics and logs, and the error handlers.
+`create_app()` wires settings, the Triton client, the preprocessing thread pool, the shared-memory
+region for input tensors, the routes (`server.routes`), one middleware for request ids, metrics and
+logs, and the error handlers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .metrics import GatewayMetrics
 from .routes import health, kserve, models
 from .settings import Settings, get_settings
 from .pool import TritonPool
+from .shared_memory import input_region
 
 log = logging.getLogger("server")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -127,9 +129,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         key = settings.triton_repository_key.get_secret_value() if settings.triton_repository_key else ""
+        app.state.input_region = region = input_region(settings.shared_memory_slots,
+                                                       settings.shared_memory_slot_bytes)
+        metrics.shared_memory_free_slots.set_function(lambda: region.free_slots if region else 0)
         app.state.triton = TritonPool(
             settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
-            info_ttl_s=settings.model_info_ttl_s, repository_key=key or None,
+            info_ttl_s=settings.model_info_ttl_s, repository_key=key or None, region=app.state.input_region,
         )
         await app.state.triton.start()
         app.state.triton_http = httpx.AsyncClient(
@@ -142,6 +147,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.triton.close()
             await app.state.triton_http.aclose()
             app.state.pool.shutdown(wait=False, cancel_futures=True)
+            if app.state.input_region:
+                app.state.input_region.close()
 
     app = FastAPI(
         title="Image classification gateway",

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import TritonUnavailable
-from .triton import RETRY_AFTER_S, ModelInfo, TritonClient
+from .shared_memory import InputRegion, Slot
+from .triton import RETRY_AFTER_S, Inference, ModelInfo, TritonClient
 
 log = logging.getLogger(__name__)
 DNS_PREFIX = "dns:///"
@@ -49,9 +50,10 @@ class TritonPool:
     """The TritonClient interface over one or more replicas."""
 
     def __init__(self, spec: str, *, protocol: str = "grpc", timeout_s: float = 10.0, info_ttl_s: float = 5.0,
-                 repository_key: str | None = None, probe_interval_s: float = 2.0) -> None:
+                 repository_key: str | None = None, probe_interval_s: float = 2.0,
+                 region: InputRegion | None = None) -> None:
         self._options = dict(protocol=protocol, timeout_s=timeout_s, info_ttl_s=info_ttl_s,
-                             repository_key=repository_key)
+                             repository_key=repository_key, region=region)
         self.probe_interval_s = probe_interval_s
         endpoints, self.dns_name = parse_endpoints(spec)
         self.replicas: dict[str, Replica] = {}
@@ -65,6 +67,7 @@ class TritonPool:
     async def start(self) -> None:
         if self.dns_name:
             await self._resolve()
+        await asyncio.gather(*(r.client.register_region() for r in self.replicas.values()))
         self._task = asyncio.create_task(self._probe_forever())
 
     async def close(self) -> None:
@@ -99,7 +102,11 @@ class TritonPool:
         ready = await replica.client.server_ready()
         if ready != replica.healthy:
             log.warning("Triton replica %s is %s", replica.url, "back" if ready else "down")
+            if ready:
+                replica.client.forget_region()
         replica.healthy = ready
+        if ready:
+            await replica.client.register_region()  # at once if Triton was down when the gateway started
 
     def _mark_down(self, replica: Replica) -> None:
         if replica.healthy:
@@ -147,6 +154,7 @@ class TritonPool:
     async def statistics(self, name: str) -> dict:
         return await self._on_one("statistics", name)
 
-    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "") -> tuple[np.ndarray, str]:
-        return await self._on_one("infer", info, batch, version)
+    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "", slot: Slot | None = None
+                    ) -> Inference:
+        return await self._on_one("infer", info, batch, version, slot)
 

@@ -248,11 +248,16 @@ def model_input(image: Image.Image, spec: PreprocessSpec, *, pixel_input: bool =
     return model_pixels(image, spec, out) if pixel_input else preprocess(image, spec, out)
 
 
+def batch_layout(size: int, spec: PreprocessSpec, *, pixel_input: bool = False) -> tuple[tuple[int, ...], type]:
+    """Shape and dtype of a batch of `size` model inputs."""
+    if pixel_input:
+        return (size, spec.image_size, spec.image_size, spec.channels), np.uint8
+    return (size, *spec.input_shape), np.float32
+
+
 def input_batch(size: int, spec: PreprocessSpec, *, pixel_input: bool = False) -> np.ndarray:
     """An empty batch of `size` model inputs, to be filled by `model_input(..., out=batch[i])`."""
-    if pixel_input:
-        return np.empty((size, spec.image_size, spec.image_size, spec.channels), dtype=np.uint8)
-    return np.empty((size, *spec.input_shape), dtype=np.float32)
+    return np.empty(*batch_layout(size, spec, pixel_input=pixel_input))
 
 
 def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None,

@@ -22,10 +22,11 @@ from .errors import (
 from .inputs import read_body, read_images
 from .postprocess import top_k
 from .preprocess import (
-    ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, input_batch, model_input,
+    ImageTooLargeError, InvalidImageError, PreprocessSpec, batch_layout, decode_image, input_batch, model_input,
 )
 from .security import require_api_key
 from .pool import TritonPool
+from .shared_memory import InputRegion
 from .triton import RETRY_AFTER_S
 
 ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["digits"])]
@@ -47,12 +48,14 @@ def _error_responses(*statuses: int) -> dict[int, dict]:
 
 def prepare_batch(
     images: list[bytes], spec: PreprocessSpec, max_pixels: int, jpeg_draft: bool = False, pixel_input: bool = False,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, float]:
-    """Decode and preprocess every image; returns the batch and the seconds spent in each stage."""
+    """Decode and preprocess every image (into `out` if given); returns the batch and the seconds spent
+    in each stage."""
     draft_size = spec.resize_size if jpeg_draft else None
     decode_s = preprocess_s = 0.0
-    # Each image goes straight into its slot of the batch: no stacking copy afterwards.
-    batch = input_batch(len(images), spec, pixel_input=pixel_input)
+    # Each image goes straight into its place in the batch: no stacking copy afterwards.
+    batch = input_batch(len(images), spec, pixel_input=pixel_input) if out is None else out
     for position, data in enumerate(images):
         started = time.perf_counter()
         try:
@@ -184,17 +187,26 @@ async def classify(
         metrics.images_per_request.observe(len(images))
         info = await triton.model_info(name)
         context["model"] = name
-        batch, decode_s, preprocess_s = await asyncio.get_running_loop().run_in_executor(
-            app.state.pool, prepare_batch, images, info.spec, settings.max_image_pixels, settings.jpeg_draft,
-            info.pixel_input,
-        )
-        context["stages"].update(decode=decode_s, preprocess=preprocess_s)
-        started = time.perf_counter()
-        logits, served_version = await triton.infer(info, batch, version)
-        context["stages"]["inference"] = time.perf_counter() - started
+        shape, dtype = batch_layout(len(images), info.spec, pixel_input=info.pixel_input)
+        region: InputRegion | None = app.state.input_region
+        slot = region.acquire(int(np.prod(shape)) * np.dtype(dtype).itemsize) if region else None
+        batch = slot.array(shape, dtype) if slot else np.empty(shape, dtype)
+        job = app.state.pool.submit(prepare_batch, images, info.spec, settings.max_image_pixels,
+                                    settings.jpeg_draft, info.pixel_input, batch)
+        try:
+            _, decode_s, preprocess_s = await asyncio.wrap_future(job)
+            context["stages"].update(decode=decode_s, preprocess=preprocess_s)
+            started = time.perf_counter()
+            inference = await triton.infer(info, batch, version, slot)
+            context["stages"]["inference"] = time.perf_counter() - started
+        finally:
+            if slot:
+                # Freed once the thread is done with it, even when this request was abandoned mid-way.
+                job.add_done_callback(lambda _: region.release(slot))
         metrics.images.labels(name).inc(len(images))
-        return JSONResponse({"model": name, "version": served_version,
-                             "results": top_k(logits, top_k_, info.labels)})
+        metrics.triton_inputs.labels(inference.transport).inc()
+        return JSONResponse({"model": name, "version": inference.version,
+                             "results": top_k(inference.logits, top_k_, info.labels)})
 
 
 class inference_slot:

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     default_top_k: int = Field(5, ge=1)
     max_in_flight: int = Field(64, gt=0, description="inference requests at once; past it 429 with Retry-After")
     preprocess_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
+    # Input tensors go through a /dev/shm region when Triton can map it (same host, or containers
+    # sharing IPC), as bytes otherwise. Each slot holds one request's batch (2 MiB: three 224x224 float
+    # images); the region is reserved in memory at start. 0 slots: always bytes.
+    shared_memory_slots: int = Field(32, ge=0)
+    shared_memory_slot_bytes: int = Field(2 * 1024 * 1024, gt=0)
 
     # Optional bearer tokens: comma-separated, or one per line in a file. Never logged.
     api_keys: SecretStr | None = None

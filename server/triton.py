@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, NamedTuple, TypeVar
 
 import numpy as np
 from tritonclient.utils import InferenceServerException
@@ -18,9 +19,17 @@ from tritonclient.utils import InferenceServerException
 from .launcher import REPOSITORY_KEY_HEADER
 from .errors import GatewayError, ModelNotFound, TooManyRequests, TritonFailed, TritonTimeout, TritonUnavailable
 from .preprocess import PIXEL_DATATYPE, PreprocessSpec
+from .shared_memory import InputRegion, Slot
 
 T = TypeVar("T")
 RETRY_AFTER_S = 1
+log = logging.getLogger(__name__)
+
+
+class Inference(NamedTuple):
+    logits: np.ndarray
+    version: str  # the version that answered
+    transport: str  # how the input reached Triton: "shared_memory" or "bytes"
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,7 @@ class TritonClient:
     """Async access to one Triton server, with model configs cached for `info_ttl_s`."""
 
     def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 10.0, info_ttl_s: float = 5.0,
-                 repository_key: str | None = None):
+                 repository_key: str | None = None, region: InputRegion | None = None):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
         self.url, self.protocol, self.info_ttl_s = url, protocol, info_ttl_s
@@ -111,9 +120,46 @@ class TritonClient:
             self._timeout = {}
         self._module = client_module
         self._info: dict[str, tuple[float, ModelInfo]] = {}
+        self.region = region
+        # Registered: inputs in the region can be sent by reference. Refused: this Triton cannot map it
+        # (another host, another /dev/shm); asked again only after Triton was seen down and back.
+        self.region_registered = self.region_refused = False
 
     async def close(self) -> None:
+        if self.region_registered:
+            self.region_registered = False
+            try:
+                await self._call(self._client.unregister_system_shared_memory(self.region.name, **self._timeout))
+            except GatewayError:
+                pass  # Triton is gone or restarted: nothing of ours is registered there
         await self._client.close()
+
+    async def register_region(self) -> None:
+        """Register the input region with Triton, unless it is already, or was refused since `forget_region`."""
+        region = self.region
+        if region is None or self.region_registered or self.region_refused:
+            return
+        try:
+            await self._client.register_system_shared_memory(region.name, region.key, region.size, **self._timeout)
+        except Exception as e:
+            message = str(e)
+            if "already in manager" in message:  # registered before an answer that got lost: still ours
+                self.region_registered = True
+                return
+            # Unreachable: asked again once Triton answers. Refused: Triton cannot open the key (another
+            # host or /dev/shm), or its shared-memory protocol is restricted to other callers.
+            if isinstance(translate_error(e), TritonUnavailable) and "restricted" not in message:
+                return
+            self.region_refused = True
+            log.warning("Triton at %s cannot use shared memory region %s, input tensors go as bytes: %s",
+                        self.url, region.name, message)
+            return
+        self.region_registered = True
+        log.info("Triton at %s reads input tensors from shared memory region %s", self.url, region.name)
+
+    def forget_region(self) -> None:
+        """Triton was down: a restarted server has lost the registration, and may now accept it."""
+        self.region_registered = self.region_refused = False
 
     async def _call(self, call: Awaitable[T], model: str | None = None) -> T:
         try:
@@ -177,35 +223,59 @@ class TritonClient:
         self._info[name] = (time.monotonic(), info)
         return info
 
-    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "") -> tuple[np.ndarray, str]:
-        """Logits for an N x C x H x W batch, split into chunks of the model's max batch size."""
+    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "", slot: Slot | None = None
+                    ) -> Inference:
+        """Logits for an N x C x H x W batch, split into chunks of the model's max batch size.
+
+        With `slot` (holding `batch` at its start) and the region registered, Triton reads the tensors
+        from shared memory; otherwise they travel as bytes.
+        """
+        offset = slot.offset if slot is not None and self.region_registered else None
         step = info.max_batch_size or len(batch)
         if len(batch) <= step:
-            return await self._infer_one(info, batch, version)
-        chunks = [batch[i:i + step] for i in range(0, len(batch), step)]
-        results = await asyncio.gather(*(self._infer_one(info, chunk, version) for chunk in chunks))
-        return np.concatenate([logits for logits, _ in results]), results[0][1]
+            return await self._infer_one(info, batch, version, offset)
+        chunk_bytes = batch[:step].nbytes
+        results = await asyncio.gather(*(
+            self._infer_one(info, batch[i:i + step], version, None if offset is None else offset + n * chunk_bytes)
+            for n, i in enumerate(range(0, len(batch), step))
+        ))
+        transport = "bytes" if any(r.transport == "bytes" for r in results) else "shared_memory"
+        return Inference(np.concatenate([r.logits for r in results]), results[0].version, transport)
 
-    async def _infer_one(self, info: ModelInfo, batch: np.ndarray, version: str) -> tuple[np.ndarray, str]:
+    async def _infer_one(self, info: ModelInfo, batch: np.ndarray, version: str, offset: int | None
+                         ) -> Inference:
         tensor = self._module.InferInput(info.input_name, list(batch.shape), info.input_datatype)
-        if self.protocol == "grpc":
+        if offset is not None:
+            tensor.set_shared_memory(self.region.name, batch.nbytes, offset)
+        elif self.protocol == "grpc":
             tensor.set_data_from_numpy(batch)
-            outputs = [self._module.InferRequestedOutput(info.output_name)]
         else:
             tensor.set_data_from_numpy(batch, binary_data=True)
+        if self.protocol == "grpc":
+            outputs = [self._module.InferRequestedOutput(info.output_name)]
+        else:
             outputs = [self._module.InferRequestedOutput(info.output_name, binary_data=True)]
         try:
-            result = await self._call(
-                self._client.infer(info.name, [tensor], model_version=version, outputs=outputs, **self._timeout),
-                info.name,
-            )
-        except ModelNotFound:
-            raise await self._absent_or_unavailable(info.name, version)
+            result = await self._client.infer(info.name, [tensor], model_version=version, outputs=outputs,
+                                              **self._timeout)
+        except Exception as e:
+            if offset is not None and "shared memory" in str(e).lower():
+                # Triton restarted between two probes and lost the registration: register again for
+                # the next requests, and send this one as bytes.
+                log.warning("Triton at %s lost shared memory region %s: %s", self.url, self.region.name, e)
+                self.forget_region()
+                await self.register_region()
+                return await self._infer_one(info, batch, version, None)
+            error = translate_error(e, info.name)
+            if isinstance(error, ModelNotFound):
+                raise await self._absent_or_unavailable(info.name, version) from e
+            raise error from e
         response = result.get_response()
         # gRPC gives the protobuf message (read its field: converting it to JSON costs a millisecond),
         # HTTP a dict.
         served = response.model_version if self.protocol == "grpc" else response.get("model_version", "")
-        return result.as_numpy(info.output_name), str(served or version)
+        return Inference(result.as_numpy(info.output_name), str(served or version),
+                         "bytes" if offset is None else "shared_memory")
 
     async def statistics(self, name: str) -> dict:
         if self.protocol == "grpc":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
+import tritonclient.grpc as grpcclient
 
 from builder.publish import PublishSettings, publish
 from server.launcher import GatewayProcess, TritonServer, free_port
@@ -38,9 +40,10 @@ def repository(tiny_run, tmp_path_factory) -> Path:
     repository = tmp_path_factory.mktemp("model_repository")
     # Spinning on here, off (the default) in test_int8_serving: both ways of configuring ONNX Runtime load.
     # Two instances (the default) here, one on every core for the pixel model: both thread layouts load.
+    # At most 4 images per call for the pixel model: the gateway splits a request of more into several.
     publish(tiny_run / "model.onnx", repository, MODEL, settings=PublishSettings(intra_op_spinning=True))
     publish(tiny_run / "model.onnx", repository, PIXEL_MODEL,
-            settings=PublishSettings(pixel_input=True, instance_count=1))
+            settings=PublishSettings(pixel_input=True, instance_count=1, max_batch_size=4))
     return repository
 
 
@@ -56,3 +59,20 @@ def gateway(triton, tmp_path_factory):
     process = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log", triton.http_url)
     yield process
     process.stop()
+
+
+def metric(url: str, name: str, **labels: str) -> float | None:
+    """One sample of the gateway's /metrics, or None when it is not exported."""
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == wanted:
+            return float(value)
+    return None
+
+
+def gateway_regions(triton_grpc_url: str) -> list[str]:
+    """The shared-memory regions gateways have registered with this Triton."""
+    with grpcclient.InferenceServerClient(triton_grpc_url) as client:
+        status = client.get_system_shared_memory_status(as_json=True)
+    return [name for name in status.get("regions", {}) if name.startswith("gateway-")]

@@ -15,7 +15,7 @@ from builder.publish import PublishSettings, publish
 from server.client import classify, classify_grpc
 from server.launcher import TritonServer, free_port
 
-from .conftest import MODEL, PIXEL_MODEL, start_gateway, start_triton
+from .conftest import MODEL, PIXEL_MODEL, metric, start_gateway, start_triton
 
 
 def encoded(mode: str, fmt: str, size=(12, 9), **save) -> bytes:
@@ -80,6 +80,8 @@ def test_a_gateway_that_reaches_triton_over_http_answers_as_over_grpc(gateway, t
         for model in (MODEL, PIXEL_MODEL):
             expected = classify(photos, model=model, url=gateway.url, top_k=3)["results"]
             assert classify(photos, model=model, url=over_http.url, top_k=3)["results"] == expected
+        # Registered over HTTP too: the inputs went through shared memory.
+        assert metric(over_http.url, "gateway_triton_inputs_total", transport="shared_memory") == 2
         assert httpx.get(f"{over_http.url}/readyz", timeout=10).status_code == 200
         assert httpx.get(f"{over_http.url}/v1/models/{MODEL}", timeout=10).json()["statistics"] is not None
         missing = post(over_http.url, "/v1/models/absent/classify", content=photos[0].read_bytes(),
@@ -272,6 +274,8 @@ def test_a_request_triton_holds_past_the_timeout_is_504_over_either_protocol(slo
                         headers={"Content-Type": "image/png"})
         assert response.status_code == 504 and response.json()["error"]["code"] == "triton_timeout"
         assert response.headers["Retry-After"]
+        # The abandoned call's slot is free again (Triton, still holding the call, only reads it).
+        assert metric(gateway.url, "gateway_shared_memory_free_slots") == 32
     finally:
         gateway.stop()
 

@@ -1,0 +1,128 @@
+"""Input tensors through system shared memory, when the gateway and Triton share a host.
+
+Sent over gRPC, one 224x224 float image (588 KiB) is copied four times on its way: numpy to bytes,
+into the protobuf message, into gRPC's buffers, through the socket, and read back by Triton. With a
+region of /dev/shm registered with Triton, the preprocessing thread writes the tensor where Triton
+reads it, and the request carries only the region's name and an offset.
+
+The region is cut into equal slots. A request holds one slot from before preprocessing until
+Triton has answered; when none is free, or the batch does not fit, the request sends bytes as usual.
+Triton only reads a slot, so a slot freed after a timed-out call that Triton still runs later can
+only spoil that abandoned call's input, never the next request's.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+SHM_DIRECTORY = "/dev/shm"
+
+
+class SharedMemoryUnavailable(RuntimeError):
+    """The region cannot be made on this host (no /dev/shm, or not enough room in it)."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    region: "InputRegion"
+    offset: int  # bytes from the start of the region
+    size: int
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """A C-contiguous array of `shape` over the start of the slot, writable in place."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if nbytes > self.size:
+            raise ValueError(f"{nbytes} bytes do not fit a slot of {self.size}")
+        return self.region.view[self.offset:self.offset + nbytes].view(dtype).reshape(shape)
+
+
+class InputRegion:
+    """One /dev/shm region of `slots` slots of `slot_bytes` each, named uniquely for this process."""
+
+    def __init__(self, slots: int, slot_bytes: int) -> None:
+        if slots <= 0 or slot_bytes <= 0:
+            raise ValueError(f"need slots > 0 and slot_bytes > 0, got {slots} and {slot_bytes}")
+        # Aligned slots keep every float tensor aligned for the backends that read it.
+        self.slot_bytes = -(-slot_bytes // 64) * 64
+        self.size = slots * self.slot_bytes
+        # Unique per process and start: a Triton that can register this key sees this very region.
+        self.name = f"gateway-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.key = f"/{self.name}"
+        if not os.path.isdir(SHM_DIRECTORY):
+            raise SharedMemoryUnavailable(f"{SHM_DIRECTORY} does not exist on this host")
+        try:
+            # SharedMemory names the region and has it unlinked even if this process is killed.
+            self._memory = SharedMemory(self.name, create=True, size=self.size)
+        except OSError as e:
+            raise SharedMemoryUnavailable(f"cannot make a region in {SHM_DIRECTORY}: {e}") from e
+        self._memory.close()  # its own mapping: the arrays go over the one below
+        try:
+            fd = os.open(os.path.join(SHM_DIRECTORY, self.name), os.O_RDWR)
+            try:
+                # Reserve every page now: on a full tmpfs a write to a lazily allocated page would kill
+                # the process with SIGBUS; here it is a clean refusal at start.
+                os.posix_fallocate(fd, 0, self.size)
+                self._mapping = mmap.mmap(fd, self.size)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self._memory.unlink()
+            raise SharedMemoryUnavailable(f"cannot reserve {self.size} bytes in {SHM_DIRECTORY}: {e}") from e
+        # frombuffer holds a buffer export on the mapping: it cannot be unmapped while an array over it
+        # lives (close() then leaves it to go with the last one), so no array points at unmapped memory.
+        self.view: np.ndarray | None = np.frombuffer(self._mapping, np.uint8)
+        # deque's append and pop are atomic: a preprocessing thread may free a slot (see routes).
+        self._free: deque[Slot] = deque(Slot(self, i * self.slot_bytes, self.slot_bytes) for i in range(slots))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self, nbytes: int) -> Slot | None:
+        """A free slot for `nbytes`, or None when the tensor is too big or every slot is in use."""
+        if nbytes > self.slot_bytes:
+            return None
+        try:
+            return self._free.pop()
+        except IndexError:
+            return None
+
+    def release(self, slot: Slot) -> None:
+        self._free.append(slot)
+
+    def close(self) -> None:
+        """Unlink the region and unmap it (Triton keeps its own mapping until it unregisters it)."""
+        if self.view is None:
+            return
+        self.view = None
+        try:
+            self._memory.unlink()
+        except FileNotFoundError:
+            pass  # someone removed the name already
+        try:
+            self._mapping.close()
+        except BufferError:
+            pass  # an array over the region is still alive: the mapping goes with the last one
+
+
+def input_region(slots: int, slot_bytes: int) -> InputRegion | None:
+    """The region, or None (logged) when this host cannot make it; the gateway then sends bytes."""
+    if slots <= 0:
+        return None
+    try:
+        region = InputRegion(slots, slot_bytes)
+    except SharedMemoryUnavailable as e:
+        log.warning("input tensors will be sent as bytes: %s", e)
+        return None
+    log.info("input tensors can go through shared memory %s: %d slots of %d bytes",
+             region.name, slots, region.slot_bytes)
+    return region
