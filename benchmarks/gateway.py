@@ -11,7 +11,9 @@ the two alternating between rounds), so that a burst of load from elsewhere on a
 sides of a comparison. The table gives the median throughput over the rounds with its range, and p50 and
 p99 over every request of every round, and the CPU that Triton, the gateway and this load generator
 spent per image. Prints the table and writes JSON. With --pixel-input the model is published to take
-8-bit pixels, and the ceiling runs that same published file.
+8-bit pixels, and the ceiling runs that same published file. The gateway hands its tensors to Triton
+through shared memory, as it does whenever Triton shares its host (--no-shared-memory: as bytes); the
+last line says which way they went.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+import httpx
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -250,6 +253,16 @@ def report(results: list[Result], console: Console) -> None:
                       f"(target <= 5 ms: {'met' if gap <= 5 else 'missed'})")
 
 
+def input_transports(gateway_url: str) -> dict[str, float]:
+    """How the gateway sent its inputs to Triton (shared_memory or bytes), counted from its /metrics."""
+    counts = {}
+    for line in httpx.get(f"{gateway_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith('gateway_triton_inputs_total{transport="'):
+            sample, _, value = line.rpartition(" ")
+            counts[sample.split('"')[1]] = float(value)
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
@@ -264,6 +277,8 @@ def main() -> int:
                         help="ONNX Runtime threads per instance (0: the cores divided among the instances)")
     parser.add_argument("--pixel-input", action="store_true",
                         help="publish the model with an 8-bit pixel input that it normalizes itself")
+    parser.add_argument("--no-shared-memory", action="store_true",
+                        help="have the gateway send input tensors to Triton as bytes, not through /dev/shm")
     args = parser.parse_args()
     if args.duration <= 0 or args.rounds < 1 or min(args.concurrency) < 1 \
             or (args.instances is not None and args.instances < 1) or args.intra_op_threads < 0:
@@ -271,6 +286,8 @@ def main() -> int:
                      "--intra-op-threads 0 or more")
     if args.jpeg_draft:
         os.environ["GATEWAY_JPEG_DRAFT"] = "true"  # the gateway process inherits the environment
+    if args.no_shared_memory:
+        os.environ["GATEWAY_SHARED_MEMORY_SLOTS"] = "0"
     console = Console(width=150)
     jpegs = sample_jpegs()
     tensors = [preprocess_bytes(j, IMAGENET, pixel_input=args.pixel_input) for j in jpegs]
@@ -290,7 +307,10 @@ def main() -> int:
         with local_stack(settings, gateway_port=free_port()) as (triton, gateway):
             # One event loop for every measurement: grpc.aio is bound to the loop it first ran on.
             results = asyncio.run(measure(session, triton, gateway, tensors, jpegs, args, console))
+            transports = input_transports(gateway.url)
     report(results, console)
+    console.print("the gateway's input tensors reached Triton: "
+                  + ", ".join(f"{count:.0f} times as {name.replace('_', ' ')}" for name, count in transports.items()))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps([asdict(r) for r in results], indent=2))
     console.print(f"written {args.output}")
