@@ -2,11 +2,14 @@
 FROM python:3.11-slim
 
 # The malloc thresholds keep the per-request 600 KB buffers on the heap (see server/launcher.py).
+# A container has its own /dev/shm, which a Triton container cannot open: no shared-memory region is
+# reserved unless GATEWAY_SHARED_MEMORY_SLOTS is set (both containers then need one IPC namespace).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MALLOC_MMAP_THRESHOLD_=16777216 \
-    MALLOC_TRIM_THRESHOLD_=67108864
+    MALLOC_TRIM_THRESHOLD_=67108864 \
+    GATEWAY_SHARED_MEMORY_SLOTS=0
 
 # Numeric uid, so Kubernetes' runAsNonRoot can verify it.
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin gateway
