@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -129,26 +129,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         key = settings.triton_repository_key.get_secret_value() if settings.triton_repository_key else ""
-        app.state.input_region = region = input_region(settings.shared_memory_slots,
-                                                       settings.shared_memory_slot_bytes)
-        metrics.shared_memory_free_slots.set_function(lambda: region.free_slots if region else 0)
-        app.state.triton = TritonPool(
-            settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
-            info_ttl_s=settings.model_info_ttl_s, repository_key=key or None, region=app.state.input_region,
-        )
-        await app.state.triton.start()
-        app.state.triton_http = httpx.AsyncClient(
-            base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s
-        )
-        app.state.pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
-        try:
+        # Whatever was made is undone, last first, even when a later step fails.
+        async with AsyncExitStack() as made:
+            app.state.input_region = region = input_region(settings.shared_memory_slots,
+                                                           settings.shared_memory_slot_bytes)
+            if region:
+                made.callback(region.close)
+            metrics.shared_memory_free_slots.set_function(lambda: region.free_slots if region else 0)
+            app.state.triton = TritonPool(
+                settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
+                info_ttl_s=settings.model_info_ttl_s, repository_key=key or None, region=region,
+            )
+            made.push_async_callback(app.state.triton.close)
+            await app.state.triton.start()
+            app.state.triton_http = httpx.AsyncClient(
+                base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s
+            )
+            made.push_async_callback(app.state.triton_http.aclose)
+            app.state.pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+            made.callback(app.state.pool.shutdown, wait=False, cancel_futures=True)
             yield
-        finally:
-            await app.state.triton.close()
-            await app.state.triton_http.aclose()
-            app.state.pool.shutdown(wait=False, cancel_futures=True)
-            if app.state.input_region:
-                app.state.input_region.close()
 
     app = FastAPI(
         title="Image classification gateway",

@@ -239,7 +239,9 @@ class TritonServer(_ManagedProcess):
         if self.model_control_mode == "poll":
             command.append(f"--repository-poll-secs={self.repository_poll_s}")
         if self.repository_api_key:
-            restriction = f"model-repository:{REPOSITORY_KEY_HEADER}={self.repository_api_key}"
+            # Shared memory too: only the key's holders may list regions (the gateway's holds other
+            # requests' images) or register their own.
+            restriction = f"model-repository,shared-memory:{REPOSITORY_KEY_HEADER}={self.repository_api_key}"
             command += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
         return command + list(self.extra_args)
 

@@ -33,11 +33,11 @@ class GatewayMetrics:
         self.in_flight = Gauge("gateway_in_flight_requests", "Inference requests being served", registry=r)
         self.rejections = Counter("gateway_rejections", "Requests refused, by reason (the error code)",
                                   ["reason"], registry=r)
-        self.triton_inputs = Counter("gateway_triton_inputs", "Classifications sent to Triton, by how the input "
-                                     "tensors travelled: shared_memory or bytes", ["transport"], registry=r)
+        self.triton_inputs = Counter("gateway_triton_inputs", "Classifications Triton answered, by how their "
+                                     "input tensors travelled: shared_memory or bytes", ["transport"], registry=r)
         self.shared_memory_free_slots = Gauge("gateway_shared_memory_free_slots",
-                                              "Free slots of the shared-memory region for input tensors",
-                                              registry=r)
+                                              "Free slots of the shared-memory region for input tensors "
+                                              "(0 also when there is no region)", registry=r)
         self.triton_errors = Counter("gateway_triton_errors", "Failed Triton calls, by the gateway's error code",
                                      ["code"], registry=r)
 

@@ -67,12 +67,13 @@ class TritonPool:
     async def start(self) -> None:
         if self.dns_name:
             await self._resolve()
-        await asyncio.gather(*(r.client.register_region() for r in self.replicas.values()))
         self._task = asyncio.create_task(self._probe_forever())
 
     async def close(self) -> None:
         if self._task:
+            # Awaited, so that no probe is midway through registering a region when the clients close.
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         await asyncio.gather(*(r.client.close() for r in self.replicas.values()), return_exceptions=True)
 
     async def _resolve(self) -> None:
@@ -92,21 +93,25 @@ class TritonPool:
             await replica.client.close()
 
     async def _probe_forever(self) -> None:
+        # The first round at once: it offers the shared-memory region without holding up the start.
         while True:
+            await asyncio.gather(*(self._probe(r) for r in list(self.replicas.values())))
             await asyncio.sleep(self.probe_interval_s)
             if self.dns_name:
                 await self._resolve()
-            await asyncio.gather(*(self._probe(r) for r in list(self.replicas.values())))
 
     async def _probe(self, replica: Replica) -> None:
         ready = await replica.client.server_ready()
+        self._set_health(replica, ready)
+        if ready:
+            await replica.client.register_region()  # a no-op once registered, or refused
+
+    def _set_health(self, replica: Replica, ready: bool) -> None:
         if ready != replica.healthy:
             log.warning("Triton replica %s is %s", replica.url, "back" if ready else "down")
             if ready:
-                replica.client.forget_region()
+                replica.client.forget_region()  # a restarted Triton has lost it, and may now accept it
         replica.healthy = ready
-        if ready:
-            await replica.client.register_region()  # at once if Triton was down when the gateway started
 
     def _mark_down(self, replica: Replica) -> None:
         if replica.healthy:
@@ -142,7 +147,7 @@ class TritonPool:
     async def server_ready(self) -> bool:
         results = await asyncio.gather(*(r.client.server_ready() for r in self.replicas.values()))
         for replica, ready in zip(self.replicas.values(), results):
-            replica.healthy = ready
+            self._set_health(replica, ready)
         return any(results)
 
     async def repository_index(self) -> list[dict[str, str]]:

@@ -7,7 +7,9 @@ the thread pool -> one Triton call -> softmax and top-k -> JSON.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import zlib
 from typing import Annotated, Any
 
 import httpx
@@ -17,7 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import (
-    GatewayError, InvalidImage, ModelNotFound, PayloadTooLarge, TooManyRequests, TritonTimeout, TritonUnavailable,
+    BadRequest, GatewayError, InvalidImage, ModelNotFound, PayloadTooLarge, TooManyRequests, TritonTimeout,
+    TritonUnavailable, UnsupportedMediaType,
 )
 from .inputs import read_body, read_images
 from .postprocess import top_k
@@ -189,20 +192,23 @@ async def classify(
         context["model"] = name
         shape, dtype = batch_layout(len(images), info.spec, pixel_input=info.pixel_input)
         region: InputRegion | None = app.state.input_region
-        slot = region.acquire(int(np.prod(shape)) * np.dtype(dtype).itemsize) if region else None
-        batch = slot.array(shape, dtype) if slot else np.empty(shape, dtype)
-        job = app.state.pool.submit(prepare_batch, images, info.spec, settings.max_image_pixels,
-                                    settings.jpeg_draft, info.pixel_input, batch)
+        held = region.acquire(shape, dtype) if region and not info.response_cache else None
+        slot, batch = held if held else (None, np.empty(shape, dtype))
+        job = None
         try:
+            job = app.state.pool.submit(prepare_batch, images, info.spec, settings.max_image_pixels,
+                                        settings.jpeg_draft, info.pixel_input, batch)
             _, decode_s, preprocess_s = await asyncio.wrap_future(job)
             context["stages"].update(decode=decode_s, preprocess=preprocess_s)
             started = time.perf_counter()
             inference = await triton.infer(info, batch, version, slot)
             context["stages"]["inference"] = time.perf_counter() - started
         finally:
-            if slot:
+            if slot and job:
                 # Freed once the thread is done with it, even when this request was abandoned mid-way.
                 job.add_done_callback(lambda _: region.release(slot))
+            elif slot:
+                region.release(slot)
         metrics.images.labels(name).inc(len(images))
         metrics.triton_inputs.labels(inference.transport).inc()
         return JSONResponse({"model": name, "version": inference.version,
@@ -234,6 +240,44 @@ class inference_slot:
 # decodes it and the binary extension's header length counts uncompressed bytes.
 PASSED_REQUEST_HEADERS = ("content-type", "inference-header-content-length", "content-encoding")
 PASSED_RESPONSE_HEADERS = ("content-type", "inference-header-content-length")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise BadRequest("the inference header repeats a key")
+    return dict(pairs)
+
+
+def refuse_shared_memory_parameters(body: bytes, headers: Any, limit: int) -> None:
+    """KServe v2 lets a request name Triton shared-memory regions for its tensors. Through the gateway it
+    may not: the gateway's own region holds other requests' images. The JSON header is read as Triton
+    will read it (gzip or deflate undone, no repeated keys to read two ways) and any parameter that names
+    shared memory, on the request or on a tensor, is refused."""
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("gzip", "deflate"):
+        unpacker = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            body = unpacker.decompress(body, limit + 1)
+        except zlib.error as e:
+            raise BadRequest(f"cannot decompress the {encoding} body: {e}") from e
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body unpacks to more than {limit} bytes")
+    elif encoding != "identity":
+        raise UnsupportedMediaType(f"content encoding {encoding!r} is not accepted; use gzip or deflate")
+    length = headers.get("inference-header-content-length")
+    header = body[:int(length)] if length and length.isdigit() else body
+    try:
+        parsed = json.loads(header, object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadRequest(f"the inference header is not JSON: {e}") from e
+    if not isinstance(parsed, dict):
+        raise BadRequest("the inference header is not a JSON object")
+    tensors = [t for key in ("inputs", "outputs") if isinstance(parsed.get(key), list) for t in parsed[key]]
+    for owner in (parsed, *tensors):
+        parameters = owner.get("parameters") if isinstance(owner, dict) else None
+        if isinstance(parameters, dict) and any(key.startswith("shared_memory") for key in parameters):
+            raise BadRequest("shared-memory parameters are not accepted through the gateway; send the tensors")
 
 
 async def _forward(request: Request, method: str, path: str, body: bytes = b"", model: str = "") -> Response:
@@ -283,6 +327,7 @@ V2_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json
 async def v2_infer(name: ModelName, request: Request) -> Response:
     async with inference_slot(request):
         body = await read_body(request, request.app.state.settings.max_body_bytes)
+        refuse_shared_memory_parameters(body, request.headers, request.app.state.settings.max_body_bytes)
         return await _forward(request, "POST", f"/v2/models/{name}/infer", body, model=name)
 
 
@@ -291,4 +336,5 @@ async def v2_infer(name: ModelName, request: Request) -> Response:
 async def v2_version_infer(name: ModelName, version: VersionPath, request: Request) -> Response:
     async with inference_slot(request):
         body = await read_body(request, request.app.state.settings.max_body_bytes)
+        refuse_shared_memory_parameters(body, request.headers, request.app.state.settings.max_body_bytes)
         return await _forward(request, "POST", f"/v2/models/{name}/versions/{version}/infer", body, model=name)

@@ -1,14 +1,15 @@
 """Input tensors through system shared memory, when the gateway and Triton share a host.
 
-Sent over gRPC, one 224x224 float image (588 KiB) is copied four times on its way: numpy to bytes,
-into the protobuf message, into gRPC's buffers, through the socket, and read back by Triton. With a
+Sent over gRPC, one 224x224 float image (588 KiB) is copied on each step of its way: numpy to bytes,
+into the protobuf message, into gRPC's buffers, through the socket, and out again in Triton. With a
 region of /dev/shm registered with Triton, the preprocessing thread writes the tensor where Triton
 reads it, and the request carries only the region's name and an offset.
 
 The region is cut into equal slots. A request holds one slot from before preprocessing until
 Triton has answered; when none is free, or the batch does not fit, the request sends bytes as usual.
-Triton only reads a slot, so a slot freed after a timed-out call that Triton still runs later can
-only spoil that abandoned call's input, never the next request's.
+Slots are handed out oldest-freed first. Triton only reads a slot, so a call abandoned after a
+timeout that Triton still runs later can only read another request's pixels into its own discarded
+answer; models with Triton's response cache on get bytes, since that answer would be cached.
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ import os
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 SHM_DIRECTORY = "/dev/shm"
+REGION_PREFIX = "gateway-"
+
+
+def region_exists(key: str) -> bool:
+    """Whether a region's key (as registered with Triton, "/name") still names a file in /dev/shm."""
+    name = key.lstrip("/")
+    return bool(name) and "/" not in name and os.path.exists(os.path.join(SHM_DIRECTORY, name))
 
 
 class SharedMemoryUnavailable(RuntimeError):
@@ -33,16 +42,7 @@ class SharedMemoryUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Slot:
-    region: "InputRegion"
     offset: int  # bytes from the start of the region
-    size: int
-
-    def array(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-        """A C-contiguous array of `shape` over the start of the slot, writable in place."""
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if nbytes > self.size:
-            raise ValueError(f"{nbytes} bytes do not fit a slot of {self.size}")
-        return self.region.view[self.offset:self.offset + nbytes].view(dtype).reshape(shape)
 
 
 class InputRegion:
@@ -55,7 +55,7 @@ class InputRegion:
         self.slot_bytes = -(-slot_bytes // 64) * 64
         self.size = slots * self.slot_bytes
         # Unique per process and start: a Triton that can register this key sees this very region.
-        self.name = f"gateway-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.name = f"{REGION_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.key = f"/{self.name}"
         if not os.path.isdir(SHM_DIRECTORY):
             raise SharedMemoryUnavailable(f"{SHM_DIRECTORY} does not exist on this host")
@@ -77,24 +77,27 @@ class InputRegion:
         except OSError as e:
             self._memory.unlink()
             raise SharedMemoryUnavailable(f"cannot reserve {self.size} bytes in {SHM_DIRECTORY}: {e}") from e
-        # frombuffer holds a buffer export on the mapping: it cannot be unmapped while an array over it
-        # lives (close() then leaves it to go with the last one), so no array points at unmapped memory.
+        # frombuffer holds a buffer export on the mapping: close() cannot unmap it while an array over it
+        # lives, so no array ever points at unmapped memory.
         self.view: np.ndarray | None = np.frombuffer(self._mapping, np.uint8)
-        # deque's append and pop are atomic: a preprocessing thread may free a slot (see routes).
-        self._free: deque[Slot] = deque(Slot(self, i * self.slot_bytes, self.slot_bytes) for i in range(slots))
+        # deque's append and popleft are atomic: a preprocessing thread may free a slot (see routes).
+        self._free: deque[Slot] = deque(Slot(i * self.slot_bytes) for i in range(slots))
 
     @property
     def free_slots(self) -> int:
         return len(self._free)
 
-    def acquire(self, nbytes: int) -> Slot | None:
-        """A free slot for `nbytes`, or None when the tensor is too big or every slot is in use."""
-        if nbytes > self.slot_bytes:
+    def acquire(self, shape: tuple[int, ...], dtype: np.dtype | type) -> tuple[Slot, np.ndarray] | None:
+        """A free slot and a C-contiguous array of `shape` at its start, to be written in place; None
+        when the array does not fit a slot or every slot is in use."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if nbytes > self.slot_bytes or self.view is None:
             return None
         try:
-            return self._free.pop()
+            slot = self._free.popleft()
         except IndexError:
             return None
+        return slot, self.view[slot.offset:slot.offset + nbytes].view(dtype).reshape(shape)
 
     def release(self, slot: Slot) -> None:
         self._free.append(slot)
@@ -106,12 +109,12 @@ class InputRegion:
         self.view = None
         try:
             self._memory.unlink()
-        except FileNotFoundError:
-            pass  # someone removed the name already
+        except FileNotFoundError:  # someone removed the name already
+            resource_tracker.unregister(self.key, "shared_memory")
         try:
             self._mapping.close()
         except BufferError:
-            pass  # an array over the region is still alive: the mapping goes with the last one
+            pass  # an array over the region is still alive: the mapping stays until it is collected
 
 
 def input_region(slots: int, slot_bytes: int) -> InputRegion | None:

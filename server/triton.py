@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from .launcher import REPOSITORY_KEY_HEADER
 from .errors import GatewayError, ModelNotFound, TooManyRequests, TritonFailed, TritonTimeout, TritonUnavailable
 from .preprocess import PIXEL_DATATYPE, PreprocessSpec
-from .shared_memory import InputRegion, Slot
+from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
 
 T = TypeVar("T")
 RETRY_AFTER_S = 1
@@ -44,6 +44,8 @@ class ModelInfo:
     max_batch_size: int
     # The model takes N x H x W x C uint8 pixels and normalizes them itself (`builder publish --pixel-input`).
     pixel_input: bool = False
+    # Triton's response cache is on: inputs go as bytes (see server/shared_memory.py).
+    response_cache: bool = False
 
     @property
     def input_datatype(self) -> str:
@@ -91,6 +93,7 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             output_name=config["output"][0]["name"],
             max_batch_size=int(config.get("max_batch_size", 0)),
             pixel_input=config["input"][0].get("data_type") == f"TYPE_{PIXEL_DATATYPE}",
+            response_cache=bool(config.get("response_cache", {}).get("enable", False)),
         )
     except (KeyError, ValueError, IndexError) as e:
         raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e
@@ -104,10 +107,10 @@ class TritonClient:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
         self.url, self.protocol, self.info_ttl_s = url, protocol, info_ttl_s
-        # Triton restricts its repository API (the index included) to callers that carry this header.
-        # Over gRPC, Triton expects the header name with its own prefix.
+        # Triton restricts its repository API (the index included) and its shared-memory API to callers
+        # that carry this header. Over gRPC, Triton expects the header name with its own prefix.
         header = REPOSITORY_KEY_HEADER if protocol == "http" else f"triton-grpc-protocol-{REPOSITORY_KEY_HEADER}"
-        self._repository_headers = {header: repository_key} if repository_key else None
+        self._restricted_headers = {header: repository_key} if repository_key else None
         # The transport enforces the timeout (a gRPC deadline on every call, aiohttp's total timeout over
         # HTTP): asyncio.wait_for would wrap each inference in one more task and event-loop trip.
         if protocol == "grpc":
@@ -126,12 +129,15 @@ class TritonClient:
         self.region_registered = self.region_refused = False
 
     async def close(self) -> None:
-        if self.region_registered:
-            self.region_registered = False
+        if self.region is not None:
+            # Even when no registration is known: one whose answer was lost would pin the memory in Triton.
+            # Triton accepts unregistering a name it does not have.
             try:
-                await self._call(self._client.unregister_system_shared_memory(self.region.name, **self._timeout))
-            except GatewayError:
-                pass  # Triton is gone or restarted: nothing of ours is registered there
+                await asyncio.wait_for(self._client.unregister_system_shared_memory(
+                    self.region.name, headers=self._restricted_headers), 2.0)
+            except Exception:
+                pass  # Triton is gone, and our registration with it
+            self.region_registered = False
         await self._client.close()
 
     async def register_region(self) -> None:
@@ -140,22 +146,43 @@ class TritonClient:
         if region is None or self.region_registered or self.region_refused:
             return
         try:
-            await self._client.register_system_shared_memory(region.name, region.key, region.size, **self._timeout)
+            await self._client.register_system_shared_memory(region.name, region.key, region.size,
+                                                             headers=self._restricted_headers, **self._timeout)
         except Exception as e:
             message = str(e)
             if "already in manager" in message:  # registered before an answer that got lost: still ours
                 self.region_registered = True
                 return
-            # Unreachable: asked again once Triton answers. Refused: Triton cannot open the key (another
-            # host or /dev/shm), or its shared-memory protocol is restricted to other callers.
-            if isinstance(translate_error(e), TritonUnavailable) and "restricted" not in message:
-                return
-            self.region_refused = True
-            log.warning("Triton at %s cannot use shared memory region %s, input tensors go as bytes: %s",
-                        self.url, region.name, message)
+            # Refused for good: Triton cannot open the key (another host, another /dev/shm), or only
+            # other callers may register. Anything else (unreachable, a timeout) is tried again by the
+            # next probe.
+            self.region_refused = "unable to open shared memory region" in message.lower() or "restricted" in message
+            if self.region_refused:
+                log.warning("Triton at %s cannot use shared memory region %s, input tensors go as bytes: %s",
+                            self.url, region.name, message)
             return
         self.region_registered = True
         log.info("Triton at %s reads input tensors from shared memory region %s", self.url, region.name)
+        await self._drop_stale_regions()
+
+    async def _drop_stale_regions(self) -> None:
+        """Unregister gateway regions whose name is gone from /dev/shm (their gateway was killed): Triton
+        would keep them mapped for ever. Runs once Triton has opened our own key, so /dev/shm is shared."""
+        try:
+            if self.protocol == "grpc":
+                status = await self._client.get_system_shared_memory_status(
+                    headers=self._restricted_headers, as_json=True, **self._timeout)
+                regions = list(status.get("regions", {}).values())
+            else:
+                regions = await self._client.get_system_shared_memory_status(headers=self._restricted_headers)
+            for entry in regions:
+                name, key = entry.get("name", ""), entry.get("key", "")
+                if name.startswith(REGION_PREFIX) and name != self.region.name and not region_exists(key):
+                    await self._client.unregister_system_shared_memory(
+                        name, headers=self._restricted_headers, **self._timeout)
+                    log.info("unregistered stale shared memory region %s from Triton at %s", name, self.url)
+        except Exception as e:
+            log.warning("could not clear stale shared memory regions from Triton at %s: %s", self.url, e)
 
     def forget_region(self) -> None:
         """Triton was down: a restarted server has lost the registration, and may now accept it."""
@@ -177,10 +204,10 @@ class TritonClient:
         """Every model Triton knows of, one entry per version: name, version, state, reason."""
         if self.protocol == "grpc":
             index = await self._call(self._client.get_model_repository_index(
-                headers=self._repository_headers, as_json=True, **self._timeout))
+                headers=self._restricted_headers, as_json=True, **self._timeout))
             entries = index.get("models", [])
         else:
-            entries = await self._call(self._client.get_model_repository_index(headers=self._repository_headers))
+            entries = await self._call(self._client.get_model_repository_index(headers=self._restricted_headers))
         return [
             {"name": e.get("name", ""), "version": str(e.get("version", "")), "state": e.get("state", ""),
              "reason": e.get("reason", "")}
@@ -230,39 +257,47 @@ class TritonClient:
         With `slot` (holding `batch` at its start) and the region registered, Triton reads the tensors
         from shared memory; otherwise they travel as bytes.
         """
-        offset = slot.offset if slot is not None and self.region_registered else None
+        use_region = slot is not None and self.region_registered and not info.response_cache
+        offset = slot.offset if use_region else None
         step = info.max_batch_size or len(batch)
         if len(batch) <= step:
             return await self._infer_one(info, batch, version, offset)
         chunk_bytes = batch[:step].nbytes
-        results = await asyncio.gather(*(
-            self._infer_one(info, batch[i:i + step], version, None if offset is None else offset + n * chunk_bytes)
+        calls = [
+            asyncio.ensure_future(self._infer_one(
+                info, batch[i:i + step], version, None if offset is None else offset + n * chunk_bytes))
             for n, i in enumerate(range(0, len(batch), step))
-        ))
+        ]
+        try:
+            results = await asyncio.gather(*calls)
+        except BaseException:
+            for call in calls:  # the slot is about to be freed: no call may still read it
+                call.cancel()
+            raise
         transport = "bytes" if any(r.transport == "bytes" for r in results) else "shared_memory"
         return Inference(np.concatenate([r.logits for r in results]), results[0].version, transport)
 
     async def _infer_one(self, info: ModelInfo, batch: np.ndarray, version: str, offset: int | None
                          ) -> Inference:
         tensor = self._module.InferInput(info.input_name, list(batch.shape), info.input_datatype)
+        if self.protocol == "grpc":
+            output = self._module.InferRequestedOutput(info.output_name)
+            if offset is None:
+                tensor.set_data_from_numpy(batch)
+        else:
+            output = self._module.InferRequestedOutput(info.output_name, binary_data=True)
+            if offset is None:
+                tensor.set_data_from_numpy(batch, binary_data=True)
         if offset is not None:
             tensor.set_shared_memory(self.region.name, batch.nbytes, offset)
-        elif self.protocol == "grpc":
-            tensor.set_data_from_numpy(batch)
-        else:
-            tensor.set_data_from_numpy(batch, binary_data=True)
-        if self.protocol == "grpc":
-            outputs = [self._module.InferRequestedOutput(info.output_name)]
-        else:
-            outputs = [self._module.InferRequestedOutput(info.output_name, binary_data=True)]
         try:
-            result = await self._client.infer(info.name, [tensor], model_version=version, outputs=outputs,
+            result = await self._client.infer(info.name, [tensor], model_version=version, outputs=[output],
                                               **self._timeout)
         except Exception as e:
-            if offset is not None and "shared memory" in str(e).lower():
+            if offset is not None and f"unable to find shared memory region: '{self.region.name}'" in str(e).lower():
                 # Triton restarted between two probes and lost the registration: register again for
                 # the next requests, and send this one as bytes.
-                log.warning("Triton at %s lost shared memory region %s: %s", self.url, self.region.name, e)
+                log.warning("Triton at %s lost shared memory region %s", self.url, self.region.name)
                 self.forget_region()
                 await self.register_region()
                 return await self._infer_one(info, batch, version, None)

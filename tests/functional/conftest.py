@@ -71,8 +71,8 @@ def metric(url: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def gateway_regions(triton_grpc_url: str) -> list[str]:
-    """The shared-memory regions gateways have registered with this Triton."""
+def gateway_regions(triton_grpc_url: str, gateway: GatewayProcess) -> list[str]:
+    """The shared-memory regions this gateway has registered with this Triton."""
     with grpcclient.InferenceServerClient(triton_grpc_url) as client:
         status = client.get_system_shared_memory_status(as_json=True)
-    return [name for name in status.get("regions", {}) if name.startswith("gateway-")]
+    return [name for name in status.get("regions", {}) if name.startswith(f"gateway-{gateway.pid}-")]

@@ -59,8 +59,7 @@ def test_triton_down_gives_503_with_retry_after_and_the_gateway_recovers_when_it
             assert wait_for(lambda: post_png(gateway.url).status_code == 200)
             assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
             # Triton came up after the gateway: a probe offers it the region for input tensors.
-            assert wait_for(lambda: any(name.startswith(f"gateway-{gateway.pid}-")
-                                        for name in gateway_regions(triton.grpc_url)))
+            assert wait_for(lambda: gateway_regions(triton.grpc_url, gateway))
             sent = metric(gateway.url, "gateway_triton_inputs_total", transport="shared_memory") or 0
             assert post_png(gateway.url).status_code == 200
             assert metric(gateway.url, "gateway_triton_inputs_total", transport="shared_memory") == sent + 1

@@ -16,6 +16,7 @@ from server.client import classify, classify_grpc
 from server.launcher import TritonServer, free_port
 
 from .conftest import MODEL, PIXEL_MODEL, metric, start_gateway, start_triton
+from .test_failures import wait_for
 
 
 def encoded(mode: str, fmt: str, size=(12, 9), **save) -> bytes:
@@ -280,14 +281,19 @@ def test_a_request_triton_holds_past_the_timeout_is_504_over_either_protocol(slo
         gateway.stop()
 
 
-def test_triton_repository_api_needs_the_key(repository, tmp_path):
+def test_triton_repository_and_shared_memory_apis_need_the_key(repository, tmp_path, photos):
     with TritonServer(model_repository=repository, http_port=free_port(), grpc_port=free_port(),
                       metrics_port=free_port(), cache_dir=tmp_path, repository_api_key="s3cret") as server:
-        index = f"http://{server.http_url}/v2/repository/index"
-        assert httpx.post(index, json={}, timeout=10).status_code in (401, 403)
-        assert httpx.post(index, json={}, headers={"repository-key": "s3cret"}, timeout=10).status_code == 200
+        for api in ("repository/index", "systemsharedmemory/status"):
+            url = f"http://{server.http_url}/v2/{api}"
+            call = httpx.post if api.startswith("repository") else httpx.get
+            assert call(url, timeout=10).status_code in (401, 403)
+            assert call(url, headers={"repository-key": "s3cret"}, timeout=10).status_code == 200
         gateway = start_gateway(server.grpc_url, tmp_path / "gateway.log", GATEWAY_TRITON_REPOSITORY_KEY="s3cret")
         try:
             assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
+            # The key opens the shared-memory API to the gateway: its region is registered and used.
+            assert wait_for(lambda: classify(photos[:1], model=MODEL, url=gateway.url) is not None and metric(
+                gateway.url, "gateway_triton_inputs_total", transport="shared_memory"))
         finally:
             gateway.stop()

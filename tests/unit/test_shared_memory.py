@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server import shared_memory
-from server.shared_memory import InputRegion, SharedMemoryUnavailable, input_region
+from server.shared_memory import InputRegion, SharedMemoryUnavailable, input_region, region_exists
 
 
 @pytest.fixture
@@ -22,40 +22,45 @@ def region():
 
 def test_slots_are_aligned_disjoint_and_hold_what_is_written(region):
     assert region.slot_bytes == 1024 and region.size == 3 * 1024
-    slots = [region.acquire(1000) for _ in range(3)]
-    assert sorted(s.offset for s in slots) == [0, 1024, 2048]
-    arrays = [slot.array((2, 5, 25), np.float32) for slot in slots]
-    for value, array in enumerate(arrays):
+    held = [region.acquire((2, 5, 25), np.float32) for _ in range(3)]
+    assert sorted(slot.offset for slot, _ in held) == [0, 1024, 2048]
+    for value, (_, array) in enumerate(held):
+        assert array.flags.c_contiguous and array.ctypes.data % 64 == 0
         array[...] = value
-    for value, (slot, array) in enumerate(zip(slots, arrays)):
+    for value, (slot, array) in enumerate(held):
         assert (array == value).all()
-        stored = region.view[slot.offset:slot.offset + array.nbytes].view(np.float32)
-        assert (stored == value).all()
-    with pytest.raises(ValueError, match="do not fit"):
-        slots[0].array((2, 5, 26), np.float32)
+        assert (region.view[slot.offset:slot.offset + array.nbytes].view(np.float32) == value).all()
 
 
 def test_no_slot_when_all_are_held_or_the_batch_is_too_big(region):
-    assert region.acquire(1025) is None
-    held = [region.acquire(8) for _ in range(3)]
-    assert region.free_slots == 0 and region.acquire(8) is None
+    assert region.acquire((257,), np.float32) is None  # 1028 bytes
+    held = [region.acquire((256,), np.float32) for _ in range(3)]
+    assert region.free_slots == 0 and region.acquire((8,), np.uint8) is None
     # Released from another thread, as a preprocessing thread does for an abandoned request.
-    thread = threading.Thread(target=region.release, args=(held[1],))
+    thread = threading.Thread(target=region.release, args=(held[1][0],))
     thread.start()
     thread.join()
-    assert region.free_slots == 1 and region.acquire(8) == held[1]
+    assert region.free_slots == 1 and region.acquire((8,), np.uint8)[0] == held[1][0]
+
+
+def test_the_slot_freed_first_is_handed_out_first(region):
+    first, second, third = (region.acquire((8,), np.uint8)[0] for _ in range(3))
+    region.release(second)
+    region.release(first)
+    assert [region.acquire((8,), np.uint8)[0] for _ in range(2)] == [second, first]
 
 
 def test_close_removes_the_name_even_with_an_array_still_over_it():
     made = InputRegion(slots=1, slot_bytes=64)
     path = os.path.join(shared_memory.SHM_DIRECTORY, made.name)
-    array = made.acquire(64).array((16,), np.float32)
-    assert os.path.exists(path)
+    _, array = made.acquire((16,), np.float32)
+    assert os.path.exists(path) and region_exists(made.key)
     made.close()
     made.close()
-    assert not os.path.exists(path)
-    array[:] = 1.0  # the mapping lives as long as the array does
+    assert not os.path.exists(path) and not region_exists(made.key)
+    array[:] = 1.0  # the mapping lives as long as an array over it does
     assert array.sum() == 16
+    assert made.acquire((16,), np.float32) is None
 
 
 def test_a_full_dev_shm_is_a_clean_refusal_with_nothing_left_behind(monkeypatch):
