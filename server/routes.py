@@ -323,7 +323,7 @@ V2_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json
 
 
 @kserve.post("/v2/models/{name}/infer", summary="KServe v2 inference with tensors (passed to Triton)",
-             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 404, 413, 429, 503, 504))
+             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 404, 413, 415, 429, 503, 504))
 async def v2_infer(name: ModelName, request: Request) -> Response:
     async with inference_slot(request):
         body = await read_body(request, request.app.state.settings.max_body_bytes)
@@ -332,7 +332,7 @@ async def v2_infer(name: ModelName, request: Request) -> Response:
 
 
 @kserve.post("/v2/models/{name}/versions/{version}/infer", summary="KServe v2 inference of a pinned version",
-             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 404, 413, 429, 503, 504))
+             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 404, 413, 415, 429, 503, 504))
 async def v2_version_infer(name: ModelName, version: VersionPath, request: Request) -> Response:
     async with inference_slot(request):
         body = await read_body(request, request.app.state.settings.max_body_bytes)

@@ -118,3 +118,6 @@ def test_kserve_shared_memory_parameters_are_found_however_they_are_written(gate
     assert httpx.post(url, content=plain, timeout=30).status_code == 200
     for encoding, packed in (("gzip", gzip.compress(plain)), ("deflate", zlib.compress(plain))):
         assert httpx.post(url, content=packed, headers={"Content-Encoding": encoding}, timeout=30).status_code == 200
+    # An encoding the gateway cannot read is not passed on unread.
+    unread = httpx.post(url, content=plain, headers={"Content-Encoding": "br"}, timeout=30)
+    assert unread.status_code == 415 and unread.json()["error"]["code"] == "unsupported_media_type"
