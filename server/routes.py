@@ -190,10 +190,10 @@ async def classify(
         metrics.images_per_request.observe(len(images))
         info = await triton.model_info(name)
         context["model"] = name
-        shape, dtype = batch_layout(len(images), info.spec, pixel_input=info.pixel_input)
         region: InputRegion | None = app.state.input_region
-        held = region.acquire(shape, dtype) if region and not info.response_cache else None
-        slot, batch = held if held else (None, np.empty(shape, dtype))
+        held = (region.acquire(*batch_layout(len(images), info.spec, pixel_input=info.pixel_input))
+                if region and not info.response_cache else None)
+        slot, batch = held if held else (None, input_batch(len(images), info.spec, pixel_input=info.pixel_input))
         job = None
         try:
             job = app.state.pool.submit(prepare_batch, images, info.spec, settings.max_image_pixels,
