@@ -156,6 +156,15 @@ def decode_image(
         raise InvalidImageError(f"cannot decode image: {e}") from e
 
 
+def header_pixels(data: bytes, formats: tuple[str, ...] = ACCEPTED_FORMATS) -> int | None:
+    """Width x height read from the image's header alone (nothing decoded); None when it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data), formats=formats) as image:
+            return image.width * image.height
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return None
+
+
 def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     # Same arithmetic as torchvision's Resize(int): the shorter side becomes `shorter`,
     # the longer one is scaled and truncated.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import io
+import socket
 
 import httpx
 import numpy as np
@@ -180,6 +182,47 @@ def test_metrics_count_rejections_by_reason(gateway):
     text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
     assert 'gateway_rejections_total{reason="invalid_image"}' in text
     assert "gateway_images_per_request_bucket" in text and "gateway_request_bytes_bucket" in text
+
+
+def preprocessed(url: str, where: str) -> float:
+    return metric(url, "gateway_preprocessing_total", where=where) or 0.0
+
+
+@contextlib.contextmanager
+def request_in_flight(url: str):
+    """A classification whose body never comes: the gateway counts it in flight until the socket closes."""
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=30) as held:
+        held.sendall(f"POST /v1/models/{MODEL}/classify HTTP/1.1\r\nHost: gateway\r\n"
+                     "Content-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n".encode())
+        assert wait_for(lambda: metric(url, "gateway_in_flight_requests") == 1)
+        yield
+    assert wait_for(lambda: metric(url, "gateway_in_flight_requests") == 0)
+
+
+def test_a_small_request_alone_is_preprocessed_on_the_event_loop_and_answered_as_by_the_pool(gateway, photos):
+    before = {where: preprocessed(gateway.url, where) for where in ("event_loop", "thread_pool")}
+    alone = classify(photos[2:3], model=MODEL, url=gateway.url, top_k=5)
+    assert preprocessed(gateway.url, "event_loop") == before["event_loop"] + 1
+    with request_in_flight(gateway.url):
+        crowded = classify(photos[2:3], model=MODEL, url=gateway.url, top_k=5)
+    assert preprocessed(gateway.url, "thread_pool") == before["thread_pool"] + 1
+    assert crowded == alone
+    assert preprocessed(gateway.url, "event_loop") == before["event_loop"] + 1
+
+
+def test_a_request_over_the_inline_pixel_limit_goes_to_the_thread_pool(gateway, photos):
+    # The six photos hold about 1.4 million pixels, over the default limit of half a million.
+    before = {where: preprocessed(gateway.url, where) for where in ("event_loop", "thread_pool")}
+    answer = classify(photos, model=MODEL, url=gateway.url)
+    assert len(answer["results"]) == len(photos)
+    assert preprocessed(gateway.url, "thread_pool") == before["thread_pool"] + 1
+    assert preprocessed(gateway.url, "event_loop") == before["event_loop"]
+    # A broken image alone goes to the pool too, and gets its 400 there.
+    broken = post(gateway.url, f"/v1/models/{MODEL}/classify", content=b"\xff\xd8 not a jpeg",
+                  headers={"Content-Type": "image/jpeg"})
+    assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_image"
+    assert preprocessed(gateway.url, "thread_pool") == before["thread_pool"] + 2
 
 
 @pytest.fixture(scope="module")

@@ -225,3 +225,38 @@ def test_prepare_batch_of_pixels_fills_uint8_slots(photos):
     np.testing.assert_array_equal(batch[1], preprocess_bytes(second, IMAGENET, pixel_input=True))
     with pytest.raises(ValueError, match="out must be uint8"):
         model_pixels(Image.open(photos[0]), IMAGENET, out=np.empty((224, 224, 3), dtype=np.float32))
+
+
+def test_header_pixels_reads_the_size_without_decoding_and_refuses_what_is_no_image(photos):
+    from server.preprocess import header_pixels
+
+    data = photos[0].read_bytes()
+    width, height = Image.open(photos[0]).size
+    assert header_pixels(data) == width * height
+    # The header alone is enough: a truncated file still tells its size.
+    assert header_pixels(data[:2000]) == width * height
+    assert header_pixels(b"not an image") is None and header_pixels(b"") is None
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buffer, "TIFF")
+    assert header_pixels(buffer.getvalue()) is None  # not an accepted format
+
+
+def test_header_pixels_of_a_decompression_bomb_is_none(monkeypatch):
+    from server.preprocess import header_pixels
+
+    buffer = io.BytesIO()
+    Image.new("L", (300, 300)).save(buffer, "PNG")
+    # Pillow refuses to open an image of more than twice its limit; the thread pool reports that as a 413.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    assert header_pixels(buffer.getvalue()) is None
+
+
+def test_fits_inline_sums_the_pixels_of_every_image(photos):
+    from server.routes import fits_inline
+
+    images = [p.read_bytes() for p in photos[:2]]
+    pixels = [Image.open(p).size[0] * Image.open(p).size[1] for p in photos[:2]]
+    assert fits_inline(images, sum(pixels))
+    assert not fits_inline(images, sum(pixels) - 1)
+    assert fits_inline(images[:1], pixels[0]) and not fits_inline(images[:1], 0)
+    assert not fits_inline([images[0], b"broken"], 10**9)
