@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .errors import GatewayError
 from .metrics import GatewayMetrics
@@ -190,6 +191,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return _json_error(request, error.status_code, code, str(error.detail), error.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, error: ClientDisconnect) -> JSONResponse:
+        # No one is left to read it; 499 (as nginx logs a client that closed its request) keeps a client's
+        # hang-up out of the gateway's own 5xx errors.
+        return _json_error(request, 499, "client_disconnected", "the client closed the connection mid-request")
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:

@@ -8,6 +8,7 @@ import json
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from .errors import BadRequest, InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from .settings import Settings
@@ -46,6 +47,8 @@ async def _multipart(request: Request, settings: Settings) -> list[bytes]:
     _check_declared_length(request, settings.max_body_bytes)
     try:
         form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=100)
+    except ClientDisconnect:
+        raise  # not a broken body: the client left (app.py answers 499)
     except Exception as e:  # starlette's parser raises several kinds for broken bodies
         raise BadRequest(f"malformed multipart body: {e}") from e
     try:

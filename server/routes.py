@@ -1,7 +1,7 @@
 """HTTP routes: health, models, classification, and the KServe v2 pass-through to Triton.
 
 A classification reads as: read the images -> look up the model's spec -> decode and preprocess (in
-the thread pool, or on the event loop for a small request alone in the gateway) -> one Triton call ->
+the thread pool, or on the event loop for a small JPEG alone in the gateway) -> one Triton call ->
 softmax and top-k -> JSON.
 """
 
@@ -27,8 +27,8 @@ from .errors import (
 from .inputs import read_body, read_images
 from .postprocess import top_k
 from .preprocess import (
-    ImageTooLargeError, InvalidImageError, PreprocessSpec, batch_layout, decode_image, header_pixels, input_batch,
-    model_input,
+    ImageTooLargeError, InvalidImageError, PreprocessSpec, batch_layout, decode_image, input_batch, model_input,
+    quick_to_preprocess,
 )
 from .security import require_api_key
 from .pool import TritonPool
@@ -75,20 +75,6 @@ def prepare_batch(
         decode_s += decoded - started
         preprocess_s += time.perf_counter() - decoded
     return batch, decode_s, preprocess_s
-
-
-def fits_inline(images: list[bytes], max_pixels: int) -> bool:
-    """Whether the images hold at most `max_pixels` in all, by their headers. An image whose header
-    cannot be read does not fit: the thread pool gives its error."""
-    total = 0
-    for data in images:
-        pixels = header_pixels(data)
-        if pixels is None:
-            return False
-        total += pixels
-        if total > max_pixels:
-            return False
-    return True
 
 
 def _group_versions(index: list[dict[str, str]]) -> list[dict[str, Any]]:
@@ -215,7 +201,8 @@ async def classify(
         try:
             work = partial(prepare_batch, images, info.spec, settings.max_image_pixels, settings.jpeg_draft,
                            info.pixel_input, batch)
-            if app.state.in_flight == 1 and fits_inline(images, settings.inline_preprocess_max_pixels):
+            if app.state.in_flight == 1 and quick_to_preprocess(
+                    images, settings.inline_preprocess_max_pixels, settings.inline_preprocess_max_bytes):
                 metrics.preprocessing.labels("event_loop").inc()
                 _, decode_s, preprocess_s = work()
             else:

@@ -33,12 +33,13 @@ class Settings(BaseSettings):
     default_top_k: int = Field(5, ge=1)
     max_in_flight: int = Field(64, gt=0, description="inference requests at once; past it 429 with Retry-After")
     preprocess_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
-    # A request alone in the gateway, with images of at most this many pixels in all (read from their
-    # headers), is preprocessed on the event loop: there is nothing else for the loop to do meanwhile,
-    # and the hand-off to a thread and back costs ~0.5 ms at concurrency 1 (README, Results). Any other
-    # request goes to the thread pool, so the loop is never held while others wait. 0: always the pool.
-    # Half a million pixels (800x600 and below) take about 4 ms as JPEG, 17 ms as PNG, on a slow core.
+    # A request alone in the gateway whose images are baseline JPEGs of at most these pixels and bytes
+    # in all (by their headers) is preprocessed on the event loop, which has nothing else to do: handing
+    # the work to a thread and back cost 0.15 to 0.7 ms more at concurrency 1 (README, Results). Requests
+    # arriving meanwhile wait for it: about 4 ms for an 800x600 photo on a slow core, at most about
+    # 0.15 s for a crafted file of the byte limit. Any other request goes to the thread pool. 0: never.
     inline_preprocess_max_pixels: int = Field(500_000, ge=0)
+    inline_preprocess_max_bytes: int = Field(128 * 1024, ge=0)
     # Input tensors go through a /dev/shm region when Triton can map it (same host, or containers
     # sharing IPC), as bytes otherwise. Each slot holds one request's batch (2 MiB: three 224x224 float
     # images); the region is reserved in memory at start. 0 slots: always bytes.

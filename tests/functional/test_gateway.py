@@ -189,12 +189,12 @@ def preprocessed(url: str, where: str) -> float:
 
 
 @contextlib.contextmanager
-def request_in_flight(url: str):
+def request_in_flight(url: str, content_type: str = "image/jpeg"):
     """A classification whose body never comes: the gateway counts it in flight until the socket closes."""
     host, _, port = url.removeprefix("http://").rpartition(":")
     with socket.create_connection((host, int(port)), timeout=30) as held:
         held.sendall(f"POST /v1/models/{MODEL}/classify HTTP/1.1\r\nHost: gateway\r\n"
-                     "Content-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n".encode())
+                     f"Content-Type: {content_type}\r\nContent-Length: 1000\r\n\r\n".encode())
         assert wait_for(lambda: metric(url, "gateway_in_flight_requests") == 1)
         yield
     assert wait_for(lambda: metric(url, "gateway_in_flight_requests") == 0)
@@ -211,18 +211,51 @@ def test_a_small_request_alone_is_preprocessed_on_the_event_loop_and_answered_as
     assert preprocessed(gateway.url, "event_loop") == before["event_loop"] + 1
 
 
-def test_a_request_over_the_inline_pixel_limit_goes_to_the_thread_pool(gateway, photos):
-    # The six photos hold about 1.4 million pixels, over the default limit of half a million.
+@pytest.mark.parametrize("content_type", ["image/jpeg", "multipart/form-data; boundary=x", "application/json"])
+def test_a_client_that_hangs_up_mid_body_is_counted_as_499_not_as_an_internal_error(gateway, content_type):
+    def rejected(reason: str) -> float:
+        return metric(gateway.url, "gateway_rejections_total", reason=reason) or 0.0
+
+    internal, gone = rejected("internal_error"), rejected("client_disconnected")
+    with request_in_flight(gateway.url, content_type):
+        pass
+    assert wait_for(lambda: rejected("client_disconnected") == gone + 1)
+    assert rejected("internal_error") == internal
+
+
+def jpeg(size: tuple[int, int], noise: bool = False, **save) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) if noise \
+        else np.full((size[1], size[0], 3), 120, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("body, status", [
+    pytest.param(jpeg((800, 700)), 200, id="over the pixel limit"),  # 560,000 pixels in a few KB
+    pytest.param(jpeg((400, 300), noise=True, quality=100), 200, id="over the byte limit"),
+    pytest.param(jpeg((64, 48), progressive=True), 200, id="a progressive JPEG"),
+    pytest.param(encoded("RGB", "PNG"), 200, id="not a JPEG"),
+    pytest.param(b"\xff\xd8 not a jpeg", 400, id="an unreadable header"),
+])
+def test_a_request_alone_that_is_not_a_small_baseline_jpeg_goes_to_the_thread_pool(gateway, body, status):
     before = {where: preprocessed(gateway.url, where) for where in ("event_loop", "thread_pool")}
-    answer = classify(photos, model=MODEL, url=gateway.url)
-    assert len(answer["results"]) == len(photos)
+    response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=body,
+                    headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == status, response.text
     assert preprocessed(gateway.url, "thread_pool") == before["thread_pool"] + 1
     assert preprocessed(gateway.url, "event_loop") == before["event_loop"]
-    # A broken image alone goes to the pool too, and gets its 400 there.
-    broken = post(gateway.url, f"/v1/models/{MODEL}/classify", content=b"\xff\xd8 not a jpeg",
-                  headers={"Content-Type": "image/jpeg"})
-    assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_image"
-    assert preprocessed(gateway.url, "thread_pool") == before["thread_pool"] + 2
+
+
+def test_a_broken_jpeg_preprocessed_on_the_event_loop_is_a_400_and_frees_its_slot(gateway, photos):
+    free = metric(gateway.url, "gateway_shared_memory_free_slots")
+    before = preprocessed(gateway.url, "event_loop")
+    # Its header is whole, so it looks quick to decode; the pixels after it are missing.
+    response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=photos[2].read_bytes()[:2000],
+                    headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_image"
+    assert preprocessed(gateway.url, "event_loop") == before + 1
+    assert metric(gateway.url, "gateway_shared_memory_free_slots") == free
 
 
 @pytest.fixture(scope="module")

@@ -227,36 +227,35 @@ def test_prepare_batch_of_pixels_fills_uint8_slots(photos):
         model_pixels(Image.open(photos[0]), IMAGENET, out=np.empty((224, 224, 3), dtype=np.float32))
 
 
-def test_header_pixels_reads_the_size_without_decoding_and_refuses_what_is_no_image(photos):
-    from server.preprocess import header_pixels
+def test_quick_to_preprocess_takes_baseline_jpegs_within_both_limits(photos):
+    from server.preprocess import quick_to_preprocess
 
-    data = photos[0].read_bytes()
-    width, height = Image.open(photos[0]).size
-    assert header_pixels(data) == width * height
-    # The header alone is enough: a truncated file still tells its size.
-    assert header_pixels(data[:2000]) == width * height
-    assert header_pixels(b"not an image") is None and header_pixels(b"") is None
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 30)).save(buffer, "TIFF")
-    assert header_pixels(buffer.getvalue()) is None  # not an accepted format
+    jpegs = [photos[0].read_bytes(), photos[2].read_bytes()]
+    pixels = sum(w * h for w, h in (Image.open(photos[0]).size, Image.open(photos[2]).size))
+    size = sum(map(len, jpegs))
+    assert quick_to_preprocess(jpegs, pixels, size)
+    assert not quick_to_preprocess(jpegs, pixels - 1, size)
+    assert not quick_to_preprocess(jpegs, pixels, size - 1)
+    assert not quick_to_preprocess(jpegs, 0, size) and not quick_to_preprocess(jpegs, pixels, 0)
+    # The header is enough: a truncated JPEG still counts (and fails later, where its error is reported).
+    assert quick_to_preprocess([jpegs[0][:2000]], pixels, size)
 
 
-def test_header_pixels_of_a_decompression_bomb_is_none(monkeypatch):
-    from server.preprocess import header_pixels
+def test_quick_to_preprocess_refuses_progressive_jpegs_other_formats_and_what_is_no_image(photos):
+    from server.preprocess import quick_to_preprocess
 
-    buffer = io.BytesIO()
-    Image.new("L", (300, 300)).save(buffer, "PNG")
+    image = Image.open(photos[2])
+    progressive, png = io.BytesIO(), io.BytesIO()
+    image.save(progressive, "JPEG", progressive=True)  # the cost of its decoding grows with its scans
+    image.save(png, "PNG")
+    for data in (progressive.getvalue(), png.getvalue(), b"not an image", b"", b"\xff\xd8\xff"):
+        assert not quick_to_preprocess([data], 10**9, 10**9), data[:8]
+    assert not quick_to_preprocess([photos[2].read_bytes(), png.getvalue()], 10**9, 10**9)
+
+
+def test_quick_to_preprocess_is_false_for_a_decompression_bomb(monkeypatch, photos):
+    from server.preprocess import quick_to_preprocess
+
     # Pillow refuses to open an image of more than twice its limit; the thread pool reports that as a 413.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
-    assert header_pixels(buffer.getvalue()) is None
-
-
-def test_fits_inline_sums_the_pixels_of_every_image(photos):
-    from server.routes import fits_inline
-
-    images = [p.read_bytes() for p in photos[:2]]
-    pixels = [Image.open(p).size[0] * Image.open(p).size[1] for p in photos[:2]]
-    assert fits_inline(images, sum(pixels))
-    assert not fits_inline(images, sum(pixels) - 1)
-    assert fits_inline(images[:1], pixels[0]) and not fits_inline(images[:1], 0)
-    assert not fits_inline([images[0], b"broken"], 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert not quick_to_preprocess([photos[2].read_bytes()], 10**9, 10**9)
