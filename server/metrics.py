@@ -35,8 +35,8 @@ class GatewayMetrics:
                                   ["reason"], registry=r)
         self.triton_inputs = Counter("gateway_triton_inputs", "Classifications Triton answered, by how their "
                                      "input tensors travelled: shared_memory or bytes", ["transport"], registry=r)
-        self.preprocessing = Counter("gateway_preprocessing", "Requests preprocessed, by where: event_loop (a "
-                                     "small request alone in the gateway) or thread_pool", ["where"], registry=r)
+        self.preprocessing = Counter("gateway_preprocessing", "Requests preprocessed, by where: event_loop (small "
+                                     "JPEGs alone in the gateway) or thread_pool", ["where"], registry=r)
         self.shared_memory_free_slots = Gauge("gateway_shared_memory_free_slots",
                                               "Free slots of the shared-memory region for input tensors "
                                               "(0 also when there is no region)", registry=r)
