@@ -188,6 +188,10 @@ def preprocessed(url: str, where: str) -> float:
     return metric(url, "gateway_preprocessing_total", where=where) or 0.0
 
 
+def preprocessed_counts(url: str) -> dict[str, float]:
+    return {where: preprocessed(url, where) for where in ("event_loop", "thread_pool")}
+
+
 @contextlib.contextmanager
 def request_in_flight(url: str, content_type: str = "image/jpeg"):
     """A classification whose body never comes: the gateway counts it in flight until the socket closes."""
@@ -201,7 +205,7 @@ def request_in_flight(url: str, content_type: str = "image/jpeg"):
 
 
 def test_a_small_request_alone_is_preprocessed_on_the_event_loop_and_answered_as_by_the_pool(gateway, photos):
-    before = {where: preprocessed(gateway.url, where) for where in ("event_loop", "thread_pool")}
+    before = preprocessed_counts(gateway.url)
     alone = classify(photos[2:3], model=MODEL, url=gateway.url, top_k=5)
     assert preprocessed(gateway.url, "event_loop") == before["event_loop"] + 1
     with request_in_flight(gateway.url):
@@ -239,7 +243,7 @@ def jpeg(size: tuple[int, int], noise: bool = False, **save) -> bytes:
     pytest.param(b"\xff\xd8 not a jpeg", 400, id="an unreadable header"),
 ])
 def test_a_request_alone_that_is_not_a_small_baseline_jpeg_goes_to_the_thread_pool(gateway, body, status):
-    before = {where: preprocessed(gateway.url, where) for where in ("event_loop", "thread_pool")}
+    before = preprocessed_counts(gateway.url)
     response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=body,
                     headers={"Content-Type": "image/jpeg"})
     assert response.status_code == status, response.text
