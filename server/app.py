@@ -159,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     metrics = GatewayMetrics()
     app.state.settings, app.state.metrics, app.state.in_flight = settings, metrics, 0
+    app.state.slots_taken = 0  # requests past their body, at most max_in_flight
     app.state.api_keys = tuple(k.encode() for k in settings.load_api_keys())
     app.include_router(health)
     app.include_router(models)

@@ -7,13 +7,17 @@ class GatewayError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: int | None = None, close_connection: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        # Answered before the body was read to its end: the connection cannot carry another request, and
+        # closing it stops the rest of the body from coming.
+        self.close_connection = close_connection
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        return {**headers, "Connection": "close"} if self.close_connection else headers
 
 
 class BadRequest(GatewayError):
@@ -22,6 +26,10 @@ class BadRequest(GatewayError):
 
 class InvalidImage(GatewayError):
     status, code = 400, "invalid_image"
+
+
+class RequestTimeout(GatewayError):
+    status, code = 408, "request_timeout"
 
 
 class ModelNotFound(GatewayError):
@@ -38,6 +46,16 @@ class UnsupportedMediaType(GatewayError):
 
 class TooManyRequests(GatewayError):
     status, code = 429, "too_many_requests"
+
+
+class RefusedByTriton(GatewayError):
+    """Triton refused the request as the client's mistake (a malformed tensor, a wrong shape)."""
+
+    code = "refused_by_triton"
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class TritonUnavailable(GatewayError):

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
+import re
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
-from starlette.requests import ClientDisconnect
+from starlette.formparsers import MultiPartParser
 
-from .errors import BadRequest, InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from .errors import BadRequest, InvalidImage, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from .settings import Settings
 
 RAW_MEDIA_TYPES = ("image/", "application/octet-stream")
+# Headers that say how to read the body. Sent twice, one reader may take the first and another the last.
+FRAMING_HEADERS = ("content-type", "content-encoding", "inference-header-content-length", "content-length",
+                   "transfer-encoding")
+DECIMAL = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts "²"
+
+
+def refuse_repeated_framing_headers(request: Request) -> None:
+    for name in FRAMING_HEADERS:
+        if len(request.headers.getlist(name)) > 1:
+            raise BadRequest(f"the {name} header comes more than once")
+
+
+def decimal_header(value: str, name: str) -> int:
+    """A header that carries a byte count: ASCII digits only, no longer than any real body needs."""
+    if not DECIMAL.fullmatch(value.strip()):
+        raise BadRequest(f"the {name} header must be a decimal byte count, got {value[:40]!r}")
+    return int(value)
 
 
 def media_type_of(request: Request) -> str:
@@ -22,19 +42,26 @@ def media_type_of(request: Request) -> str:
 
 def _check_declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    if declared is not None and decimal_header(declared, "content-length") > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}", close_connection=True)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused as soon as it passes `limit` bytes (chunked uploads included)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused as soon as it passes `limit` bytes whatever its framing (chunked uploads
+    included), or once it has taken more than `timeout_s` to arrive (408)."""
+    refuse_repeated_framing_headers(request)
     _check_declared_length(request, limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", close_connection=True)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)",
+                             close_connection=True) from None
     return b"".join(chunks)
 
 
@@ -43,12 +70,19 @@ def _check_count(count: int, settings: Settings) -> None:
         raise PayloadTooLarge(f"{count} images in one request; the limit is {settings.max_images_per_request}")
 
 
+async def _pieces(body: bytes, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), size):
+        yield body[start:start + size]
+
+
 async def _multipart(request: Request, settings: Settings) -> list[bytes]:
-    _check_declared_length(request, settings.max_body_bytes)
+    # The body is read whole and bounded first: the parser, fed from the request itself, would spool any
+    # amount of a chunked upload to disk before its size could be checked.
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    parser = MultiPartParser(request.headers, _pieces(body), max_files=settings.max_images_per_request + 1,
+                             max_fields=100)
     try:
-        form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=100)
-    except ClientDisconnect:
-        raise  # not a broken body: the client left (app.py answers 499)
+        form = await parser.parse()
     except Exception as e:  # starlette's parser raises several kinds for broken bodies
         raise BadRequest(f"malformed multipart body: {e}") from e
     try:
@@ -59,8 +93,6 @@ async def _multipart(request: Request, settings: Settings) -> list[bytes]:
         images = [await f.read() for f in files]
     finally:
         await form.close()
-    if sum(len(i) for i in images) > settings.max_body_bytes:
-        raise PayloadTooLarge(f"images exceed the limit of {settings.max_body_bytes} bytes")
     return images
 
 
@@ -76,9 +108,11 @@ def _decode_base64(position: int, text: object) -> bytes:
 
 
 async def _json(request: Request, settings: Settings) -> list[bytes]:
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     try:
         document = json.loads(body)
+    except RecursionError:
+        raise BadRequest("body is nested too deeply to be the JSON of images") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not valid JSON: {e}") from e
     images = document.get("images") if isinstance(document, dict) else None
@@ -90,13 +124,14 @@ async def _json(request: Request, settings: Settings) -> list[bytes]:
 
 async def read_images(request: Request, settings: Settings) -> list[bytes]:
     """Encoded images, in request order; a 4xx GatewayError for anything else."""
+    refuse_repeated_framing_headers(request)
     media_type = media_type_of(request)
     if media_type == "multipart/form-data":
         return await _multipart(request, settings)
     if media_type == "application/json":
         return await _json(request, settings)
     if media_type.startswith(RAW_MEDIA_TYPES):
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         if not body:
             raise InvalidImage("request body is empty")
         return [body]

@@ -30,7 +30,8 @@ class GatewayMetrics:
                                        registry=r)
         self.response_bytes = Histogram("gateway_response_bytes", "Response body size", buckets=BYTES_BUCKETS,
                                         registry=r)
-        self.in_flight = Gauge("gateway_in_flight_requests", "Inference requests being served", registry=r)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Inference requests in the gateway, from the "
+                               "start of their body to the answer", registry=r)
         self.rejections = Counter("gateway_rejections", "Requests refused, by reason (the error code)",
                                   ["reason"], registry=r)
         self.triton_inputs = Counter("gateway_triton_inputs", "Classifications Triton answered, by how their "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import zlib
 from functools import partial
@@ -21,10 +22,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import (
-    BadRequest, GatewayError, InvalidImage, ModelNotFound, PayloadTooLarge, TooManyRequests, TritonTimeout,
-    TritonUnavailable, UnsupportedMediaType,
+    BadRequest, GatewayError, InvalidImage, ModelNotFound, PayloadTooLarge, RefusedByTriton, TooManyRequests,
+    TritonFailed, TritonTimeout, TritonUnavailable, UnsupportedMediaType,
 )
-from .inputs import read_body, read_images
+from .inputs import decimal_header, read_body, read_images, refuse_repeated_framing_headers
 from .postprocess import top_k
 from .preprocess import (
     ImageTooLargeError, InvalidImageError, PreprocessSpec, batch_layout, decode_image, input_batch, model_input,
@@ -188,8 +189,9 @@ async def classify(
     app = request.app
     settings, metrics, triton = app.state.settings, app.state.metrics, app.state.triton
     context = request.state.context
-    async with inference_slot(request):
+    async with inference_slot(request) as slot_of_request:
         images = await read_images(request, settings)
+        slot_of_request.take()
         metrics.images_per_request.observe(len(images))
         info = await triton.model_info(name)
         context["model"] = name
@@ -226,22 +228,33 @@ async def classify(
 
 
 class inference_slot:
-    """Counts a request against `max_in_flight`; past it the request is refused with 429 at once."""
+    """An inference request in the gateway. It counts as in flight from the start (the gauge, and whether a
+    request is alone), and holds one of `max_in_flight` slots from `take()` on, called once its body is
+    in: a client that sends its body slowly holds a connection, never capacity. Past the limit, `take()`
+    refuses the request with 429 at once."""
 
     def __init__(self, request: Request) -> None:
         self.state = request.app.state
+        self.holds_slot = False
         request.state.context["inference"] = True
 
-    async def __aenter__(self) -> None:
-        if self.state.in_flight >= self.state.settings.max_in_flight:
-            raise TooManyRequests(f"the gateway is serving {self.state.in_flight} requests; retry shortly",
-                                  retry_after_s=RETRY_AFTER_S)
+    async def __aenter__(self) -> inference_slot:
         self.state.in_flight += 1
         self.state.metrics.in_flight.inc()
+        return self
+
+    def take(self) -> None:
+        if self.state.slots_taken >= self.state.settings.max_in_flight:
+            raise TooManyRequests(f"the gateway is serving {self.state.slots_taken} requests; retry shortly",
+                                  retry_after_s=RETRY_AFTER_S)
+        self.state.slots_taken += 1
+        self.holds_slot = True
 
     async def __aexit__(self, *exc_info) -> None:
         self.state.in_flight -= 1
         self.state.metrics.in_flight.dec()
+        if self.holds_slot:
+            self.state.slots_taken -= 1
 
 
 # KServe v2 for clients that send tensors: forwarded to Triton's HTTP endpoint as they are, binary
@@ -259,13 +272,37 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def refuse_shared_memory_parameters(body: bytes, headers: Any, limit: int) -> None:
-    """KServe v2 lets a request name Triton shared-memory regions for its tensors. Through the gateway it
-    may not: the gateway's own region holds other requests' images. The JSON header is read as Triton
-    will read it (gzip or deflate undone, no repeated keys to read two ways) and any parameter that names
-    shared memory, on the request or on a tensor, is refused."""
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("gzip", "deflate"):
+def forwarded_headers(request: Request) -> dict[str, str]:
+    """The request's framing headers as the gateway reads them and Triton gets them: each at most once,
+    printable ASCII (what httpx can send), surrounding whitespace dropped (RFC 9110: not part of a field
+    value), the content coding lower-case (codings are case-insensitive; Triton knows the lower-case
+    names) and left out when it is identity, the header length checked as a decimal number."""
+    refuse_repeated_framing_headers(request)
+    headers = {}
+    for name in PASSED_REQUEST_HEADERS:
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        value = value.strip()
+        if not (value.isascii() and value.isprintable()):
+            raise BadRequest(f"the {name} header holds characters other than printable ASCII")
+        if name == "content-encoding":
+            value = value.lower()
+            if value not in ("gzip", "deflate", "identity"):
+                raise UnsupportedMediaType(f"content encoding {value!r} is not accepted; use gzip or deflate")
+            if value == "identity":
+                continue
+        elif name == "inference-header-content-length":
+            value = str(decimal_header(value, name))
+        headers[name] = value
+    return headers
+
+
+def inference_header(body: bytes, headers: dict[str, str], limit: int) -> dict[str, Any]:
+    """The JSON header of a KServe v2 request read as Triton will read it: gzip or deflate undone, the
+    binary extension's header length applied, no repeated keys to read two ways."""
+    encoding = headers.get("content-encoding")
+    if encoding:
         unpacker = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
         try:
             body = unpacker.decompress(body, limit + 1)
@@ -273,16 +310,26 @@ def refuse_shared_memory_parameters(body: bytes, headers: Any, limit: int) -> No
             raise BadRequest(f"cannot decompress the {encoding} body: {e}") from e
         if len(body) > limit:
             raise PayloadTooLarge(f"the body unpacks to more than {limit} bytes")
-    elif encoding != "identity":
-        raise UnsupportedMediaType(f"content encoding {encoding!r} is not accepted; use gzip or deflate")
     length = headers.get("inference-header-content-length")
-    header = body[:int(length)] if length and length.isdigit() else body
+    if length is not None:
+        if not 0 < int(length) <= len(body):
+            raise BadRequest(f"the inference header length {length} is not within the body's {len(body)} bytes")
+        body = body[:int(length)]
     try:
-        parsed = json.loads(header, object_pairs_hook=_no_duplicate_keys)
+        parsed = json.loads(body, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise BadRequest("the inference header is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise BadRequest(f"the inference header is not JSON: {e}") from e
     if not isinstance(parsed, dict):
         raise BadRequest("the inference header is not a JSON object")
+    return parsed
+
+
+def refuse_shared_memory_parameters(parsed: dict[str, Any]) -> None:
+    """KServe v2 lets a request name Triton shared-memory regions for its tensors. Through the gateway it
+    may not: the gateway's own region holds other requests' images. Any parameter that names shared
+    memory, on the request or on a tensor, is refused."""
     tensors = [t for key in ("inputs", "outputs") if isinstance(parsed.get(key), list) for t in parsed[key]]
     for owner in (parsed, *tensors):
         parameters = owner.get("parameters") if isinstance(owner, dict) else None
@@ -290,11 +337,41 @@ def refuse_shared_memory_parameters(body: bytes, headers: Any, limit: int) -> No
             raise BadRequest("shared-memory parameters are not accepted through the gateway; send the tensors")
 
 
-async def _forward(request: Request, method: str, path: str, body: bytes = b"", model: str = "") -> Response:
+def _values_in(data: Any) -> int:
+    count, pending = 0, [data]
+    while pending:  # iterative: the JSON may nest as deep as the parser allowed
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(item)
+        else:
+            count += 1
+    return count
+
+
+def refuse_data_that_does_not_fill_its_shape(parsed: dict[str, Any]) -> None:
+    """Triton allocates a JSON tensor by its shape before it reads the data: a shape of 10^12 with the
+    data of one image aborts it (std::bad_alloc). The count of values must be the shape's."""
+    inputs = parsed.get("inputs")
+    for tensor in inputs if isinstance(inputs, list) else []:
+        shape = tensor.get("shape") if isinstance(tensor, dict) else None
+        if "data" not in (tensor or {}) or not isinstance(shape, list) or not all(
+                type(d) is int and d >= 0 for d in shape):
+            continue  # Triton refuses these itself, before allocating anything
+        values = _values_in(tensor["data"])
+        if math.prod(shape) != values:
+            raise BadRequest(f"input {str(tensor.get('name'))[:64]!r}: shape {shape} holds {math.prod(shape)} "
+                             f"values, its data {values}")
+
+
+# Triton's HTTP frontend answers 500 for a request body it cannot parse (its JSON errors are INTERNAL).
+TRITON_PARSE_ERROR = "unable to parse"
+
+
+async def _forward(request: Request, method: str, path: str, body: bytes = b"",
+                   headers: dict[str, str] | None = None, model: str = "") -> Response:
     proxy: httpx.AsyncClient = request.app.state.triton_http
-    headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_REQUEST_HEADERS}
     try:
-        upstream = await proxy.request(method, path, content=body, headers=headers)
+        upstream = await proxy.request(method, path, content=body, headers=headers or {})
     except httpx.TimeoutException as e:
         raise TritonTimeout("Triton did not answer in time", retry_after_s=RETRY_AFTER_S) from e
     except httpx.HTTPError as e:
@@ -306,13 +383,32 @@ async def _forward(request: Request, method: str, path: str, body: bytes = b"", 
             message = upstream.json().get("error", upstream.text)
         except ValueError:
             message = upstream.text
-        status = upstream.status_code if upstream.status_code < 500 else 502
+        message = str(message)
         if "maximum queue size" in message.lower():
             raise TooManyRequests(message, retry_after_s=RETRY_AFTER_S)
-        code = "model_not_found" if upstream.status_code == 404 else "triton_error"
-        return JSONResponse({"error": {"code": code, "message": message}}, status)
+        if upstream.status_code == 404:
+            raise ModelNotFound(message)
+        if upstream.status_code < 500:
+            raise RefusedByTriton(message, upstream.status_code)
+        if message.lower().startswith(TRITON_PARSE_ERROR):
+            raise RefusedByTriton(message)
+        raise TritonFailed(message)
     headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
     return Response(upstream.content, upstream.status_code, headers=headers)
+
+
+async def _infer(request: Request, name: str, path: str) -> Response:
+    """A KServe v2 inference: the body read (bounded in size and time), checked, and only then given a
+    slot and forwarded with the headers that were checked."""
+    settings = request.app.state.settings
+    async with inference_slot(request) as slot_of_request:
+        headers = forwarded_headers(request)
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        parsed = inference_header(body, headers, settings.max_body_bytes)
+        refuse_shared_memory_parameters(parsed)
+        refuse_data_that_does_not_fill_its_shape(parsed)
+        slot_of_request.take()
+        return await _forward(request, "POST", path, body, headers, model=name)
 
 
 @kserve.get("/v2/models/{name}", summary="KServe v2 model metadata (from Triton)",
@@ -335,16 +431,10 @@ V2_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json
 @kserve.post("/v2/models/{name}/infer", summary="KServe v2 inference with tensors (passed to Triton)",
              openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 404, 413, 415, 429, 503, 504))
 async def v2_infer(name: ModelName, request: Request) -> Response:
-    async with inference_slot(request):
-        body = await read_body(request, request.app.state.settings.max_body_bytes)
-        refuse_shared_memory_parameters(body, request.headers, request.app.state.settings.max_body_bytes)
-        return await _forward(request, "POST", f"/v2/models/{name}/infer", body, model=name)
+    return await _infer(request, name, f"/v2/models/{name}/infer")
 
 
 @kserve.post("/v2/models/{name}/versions/{version}/infer", summary="KServe v2 inference of a pinned version",
              openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 404, 413, 415, 429, 503, 504))
 async def v2_version_infer(name: ModelName, version: VersionPath, request: Request) -> Response:
-    async with inference_slot(request):
-        body = await read_body(request, request.app.state.settings.max_body_bytes)
-        refuse_shared_memory_parameters(body, request.headers, request.app.state.settings.max_body_bytes)
-        return await _forward(request, "POST", f"/v2/models/{name}/versions/{version}/infer", body, model=name)
+    return await _infer(request, name, f"/v2/models/{name}/versions/{version}/infer")

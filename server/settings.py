@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     model_info_ttl_s: float = Field(5.0, ge=0, description="how long a model's config (spec, labels) is cached")
 
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    # From the start of reading to the last byte; past it 408. A request holds no inference slot until
+    # its body is in, so a slow client costs a connection, not capacity.
+    body_timeout_s: float = Field(30.0, gt=0, description="to receive a request's body; past it 408")
     max_images_per_request: int = Field(32, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0, description="checked before decoding (decompression bombs)")
     # Off by default: exact parity with the training transform. On, large JPEGs decode several times
