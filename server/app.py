@@ -34,6 +34,7 @@ from .shared_memory import input_region
 log = logging.getLogger("server")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 TRITON_ERROR_CODES = {"triton_unavailable", "triton_timeout", "triton_error"}
+KSERVE_PREFIX = "/v2/"
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -173,7 +174,9 @@ def _json_error(request: Request, status: int, code: str, message: str, headers=
     context = getattr(request.state, "context", None)
     if context is not None:
         context["error_code"] = code
-    return JSONResponse(error_body(code, message), status, headers=headers)
+    # KServe v2 clients (tritonclient among them) read an error as {"error": "<message>"}.
+    body = {"error": message} if request.url.path.startswith(KSERVE_PREFIX) else error_body(code, message)
+    return JSONResponse(body, status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -102,7 +102,7 @@ def test_kserve_requests_cannot_name_a_shared_memory_region(gateway, triton, whe
     (region,) = gateway_regions(triton.grpc_url, gateway)
     parameters = {"shared_memory_region": region, "shared_memory_byte_size": 256}
     answer = httpx.post(f"{gateway.url}/v2/models/{MODEL}/infer", json=_v2_body(parameters, where), timeout=30)
-    assert answer.status_code == 400 and "shared-memory" in answer.json()["error"]["message"]
+    assert answer.status_code == 400 and "shared-memory" in answer.json()["error"]
 
 
 def test_kserve_shared_memory_parameters_are_found_however_they_are_written(gateway):
@@ -110,7 +110,7 @@ def test_kserve_shared_memory_parameters_are_found_however_they_are_written(gate
     escaped = json.dumps(_v2_body({"shared_memory_region": "x"})).replace("shared_memory", "shared\\u005fmemory")
     assert httpx.post(url, content=escaped, timeout=30).status_code == 400
     repeated = json.dumps(_v2_body({"shared_memory_region": "x"}))[:-1] + ', "inputs": []}'
-    assert httpx.post(url, content=repeated, timeout=30).json()["error"]["message"].startswith("the inference header")
+    assert httpx.post(url, content=repeated, timeout=30).json()["error"].startswith("the inference header")
     packed = gzip.compress(json.dumps(_v2_body({"shared_memory_region": "x"})).encode())
     assert httpx.post(url, content=packed, headers={"Content-Encoding": "gzip"}, timeout=30).status_code == 400
     # The same bodies without the parameter pass, compressed or not.
@@ -120,4 +120,4 @@ def test_kserve_shared_memory_parameters_are_found_however_they_are_written(gate
         assert httpx.post(url, content=packed, headers={"Content-Encoding": encoding}, timeout=30).status_code == 200
     # An encoding the gateway cannot read is not passed on unread.
     unread = httpx.post(url, content=plain, headers={"Content-Encoding": "br"}, timeout=30)
-    assert unread.status_code == 415 and unread.json()["error"]["code"] == "unsupported_media_type"
+    assert unread.status_code == 415 and "gzip or deflate" in unread.json()["error"]
