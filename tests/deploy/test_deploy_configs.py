@@ -362,6 +362,23 @@ def test_triton_has_time_to_build_tensorrt_engines_before_its_health_counts(serv
     assert compose_seconds(check["start_period"]) >= ENGINE_BUILD_BUDGET_S
 
 
+def test_builder_image_holds_torch_to_a_cuda_12_build():
+    # PyPI's torch 2.7.1 wheels depend on nvidia-cuda-runtime-cu12 12.6.77 and cuDNN 9.5, the CUDA 12.6 of the
+    # 24.10 containers; the newest torch brings CUDA 13 libraries, which the drivers 24.10 runs on may not load.
+    cuda_of_torch_on_pypi = {"2.7.1": "12.6"}
+    instructions = dockerfile_instructions(DOCKER / "builder.Dockerfile")
+    install = next(args for word, args in instructions if word == "RUN" and '".[builder]"' in args)
+    constraints_file = re.search(r"--constraint (\S+)", install).group(1)
+    assert ("COPY", f"{constraints_file} {constraints_file}") in instructions
+    pins = dict(line.split("==") for line in (ROOT / constraints_file).read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert {"torch", "torchvision"} <= set(pins)
+    assert cuda_of_torch_on_pypi[pins["torch"]].startswith("12.")
+    assert "tensorrt" not in pins  # the base image's TensorRT 10.5 stays
+    # The image refuses to build with anything else.
+    assert "tensorrt.__version__.startswith('10.5.')" in install and "torch.version.cuda.startswith('12.')" in install
+
+
 def test_monitoring_mounts_existing_files(services):
     prometheus = volumes(services["prometheus"])
     assert {"source": "./deploy/prometheus/prometheus.yml", "target": "/etc/prometheus/prometheus.yml",
