@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -86,22 +86,38 @@ class PublishSettings:
     triton_release: str = DEFAULT_TRITON_RELEASE
     # The model takes N x H x W x C uint8 pixels and normalizes them itself (builder.pixel_input).
     pixel_input: bool = False
+    # TensorRT plans: the serving GPUs' compute capability ("8.9"); None: this machine's GPU.
+    compute_capability: str | None = None
+    # Whether the preferred batch sizes are the target's defaults (fitted to the max batch) or were asked for.
+    preferred_batch_sizes_given: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise PublishError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.keep is not None and self.keep < 1:
             raise PublishError(f"--keep {self.keep}: keep at least 1 version")
+        object.__setattr__(self, "preferred_batch_sizes_given", self.preferred_batch_sizes is not None)
         for key, value in TARGET_DEFAULTS[self.target].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
-        object.__setattr__(self, "preferred_batch_sizes", tuple(self.preferred_batch_sizes))
+        object.__setattr__(self, "preferred_batch_sizes",
+                           fit_preferred_batch_sizes(self.preferred_batch_sizes, self.max_batch_size,
+                                                     self.preferred_batch_sizes_given, "--max-batch-size"))
         if self.instance_count < 1:
             raise PublishError(f"instance_count {self.instance_count}: at least 1 instance")
         if self.intra_op_threads < 0:
             raise PublishError(f"intra_op_threads {self.intra_op_threads}: 0 (share the cores) or more")
         if self.triton_release not in TRITON_TENSORRT:
             raise PublishError(f"Triton release {self.triton_release!r} is not one of {', '.join(TRITON_TENSORRT)}")
+
+
+def fit_preferred_batch_sizes(sizes, max_batch: int, given: bool, limit: str) -> tuple[int, ...]:
+    """The target's default sizes that fit under `max_batch`; sizes asked for must all fit, or PublishError."""
+    sizes = tuple(sizes)
+    too_big = [size for size in sizes if size > max_batch]
+    if too_big and given:
+        raise PublishError(f"preferred batch sizes {too_big} exceed {limit} {max_batch}")
+    return tuple(size for size in sizes if size <= max_batch)
 
 
 @dataclass(frozen=True)
@@ -264,6 +280,48 @@ def publish(
         return _publish_files(files, Path(repository), name, config, labels, lineage, settings)
 
 
+def _serving_compute_capability(settings: PublishSettings) -> str:
+    if settings.compute_capability:
+        return settings.compute_capability
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"{major}.{minor}"
+    except ImportError:
+        pass
+    raise PublishError("no GPU is visible here to compare the plan's compute capability with: give the serving "
+                       "GPUs' with --compute-capability (nvidia-smi --query-gpu=compute_cap --format=csv,noheader)")
+
+
+def _check_plan(plan_path: Path, onnx_path: Path, info: dict, settings: PublishSettings) -> int:
+    """Refuse a plan that would not load or not answer in Triton; returns the max batch it is published with."""
+    from .engine import file_sha256, onnx_sha256
+
+    if info.get("plan_sha256") != file_sha256(plan_path):
+        raise PublishError(f"the record beside {plan_path} does not describe it (another build's, or from before "
+                           f"plans were hashed): rebuild the engine with `builder engine`")
+    built_for, serving = str(info.get("compute_capability", "unknown")), _serving_compute_capability(settings)
+    if built_for != serving:
+        # An engine is specific to the GPU generation it was built on; Triton fails to deserialize it elsewhere.
+        raise PublishError(f"{plan_path} was built for compute capability {built_for} but the serving GPU has "
+                           f"{serving}: build the engine on the serving GPU, or publish the ONNX model with "
+                           "--target gpu")
+    min_batch = int(info.get("min_batch", 1))
+    if min_batch != 1:
+        # Triton's TensorRT backend refuses a batch outside the profile; a request alone is a batch of 1.
+        raise PublishError(f"{plan_path}'s optimization profile starts at batch {min_batch}, so a request "
+                           "Triton runs alone would fail: rebuild it with `builder engine --min-batch 1`")
+    if info.get("source_onnx_sha256") != onnx_sha256(onnx_path):
+        raise PublishError(f"{plan_path} was not built from {onnx_path} (its record names another model): give "
+                           f"--onnx the file the engine was built from, or rebuild the engine from this one")
+    max_batch = min(settings.max_batch_size, int(info.get("max_batch", settings.max_batch_size)))
+    fit_preferred_batch_sizes(settings.preferred_batch_sizes, max_batch, settings.preferred_batch_sizes_given,
+                              "the plan's max batch")
+    return max_batch
+
+
 def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, *,
                  spec: PreprocessSpec | None = None, labels: Sequence[str] | None = None,
                  settings: PublishSettings = PublishSettings(target="gpu")) -> PublishedVersion:
@@ -290,11 +348,14 @@ def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, 
             f"model with --target gpu"
         )
     model, spec, labels = resolve_interface(onnx_path, spec, labels)
+    max_batch = _check_plan(Path(plan_path), Path(onnx_path), info, settings)
     gpu_onnx = build_config(name, model, spec, labels, settings)
+    batching = gpu_onnx.dynamic_batching and dataclasses.replace(
+        gpu_onnx.dynamic_batching,
+        preferred_batch_sizes=fit_preferred_batch_sizes(settings.preferred_batch_sizes, max_batch, False, ""))
     config = dataclasses.replace(
-        gpu_onnx, backend="tensorrt", platform="tensorrt_plan", gpu_accelerators=(),
-        max_batch_size=min(settings.max_batch_size, int(info.get("max_batch", settings.max_batch_size))),
-        cuda_graphs=settings.cuda_graphs,
+        gpu_onnx, backend="tensorrt", platform="tensorrt_plan", gpu_accelerators=(), max_batch_size=max_batch,
+        dynamic_batching=batching, cuda_graphs=settings.cuda_graphs,
     )
     lineage = {"source_onnx": str(Path(onnx_path).resolve()), "engine": info, "target": "gpu"}
     return _publish_files({"model.plan": Path(plan_path)}, Path(repository), name, config, labels, lineage,
