@@ -10,7 +10,9 @@ Layout written (what NVIDIA's tritonserver container expects):
 
 For `target="gpu"` the version holds only `model.onnx` and the config names Triton's ONNX Runtime
 backend with the TensorRT execution accelerator, which builds the engine on the serving GPU at load
-time; `publish_plan` publishes a prebuilt TensorRT engine (`model.plan`) for the TensorRT backend.
+time (one optimization profile, batch 1 to max_batch_size) and caches it; the published graph is named
+after the model's bytes, so a new version never loads the engine of an older one. `publish_plan`
+publishes a prebuilt TensorRT engine (`model.plan`) for the TensorRT backend.
 
 Every file is staged beside its destination and renamed into place, so a server polling the
 repository never sees a half-written version. A published version is never changed in place.
@@ -218,17 +220,33 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
         version_policy=settings.version_policy,
         latest_versions=settings.latest_versions,
         parameters=parameters,
-        gpu_accelerators=(tensorrt_accelerator(name, settings),) if gpu else (),
+        gpu_accelerators=(tensorrt_accelerator(name, settings, model_input),) if gpu else (),
     )
 
 
-def tensorrt_accelerator(name: str, settings: PublishSettings) -> model_config.ExecutionAccelerator:
-    """ONNX Runtime's TensorRT provider: the engine is built on the serving GPU at load time, then cached."""
+def tensorrt_accelerator(name: str, settings: PublishSettings,
+                         model_input: model_config.TensorSpec) -> model_config.ExecutionAccelerator:
+    """ONNX Runtime's TensorRT provider: the engine is built on the serving GPU at load time, then cached.
+
+    Keys as Triton 24.10's ONNX Runtime backend forwards them (its README's parameter table; it refuses
+    any other key). The engine cache is told apart per version by the graph name publish() gives the
+    model, not here: config.pbtxt is one for all versions, and a trt_engine_cache_prefix would replace
+    the graph name in the engine's file name.
+    """
     parameters = {
         "precision_mode": "FP16" if settings.trt_fp16 else "FP32",
         "trt_engine_cache_enable": "true",
+        # ONNX Runtime creates only this last folder: the root must exist where Triton runs (a mounted volume).
         "trt_engine_cache_path": settings.trt_cache_path or f"{DEFAULT_TRT_CACHE_ROOT}/{name}",
     }
+    if settings.max_batch_size > 0:
+        # One explicit profile, so the engine is built while the model loads, for every batch Triton may
+        # send, instead of at the first request and again each time a larger batch arrives.
+        # Format "name:DxDxD" (several inputs would be comma-separated).
+        opt = max(settings.preferred_batch_sizes, default=settings.max_batch_size)
+        shape = "x".join(str(d) for d in model_input.dims)
+        for key, batch in (("min", 1), ("opt", opt), ("max", settings.max_batch_size)):
+            parameters[f"trt_profile_{key}_shapes"] = f"{model_input.name}:{batch}x{shape}"
     return model_config.ExecutionAccelerator("tensorrt", parameters)
 
 
@@ -274,10 +292,30 @@ def publish(
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
         if settings.pixel_input:
             onnx_path = add_pixel_input(Path(onnx_path), spec, Path(tmp) / "model.onnx")
+        if settings.target == "gpu":
+            onnx_path = name_graph_after_weights(Path(onnx_path), Path(tmp) / "model-named.onnx")
+            lineage["tensorrt_graph_name"] = onnx.load(str(onnx_path), load_external_data=False).graph.name
         files = {"model.onnx": Path(onnx_path)}
         if settings.target == "cpu":
             files["model.py"] = BACKEND_MODEL
         return _publish_files(files, Path(repository), name, config, labels, lineage, settings)
+
+
+def name_graph_after_weights(onnx_path: Path, output: Path) -> Path:
+    """The model saved with its graph named after a hash of its bytes (weights included).
+
+    ONNX Runtime's TensorRT provider names a cached engine by the graph name and a hash (TRTGenerateId,
+    tensorrt_execution_provider_utils.h) of the model's file name, its tensor names and the software
+    versions, not of its weights. Every version is a `model.onnx` with the same tensor names when the
+    architecture is the same, so without this a new version would load the engine of the old weights
+    from the model's cache folder. The same bytes published again keep the name, and reuse their engine.
+    """
+    from .engine import onnx_sha256
+
+    model = onnx.load(str(onnx_path))  # external weights included: the published file holds them all
+    model.graph.name = f"sha256_{onnx_sha256(onnx_path)[:32]}"
+    onnx.save(model, str(output))
+    return output
 
 
 def _serving_compute_capability(settings: PublishSettings) -> str:
