@@ -80,6 +80,7 @@ def _publish(args: argparse.Namespace) -> None:
         dynamic_batching=not args.no_dynamic_batching, max_queue_delay_us=args.max_queue_delay_us,
         max_queue_size=args.max_queue_size, intra_op_spinning=args.intra_op_spinning, pixel_input=args.pixel_input,
         intra_op_threads=args.intra_op_threads,
+        preferred_batch_sizes=args.preferred_batch_sizes, compute_capability=args.compute_capability,
     )
     spec, labels = _publish_interface(args)
     if args.plan:
@@ -396,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--triton-url", help="Triton HTTP address in explicit model-control mode: load the new version")
     publish.add_argument("--trt-cache-path", help="TensorRT engine cache on the serving machine (--target gpu)")
     publish.add_argument("--no-cuda-graphs", action="store_true", help="TensorRT plans: do not capture CUDA graphs")
+    publish.add_argument("--compute-capability", metavar="X.Y",
+                         help="TensorRT plans: the serving GPUs' compute capability (default: this machine's GPU)")
+    publish.add_argument("--preferred-batch-sizes", type=_positive_int, nargs="+", metavar="N",
+                         help="batch sizes Triton waits to form (default: none on the CPU; 4 and 8 on a GPU, "
+                              "those that fit the max batch)")
     publish.add_argument("--labels", help="text file, one label per line (default: ONNX metadata, else class index)")
     publish.add_argument("--resize", type=_positive_int, help="shorter side before the crop (default 256)")
     publish.add_argument("--crop", type=_positive_int, help="center crop = model input side (default 224)")

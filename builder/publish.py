@@ -10,7 +10,9 @@ Layout written (what NVIDIA's tritonserver container expects):
 
 For `target="gpu"` the version holds only `model.onnx` and the config names Triton's ONNX Runtime
 backend with the TensorRT execution accelerator, which builds the engine on the serving GPU at load
-time; `publish_plan` publishes a prebuilt TensorRT engine (`model.plan`) for the TensorRT backend.
+time (one optimization profile, batch 1 to max_batch_size) and caches it; the published graph is named
+after the model's bytes, so a new version never loads the engine of an older one. `publish_plan`
+publishes a prebuilt TensorRT engine (`model.plan`) for the TensorRT backend.
 
 Every file is staged beside its destination and renamed into place, so a server polling the
 repository never sees a half-written version. A published version is never changed in place.
@@ -26,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -86,22 +88,38 @@ class PublishSettings:
     triton_release: str = DEFAULT_TRITON_RELEASE
     # The model takes N x H x W x C uint8 pixels and normalizes them itself (builder.pixel_input).
     pixel_input: bool = False
+    # TensorRT plans: the serving GPUs' compute capability ("8.9"); None: this machine's GPU.
+    compute_capability: str | None = None
+    # Whether the preferred batch sizes are the target's defaults (fitted to the max batch) or were asked for.
+    preferred_batch_sizes_given: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise PublishError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.keep is not None and self.keep < 1:
             raise PublishError(f"--keep {self.keep}: keep at least 1 version")
+        object.__setattr__(self, "preferred_batch_sizes_given", self.preferred_batch_sizes is not None)
         for key, value in TARGET_DEFAULTS[self.target].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
-        object.__setattr__(self, "preferred_batch_sizes", tuple(self.preferred_batch_sizes))
+        object.__setattr__(self, "preferred_batch_sizes",
+                           fit_preferred_batch_sizes(self.preferred_batch_sizes, self.max_batch_size,
+                                                     self.preferred_batch_sizes_given, "--max-batch-size"))
         if self.instance_count < 1:
             raise PublishError(f"instance_count {self.instance_count}: at least 1 instance")
         if self.intra_op_threads < 0:
             raise PublishError(f"intra_op_threads {self.intra_op_threads}: 0 (share the cores) or more")
         if self.triton_release not in TRITON_TENSORRT:
             raise PublishError(f"Triton release {self.triton_release!r} is not one of {', '.join(TRITON_TENSORRT)}")
+
+
+def fit_preferred_batch_sizes(sizes, max_batch: int, given: bool, limit: str) -> tuple[int, ...]:
+    """The target's default sizes that fit under `max_batch`; sizes asked for must all fit, or PublishError."""
+    sizes = tuple(sizes)
+    too_big = [size for size in sizes if size > max_batch]
+    if too_big and given:
+        raise PublishError(f"preferred batch sizes {too_big} exceed {limit} {max_batch}")
+    return tuple(size for size in sizes if size <= max_batch)
 
 
 @dataclass(frozen=True)
@@ -202,17 +220,33 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
         version_policy=settings.version_policy,
         latest_versions=settings.latest_versions,
         parameters=parameters,
-        gpu_accelerators=(tensorrt_accelerator(name, settings),) if gpu else (),
+        gpu_accelerators=(tensorrt_accelerator(name, settings, model_input),) if gpu else (),
     )
 
 
-def tensorrt_accelerator(name: str, settings: PublishSettings) -> model_config.ExecutionAccelerator:
-    """ONNX Runtime's TensorRT provider: the engine is built on the serving GPU at load time, then cached."""
+def tensorrt_accelerator(name: str, settings: PublishSettings,
+                         model_input: model_config.TensorSpec) -> model_config.ExecutionAccelerator:
+    """ONNX Runtime's TensorRT provider: the engine is built on the serving GPU at load time, then cached.
+
+    Keys as Triton 24.10's ONNX Runtime backend forwards them (its README's parameter table; it refuses
+    any other key). The engine cache is told apart per version by the graph name publish() gives the
+    model, not here: config.pbtxt is one for all versions, and a trt_engine_cache_prefix would replace
+    the graph name in the engine's file name.
+    """
     parameters = {
         "precision_mode": "FP16" if settings.trt_fp16 else "FP32",
         "trt_engine_cache_enable": "true",
+        # ONNX Runtime creates only this last folder: the root must exist where Triton runs (a mounted volume).
         "trt_engine_cache_path": settings.trt_cache_path or f"{DEFAULT_TRT_CACHE_ROOT}/{name}",
     }
+    if settings.max_batch_size > 0:
+        # One explicit profile, so the engine is built while the model loads, for every batch Triton may
+        # send, instead of at the first request and again each time a larger batch arrives.
+        # Format "name:DxDxD" (several inputs would be comma-separated).
+        opt = max(settings.preferred_batch_sizes, default=settings.max_batch_size)
+        shape = "x".join(str(d) for d in model_input.dims)
+        for key, batch in (("min", 1), ("opt", opt), ("max", settings.max_batch_size)):
+            parameters[f"trt_profile_{key}_shapes"] = f"{model_input.name}:{batch}x{shape}"
     return model_config.ExecutionAccelerator("tensorrt", parameters)
 
 
@@ -258,10 +292,72 @@ def publish(
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
         if settings.pixel_input:
             onnx_path = add_pixel_input(Path(onnx_path), spec, Path(tmp) / "model.onnx")
+        if settings.target == "gpu":
+            onnx_path = name_graph_after_weights(Path(onnx_path), Path(tmp) / "model-named.onnx")
+            lineage["tensorrt_graph_name"] = onnx.load(str(onnx_path), load_external_data=False).graph.name
         files = {"model.onnx": Path(onnx_path)}
         if settings.target == "cpu":
             files["model.py"] = BACKEND_MODEL
         return _publish_files(files, Path(repository), name, config, labels, lineage, settings)
+
+
+def name_graph_after_weights(onnx_path: Path, output: Path) -> Path:
+    """The model saved with its graph named after a hash of its bytes (weights included).
+
+    ONNX Runtime's TensorRT provider names a cached engine by the graph name and a hash (TRTGenerateId,
+    tensorrt_execution_provider_utils.h) of the model's file name, its tensor names and the software
+    versions, not of its weights. Every version is a `model.onnx` with the same tensor names when the
+    architecture is the same, so without this a new version would load the engine of the old weights
+    from the model's cache folder. The same bytes published again keep the name, and reuse their engine.
+    """
+    from .engine import onnx_sha256
+
+    model = onnx.load(str(onnx_path))  # external weights included: the published file holds them all
+    model.graph.name = f"sha256_{onnx_sha256(onnx_path)[:32]}"
+    onnx.save(model, str(output))
+    return output
+
+
+def _serving_compute_capability(settings: PublishSettings) -> str:
+    if settings.compute_capability:
+        return settings.compute_capability
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"{major}.{minor}"
+    except ImportError:
+        pass
+    raise PublishError("no GPU is visible here to compare the plan's compute capability with: give the serving "
+                       "GPUs' with --compute-capability (nvidia-smi --query-gpu=compute_cap --format=csv,noheader)")
+
+
+def _check_plan(plan_path: Path, onnx_path: Path, info: dict, settings: PublishSettings) -> int:
+    """Refuse a plan that would not load or not answer in Triton; returns the max batch it is published with."""
+    from .engine import file_sha256, onnx_sha256
+
+    if info.get("plan_sha256") != file_sha256(plan_path):
+        raise PublishError(f"the record beside {plan_path} does not describe it (another build's, or from before "
+                           f"plans were hashed): rebuild the engine with `builder engine`")
+    built_for, serving = str(info.get("compute_capability", "unknown")), _serving_compute_capability(settings)
+    if built_for != serving:
+        # An engine is specific to the GPU generation it was built on; Triton fails to deserialize it elsewhere.
+        raise PublishError(f"{plan_path} was built for compute capability {built_for} but the serving GPU has "
+                           f"{serving}: build the engine on the serving GPU, or publish the ONNX model with "
+                           "--target gpu")
+    min_batch = int(info.get("min_batch", 1))
+    if min_batch != 1:
+        # Triton's TensorRT backend refuses a batch outside the profile; a request alone is a batch of 1.
+        raise PublishError(f"{plan_path}'s optimization profile starts at batch {min_batch}, so a request "
+                           "Triton runs alone would fail: rebuild it with `builder engine --min-batch 1`")
+    if info.get("source_onnx_sha256") != onnx_sha256(onnx_path):
+        raise PublishError(f"{plan_path} was not built from {onnx_path} (its record names another model): give "
+                           f"--onnx the file the engine was built from, or rebuild the engine from this one")
+    max_batch = min(settings.max_batch_size, int(info.get("max_batch", settings.max_batch_size)))
+    fit_preferred_batch_sizes(settings.preferred_batch_sizes, max_batch, settings.preferred_batch_sizes_given,
+                              "the plan's max batch")
+    return max_batch
 
 
 def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, *,
@@ -290,11 +386,14 @@ def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, 
             f"model with --target gpu"
         )
     model, spec, labels = resolve_interface(onnx_path, spec, labels)
+    max_batch = _check_plan(Path(plan_path), Path(onnx_path), info, settings)
     gpu_onnx = build_config(name, model, spec, labels, settings)
+    batching = gpu_onnx.dynamic_batching and dataclasses.replace(
+        gpu_onnx.dynamic_batching,
+        preferred_batch_sizes=fit_preferred_batch_sizes(settings.preferred_batch_sizes, max_batch, False, ""))
     config = dataclasses.replace(
-        gpu_onnx, backend="tensorrt", platform="tensorrt_plan", gpu_accelerators=(),
-        max_batch_size=min(settings.max_batch_size, int(info.get("max_batch", settings.max_batch_size))),
-        cuda_graphs=settings.cuda_graphs,
+        gpu_onnx, backend="tensorrt", platform="tensorrt_plan", gpu_accelerators=(), max_batch_size=max_batch,
+        dynamic_batching=batching, cuda_graphs=settings.cuda_graphs,
     )
     lineage = {"source_onnx": str(Path(onnx_path).resolve()), "engine": info, "target": "gpu"}
     return _publish_files({"model.plan": Path(plan_path)}, Path(repository), name, config, labels, lineage,

@@ -344,6 +344,41 @@ def test_triton_keeps_onnxruntime_tensorrt_engines_where_publish_points_them(com
     assert cache[0]["source"] in compose["volumes"]  # a named volume: it outlives the container
 
 
+# A TensorRT engine is built when Triton loads a model published with `--target gpu` (minutes on a cold cache);
+# health checks must not give up on Triton before that.
+ENGINE_BUILD_BUDGET_S = 600
+
+
+def compose_seconds(duration: str) -> float:
+    """Compose's duration strings (`90s`, `20m`, `1m30s`, `1h`) in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", str(duration))
+    assert parts and any(parts.groups()), f"unreadable duration {duration!r}"
+    hours, minutes, seconds = (int(g or 0) for g in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def test_triton_has_time_to_build_tensorrt_engines_before_its_health_counts(services):
+    check = services["triton"]["healthcheck"]
+    assert compose_seconds(check["start_period"]) >= ENGINE_BUILD_BUDGET_S
+
+
+def test_builder_image_holds_torch_to_a_cuda_12_build():
+    # PyPI's torch 2.7.1 wheels depend on nvidia-cuda-runtime-cu12 12.6.77 and cuDNN 9.5, the CUDA 12.6 of the
+    # 24.10 containers; the newest torch brings CUDA 13 libraries, which the drivers 24.10 runs on may not load.
+    cuda_of_torch_on_pypi = {"2.7.1": "12.6"}
+    instructions = dockerfile_instructions(DOCKER / "builder.Dockerfile")
+    install = next(args for word, args in instructions if word == "RUN" and '".[builder]"' in args)
+    constraints_file = re.search(r"--constraint (\S+)", install).group(1)
+    assert ("COPY", f"{constraints_file} {constraints_file}") in instructions
+    pins = dict(line.split("==") for line in (ROOT / constraints_file).read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert {"torch", "torchvision"} <= set(pins)
+    assert cuda_of_torch_on_pypi[pins["torch"]].startswith("12.")
+    assert "tensorrt" not in pins  # the base image's TensorRT 10.5 stays
+    # The image refuses to build with anything else.
+    assert "tensorrt.__version__.startswith('10.5.')" in install and "torch.version.cuda.startswith('12.')" in install
+
+
 def test_monitoring_mounts_existing_files(services):
     prometheus = volumes(services["prometheus"])
     assert {"source": "./deploy/prometheus/prometheus.yml", "target": "/etc/prometheus/prometheus.yml",
@@ -581,3 +616,23 @@ def test_k8s_images_are_the_ones_compose_builds(k8s, services):
     built = {service["image"] for service in services.values() if "build" in service}
     for kind, name in (("Deployment", "triton"), ("Deployment", "gateway")):
         assert container(k8s[(kind, name)])["image"] in built
+
+
+def test_k8s_triton_has_a_writable_engine_cache_where_publish_points_the_tensorrt_provider(k8s):
+    from builder.publish import DEFAULT_TRT_CACHE_ROOT
+
+    deployment = k8s[("Deployment", "triton")]
+    # ONNX Runtime creates only the last folder of trt_engine_cache_path (<root>/<model>): the root must exist.
+    mount = next(m for m in container(deployment)["volumeMounts"] if m["mountPath"] == DEFAULT_TRT_CACHE_ROOT)
+    assert not mount.get("readOnly")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert {"emptyDir", "persistentVolumeClaim"} & set(volume)
+
+
+def test_k8s_triton_has_a_startup_probe_that_waits_for_engine_builds(k8s):
+    triton = container(k8s[("Deployment", "triton")])
+    startup = triton["startupProbe"]
+    assert startup["httpGet"] == {"path": "/v2/health/live", "port": 8000}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= ENGINE_BUILD_BUDGET_S
+    # The liveness probe starts once the startup probe has passed: no guessed initial delay.
+    assert "initialDelaySeconds" not in triton["livenessProbe"]

@@ -103,8 +103,9 @@ def test_gpu_target_publishes_onnx_for_the_onnx_runtime_backend_with_tensorrt(ti
     assert (config.backend, config.platform, config.instance_kind, config.instance_count) == (
         "onnxruntime", "onnxruntime_onnx", "KIND_GPU", 2)
     (accelerator,) = config.gpu_accelerators
-    assert accelerator.name == "tensorrt" and accelerator.parameters == {
-        "precision_mode": "FP16", "trt_engine_cache_enable": "true", "trt_engine_cache_path": "/cache/trt/digits"}
+    assert accelerator.name == "tensorrt" and {
+        key: accelerator.parameters[key] for key in ("precision_mode", "trt_engine_cache_enable", "trt_engine_cache_path")
+    } == {"precision_mode": "FP16", "trt_engine_cache_enable": "true", "trt_engine_cache_path": "/cache/trt/digits"}
     assert PreprocessSpec.from_parameters(config.parameters).input_shape == (1, 8, 8)
 
 
@@ -260,3 +261,86 @@ def test_a_tensorrt_plan_cannot_take_pixels(tiny_run, tmp_path):
         publish_plan(tmp_path / "model.plan", tiny_run / "model.onnx", tmp_path / "repo", "digits",
                      settings=PublishSettings(target="gpu", pixel_input=True))
     assert not (tmp_path / "repo").exists()
+
+
+# ------------------------------------------------------------------ the GPU target: TensorRT through ONNX Runtime
+
+
+def _retrained(source: Path, target: Path) -> Path:
+    """The same architecture with other weights, as a retraining would give."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    for initializer in model.graph.initializer:
+        weights = numpy_helper.to_array(initializer)
+        if weights.dtype == np.float32 and weights.size > 1:
+            initializer.CopyFrom(numpy_helper.from_array(weights * np.float32(1.01), initializer.name))
+    onnx.save(model, str(target))
+    return target
+
+
+def _tensorrt_engine_identity(model_path: Path) -> tuple[str, tuple]:
+    """What ONNX Runtime's TensorRT provider names a cached engine by: the graph name, which is part of the
+    engine's file name (`TensorrtExecutionProvider_TRTKernel_graph_<graph name>_<hash>_..._fp16.engine`), and
+    TRTGenerateId's hash (tensorrt_execution_provider_utils.h): the model's *file name* (not its folder), the
+    names of the graph inputs and initializers, the name of every node output, and the OS, ONNX Runtime, CUDA
+    and TensorRT versions, which are the same for every version served by one Triton. No weight is hashed."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    hashed = (model_path.name, tuple(i.name for i in model.graph.input),
+              tuple(i.name for i in model.graph.initializer), tuple(o for n in model.graph.node for o in n.output))
+    return model.graph.name, hashed
+
+
+def test_gpu_versions_with_other_weights_never_share_a_tensorrt_engine(tiny_run, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    repository = tmp_path / "repo"
+    retrained = _retrained(tiny_run / "model.onnx", tmp_path / "retrained.onnx")
+    settings = PublishSettings(target="gpu")
+    versions = [publish(source, repository, "digits", settings=settings).version_dir
+                for source in (tiny_run / "model.onnx", retrained, tiny_run / "model.onnx")]
+    (first, first_hashed), (second, second_hashed), (again, _) = (
+        _tensorrt_engine_identity(v / "model.onnx") for v in versions)
+    assert first_hashed == second_hashed  # ONNX Runtime's hash alone cannot tell the two versions apart
+    assert first != second  # the graph name, part of every engine's file name, does
+    assert again == first  # the same weights published again reuse the engine already built
+    (accelerator,) = model_config.parse((repository / "digits" / "config.pbtxt").read_text()).gpu_accelerators
+    # A cache prefix would replace the graph name in the engine's file name (and is one for all versions).
+    assert "trt_engine_cache_prefix" not in accelerator.parameters
+    assert json.loads((versions[1] / "build.json").read_text())["tensorrt_graph_name"] == second
+    # The renamed graph answers as its source does.
+    images = np.random.default_rng(0).normal(size=(4, 1, 8, 8)).astype(np.float32)
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"input": images})[0]
+    np.testing.assert_array_equal(run(versions[1] / "model.onnx"), run(retrained))
+
+
+def test_the_tensorrt_accelerator_builds_one_profile_from_batch_1_to_the_max_at_load(tiny_run, tmp_path, capsys):
+    from builder.cli import main
+
+    repository = tmp_path / "repo"
+    common = ["publish", "--onnx", str(tiny_run / "model.onnx"), "--repository", str(repository), "--target", "gpu"]
+    assert main([*common, "--name", "floats"]) == 0
+    assert main([*common, "--name", "pixels", "--pixel-input", "--max-batch-size", "16",
+                 "--preferred-batch-sizes", "2", "4"]) == 0
+    # The GPU's default preferred sizes (4, 8) that a smaller max batch cannot hold are left out.
+    assert main([*common, "--name", "small", "--max-batch-size", "4"]) == 0
+    expected = {"floats": ("input:1x1x8x8", "input:8x1x8x8", "input:32x1x8x8"),
+                "pixels": ("input:1x8x8x1", "input:4x8x8x1", "input:16x8x8x1"),
+                "small": ("input:1x1x8x8", "input:4x1x8x8", "input:4x1x8x8")}
+    for name, shapes in expected.items():
+        config = model_config.parse((repository / name / "config.pbtxt").read_text())
+        (accelerator,) = config.gpu_accelerators
+        assert tuple(accelerator.parameters[f"trt_profile_{k}_shapes"] for k in ("min", "opt", "max")) == shapes, name
+    assert model_config.parse((repository / "small" / "config.pbtxt").read_text()).dynamic_batching.preferred_batch_sizes == (4,)
+    # Sizes asked for explicitly that exceed the max batch are refused with one line.
+    capsys.readouterr()
+    assert main([*common, "--name", "bad", "--max-batch-size", "8", "--preferred-batch-sizes", "4", "16"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "preferred batch sizes [16] exceed --max-batch-size 8" in line
+    assert not (repository / "bad").exists()
