@@ -405,3 +405,97 @@ def test_preprocessing_a_40_megapixel_transparent_png_peaks_below_twice_its_deco
     decoded_bytes = 6324 * 6324 * 4
     peak = int(run.stdout.split()[-1])
     assert peak < 2 * decoded_bytes, f"peak RSS grew by {peak / 2**20:.0f} MiB"
+
+
+def png_of(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 0).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_prepare_batch_refuses_a_request_over_its_pixel_limit_before_decoding_any_image(monkeypatch):
+    from server.errors import PayloadTooLarge
+    from server.routes import prepare_batch
+
+    images = [png_of((400, 300)), png_of((300, 200))]
+    batch, _, _ = prepare_batch(images, IMAGENET, max_pixels=10**8, max_request_pixels=180_000)
+    assert batch.shape[0] == 2
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image of a refused request"))
+    with pytest.raises(PayloadTooLarge, match="180000 pixels in all, more than the limit of 179999"):
+        prepare_batch(images, IMAGENET, max_pixels=10**8, max_request_pixels=179_999)
+
+
+def test_decode_budget_bounds_large_decodes_by_count_and_pixels_and_lets_small_ones_pass():
+    from server.preprocess import DecodeBudget, DecoderBusyError
+
+    budget = DecodeBudget(pixels=10_000, large_image_pixels=1_000, decodes=2)
+    with budget.hold(999) as large:
+        assert not large and budget.held_decodes == 0
+    with budget.hold(6_000), budget.hold(4_000) as large:
+        assert large and budget.held_pixels == 10_000 and budget.held_decodes == 2
+    with budget.hold(20_000):  # larger than the whole budget: decoded alone
+        assert budget.held_pixels == 10_000
+    assert budget.held_pixels == budget.held_decodes == 0
+    with budget.hold(6_000):
+        with pytest.raises(DecoderBusyError, match="1 other large image"), budget.hold(4_001):
+            pass
+        with budget.hold(4_000), pytest.raises(DecoderBusyError), budget.hold(1_000):
+            pass  # two decodes held: a third is refused however small
+        with budget.hold(999):  # not large: never refused
+            pass
+    with pytest.raises(KeyError), budget.hold(5_000):
+        raise KeyError("a failed decode gives its share back")
+    assert budget.held_pixels == budget.held_decodes == 0
+
+
+def test_prepare_batch_refuses_large_images_when_the_budget_is_taken_and_gives_it_back():
+    from server.errors import TooManyRequests
+    from server.preprocess import DecodeBudget
+    from server.routes import prepare_batch
+
+    budget = DecodeBudget(pixels=3_000_000, large_image_pixels=1_000_000, decodes=1)
+    large, small = png_of((1200, 1000)), png_of((300, 200))
+    with budget.hold(2_000_000):
+        prepare_batch([small, small], IMAGENET, max_pixels=10**8, budget=budget)  # small: never waits
+        with pytest.raises(TooManyRequests, match="retry") as refused:
+            prepare_batch([small, large], IMAGENET, max_pixels=10**8, budget=budget)
+        assert refused.value.retry_after_s
+    with pytest.raises(Exception):
+        prepare_batch([large, b"not an image"], IMAGENET, max_pixels=10**8, budget=budget)
+    assert budget.held_pixels == budget.held_decodes == 0
+    prepare_batch([large, large], IMAGENET, max_pixels=10**8, budget=budget)
+
+
+RSS_AFTER_TRIM_SCRIPT = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from server.preprocess import PreprocessSpec, preprocess_bytes, release_memory
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+data = open(sys.argv[1], "rb").read()
+spec = PreprocessSpec(224, 256, (0.5,) * 3, (0.25,) * 3)
+with ThreadPoolExecutor(1) as pool:  # in a thread, as the gateway decodes, in that thread's malloc arena
+    pool.submit(preprocess_bytes, data, spec).result()
+    kept = rss()
+    pool.submit(release_memory).result()
+print(kept, rss())
+"""
+
+
+def test_release_memory_hands_a_large_decode_back_to_the_system(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from server.launcher import GATEWAY_MALLOC_ENV
+
+    path = tmp_path / "large.png"
+    path.write_bytes(png_of((4000, 3000), "RGBA"))
+    # With the gateway's allocator settings, under which the freed pixels stayed with the process.
+    run = subprocess.run([sys.executable, "-c", RSS_AFTER_TRIM_SCRIPT, str(path)], capture_output=True, text=True,
+                         env={**os.environ, **GATEWAY_MALLOC_ENV, "PYTHONPATH": os.getcwd()}, timeout=120, check=True)
+    kept, trimmed = map(int, run.stdout.split())
+    assert kept - trimmed > 24 * 2**20, f"RSS {kept / 2**20:.0f} MiB before malloc_trim, {trimmed / 2**20:.0f} after"
