@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from .errors import GatewayError
 from .metrics import GatewayMetrics
+from .preprocess import DecodeBudget
 from .routes import health, kserve, models
 from .settings import Settings, get_settings
 from .pool import TritonPool
@@ -161,6 +162,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = GatewayMetrics()
     app.state.settings, app.state.metrics, app.state.in_flight = settings, metrics, 0
     app.state.slots_taken = 0  # requests past their body, at most max_in_flight
+    app.state.decode_budget = DecodeBudget(settings.decode_pixel_budget, settings.large_image_pixels,
+                                           settings.max_large_decodes)
     app.state.api_keys = tuple(k.encode() for k in settings.load_api_keys())
     app.include_router(health)
     app.include_router(models)

@@ -8,6 +8,7 @@ softmax and top-k -> JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -19,6 +20,7 @@ import httpx
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import (
@@ -28,8 +30,8 @@ from .errors import (
 from .inputs import decimal_header, read_body, read_images, refuse_repeated_framing_headers
 from .postprocess import top_k
 from .preprocess import (
-    ImageTooLargeError, InvalidImageError, PreprocessSpec, batch_layout, decode_image, input_batch, model_input,
-    quick_to_preprocess,
+    DecodeBudget, DecoderBusyError, ImageTooLargeError, InvalidImageError, PreprocessSpec, batch_layout, input_batch,
+    load_image, model_input, open_image, quick_to_preprocess, release_memory,
 )
 from .security import require_api_key
 from .pool import TritonPool
@@ -55,26 +57,52 @@ def _error_responses(*statuses: int) -> dict[int, dict]:
 
 def prepare_batch(
     images: list[bytes], spec: PreprocessSpec, max_pixels: int, jpeg_draft: bool = False, pixel_input: bool = False,
-    out: np.ndarray | None = None,
+    out: np.ndarray | None = None, *, max_request_pixels: int | None = None, budget: DecodeBudget | None = None,
 ) -> tuple[np.ndarray, float, float]:
     """Decode and preprocess every image (into `out` if given); returns the batch and the seconds spent
-    in each stage."""
+    in each stage.
+
+    Every header is read first: a request over `max_pixels` per image or `max_request_pixels` in
+    all is refused (413) before any pixel is decoded, and one whose largest image is large holds its
+    share of `budget` while its images are decoded (429 when the share is taken)."""
     draft_size = spec.resize_size if jpeg_draft else None
     decode_s = preprocess_s = 0.0
-    # Each image goes straight into its place in the batch: no stacking copy afterwards.
-    batch = input_batch(len(images), spec, pixel_input=pixel_input) if out is None else out
+    started = time.perf_counter()
+    opened: list[Image.Image | None] = []
     for position, data in enumerate(images):
-        started = time.perf_counter()
         try:
-            image = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+            opened.append(open_image(data, max_pixels=max_pixels))
         except ImageTooLargeError as e:
             raise PayloadTooLarge(f"image {position}: {e}") from e
         except InvalidImageError as e:
             raise InvalidImage(f"image {position}: {e}") from e
-        decoded = time.perf_counter()
-        model_input(image, spec, pixel_input=pixel_input, out=batch[position])
-        decode_s += decoded - started
-        preprocess_s += time.perf_counter() - decoded
+    sizes = [image.width * image.height for image in opened]
+    if max_request_pixels is not None and sum(sizes) > max_request_pixels:
+        raise PayloadTooLarge(f"the images have {sum(sizes)} pixels in all, more than the limit of "
+                              f"{max_request_pixels} per request")
+    decode_s += time.perf_counter() - started
+    # Each image goes straight into its place in the batch: no stacking copy afterwards.
+    batch = input_batch(len(images), spec, pixel_input=pixel_input) if out is None else out
+    large = False
+    try:
+        with budget.hold(max(sizes, default=0)) if budget else contextlib.nullcontext(False) as large:
+            for position in range(len(opened)):
+                started = time.perf_counter()
+                image, opened[position] = opened[position], None  # its pixels are freed once it is done
+                try:
+                    image = load_image(image, draft_size=draft_size)
+                except InvalidImageError as e:
+                    raise InvalidImage(f"image {position}: {e}") from e
+                decoded = time.perf_counter()
+                model_input(image, spec, pixel_input=pixel_input, out=batch[position])
+                del image
+                decode_s += decoded - started
+                preprocess_s += time.perf_counter() - decoded
+    except DecoderBusyError as e:
+        raise TooManyRequests(str(e), retry_after_s=RETRY_AFTER_S) from e
+    finally:
+        if large:
+            release_memory()
     return batch, decode_s, preprocess_s
 
 
@@ -202,7 +230,8 @@ async def classify(
         job = None
         try:
             work = partial(prepare_batch, images, info.spec, settings.max_image_pixels, settings.jpeg_draft,
-                           info.pixel_input, batch)
+                           info.pixel_input, batch, max_request_pixels=settings.max_request_pixels,
+                           budget=app.state.decode_budget)
             if app.state.in_flight == 1 and quick_to_preprocess(
                     images, settings.inline_preprocess_max_pixels, settings.inline_preprocess_max_bytes):
                 metrics.preprocessing.labels("event_loop").inc()

@@ -52,3 +52,29 @@ def small_digits():
     full = load_dataset("digits")
     return dataclasses.replace(full, train=Split(full.train.images[:200], full.train.labels[:200]),
                                val=Split(full.val.images[:80], full.val.labels[:80]))
+
+
+def transparent_png(side: int, compress_level: int = 9) -> bytes:
+    """A `side` x `side` RGBA PNG of nested translucent rings on transparency: a few hundred KB that
+    decode to side * side * 4 bytes."""
+    import io
+
+    from PIL import ImageDraw
+
+    small_side = max(side // 12, 16)
+    small = Image.new("RGBA", (small_side, small_side), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(small)
+    for ring in range(12):
+        radius = small_side // 2 - ring * small_side // 26
+        draw.ellipse((small_side // 2 - radius, small_side // 2 - radius, small_side // 2 + radius,
+                      small_side // 2 + radius),
+                     fill=(ring * 40 % 256, ring * 90 % 256, ring * 150 % 256, 60 + ring * 15))
+    buffer = io.BytesIO()
+    small.resize((side, side), Image.Resampling.NEAREST).save(buffer, "PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def huge_transparent_png() -> bytes:
+    """6324 x 6324 RGBA (40 megapixels, under the gateway's default limit) in about 190 KB."""
+    return transparent_png(6324)

@@ -259,3 +259,243 @@ def test_quick_to_preprocess_is_false_for_a_decompression_bomb(monkeypatch, phot
     # Pillow refuses to open an image of more than twice its limit; the thread pool reports that as a 413.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     assert not quick_to_preprocess([photos[2].read_bytes()], 10**9, 10**9)
+
+
+# ---- large images: reduced before conversion, bounded per request and at once, memory handed back ----
+
+def full_resolution_pixels(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """The preprocessing before large images were reduced first: composite and convert every pixel, then
+    resize (the crop box only). The reference the reduced path is held to."""
+    from server.preprocess import INTERPOLATIONS, _resized_size
+
+    mode = "L" if spec.color_mode == "L" else "RGB"
+    if image.mode != mode:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        image = image.convert(mode)
+    width, height = image.size
+    new_width, new_height = _resized_size(width, height, spec.resize_size)
+    top = int(round((new_height - spec.image_size) / 2.0))
+    left = int(round((new_width - spec.image_size) / 2.0))
+    if (new_width, new_height) == image.size:
+        return image.crop((left, top, left + spec.image_size, top + spec.image_size))
+    scale_x, scale_y = width / new_width, height / new_height
+    box = (left * scale_x, top * scale_y, (left + spec.image_size) * scale_x, (top + spec.image_size) * scale_y)
+    return image.resize((spec.image_size, spec.image_size), INTERPOLATIONS[spec.interpolation], box=box)
+
+
+def level_difference(ours: Image.Image, reference: Image.Image) -> np.ndarray:
+    return np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+
+
+# Stated tolerance of the reduced path against full resolution, in 8-bit levels: on average at most
+# 0.5, and no pixel more than 8 off (edges of sharp detail, where the extra block mean blurs a little).
+MEAN_LEVELS, MAX_LEVELS = 0.5, 8
+
+
+@pytest.fixture
+def reduce_any_size(monkeypatch):
+    """The reduced path for images of any size: the sample photos' sharp detail at small model sizes is
+    the hard case for it (a large photo holds the same detail, only spread over more pixels)."""
+    import server.preprocess
+
+    monkeypatch.setattr(server.preprocess, "REDUCE_MIN_PIXELS", 0)
+
+SMALL_SPECS = [PreprocessSpec(32, 36, (0.5,) * 3, (0.25,) * 3),
+               PreprocessSpec(24, 24, (0.5,) * 3, (0.25,) * 3, interpolation="bicubic"),
+               PreprocessSpec(24, 28, (0.5,), (0.25,), color_mode="L")]
+
+
+@pytest.mark.parametrize("spec", SMALL_SPECS)
+def test_photos_reduced_before_resizing_stay_within_the_stated_tolerance(photos, spec, reduce_any_size):
+    from server.preprocess import reduction_factor, to_model_pixels
+
+    for path in photos:
+        image = decode_image(path.read_bytes())
+        assert reduction_factor(image.size, spec) != (1, 1), path.name  # these sizes do take the reduced path
+        difference = level_difference(to_model_pixels(image, spec), full_resolution_pixels(image, spec))
+        assert difference.mean() <= MEAN_LEVELS and difference.max() <= MAX_LEVELS, (path.name, spec)
+
+
+@pytest.mark.parametrize("spec", [IMAGENET, PreprocessSpec(64, 73, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+                                  PreprocessSpec(20, 20, (0.5,), (0.25,), color_mode="L")])
+def test_pixels_are_exactly_the_full_resolution_ones_where_no_reduction_applies(photos, spec):
+    from server.preprocess import reduction_factor, to_model_pixels
+
+    checked = 0
+    for path in photos:
+        image = decode_image(path.read_bytes())
+        # Below REDUCE_MIN_PIXELS, which every sample photo is, nothing is reduced at any model size.
+        if reduction_factor(image.size, spec) == (1, 1):
+            np.testing.assert_array_equal(np.asarray(to_model_pixels(image, spec)),
+                                          np.asarray(full_resolution_pixels(image, spec)), err_msg=path.name)
+            checked += 1
+    assert checked == len(photos)
+
+
+def with_transparency(photo: Image.Image, mode: str, size: tuple[int, int]) -> Image.Image:
+    """The photo at `size` with an alpha ramp (fully transparent to opaque) and a transparent hole."""
+    rgb = photo.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    alpha = Image.linear_gradient("L").resize(size)
+    alpha.paste(0, (size[0] // 3, size[1] // 3, size[0] // 2, size[1] // 2))
+    if mode == "RGBA":
+        return Image.merge("RGBA", (*rgb.split(), alpha))
+    if mode == "LA":
+        return Image.merge("LA", (rgb.convert("L"), alpha))
+    # P with a transparent palette index: the quantized photo, index 0 where alpha is low.
+    palette = rgb.quantize(255)
+    indices = np.asarray(palette) + 1
+    indices[np.asarray(alpha) < 128] = 0
+    image = Image.fromarray(indices.astype(np.uint8), "P")
+    image.putpalette([255, 0, 255] + palette.getpalette()[:255 * 3])
+    image.info["transparency"] = 0
+    return image
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+@pytest.mark.parametrize("spec", [IMAGENET, SMALL_SPECS[2]])
+def test_transparent_images_reduced_before_compositing_stay_within_the_stated_tolerance(photos, mode, spec):
+    from server.preprocess import reduction_factor, to_model_pixels
+
+    # Large enough (9 megapixels) to be reduced by default, by 2 at 224x224 and by 12 for the small spec.
+    image = with_transparency(Image.open(photos[0]), mode, (3600, 2600))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.mode == mode and reduction_factor(decoded.size, spec) != (1, 1)
+    difference = level_difference(to_model_pixels(decoded, spec), full_resolution_pixels(decoded, spec))
+    assert difference.mean() <= MEAN_LEVELS and difference.max() <= MAX_LEVELS, difference.max()
+
+
+def test_a_large_transparent_area_is_white_after_reduction():
+    buffer = io.BytesIO()
+    Image.new("RGBA", (3000, 2000), (0, 0, 0, 0)).save(buffer, "PNG")
+    spec = PreprocessSpec(16, 16, (0.0,) * 3, (1.0,) * 3)
+    np.testing.assert_allclose(preprocess_bytes(buffer.getvalue(), spec), 1.0)
+
+
+PEAK_RSS_SCRIPT = """
+import sys
+from server.preprocess import PreprocessSpec, preprocess_bytes
+
+def peak_rss():  # this process's own high-water mark (ru_maxrss would carry over the parent's)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+data = open(sys.argv[1], "rb").read()
+spec = PreprocessSpec(224, 256, (0.5,) * 3, (0.25,) * 3)
+before = peak_rss()
+preprocess_bytes(data, spec)
+print(peak_rss() - before)
+"""
+
+
+def test_preprocessing_a_40_megapixel_transparent_png_peaks_below_twice_its_decoded_size(
+        huge_transparent_png, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # A fresh process, so that the peak RSS is this image's alone.
+    path = tmp_path / "huge.png"
+    path.write_bytes(huge_transparent_png)
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=120, check=True)
+    decoded_bytes = 6324 * 6324 * 4
+    peak = int(run.stdout.split()[-1])
+    assert peak < 2 * decoded_bytes, f"peak RSS grew by {peak / 2**20:.0f} MiB"
+
+
+def png_of(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 0).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_prepare_batch_refuses_a_request_over_its_pixel_limit_before_decoding_any_image(monkeypatch):
+    from server.errors import PayloadTooLarge
+    from server.routes import prepare_batch
+
+    images = [png_of((400, 300)), png_of((300, 200))]
+    batch, _, _ = prepare_batch(images, IMAGENET, max_pixels=10**8, max_request_pixels=180_000)
+    assert batch.shape[0] == 2
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image of a refused request"))
+    with pytest.raises(PayloadTooLarge, match="180000 pixels in all, more than the limit of 179999"):
+        prepare_batch(images, IMAGENET, max_pixels=10**8, max_request_pixels=179_999)
+
+
+def test_decode_budget_bounds_large_decodes_by_count_and_pixels_and_lets_small_ones_pass():
+    from server.preprocess import DecodeBudget, DecoderBusyError
+
+    budget = DecodeBudget(pixels=10_000, large_image_pixels=1_000, decodes=2)
+    with budget.hold(999) as large:
+        assert not large and budget.held_decodes == 0
+    with budget.hold(6_000), budget.hold(4_000) as large:
+        assert large and budget.held_pixels == 10_000 and budget.held_decodes == 2
+    with budget.hold(20_000):  # larger than the whole budget: decoded alone
+        assert budget.held_pixels == 10_000
+    assert budget.held_pixels == budget.held_decodes == 0
+    with budget.hold(6_000):
+        with pytest.raises(DecoderBusyError, match="1 other large image"), budget.hold(4_001):
+            pass
+        with budget.hold(4_000), pytest.raises(DecoderBusyError), budget.hold(1_000):
+            pass  # two decodes held: a third is refused however small
+        with budget.hold(999):  # not large: never refused
+            pass
+    with pytest.raises(KeyError), budget.hold(5_000):
+        raise KeyError("a failed decode gives its share back")
+    assert budget.held_pixels == budget.held_decodes == 0
+
+
+def test_prepare_batch_refuses_large_images_when_the_budget_is_taken_and_gives_it_back():
+    from server.errors import TooManyRequests
+    from server.preprocess import DecodeBudget
+    from server.routes import prepare_batch
+
+    budget = DecodeBudget(pixels=3_000_000, large_image_pixels=1_000_000, decodes=1)
+    large, small = png_of((1200, 1000)), png_of((300, 200))
+    with budget.hold(2_000_000):
+        prepare_batch([small, small], IMAGENET, max_pixels=10**8, budget=budget)  # small: never waits
+        with pytest.raises(TooManyRequests, match="retry") as refused:
+            prepare_batch([small, large], IMAGENET, max_pixels=10**8, budget=budget)
+        assert refused.value.retry_after_s
+    with pytest.raises(Exception):
+        prepare_batch([large, b"not an image"], IMAGENET, max_pixels=10**8, budget=budget)
+    assert budget.held_pixels == budget.held_decodes == 0
+    prepare_batch([large, large], IMAGENET, max_pixels=10**8, budget=budget)
+
+
+RSS_AFTER_TRIM_SCRIPT = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from server.preprocess import PreprocessSpec, preprocess_bytes, release_memory
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+data = open(sys.argv[1], "rb").read()
+spec = PreprocessSpec(224, 256, (0.5,) * 3, (0.25,) * 3)
+with ThreadPoolExecutor(1) as pool:  # in a thread, as the gateway decodes, in that thread's malloc arena
+    pool.submit(preprocess_bytes, data, spec).result()
+    kept = rss()
+    pool.submit(release_memory).result()
+print(kept, rss())
+"""
+
+
+def test_release_memory_hands_a_large_decode_back_to_the_system(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from server.launcher import GATEWAY_MALLOC_ENV
+
+    path = tmp_path / "large.png"
+    path.write_bytes(png_of((4000, 3000), "RGBA"))
+    # With the gateway's allocator settings, under which the freed pixels stayed with the process.
+    run = subprocess.run([sys.executable, "-c", RSS_AFTER_TRIM_SCRIPT, str(path)], capture_output=True, text=True,
+                         env={**os.environ, **GATEWAY_MALLOC_ENV, "PYTHONPATH": os.getcwd()}, timeout=120, check=True)
+    kept, trimmed = map(int, run.stdout.split())
+    assert kept - trimmed > 24 * 2**20, f"RSS {kept / 2**20:.0f} MiB before malloc_trim, {trimmed / 2**20:.0f} after"

@@ -1,0 +1,79 @@
+"""Large images through the real stack: a per-request pixel limit, a bound on large decodes at once that
+keeps a thread for small requests, and memory handed back after a large decode."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+
+from .conftest import MODEL, start_gateway
+
+CLASSIFY = f"/v1/models/{MODEL}/classify"
+DECODED_BYTES = 6324 * 6324 * 4  # one 40-megapixel RGBA image
+
+
+def memory(pid: int) -> dict[str, int]:
+    """The process's resident set now (VmRSS) and at its highest (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status
+                if line.startswith(("VmRSS", "VmHWM"))}
+
+
+def as_multipart(*images: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("image", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+@pytest.fixture(scope="module")
+def two_thread_gateway(triton, tmp_path_factory):
+    """Two preprocessing threads, as on a two-core host, and one large decode at a time."""
+    process = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("decode-limits") / "gateway.log",
+                            triton.http_url, GATEWAY_PREPROCESS_THREADS="2", GATEWAY_MAX_LARGE_DECODES="1")
+    yield process
+    process.stop()
+
+
+def test_a_request_over_the_pixel_limit_is_refused_with_413_before_decoding(two_thread_gateway,
+                                                                             huge_transparent_png):
+    before = memory(two_thread_gateway.pid)
+    # Three 40-megapixel PNGs, 0.6 MB in all: 120 million pixels against the default 100 million.
+    response = httpx.post(f"{two_thread_gateway.url}{CLASSIFY}", timeout=60,
+                          files=as_multipart(*[huge_transparent_png] * 3))
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert error["code"] == "payload_too_large" and "per request" in error["message"]
+    assert memory(two_thread_gateway.pid)["VmHWM"] - before["VmHWM"] < DECODED_BYTES / 2  # nothing decoded
+
+
+def test_large_decodes_past_the_bound_are_refused_and_small_requests_keep_a_thread(two_thread_gateway,
+                                                                                  huge_transparent_png, photos):
+    url, pid = two_thread_gateway.url, two_thread_gateway.pid
+    photo = photos[0].read_bytes()
+    assert httpx.post(f"{url}{CLASSIFY}", content=photo, headers={"Content-Type": "image/jpeg"},
+                      timeout=30).status_code == 200
+    before = memory(pid)
+
+    def timed_post(**kwargs) -> tuple[httpx.Response, float]:
+        started = time.perf_counter()
+        response = httpx.post(f"{url}{CLASSIFY}", timeout=120, **kwargs)
+        return response, time.perf_counter() - started
+
+    with concurrent.futures.ThreadPoolExecutor(4) as clients:
+        # Two requests of two 40-megapixel PNGs each at once: enough, unbounded, to hold both threads.
+        large = [clients.submit(timed_post, files=as_multipart(huge_transparent_png, huge_transparent_png))
+                 for _ in range(2)]
+        time.sleep(0.5)
+        small = [timed_post(content=photo, headers={"Content-Type": "image/jpeg"}) for _ in range(3)]
+        answered = sorted((future.result() for future in large), key=lambda answer: answer[0].status_code)
+
+    (served, _), (refused, _) = answered
+    assert [served.status_code, refused.status_code] == [200, 429], refused.text
+    assert refused.json()["error"]["code"] == "too_many_requests" and refused.headers["Retry-After"]
+    assert all(response.status_code == 200 for response, _ in small)
+    after = memory(pid)
+    # One large image decoded at a time, converted band by band: well under two of its decoded size.
+    assert after["VmHWM"] - before["VmRSS"] < 2 * DECODED_BYTES, after
+    # And handed back to the system once done.
+    assert after["VmRSS"] - before["VmRSS"] < DECODED_BYTES / 2, after
