@@ -31,6 +31,7 @@ from server.preprocess import PreprocessSpec, normalize, preprocess, to_model_pi
 
 from .data import ImageDataset, TorchSplit, load_dataset, resolve_spec
 from .datacheck import check_dataset, log_report
+from .checkpoints import read_checkpoint
 from .errors import CheckpointError
 from .losses import create_loss, resolve_class_weights
 from .models import backbone_eval, create_model, default_dropout, freeze_backbone, load_init_weights
@@ -326,8 +327,8 @@ def _restore(run: _Run, path: Path) -> tuple[int, list[dict], float, int]:
     """Load last.pt's model, optimizer, scheduler and RNG state; returns (epoch, history, best acc, best epoch)."""
     if not path.is_file():
         raise TrainError(f"--resume: {path} does not exist (nothing to resume in {path.parent})")
+    payload = read_checkpoint(path, flag="--resume:")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
         state = payload["resume"]
         run.model.load_state_dict(payload["model"])
         run.optimizer.load_state_dict(state["optimizer"])
@@ -460,21 +461,17 @@ def _print_summary(history: list[dict]) -> None:
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint was trained as, with its weights, in eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    payload = read_checkpoint(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
         meta, state = payload["meta"], payload["model"]
         model = create_model(
             meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
             image_size=meta["image_size"],
         )
         model.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a checkpoint written by `builder train`: {e}") from e
-    except Exception as e:  # torch raises pickle's and zipfile's own errors for foreign files
-        if type(e).__module__.split(".")[0] in ("pickle", "_pickle", "zipfile"):
-            raise CheckpointError(f"{path} is not a checkpoint written by `builder train`: {e}") from e
-        raise
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        # load_state_dict lists every missing key on lines of their own: the first line says enough.
+        raise CheckpointError(f"{path} is not a checkpoint of this builder that can be rebuilt: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     model.eval()
     return model, meta
