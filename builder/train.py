@@ -151,8 +151,10 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, device: str = "cpu") -> dict:
-    """Validation loss (plain cross-entropy: comparable across loss settings), accuracy and macro recall."""
+def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, device: str = "cpu",
+                    advance: Callable[..., None] | None = None) -> dict:
+    """Validation loss (plain cross-entropy: comparable across loss settings), accuracy and macro recall.
+    `advance(steps=n)` is told of every batch of n images."""
     model.eval()
     loss_sum, hits, support = 0.0, torch.zeros(num_classes), torch.zeros(num_classes)
     for images, labels in loader:
@@ -161,6 +163,8 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, devi
         correct = logits.argmax(dim=1) == labels
         hits += torch.bincount(labels[correct], minlength=num_classes)
         support += torch.bincount(labels, minlength=num_classes)
+        if advance is not None:
+            advance(steps=labels.numel())
     total = max(int(support.sum()), 1)
     present = support > 0
     return {"val_loss": loss_sum / total, "val_accuracy": float(hits.sum()) / total,
@@ -170,7 +174,7 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, devi
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
                     criterion: nn.Module, *, accum_steps: int = 1, clip_grad: float | None = None, mixer=None,
                     device: str = "cpu", scaler: torch.amp.GradScaler | None = None, frozen_backbone: bool = False,
-                    advance: Callable[[str], None] | None = None) -> dict:
+                    advance: Callable[..., None] | None = None) -> dict:
     """One pass over `loader`. Gradients of `accum_steps` micro-batches (each loss divided by their count)
     add up to one optimizer step, and the scheduler steps with the optimizer."""
     if frozen_backbone:
@@ -208,7 +212,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         correct += (logits.argmax(dim=1) == truth).sum().item()
         seen += count
         if advance is not None:
-            advance(f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}")
+            advance(f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}", steps=count)
     # lr: what the epoch's last optimizer step used.
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), "lr": last_lr}
 
@@ -409,14 +413,16 @@ def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], bes
         started = time.monotonic()
         # Both losses keep their weights in a `weight` buffer; None is plain (unweighted) averaging.
         run.criterion.weight = run.class_weights if epoch >= config.class_weights_start else None
-        with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(run.train_loader)) as advance:
+        # Counted in images, batch by batch: a few large batches are still a moving count.
+        with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(run.dataset.train), unit="images") as advance:
             record = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.criterion,
                                      accum_steps=config.accum_steps, clip_grad=config.clip_grad, mixer=run.mixer,
                                      device=run.device, scaler=run.scaler, frozen_backbone=config.freeze_backbone,
                                      advance=advance)
-        record = {"epoch": epoch, **record, **evaluate_loader(run.model, run.val_loader, len(run.dataset.classes),
-                                                              run.device),
-                  "seconds": round(time.monotonic() - started, 2)}
+        with progress_bar(f"epoch {epoch}/{config.epochs} val", total=len(run.dataset.val), unit="images",
+                          transient=True) as advance:
+            validation = evaluate_loader(run.model, run.val_loader, len(run.dataset.classes), run.device, advance)
+        record = {"epoch": epoch, **record, **validation, "seconds": round(time.monotonic() - started, 2)}
         history.append(record)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch, record["train_loss"],
                  record["val_loss"], record["val_accuracy"])
