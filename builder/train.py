@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 from server.preprocess import PreprocessSpec, normalize, preprocess, to_model_pixels
 
 from .data import ImageDataset, TorchSplit, load_dataset, resolve_spec
-from .datacheck import check_dataset, log_report
+from .datacheck import check_once, log_report
 from .checkpoints import read_checkpoint
 from .errors import CheckpointError
 from .losses import create_loss, resolve_class_weights
@@ -381,8 +381,9 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None, *,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), **run.meta["recipe"],
                                                          "preprocess": run.meta["preprocess"]}, indent=2))
-        report = check_dataset(run.dataset)
-        log_report(report)
+        report, new = check_once(run.dataset)
+        if new:  # once per dataset, not once per tune trial
+            log_report(report)
         report.write(run_dir / "datacheck.json")
         start_epoch, history, best_accuracy, best_epoch = 0, [], -1.0, 0
         if config.resume:
