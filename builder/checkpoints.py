@@ -12,8 +12,9 @@ import torch
 from .errors import CheckpointError
 
 
-def read_checkpoint(path: Path, *, flag: str = "") -> dict:
-    """The payload of a checkpoint this builder wrote: a dict with "model" (a state dict) and "meta".
+def read_checkpoint(path: Path, *, flag: str = "", need_meta: bool = True) -> dict:
+    """The payload of a checkpoint this builder wrote: a dict with "model" (a state dict) and "meta" (unless
+    `need_meta` is False: `--init` takes the weights alone).
 
     Loaded with `weights_only=True`, so no code in the file runs. Torch's own refusal spans several lines
     and proposes `weights_only=False`, which would run whatever the file holds: it is replaced by one line
@@ -33,7 +34,7 @@ def read_checkpoint(path: Path, *, flag: str = "") -> dict:
         reason = "not a PyTorch file"
     else:
         if isinstance(payload, dict) and isinstance(payload.get("model"), Mapping) \
-                and isinstance(payload.get("meta"), dict):
+                and (isinstance(payload.get("meta"), dict) or not need_meta):
             return payload
         reason = "a PyTorch file without the model state and metadata this builder writes"
     raise CheckpointError(f"{prefix}{path} is not a checkpoint of this builder ({reason})")

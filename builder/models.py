@@ -132,7 +132,7 @@ def load_matching(model: nn.Module, state: Mapping[str, torch.Tensor], *, source
 def load_init_weights(model: nn.Module, path: Path) -> InitReport:
     """Start `model` from a checkpoint of this builder (`--init`): matching tensors load, others are skipped
     (the classifier, when the class counts differ)."""
-    state = read_checkpoint(Path(path), flag="--init")["model"]
+    state = read_checkpoint(Path(path), flag="--init", need_meta=False)["model"]
     report = load_matching(model, state, source=str(path))
     if report.loaded == 0:
         raise CheckpointError(f"--init {path}: no tensor matches this architecture (was it trained as another?)")
