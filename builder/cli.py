@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -41,7 +42,9 @@ def _train_config(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> None:
     from .train import train
 
-    result = train(_train_config(args))
+    config = _train_config(args)
+    check_writable(config.out_dir, "run folder")
+    result = train(config)
     print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),
                       "val_accuracy": round(result.val_accuracy, 4), "epochs": result.epochs,
                       "stopped_early": result.stopped_early, "seconds": round(result.seconds, 1)}))
@@ -51,6 +54,7 @@ def _tune(args: argparse.Namespace) -> None:
     from .tune import TuneConfig, tune
 
     base = _train_config(args)
+    check_writable(Path(args.out), "study folder")
     config = TuneConfig(trials=args.trials, timeout_s=args.timeout, sampler=args.sampler, seed=base.seed,
                         out_dir=Path(args.out))
     result = tune(base, config)
@@ -159,6 +163,8 @@ def _prune(args: argparse.Namespace) -> None:
                          scope=args.scope, steps=args.steps, finetune_epochs=args.finetune_epochs,
                          round_to=args.round_to)
     output = Path(args.output) if args.output else Path(args.checkpoint).with_name("pruned.pt")
+    if Path(args.checkpoint).is_file():  # a missing one is the stage's to report, in its words
+        check_writable(output.parent, "output folder")
     result = prune(Path(args.checkpoint), output, config)
     print(json.dumps({"checkpoint": str(result.checkpoint), "macs_kept": round(result.macs_after / result.macs_before, 4),
                       "params_kept": round(result.params_after / result.params_before, 4),
@@ -197,6 +203,8 @@ def _quantize_aware(args: argparse.Namespace) -> None:
                            ".pt), not --onnx")
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(checkpoint.stem + "-int8-qat.onnx")
+    if checkpoint.is_file():  # a missing one is the stage's to report, in its words
+        check_writable(output.parent, "output folder")
     result = quantization_aware_train(checkpoint, output, QATConfig(epochs=args.qat_epochs, lr=args.qat_lr))
     print(json.dumps({"onnx": str(result.onnx_path), "method": "qat", "epochs": result.epochs,
                       "val_accuracy": round(result.val_accuracy, 4), "onnx_agreement": round(result.agreement, 4),
@@ -239,9 +247,26 @@ def _build(args: argparse.Namespace) -> None:
                           **({"target": args.target} if args.target else {})}
     if args.no_publish:
         config.publish = None
+    # Before anything is trained: an unwritable destination would otherwise fail only at the end.
+    check_writable(config.out_dir, "build folder")
+    if config.publish is not None:
+        check_writable(Path(config.publish.get("repository", "model_repository")), "model repository")
     result = build(config)
     print(json.dumps({"report": str(result.report_paths["md"]), "onnx": str(result.final_onnx),
                       "published_version": result.published.version if result.published else None}))
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Fail with one line unless `folder` can be written, or made where it does not exist yet."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BuilderError(f"{what} {folder} is not writable ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise BuilderError(f"{what} {folder} is not writable ({reason})")
 
 
 def _whole_number(text: str, minimum: int, wording: str) -> int:
@@ -333,8 +358,16 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", "seed: split, initialization, shuffling, augmentation", type=int)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line, the error and where the options are listed, and exit code 2:
+    argparse's usage block would bury the error under dozens of lines for `train`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="builder", description="Train, export and publish image classifiers.")
+    parser = _Parser(prog="builder", description="Train, export and publish image classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -480,13 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # argparse itself exits with 2 and one usage line
+    args = build_parser().parse_args(argv)  # a mistake exits here, with 2 and one line
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args.func(args)
     except BuilderError as e:
-        print(f"builder {args.command}: error: {e}", file=sys.stderr)
+        # One line whatever the message carries (a library's error can span several).
+        print(f"builder {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"builder {args.command}: interrupted", file=sys.stderr)

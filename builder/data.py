@@ -109,6 +109,20 @@ def _readable(path: Path) -> bool:
         return False
 
 
+# Unreadable files already warned about in this process: a build loads its dataset more than once.
+_reported_unreadable: set[Path] = set()
+
+
+def _warn_unreadable(folder: Path, unreadable: list[Path]) -> None:
+    new = [f for f in unreadable if f.resolve() not in _reported_unreadable]
+    _reported_unreadable.update(f.resolve() for f in new)
+    if new:
+        log.warning("skipping %d unreadable image(s) in %s: %s", len(new), folder,
+                    ", ".join(f.name for f in new[:5]) + (" ..." if len(new) > 5 else ""))
+    if len(new) < len(unreadable):
+        log.debug("skipping %d unreadable image(s) in %s, as before", len(unreadable) - len(new), folder)
+
+
 def _scan_classes(root: Path, skipped: list[Path]) -> tuple[list[str], list[Path], list[int]]:
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} is not a directory")
@@ -122,8 +136,7 @@ def _scan_classes(root: Path, skipped: list[Path]) -> tuple[list[str], list[Path
         )
         unreadable = [f for f in files if not _readable(f)]
         if unreadable:
-            log.warning("skipping %d unreadable image(s) in %s: %s", len(unreadable), root / name,
-                        ", ".join(f.name for f in unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""))
+            _warn_unreadable(root / name, unreadable)
             skipped += unreadable
             files = [f for f in files if f not in set(unreadable)]
         if not files:

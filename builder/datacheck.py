@@ -1,7 +1,8 @@
 """A look at the data before training: class balance, unreadable files, blank images, train/val leaks.
 
 Nothing here stops a run: the report is logged, written beside the run (`datacheck.json`) and left
-for the user to judge. Unreadable files were already skipped by the loader (`ImageDataset.skipped`).
+for the user to judge. Unreadable files were already skipped by the loader (`ImageDataset.skipped`),
+which warned about them; here they are counted.
 """
 
 from __future__ import annotations
@@ -96,10 +97,20 @@ def check_dataset(dataset: ImageDataset) -> DataCheckReport:
     )
 
 
+def check_once(dataset: ImageDataset) -> tuple[DataCheckReport, bool]:
+    """`check_dataset(dataset)`, computed once per dataset object (tune trains every trial on the same one),
+    and whether this call computed it, i.e. whether the report is news to log."""
+    report = getattr(dataset, "_data_check", None)
+    if report is not None:
+        return report, False
+    report = check_dataset(dataset)
+    dataset._data_check = report  # not a field: dataclasses.replace() makes a dataset to check anew
+    return report, True
+
+
 def log_report(report: DataCheckReport) -> None:
+    # Unreadable files are in the summary's count; the loader named them when it skipped them.
     log.info("data check: %s", report.summary())
-    if report.unreadable:
-        log.warning("data check: unreadable files skipped: %s", ", ".join(report.unreadable[:5]))
     if report.blank_count:
         log.warning("data check: %d blank (near-constant) images, e.g. %s", report.blank_count,
                     ", ".join(report.blank[:5]))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from .checkpoints import read_checkpoint
 from .errors import BuilderError, CheckpointError
 from .train_config import ARCHITECTURES
 
@@ -131,17 +132,7 @@ def load_matching(model: nn.Module, state: Mapping[str, torch.Tensor], *, source
 def load_init_weights(model: nn.Module, path: Path) -> InitReport:
     """Start `model` from a checkpoint of this builder (`--init`): matching tensors load, others are skipped
     (the classifier, when the class counts differ)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--init checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        state = payload["model"]
-        if not isinstance(state, Mapping):
-            raise TypeError("'model' is not a state dict")
-    except Exception as e:  # torch raises pickle's, zipfile's and its own errors for foreign files
-        raise CheckpointError(f"--init {path} is not a checkpoint written by `builder train`: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    state = read_checkpoint(Path(path), flag="--init", need_meta=False)["model"]
     report = load_matching(model, state, source=str(path))
     if report.loaded == 0:
         raise CheckpointError(f"--init {path}: no tensor matches this architecture (was it trained as another?)")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .checkpoints import read_checkpoint
 from .data import ImageDataset, TorchSplit
 from .errors import BuilderError, CheckpointError
 from .evaluate import count_macs_and_params, dataset_recipe, load_run_dataset
@@ -122,13 +123,8 @@ def apply_layer_shapes(model: nn.Module, shapes: Mapping[str, Mapping]) -> nn.Mo
 def load_model(path: Path) -> tuple[nn.Module, dict]:
     """Any checkpoint this builder writes (trained or pruned), rebuilt in eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        shapes = payload["meta"].get("layer_shapes") if isinstance(payload, dict) else None
-    except Exception:
-        shapes = None  # not ours, or not a torch file: load_checkpoint says which
+    payload = read_checkpoint(path)
+    shapes = payload["meta"].get("layer_shapes")
     if not shapes:
         return load_checkpoint(path)
     meta = payload["meta"]
@@ -138,7 +134,8 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
         apply_layer_shapes(model, shapes)
         model.load_state_dict(payload["model"])
     except (KeyError, TypeError, RuntimeError, AttributeError) as e:
-        raise CheckpointError(f"{path} is not a pruned checkpoint this builder can rebuild: {e}") from e
+        raise CheckpointError(f"{path} is not a pruned checkpoint this builder can rebuild: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     model.eval()
     return model, meta
 

@@ -71,18 +71,14 @@ class Report:
             raise BudgetError(self.failure)
 
     def rows(self) -> list[dict]:
+        """One dict per stage: its metrics, "change" against the previous stage and "vs_fp32" against the
+        first (the trained FP32 model), the two bases a speed-up can have."""
         rows, previous = [], None
         for metrics in self.stages:
             row = asdict(metrics)
             if previous is not None:
-                row["change"] = {
-                    "top1_points": 100.0 * (metrics.top1 - previous.top1),
-                    "parameters_ratio": _ratio(metrics.parameters, previous.parameters),
-                    "macs_ratio": _ratio(metrics.macs, previous.macs),
-                    "file_ratio": _ratio(metrics.file_bytes, previous.file_bytes),
-                    "latency_speedup": _ratio(previous.latency_b1_ms, metrics.latency_b1_ms),
-                    "throughput_speedup": _ratio(metrics.throughput_b8, previous.throughput_b8),
-                }
+                row["change"] = _changes(metrics, previous)
+                row["vs_fp32"] = _changes(metrics, self.stages[0])
             row["accuracy_drop_points"] = self.accuracy_drop(metrics)
             rows.append(row)
             # A stage the build replaced is not what the next one improves on.
@@ -94,6 +90,17 @@ class Report:
                 "failure": self.failure, "stages": self.rows()}
 
 
+def _changes(metrics: StageMetrics, base: StageMetrics) -> dict:
+    return {
+        "top1_points": 100.0 * (metrics.top1 - base.top1),
+        "parameters_ratio": _ratio(metrics.parameters, base.parameters),
+        "macs_ratio": _ratio(metrics.macs, base.macs),
+        "file_ratio": _ratio(metrics.file_bytes, base.file_bytes),
+        "latency_speedup": _ratio(base.latency_b1_ms, metrics.latency_b1_ms),
+        "throughput_speedup": _ratio(metrics.throughput_b8, base.throughput_b8),
+    }
+
+
 def _ratio(new: float, old: float) -> float | None:
     return new / old if old else None
 
@@ -102,13 +109,13 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:.2f} MB"
 
 
-def _change(row: dict, key: str, fmt: str) -> str:
-    value = row.get("change", {}).get(key)
+def _change(row: dict, key: str, fmt: str, base: str = "change") -> str:
+    value = row.get(base, {}).get(key)
     return "" if value is None else fmt.format(value)
 
 
-COLUMNS = ("stage", "params", "MACs", "file", "top-1", "Δtop-1", "latency b1", "throughput b8", "speed-up b8",
-           "size ratio")
+COLUMNS = ("stage", "params", "MACs", "file", "top-1", "Δtop-1 vs previous", "latency b1", "throughput b8",
+           "speed-up b8 vs previous", "speed-up b8 vs fp32", "size vs previous", "size vs fp32")
 
 
 def _cells(row: dict) -> list[str]:
@@ -116,7 +123,8 @@ def _cells(row: dict) -> list[str]:
         row["stage"], f"{row['parameters'] / 1e6:.2f} M", f"{row['macs'] / 1e6:.1f} M", _megabytes(row["file_bytes"]),
         f"{100 * row['top1']:.2f}%", _change(row, "top1_points", "{:+.2f} pt"),
         f"{row['latency_b1_ms']:.2f} ms", f"{row['throughput_b8']:.0f} img/s",
-        _change(row, "throughput_speedup", "{:.2f}x"), _change(row, "file_ratio", "{:.2f}x"),
+        _change(row, "throughput_speedup", "{:.2f}x"), _change(row, "throughput_speedup", "{:.2f}x", "vs_fp32"),
+        _change(row, "file_ratio", "{:.2f}x"), _change(row, "file_ratio", "{:.2f}x", "vs_fp32"),
     ]
 
 
@@ -137,8 +145,10 @@ def notes_lines(report: Report) -> list[str]:
 
 def to_markdown(report: Report) -> str:
     lines = ["# Build report", "",
-             "Measured on the validation split with ONNX Runtime (CPU) on the build machine. Changes are "
-             "against the previous stage.", "",
+             "Measured on the validation split with ONNX Runtime (CPU) on the build machine. Speed-ups "
+             "(throughput at batch 8) and sizes (file bytes, new / old) are given against the previous stage "
+             "and against fp32, the trained model; Δtop-1 is against the previous stage. A stage a later "
+             "one replaced is not the previous stage of the next.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows()]
     lines += notes_lines(report)
@@ -155,12 +165,19 @@ def plot(report: Report, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for metrics in report.stages:
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    throughputs = [m.throughput_b8 for m in report.stages]
+    middle = (min(throughputs) + max(throughputs)) / 2 if throughputs else 0.0
+    for metrics, row in zip(report.stages, report.rows()):
         color = "tab:red" if metrics.stage == report.failed_stage else "tab:blue"
         axes.scatter(metrics.throughput_b8, 100 * metrics.top1, color=color)
-        axes.annotate(metrics.stage, (metrics.throughput_b8, 100 * metrics.top1), textcoords="offset points",
-                      xytext=(5, 5))
+        label = metrics.stage
+        if "change" in row:  # both bases, named: a bare "3x" was read as against fp32
+            label += (f"\n{_change(row, 'throughput_speedup', '{:.2f}x')} vs previous, "
+                      f"{_change(row, 'throughput_speedup', '{:.2f}x', 'vs_fp32')} vs fp32")
+        right = metrics.throughput_b8 > middle  # labels of the fastest stages go to their left, inside
+        axes.annotate(label, (metrics.throughput_b8, 100 * metrics.top1), textcoords="offset points",
+                      xytext=(-5 if right else 5, 5), ha="right" if right else "left", fontsize=8)
     axes.set_xlabel("ONNX Runtime throughput at batch 8 (images/s)")
     axes.set_ylabel("top-1 accuracy (%)")
     axes.set_title("accuracy against throughput, one point per stage")
@@ -178,7 +195,7 @@ def write_report(report: Report, folder: Path, *, console: Console | None = None
     if console is None:
         console = Console(stderr=True)
         if not console.is_terminal:
-            console = Console(stderr=True, width=160)  # logs and CI: do not squeeze the table to 80 columns
+            console = Console(stderr=True, width=200)  # logs and CI: do not squeeze the table to 80 columns
     console.print(rich_table(report))
     for line in notes_lines(report)[1:]:
         console.print(line, markup=False, highlight=False)

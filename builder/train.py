@@ -30,7 +30,8 @@ from torchvision.transforms import v2
 from server.preprocess import PreprocessSpec, normalize, preprocess, to_model_pixels
 
 from .data import ImageDataset, TorchSplit, load_dataset, resolve_spec
-from .datacheck import check_dataset, log_report
+from .datacheck import check_once, log_report
+from .checkpoints import read_checkpoint
 from .errors import CheckpointError
 from .losses import create_loss, resolve_class_weights
 from .models import backbone_eval, create_model, default_dropout, freeze_backbone, load_init_weights
@@ -150,8 +151,10 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, device: str = "cpu") -> dict:
-    """Validation loss (plain cross-entropy: comparable across loss settings), accuracy and macro recall."""
+def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, device: str = "cpu",
+                    advance: Callable[..., None] | None = None) -> dict:
+    """Validation loss (plain cross-entropy: comparable across loss settings), accuracy and macro recall.
+    `advance(steps=n)` is told of every batch of n images."""
     model.eval()
     loss_sum, hits, support = 0.0, torch.zeros(num_classes), torch.zeros(num_classes)
     for images, labels in loader:
@@ -160,6 +163,8 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, devi
         correct = logits.argmax(dim=1) == labels
         hits += torch.bincount(labels[correct], minlength=num_classes)
         support += torch.bincount(labels, minlength=num_classes)
+        if advance is not None:
+            advance(steps=labels.numel())
     total = max(int(support.sum()), 1)
     present = support > 0
     return {"val_loss": loss_sum / total, "val_accuracy": float(hits.sum()) / total,
@@ -169,7 +174,7 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, devi
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
                     criterion: nn.Module, *, accum_steps: int = 1, clip_grad: float | None = None, mixer=None,
                     device: str = "cpu", scaler: torch.amp.GradScaler | None = None, frozen_backbone: bool = False,
-                    advance: Callable[[str], None] | None = None) -> dict:
+                    advance: Callable[..., None] | None = None) -> dict:
     """One pass over `loader`. Gradients of `accum_steps` micro-batches (each loss divided by their count)
     add up to one optimizer step, and the scheduler steps with the optimizer."""
     if frozen_backbone:
@@ -207,7 +212,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         correct += (logits.argmax(dim=1) == truth).sum().item()
         seen += count
         if advance is not None:
-            advance(f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}")
+            advance(f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}", steps=count)
     # lr: what the epoch's last optimizer step used.
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), "lr": last_lr}
 
@@ -326,8 +331,8 @@ def _restore(run: _Run, path: Path) -> tuple[int, list[dict], float, int]:
     """Load last.pt's model, optimizer, scheduler and RNG state; returns (epoch, history, best acc, best epoch)."""
     if not path.is_file():
         raise TrainError(f"--resume: {path} does not exist (nothing to resume in {path.parent})")
+    payload = read_checkpoint(path, flag="--resume:")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
         state = payload["resume"]
         run.model.load_state_dict(payload["model"])
         run.optimizer.load_state_dict(state["optimizer"])
@@ -376,8 +381,9 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None, *,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), **run.meta["recipe"],
                                                          "preprocess": run.meta["preprocess"]}, indent=2))
-        report = check_dataset(run.dataset)
-        log_report(report)
+        report, new = check_once(run.dataset)
+        if new:  # once per dataset, not once per tune trial
+            log_report(report)
         report.write(run_dir / "datacheck.json")
         start_epoch, history, best_accuracy, best_epoch = 0, [], -1.0, 0
         if config.resume:
@@ -408,14 +414,16 @@ def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], bes
         started = time.monotonic()
         # Both losses keep their weights in a `weight` buffer; None is plain (unweighted) averaging.
         run.criterion.weight = run.class_weights if epoch >= config.class_weights_start else None
-        with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(run.train_loader)) as advance:
+        # Counted in images, batch by batch: a few large batches are still a moving count.
+        with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(run.dataset.train), unit="images") as advance:
             record = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.criterion,
                                      accum_steps=config.accum_steps, clip_grad=config.clip_grad, mixer=run.mixer,
                                      device=run.device, scaler=run.scaler, frozen_backbone=config.freeze_backbone,
                                      advance=advance)
-        record = {"epoch": epoch, **record, **evaluate_loader(run.model, run.val_loader, len(run.dataset.classes),
-                                                              run.device),
-                  "seconds": round(time.monotonic() - started, 2)}
+        with progress_bar(f"epoch {epoch}/{config.epochs} val", total=len(run.dataset.val), unit="images",
+                          transient=True) as advance:
+            validation = evaluate_loader(run.model, run.val_loader, len(run.dataset.classes), run.device, advance)
+        record = {"epoch": epoch, **record, **validation, "seconds": round(time.monotonic() - started, 2)}
         history.append(record)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch, record["train_loss"],
                  record["val_loss"], record["val_accuracy"])
@@ -460,21 +468,17 @@ def _print_summary(history: list[dict]) -> None:
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint was trained as, with its weights, in eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    payload = read_checkpoint(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
         meta, state = payload["meta"], payload["model"]
         model = create_model(
             meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
             image_size=meta["image_size"],
         )
         model.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a checkpoint written by `builder train`: {e}") from e
-    except Exception as e:  # torch raises pickle's and zipfile's own errors for foreign files
-        if type(e).__module__.split(".")[0] in ("pickle", "_pickle", "zipfile"):
-            raise CheckpointError(f"{path} is not a checkpoint written by `builder train`: {e}") from e
-        raise
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        # load_state_dict lists every missing key on lines of their own: the first line says enough.
+        raise CheckpointError(f"{path} is not a checkpoint of this builder that can be rebuilt: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     model.eval()
     return model, meta

@@ -22,6 +22,8 @@ from .train_config import AUGMENT_PRESETS, TrainConfig
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "grid")
+# fANOVA fits a random forest to the completed trials: with a handful, its ranking of the parameters is noise.
+MIN_TRIALS_FOR_IMPORTANCE = 10
 BATCH_SIZES = (32, 64, 128)
 # The `grid` sampler's search space: small on purpose (3 x 2 x 2 = 12 trials at most).
 GRID = {
@@ -148,12 +150,14 @@ def tune(base: TrainConfig, config: TuneConfig, dataset: ImageDataset | None = N
 
 
 def plot_study(study, path: Path) -> Path:
-    """Optimization history (each completed trial, best so far) and parameter importances (fANOVA)."""
+    """Optimization history (each completed trial, best so far) and parameter importances (fANOVA), the
+    latter only from MIN_TRIALS_FOR_IMPORTANCE completed trials on; below that the panel says why."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna
+    from matplotlib.ticker import MaxNLocator
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     figure, (history, importance) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -162,6 +166,7 @@ def plot_study(study, path: Path) -> Path:
     history.scatter(numbers, values, s=18, label="trial")
     history.step(numbers, best_so_far, where="post", color="C1", label="best so far")
     history.set_xlabel("trial")
+    history.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers are whole
     history.set_ylabel("val accuracy")
     history.set_title("optimization history")
     history.legend(fontsize=8)
@@ -173,8 +178,11 @@ def plot_study(study, path: Path) -> Path:
         importance.barh(names, [importances[n] for n in names])
         importance.set_xlabel("importance (fANOVA)")
     else:
-        importance.text(0.5, 0.5, "needs at least 2 completed trials\nwith varying parameters",
-                        ha="center", va="center", transform=importance.transAxes)
+        why = (f"not shown: importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials,\n"
+               f"this study has {len(complete)} completed trial{'s' if len(complete) != 1 else ''}"
+               if len(complete) < MIN_TRIALS_FOR_IMPORTANCE else
+               "not shown: the completed trials' parameters\ndo not vary enough to rank them")
+        importance.text(0.5, 0.5, why, ha="center", va="center", transform=importance.transAxes)
         importance.set_axis_off()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -183,7 +191,7 @@ def plot_study(study, path: Path) -> Path:
 
 
 def _importances(study, completed: int) -> dict[str, float]:
-    if completed < 2:
+    if completed < MIN_TRIALS_FOR_IMPORTANCE:
         return {}
     import optuna
 
