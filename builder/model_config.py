@@ -69,8 +69,11 @@ class ModelConfig:
             raise ValueError("a specific version policy needs specific_versions")
         if self.max_batch_size < 0:
             raise ValueError("max_batch_size must be >= 0")
-        if self.dynamic_batching is not None and self.max_batch_size == 0:
-            raise ValueError("dynamic batching needs max_batch_size > 0")
+        # Without batching Triton still runs the dynamic batcher's bounded queue, one request per execution.
+        if self.dynamic_batching is not None and self.max_batch_size == 0 and (
+                self.dynamic_batching.preferred_batch_sizes or self.dynamic_batching.max_queue_delay_us):
+            raise ValueError("with max_batch_size 0 dynamic batching is only a queue: preferred batch sizes and "
+                             "a queue delay need max_batch_size > 0")
         if self.dynamic_batching is not None:
             too_big = [b for b in self.dynamic_batching.preferred_batch_sizes if b > self.max_batch_size]
             if too_big:

@@ -26,8 +26,9 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def normalization_prefix(input_name: str, spec: PreprocessSpec, opset: int, ir_version: int) -> onnx.ModelProto:
-    """uint8 N x H x W x C -> float32 N x C x H x W, normalized as `spec` says."""
+def normalization_prefix(input_name: str, spec: PreprocessSpec, opset: int, ir_version: int,
+                         batch: int | str = "batch") -> onnx.ModelProto:
+    """uint8 N x H x W x C -> float32 N x C x H x W, normalized as `spec` says; N is `batch`."""
     mean, std = np.asarray(spec.mean, dtype=np.float64), np.asarray(spec.std, dtype=np.float64)
     shape = (1, spec.channels, 1, 1)
     scale = numpy_helper.from_array((1.0 / (255.0 * std)).astype(np.float32).reshape(shape), "pixel_input.scale")
@@ -41,9 +42,9 @@ def normalization_prefix(input_name: str, spec: PreprocessSpec, opset: int, ir_v
     graph = helper.make_graph(
         nodes, "pixel_input",
         [helper.make_tensor_value_info(input_name, TensorProto.UINT8,
-                                       ["batch", spec.image_size, spec.image_size, spec.channels])],
+                                       [batch, spec.image_size, spec.image_size, spec.channels])],
         [helper.make_tensor_value_info(NORMALIZED, TensorProto.FLOAT,
-                                       ["batch", spec.channels, spec.image_size, spec.image_size])],
+                                       [batch, spec.channels, spec.image_size, spec.image_size])],
         initializer=[scale, shift],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
@@ -53,8 +54,11 @@ def add_pixel_input(onnx_path: Path, spec: PreprocessSpec, output: Path) -> Path
     """Write to `output` the model of `onnx_path` behind a uint8 NHWC input of the same name."""
     model = onnx.load(str(onnx_path))
     initializers = {i.name for i in model.graph.initializer}
-    input_name = next(i.name for i in model.graph.input if i.name not in initializers)
-    prefix = normalization_prefix(input_name, spec, _default_opset(model), model.ir_version)
+    model_input = next(i for i in model.graph.input if i.name not in initializers)
+    # A model with a fixed batch keeps it: the new input must not promise batches the graph cannot run.
+    batch = model_input.type.tensor_type.shape.dim[0].dim_value or "batch"
+    input_name = model_input.name
+    prefix = normalization_prefix(input_name, spec, _default_opset(model), model.ir_version, batch)
     try:
         merged = onnx.compose.merge_models(prefix, model, io_map=[(NORMALIZED, input_name)])
         onnx.checker.check_model(merged)

@@ -131,6 +131,8 @@ class OnnxClassifier:
     output_names: tuple[str, ...]
     num_classes: int
     metadata: dict[str, str]
+    # The batch axis: None where it is dynamic, else the only batch size the graph accepts.
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,21 @@ def inspect_onnx(path: Path) -> OnnxClassifier:
         output_names=tuple(o.name for o in proto.graph.output),
         num_classes=output_dims[1],
         metadata={p.key: p.value for p in proto.metadata_props},
+        # A dim_value of 0 is how some exporters write an unknown size.
+        batch_size=input_dims[0] or None,
     )
+
+
+def _check_batch_axis(model: OnnxClassifier) -> bool:
+    """True where Triton may batch requests; a fixed batch of 1 is served one image per call."""
+    if model.batch_size is None:
+        return True
+    if model.batch_size == 1:
+        return False
+    raise PublishError(
+        f"input {model.input_name!r} has a fixed batch of {model.batch_size}; export the model with a dynamic "
+        f"batch axis (builder export does; torch.onnx.export needs dynamic_axes={{{model.input_name!r}: "
+        f"{{0: 'batch'}}, ...}} for the input and every output)")
 
 
 def _next_version(model_dir: Path) -> int:
@@ -195,24 +211,29 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
         parameters["onnxruntime.intra_op_threads"] = str(settings.intra_op_threads)
         parameters["onnxruntime.allow_spinning"] = "1" if settings.intra_op_spinning else "0"
     gpu = settings.target == "gpu"
+    batching = _check_batch_axis(model)
+    # Without batching Triton's dims include the batch axis, and the gateway sends one image per call.
+    batch_axis = () if batching else (model.batch_size,)
     if settings.pixel_input:
-        model_input = model_config.TensorSpec(model.input_name, (spec.image_size, spec.image_size, spec.channels),
-                                              data_type=PIXEL_DATATYPE)
+        model_input = model_config.TensorSpec(
+            model.input_name, (*batch_axis, spec.image_size, spec.image_size, spec.channels), data_type=PIXEL_DATATYPE)
     else:
-        model_input = model_config.TensorSpec(model.input_name, model.input_dims)
+        model_input = model_config.TensorSpec(model.input_name, (*batch_axis, *model.input_dims))
     return model_config.ModelConfig(
         name=name,
         inputs=(model_input,),
         outputs=tuple(
-            model_config.TensorSpec(out, (model.num_classes,), label_filename="labels.txt" if i == 0 else None)
+            model_config.TensorSpec(out, (*batch_axis, model.num_classes),
+                                    label_filename="labels.txt" if i == 0 else None)
             for i, out in enumerate(model.output_names)
         ),
         backend="onnxruntime" if gpu else "python",
         platform="onnxruntime_onnx" if gpu else "",
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.max_batch_size if batching else 0,
+        # Without batching the dynamic batcher is only the bounded queue (Triton 2.51 keeps it, tested).
         dynamic_batching=model_config.DynamicBatching(
-            preferred_batch_sizes=settings.preferred_batch_sizes,
-            max_queue_delay_us=settings.max_queue_delay_us,
+            preferred_batch_sizes=settings.preferred_batch_sizes if batching else (),
+            max_queue_delay_us=settings.max_queue_delay_us if batching else 0,
             max_queue_size=settings.max_queue_size,
         ) if settings.dynamic_batching else None,
         instance_count=settings.instance_count,

@@ -68,7 +68,7 @@ def classify_grpc(
         info = model_info_from_config(model, config)
         batch = np.stack([preprocess_bytes(_read(image), info.spec, pixel_input=info.pixel_input)
                           for image in images])
-        step = info.max_batch_size or len(batch)
+        step = info.images_per_call or len(batch)
         logits, served_version = [], version
         for start in range(0, len(batch), step):
             chunk = batch[start:start + step]

@@ -17,7 +17,8 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from .launcher import REPOSITORY_KEY_HEADER
-from .errors import GatewayError, ModelNotFound, TooManyRequests, TritonFailed, TritonTimeout, TritonUnavailable
+from .errors import (BadRequest, GatewayError, ModelNotFound, TooManyRequests, TritonFailed, TritonTimeout,
+                     TritonUnavailable)
 from .preprocess import PIXEL_DATATYPE, PreprocessSpec
 from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
 
@@ -46,6 +47,13 @@ class ModelInfo:
     pixel_input: bool = False
     # Triton's response cache is on: inputs go as bytes (see server/shared_memory.py).
     response_cache: bool = False
+    # A model without batching (max_batch_size 0) whose input dims fix the batch axis: images per call.
+    fixed_batch: int = 0
+
+    @property
+    def images_per_call(self) -> int | None:
+        """The most images one inference call may carry; None: any number."""
+        return self.max_batch_size or self.fixed_batch or None
 
     @property
     def input_datatype(self) -> str:
@@ -78,7 +86,18 @@ def translate_error(error: Exception, model: str | None = None) -> GatewayError:
         return TritonTimeout("Triton did not answer in time", retry_after_s=RETRY_AFTER_S)
     if isinstance(error, (OSError, ConnectionError)) or "connect" in lowered or "UNAVAILABLE" in status:
         return TritonUnavailable("Triton is unreachable", retry_after_s=RETRY_AFTER_S)
+    # Triton's own input checks and a model's refusal (TritonError.INVALID_ARG in the Python backend) come
+    # as gRPC INVALID_ARGUMENT or HTTP 400; HTTP's unknown-model 400 was handled above.
+    if "INVALID_ARGUMENT" in status or status == "400":
+        return BadRequest(f"the model refused the input: {message.splitlines()[0]}")
     return TritonFailed(f"Triton error: {message.splitlines()[0] if message else type(error).__name__}")
+
+
+def _fixed_batch(config: dict) -> int:
+    if int(config.get("max_batch_size", 0)) > 0:
+        return 0
+    dims = config["input"][0].get("dims", [])
+    return max(int(dims[0]), 0) if dims else 0  # -1: a dynamic first axis, any number of images
 
 
 def model_info_from_config(name: str, config: dict) -> ModelInfo:
@@ -94,6 +113,7 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             max_batch_size=int(config.get("max_batch_size", 0)),
             pixel_input=config["input"][0].get("data_type") == f"TYPE_{PIXEL_DATATYPE}",
             response_cache=bool(config.get("response_cache", {}).get("enable", False)),
+            fixed_batch=_fixed_batch(config),
         )
     except (KeyError, ValueError, IndexError) as e:
         raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e
@@ -259,7 +279,7 @@ class TritonClient:
         """
         use_region = slot is not None and self.region_registered and not info.response_cache
         offset = slot.offset if use_region else None
-        step = info.max_batch_size or len(batch)
+        step = info.images_per_call or len(batch)
         if len(batch) <= step:
             return await self._infer_one(info, batch, version, offset)
         chunk_bytes = batch[:step].nbytes

@@ -37,6 +37,22 @@ def intra_op_threads(requested: int, instances: int, cores: int) -> int:
     return max(1, cores // max(1, instances))
 
 
+# What ONNX Runtime reports as an input's type -> the NumPy dtype it takes (float input, or --pixel-input).
+ONNX_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(uint8)": np.dtype(np.uint8)}
+
+
+def input_problem(array, shape, dtype):
+    """Why the session cannot take `array` (its shape has None for dynamic axes), or None."""
+    if array.dtype != dtype:
+        return f"input is {array.dtype}, the model takes {dtype}"
+    if array.ndim != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
+        wanted = ", ".join("N" if d is None else str(d) for d in shape)
+        return f"input of shape {list(array.shape)}, the model takes [{wanted}]"
+    if array.shape[0] == 0:
+        return "input holds no images"
+    return None
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -61,20 +77,44 @@ class TritonPythonModel:
             str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
         self.input_name = config["input"][0]["name"]
-        # float32 tensors, or uint8 pixels for a model published with --pixel-input.
-        self.input_dtype = np.uint8 if self.session.get_inputs()[0].type == "tensor(uint8)" else np.float32
+        session_input = self.session.get_inputs()[0]
+        self.input_dtype = ONNX_DTYPES.get(session_input.type)
+        if self.input_dtype is None:
+            raise pb_utils.TritonModelException(f"model.onnx takes {session_input.type}, which this model cannot serve")
+        # None where an axis is dynamic; a fixed batch axis means requests cannot be run together.
+        self.input_shape = tuple(d if isinstance(d, int) and d > 0 else None for d in session_input.shape)
         self.output_names = [output["name"] for output in config["output"]]
 
     def execute(self, requests):
-        # Triton's dynamic batcher hands over every request it gathered: run them as one batch.
-        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        responses = [None] * len(requests)
+        arrays = {}
+        for i, request in enumerate(requests):
+            array = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            problem = input_problem(array, self.input_shape, self.input_dtype)
+            if problem:
+                responses[i] = error_response(problem, pb_utils.TritonError.INVALID_ARG)
+            else:
+                arrays[i] = array
+        if self.input_shape[0] is None:
+            groups = [list(arrays)] if arrays else []  # Triton's dynamic batcher gathered these: one batch
+        else:
+            groups = [[i] for i in arrays]
+        for group in groups:
+            for i, response in zip(group, self._run([arrays[i] for i in group])):
+                responses[i] = response
+        return responses
+
+    def _run(self, arrays):
+        """One response per array, from one run of the session over all of them."""
         sizes = [array.shape[0] for array in arrays]
         try:
             batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-            outputs = self.session.run(self.output_names, {self.input_name: batch.astype(self.input_dtype, copy=False)})
-        except Exception as e:  # one failure answers every request of the batch with the reason
-            error = pb_utils.TritonError(f"inference failed: {e}")
-            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+            outputs = self.session.run(self.output_names, {self.input_name: batch})
+            wrong = [o.shape for o in outputs if o.shape[:1] != (len(batch),)]
+            if wrong:
+                raise ValueError(f"outputs of shape {wrong} for a batch of {len(batch)}")
+        except Exception as e:
+            return [error_response(f"inference failed: {e}", pb_utils.TritonError.INTERNAL) for _ in arrays]
         responses, start = [], 0
         for size in sizes:
             tensors = [
@@ -84,3 +124,9 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
+
+
+def error_response(message, code):
+    # A TritonError of its own for every response: one shared by several responses of an execute() made the
+    # backend read freed memory and took the whole tritonserver down (signal 11).
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))

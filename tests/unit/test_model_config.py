@@ -47,6 +47,13 @@ def test_dynamic_batching_needs_batching_enabled():
         sample_config(max_batch_size=0)
 
 
+def test_a_model_without_batching_keeps_the_bounded_queue():
+    config = sample_config(max_batch_size=0, inputs=(mc.TensorSpec("input", (1, 1, 32, 32)),),
+                           dynamic_batching=mc.DynamicBatching(preferred_batch_sizes=(), max_queue_delay_us=0))
+    assert mc.parse(mc.render(config)) == config
+    assert "max_queue_size: 64" in mc.render(config)
+
+
 def test_gpu_onnx_runtime_config_with_tensorrt_accelerator_round_trips():
     accelerator = mc.ExecutionAccelerator("tensorrt", {"precision_mode": "FP16", "trt_engine_cache_enable": "true",
                                                        "trt_engine_cache_path": "/cache/digits"})

@@ -344,3 +344,105 @@ def test_the_tensorrt_accelerator_builds_one_profile_from_batch_1_to_the_max_at_
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "preferred batch sizes [16] exceed --max-batch-size 8" in line
     assert not (repository / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def fixed_batch_onnx(tiny_run, tmp_path_factory):
+    """The tiny model exported with its batch axis fixed, at 1 and at 4."""
+    from tests.onnx_batch import with_fixed_batch
+
+    folder = tmp_path_factory.mktemp("fixed-batch")
+    return {batch: with_fixed_batch(tiny_run / "model.onnx", folder / f"batch{batch}.onnx", batch) for batch in (1, 4)}
+
+
+def test_inspect_reads_the_batch_axis(tiny_run, fixed_batch_onnx):
+    assert inspect_onnx(tiny_run / "model.onnx").batch_size is None
+    assert inspect_onnx(fixed_batch_onnx[1]).batch_size == 1
+    assert inspect_onnx(fixed_batch_onnx[4]).batch_size == 4
+    assert inspect_onnx(fixed_batch_onnx[4]).input_dims == (1, 8, 8)
+
+
+def _config(onnx_path, **settings):
+    from builder.publish import build_config, resolve_interface
+
+    model, spec, labels = resolve_interface(onnx_path, None, None)
+    return build_config("digits", model, spec, labels, PublishSettings(**settings))
+
+
+def test_a_dynamic_batch_model_is_published_with_batching(tiny_run):
+    config = _config(tiny_run / "model.onnx")
+    assert config.max_batch_size == 32 and config.dynamic_batching is not None
+    assert config.inputs[0].dims == (1, 8, 8) and config.outputs[0].dims == (10,)
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_a_fixed_batch_of_one_is_published_without_batching_and_the_batch_axis_in_its_dims(fixed_batch_onnx,
+                                                                                            target):
+    config = _config(fixed_batch_onnx[1], target=target)
+    assert config.max_batch_size == 0
+    # The bounded queue stays (429s past it), without batches to form.
+    assert config.dynamic_batching == model_config.DynamicBatching(preferred_batch_sizes=(), max_queue_delay_us=0,
+                                                                   max_queue_size=64)
+    assert config.inputs[0].dims == (1, 1, 8, 8) and config.outputs[0].dims == (1, 10)
+    model_config.parse(model_config.render(config))  # Triton's own protobuf takes it
+
+
+def test_a_fixed_batch_of_one_with_pixel_input_takes_one_image_of_pixels(fixed_batch_onnx, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    published = publish(fixed_batch_onnx[1], tmp_path / "repo", "pixels", settings=PublishSettings(pixel_input=True))
+    config = model_config.parse((published.model_dir / "config.pbtxt").read_text())
+    assert (config.max_batch_size, config.inputs[0].dims, config.inputs[0].data_type) == (0, (1, 8, 8, 1), "UINT8")
+    session = ort.InferenceSession(str(published.version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 8, 8, 1]  # the graph says so too, not only the config
+    assert session.run(None, {"input": np.zeros((1, 8, 8, 1), np.uint8)})[0].shape == (1, 10)
+
+
+@pytest.mark.parametrize("settings", [{}, {"target": "gpu"}, {"pixel_input": True}])
+def test_a_fixed_batch_above_one_is_refused_with_how_to_export_it(fixed_batch_onnx, tmp_path, settings):
+    with pytest.raises(PublishError, match="fixed batch of 4.*dynamic batch axis") as refused:
+        publish(fixed_batch_onnx[4], tmp_path / "repo", "digits", settings=PublishSettings(**settings))
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_the_cli_refuses_a_fixed_batch_above_one_in_one_line(fixed_batch_onnx, tmp_path, capsys):
+    from builder.cli import main
+
+    assert main(["publish", "--onnx", str(fixed_batch_onnx[4]), "--name", "digits",
+                 "--repository", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "dynamic batch axis" in err
+    assert not (tmp_path / "repo").exists()
+
+
+def _backend_module(monkeypatch):
+    import importlib.util
+    import types
+
+    from builder.publish import BACKEND_MODEL
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("served_model", BACKEND_MODEL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("shape", "dtype", "problem"), [
+    ((1, 1, 8, 8), "float32", None),
+    ((3, 1, 8, 8), "float32", None),           # a dynamic batch axis takes any batch
+    ((2, 1, 8, 8), "float32", "takes [1, 1, 8, 8]"),
+    ((1, 1, 8, 9), "float32", "takes [N, 1, 8, 8]"),
+    ((1, 8, 8), "float32", "shape [1, 8, 8]"),
+    ((1, 1, 8, 8), "float64", "the model takes float32"),
+    ((0, 1, 8, 8), "float32", "no images"),
+])
+def test_the_served_model_names_what_its_onnx_session_cannot_take(monkeypatch, shape, dtype, problem):
+    import numpy as np
+
+    module = _backend_module(monkeypatch)
+    session_shape = (1, 1, 8, 8) if "takes [1" in (problem or "") else (None, 1, 8, 8)
+    found = module.input_problem(np.zeros(shape, dtype), session_shape, np.dtype(np.float32))
+    assert found is None if problem is None else problem in found
