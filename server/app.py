@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .errors import GatewayError
+from .launcher import REPOSITORY_KEY_HEADER
 from .metrics import GatewayMetrics
 from .routes import health, kserve, models
 from .settings import Settings, get_settings
@@ -143,8 +144,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             made.push_async_callback(app.state.triton.close)
             await app.state.triton.start()
+            # The KServe v2 pass-through carries Triton's key on every call, as the client above does.
             app.state.triton_http = httpx.AsyncClient(
-                base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s
+                base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s,
+                headers={REPOSITORY_KEY_HEADER: key} if key else None,
             )
             made.push_async_callback(app.state.triton_http.aclose)
             app.state.pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
