@@ -50,6 +50,16 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     api_keys_file: str | None = None
     log_json: bool = True
+    # With API keys set, /docs and /openapi.json, and /metrics, need one too unless these say otherwise:
+    # the docs tell the API's shape, the metrics the served models and the traffic.
+    docs_require_key: bool = True
+    metrics_require_key: bool = True
+    # Comma-separated models that /readyz waits for; empty: every model in the repository except those
+    # that failed to load (a broken model does not hold the others' gateway out of service).
+    required_models: str = ""
+
+    def required_model_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.required_models.split(",") if name.strip())
 
     def load_api_keys(self) -> tuple[str, ...]:
         keys: list[str] = []

@@ -114,3 +114,107 @@ def test_the_bench_talks_to_a_keyed_triton_directly(keyed_stack, monkeypatch):
     run = asyncio.run(triton_direct(triton.grpc_url, tensors, 1, 0.3, triton_key=TRITON_KEY))
     assert run.images > 0
 
+
+# Item: what answers without a key; readiness beside a broken model.
+
+def test_readyz_is_ready_beside_a_broken_model_and_tells_no_internals(keyed_stack):
+    _, gateway, folder = keyed_stack
+    # Ready once the broken model has failed to load (while it loads, the gateway waits for it).
+    assert wait_for(lambda: httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200, 90)
+    ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
+    assert ready.json()["status"] == "ready"
+    for internal in ("Traceback", str(folder), "/", "broken", "model.onnx"):
+        assert internal not in json.dumps(ready.json()), internal
+
+
+def test_docs_openapi_and_metrics_need_the_key_by_default(keyed_stack):
+    _, gateway, _ = keyed_stack
+    for path in ("/docs", "/openapi.json", "/metrics"):
+        refused = httpx.get(f"{gateway.url}{path}", timeout=10)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized", path
+        assert httpx.get(f"{gateway.url}{path}", headers=AUTH, timeout=10).status_code == 200, path
+    assert httpx.get(f"{gateway.url}/healthz", timeout=10).status_code == 200
+
+
+def test_model_load_errors_are_told_behind_the_key(keyed_stack):
+    _, gateway, _ = keyed_stack
+    assert httpx.get(f"{gateway.url}/v1/models", timeout=10).status_code == 401
+
+    def models() -> dict:
+        listed = httpx.get(f"{gateway.url}/v1/models", headers=AUTH, timeout=10).json()["models"]
+        return {m["name"]: m for m in listed}
+
+    assert wait_for(lambda: models()["broken"]["versions"][0].get("reason"), 90)
+    assert models()[MODEL]["ready"] and not models()["broken"]["ready"]
+    assert "model.onnx" in models()["broken"]["versions"][0]["reason"]
+
+
+def test_required_models_decide_readiness_and_docs_and_metrics_can_be_opened(keyed_stack):
+    triton, _, folder = keyed_stack
+    common = dict(GATEWAY_TRITON_REPOSITORY_KEY=TRITON_KEY, GATEWAY_API_KEYS=CLIENT_KEY)
+    strict = start_gateway(triton.grpc_url, folder / "gateway-strict.log", triton.http_url,
+                           GATEWAY_REQUIRED_MODELS=f"{MODEL},broken", GATEWAY_DOCS_REQUIRE_KEY="false",
+                           GATEWAY_METRICS_REQUIRE_KEY="false", **common)
+    try:
+        not_ready = httpx.get(f"{strict.url}/readyz", timeout=10)
+        assert not_ready.status_code == 503 and not_ready.headers["Retry-After"]
+        body = not_ready.json()
+        assert body["status"] == "not ready" and set(body) == {"status", "reason"} and len(body["reason"]) < 80
+        assert "Traceback" not in body["reason"] and "/" not in body["reason"]
+        for path in ("/docs", "/openapi.json", "/metrics"):
+            assert httpx.get(f"{strict.url}{path}", timeout=10).status_code == 200, path
+        assert httpx.get(f"{strict.url}/v1/models", timeout=10).status_code == 401
+    finally:
+        strict.stop()
+    just_digits = start_gateway(triton.grpc_url, folder / "gateway-digits.log", triton.http_url,
+                                GATEWAY_REQUIRED_MODELS=MODEL, **common)
+    try:
+        assert httpx.get(f"{just_digits.url}/readyz", timeout=10).status_code == 200
+    finally:
+        just_digits.stop()
+
+
+# Item: OpenAPI tells each error as it is, and /docs renders without the internet.
+
+EXPECTED_CODES = {"400": {"invalid_image", "bad_request"}, "401": {"unauthorized"}, "404": {"model_not_found"},
+                  "413": {"payload_too_large"}, "415": {"unsupported_media_type"}, "422": {"invalid_request"},
+                  "429": {"too_many_requests"}, "502": {"triton_error"}, "503": {"triton_unavailable"},
+                  "504": {"triton_timeout"}}
+
+
+def test_openapi_gives_each_error_of_classify_its_own_example_and_our_error_body(gateway):
+    spec = httpx.get(f"{gateway.url}/openapi.json", timeout=10).json()
+    assert "HTTPValidationError" not in json.dumps(spec)
+    classify = spec["paths"]["/v1/models/{name}/classify"]["post"]
+    errors = {status: answer for status, answer in classify["responses"].items() if status >= "400"}
+    assert set(errors) == set(EXPECTED_CODES)
+    for status, answer in errors.items():
+        example = answer["content"]["application/json"]["example"]
+        assert example["error"]["code"] in EXPECTED_CODES[status], (status, example)
+        assert set(example["error"]) == {"code", "message"}
+    schema = errors["422"]["content"]["application/json"]["schema"]
+    name = schema["$ref"].rsplit("/", 1)[1]
+    assert set(spec["components"]["schemas"][name]["properties"]) == {"error"}
+    assert {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "multipart/form-data",
+            "application/json"} <= set(classify["requestBody"]["content"])
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if path.startswith(("/v1/", "/v2/")):
+                assert "401" in operation["responses"], f"{method.upper()} {path} does not document 401"
+            for status, answer in operation["responses"].items():
+                example = answer.get("content", {}).get("application/json", {}).get("example", {})
+                if status >= "400" and "error" in example:
+                    code = example["error"]["code"]
+                    assert code in EXPECTED_CODES[status], (path, status, code)
+
+
+def test_docs_load_swagger_ui_from_the_gateway_itself(gateway):
+    page = httpx.get(f"{gateway.url}/docs", timeout=10)
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert assets and not [a for a in assets if "//" in a], assets
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for asset in assets:
+        fetched = httpx.get(f"{gateway.url}{asset}", timeout=10)
+        assert fetched.status_code == 200 and len(fetched.content) > 1000, asset
+    assert "/openapi.json" in page.text
