@@ -13,7 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=None, extra="ignore")
 
-    host: str = "0.0.0.0"
+    # Loopback unless told otherwise; the container and Kubernetes set 0.0.0.0 and expect API keys.
+    host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
 
     triton_protocol: Literal["grpc", "http"] = "grpc"

@@ -174,6 +174,43 @@ def test_required_models_decide_readiness_and_docs_and_metrics_can_be_opened(key
         just_digits.stop()
 
 
+# Item: the local gateway listens on loopback unless told otherwise.
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on `port`, from /proc/net/tcp and tcp6."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_make_serve_binds_the_gateway_to_loopback_by_default(repository, tmp_path):
+    gateway_port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "GATEWAY_HOST"}
+    env.update(TRITON_HTTP_PORT=str(free_port()), TRITON_GRPC_PORT=str(free_port()),
+               TRITON_METRICS_PORT=str(free_port()), TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               GATEWAY_PORT=str(gateway_port))
+    serve = subprocess.Popen([sys.executable, "-m", "server", "--repository", str(repository)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: _listening_addresses(gateway_port), 90)
+        assert _listening_addresses(gateway_port) == {"0100007F"}  # 127.0.0.1, and nothing else
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+
+
 # Item: OpenAPI tells each error as it is, and /docs renders without the internet.
 
 EXPECTED_CODES = {"400": {"invalid_image", "bad_request"}, "401": {"unauthorized"}, "404": {"model_not_found"},
