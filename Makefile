@@ -51,6 +51,7 @@ test: install system-tools
 bench: install
 	$(PY) -m benchmarks.gateway --duration $(or $(BENCH_SECONDS),6) --rounds $(or $(BENCH_ROUNDS),3)
 
+# Triton and the gateway on 127.0.0.1; GATEWAY_HOST=0.0.0.0 with GATEWAY_API_KEYS to serve other hosts.
 serve: install
 	$(PY) -m server --repository $(REPOSITORY)
 

@@ -171,18 +171,23 @@ async def closed_loop(call, concurrency: int, duration_s: float) -> Run:
     return Run(len(latencies), time.perf_counter() - started, latencies)
 
 
-async def triton_direct(grpc_url: str, tensors: list[np.ndarray], concurrency: int, duration_s: float) -> Run:
+async def triton_direct(grpc_url: str, tensors: list[np.ndarray], concurrency: int, duration_s: float,
+                        triton_key: str | None = None) -> Run:
     import tritonclient.grpc.aio as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
+    from server.launcher import REPOSITORY_KEY_HEADER
+
     client = grpcclient.InferenceServerClient(grpc_url)
     output = [grpcclient.InferRequestedOutput("logits")]
+    # The stack's Triton answers inference only with its key, the gateway's calls included.
+    headers = {f"triton-grpc-protocol-{REPOSITORY_KEY_HEADER}": triton_key} if triton_key else None
 
     async def call(i: int) -> None:
         chosen = tensors[i % len(tensors)][None]
         tensor = grpcclient.InferInput("input", list(chosen.shape), np_to_triton_dtype(chosen.dtype))
         tensor.set_data_from_numpy(chosen)
-        await client.infer(MODEL, [tensor], outputs=output)
+        await client.infer(MODEL, [tensor], outputs=output, headers=headers)
 
     try:
         await call(0)
@@ -220,7 +225,8 @@ async def measure(session: ort.InferenceSession, triton: TritonServer, gateway: 
         # Triton idles meanwhile: the in-process session has the cores to itself.
         runs.setdefault((CEILING, 1), []).append(model_ceiling(session, tensors, args.duration))
         for concurrency in args.concurrency:
-            sides = [(TRITON, lambda: triton_direct(triton.grpc_url, tensors, concurrency, args.duration)),
+            sides = [(TRITON, lambda: triton_direct(triton.grpc_url, tensors, concurrency, args.duration,
+                                                                triton.repository_api_key)),
                      (GATEWAY, lambda: gateway_end_to_end(gateway.url, jpegs, concurrency, args.duration))]
             for path, run in sides if round_ % 2 == 0 else reversed(sides):
                 runs.setdefault((path, concurrency), []).append(await with_cpu(processes, run()))

@@ -21,5 +21,7 @@ RUN pip install --no-cache-dir . && rm -rf build *.egg-info
 
 USER 10001:10001
 EXPOSE 8080
-# The stock asyncio loop: grpc.aio, which carries every Triton call, does not support uvloop.
+# Every interface, unlike the local default (127.0.0.1): a container is reached from outside it, so
+# set GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE. The stock asyncio loop: grpc.aio, which carries every
+# Triton call, does not support uvloop.
 CMD ["uvicorn", "server.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8080", "--loop", "asyncio"]

@@ -14,6 +14,7 @@ Settings are environment variables (read on every worker):
     LOADTEST_MODEL              model name (digits)
     LOADTEST_IMAGES_PER_REQUEST images in the several-image requests (4)
     LOADTEST_TRITON_GRPC        Triton's gRPC endpoint for TritonGrpcUser (127.0.0.1:8001)
+    LOADTEST_TRITON_KEY         Triton's key, where its inference API is restricted (the local stack's is)
     LOADTEST_USER_RPS           requests per second per user; unset, users send back to back
     LOADTEST_SHAPE=ramp         turn SaturationRamp on; LOADTEST_P99_BUDGET_MS (250), LOADTEST_RAMP_STEP_USERS (2),
                                 LOADTEST_RAMP_STEP_S (15), LOADTEST_RAMP_SETTLE_S (2), LOADTEST_RAMP_WARMUP_S (5),
@@ -56,6 +57,7 @@ log = logging.getLogger("loadtest")
 MODEL = os.environ.get("LOADTEST_MODEL", "digits")
 IMAGES_PER_REQUEST = int(os.environ.get("LOADTEST_IMAGES_PER_REQUEST", "4"))
 TRITON_GRPC = os.environ.get("LOADTEST_TRITON_GRPC", "127.0.0.1:8001")
+TRITON_KEY = os.environ.get("LOADTEST_TRITON_KEY", "")
 USER_RPS = float(os.environ.get("LOADTEST_USER_RPS", "0") or 0)
 ALLOW_REMOTE = os.environ.get("LOADTEST_ALLOW_REMOTE") == "1"
 
@@ -152,11 +154,13 @@ class TritonGrpcUser(User):
         import numpy as np
         import tritonclient.grpc as grpcclient
 
+        from server.launcher import REPOSITORY_KEY_HEADER
         from server.preprocess import preprocess_bytes
         from server.triton import model_info_from_config
 
         require_loopback(TRITON_GRPC)
         self.grpc = grpcclient
+        self.headers = {f"triton-grpc-protocol-{REPOSITORY_KEY_HEADER}": TRITON_KEY} if TRITON_KEY else None
         self.client = grpcclient.InferenceServerClient(TRITON_GRPC)
         config = self.client.get_model_config(MODEL, as_json=True, client_timeout=30)["config"]
         self.info = model_info_from_config(MODEL, config)
@@ -178,7 +182,7 @@ class TritonGrpcUser(User):
         started = time.perf_counter()
         error, length = None, 0
         try:
-            result = self.client.infer(MODEL, [tensor], outputs=outputs, client_timeout=30)
+            result = self.client.infer(MODEL, [tensor], outputs=outputs, client_timeout=30, headers=self.headers)
             length = result.as_numpy(self.info.output_name).nbytes
         except Exception as e:  # every failure is a failed request in the statistics
             error = e

@@ -155,6 +155,12 @@ def locust_environment(args: argparse.Namespace, endpoints: Endpoints, report_di
            "LOADTEST_USER_RPS": str(args.user_rps or 0)}
     if args.images:
         env["LOADTEST_IMAGES"] = args.images
+    if args.target == "triton" and "LOADTEST_TRITON_KEY" not in env:
+        # The local stack's Triton answers inference only with its key (kept out of the report).
+        from server.settings import TritonSettings
+        from server.stack import triton_api_key
+
+        env["LOADTEST_TRITON_KEY"] = triton_api_key(TritonSettings()) or ""
     if args.ramp:
         env.update(LOADTEST_SHAPE="ramp", LOADTEST_P99_BUDGET_MS=str(args.p99_budget_ms),
                    LOADTEST_RAMP_STEP_USERS=str(args.ramp_step_users), LOADTEST_RAMP_STEP_S=str(args.ramp_step_s),

@@ -20,6 +20,10 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     triton_settings = TritonSettings(**({"model_repository": args.repository} if args.repository else {}))
     gateway_settings = Settings()
+    if gateway_settings.host not in ("127.0.0.1", "localhost", "::1") and not (
+            gateway_settings.api_keys or gateway_settings.api_keys_file):
+        logging.warning("the gateway listens on %s with no API key: anyone who reaches this host can use it; "
+                        "set GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE", gateway_settings.host)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

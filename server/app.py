@@ -14,20 +14,26 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
+import fastapi_offline
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .errors import GatewayError
+from .launcher import REPOSITORY_KEY_HEADER
 from .metrics import GatewayMetrics
 from .preprocess import DecodeBudget
 from .routes import health, kserve, models
+from .security import require_key_for_docs
 from .settings import Settings, get_settings
 from .pool import TritonPool
 from .shared_memory import input_region
@@ -36,6 +42,9 @@ log = logging.getLogger("server")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 TRITON_ERROR_CODES = {"triton_unavailable", "triton_timeout", "triton_error"}
 KSERVE_PREFIX = "/v2/"
+# Swagger UI's and ReDoc's files, as the fastapi-offline package ships them.
+DOCS_ASSETS = Path(fastapi_offline.__file__).resolve().parent / "static"
+DOCS_ASSETS_PATH = "/docs/assets"
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -145,8 +154,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             made.push_async_callback(app.state.triton.close)
             await app.state.triton.start()
+            # The KServe v2 pass-through carries Triton's key on every call, as the client above does.
             app.state.triton_http = httpx.AsyncClient(
-                base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s
+                base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s,
+                headers={REPOSITORY_KEY_HEADER: key} if key else None,
             )
             made.push_async_callback(app.state.triton_http.aclose)
             app.state.pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
@@ -158,6 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Classifies images with models served by Triton Inference Server.",
         version="0.1.0",
         lifespan=lifespan,
+        # Served by _install_docs instead: from the gateway's own files, behind the key if so set.
+        docs_url=None, redoc_url=None, openapi_url=None,
     )
     metrics = GatewayMetrics()
     app.state.settings, app.state.metrics, app.state.in_flight = settings, metrics, 0
@@ -168,9 +181,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health)
     app.include_router(models)
     app.include_router(kserve)
+    _install_docs(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     _install_error_handlers(app)
     return app
+
+
+def _install_docs(app: FastAPI) -> None:
+    """/openapi.json, /docs (Swagger UI) and /redoc, their scripts and styles served by the gateway itself
+    (from the fastapi-offline package's copies), so the docs render without reaching the internet."""
+    app.mount(DOCS_ASSETS_PATH, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+    docs = APIRouter(include_in_schema=False, dependencies=[Depends(require_key_for_docs)])
+
+    @docs.get("/openapi.json")
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(request.app.openapi())
+
+    @docs.get("/docs")
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}/openapi.json", title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_PATH}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},  # Swagger UI would ask a public validator
+        )
+
+    @docs.get("/redoc")
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}/openapi.json", title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS_PATH}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_PATH}/favicon.png", with_google_fonts=False,
+        )
+
+    app.include_router(docs)
 
 
 def _json_error(request: Request, status: int, code: str, message: str, headers=None) -> JSONResponse:

@@ -19,8 +19,11 @@ from typing import Sequence
 import httpx
 import numpy as np
 
+from .launcher import REPOSITORY_KEY_HEADER
 from .postprocess import top_k as top_k_classes
 from .preprocess import InvalidImageError, ImageTooLargeError, preprocess_bytes
+from .settings import TritonSettings
+from .stack import triton_api_key
 
 Image = Path | bytes
 
@@ -54,15 +57,17 @@ def classify(
 
 def classify_grpc(
     images: Sequence[Image], *, model: str, url: str = "127.0.0.1:8001", top_k: int = 5, version: str = "",
-    timeout_s: float = 30.0,
+    timeout_s: float = 30.0, triton_key: str | None = None,
 ) -> dict:
-    """Preprocess locally with the model's published spec and infer over Triton's gRPC endpoint."""
+    """Preprocess locally with the model's published spec and infer over Triton's gRPC endpoint
+    (`triton_key`: the key of a Triton whose inference API is restricted, as the local stack's is)."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
     from .triton import model_info_from_config
 
     client = grpcclient.InferenceServerClient(url)
+    headers = {f"triton-grpc-protocol-{REPOSITORY_KEY_HEADER}": triton_key} if triton_key else None
     try:
         config = client.get_model_config(model, as_json=True, client_timeout=timeout_s)["config"]
         info = model_info_from_config(model, config)
@@ -75,7 +80,7 @@ def classify_grpc(
             tensor = grpcclient.InferInput(info.input_name, list(chunk.shape), info.input_datatype)
             tensor.set_data_from_numpy(chunk)
             result = client.infer(model, [tensor], model_version=version, client_timeout=timeout_s,
-                                  outputs=[grpcclient.InferRequestedOutput(info.output_name)])
+                                  outputs=[grpcclient.InferRequestedOutput(info.output_name)], headers=headers)
             logits.append(result.as_numpy(info.output_name))
             served_version = result.get_response(as_json=True).get("model_version", version)
     except InferenceServerException as e:
@@ -96,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grpc", metavar="HOST:PORT", help="call Triton's gRPC endpoint directly instead")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--api-key", help="bearer token, if the gateway requires one")
+    parser.add_argument("--triton-key", help="with --grpc: Triton's key (default: $TRITON_REPOSITORY_API_KEY, "
+                                             "else the one `make serve` keeps in .cache/triton)")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
@@ -103,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.grpc:
-            answer = classify_grpc(args.images, model=args.model, url=args.grpc, top_k=args.top_k)
+            key = args.triton_key or triton_api_key(TritonSettings())
+            answer = classify_grpc(args.images, model=args.model, url=args.grpc, top_k=args.top_k, triton_key=key)
         else:
             answer = classify(args.images, model=args.model, url=args.url, top_k=args.top_k, api_key=args.api_key)
     except (RuntimeError, httpx.HTTPError) as e:

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 
 REPOSITORY_KEY_HEADER = "repository-key"
+# Triton's API groups (r24.10's names) that answer only to the key's holders. Inference too: a local
+# user who reads the gateway's region name in /dev/shm could otherwise run inference with inputs read
+# from it and outputs written into it. Logging and trace: they change files the server writes.
+# Health, metadata, model config and statistics stay open.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "inference", "logging", "trace")
 
 
 class LaunchError(RuntimeError):
@@ -189,8 +194,8 @@ class TritonServer(_ManagedProcess):
     cache_dir: Path = field(default_factory=lambda: Path(".cache/triton"))
     log_path: Path | None = None
     startup_timeout_s: float = 120.0
-    # With a key, Triton's model-repository API (load/unload/index) answers only requests that carry it
-    # in the REPOSITORY_KEY_HEADER header; the gateway never forwards that API.
+    # With a key, Triton answers the APIs of RESTRICTED_APIS only to requests that carry it in the
+    # REPOSITORY_KEY_HEADER header; the gateway sends it, and never forwards the repository API.
     repository_api_key: str | None = None
     extra_args: Sequence[str] = ()
 
@@ -239,9 +244,10 @@ class TritonServer(_ManagedProcess):
         if self.model_control_mode == "poll":
             command.append(f"--repository-poll-secs={self.repository_poll_s}")
         if self.repository_api_key:
-            # Shared memory too: only the key's holders may list regions (the gateway's holds other
-            # requests' images) or register their own.
-            restriction = f"model-repository,shared-memory:{REPOSITORY_KEY_HEADER}={self.repository_api_key}"
+            # tritonserver takes options only on its command line (no option file, no environment
+            # variable), so the key is readable in /proc/<pid>/cmdline by every local user unless /proc
+            # is mounted with hidepid: run Triton under its own user on a shared host (README).
+            restriction = f"{','.join(RESTRICTED_APIS)}:{REPOSITORY_KEY_HEADER}={self.repository_api_key}"
             command += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
         return command + list(self.extra_args)
 

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from .errors import (
     BadRequest, GatewayError, InvalidImage, ModelNotFound, PayloadTooLarge, RefusedByTriton, TooManyRequests,
@@ -33,7 +34,7 @@ from .preprocess import (
     DecodeBudget, DecoderBusyError, ImageTooLargeError, InvalidImageError, PreprocessSpec, batch_layout, input_batch,
     load_image, model_input, open_image, quick_to_preprocess, release_memory,
 )
-from .security import require_api_key
+from .security import Unauthorized, require_api_key, require_key_for_metrics
 from .pool import TritonPool
 from .shared_memory import InputRegion
 from .triton import RETRY_AFTER_S
@@ -45,14 +46,51 @@ health = APIRouter(tags=["health"])
 models = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 kserve = APIRouter(tags=["kserve v2"], dependencies=[Depends(require_api_key)])
 
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")
 CLASSIFY_EXAMPLE = {"model": "digits", "version": "1", "results": [{"predictions": [
     {"label": "3", "index": 3, "score": 0.97}, {"label": "8", "index": 8, "score": 0.01}]}]}
-ERROR_EXAMPLE = {"error": {"code": "model_not_found", "message": "model 'x' is not served"}}
 
 
-def _error_responses(*statuses: int) -> dict[int, dict]:
-    return {s: {"description": "JSON error", "content": {"application/json": {"example": ERROR_EXAMPLE}}}
-            for s in statuses}
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the gateway answers, whatever its status."""
+
+    error: ErrorDetail
+
+
+# One example per status, as the gateway answers it: (error, what it means, a message it sends).
+ERROR_EXAMPLES: dict[int, tuple[type[GatewayError], str, str]] = {
+    400: (InvalidImage, "Not an image, or a malformed body", "image 0: cannot identify image file"),
+    401: (Unauthorized, "Missing or wrong API key (where the gateway has keys)",
+          "missing or invalid API key; send 'Authorization: Bearer <key>'"),
+    404: (ModelNotFound, "Unknown model or version", "model 'cats' is not served"),
+    413: (PayloadTooLarge, "Body, pixels or images per request over the limit",
+          "image 0: 48000000 pixels is more than the limit of 40000000"),
+    415: (UnsupportedMediaType, "Content type not accepted",
+          "content type 'text/plain' is not accepted; send an image, multipart/form-data or JSON"),
+    422: (GatewayError, "A path or query value out of range", "top_k: Input should be greater than or equal to 1"),
+    429: (TooManyRequests, "Too many requests in flight, or the model's queue is full; see Retry-After",
+          "the gateway is serving 64 requests; retry shortly"),
+    502: (TritonFailed, "Triton failed the request", "Triton error: failed to run the model"),
+    503: (TritonUnavailable, "Triton or the model is not available; see Retry-After",
+          "Triton or model 'digits' is unavailable"),
+    504: (TritonTimeout, "Triton did not answer in time; see Retry-After", "Triton did not answer in time"),
+}
+ERROR_CODES = {422: "invalid_request"}  # FastAPI's validation errors, answered by the app's handler
+
+
+def _error_responses(*statuses: int) -> dict[int | str, dict]:
+    responses: dict[int | str, dict] = {}
+    for status in statuses:
+        error, description, message = ERROR_EXAMPLES[status]
+        example = {"error": {"code": ERROR_CODES.get(status, error.code), "message": message}}
+        responses[status] = {"description": description, "model": ErrorBody,
+                             "content": {"application/json": {"example": example}}}
+    return responses
 
 
 def prepare_batch(
@@ -118,9 +156,18 @@ def _group_versions(index: list[dict[str, str]]) -> list[dict[str, Any]]:
     return sorted(grouped.values(), key=lambda m: m["name"])
 
 
-def _not_ready(reason: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"status": "not ready", "reason": reason, **extra}, 503,
-                        headers={"Retry-After": str(RETRY_AFTER_S)})
+def _not_ready(reason: str) -> JSONResponse:
+    # Open to anyone: a short reason and nothing of Triton's (load errors carry tracebacks and paths);
+    # /v1/models tells more, behind the key.
+    return JSONResponse({"status": "not ready", "reason": reason}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _failed(model: dict[str, Any]) -> bool:
+    """Triton tried to load the model and could not: no version ready, each one unavailable with an error
+    (an explicit unload leaves the reason "unloaded", a model still loading has none)."""
+    versions = model["versions"]
+    return (not model["ready"] and bool(versions)
+            and all(v["state"] == "UNAVAILABLE" and v.get("reason", "unloaded") != "unloaded" for v in versions))
 
 
 @health.get("/healthz", summary="The process is up",
@@ -129,29 +176,42 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@health.get("/readyz", summary="Triton and every served model are ready",
-            responses={200: {"content": {"application/json": {"example": {"status": "ready", "models": [
-                {"name": "digits", "ready": True, "versions": [{"version": "1", "state": "READY"}]}]}}}},
-                       503: {"description": "not ready", "content": {"application/json": {"example": {
-                           "status": "not ready", "reason": "Triton is not ready or unreachable"}}}}})
+@health.get("/readyz", summary="Triton is ready and so is every model the gateway must serve",
+            description="The models of GATEWAY_REQUIRED_MODELS, or else every model in the repository but those "
+                        "that failed to load. Open without a key; per-model states and load errors are on "
+                        "/v1/models.",
+            responses={200: {"content": {"application/json": {"example": {"status": "ready"}}}},
+                       503: {"description": "not ready; see Retry-After", "content": {"application/json": {
+                           "example": {"status": "not ready", "reason": "1 of 2 required models not ready"}}}}})
 async def readyz(request: Request) -> JSONResponse:
     triton: TritonPool = request.app.state.triton
     if not await triton.server_ready():
         return _not_ready("Triton is not ready or unreachable")
     try:
         served = _group_versions(await triton.repository_index())
-    except GatewayError as e:
-        return _not_ready(e.message)
-    not_ready = [m["name"] for m in served if not m["ready"]]
-    if not served:
-        return _not_ready("no models are served", models=served)
-    if not_ready:
-        return _not_ready(f"models not ready: {', '.join(not_ready)}", models=served)
-    return JSONResponse({"status": "ready", "models": served})
+    except GatewayError:
+        return _not_ready("Triton's model index is unavailable")
+    required = request.app.state.settings.required_model_names()
+    if required:
+        ready = {m["name"] for m in served if m["ready"]}
+        missing = [name for name in required if name not in ready]
+        if missing:
+            return _not_ready(f"{len(missing)} of {len(required)} required models not ready")
+        return JSONResponse({"status": "ready"})
+    wanted = [m for m in served if not _failed(m)]
+    if not wanted:
+        return _not_ready("no model can be served")
+    missing = [m for m in wanted if not m["ready"]]
+    if missing:
+        return _not_ready(f"{len(missing)} of {len(wanted)} models not ready")
+    return JSONResponse({"status": "ready"})
 
 
 @health.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": "gateway_requests_total{...} 1.0"}}}})
+            dependencies=[Depends(require_key_for_metrics)],
+            description="Needs an API key where the gateway has keys, unless GATEWAY_METRICS_REQUIRE_KEY=false.",
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": "gateway_requests_total{...} 1.0"}}},
+                       **_error_responses(401)})
 async def prometheus_metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -160,7 +220,8 @@ async def prometheus_metrics(request: Request) -> Response:
             responses={200: {"content": {"application/json": {"example": {"models": [
                 {"name": "digits", "ready": True, "versions": [{"version": "1", "state": "READY"}],
                  "preprocessing": {"image_size": 32, "resize_size": 32, "mean": [0.3], "std": [0.32],
-                                   "color_mode": "L", "interpolation": "bilinear", "layout": "NCHW"}}]}}}}})
+                                   "color_mode": "L", "interpolation": "bilinear", "layout": "NCHW"}}]}}}},
+                       **_error_responses(401, 503)})
 async def list_models(request: Request) -> dict[str, Any]:
     triton: TritonPool = request.app.state.triton
     served = _group_versions(await triton.repository_index())
@@ -173,7 +234,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 
 @models.get("/v1/models/{name}", summary="One model: versions, preprocessing, labels and Triton's statistics",
-            responses=_error_responses(404, 503))
+            responses=_error_responses(401, 404, 422, 503))
 async def model_details(name: ModelName, request: Request) -> dict[str, Any]:
     triton: TritonPool = request.app.state.triton
     served = [m for m in _group_versions(await triton.repository_index()) if m["name"] == name]
@@ -197,8 +258,7 @@ async def model_details(name: ModelName, request: Request) -> dict[str, Any]:
                 "several as multipart/form-data `image` fields, or as JSON `{\"images\": [\"<base64>\"]}`. "
                 "Returns the top-k classes per image, in request order.",
     openapi_extra={"requestBody": {"required": True, "content": {
-        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        **{media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
         "application/json": {"schema": {"type": "object", "properties": {
@@ -206,7 +266,7 @@ async def model_details(name: ModelName, request: Request) -> dict[str, Any]:
             "example": {"images": ["iVBORw0KGgoAAAANSUhEUgAAAAgAAAAIC..."]}},
     }}},
     responses={200: {"content": {"application/json": {"example": CLASSIFY_EXAMPLE}}},
-               **_error_responses(400, 404, 413, 415, 422, 429, 503, 504)},
+               **_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504)},
 )
 async def classify(
     name: ModelName,
@@ -441,13 +501,13 @@ async def _infer(request: Request, name: str, path: str) -> Response:
 
 
 @kserve.get("/v2/models/{name}", summary="KServe v2 model metadata (from Triton)",
-            responses=_error_responses(404, 503))
+            responses=_error_responses(401, 404, 422, 502, 503, 504))
 async def v2_metadata(name: ModelName, request: Request) -> Response:
     return await _forward(request, "GET", f"/v2/models/{name}")
 
 
 @kserve.get("/v2/models/{name}/versions/{version}", summary="KServe v2 model version metadata (from Triton)",
-            responses=_error_responses(404, 503))
+            responses=_error_responses(401, 404, 422, 502, 503, 504))
 async def v2_version_metadata(name: ModelName, version: VersionPath, request: Request) -> Response:
     return await _forward(request, "GET", f"/v2/models/{name}/versions/{version}")
 
@@ -458,12 +518,12 @@ V2_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json
 
 
 @kserve.post("/v2/models/{name}/infer", summary="KServe v2 inference with tensors (passed to Triton)",
-             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 404, 413, 415, 429, 503, 504))
+             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504))
 async def v2_infer(name: ModelName, request: Request) -> Response:
     return await _infer(request, name, f"/v2/models/{name}/infer")
 
 
 @kserve.post("/v2/models/{name}/versions/{version}/infer", summary="KServe v2 inference of a pinned version",
-             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 404, 413, 415, 429, 503, 504))
+             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504))
 async def v2_version_infer(name: ModelName, version: VersionPath, request: Request) -> Response:
     return await _infer(request, name, f"/v2/models/{name}/versions/{version}/infer")

@@ -13,7 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=None, extra="ignore")
 
-    host: str = "0.0.0.0"
+    # Loopback unless told otherwise; the container and Kubernetes set 0.0.0.0 and expect API keys.
+    host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
 
     triton_protocol: Literal["grpc", "http"] = "grpc"
@@ -53,6 +54,16 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     api_keys_file: str | None = None
     log_json: bool = True
+    # With API keys set, /docs and /openapi.json, and /metrics, need one too unless these say otherwise:
+    # the docs tell the API's shape, the metrics the served models and the traffic.
+    docs_require_key: bool = True
+    metrics_require_key: bool = True
+    # Comma-separated models that /readyz waits for; empty: every model in the repository except those
+    # that failed to load (a broken model does not hold the others' gateway out of service).
+    required_models: str = ""
+
+    def required_model_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.required_models.split(",") if name.strip())
 
     # Bounds on decoding, where a small file can expand a thousandfold (a 190 KB PNG to 160 MB of pixels).
     # A request's images may hold this many pixels in all, by their headers; past it 413 before decoding.

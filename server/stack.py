@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def repository_api_key(cache_dir: Path) -> str:
-    """The local stack's repository-API key, made once and readable only by this user."""
+    """The local stack's key for Triton's restricted APIs (inference among them), made once and readable
+    only by this user."""
     path = cache_dir / "repository-api-key"
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -24,6 +25,17 @@ def repository_api_key(cache_dir: Path) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(24))
     return path.read_text().strip()
+
+
+def triton_api_key(settings: TritonSettings) -> str | None:
+    """The key that a client calling the local stack's Triton directly sends: TRITON_REPOSITORY_API_KEY,
+    else the one the stack made; None when there is neither."""
+    if settings.repository_api_key:
+        return settings.repository_api_key.get_secret_value()
+    try:
+        return (Path(settings.cache_dir) / "repository-api-key").read_text().strip() or None
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

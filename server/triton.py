@@ -127,8 +127,8 @@ class TritonClient:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
         self.url, self.protocol, self.info_ttl_s = url, protocol, info_ttl_s
-        # Triton restricts its repository API (the index included) and its shared-memory API to callers
-        # that carry this header. Over gRPC, Triton expects the header name with its own prefix.
+        # Triton restricts its repository API (the index included), its shared-memory API and inference
+        # to callers that carry this header. Over gRPC, Triton expects the header name with its own prefix.
         header = REPOSITORY_KEY_HEADER if protocol == "http" else f"triton-grpc-protocol-{REPOSITORY_KEY_HEADER}"
         self._restricted_headers = {header: repository_key} if repository_key else None
         # The transport enforces the timeout (a gRPC deadline on every call, aiohttp's total timeout over
@@ -312,7 +312,7 @@ class TritonClient:
             tensor.set_shared_memory(self.region.name, batch.nbytes, offset)
         try:
             result = await self._client.infer(info.name, [tensor], model_version=version, outputs=[output],
-                                              **self._timeout)
+                                              headers=self._restricted_headers, **self._timeout)
         except Exception as e:
             if offset is not None and f"unable to find shared memory region: '{self.region.name}'" in str(e).lower():
                 # Triton restarted between two probes and lost the registration: register again for

@@ -95,7 +95,7 @@ def environment(service: dict) -> dict[str, str]:
     env = service.get("environment", {})
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {k: str(v) for k, v in env.items()}
+    return {k: str(v) for k, v in env.items() if v is not None}  # None: passed through from the shell
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
@@ -267,6 +267,11 @@ def test_gateway_environment_names_real_settings(services, monkeypatch):
         field = key.removeprefix("GATEWAY_").lower()
         assert key.startswith("GATEWAY_") and field in Settings.model_fields, f"{key} is no gateway setting"
         assert str(getattr(settings, field)) == value
+
+
+def test_the_published_gateway_takes_its_api_keys_from_the_shell(services):
+    # The image listens on every interface (its CMD); the keys are passed through, not written here.
+    assert services["gateway"]["environment"]["GATEWAY_API_KEYS"] is None
 
 
 def test_build_contexts_and_dockerfiles_exist(services):
@@ -572,13 +577,15 @@ def test_k8s_triton_service_is_headless(k8s):
 
 def test_k8s_gateway_resolves_the_headless_service(k8s, monkeypatch):
     gateway = container(k8s[("Deployment", "gateway")])
-    env = {e["name"]: e["value"] for e in gateway["env"]}
+    env = {e["name"]: e["value"] for e in gateway["env"] if "value" in e}
     grpc_port = next(p["port"] for p in k8s[("Service", "triton-headless")]["spec"]["ports"] if p["name"] == "grpc")
     assert parse_endpoints(env["GATEWAY_TRITON_GRPC_URL"]) == ([], f"triton-headless:{grpc_port}")
     for key, value in env.items():
         assert key.removeprefix("GATEWAY_").lower() in Settings.model_fields, f"{key} is no gateway setting"
         monkeypatch.setenv(key, value)
     Settings()  # values validate
+    (keys,) = [e for e in gateway["env"] if e["name"] == "GATEWAY_API_KEYS"]
+    assert keys["valueFrom"]["secretKeyRef"] == {"name": "gateway-api-keys", "key": "keys"}  # no "optional"
 
 
 def test_k8s_gateway_probes_resources_and_user(k8s):

@@ -295,8 +295,9 @@ def test_api_keys_guard_models_but_not_health_and_are_never_logged(limited_gatew
         right = post(limited_gateway.url, url, content=png,
                      headers={"Content-Type": "image/png", "Authorization": f"Bearer {key}"})
         assert right.status_code == 200
-    for open_path in ("/healthz", "/readyz", "/metrics"):
+    for open_path in ("/healthz", "/readyz"):
         assert httpx.get(f"{limited_gateway.url}{open_path}", timeout=10).status_code == 200
+    assert httpx.get(f"{limited_gateway.url}/metrics", timeout=10).status_code == 401  # by default, with keys
     assert httpx.get(f"{limited_gateway.url}/v1/models", timeout=10).status_code == 401
     log = limited_gateway.log_path.read_text()
     assert "key-one" not in log and "key-two" not in log and "key-three" not in log

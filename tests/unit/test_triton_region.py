@@ -49,7 +49,7 @@ class RecordingClient:
     async def get_system_shared_memory_status(self, headers=None, as_json=False, client_timeout=None):
         return {"regions": dict(self.regions)}
 
-    async def infer(self, model, inputs, model_version="", outputs=None, client_timeout=None):
+    async def infer(self, model, inputs, model_version="", outputs=None, headers=None, client_timeout=None):
         (tensor,) = inputs
         self.inputs.append(tensor._get_tensor())
         if self.infer_errors:
