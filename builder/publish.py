@@ -458,11 +458,18 @@ def load_in_triton(url: str, name: str, version: int) -> None:
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
+    from server.launcher import REPOSITORY_KEY_HEADER
+    from server.settings import TritonSettings
+    from server.stack import triton_api_key
+
     address = url.removeprefix("http://")
+    # The local stack restricts Triton's repository and inference APIs to callers with its key.
+    key = triton_api_key(TritonSettings())
+    headers = {REPOSITORY_KEY_HEADER: key} if key else None
     try:
         client = httpclient.InferenceServerClient(address, connection_timeout=10, network_timeout=120)
-        client.load_model(name)
-        if not client.is_model_ready(name, str(version)):
+        client.load_model(name, headers=headers)
+        if not client.is_model_ready(name, str(version), headers=headers):
             raise PublishError(f"Triton at {url} loaded {name} but version {version} is not ready; see its log")
     except InferenceServerException as e:
         if "polling is enabled" in str(e):

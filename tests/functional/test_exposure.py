@@ -255,3 +255,17 @@ def test_docs_load_swagger_ui_from_the_gateway_itself(gateway):
         fetched = httpx.get(f"{gateway.url}{asset}", timeout=10)
         assert fetched.status_code == 200 and len(fetched.content) > 1000, asset
     assert "/openapi.json" in page.text
+
+
+def test_publish_asks_a_keyed_triton_to_load_with_the_stacks_key(keyed_stack, tiny_run, monkeypatch):
+    from builder.errors import PublishError
+    from builder.publish import PublishSettings
+
+    triton, _, folder = keyed_stack
+    settings = PublishSettings(triton_url=triton.http_url)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(folder / "no-key-here"))
+    with pytest.raises(PublishError, match="could not load it"):
+        publish(tiny_run / "model.onnx", folder / "repo", "keyed", settings=settings)
+    monkeypatch.setenv("TRITON_REPOSITORY_API_KEY", TRITON_KEY)
+    # A polling server answers that it finds versions itself: the key was accepted.
+    publish(tiny_run / "model.onnx", folder / "repo", "keyed", settings=settings)
