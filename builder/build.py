@@ -9,6 +9,12 @@ stage over the budget does not stop the build at once: quantization-aware traini
 latest checkpoint (pruned, else trained) and is measured as stage `int8-qat`; the build fails only if
 that stage is over the budget too. The report keeps both rows, the static one with a note. `always`
 runs QAT instead of static INT8; `never` keeps static INT8 only.
+
+The quantize section's `target` (default: the publish section's target, else cpu) picks which INT8:
+cpu is ONNX Runtime's (stage `int8`); gpu is NVIDIA Model Optimizer's zero-point-0 INT8 for TensorRT
+(stage `int8-gpu`, file `int8-gpu.onnx`, the build's final ONNX for the engine), measured with ONNX
+Runtime on the CPU and gated like every stage. QAT writes ONNX Runtime's uint8 form, which TensorRT's
+parser refuses, so a gpu target has no QAT fallback.
 """
 
 from __future__ import annotations
@@ -106,17 +112,22 @@ def _section(config_type, values: Mapping[str, Any], stage: str):
         raise BuilderError(f"bad {stage} settings ({e}); valid: {valid}") from e
 
 
-def _quantize_sections(values: Mapping[str, Any] | None,
+def _quantize_sections(values: Mapping[str, Any] | None, publish_target: str = "cpu",
                        ) -> tuple[QuantizeConfig | None, str, QATConfig | None]:
     """The static INT8 settings, the QAT mode and the QAT settings (`qat_<QATConfig field>`) of `quantize`."""
     if values is None:
         return None, "never", None
-    values = dict(values)
+    values = {"target": publish_target, **values}
     mode = values.pop("qat", "auto")
     if isinstance(mode, bool):  # YAML reads `qat: yes` / `qat: no` as booleans
         mode = "always" if mode else "never"
     if mode not in QAT_MODES:
         raise BuilderError(f"quantize: qat {mode!r} is not one of {', '.join(QAT_MODES)}")
+    if values["target"] == "gpu":
+        if mode == "always":
+            raise BuilderError("quantize: qat writes ONNX Runtime's uint8 Q/DQ, which TensorRT's ONNX parser "
+                               "refuses; for target gpu use qat: never (NVIDIA Model Optimizer's INT8)")
+        mode = "never"
     qat_values = {key[len("qat_"):]: values.pop(key) for key in list(values) if key.startswith("qat_")}
     known = {f.name for f in dataclasses.fields(QATConfig)}
     if set(qat_values) - known:
@@ -140,10 +151,13 @@ def build(config: BuildConfig) -> BuildResult:
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     prune_config = _section(PruneConfig, config.prune, "prune") if config.prune is not None else None
-    quantize_config, qat_mode, qat_config = _quantize_sections(config.quantize)
     publish_values = dict(config.publish or {})
+    quantize_config, qat_mode, qat_config = _quantize_sections(config.quantize, publish_values.get("target", "cpu"))
     repository = Path(publish_values.pop("repository", "model_repository"))
     settings = _section(PublishSettings, publish_values, "publish") if config.publish is not None else None
+    if settings is not None and settings.target == "cpu" and quantize_config and quantize_config.target == "gpu":
+        raise BuilderError("quantize: target gpu writes INT8 for TensorRT, but publish targets the CPU; "
+                           "publish with target gpu, or quantize with target cpu")
 
     checkpoint = config.checkpoint or _train(config)
     model, meta = load_model(checkpoint)
@@ -187,6 +201,10 @@ def build(config: BuildConfig) -> BuildResult:
             latest_checkpoint = pruned.checkpoint
         if quantize_config is not None and qat_mode == "always":
             latest = qat_stage(latest_checkpoint, macs, params)
+        elif quantize_config is not None and quantize_config.target == "gpu":
+            latest = quantize_int8(latest, out / "int8-gpu.onnx", quantize_config, dataset).onnx_path
+            stage("int8-gpu", latest, macs, params, notes="NVIDIA Model Optimizer INT8 for TensorRT, "
+                                                          "measured with ONNX Runtime on the CPU")
         elif quantize_config is not None:
             static = quantize_int8(latest, out / "int8.onnx", quantize_config, dataset).onnx_path
             metrics = stage("int8", static, macs, params, check=qat_mode == "never")
@@ -208,7 +226,8 @@ def build(config: BuildConfig) -> BuildResult:
     paths = write_report(report, out)
     published = None
     if settings is not None:
-        # GPU targets get FP32 ONNX: TensorRT in Triton builds its own FP16 engine from it.
+        # GPU targets get FP32 ONNX: TensorRT in Triton builds its own FP16 engine from it. The GPU INT8
+        # (`latest`, int8-gpu.onnx) is for an engine built with explicit quantization (`builder engine`).
         served = serving_fp32 if settings.target == "gpu" else latest
         published = publish(served, repository, config.name, settings=settings)
         (out / "published.json").write_text(json.dumps(

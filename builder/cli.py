@@ -185,12 +185,13 @@ def _quantize(args: argparse.Namespace) -> None:
         output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + "-fp16.onnx")
         print(json.dumps({"onnx": str(convert_fp16(onnx_path, output))}))
         return
-    output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + "-int8.onnx")
+    suffix = "-int8-gpu.onnx" if args.target == "gpu" else "-int8.onnx"
+    output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + suffix)
     config = QuantizeConfig(calibration_images=args.calibration_images, method=args.calibration_method,
-                            reduce_range=not args.full_range_weights)
+                            reduce_range=not args.full_range_weights, target=args.target)
     result = quantize_int8(onnx_path, output, config)
     print(json.dumps({"onnx": str(result.onnx_path), "calibration_images": result.calibration_images,
-                      "method": result.method}))
+                      "method": result.method, "target": result.target}))
 
 
 def _quantize_aware(args: argparse.Namespace) -> None:
@@ -242,6 +243,8 @@ def _build(args: argparse.Namespace) -> None:
         config.quantize = None
     elif args.calibration_images is not None and config.quantize is not None:
         config.quantize = {**config.quantize, "calibration_images": args.calibration_images}
+    if args.target and config.quantize is not None:  # also without a publish section (--no-publish)
+        config.quantize = {**config.quantize, "target": args.target}
     if args.repository or args.target:
         config.publish = {**(config.publish or {}), **({"repository": args.repository} if args.repository else {}),
                           **({"target": args.target} if args.target else {})}
@@ -472,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="static: ONNX Runtime calibration of --onnx; qat: fine-tune --checkpoint with fake "
                                "quantization (PyTorch), export INT8 QDQ ONNX; for when static INT8 loses too much")
     quantize.add_argument("--precision", choices=("int8", "fp16"), default="int8")
+    quantize.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
+                          help="static INT8: cpu (ONNX Runtime's u8/s8 Q/DQ) or gpu (NVIDIA Model Optimizer's "
+                               "int8 Q/DQ with zero point 0, for a TensorRT engine; -int8-gpu.onnx)")
     quantize.add_argument("--calibration-images", type=_positive_int, default=256)
     quantize.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     quantize.add_argument("--full-range-weights", action="store_true",

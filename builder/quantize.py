@@ -1,7 +1,15 @@
 """Post-training quantization of an exported ONNX classifier.
 
-- `quantize_int8`: ONNX Runtime static INT8, QDQ format, per-channel weights, calibrated on training
-  images through the real eval transform (the same function the gateway's preprocessing uses).
+- `quantize_int8`: static INT8 in QDQ format with per-channel weights, calibrated on training images
+  through the real eval transform (the same function the gateway's preprocessing uses). Two flavours,
+  chosen by `QuantizeConfig.target`, from the same calibration images:
+  - `cpu`: ONNX Runtime's quantizer, uint8 activations with non-zero zero points and int8 weights,
+    the combination ONNX Runtime's x86 integer kernels run fastest. TensorRT cannot read it.
+  - `gpu`: NVIDIA Model Optimizer (`modelopt.onnx.quantization`), int8 activations and weights with
+    zero point 0, Q/DQ placed where TensorRT fuses them (explicit quantization). The TensorRT engine
+    (`builder engine`) is to be built from this file, `int8-gpu.onnx` in a build or
+    `<model>-int8-gpu.onnx` from `builder quantize --target gpu`, not from the CPU one. ONNX Runtime on
+    the CPU runs it too, which is how its accuracy is measured here.
 - `convert_fp16`: FP16 weights and activations for GPU targets (inputs and outputs stay FP32, so the
   published interface does not change).
 """
@@ -11,6 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +30,7 @@ from typing import Mapping
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from server.preprocess import PreprocessSpec
 
@@ -30,6 +43,29 @@ from .train import eval_transform
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+TARGETS = ("cpu", "gpu")
+# ModelOpt's INT8 calibrators (its quantize() docstring: 'entropy' or 'max'), under this module's names.
+MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}
+
+# What TensorRT's ONNX parser accepts, from onnx-tensorrt's docs/operators.md (TensorRT 10.x): operators
+# in the inclusive opset range 9 to 20; Q/DQ only as INT8 (or FP8/INT4) with a zero point of 0; and the
+# operators the support matrix marks supported (the whole list, so a graph surgery that adds one is covered).
+TENSORRT_OPSETS = range(9, 21)
+TENSORRT_ONNX_OPS = frozenset("""
+    Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike
+    Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace
+    DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor GRU Gather
+    GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual
+    GridSample GroupNormalization HardSigmoid HardSwish Hardmax Identity If ImageScaler
+    InstanceNormalization IsInf IsNaN LRN LSTM LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax
+    Loop LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg
+    NonMaxSuppression NonZero Not OneHot Or PRelu Pad ParametricSoftplus Pow QuantizeLinear RNN
+    RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2
+    ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu
+    Reshape Resize ReverseSequence RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu
+    Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze
+    Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
 
 
 class QuantizeError(BuilderError):
@@ -49,10 +85,18 @@ class QuantizeConfig:
     reduce_range: bool = True
     batch_size: int = 32
     seed: int = 0
+    # cpu: ONNX Runtime's u8/s8 QDQ for ONNX Runtime on x86; gpu: ModelOpt's int8 zero-point-0 QDQ for
+    # TensorRT (its weights are always 8-bit: reduce_range is for the CPU kernels only).
+    target: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
             raise QuantizeError(f"calibration method {self.method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
+        if self.target not in TARGETS:
+            raise QuantizeError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
+        if self.target == "gpu" and self.method not in MODELOPT_METHODS:
+            raise QuantizeError(f"calibration method {self.method!r} is not available for the GPU INT8 "
+                                f"(NVIDIA Model Optimizer calibrates with {', '.join(MODELOPT_METHODS)})")
         if self.calibration_images < 1:
             raise QuantizeError("calibration_images must be at least 1")
 
@@ -63,6 +107,7 @@ class QuantizeResult:
     calibration_images: int
     method: str
     seconds: float
+    target: str = "cpu"
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -109,10 +154,7 @@ def _calibrate_method(name: str):
 
 def quantize_int8(onnx_path: Path, output: Path, config: QuantizeConfig = QuantizeConfig(),
                   dataset: ImageDataset | None = None) -> QuantizeResult:
-    """Static INT8 (QDQ, per-channel weights, unsigned activations) calibrated on training images."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+    """Static INT8 calibrated on training images: for ONNX Runtime (`config.target` cpu) or TensorRT (gpu)."""
     started = time.monotonic()
     onnx_path, output = Path(onnx_path), Path(output)
     metadata = read_metadata(onnx_path)
@@ -124,29 +166,108 @@ def quantize_int8(onnx_path: Path, output: Path, config: QuantizeConfig = Quanti
     input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    prepared = output.with_name(f".{output.name}.prepared")
     tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        if config.target == "gpu":
+            proto, extra = _modelopt_int8(onnx_path, output, images, config)
+        else:
+            proto, extra = _onnxruntime_int8(onnx_path, output, images, input_name, config)
+        set_metadata(proto, {**metadata, "precision": "int8", "target": config.target,
+                             "calibration_method": config.method, "calibration_images": str(len(images)),
+                             "source_onnx": str(onnx_path.resolve()), **extra})
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("quantized %s -> %s (INT8 for %s, %s calibration on %d images)", onnx_path, output,
+             "TensorRT" if config.target == "gpu" else "ONNX Runtime", config.method, len(images))
+    return QuantizeResult(output, len(images), config.method, time.monotonic() - started, config.target)
+
+
+def _onnxruntime_int8(onnx_path: Path, output: Path, images: np.ndarray, input_name: str,
+                      config: QuantizeConfig) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """ONNX Runtime's static QDQ: per-channel s8 weights, u8 activations."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = output.with_name(f".{output.name}.prepared")
+    quantized = output.with_name(f".{output.name}.quantized")
     try:
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(tmp), _reader(images, input_name, config.batch_size),
+            str(prepared), str(quantized), _reader(images, input_name, config.batch_size),
             quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
             # u8 activations with s8 weights: the combination x86 kernels run fastest.
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=config.reduce_range,
             calibrate_method=_calibrate_method(config.method),
         )
-        proto = onnx.load(str(tmp))
-        set_metadata(proto, {**metadata, "precision": "int8", "calibration_method": config.method,
-                             "calibration_images": str(len(images)),
-                             "weight_bits": "7" if config.reduce_range else "8",
-                             "source_onnx": str(onnx_path.resolve())})
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, output)
+        proto = onnx.load(str(quantized))
     finally:
-        for leftover in (prepared, tmp, *output.parent.glob(f".{output.name}.prepared*")):
+        for leftover in (prepared, quantized, *output.parent.glob(f".{output.name}.prepared*")):
             Path(leftover).unlink(missing_ok=True)
-    log.info("quantized %s -> %s (INT8, %s calibration on %d images)", onnx_path, output, config.method, len(images))
-    return QuantizeResult(output, len(images), config.method, time.monotonic() - started)
+    return proto, {"weight_bits": "7" if config.reduce_range else "8"}
+
+
+def _modelopt_int8(onnx_path: Path, output: Path, images: np.ndarray,
+                   config: QuantizeConfig) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """NVIDIA Model Optimizer's INT8 for TensorRT, calibrated with ONNX Runtime on the CPU, in a child process
+    (it patches ONNX Runtime's calibrators process-wide: see builder/modelopt_int8.py)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        modelopt_version = version("nvidia-modelopt")
+    except PackageNotFoundError:
+        raise QuantizeError("the GPU INT8 needs NVIDIA Model Optimizer (nvidia-modelopt): make install, "
+                            "or pip install -e '.[builder]'") from None
+    # ModelOpt writes intermediate files beside its input: it works on a copy in a private folder, which
+    # goes away whatever happens, so nothing half-written is left beside `output`.
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        source, quantized, calibration = work / "source.onnx", work / "quantized.onnx", work / "images.npy"
+        shutil.copyfile(onnx_path, source)
+        np.save(calibration, images)
+        command = [sys.executable, str(Path(__file__).with_name("modelopt_int8.py")), str(source), str(quantized),
+                   str(calibration), "--method", MODELOPT_METHODS[config.method], "--batch", str(config.batch_size)]
+        child = subprocess.run(command, capture_output=True, text=True)
+        for line in (child.stdout + child.stderr).splitlines():
+            log.debug("modelopt: %s", line)
+        if child.returncode != 0 or not quantized.is_file():
+            lines = [line for line in child.stderr.splitlines() if line.strip()] or ["no output"]
+            raise QuantizeError(f"NVIDIA Model Optimizer could not quantize {onnx_path}: {lines[-1].strip()}")
+        proto = onnx.load(str(quantized))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    problems = tensorrt_parser_problems(proto)
+    if problems:
+        raise QuantizeError(f"the GPU INT8 of {onnx_path} would not load in TensorRT: {'; '.join(problems[:3])}")
+    return proto, {"weight_bits": "8", "quantizer": f"nvidia-modelopt {modelopt_version}"}
+
+
+def tensorrt_parser_problems(proto: onnx.ModelProto) -> list[str]:
+    """Where a QDQ graph breaks TensorRT's ONNX parser rules (onnx-tensorrt docs/operators.md); [] if nowhere."""
+    problems = []
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset not in TENSORRT_OPSETS:
+        problems.append(f"opset {opset} is outside {TENSORRT_OPSETS.start}..{TENSORRT_OPSETS.stop - 1}")
+    unsupported = sorted({f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+                          for n in proto.graph.node
+                          if n.domain not in ("", "ai.onnx") or n.op_type not in TENSORRT_ONNX_OPS})
+    if unsupported:
+        problems.append(f"operators TensorRT does not parse: {', '.join(unsupported)}")
+    initializers = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        # Without a zero point ONNX means uint8; TensorRT takes INT8 with zero point 0 only.
+        zero_point = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zero_point is None:
+            problems.append(f"{node.op_type} {node.name or node.output[0]} has no int8 zero point initializer")
+        elif zero_point.data_type != onnx.TensorProto.INT8:
+            kind = onnx.TensorProto.DataType.Name(zero_point.data_type).lower()
+            problems.append(f"{node.op_type} {node.name or node.output[0]} is {kind}, not int8")
+        elif np.any(numpy_helper.to_array(zero_point)):
+            problems.append(f"{node.op_type} {node.name or node.output[0]} has a non-zero zero point")
+    return problems
 
 
 def convert_fp16(onnx_path: Path, output: Path) -> Path:

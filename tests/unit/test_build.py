@@ -172,3 +172,69 @@ def test_bad_qat_build_settings_are_one_line_cli_errors(quantize, message, tmp_p
     assert err.startswith("builder build: error:") and "\n" not in err
     import re
     assert re.search(message, err)
+
+
+def test_build_for_a_gpu_target_measures_and_gates_the_tensorrt_int8(tiny_run, tmp_path):
+    config = BuildConfig(name="digits", out_dir=tmp_path / "build", checkpoint=tiny_run / "best.pt", prune=None,
+                         quantize={"calibration_images": 32}, publish={"repository": str(tmp_path / "repo"),
+                                                                        "target": "gpu"},
+                         max_accuracy_drop=5.0, benchmark_seconds=0.05, parity_images=8)
+    result = build(config)
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["fp32", "int8-gpu"]
+    assert report["stages"][1]["accuracy_drop_points"] <= 5.0 and report["failed_stage"] is None
+    assert result.final_onnx == tmp_path / "build" / "int8-gpu.onnx"
+    assert not (tmp_path / "build" / "int8.onnx").exists()
+    import onnx
+
+    from builder.quantize import read_metadata, tensorrt_parser_problems
+    assert tensorrt_parser_problems(onnx.load(str(result.final_onnx))) == []
+    assert read_metadata(result.final_onnx)["target"] == "gpu"
+
+
+def _negate_classifier_weight(onnx_path):
+    """The final Gemm's weight, found through its Q/DQ chain, negated: the classes rank backwards."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(onnx_path))
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    initializers = {i.name: i for i in proto.graph.initializer}
+    name = next(n for n in proto.graph.node if n.op_type == "Gemm").input[1]
+    while name not in initializers:
+        name = producers[name].input[0]
+    weight = numpy_helper.to_array(initializers[name])
+    initializers[name].CopyFrom(numpy_helper.from_array(-weight, name))
+    onnx.save(proto, str(onnx_path))
+
+
+def test_build_gates_the_gpu_int8_like_every_stage(tiny_run, tmp_path, monkeypatch):
+    import builder.build as build_module
+
+    real = build_module.quantize_int8
+
+    def quantize_int8(*args, **kwargs):
+        result = real(*args, **kwargs)
+        _negate_classifier_weight(result.onnx_path)
+        return result
+
+    monkeypatch.setattr(build_module, "quantize_int8", quantize_int8)
+    config = BuildConfig(name="digits", out_dir=tmp_path / "build", checkpoint=tiny_run / "best.pt", prune=None,
+                         quantize={"calibration_images": 32, "target": "gpu"},
+                         publish={"repository": str(tmp_path / "repo"), "target": "gpu"}, max_accuracy_drop=5.0,
+                         benchmark_seconds=0.05, parity_images=8)
+    with pytest.raises(BudgetError, match="stage 'int8-gpu' lost"):
+        build(config)
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "build" / "int8-qat.onnx").exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"quantize": {"qat": "always", "target": "gpu"}}, "qat writes ONNX Runtime's uint8 Q/DQ"),
+    ({"quantize": {"target": "gpu"}, "publish": {"target": "cpu"}}, "target gpu writes INT8 for TensorRT"),
+    ({"quantize": {"target": "gpu", "method": "percentile"}}, "not available for the GPU INT8"),
+])
+def test_gpu_int8_build_settings_that_cannot_work_are_one_line_cli_errors(settings, message, tmp_path, capsys):
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "build"), **settings}))
+    assert main(["build", "--config", str(tmp_path / "build.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("builder build: error:") and "\n" not in err and message in err

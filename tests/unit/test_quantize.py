@@ -94,3 +94,90 @@ def test_fp16_conversion_keeps_fp32_inputs_and_the_predictions(tiny_run, tmp_pat
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
     data = _data(tiny_run / "model.onnx")
     assert np.mean(evaluate(half, data).predictions == evaluate(tiny_run / "model.onnx", data).predictions) > 0.95
+
+
+# ---- GPU INT8: ModelOpt's Q/DQ for TensorRT's explicit quantization ----
+
+# Operators onnx-tensorrt's docs/operators.md (TensorRT 10.x) marks supported that a torchvision classifier
+# exported here can contain; anything else in the GPU file would make the parser fail.
+TENSORRT_CLASSIFIER_OPS = {
+    "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Constant", "Conv", "DequantizeLinear",
+    "Div", "Flatten", "Gemm", "GlobalAveragePool", "HardSigmoid", "HardSwish", "Identity", "MatMul", "MaxPool",
+    "Mul", "QuantizeLinear", "Relu", "Reshape", "Sigmoid", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+}
+# Same document: "TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20".
+TENSORRT_OPSETS = range(9, 21)
+
+
+@pytest.fixture(scope="module")
+def gpu_int8(tiny_run, small_digits, tmp_path_factory):
+    output = tmp_path_factory.mktemp("gpu-int8") / "int8-gpu.onnx"
+    # The small slice's training split calibrates; the full validation split of the run scores it below.
+    return quantize_int8(tiny_run / "model.onnx", output,
+                         QuantizeConfig(calibration_images=64, target="gpu"), dataset=small_digits)
+
+
+def _qdq_zero_points(proto):
+    initializers = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero_point = initializers.get(node.input[2]) if len(node.input) > 2 else None
+            yield node, zero_point
+
+
+def test_gpu_int8_obeys_the_tensorrt_onnx_parser_rules(gpu_int8, int8):
+    from builder.quantize import tensorrt_parser_problems
+
+    proto = onnx.load(str(gpu_int8.onnx_path))
+    qdq = list(_qdq_zero_points(proto))
+    assert len(qdq) > 40, "every convolution's input and weight is quantized"
+    # operators.md: QuantizeLinear's y_zero_point and DequantizeLinear's x_zero_point must be 0, INT8 only.
+    # Without a zero point ONNX means uint8, so each must be present.
+    for node, zero_point in qdq:
+        assert zero_point is not None, f"{node.name} has no zero point (ONNX then means uint8)"
+        assert zero_point.data_type == onnx.TensorProto.INT8, f"{node.name}: zero point is not int8"
+        assert not numpy_helper.to_array(zero_point).any(), f"{node.name}: zero point is not 0"
+    assert {n.op_type for n in proto.graph.node} <= TENSORRT_CLASSIFIER_OPS
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")][0] in TENSORRT_OPSETS
+    assert tensorrt_parser_problems(proto) == []
+    # The CPU file (uint8 activations, non-zero zero points) is what these rules exist to catch.
+    cpu_problems = tensorrt_parser_problems(onnx.load(str(int8.onnx_path)))
+    assert cpu_problems and any("uint8" in p for p in cpu_problems)
+
+
+def test_gpu_int8_top1_is_within_the_build_accuracy_budget_and_keeps_the_metadata(gpu_int8, tiny_run):
+    from builder.build import BuildConfig
+
+    data = _data(tiny_run / "model.onnx")
+    fp32, quantized = evaluate(tiny_run / "model.onnx", data), evaluate(gpu_int8.onnx_path, data)
+    assert quantized.images == 360
+    assert 100 * (fp32.top1 - quantized.top1) <= BuildConfig().max_accuracy_drop
+    metadata = read_metadata(gpu_int8.onnx_path)
+    source = read_metadata(tiny_run / "model.onnx")
+    assert metadata["preprocess"] == source["preprocess"] and metadata["labels"] == source["labels"]
+    assert metadata["precision"] == "int8" and metadata["target"] == "gpu"
+    assert metadata["quantizer"].startswith("nvidia-modelopt ") and metadata["calibration_images"] == "64"
+
+
+def test_quantize_cli_writes_the_gpu_int8_beside_the_input(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from builder.cli import main
+
+    shutil.copy(tiny_run / "model.onnx", tmp_path / "model.onnx")
+    assert main(["quantize", "--onnx", str(tmp_path / "model.onnx"), "--target", "gpu",
+                 "--calibration-images", "32"]) == 0
+    printed = json.loads(capsys.readouterr().out)  # the quantizer's own log stays off stdout
+    assert printed["onnx"] == str(tmp_path / "model-int8-gpu.onnx") and printed["target"] == "gpu"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-int8-gpu.onnx", "model.onnx"]
+
+
+def test_gpu_int8_refuses_a_calibration_method_modelopt_lacks(tiny_run, tmp_path, capsys):
+    from builder.cli import main
+
+    assert main(["quantize", "--onnx", str(tiny_run / "model.onnx"), "--output", str(tmp_path / "x.onnx"),
+                 "--target", "gpu", "--calibration-method", "percentile"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("builder quantize: error:") and "\n" not in err and "minmax, entropy" in err
+    assert list(tmp_path.iterdir()) == []
