@@ -34,7 +34,7 @@ from typing import Sequence
 
 import onnx
 
-from server.preprocess import PIXEL_DATATYPE, PreprocessSpec
+from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec
 
 from . import model_config
 from .errors import PublishError
@@ -421,8 +421,37 @@ def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, 
                           settings)
 
 
+def _interface_parameters(config: model_config.ModelConfig) -> dict[str, str]:
+    """The parameters every served version of a model is preprocessed and labelled by."""
+    return {k: v for k, v in config.parameters.items()
+            if k.startswith(PARAMETER_PREFIX) or k == LABELS_PARAMETER}
+
+
+def _check_shared_interface(model_dir: Path, config: model_config.ModelConfig) -> None:
+    """Triton keeps one config, so one preprocessing spec and one label list, per model. Where the new
+    config serves older versions beside the new one, they would be preprocessed and labelled as the new
+    one is: wrong answers, without an error. Refused unless the two agree."""
+    serves_several = config.version_policy != "latest" or config.latest_versions > 1
+    existing = model_dir / "config.pbtxt"
+    if not serves_several or not versions(model_dir) or not existing.is_file():
+        return
+    try:
+        served = model_config.parse(existing.read_text())
+    except Exception:  # an unreadable config is replaced, as before
+        return
+    changed = sorted(k for k in _interface_parameters(served).keys() | _interface_parameters(config).keys()
+                     if _interface_parameters(served).get(k) != _interface_parameters(config).get(k))
+    if changed:
+        what = "labels" if changed == [LABELS_PARAMETER] else "preprocessing or labels"
+        raise PublishError(
+            f"model {model_dir.name} would serve its older versions beside this one (version policy "
+            f"{config.version_policy}), and they share one config: this version's {what} differ "
+            f"({', '.join(changed)}); publish it under another name, or with --version-policy latest")
+
+
 def _publish_files(files: dict[str, Path], repository: Path, name: str, config: model_config.ModelConfig,
                    labels: Sequence[str], lineage: dict, settings: PublishSettings) -> PublishedVersion:
+    _check_shared_interface(Path(repository) / name, config)
     try:
         repository.mkdir(parents=True, exist_ok=True)
         published = _write_version(files, repository, name, config, labels, lineage)

@@ -446,3 +446,22 @@ def test_the_served_model_names_what_its_onnx_session_cannot_take(monkeypatch, s
     session_shape = (1, 1, 8, 8) if "takes [1" in (problem or "") else (None, 1, 8, 8)
     found = module.input_problem(np.zeros(shape, dtype), session_shape, np.dtype(np.float32))
     assert found is None if problem is None else problem in found
+
+
+def test_versions_served_side_by_side_must_share_preprocessing_and_labels(tiny_run, tmp_path):
+    repository, onnx_path = tmp_path / "repo", tiny_run / "model.onnx"
+    both = PublishSettings(version_policy="all")
+    publish(onnx_path, repository, "digits", settings=both)
+    config_before = (repository / "digits" / "config.pbtxt").read_text()
+    other_spec = PreprocessSpec(image_size=8, resize_size=8, mean=(0.9,), std=(0.1,), color_mode="L")
+    with pytest.raises(PublishError, match="preprocess.mean"):
+        publish(onnx_path, repository, "digits", spec=other_spec, settings=both)
+    with pytest.raises(PublishError, match="labels differ"):
+        publish(onnx_path, repository, "digits", labels=[f"class {i}" for i in range(10)], settings=both)
+    # Nothing was written: version 1 alone, served with its own spec and labels.
+    assert sorted(p.name for p in (repository / "digits").iterdir() if p.name.isdigit()) == ["1"]
+    assert (repository / "digits" / "config.pbtxt").read_text() == config_before
+    # The same interface may be served beside it, and a new spec may replace the model's when only the
+    # newest version is served.
+    assert publish(onnx_path, repository, "digits", settings=both).version == 2
+    assert publish(onnx_path, repository, "digits", spec=other_spec).version == 3
