@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
 from server.preprocess import PreprocessSpec, normalize, preprocess, to_model_pixels
@@ -33,7 +33,9 @@ from .data import ImageDataset, TorchSplit, load_dataset, resolve_spec
 from .datacheck import check_dataset, log_report
 from .errors import CheckpointError
 from .losses import create_loss, resolve_class_weights
-from .models import backbone_eval, create_model, default_dropout, freeze_backbone, load_init_weights
+from .models import (
+    backbone_eval, create_model, default_dropout, freeze_backbone, load_init_weights, recalibrate_batchnorm,
+)
 from .progress import console, progress_bar
 from .schedules import create_scheduler, warmup_cosine  # noqa: F401  (warmup_cosine: public here)
 from .train_config import AUGMENT_PRESETS, OPTIMIZERS, TrainConfig, TrainError
@@ -41,6 +43,8 @@ from .train_config import AUGMENT_PRESETS, OPTIMIZERS, TrainConfig, TrainError
 log = logging.getLogger(__name__)
 
 SGD_MOMENTUM = 0.9
+# BatchNorm statistics are recomputed after every epoch from this many training images at most.
+CALIBRATION_IMAGES = 512
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,18 @@ class _Run:
     mixer: object
     device: str
     meta: dict
+    # None: the running statistics stay as training left them (a frozen backbone keeps its --init ones).
+    calibration_loader: DataLoader | None = None
+
+
+def _calibration_loader(dataset: ImageDataset, spec: PreprocessSpec, batch_size: int, seed: int) -> DataLoader:
+    """Up to CALIBRATION_IMAGES training images through the eval transform (what validation and the gateway
+    feed the model), in mixed-class batches; a short last batch is dropped, since each batch counts equally."""
+    count = min(len(dataset.train), CALIBRATION_IMAGES)
+    # Its own generator: the same images, in the same batches, every epoch.
+    chosen = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    images = Subset(TorchSplit(dataset.train, dataset.color_mode, eval_transform(spec)), chosen)
+    return DataLoader(images, batch_size=min(2 * batch_size, count), drop_last=True)
 
 
 def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
@@ -309,9 +325,11 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
                    "class_weights": weights.tolist() if weights is not None else None,
                    "steps_per_epoch": steps_per_epoch, "train_counts": train_counts, "init": init},
     }
+    calibration = None if config.freeze_backbone else _calibration_loader(dataset, spec, config.batch_size, config.seed)
+    meta["recipe"]["batchnorm_calibration_images"] = len(calibration.dataset) if calibration is not None else 0
     return _Run(config, dataset, spec, model, train_loader, val_loader, generator, optimizer, scheduler,
                 torch.amp.GradScaler("cuda", enabled=amp), criterion, weights,
-                batch_mixer(num_classes, cutmix=cutmix, mixup=mixup), device, meta)
+                batch_mixer(num_classes, cutmix=cutmix, mixup=mixup), device, meta, calibration)
 
 
 def _tensorboard_writer(log_dir: Path | None):
@@ -413,6 +431,9 @@ def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], bes
                                      accum_steps=config.accum_steps, clip_grad=config.clip_grad, mixer=run.mixer,
                                      device=run.device, scaler=run.scaler, frozen_backbone=config.freeze_backbone,
                                      advance=advance)
+        if run.calibration_loader is not None:
+            # Validation, checkpoints and the exported model all normalize with these statistics.
+            recalibrate_batchnorm(run.model, run.calibration_loader, run.device)
         record = {"epoch": epoch, **record, **evaluate_loader(run.model, run.val_loader, len(run.dataset.classes),
                                                               run.device),
                   "seconds": round(time.monotonic() - started, 2)}
