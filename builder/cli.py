@@ -51,7 +51,8 @@ def _train(args: argparse.Namespace) -> None:
     result = train(_train_config(args))
     print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),
                       "val_accuracy": round(result.val_accuracy, 4), "epochs": result.epochs,
-                      "stopped_early": result.stopped_early, "seconds": round(result.seconds, 1)}))
+                      "stopped_early": result.stopped_early, "seconds": round(result.seconds, 1),
+                      "warnings": list(result.warnings)}))
 
 
 def _tune(args: argparse.Namespace) -> None:

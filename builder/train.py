@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    warnings: tuple[str, ...] = ()
 
 
 # ---- transforms ----
@@ -408,10 +410,28 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None, *,
         finally:
             if writer is not None:
                 writer.close()
-    _print_summary(history)
+    warning = chance_warning(history, run.dataset.val.labels)
+    _print_summary(history, warning)
     best = max(history, key=lambda h: h["val_accuracy"]) if history else {"val_accuracy": best_accuracy}
     return TrainResult(run_dir, run_dir / "best.pt", best["val_accuracy"], len(history),
-                       time.monotonic() - started, history, stopped_early)
+                       time.monotonic() - started, history, stopped_early, (warning,) if warning else ())
+
+
+def chance_warning(history: list[dict], val_labels: Sequence[int]) -> str | None:
+    """A warning for a run whose training accuracy climbed (at least halfway from chance to 1) while its best
+    validation accuracy stayed within two standard errors of chance (what naming the validation split's most
+    frequent class for every image scores); None otherwise."""
+    if not history or not len(val_labels):
+        return None
+    counts = np.bincount(np.asarray(val_labels))
+    total, chance = int(counts.sum()), float(counts.max() / counts.sum())
+    margin = max(2 * math.sqrt(chance * (1 - chance) / total), 0.02)
+    best_val = max(h["val_accuracy"] for h in history)
+    best_train = max(h["train_accuracy"] for h in history)
+    if best_val > chance + margin or best_train < chance + (1 - chance) / 2:
+        return None
+    return (f"validation accuracy stayed at chance (best {best_val:.3f}, chance {chance:.3f} on {total} images) "
+            f"while training accuracy reached {best_train:.3f}: this model does not generalize; do not publish it")
 
 
 def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], best: list, writer,
@@ -458,9 +478,11 @@ def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], bes
     return False
 
 
-def _print_summary(history: list[dict]) -> None:
+def _print_summary(history: list[dict], warning: str | None = None) -> None:
     if not history:
         return
+    if warning:
+        log.warning(warning)
     best = max(history, key=lambda h: h["val_accuracy"])["epoch"]
     columns = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_recall", "lr")
     try:
@@ -468,6 +490,8 @@ def _print_summary(history: list[dict]) -> None:
     except ImportError:
         for record in history:
             print("  ".join(f"{c} {record[c]:.4g}" for c in columns), file=console.file)
+        if warning:
+            print(f"WARNING: {warning}", file=console.file)
         return
     table = Table(title="training summary (* best)")
     for column in columns:
@@ -476,6 +500,8 @@ def _print_summary(history: list[dict]) -> None:
         table.add_row(f"{record['epoch']}{'*' if record['epoch'] == best else ''}",
                       *(f"{record[c]:.4f}" if c != "lr" else f"{record[c]:.2e}" for c in columns[1:]))
     console.print(table)
+    if warning:
+        console.print(f"[bold red]WARNING:[/] {warning}", markup=True, highlight=False)
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:

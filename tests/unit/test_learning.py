@@ -1,4 +1,5 @@
-"""Every architecture `builder train` offers learns a small, plainly separable dataset in a few epochs."""
+"""Every architecture `builder train` offers learns a small, plainly separable dataset in a few epochs,
+and a run whose validation accuracy stays at chance says so."""
 
 import json
 
@@ -39,3 +40,30 @@ def test_every_architecture_learns_a_separable_dataset(tmp_path, arch):
     # Chance is 1/3; the colors alone separate the classes.
     assert result.val_accuracy >= 0.9, f"{arch}: validation accuracy per epoch {accuracies}"
 
+
+def test_a_run_stuck_at_chance_on_validation_ends_with_a_warning(tmp_path, capsys):
+    from builder.cli import main
+
+    # Validation images all look like the first class but carry every label: nothing scores above 1/3 there.
+    dataset = separable_dataset()
+    red = _separable(6, seed=2).images[:6]
+    dataset.val = Split(red + red + red, [0] * 6 + [1] * 6 + [2] * 6)
+    result = train(TrainConfig(dataset="separable", epochs=3, batch_size=8, warmup_epochs=0, augment="none",
+                               out_dir=tmp_path), dataset)
+    assert max(h["train_accuracy"] for h in result.history) >= 0.9
+    (warning,) = result.warnings
+    assert "validation accuracy stayed at chance" in warning and "chance 0.333 on 18 images" in warning
+    assert "WARNING: validation accuracy stayed at chance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("val, train, warned", [
+    ([0.10, 0.11, 0.10], [0.40, 0.80, 0.95], True),   # ten balanced classes: chance 0.1
+    ([0.10, 0.45, 0.80], [0.40, 0.80, 0.95], False),  # it generalizes
+    ([0.10, 0.10, 0.11], [0.10, 0.12, 0.15], False),  # it learned nothing at all: a different problem
+])
+def test_the_chance_warning_needs_training_to_climb_while_validation_stays(val, train, warned):
+    from builder.train import chance_warning
+
+    history = [{"epoch": i + 1, "val_accuracy": v, "train_accuracy": t} for i, (v, t) in enumerate(zip(val, train))]
+    labels = [i % 10 for i in range(1000)]
+    assert (chance_warning(history, labels) is not None) is warned
