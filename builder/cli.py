@@ -15,7 +15,8 @@ from typing import Sequence
 
 from .errors import BuilderError
 from .train_config import (
-    AMP_MODES, ARCHITECTURES, AUGMENT_PRESETS, LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig, load_params,
+    AMP_MODES, ARCHITECTURES, AUGMENT_PRESETS, LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig, describe_sources,
+    load_param_layers,
 )
 
 log = logging.getLogger("builder")
@@ -26,8 +27,14 @@ def _train_config(args: argparse.Namespace):
     from .shapes import with_options
 
     given = {key: value for key, value in vars(args).items() if key in _RECIPE_FIELDS}
-    values = load_params(Path(args.params)) if getattr(args, "params", None) else {}
+    layers = load_param_layers(Path(args.params)) if getattr(args, "params", None) else []
+    values = {}
+    for _, settings in layers:
+        values.update(settings)
     values.update(given)
+    if layers:
+        print("\n".join(["training settings, by source:", *describe_sources([*layers, ("flags", given)])]),
+              file=sys.stderr)
     if "out" in vars(args):
         values["out_dir"] = Path(args.out)
     values["dataset"] = with_options(values.get("dataset", "digits"), per_class=getattr(args, "shapes_per_class", None),
@@ -47,7 +54,8 @@ def _train(args: argparse.Namespace) -> None:
     result = train(config)
     print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),
                       "val_accuracy": round(result.val_accuracy, 4), "epochs": result.epochs,
-                      "stopped_early": result.stopped_early, "seconds": round(result.seconds, 1)}))
+                      "stopped_early": result.stopped_early, "seconds": round(result.seconds, 1),
+                      "warnings": list(result.warnings)}))
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -378,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_arguments(train)
     train.add_argument("--out", default=argparse.SUPPRESS, help="run folder for checkpoints and metrics "
                        "(default runs/latest)")
-    train.add_argument("--params", help="JSON of settings, e.g. best.json from `builder tune` (flags given win)")
+    train.add_argument("--params", help="JSON of settings, e.g. best.json from `builder tune`: its recorded base "
+                       "(dataset, image size, architecture, ...), then its tuned params; flags given win")
     train.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
                        help="continue the run in --out from its last.pt")
     train.add_argument("--tensorboard", action="store_true", default=argparse.SUPPRESS,

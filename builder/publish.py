@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 import onnx
+from onnx.external_data_helper import uses_external_data
 
 from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec
 
@@ -156,7 +157,8 @@ def inspect_onnx(path: Path) -> OnnxClassifier:
         raise PublishError(f"ONNX file {path} does not exist")
     try:
         proto = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(proto)
+        # By path, so that weights stored beside the file (torch.onnx.export's default) are found.
+        onnx.checker.check_model(str(path))
     except Exception as e:  # onnx raises DecodeError, ValidationError, ... for foreign files
         raise PublishError(f"{path} is not a valid ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     initializers = {i.name for i in proto.graph.initializer}
@@ -311,6 +313,7 @@ def publish(
     lineage = {"source_onnx": str(Path(onnx_path).resolve()), "onnx_metadata": model.metadata,
                "target": settings.target, "pixel_input": settings.pixel_input}
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+        onnx_path = _self_contained(Path(onnx_path), Path(tmp) / "inline.onnx")
         if settings.pixel_input:
             onnx_path = add_pixel_input(Path(onnx_path), spec, Path(tmp) / "model.onnx")
         if settings.target == "gpu":
@@ -379,6 +382,16 @@ def _check_plan(plan_path: Path, onnx_path: Path, info: dict, settings: PublishS
     fit_preferred_batch_sizes(settings.preferred_batch_sizes, max_batch, settings.preferred_batch_sizes_given,
                               "the plan's max batch")
     return max_batch
+
+
+def _self_contained(path: Path, inline: Path) -> Path:
+    """`path`, or where its weights live in another file (torch.onnx.export's default), a copy at `inline`
+    with them inside: a version folder holds model.onnx alone."""
+    proto = onnx.load(str(path), load_external_data=False)
+    if not any(uses_external_data(t) for t in proto.graph.initializer):
+        return path
+    onnx.save(onnx.load(str(path)), str(inline))
+    return inline
 
 
 def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, *,

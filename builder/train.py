@@ -12,19 +12,20 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
 from server.preprocess import PreprocessSpec, normalize, preprocess, to_model_pixels
@@ -34,7 +35,9 @@ from .datacheck import check_once, log_report
 from .checkpoints import read_checkpoint
 from .errors import CheckpointError
 from .losses import create_loss, resolve_class_weights
-from .models import backbone_eval, create_model, default_dropout, freeze_backbone, load_init_weights
+from .models import (
+    backbone_eval, create_model, default_dropout, freeze_backbone, load_init_weights, recalibrate_batchnorm,
+)
 from .progress import console, progress_bar
 from .schedules import create_scheduler, warmup_cosine  # noqa: F401  (warmup_cosine: public here)
 from .train_config import AUGMENT_PRESETS, OPTIMIZERS, TrainConfig, TrainError
@@ -42,6 +45,8 @@ from .train_config import AUGMENT_PRESETS, OPTIMIZERS, TrainConfig, TrainError
 log = logging.getLogger(__name__)
 
 SGD_MOMENTUM = 0.9
+# BatchNorm statistics are recomputed after every epoch from this many training images at most.
+CALIBRATION_IMAGES = 512
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    warnings: tuple[str, ...] = ()
 
 
 # ---- transforms ----
@@ -268,6 +274,18 @@ class _Run:
     mixer: object
     device: str
     meta: dict
+    # None: the running statistics stay as training left them (a frozen backbone keeps its --init ones).
+    calibration_loader: DataLoader | None = None
+
+
+def _calibration_loader(dataset: ImageDataset, spec: PreprocessSpec, batch_size: int, seed: int) -> DataLoader:
+    """Up to CALIBRATION_IMAGES training images through the eval transform (what validation and the gateway
+    feed the model), in mixed-class batches; a short last batch is dropped, since each batch counts equally."""
+    count = min(len(dataset.train), CALIBRATION_IMAGES)
+    # Its own generator: the same images, in the same batches, every epoch.
+    chosen = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    images = Subset(TorchSplit(dataset.train, dataset.color_mode, eval_transform(spec)), chosen)
+    return DataLoader(images, batch_size=min(2 * batch_size, count), drop_last=True)
 
 
 def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
@@ -314,9 +332,11 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
                    "class_weights": weights.tolist() if weights is not None else None,
                    "steps_per_epoch": steps_per_epoch, "train_counts": train_counts, "init": init},
     }
+    calibration = None if config.freeze_backbone else _calibration_loader(dataset, spec, config.batch_size, config.seed)
+    meta["recipe"]["batchnorm_calibration_images"] = len(calibration.dataset) if calibration is not None else 0
     return _Run(config, dataset, spec, model, train_loader, val_loader, generator, optimizer, scheduler,
                 torch.amp.GradScaler("cuda", enabled=amp), criterion, weights,
-                batch_mixer(num_classes, cutmix=cutmix, mixup=mixup), device, meta)
+                batch_mixer(num_classes, cutmix=cutmix, mixup=mixup), device, meta, calibration)
 
 
 def _tensorboard_writer(log_dir: Path | None):
@@ -396,10 +416,28 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None, *,
         finally:
             if writer is not None:
                 writer.close()
-    _print_summary(history)
+    warning = chance_warning(history, run.dataset.val.labels)
+    _print_summary(history, warning)
     best = max(history, key=lambda h: h["val_accuracy"]) if history else {"val_accuracy": best_accuracy}
     return TrainResult(run_dir, run_dir / "best.pt", best["val_accuracy"], len(history),
-                       time.monotonic() - started, history, stopped_early)
+                       time.monotonic() - started, history, stopped_early, (warning,) if warning else ())
+
+
+def chance_warning(history: list[dict], val_labels: Sequence[int]) -> str | None:
+    """A warning for a run whose training accuracy climbed (at least halfway from chance to 1) while its best
+    validation accuracy stayed within two standard errors of chance (what naming the validation split's most
+    frequent class for every image scores); None otherwise."""
+    if not history or not len(val_labels):
+        return None
+    counts = np.bincount(np.asarray(val_labels))
+    total, chance = int(counts.sum()), float(counts.max() / counts.sum())
+    margin = max(2 * math.sqrt(chance * (1 - chance) / total), 0.02)
+    best_val = max(h["val_accuracy"] for h in history)
+    best_train = max(h["train_accuracy"] for h in history)
+    if best_val > chance + margin or best_train < chance + (1 - chance) / 2:
+        return None
+    return (f"validation accuracy stayed at chance (best {best_val:.3f}, chance {chance:.3f} on {total} images) "
+            f"while training accuracy reached {best_train:.3f}: this model does not generalize; do not publish it")
 
 
 def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], best: list, writer,
@@ -420,6 +458,9 @@ def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], bes
                                      accum_steps=config.accum_steps, clip_grad=config.clip_grad, mixer=run.mixer,
                                      device=run.device, scaler=run.scaler, frozen_backbone=config.freeze_backbone,
                                      advance=advance)
+        if run.calibration_loader is not None:
+            # Validation, checkpoints and the exported model all normalize with these statistics.
+            recalibrate_batchnorm(run.model, run.calibration_loader, run.device)
         with progress_bar(f"epoch {epoch}/{config.epochs} val", total=len(run.dataset.val), unit="images",
                           transient=True) as advance:
             validation = evaluate_loader(run.model, run.val_loader, len(run.dataset.classes), run.device, advance)
@@ -445,9 +486,11 @@ def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], bes
     return False
 
 
-def _print_summary(history: list[dict]) -> None:
+def _print_summary(history: list[dict], warning: str | None = None) -> None:
     if not history:
         return
+    if warning:
+        log.warning(warning)
     best = max(history, key=lambda h: h["val_accuracy"])["epoch"]
     columns = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_recall", "lr")
     try:
@@ -455,6 +498,8 @@ def _print_summary(history: list[dict]) -> None:
     except ImportError:
         for record in history:
             print("  ".join(f"{c} {record[c]:.4g}" for c in columns), file=console.file)
+        if warning:
+            print(f"WARNING: {warning}", file=console.file)
         return
     table = Table(title="training summary (* best)")
     for column in columns:
@@ -463,6 +508,8 @@ def _print_summary(history: list[dict]) -> None:
         table.add_row(f"{record['epoch']}{'*' if record['epoch'] == best else ''}",
                       *(f"{record[c]:.4f}" if c != "lr" else f"{record[c]:.2e}" for c in columns[1:]))
     console.print(table)
+    if warning:
+        console.print(f"[bold red]WARNING:[/] {warning}", markup=True, highlight=False)
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:

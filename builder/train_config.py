@@ -127,8 +127,25 @@ class TrainConfig:
 
 # ---- parameters from `builder tune` ----
 
+# Where and how one run is kept, not how it trains: a recorded base never sets them.
+RUN_FIELDS = ("out_dir", "resume", "tensorboard")
+
+
 def load_params(path: Path) -> dict:
-    """Hyperparameters from a JSON file (tune's `best.json`, or a flat {field: value} object)."""
+    """Training settings from a JSON file (tune's `best.json`, or a flat {field: value} object), merged."""
+    merged: dict = {}
+    for _, settings in load_param_layers(path):
+        merged.update(settings)
+    return merged
+
+
+def load_param_layers(path: Path) -> list[tuple[str, dict]]:
+    """Training settings from a JSON file, as (source, settings) layers, the one that wins last.
+
+    tune's `best.json` gives two: the base settings the study ran with (dataset, image size, architecture,
+    epochs, ...; not where that run was kept) and the tuned `params`. Any other object is one layer of
+    {field: value}.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -136,12 +153,40 @@ def load_params(path: Path) -> dict:
         raise TrainError(f"params file {path} cannot be read: {e.strerror or e}") from e
     except json.JSONDecodeError as e:
         raise TrainError(f"params file {path} is not JSON: {e}") from e
-    params = data.get("params", data) if isinstance(data, dict) else None
-    if not isinstance(params, dict):
+    if not isinstance(data, dict):
         raise TrainError(f"params file {path} must hold an object of training settings")
+    if "params" not in data:
+        return [(path.name, _checked(path, data, ()))]
+    base = data.get("base", {})
+    if not isinstance(base, dict):
+        raise TrainError(f"params file {path}: 'base' must be an object of training settings")
+    return [(f"{path.name} base", _checked(path, base, RUN_FIELDS)),
+            (f"{path.name} params", _checked(path, data["params"], ()))]
+
+
+def _checked(path: Path, settings, ignored: tuple[str, ...]) -> dict:
+    if not isinstance(settings, dict):
+        raise TrainError(f"params file {path} must hold an object of training settings")
+    settings = {k: v for k, v in settings.items() if k not in ignored}
     valid = {f.name for f in fields(TrainConfig)} - {"out_dir", "resume"}
-    unknown = sorted(set(params) - valid)
+    unknown = sorted(set(settings) - valid)
     if unknown:
         raise TrainError(f"params file {path}: unknown setting(s) {', '.join(unknown)}; "
                          f"valid: {', '.join(sorted(valid))}")
-    return params
+    return settings
+
+
+def describe_sources(layers: list[tuple[str, dict]]) -> list[str]:
+    """One line per source, the winning one first, naming the settings it decided; settings a later layer
+    overrides, and recorded values equal to the default, are left out."""
+    defaults = TrainConfig().to_dict()
+    decided: dict[str, str] = {}
+    for source, settings in layers:
+        decided.update(dict.fromkeys(settings, source))
+    lines = []
+    for source, settings in reversed(layers):
+        shown = [f"{k}={v}" for k, v in settings.items() if decided[k] == source
+                 and (source == layers[-1][0] or v != defaults.get(k))]
+        if shown:
+            lines.append(f"  {source}: {', '.join(shown)}")
+    return lines + ["  defaults: everything else"]
