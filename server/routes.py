@@ -29,6 +29,7 @@ from .errors import (
     TritonFailed, TritonTimeout, TritonUnavailable, UnsupportedMediaType,
 )
 from .inputs import decimal_header, read_body, read_images, refuse_repeated_framing_headers
+from .offload import parse_json_body
 from .postprocess import top_k
 from .preprocess import (
     DecodeBudget, DecoderBusyError, ImageTooLargeError, InvalidImageError, PreprocessSpec, batch_layout, input_batch,
@@ -430,10 +431,12 @@ def _values_in(data: Any) -> int:
     count, pending = 0, [data]
     while pending:  # iterative: the JSON may nest as deep as the parser allowed
         item = pending.pop()
-        if isinstance(item, list):
+        if type(item) is not list:  # json.loads makes plain lists only
+            count += 1
+        elif list in map(type, item):  # scanned in C: a flat list of millions is counted at once
             pending.extend(item)
         else:
-            count += 1
+            count += len(item)
     return count
 
 
@@ -450,6 +453,14 @@ def refuse_data_that_does_not_fill_its_shape(parsed: dict[str, Any]) -> None:
         if math.prod(shape) != values:
             raise BadRequest(f"input {str(tensor.get('name'))[:64]!r}: shape {shape} holds {math.prod(shape)} "
                              f"values, its data {values}")
+
+
+def checked_inference_header(body: bytes, headers: dict[str, str], limit: int) -> dict[str, Any]:
+    """The inference header, refused (4xx) where Triton must not see it."""
+    parsed = inference_header(body, headers, limit)
+    refuse_shared_memory_parameters(parsed)
+    refuse_data_that_does_not_fill_its_shape(parsed)
+    return parsed
 
 
 # Triton's HTTP frontend answers 500 for a request body it cannot parse (its JSON errors are INTERNAL).
@@ -493,9 +504,9 @@ async def _infer(request: Request, name: str, path: str) -> Response:
     async with inference_slot(request) as slot_of_request:
         headers = forwarded_headers(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-        parsed = inference_header(body, headers, settings.max_body_bytes)
-        refuse_shared_memory_parameters(parsed)
-        refuse_data_that_does_not_fill_its_shape(parsed)
+        # A compressed body is unpacked first, to any size up to the limit: never inline.
+        await parse_json_body(body, partial(checked_inference_header, headers=headers, limit=settings.max_body_bytes),
+                              inline="content-encoding" not in headers)
         slot_of_request.take()
         return await _forward(request, "POST", path, body, headers, model=name)
 
