@@ -13,6 +13,7 @@ import json
 import math
 import time
 import zlib
+from concurrent.futures import Future
 from functools import partial
 from typing import Annotated, Any
 
@@ -102,8 +103,9 @@ def prepare_batch(
     in each stage.
 
     Every header is read first: a request over `max_pixels` per image or `max_request_pixels` in
-    all is refused (413) before any pixel is decoded, and one whose largest image is large holds its
-    share of `budget` while its images are decoded (429 when the share is taken)."""
+    all is refused (413) before any pixel is decoded, and one whose images are large in all holds its
+    share of `budget` while they are decoded (429 when the share is taken): many images just under the
+    large size cost as much as one large image of their sum."""
     draft_size = spec.resize_size if jpeg_draft else None
     decode_s = preprocess_s = 0.0
     started = time.perf_counter()
@@ -124,7 +126,7 @@ def prepare_batch(
     batch = input_batch(len(images), spec, pixel_input=pixel_input) if out is None else out
     large = False
     try:
-        with budget.hold(max(sizes, default=0)) if budget else contextlib.nullcontext(False) as large:
+        with budget.hold(sum(sizes)) if budget else contextlib.nullcontext(False) as large:
             for position in range(len(opened)):
                 started = time.perf_counter()
                 image, opened[position] = opened[position], None  # its pixels are freed once it is done
@@ -300,7 +302,7 @@ async def classify(
             else:
                 metrics.preprocessing.labels("thread_pool").inc()
                 job = app.state.pool.submit(work)
-                _, decode_s, preprocess_s = await asyncio.wrap_future(job)
+                _, decode_s, preprocess_s = await in_pool(job, settings.preprocess_wait_s)
             context["stages"].update(decode=decode_s, preprocess=preprocess_s)
             started = time.perf_counter()
             inference = await triton.infer(info, batch, version, slot)
@@ -315,6 +317,17 @@ async def classify(
         metrics.triton_inputs.labels(inference.transport).inc()
         return JSONResponse({"model": name, "version": inference.version,
                              "results": top_k(inference.logits, top_k_, info.labels)})
+
+
+async def in_pool(job: Future, wait_s: float) -> Any:
+    """The result of work handed to the preprocessing threads; refused (429) when no thread has taken it
+    up within `wait_s`, rather than queueing behind expensive requests without end."""
+    result = asyncio.wrap_future(job)
+    done, _ = await asyncio.wait({result}, timeout=wait_s)
+    if not done and job.cancel():  # still queued: cancelling only succeeds before a thread starts it
+        raise TooManyRequests(f"no preprocessing thread was free within {wait_s:g} s; retry shortly",
+                              retry_after_s=RETRY_AFTER_S)
+    return await result
 
 
 class inference_slot:
