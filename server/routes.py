@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from .errors import (
     BadRequest, GatewayError, InvalidImage, ModelNotFound, PayloadTooLarge, RefusedByTriton, TooManyRequests,
@@ -292,6 +293,7 @@ async def classify(
         slot, batch = held if held else (None, input_batch(len(images), info.spec, pixel_input=info.pixel_input))
         job = None
         try:
+            await refuse_if_gone(request)
             work = partial(prepare_batch, images, info.spec, settings.max_image_pixels, settings.jpeg_draft,
                            info.pixel_input, batch, max_request_pixels=settings.max_request_pixels,
                            budget=app.state.decode_budget)
@@ -304,6 +306,7 @@ async def classify(
                 job = app.state.pool.submit(work)
                 _, decode_s, preprocess_s = await in_pool(job, settings.preprocess_wait_s)
             context["stages"].update(decode=decode_s, preprocess=preprocess_s)
+            await refuse_if_gone(request)
             started = time.perf_counter()
             inference = await triton.infer(info, batch, version, slot)
             context["stages"]["inference"] = time.perf_counter() - started
@@ -317,6 +320,12 @@ async def classify(
         metrics.triton_inputs.labels(inference.transport).inc()
         return JSONResponse({"model": name, "version": inference.version,
                              "results": top_k(inference.logits, top_k_, info.labels)})
+
+
+async def refuse_if_gone(request: Request) -> None:
+    """A client that has closed its connection gets no more work done for it (answered as 499)."""
+    if await request.is_disconnected():
+        raise ClientDisconnect()
 
 
 async def in_pool(job: Future, wait_s: float) -> Any:
