@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 
 from .errors import BadRequest, InvalidImage, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from .offload import parse_json_body
 from .settings import Settings
 
 RAW_MEDIA_TYPES = ("image/", "application/octet-stream")
@@ -110,7 +111,7 @@ def _decode_base64(position: int, text: object) -> bytes:
 async def _json(request: Request, settings: Settings) -> list[bytes]:
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     try:
-        document = json.loads(body)
+        document = await parse_json_body(body, json.loads)
     except RecursionError:
         raise BadRequest("body is nested too deeply to be the JSON of images") from None
     except (ValueError, UnicodeDecodeError) as e:

@@ -187,9 +187,9 @@ def _decoding_errors(formats: tuple[str, ...]) -> Iterator[None]:
 
 
 class DecodeBudget:
-    """How many large images (of at least `large_image_pixels`) are decoded at once, and their pixels in
-    all. A decode that would go past either is refused at once instead of waiting: a waiting thread would
-    be one fewer for the small requests, which is what the bound is there to protect."""
+    """How many large decodes (a request's images of at least `large_image_pixels` in all) run at once,
+    and their pixels in all. A decode that would go past either is refused at once instead of waiting: a
+    waiting thread would be one fewer for the small requests, which is what the bound is there to protect."""
 
     def __init__(self, pixels: int, large_image_pixels: int, decodes: int) -> None:
         self.pixels, self.large_image_pixels, self.decodes = pixels, large_image_pixels, decodes

@@ -13,6 +13,7 @@ import json
 import math
 import time
 import zlib
+from concurrent.futures import Future
 from functools import partial
 from typing import Annotated, Any
 
@@ -23,12 +24,14 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from .errors import (
     BadRequest, GatewayError, InvalidImage, ModelNotFound, PayloadTooLarge, RefusedByTriton, TooManyRequests,
     TritonFailed, TritonTimeout, TritonUnavailable, UnsupportedMediaType,
 )
 from .inputs import decimal_header, read_body, read_images, refuse_repeated_framing_headers
+from .offload import parse_json_body
 from .postprocess import top_k
 from .preprocess import (
     DecodeBudget, DecoderBusyError, ImageTooLargeError, InvalidImageError, PreprocessSpec, batch_layout, input_batch,
@@ -101,8 +104,9 @@ def prepare_batch(
     in each stage.
 
     Every header is read first: a request over `max_pixels` per image or `max_request_pixels` in
-    all is refused (413) before any pixel is decoded, and one whose largest image is large holds its
-    share of `budget` while its images are decoded (429 when the share is taken)."""
+    all is refused (413) before any pixel is decoded, and one whose images are large in all holds its
+    share of `budget` while they are decoded (429 when the share is taken): many images just under the
+    large size cost as much as one large image of their sum."""
     draft_size = spec.resize_size if jpeg_draft else None
     decode_s = preprocess_s = 0.0
     started = time.perf_counter()
@@ -123,7 +127,7 @@ def prepare_batch(
     batch = input_batch(len(images), spec, pixel_input=pixel_input) if out is None else out
     large = False
     try:
-        with budget.hold(max(sizes, default=0)) if budget else contextlib.nullcontext(False) as large:
+        with budget.hold(sum(sizes)) if budget else contextlib.nullcontext(False) as large:
             for position in range(len(opened)):
                 started = time.perf_counter()
                 image, opened[position] = opened[position], None  # its pixels are freed once it is done
@@ -289,6 +293,7 @@ async def classify(
         slot, batch = held if held else (None, input_batch(len(images), info.spec, pixel_input=info.pixel_input))
         job = None
         try:
+            await refuse_if_gone(request)
             work = partial(prepare_batch, images, info.spec, settings.max_image_pixels, settings.jpeg_draft,
                            info.pixel_input, batch, max_request_pixels=settings.max_request_pixels,
                            budget=app.state.decode_budget)
@@ -299,8 +304,9 @@ async def classify(
             else:
                 metrics.preprocessing.labels("thread_pool").inc()
                 job = app.state.pool.submit(work)
-                _, decode_s, preprocess_s = await asyncio.wrap_future(job)
+                _, decode_s, preprocess_s = await in_pool(job, settings.preprocess_wait_s)
             context["stages"].update(decode=decode_s, preprocess=preprocess_s)
+            await refuse_if_gone(request)
             started = time.perf_counter()
             inference = await triton.infer(info, batch, version, slot)
             context["stages"]["inference"] = time.perf_counter() - started
@@ -314,6 +320,23 @@ async def classify(
         metrics.triton_inputs.labels(inference.transport).inc()
         return JSONResponse({"model": name, "version": inference.version,
                              "results": top_k(inference.logits, top_k_, info.labels)})
+
+
+async def refuse_if_gone(request: Request) -> None:
+    """A client that has closed its connection gets no more work done for it (answered as 499)."""
+    if await request.is_disconnected():
+        raise ClientDisconnect()
+
+
+async def in_pool(job: Future, wait_s: float) -> Any:
+    """The result of work handed to the preprocessing threads; refused (429) when no thread has taken it
+    up within `wait_s`, rather than queueing behind expensive requests without end."""
+    result = asyncio.wrap_future(job)
+    done, _ = await asyncio.wait({result}, timeout=wait_s)
+    if not done and job.cancel():  # still queued: cancelling only succeeds before a thread starts it
+        raise TooManyRequests(f"no preprocessing thread was free within {wait_s:g} s; retry shortly",
+                              retry_after_s=RETRY_AFTER_S)
+    return await result
 
 
 class inference_slot:
@@ -430,10 +453,12 @@ def _values_in(data: Any) -> int:
     count, pending = 0, [data]
     while pending:  # iterative: the JSON may nest as deep as the parser allowed
         item = pending.pop()
-        if isinstance(item, list):
+        if type(item) is not list:  # json.loads makes plain lists only
+            count += 1
+        elif list in map(type, item):  # scanned in C: a flat list of millions is counted at once
             pending.extend(item)
         else:
-            count += 1
+            count += len(item)
     return count
 
 
@@ -450,6 +475,14 @@ def refuse_data_that_does_not_fill_its_shape(parsed: dict[str, Any]) -> None:
         if math.prod(shape) != values:
             raise BadRequest(f"input {str(tensor.get('name'))[:64]!r}: shape {shape} holds {math.prod(shape)} "
                              f"values, its data {values}")
+
+
+def checked_inference_header(body: bytes, headers: dict[str, str], limit: int) -> dict[str, Any]:
+    """The inference header, refused (4xx) where Triton must not see it."""
+    parsed = inference_header(body, headers, limit)
+    refuse_shared_memory_parameters(parsed)
+    refuse_data_that_does_not_fill_its_shape(parsed)
+    return parsed
 
 
 # Triton's HTTP frontend answers 500 for a request body it cannot parse (its JSON errors are INTERNAL).
@@ -493,9 +526,9 @@ async def _infer(request: Request, name: str, path: str) -> Response:
     async with inference_slot(request) as slot_of_request:
         headers = forwarded_headers(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-        parsed = inference_header(body, headers, settings.max_body_bytes)
-        refuse_shared_memory_parameters(parsed)
-        refuse_data_that_does_not_fill_its_shape(parsed)
+        # A compressed body is unpacked first, to any size up to the limit: never inline.
+        await parse_json_body(body, partial(checked_inference_header, headers=headers, limit=settings.max_body_bytes),
+                              inline="content-encoding" not in headers)
         slot_of_request.take()
         return await _forward(request, "POST", path, body, headers, model=name)
 

@@ -68,13 +68,16 @@ class Settings(BaseSettings):
     # Bounds on decoding, where a small file can expand a thousandfold (a 190 KB PNG to 160 MB of pixels).
     # A request's images may hold this many pixels in all, by their headers; past it 413 before decoding.
     max_request_pixels: int = Field(100_000_000, gt=0)
-    # Images of at least this many pixels are large: at most max_large_decodes of them, of at most
-    # decode_pixel_budget pixels in all, are decoded at once; a request that would exceed either is refused
-    # with 429 and Retry-After rather than wait in a thread. After one, freed memory goes back to the system.
+    # A request whose images hold at least this many pixels in all is large: at most max_large_decodes of
+    # them, of at most decode_pixel_budget pixels in all, are decoded at once; a request that would exceed
+    # either is refused with 429 and Retry-After rather than wait in a thread. After one, freed memory goes
+    # back to the system.
     large_image_pixels: int = Field(4_000_000, ge=0)
     decode_pixel_budget: int = Field(50_000_000, gt=0)
     # Default: one thread fewer than the cores, so that small requests always have one.
     max_large_decodes: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1) - 1), gt=0)
+    # How long a request may wait for a preprocessing thread; past it 429 with Retry-After.
+    preprocess_wait_s: float = Field(2.0, gt=0)
 
     def load_api_keys(self) -> tuple[str, ...]:
         keys: list[str] = []

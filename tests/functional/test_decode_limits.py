@@ -9,6 +9,8 @@ import time
 import httpx
 import pytest
 
+from ..conftest import transparent_png
+
 from .conftest import MODEL, start_gateway
 
 CLASSIFY = f"/v1/models/{MODEL}/classify"
@@ -77,3 +79,42 @@ def test_large_decodes_past_the_bound_are_refused_and_small_requests_keep_a_thre
     assert after["VmHWM"] - before["VmRSS"] < 2 * DECODED_BYTES, after
     # And handed back to the system once done.
     assert after["VmRSS"] - before["VmRSS"] < DECODED_BYTES / 2, after
+
+
+def test_many_images_just_under_large_count_as_large_in_all(two_thread_gateway):
+    # 25 images of just under 4 megapixels: none large alone, 100 million pixels in all.
+    near_large = transparent_png(1999)
+    with concurrent.futures.ThreadPoolExecutor(2) as clients:
+        answers = [clients.submit(httpx.post, f"{two_thread_gateway.url}{CLASSIFY}", timeout=120,
+                                  files=as_multipart(*[near_large] * 25)) for _ in range(2)]
+        statuses = sorted(answer.result().status_code for answer in answers)
+    refused = max((answer.result() for answer in answers), key=lambda response: response.status_code)
+    assert statuses == [200, 429], refused.text[:200]
+    assert refused.json()["error"]["code"] == "too_many_requests" and refused.headers["Retry-After"]
+
+
+@pytest.fixture(scope="module")
+def one_thread_gateway(triton, tmp_path_factory):
+    """One preprocessing thread, and a short wait for it."""
+    process = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("pool-wait") / "gateway.log",
+                            triton.http_url, GATEWAY_PREPROCESS_THREADS="1", GATEWAY_PREPROCESS_WAIT_S="0.5")
+    yield process
+    process.stop()
+
+
+def test_a_request_that_waits_too_long_for_a_preprocessing_thread_is_refused(one_thread_gateway,
+                                                                             huge_transparent_png):
+    url = one_thread_gateway.url
+    small = transparent_png(64)
+    with concurrent.futures.ThreadPoolExecutor(1) as clients:
+        # Holds the only thread for seconds: two 40-megapixel decodes.
+        large = clients.submit(httpx.post, f"{url}{CLASSIFY}", timeout=120,
+                               files=as_multipart(huge_transparent_png, huge_transparent_png))
+        time.sleep(0.5)
+        waited = httpx.post(f"{url}{CLASSIFY}", content=small, headers={"Content-Type": "image/png"}, timeout=60)
+        assert large.result().status_code == 200
+    assert waited.status_code == 429, waited.text[:200]
+    assert waited.json()["error"]["code"] == "too_many_requests" and waited.headers["Retry-After"]
+    # The thread is free again: the next one is served.
+    assert httpx.post(f"{url}{CLASSIFY}", content=small, headers={"Content-Type": "image/png"},
+                      timeout=60).status_code == 200

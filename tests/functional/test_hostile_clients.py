@@ -18,7 +18,9 @@ import tritonclient.http as triton_http
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from ..conftest import transparent_png
 from .conftest import MODEL, metric, start_gateway, start_triton
+from .test_failures import wait_for
 
 MAX_IN_FLIGHT = 2
 BODY_TIMEOUT_S = 2
@@ -263,3 +265,41 @@ def test_tritonclient_reads_the_gateways_v2_errors(gateway):
     assert rejected(gateway.url, "payload_too_large") == before + 1
     status, answer = raw_request(gateway.url, "/v2/repository/index", [], b"{}")
     assert status == 404 and error_message("/v2/", answer)
+
+
+def requests_by_status(url: str) -> dict[str, float]:
+    """gateway_requests_total per HTTP status, all models together."""
+    counts: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("gateway_requests_total{"):
+            sample, _, value = line.rpartition(" ")
+            status = sample.split('status="')[1].split('"')[0]
+            counts[status] = counts.get(status, 0.0) + float(value)
+    return counts
+
+
+# Defect: a client that sent its whole request and hung up at once was still decoded, sent to Triton and
+# counted as served (200).
+def test_an_abandoned_request_is_dropped_and_counted_as_499(gateway):
+    part = (b'--XXB\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + transparent_png(1000) + b"\r\n")
+    body = part * 3 + b"--XXB--\r\n"
+    assert len(body) < MAX_BODY_BYTES
+    before, disconnected = requests_by_status(gateway.url), rejected(gateway.url, "client_disconnected")
+    free_slots = metric(gateway.url, "gateway_shared_memory_free_slots")
+    for abandoned in range(1, 4):
+        sock = connect(gateway.url)
+        send_head(sock, CLASSIFY, [("Content-Type", "multipart/form-data; boundary=XXB"),
+                                   ("Content-Length", str(len(body)))])
+        sock.sendall(body)
+        sock.close()
+        # One at a time, each finished before the next: none is refused for want of a slot.
+        assert wait_for(lambda: sum(requests_by_status(gateway.url).values()) - sum(before.values()) == abandoned)
+    after = requests_by_status(gateway.url)
+    assert after.get("499", 0) - before.get("499", 0) == 3, after
+    assert after.get("200", 0) == before.get("200", 0), after
+    assert rejected(gateway.url, "client_disconnected") == disconnected + 3
+    # The shared-memory slots came back, and everyone else is still served.
+    assert wait_for(lambda: metric(gateway.url, "gateway_shared_memory_free_slots") == free_slots)
+    assert httpx.post(f"{gateway.url}{CLASSIFY}", content=png(), headers={"Content-Type": "image/png"},
+                      timeout=30).status_code == 200

@@ -499,3 +499,19 @@ def test_release_memory_hands_a_large_decode_back_to_the_system(tmp_path):
                          env={**os.environ, **GATEWAY_MALLOC_ENV, "PYTHONPATH": os.getcwd()}, timeout=120, check=True)
     kept, trimmed = map(int, run.stdout.split())
     assert kept - trimmed > 24 * 2**20, f"RSS {kept / 2**20:.0f} MiB before malloc_trim, {trimmed / 2**20:.0f} after"
+
+
+def test_prepare_batch_counts_a_requests_pixels_in_all_against_the_large_decode_budget():
+    from server.errors import TooManyRequests
+    from server.preprocess import DecodeBudget
+    from server.routes import prepare_batch
+
+    # No image is large on its own (600x600 against 1 million), three of them are.
+    budget = DecodeBudget(pixels=1_500_000, large_image_pixels=1_000_000, decodes=1)
+    under = png_of((600, 600))
+    with budget.hold(1_000_000):
+        prepare_batch([under, under], IMAGENET, max_pixels=10**8, budget=budget)  # 720 000 in all: small
+        with pytest.raises(TooManyRequests, match="retry"):
+            prepare_batch([under] * 3, IMAGENET, max_pixels=10**8, budget=budget)
+    assert budget.held_pixels == budget.held_decodes == 0
+    prepare_batch([under] * 3, IMAGENET, max_pixels=10**8, budget=budget)
