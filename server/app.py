@@ -34,7 +34,7 @@ from .metrics import GatewayMetrics
 from .preprocess import DecodeBudget
 from .routes import health, kserve, models
 from .security import require_key_for_docs
-from .settings import Settings, get_settings
+from .settings import NoApiKeys, Settings, get_settings
 from .pool import TritonPool
 from .shared_memory import input_region
 
@@ -177,7 +177,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.slots_taken = 0  # requests past their body, at most max_in_flight
     app.state.decode_budget = DecodeBudget(settings.decode_pixel_budget, settings.large_image_pixels,
                                            settings.max_large_decodes)
-    app.state.api_keys = tuple(k.encode() for k in settings.load_api_keys())
+    try:
+        app.state.api_keys = tuple(k.encode() for k in settings.load_api_keys())
+    except NoApiKeys as e:
+        # One line and a non-zero exit, before anything listens: never a gateway silently open to all.
+        raise SystemExit(f"gateway: error: {e}") from None
     app.include_router(health)
     app.include_router(models)
     app.include_router(kserve)

@@ -10,6 +10,10 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class NoApiKeys(ValueError):
+    """An API key source is set but yields no key."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=None, extra="ignore")
 
@@ -77,13 +81,22 @@ class Settings(BaseSettings):
     max_large_decodes: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 1) - 1), gt=0)
 
     def load_api_keys(self) -> tuple[str, ...]:
+        """The API keys; none when no key source is set. A source that is set but yields no key is an
+        error (NoApiKeys), never a gateway open to all."""
         keys: list[str] = []
         if self.api_keys is not None:
             keys += self.api_keys.get_secret_value().split(",")
         if self.api_keys_file:
-            with open(self.api_keys_file) as f:
-                keys += f.read().splitlines()
-        return tuple(k.strip() for k in keys if k.strip())
+            try:
+                with open(self.api_keys_file) as f:
+                    keys += f.read().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise NoApiKeys(f"GATEWAY_API_KEYS_FILE {self.api_keys_file}: cannot read it: {e}") from None
+        keys = [k.strip() for k in keys if k.strip()]
+        if not keys and (self.api_keys is not None or self.api_keys_file):
+            source = (f"GATEWAY_API_KEYS_FILE {self.api_keys_file}" if self.api_keys_file else "GATEWAY_API_KEYS")
+            raise NoApiKeys(f"{source} holds no API key; set one or unset it to run without keys")
+        return tuple(keys)
 
     @property
     def triton_url(self) -> str:
