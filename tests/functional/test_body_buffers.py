@@ -31,6 +31,33 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+V2_GOOD = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
+# Python's JSON parser reads each of these; Triton's refuses them, and was answered 502 "triton_error".
+TRITON_UNREADABLE_JSON = {
+    "a number past the float range": json.dumps(V2_GOOD).replace("0.5", "1e400", 1).encode(),
+    "NaN": json.dumps(V2_GOOD).replace("0.5", "NaN", 1).encode(),
+    "a UTF-16 body": json.dumps(V2_GOOD).encode("utf-16"),
+    "a lone surrogate in the id": json.dumps({**V2_GOOD, "id": "\ud800"}).encode(),
+    "a lone surrogate in a key": json.dumps({**V2_GOOD, "parameters": {"\udc00": 1}}).encode(),
+}
+
+
+@pytest.mark.parametrize("body", TRITON_UNREADABLE_JSON.values(), ids=TRITON_UNREADABLE_JSON.keys())
+def test_json_that_triton_cannot_read_is_a_400(gateway, body):
+    failed = metric(gateway.url, "gateway_triton_errors_total", code="triton_error") or 0.0
+    status, answer = raw_request(gateway.url, V2_INFER, [("Content-Type", "application/json")], body)
+    assert status == 400, answer
+    assert isinstance(json.loads(answer)["error"], str), answer
+    assert (metric(gateway.url, "gateway_triton_errors_total", code="triton_error") or 0.0) == failed
+
+
+def test_json_with_a_paired_surrogate_is_forwarded(gateway):
+    body = json.dumps({**V2_GOOD, "id": "\U0001f600"}).encode()  # ASCII escapes of a surrogate pair
+    status, answer = raw_request(gateway.url, V2_INFER, [("Content-Type", "application/json")], body)
+    assert status == 200, answer
+    assert json.loads(answer)["id"] == "\U0001f600"
+
+
 # Defect: a key source that held no key left the gateway open to all.
 @pytest.mark.parametrize("env", [{"GATEWAY_API_KEYS": " , "}, {"GATEWAY_API_KEYS_FILE": "EMPTY"}],
                          ids=["keys of blanks", "an empty keys file"])
