@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     def triton_url(self) -> str:
         return self.triton_grpc_url if self.triton_protocol == "grpc" else self.triton_http_url
 
+    # Open connections (idle ones included) or requests at once before uvicorn answers 503 (its
+    # limit_concurrency, passed where the gateway process starts). uvicorn has no deadline for headers.
+    max_connections: int = Field(1024, gt=0)
+
 
 class TritonSettings(BaseSettings):
     """The embedded Triton server of the local stack (`make serve`, `make demo`), TRITON_* variables."""

@@ -31,6 +31,30 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+# Defect: uvicorn ran with no connection limit.
+def test_connections_past_the_limit_are_answered_503(triton, tmp_path):
+    limit = 4
+    gateway = start_gateway(triton.grpc_url, tmp_path / "gateway.log", triton.http_url,
+                            GATEWAY_MAX_CONNECTIONS=str(limit))
+    try:
+        idle = [connect(gateway.url) for _ in range(limit)]
+        try:
+            time.sleep(0.3)
+            with connect(gateway.url) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+                status, _ = response_of(sock)
+        finally:
+            for sock in idle:
+                sock.close()
+        assert status == 503
+        time.sleep(0.3)
+        with connect(gateway.url) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+            assert response_of(sock)[0] == 200
+    finally:
+        gateway.stop()
+
+
 V2_GOOD = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
 # Python's JSON parser reads each of these; Triton's refuses them, and was answered 502 "triton_error".
 TRITON_UNREADABLE_JSON = {
