@@ -102,9 +102,16 @@ class Settings(BaseSettings):
     def triton_url(self) -> str:
         return self.triton_grpc_url if self.triton_protocol == "grpc" else self.triton_http_url
 
+    # Bytes of request bodies held in memory at once, across all requests: reserved by a body's
+    # Content-Length before it is read (as it arrives when chunked) and kept until its request is answered;
+    # past it 429 with Retry-After. Default: 4 x max_body_bytes.
+    max_buffered_body_bytes: int | None = Field(None, gt=0)
     # Open connections (idle ones included) or requests at once before uvicorn answers 503 (its
     # limit_concurrency, passed where the gateway process starts). uvicorn has no deadline for headers.
     max_connections: int = Field(1024, gt=0)
+
+    def buffered_body_limit(self) -> int:
+        return self.max_buffered_body_bytes or 4 * self.max_body_bytes
 
 
 class TritonSettings(BaseSettings):

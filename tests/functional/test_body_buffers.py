@@ -31,6 +31,71 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+@pytest.fixture(scope="module")
+def buffering_gateway(triton, tmp_path_factory):
+    gateway = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("buffers") / "gateway.log", triton.http_url,
+                            GATEWAY_MAX_BODY_BYTES=str(BODY_LIMIT), GATEWAY_MAX_BUFFERED_BODY_BYTES=str(BUFFER_LIMIT),
+                            GATEWAY_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S))
+    yield gateway
+    gateway.stop()
+
+
+# Defect: nothing capped the bodies being read at once; 60 slow 19 MiB bodies took the gateway from 241 MB
+# to 1.40 GB, which it kept after they had all been answered 408.
+def test_slow_large_bodies_cannot_buffer_past_the_cap_and_their_memory_goes_back(buffering_gateway):
+    gateway = buffering_gateway
+    body = b"\xff\xd8" + b"\0" * (BODY_LIMIT - 3)  # one byte short of its Content-Length
+    baseline = rss_bytes(gateway.pid)
+    held, refused = [], []
+    try:
+        for _ in range(16):
+            sock = connect(gateway.url, timeout_s=4 * BODY_TIMEOUT_S)
+            send_head(sock, CLASSIFY, [("Content-Type", "image/jpeg"), ("Content-Length", str(BODY_LIMIT))])
+            if select.select([sock], [], [], 0.5)[0]:  # answered before its body: refused
+                refused.append(response_of(sock) + (sock,))
+            else:
+                sock.sendall(body)
+                held.append(sock)
+        time.sleep(0.5)
+        peak = rss_bytes(gateway.pid) - baseline
+        late = [response_of(sock) for sock in held]
+    finally:
+        for sock in held + [entry[2] for entry in refused]:
+            sock.close()
+    assert len(held) == BUFFER_LIMIT // BODY_LIMIT, f"{len(held)} bodies were read at once"
+    assert {status for status, _, _ in refused} == {429}
+    assert all(json.loads(answer)["error"]["code"] == "too_many_requests" for _, answer, _ in refused)
+    assert [status for status, _ in late] == [408] * len(held)
+    assert peak < BUFFER_LIMIT + 24 * MIB, f"RSS grew by {peak / MIB:.0f} MiB"
+    time.sleep(0.5)
+    after = rss_bytes(gateway.pid) - baseline
+    assert after < 12 * MIB, f"RSS still {after / MIB:.0f} MiB above where it started (peak +{peak / MIB:.0f})"
+    # Every reservation was given back: a body of the limit is read again.
+    status, answer = raw_request(gateway.url, CLASSIFY, [("Content-Type", "image/jpeg")], body + b"\0")
+    assert status == 400, answer  # read in full, then refused as not an image
+
+
+def test_a_refused_body_says_when_to_retry(buffering_gateway):
+    gateway = buffering_gateway
+    socks = []
+    try:
+        for _ in range(BUFFER_LIMIT // BODY_LIMIT):
+            sock = connect(gateway.url, timeout_s=4 * BODY_TIMEOUT_S)
+            send_head(sock, CLASSIFY, [("Content-Type", "image/jpeg"), ("Content-Length", str(BODY_LIMIT))])
+            socks.append(sock)
+        time.sleep(0.3)
+        with connect(gateway.url) as sock:
+            send_head(sock, V2_INFER, [("Content-Type", "application/json"), ("Content-Length", str(BODY_LIMIT))])
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            status, retry_after, answer = response.status, response.getheader("Retry-After"), response.read()
+    finally:
+        for sock in socks:
+            sock.close()
+    assert status == 429 and retry_after, (status, answer)
+    assert isinstance(json.loads(answer)["error"], str)  # KServe's shape on /v2
+
+
 # Defect: uvicorn ran with no connection limit.
 def test_connections_past_the_limit_are_answered_503(triton, tmp_path):
     limit = 4
