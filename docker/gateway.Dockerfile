@@ -23,5 +23,6 @@ USER 10001:10001
 EXPOSE 8080
 # Every interface, unlike the local default (127.0.0.1): a container is reached from outside it, so
 # set GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE. The stock asyncio loop: grpc.aio, which carries every
-# Triton call, does not support uvloop.
-CMD ["uvicorn", "server.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8080", "--loop", "asyncio"]
+# Triton call, does not support uvloop. Past GATEWAY_MAX_CONNECTIONS connections uvicorn answers 503
+# (1024 unset, as in server/settings.py); a shell reads it, exec leaves uvicorn as PID 1.
+CMD ["sh", "-c", "exec uvicorn server.app:create_app --factory --host 0.0.0.0 --port 8080 --loop asyncio --limit-concurrency \"${GATEWAY_MAX_CONNECTIONS:-1024}\""]

@@ -29,12 +29,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .errors import GatewayError
+from .inputs import BufferedBodies
 from .launcher import REPOSITORY_KEY_HEADER
 from .metrics import GatewayMetrics
-from .preprocess import DecodeBudget
+from .preprocess import DecodeBudget, release_memory
 from .routes import health, kserve, models
 from .security import require_key_for_docs
-from .settings import Settings, get_settings
+from .settings import NoApiKeys, Settings, get_settings
 from .pool import TritonPool
 from .shared_memory import input_region
 
@@ -73,8 +74,8 @@ def configure_logging(settings: Settings) -> None:
 class RequestContextMiddleware:
     """Request id (accepted or made, always echoed), per-request metrics, and one JSON log line."""
 
-    def __init__(self, app, metrics: GatewayMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: GatewayMetrics, bodies: BufferedBodies) -> None:
+        self.app, self.metrics, self.bodies = app, metrics, bodies
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -105,6 +106,8 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, counting_receive, send_with_id)
         finally:
+            # The request's body is gone with it: its reservation too, on every path.
+            self.bodies.release(context.pop("buffered_bytes", 0))
             total = time.perf_counter() - started
             self._record(scope, context, status, total, sizes)
 
@@ -177,12 +180,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.slots_taken = 0  # requests past their body, at most max_in_flight
     app.state.decode_budget = DecodeBudget(settings.decode_pixel_budget, settings.large_image_pixels,
                                            settings.max_large_decodes)
-    app.state.api_keys = tuple(k.encode() for k in settings.load_api_keys())
+    try:
+        app.state.api_keys = tuple(k.encode() for k in settings.load_api_keys())
+    except NoApiKeys as e:
+        # One line and a non-zero exit, before anything listens: never a gateway silently open to all.
+        raise SystemExit(f"gateway: error: {e}") from None
+    app.state.bodies = bodies = BufferedBodies(settings.buffered_body_limit(), on_large_release=release_memory)
     app.include_router(health)
     app.include_router(models)
     app.include_router(kserve)
     _install_docs(app)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, bodies=bodies)
     _install_error_handlers(app)
     return app
 

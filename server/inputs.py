@@ -7,15 +7,18 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 
-from .errors import BadRequest, InvalidImage, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from .errors import (
+    BadRequest, InvalidImage, PayloadTooLarge, RequestTimeout, TooManyRequests, UnsupportedMediaType,
+)
 from .offload import parse_json_body
 from .settings import Settings
+from .triton import RETRY_AFTER_S
 
 RAW_MEDIA_TYPES = ("image/", "application/octet-stream")
 # Headers that say how to read the body. Sent twice, one reader may take the first and another the last.
@@ -41,17 +44,58 @@ def media_type_of(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _check_declared_length(request: Request, limit: int) -> None:
+def _declared_length(request: Request, limit: int) -> int:
     declared = request.headers.get("content-length")
-    if declared is not None and decimal_header(declared, "content-length") > limit:
+    if declared is None:
+        return 0
+    length = decimal_header(declared, "content-length")
+    if length > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}", close_connection=True)
+    return length
+
+
+class BufferedBodies:
+    """The bytes of request bodies the gateway holds at once, across all requests, at most `limit`. Without
+    it each slow client could make the gateway hold a body of the size limit: memory grows with the number
+    of connections, not with the inference slots (taken only once a body is in)."""
+
+    LARGE_BYTES = 1 << 20  # a release of at least this many bytes hands freed memory back to the system
+
+    def __init__(self, limit: int, on_large_release: Callable[[], object] | None = None) -> None:
+        self.limit, self.held = limit, 0
+        self.on_large_release = on_large_release
+
+    def reserve(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise TooManyRequests(f"the gateway holds {self.held} bytes of request bodies, its limit is "
+                                  f"{self.limit}; retry shortly", retry_after_s=RETRY_AFTER_S, close_connection=True)
+        self.held += size
+
+    def release(self, size: int) -> None:
+        if size:
+            self.held -= size
+            if size >= self.LARGE_BYTES and self.on_large_release is not None:
+                self.on_large_release()
+
+
+def _reserve(request: Request, size: int) -> None:
+    """Counts `size` more bytes of this request's body against the gateway's BufferedBodies; the request's
+    middleware gives them all back when the request ends, whichever way it ends."""
+    bodies: BufferedBodies | None = getattr(request.app.state, "bodies", None)
+    context = getattr(request.state, "context", None)
+    if bodies is None or context is None or not size:
+        return
+    bodies.reserve(size)
+    context["buffered_bytes"] = context.get("buffered_bytes", 0) + size
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole body, refused as soon as it passes `limit` bytes whatever its framing (chunked uploads
-    included), or once it has taken more than `timeout_s` to arrive (408)."""
+    included), or once it has taken more than `timeout_s` to arrive (408). Its bytes are reserved against
+    the gateway's buffered total first (by Content-Length, or as chunks come); past it 429."""
     refuse_repeated_framing_headers(request)
-    _check_declared_length(request, limit)
+    reserved = _declared_length(request, limit)
+    _reserve(request, reserved)
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
@@ -59,11 +103,16 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", close_connection=True)
+                if size > reserved:
+                    _reserve(request, size - reserved)
+                    reserved = size
                 chunks.append(chunk)
+        return b"".join(chunks)
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)",
                              close_connection=True) from None
-    return b"".join(chunks)
+    finally:
+        chunks.clear()  # a refused body's pieces are not kept alive by the exception's traceback
 
 
 def _check_count(count: int, settings: Settings) -> None:

@@ -21,7 +21,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
+
+from pydantic import TypeAdapter, ValidationError
+
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -302,11 +306,24 @@ class GatewayProcess(_ManagedProcess):
         """This process's environment plus `env`, over the gateway's allocator defaults."""
         return {**GATEWAY_MALLOC_ENV, **os.environ, **self.env}
 
+    def max_connections(self) -> int:
+        """GATEWAY_MAX_CONNECTIONS as the gateway's settings read it: uvicorn's own option, so read here."""
+        field = Settings.model_fields["max_connections"]
+        value = {k.upper(): v for k, v in self.environment().items()}.get("GATEWAY_MAX_CONNECTIONS")
+        if value is None:
+            return field.default
+        try:
+            return TypeAdapter(Annotated[int, field]).validate_python(value)
+        except ValidationError as e:
+            raise LaunchError(f"GATEWAY_MAX_CONNECTIONS={value!r}: {e.errors()[0]['msg']}") from None
+
     def start(self) -> None:
         # The stock asyncio loop: grpc.aio, which carries every Triton call, does not support uvloop.
+        # Past --limit-concurrency connections (or requests) uvicorn answers 503.
         command = [
             sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory",
             "--host", self.host, "--port", str(self.port), "--log-level", "warning", "--loop", "asyncio",
+            "--limit-concurrency", str(self.max_connections()),
         ]
         self._spawn(command, self.environment())
         self._wait_until(f"{self.url}/healthz", self.startup_timeout_s)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import time
 import zlib
 from concurrent.futures import Future
@@ -428,14 +429,48 @@ def inference_header(body: bytes, headers: dict[str, str], limit: int) -> dict[s
             raise BadRequest(f"the inference header length {length} is not within the body's {len(body)} bytes")
         body = body[:int(length)]
     try:
-        parsed = json.loads(body, object_pairs_hook=_no_duplicate_keys)
+        # Strict UTF-8 as Triton reads it: json.loads would also take UTF-16 and UTF-32 bytes.
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the inference header is not UTF-8 text: {e}") from None
+    try:
+        parsed = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
     except RecursionError:
         raise BadRequest("the inference header is nested too deeply") from None
-    except (UnicodeDecodeError, ValueError) as e:
+    except ValueError as e:
         raise BadRequest(f"the inference header is not JSON: {e}") from e
     if not isinstance(parsed, dict):
         raise BadRequest("the inference header is not a JSON object")
+    if SURROGATE_ESCAPE.search(text):  # the walk only where there may be something to find
+        refuse_lone_surrogates(parsed)
     return parsed
+
+
+# Python's JSON parser takes these and Triton's does not: refused here as the client's mistake. A number
+# past a double's range (1e400) is left to Triton, whose refusal is mapped to 400 below: checking every
+# number here would double the time to parse a large tensor.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _no_constant(name: str) -> float:
+    raise BadRequest(f"the inference header holds {name}, which is not JSON")
+
+
+def refuse_lone_surrogates(parsed: Any) -> None:
+    """A \\uD800 escape with no pair decodes to a string that is not Unicode text; Triton refuses it."""
+    pending = [parsed]
+    while pending:  # iterative: the JSON may nest as deep as the parser allowed
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("the inference header holds an unpaired surrogate (\\uD800-\\uDFFF)") from None
 
 
 def refuse_shared_memory_parameters(parsed: dict[str, Any]) -> None:
@@ -486,7 +521,7 @@ def checked_inference_header(body: bytes, headers: dict[str, str], limit: int) -
 
 
 # Triton's HTTP frontend answers 500 for a request body it cannot parse (its JSON errors are INTERNAL).
-TRITON_PARSE_ERROR = "unable to parse"
+TRITON_PARSE_ERRORS = ("unable to parse", "failed to parse the request json buffer")
 
 
 async def _forward(request: Request, method: str, path: str, body: bytes = b"",
@@ -512,7 +547,7 @@ async def _forward(request: Request, method: str, path: str, body: bytes = b"",
             raise ModelNotFound(message)
         if upstream.status_code < 500:
             raise RefusedByTriton(message, upstream.status_code)
-        if message.lower().startswith(TRITON_PARSE_ERROR):
+        if message.lower().startswith(TRITON_PARSE_ERRORS):
             raise RefusedByTriton(message)
         raise TritonFailed(message)
     headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}

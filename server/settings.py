@@ -10,6 +10,10 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class NoApiKeys(ValueError):
+    """An API key source is set but yields no key."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=None, extra="ignore")
 
@@ -80,17 +84,37 @@ class Settings(BaseSettings):
     preprocess_wait_s: float = Field(2.0, gt=0)
 
     def load_api_keys(self) -> tuple[str, ...]:
+        """The API keys; none when no key source is set. A source that is set but yields no key is an
+        error (NoApiKeys), never a gateway open to all."""
         keys: list[str] = []
         if self.api_keys is not None:
             keys += self.api_keys.get_secret_value().split(",")
         if self.api_keys_file:
-            with open(self.api_keys_file) as f:
-                keys += f.read().splitlines()
-        return tuple(k.strip() for k in keys if k.strip())
+            try:
+                with open(self.api_keys_file) as f:
+                    keys += f.read().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise NoApiKeys(f"GATEWAY_API_KEYS_FILE {self.api_keys_file}: cannot read it: {e}") from None
+        keys = [k.strip() for k in keys if k.strip()]
+        if not keys and (self.api_keys is not None or self.api_keys_file):
+            source = (f"GATEWAY_API_KEYS_FILE {self.api_keys_file}" if self.api_keys_file else "GATEWAY_API_KEYS")
+            raise NoApiKeys(f"{source} holds no API key; set one or unset it to run without keys")
+        return tuple(keys)
 
     @property
     def triton_url(self) -> str:
         return self.triton_grpc_url if self.triton_protocol == "grpc" else self.triton_http_url
+
+    # Bytes of request bodies held in memory at once, across all requests: reserved by a body's
+    # Content-Length before it is read (as it arrives when chunked) and kept until its request is answered;
+    # past it 429 with Retry-After. Default: 4 x max_body_bytes.
+    max_buffered_body_bytes: int | None = Field(None, gt=0)
+    # Open connections (idle ones included) or requests at once before uvicorn answers 503 (its
+    # limit_concurrency, passed where the gateway process starts). uvicorn has no deadline for headers.
+    max_connections: int = Field(1024, gt=0)
+
+    def buffered_body_limit(self) -> int:
+        return self.max_buffered_body_bytes or 4 * self.max_body_bytes
 
 
 class TritonSettings(BaseSettings):

@@ -429,8 +429,12 @@ def test_gateway_image_runs_the_app_factory_as_non_root(services):
     user = [args for word, args in instructions if word == "USER"][-1]
     assert user.split(":")[0].isdigit() and int(user.split(":")[0]) > 0, "numeric uid for runAsNonRoot"
     cmd = json.loads([args for word, args in instructions if word == "CMD"][-1])
-    assert cmd == ["uvicorn", "server.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8080",
-                   "--loop", "asyncio"]  # grpc.aio does not support uvloop
+    assert cmd[:2] == ["sh", "-c"]
+    assert shlex.split(cmd[2]) == [
+        "exec", "uvicorn", "server.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8080",
+        "--loop", "asyncio",  # grpc.aio does not support uvloop
+        "--limit-concurrency", f"${{GATEWAY_MAX_CONNECTIONS:-{Settings.model_fields['max_connections'].default}}}",
+    ]
     from server.app import create_app
     assert callable(create_app)
 

@@ -1,6 +1,11 @@
 """Gateway settings whose defaults are a security decision."""
 
-from server.settings import Settings
+import pytest
+
+from server.app import create_app
+from server.errors import TooManyRequests
+from server.inputs import BufferedBodies
+from server.settings import NoApiKeys, Settings
 
 
 def test_the_gateway_listens_on_loopback_unless_told_otherwise(monkeypatch):
@@ -18,3 +23,58 @@ def test_docs_and_metrics_need_the_key_by_default_and_required_models_are_a_list
     assert settings.required_model_names() == ()
     monkeypatch.setenv("GATEWAY_REQUIRED_MODELS", " digits, resnet ,")
     assert Settings().required_model_names() == ("digits", "resnet")
+
+
+API_KEY_VARIABLES = ("GATEWAY_API_KEYS", "GATEWAY_API_KEYS_FILE")
+
+
+@pytest.mark.parametrize("keys, file_text", [(" , ", None), (None, ""), (None, "\n  \n"), ("", None)],
+                         ids=["blanks", "an empty file", "a file of blank lines", "an empty variable"])
+def test_a_key_source_without_keys_stops_the_gateway_from_starting(monkeypatch, tmp_path, keys, file_text):
+    for name in API_KEY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    if keys is not None:
+        monkeypatch.setenv("GATEWAY_API_KEYS", keys)
+    if file_text is not None:
+        (tmp_path / "keys").write_text(file_text)
+        monkeypatch.setenv("GATEWAY_API_KEYS_FILE", str(tmp_path / "keys"))
+    settings = Settings()
+    with pytest.raises(NoApiKeys, match="holds no API key"):
+        settings.load_api_keys()
+    with pytest.raises(SystemExit, match="^gateway: error: GATEWAY_API_KEYS.* holds no API key"):
+        create_app(settings)
+
+
+def test_keys_are_read_from_either_source_and_none_is_no_key(monkeypatch, tmp_path):
+    for name in API_KEY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert Settings().load_api_keys() == ()
+    (tmp_path / "keys").write_text("k3\n\n k4 \n")
+    monkeypatch.setenv("GATEWAY_API_KEYS", " k1, ,k2")
+    monkeypatch.setenv("GATEWAY_API_KEYS_FILE", str(tmp_path / "keys"))
+    assert Settings().load_api_keys() == ("k1", "k2", "k3", "k4")
+    monkeypatch.setenv("GATEWAY_API_KEYS_FILE", str(tmp_path / "missing"))
+    with pytest.raises(NoApiKeys, match="cannot read it"):
+        Settings().load_api_keys()
+
+
+def test_buffered_bodies_default_to_four_bodies_of_the_limit(monkeypatch):
+    for name in ("GATEWAY_MAX_BODY_BYTES", "GATEWAY_MAX_BUFFERED_BODY_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    assert Settings().buffered_body_limit() == 4 * Settings().max_body_bytes
+    monkeypatch.setenv("GATEWAY_MAX_BUFFERED_BODY_BYTES", "1000")
+    assert Settings().buffered_body_limit() == 1000
+
+
+def test_buffered_bodies_refuse_past_the_limit_and_take_back_what_is_released():
+    trims = []
+    bodies = BufferedBodies(3 << 20, on_large_release=lambda: trims.append(1))
+    bodies.reserve(2 << 20)
+    with pytest.raises(TooManyRequests) as refused:
+        bodies.reserve((1 << 20) + 1)
+    assert refused.value.headers()["Retry-After"] and refused.value.headers()["Connection"] == "close"
+    bodies.reserve(1 << 20)
+    bodies.release(2 << 20)
+    assert bodies.held == 1 << 20 and trims == [1]  # a large body's memory handed back
+    bodies.release(100)
+    assert trims == [1]
