@@ -119,13 +119,22 @@ def _publish_interface(args: argparse.Namespace):
         except OSError as e:
             raise PublishError(f"labels file {args.labels} cannot be read: {e.strerror or e}") from e
     flags = (args.resize, args.crop, args.mean, args.std, args.color_mode)
-    if all(f is None for f in flags) and "preprocess" in inspect_onnx(Path(args.onnx)).metadata:
+    embedded = inspect_onnx(Path(args.onnx)).metadata.get("preprocess")
+    if all(f is None for f in flags) and embedded:
         return None, labels
+    # Flags override the spec the model carries, one value at a time: `--resize 99` alone must not swap
+    # the mean and std measured in training for ImageNet's. Without a carried spec, ImageNet's defaults,
+    # and a resize of crop / 0.875 (256 for 224), the usual ratio, when only the crop is given.
+    base = json.loads(embedded) if embedded else {}
+    crop = args.crop or base.get("image_size") or 224
+    resize = args.resize or (int(crop / 0.875) if args.crop or not base else base["resize_size"])
     try:
         spec = PreprocessSpec(
-            image_size=args.crop or 224, resize_size=args.resize or 256,
-            mean=tuple(args.mean or (0.485, 0.456, 0.406)), std=tuple(args.std or (0.229, 0.224, 0.225)),
-            color_mode=args.color_mode or "RGB",
+            image_size=crop, resize_size=resize,
+            mean=tuple(args.mean or base.get("mean") or (0.485, 0.456, 0.406)),
+            std=tuple(args.std or base.get("std") or (0.229, 0.224, 0.225)),
+            color_mode=args.color_mode or base.get("color_mode") or "RGB",
+            interpolation=base.get("interpolation", "bilinear"), equalize=bool(base.get("equalize", False)),
         )
     except ValueError as e:
         raise PublishError(f"preprocessing flags: {e}") from e
@@ -373,6 +382,11 @@ class _Parser(argparse.ArgumentParser):
     """A command-line mistake is one line, the error and where the options are listed, and exit code 2:
     argparse's usage block would bury the error under dozens of lines for `train`."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        # `--epoch 1` must not quietly run as `--epochs 1`: a mistyped flag is a mistake to report.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
@@ -536,6 +550,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BuilderError as e:
         # One line whatever the message carries (a library's error can span several).
         print(f"builder {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A file the command reads or writes: an unwritable output folder, a path under a file, a full disk.
+        where = f" {e.filename}" if e.filename else ""
+        print(f"builder {args.command}: error: cannot use{where}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"builder {args.command}: interrupted", file=sys.stderr)

@@ -190,8 +190,9 @@ def _check_batch_axis(model: OnnxClassifier) -> bool:
         return False
     raise PublishError(
         f"input {model.input_name!r} has a fixed batch of {model.batch_size}; export the model with a dynamic "
-        f"batch axis (builder export does; torch.onnx.export needs dynamic_axes={{{model.input_name!r}: "
-        f"{{0: 'batch'}}, ...}} for the input and every output)")
+        f"batch axis (builder export does; with torch.onnx.export, dynamic_shapes=({{0: 'batch'}},), or "
+        f"dynamic_axes={{{model.input_name!r}: {{0: 'batch'}}, ...}} for the input and every output with "
+        f"dynamo=False)")
 
 
 def _next_version(model_dir: Path) -> int:

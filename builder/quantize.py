@@ -111,6 +111,8 @@ class QuantizeResult:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
+    if not Path(path).is_file():
+        raise QuantizeError(f"ONNX file {path} does not exist")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # DecodeError and friends for files that are not ONNX

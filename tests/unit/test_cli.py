@@ -201,3 +201,50 @@ def test_build_to_a_path_under_a_file_fails_before_training(capsys, tmp_path, fl
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"builder build: error: {what} {blocker / 'sub'} is not writable ({blocker} is not a folder)"]
     assert not (tmp_path / "build" / "train").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "quantize", "evaluate"])
+def test_an_output_that_cannot_be_written_is_one_line(capsys, tiny_run, tmp_path, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = {"export": ["export", "--checkpoint", str(tiny_run / "best.pt"), "--output", str(blocker / "m.onnx")],
+            "quantize": ["quantize", "--onnx", str(tiny_run / "model.onnx"), "--output", str(blocker / "q.onnx"),
+                         "--calibration-images", "8"],
+            "evaluate": ["evaluate", "--onnx", str(tiny_run / "model.onnx"), "--out", str(blocker / "eval")]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"builder {command}: error:") and str(blocker) in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_a_missing_onnx_file_is_said_to_be_missing(capsys):
+    assert main(["evaluate", "--onnx", "/no/such/model.onnx"]) == 2
+    assert "does not exist" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_abbreviated_flag_is_a_mistake(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--epoch", "1"])
+    assert exit_.value.code == 2
+    assert "--epoch" in capsys.readouterr().err
+
+
+def test_preprocessing_flags_override_the_models_own_spec_one_value_at_a_time(tiny_run, tmp_path):
+    from builder import model_config
+    from server.preprocess import PreprocessSpec
+
+    repository = tmp_path / "repo"
+
+    def published_spec(name: str, *flags: str) -> PreprocessSpec:
+        assert main(["publish", "--onnx", str(tiny_run / "model.onnx"), "--name", name, "--repository",
+                     str(repository), *flags]) == 0
+        config = model_config.parse((repository / name / "config.pbtxt").read_text())
+        return PreprocessSpec.from_parameters(config.parameters)
+
+    own, resized = published_spec("own"), published_spec("resized", "--resize", "12")
+    # Only the resize changed: the mean and std measured in training stay, not ImageNet's.
+    assert resized.resize_size == 12
+    assert (resized.mean, resized.std, resized.image_size, resized.color_mode) == (
+        own.mean, own.std, own.image_size, own.color_mode)
+    # A crop alone brings the usual resize with it (crop / 0.875), not 256.
+    assert published_spec("cropped", "--crop", "8").resize_size == 9
