@@ -20,7 +20,12 @@ from .offload import parse_json_body
 from .settings import Settings
 from .triton import RETRY_AFTER_S
 
-RAW_MEDIA_TYPES = ("image/", "application/octet-stream")
+# Raw bodies: an image of a format the gateway decodes (with the common aliases), or bytes of any kind,
+# which the decoder then checks. Another declared image type is refused before its body is read.
+RAW_MEDIA_TYPES = frozenset({
+    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/bmp", "image/x-bmp",
+    "image/x-ms-bmp", "image/gif", "application/octet-stream",
+})
 # Headers that say how to read the body. Sent twice, one reader may take the first and another the last.
 FRAMING_HEADERS = ("content-type", "content-encoding", "inference-header-content-length", "content-length",
                    "transfer-encoding")
@@ -180,12 +185,13 @@ async def read_images(request: Request, settings: Settings) -> list[bytes]:
         return await _multipart(request, settings)
     if media_type == "application/json":
         return await _json(request, settings)
-    if media_type.startswith(RAW_MEDIA_TYPES):
+    if media_type in RAW_MEDIA_TYPES:
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         if not body:
             raise InvalidImage("request body is empty")
         return [body]
     raise UnsupportedMediaType(
-        f"content type {media_type or '(none)'!r} is not supported; send an image (image/jpeg, image/png, ...), "
+        f"content type {media_type or '(none)'!r} is not supported; send an image (image/jpeg, image/png, "
+        "image/webp, image/bmp or image/gif), "
         "multipart/form-data with 'image' file fields, or application/json with base64 'images'"
     )

@@ -44,9 +44,15 @@ def test_accepted_formats_and_modes_are_classified(gateway, mode, fmt):
 
 
 def test_formats_outside_the_accepted_list_are_refused(gateway):
+    # Declared as what it is: an unsupported media type, refused before it is read.
     response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=encoded("RGB", "TIFF"),
                     headers={"Content-Type": "image/tiff"})
-    assert response.status_code == 400 and "accepted format" in response.json()["error"]["message"]
+    assert response.status_code == 415 and "image/tiff" in response.json()["error"]["message"]
+    # Declared as an accepted type or as plain bytes: the decoder opens only the accepted formats.
+    for declared in ("image/png", "application/octet-stream"):
+        response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=encoded("RGB", "TIFF"),
+                        headers={"Content-Type": declared})
+        assert response.status_code == 400 and "accepted format" in response.json()["error"]["message"]
 
 
 def test_json_base64_multipart_and_raw_bodies_give_the_same_answer(gateway, photos):
