@@ -11,7 +11,7 @@ import pytest
 
 from ..conftest import transparent_png
 
-from .conftest import MODEL, start_gateway
+from .conftest import MODEL, metric, start_gateway
 
 CLASSIFY = f"/v1/models/{MODEL}/classify"
 DECODED_BYTES = 6324 * 6324 * 4  # one 40-megapixel RGBA image
@@ -106,11 +106,16 @@ def test_a_request_that_waits_too_long_for_a_preprocessing_thread_is_refused(one
                                                                              huge_transparent_png):
     url = one_thread_gateway.url
     small = transparent_png(64)
+    handed = metric(url, "gateway_preprocessing_total", where="thread_pool") or 0.0
     with concurrent.futures.ThreadPoolExecutor(1) as clients:
         # Holds the only thread for seconds: two 40-megapixel decodes.
         large = clients.submit(httpx.post, f"{url}{CLASSIFY}", timeout=120,
                                files=as_multipart(huge_transparent_png, huge_transparent_png))
-        time.sleep(0.5)
+        # Sent once the large one is in the pool's queue (counted when handed over), so it waits behind it.
+        deadline = time.monotonic() + 60
+        while (metric(url, "gateway_preprocessing_total", where="thread_pool") or 0.0) == handed:
+            assert time.monotonic() < deadline and not large.done(), "the large request never reached the pool"
+            time.sleep(0.02)
         waited = httpx.post(f"{url}{CLASSIFY}", content=small, headers={"Content-Type": "image/png"}, timeout=60)
         assert large.result().status_code == 200
     assert waited.status_code == 429, waited.text[:200]

@@ -30,7 +30,8 @@ def test_a_plain_torch_onnx_export_is_published_self_contained(tmp_path, capsys)
     # Triton's backend gets model.onnx alone: the weights must be inside it.
     assert sorted(p.name for p in version.iterdir()) == ["build.json", "model.onnx", "model.py"]
     config = model_config.parse((repository / "mine" / "config.pbtxt").read_text())
-    assert config.inputs[0].dims == (3, 32, 32)
+    # Exported without a batch axis: a fixed batch of 1, published unbatched with the batch in its dims.
+    assert config.max_batch_size == 0 and config.inputs[0].dims == (1, 3, 32, 32)
     session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
     (served,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
     with torch.no_grad():
