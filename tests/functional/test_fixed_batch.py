@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from builder import model_config
 from builder.publish import PublishSettings, publish
-from tests.onnx_batch import with_fixed_batch
+from tests.onnx_variants import with_fixed_batch
 
 from .conftest import start_gateway, start_triton
 

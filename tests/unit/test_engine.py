@@ -17,6 +17,7 @@ from builder.cli import main
 from builder.engine import EngineConfig, EngineError, build_engine, engine_info_path, read_engine_info
 from builder.errors import PublishError
 from builder.publish import PublishSettings, publish_plan
+from tests.onnx_variants import retrained
 
 
 def _gpu_and_tensorrt() -> bool:
@@ -277,15 +278,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _retrained(source: Path, target: Path) -> Path:
-    """The same architecture with other weights, as a retraining would give."""
-    model = onnx.load(str(source))
-    for initializer in model.graph.initializer:
-        weights = numpy_helper.to_array(initializer)
-        if weights.dtype == np.float32 and weights.size > 1:
-            initializer.CopyFrom(numpy_helper.from_array(weights * np.float32(1.01), initializer.name))
-    onnx.save(model, str(target))
-    return target
 
 
 @pytest.mark.parametrize(("installed", "problem"), [("11.0", "TensorRT 11"), ("10.3", "TensorRT 10.3")])
@@ -326,17 +318,17 @@ def test_a_calibration_cache_is_reused_only_for_the_same_model_and_images(tiny_r
     build_engine(tiny_run / "model.onnx", plan, config, images)
     build_engine(tiny_run / "model.onnx", plan, config, images)
     assert fake_gpu.calibration_reads == [None, b"scales of build 1"]  # the same model and data: reused
-    retrained = _retrained(tiny_run / "model.onnx", tmp_path / "retrained.onnx")
-    build_engine(retrained, plan, config, images)
+    other_weights = retrained(tiny_run / "model.onnx", tmp_path / "other_weights.onnx")
+    build_engine(other_weights, plan, config, images)
     assert fake_gpu.calibration_reads[-1] is None  # retrained: calibrated anew, not the old model's scales
-    build_engine(retrained, plan, config, images[::-1].copy())
+    build_engine(other_weights, plan, config, images[::-1].copy())
     assert fake_gpu.calibration_reads[-1] is None  # other calibration images: calibrated anew
 
 
 def test_the_record_never_describes_a_plan_that_is_not_in_place(tiny_run, tmp_path, fake_gpu, monkeypatch):
     plan = tmp_path / "model.plan"
     build_engine(tiny_run / "model.onnx", plan)
-    retrained = _retrained(tiny_run / "model.onnx", tmp_path / "retrained.onnx")
+    other_weights = retrained(tiny_run / "model.onnx", tmp_path / "other_weights.onnx")
     real_replace = os.replace
 
     def failing_replace(source, target):
@@ -346,7 +338,7 @@ def test_the_record_never_describes_a_plan_that_is_not_in_place(tiny_run, tmp_pa
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
-        build_engine(retrained, plan)
+        build_engine(other_weights, plan)
     monkeypatch.setattr(os, "replace", real_replace)
     try:
         info = read_engine_info(plan)

@@ -9,6 +9,7 @@ from builder import model_config
 from builder.errors import PublishError
 from builder.publish import PublishSettings, inspect_onnx, publish
 from server.preprocess import PreprocessSpec
+from tests.onnx_variants import retrained
 
 
 def test_publish_writes_a_complete_version_with_spec_and_labels_in_the_config(tiny_run, tmp_path):
@@ -266,19 +267,6 @@ def test_a_tensorrt_plan_cannot_take_pixels(tiny_run, tmp_path):
 # ------------------------------------------------------------------ the GPU target: TensorRT through ONNX Runtime
 
 
-def _retrained(source: Path, target: Path) -> Path:
-    """The same architecture with other weights, as a retraining would give."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(source))
-    for initializer in model.graph.initializer:
-        weights = numpy_helper.to_array(initializer)
-        if weights.dtype == np.float32 and weights.size > 1:
-            initializer.CopyFrom(numpy_helper.from_array(weights * np.float32(1.01), initializer.name))
-    onnx.save(model, str(target))
-    return target
 
 
 def _tensorrt_engine_identity(model_path: Path) -> tuple[str, tuple]:
@@ -300,10 +288,10 @@ def test_gpu_versions_with_other_weights_never_share_a_tensorrt_engine(tiny_run,
     import onnxruntime as ort
 
     repository = tmp_path / "repo"
-    retrained = _retrained(tiny_run / "model.onnx", tmp_path / "retrained.onnx")
+    other_weights = retrained(tiny_run / "model.onnx", tmp_path / "other_weights.onnx")
     settings = PublishSettings(target="gpu")
     versions = [publish(source, repository, "digits", settings=settings).version_dir
-                for source in (tiny_run / "model.onnx", retrained, tiny_run / "model.onnx")]
+                for source in (tiny_run / "model.onnx", other_weights, tiny_run / "model.onnx")]
     (first, first_hashed), (second, second_hashed), (again, _) = (
         _tensorrt_engine_identity(v / "model.onnx") for v in versions)
     assert first_hashed == second_hashed  # ONNX Runtime's hash alone cannot tell the two versions apart
@@ -317,7 +305,7 @@ def test_gpu_versions_with_other_weights_never_share_a_tensorrt_engine(tiny_run,
     images = np.random.default_rng(0).normal(size=(4, 1, 8, 8)).astype(np.float32)
     run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(  # noqa: E731
         None, {"input": images})[0]
-    np.testing.assert_array_equal(run(versions[1] / "model.onnx"), run(retrained))
+    np.testing.assert_array_equal(run(versions[1] / "model.onnx"), run(other_weights))
 
 
 def test_the_tensorrt_accelerator_builds_one_profile_from_batch_1_to_the_max_at_load(tiny_run, tmp_path, capsys):
@@ -349,7 +337,7 @@ def test_the_tensorrt_accelerator_builds_one_profile_from_batch_1_to_the_max_at_
 @pytest.fixture(scope="module")
 def fixed_batch_onnx(tiny_run, tmp_path_factory):
     """The tiny model exported with its batch axis fixed, at 1 and at 4."""
-    from tests.onnx_batch import with_fixed_batch
+    from tests.onnx_variants import with_fixed_batch
 
     folder = tmp_path_factory.mktemp("fixed-batch")
     return {batch: with_fixed_batch(tiny_run / "model.onnx", folder / f"batch{batch}.onnx", batch) for batch in (1, 4)}
