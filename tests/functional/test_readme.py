@@ -41,3 +41,24 @@ def test_readme_curl_examples_classify_through_the_gateway(gateway, tmp_path):
         assert result.returncode == 0, result.stderr
         answer = json.loads(result.stdout)
         assert answer["model"] == "digits" and answer["results"], command
+
+
+def test_readme_documents_every_gateway_setting_and_builder_subcommand():
+    import argparse
+
+    from builder.cli import build_parser
+    from server.settings import Settings
+
+    text = README.read_text()
+    settings = [f"GATEWAY_{name.upper()}" for name in Settings.model_fields]
+    assert [name for name in settings if name not in text] == []
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    documented = set(re.findall(r"`([a-z]+)[ `]", text))
+    assert [command for command in subparsers.choices if command not in documented] == []
+
+
+def test_readme_links_to_docs_that_exist():
+    targets = re.findall(r"\]\(((?:docs/)[^)#]*)\)", README.read_text())
+    assert targets, "the README links to its design notes and figures"
+    root = README.parent
+    assert [target for target in targets if not (root / target).exists()] == []
