@@ -47,7 +47,7 @@ LABELS_PARAMETER = "labels"
 
 
 TARGETS = ("cpu", "gpu")
-# The settings whose defaults depend on where the model runs (measured with `make bench`, see the README).
+# The settings whose defaults depend on where the model runs (measured with `make bench`, see docs/load-tests.md).
 # CPU: two instances side by side, Triton's own default for ONNX Runtime models, serve more under load than one
 # on every core. Batches form from whatever is queued, at once (Triton's recommended starting point): batching
 # saves next to nothing per image on a CPU, and with preferred sizes a burst of four requests became one batch

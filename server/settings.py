@@ -36,14 +36,14 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(32, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0, description="checked before decoding (decompression bombs)")
     # Off by default: exact parity with the training transform. On, large JPEGs decode several times
-    # faster at reduced scale, with pixels ~0.6/255 off on average (see README, make bench).
+    # faster at reduced scale, with pixels ~0.6/255 off on average (docs/results.md).
     jpeg_draft: bool = False
     default_top_k: int = Field(5, ge=1)
     max_in_flight: int = Field(64, gt=0, description="inference requests at once; past it 429 with Retry-After")
     preprocess_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
     # A request alone in the gateway whose images are baseline JPEGs of at most these pixels and bytes
     # in all (by their headers) is preprocessed on the event loop, which has nothing else to do: handing
-    # the work to a thread and back cost 0.15 to 0.7 ms more at concurrency 1 (README, Results). Requests
+    # the work to a thread and back cost 0.15 to 0.7 ms more at concurrency 1 (docs/results.md). Requests
     # arriving meanwhile wait for it: about 4 ms for an 800x600 photo on a slow core, at most about
     # 0.15 s for a crafted file of the byte limit. Any other request goes to the thread pool. 0: never.
     inline_preprocess_max_pixels: int = Field(500_000, ge=0)
