@@ -30,14 +30,14 @@ from starlette.requests import ClientDisconnect
 
 from .errors import GatewayError
 from .inputs import BufferedBodies
-from .launcher import REPOSITORY_KEY_HEADER
 from .metrics import GatewayMetrics
 from .preprocess import DecodeBudget, release_memory
 from .routes import health, kserve, models
 from .security import require_key_for_docs
 from .settings import NoApiKeys, Settings, get_settings
-from .pool import TritonPool
+from .replicas import ReplicaPool
 from .shared_memory import input_region
+from .triton import REPOSITORY_KEY_HEADER
 
 log = logging.getLogger("server")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -151,7 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if region:
                 made.callback(region.close)
             metrics.shared_memory_free_slots.set_function(lambda: region.free_slots if region else 0)
-            app.state.triton = TritonPool(
+            app.state.triton = ReplicaPool(
                 settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
                 info_ttl_s=settings.model_info_ttl_s, repository_key=key or None, region=region,
             )

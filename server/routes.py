@@ -39,7 +39,7 @@ from .preprocess import (
     load_image, model_input, open_image, quick_to_preprocess, release_memory,
 )
 from .security import Unauthorized, require_api_key, require_key_for_metrics
-from .pool import TritonPool
+from .replicas import ReplicaPool
 from .shared_memory import InputRegion
 from .triton import RETRY_AFTER_S
 
@@ -189,7 +189,7 @@ async def healthz() -> dict[str, str]:
                        503: {"description": "not ready; see Retry-After", "content": {"application/json": {
                            "example": {"status": "not ready", "reason": "1 of 2 required models not ready"}}}}})
 async def readyz(request: Request) -> JSONResponse:
-    triton: TritonPool = request.app.state.triton
+    triton: ReplicaPool = request.app.state.triton
     if not await triton.server_ready():
         return _not_ready("Triton is not ready or unreachable")
     try:
@@ -228,7 +228,7 @@ async def prometheus_metrics(request: Request) -> Response:
                                    "color_mode": "L", "interpolation": "bilinear", "layout": "NCHW"}}]}}}},
                        **_error_responses(401, 503)})
 async def list_models(request: Request) -> dict[str, Any]:
-    triton: TritonPool = request.app.state.triton
+    triton: ReplicaPool = request.app.state.triton
     served = _group_versions(await triton.repository_index())
     for model in served:
         try:
@@ -241,7 +241,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @models.get("/v1/models/{name}", summary="One model: versions, preprocessing, labels and Triton's statistics",
             responses=_error_responses(401, 404, 422, 503))
 async def model_details(name: ModelName, request: Request) -> dict[str, Any]:
-    triton: TritonPool = request.app.state.triton
+    triton: ReplicaPool = request.app.state.triton
     served = [m for m in _group_versions(await triton.repository_index()) if m["name"] == name]
     if not served:
         raise ModelNotFound(f"model {name!r} is not in the repository")

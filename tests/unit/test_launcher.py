@@ -2,7 +2,8 @@
 
 import pytest
 
-from server.launcher import GATEWAY_MALLOC_ENV, GatewayProcess, LaunchError
+from server.settings import GATEWAY_MALLOC_ENV
+from stack.launcher import GatewayProcess, LaunchError
 
 
 def test_gateway_environment_has_the_allocator_defaults_and_lets_the_caller_override_them(monkeypatch, tmp_path):

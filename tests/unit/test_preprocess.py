@@ -490,7 +490,7 @@ def test_release_memory_hands_a_large_decode_back_to_the_system(tmp_path):
     import subprocess
     import sys
 
-    from server.launcher import GATEWAY_MALLOC_ENV
+    from server.settings import GATEWAY_MALLOC_ENV
 
     path = tmp_path / "large.png"
     path.write_bytes(png_of((4000, 3000), "RGBA"))
