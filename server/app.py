@@ -1,6 +1,6 @@
 """The FastAPI gateway: images in, top-k classes out, with Triton doing the inference.
 
-`create_app()` wires settings, the Triton client, the preprocessing thread pool, the shared-memory
+`create_app()` wires settings, the Triton replica pool, the preprocessing threads, the shared-memory
 region for input tensors, the routes (`server.routes`), one middleware for request ids, metrics and
 logs, and the error handlers.
 """
@@ -28,6 +28,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from .deps import InferenceSlots
 from .errors import GatewayError
 from .inputs import BufferedBodies
 from .metrics import GatewayMetrics
@@ -151,20 +152,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if region:
                 made.callback(region.close)
             metrics.shared_memory_free_slots.set_function(lambda: region.free_slots if region else 0)
-            app.state.triton = ReplicaPool(
+            app.state.replicas = replicas = ReplicaPool(
                 settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
                 info_ttl_s=settings.model_info_ttl_s, repository_key=key or None, region=region,
             )
-            made.push_async_callback(app.state.triton.close)
-            await app.state.triton.start()
-            # The KServe v2 pass-through carries Triton's key on every call, as the client above does.
-            app.state.triton_http = httpx.AsyncClient(
+            made.push_async_callback(replicas.close)
+            await replicas.start()
+            # The KServe v2 pass-through carries Triton's key on every call, as the replicas' clients do.
+            app.state.triton_proxy = proxy = httpx.AsyncClient(
                 base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s,
                 headers={REPOSITORY_KEY_HEADER: key} if key else None,
             )
-            made.push_async_callback(app.state.triton_http.aclose)
-            app.state.pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
-            made.callback(app.state.pool.shutdown, wait=False, cancel_futures=True)
+            made.push_async_callback(proxy.aclose)
+            app.state.preprocess_executor = executor = ThreadPoolExecutor(settings.preprocess_threads,
+                                                                          thread_name_prefix="preprocess")
+            made.callback(executor.shutdown, wait=False, cancel_futures=True)
             yield
 
     app = FastAPI(
@@ -176,8 +178,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None, redoc_url=None, openapi_url=None,
     )
     metrics = GatewayMetrics()
-    app.state.settings, app.state.metrics, app.state.in_flight = settings, metrics, 0
-    app.state.slots_taken = 0  # requests past their body, at most max_in_flight
+    app.state.settings, app.state.metrics = settings, metrics
+    app.state.inference_slots = InferenceSlots(settings.max_in_flight, metrics)
     app.state.decode_budget = DecodeBudget(settings.decode_pixel_budget, settings.large_image_pixels,
                                            settings.max_large_decodes)
     try:
