@@ -106,6 +106,11 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, counting_receive, send_with_id)
+        except Exception:
+            # Answered (500) by the catch-all handler, which Starlette runs outside this middleware: the
+            # code is set here so that the error is counted and logged like every other.
+            context["error_code"] = "internal_error"
+            raise
         finally:
             # The request's body is gone with it: its reservation too, on every path.
             self.bodies.release(context.pop("buffered_bytes", 0))

@@ -218,7 +218,8 @@ async def classify(
     executor: PreprocessExecutorDep,
     slots: InferenceSlotsDep,
     context: RequestContextDep,
-    top_k_: Annotated[int, Query(alias="top_k", ge=1, le=1000, description="classes per image")] = 5,
+    top_k_: Annotated[int | None, Query(alias="top_k", ge=1, le=1000,
+                                        description="classes per image; default GATEWAY_DEFAULT_TOP_K (5)")] = None,
     version: Annotated[str, Query(pattern=r"^[0-9]{0,18}$", description="pinned version; default newest")] = "",
 ) -> JSONResponse:
     async with slots.admit(context) as admission:
@@ -258,7 +259,7 @@ async def classify(
         metrics.images.labels(name).inc(len(images))
         metrics.triton_inputs.labels(inference.transport).inc()
         return JSONResponse({"model": name, "version": inference.version,
-                             "results": top_k(inference.logits, top_k_, info.labels)})
+                             "results": top_k(inference.logits, top_k_ or settings.default_top_k, info.labels)})
 
 
 async def refuse_if_gone(request: Request) -> None:
