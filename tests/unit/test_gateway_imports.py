@@ -32,3 +32,22 @@ def test_the_gateway_imports_nothing_outside_its_image():
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr.strip().splitlines()[-1]
     assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+def test_no_gateway_module_names_a_package_outside_its_image_even_where_it_imports_late():
+    import ast
+    from pathlib import Path
+
+    server = Path(__file__).resolve().parents[2] / "server"
+    found = []
+    for path in sorted(server.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {name}" for name in names
+                      if name.split(".")[0] in ABSENT_FROM_THE_IMAGE]
+    assert found == []
