@@ -36,7 +36,7 @@ def test_the_default_top_k_is_capped_by_the_classes_a_model_has():
 
 
 @pytest.mark.parametrize("path, kwargs, status, code", [
-    (f"/v1/models/nope/classify", {"content": png(), "headers": {"Content-Type": "image/png"}}, 404,
+    ("/v1/models/nope/classify", {"content": png(), "headers": {"Content-Type": "image/png"}}, 404,
      "model_not_found"),
     (CLASSIFY, {"content": b"junk", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
     (CLASSIFY, {"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
