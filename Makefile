@@ -43,7 +43,7 @@ demo: install
 	$(VENV)/bin/builder train --dataset digits --epochs $(EPOCHS) --out $(RUN)
 	$(VENV)/bin/builder export --checkpoint $(RUN)/best.pt
 	$(VENV)/bin/builder publish --onnx $(RUN)/model.onnx --name $(MODEL) --repository $(REPOSITORY)
-	$(PY) -m server.demo --model $(MODEL) --repository $(REPOSITORY)
+	$(PY) -m stack.demo --model $(MODEL) --repository $(REPOSITORY)
 
 test: install system-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -53,7 +53,7 @@ bench: install
 
 # Triton and the gateway on 127.0.0.1; GATEWAY_HOST=0.0.0.0 with GATEWAY_API_KEYS to serve other hosts.
 serve: install
-	$(PY) -m server --repository $(REPOSITORY)
+	$(PY) -m stack --repository $(REPOSITORY)
 
 clean:
 	rm -rf .cache runs .pytest_cache

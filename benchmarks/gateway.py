@@ -38,10 +38,10 @@ from rich.table import Table
 
 from builder.models import create_model
 from builder.publish import PublishSettings, publish
-from server.launcher import GatewayProcess, TritonServer, free_port
+from stack.launcher import GatewayProcess, TritonServer, free_port
 from server.preprocess import PreprocessSpec, preprocess_bytes
-from server.settings import TritonSettings
-from server.stack import local_stack
+from stack.settings import TritonSettings
+from stack.supervisor import local_stack
 
 IMAGENET = PreprocessSpec(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png")
@@ -176,7 +176,7 @@ async def triton_direct(grpc_url: str, tensors: list[np.ndarray], concurrency: i
     import tritonclient.grpc.aio as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
-    from server.launcher import REPOSITORY_KEY_HEADER
+    from server.triton import REPOSITORY_KEY_HEADER
 
     client = grpcclient.InferenceServerClient(grpc_url)
     output = [grpcclient.InferRequestedOutput("logits")]

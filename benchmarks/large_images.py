@@ -27,7 +27,7 @@ from builder.export import export_onnx
 from builder.publish import publish
 from builder.train import train
 from builder.train_config import TrainConfig
-from server.launcher import GatewayProcess, TritonServer, free_port
+from stack.launcher import GatewayProcess, TritonServer, free_port
 
 
 def transparent_png(side: int) -> bytes:

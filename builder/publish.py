@@ -501,9 +501,9 @@ def load_in_triton(url: str, name: str, version: int) -> None:
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    from server.launcher import REPOSITORY_KEY_HEADER
-    from server.settings import TritonSettings
-    from server.stack import triton_api_key
+    from server.triton import REPOSITORY_KEY_HEADER
+    from stack.settings import TritonSettings
+    from stack.supervisor import triton_api_key
 
     address = url.removeprefix("http://")
     # The local stack restricts Triton's repository and inference APIs to callers with its key.

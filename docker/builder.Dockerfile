@@ -6,6 +6,7 @@ WORKDIR /opt/project
 COPY pyproject.toml ./
 COPY builder/ builder/
 COPY server/ server/
+COPY stack/ stack/
 # torch and torchvision held to CUDA 12.6 builds (why: the constraints file); the base image's TensorRT stays.
 COPY docker/builder-constraints.txt docker/builder-constraints.txt
 RUN python3 -m pip install --no-cache-dir ".[builder]" --constraint docker/builder-constraints.txt \

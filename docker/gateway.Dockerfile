@@ -1,7 +1,7 @@
 # The gateway alone: pyproject's base dependencies, no torch, no training code.
 FROM python:3.11-slim
 
-# The malloc thresholds keep the per-request 600 KB buffers on the heap (see server/launcher.py).
+# The malloc thresholds keep the per-request 600 KB buffers on the heap (see GATEWAY_MALLOC_ENV in server/settings.py).
 # A container has its own /dev/shm, which a Triton container cannot open: no shared-memory region is
 # reserved unless GATEWAY_SHARED_MEMORY_SLOTS is set (both containers then need one IPC namespace).
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -154,7 +154,7 @@ class TritonGrpcUser(User):
         import numpy as np
         import tritonclient.grpc as grpcclient
 
-        from server.launcher import REPOSITORY_KEY_HEADER
+        from server.triton import REPOSITORY_KEY_HEADER
         from server.preprocess import preprocess_bytes
         from server.triton import model_info_from_config
 

@@ -74,9 +74,9 @@ def stack_for(endpoints: Endpoints, target: str, repository: str) -> Iterator[En
                  endpoints.gateway_url if target == "gateway" else endpoints.triton_http)
         yield endpoints
         return
-    from server.launcher import LaunchError, free_port
-    from server.settings import TritonSettings
-    from server.stack import local_stack
+    from stack.launcher import LaunchError, free_port
+    from stack.settings import TritonSettings
+    from stack.supervisor import local_stack
 
     log.info("nothing answers at the %s; starting Triton and the gateway on %s", target, repository)
     # Free ports rather than the defaults: another stack on this machine may hold them without answering.
@@ -157,8 +157,8 @@ def locust_environment(args: argparse.Namespace, endpoints: Endpoints, report_di
         env["LOADTEST_IMAGES"] = args.images
     if args.target == "triton" and "LOADTEST_TRITON_KEY" not in env:
         # The local stack's Triton answers inference only with its key (kept out of the report).
-        from server.settings import TritonSettings
-        from server.stack import triton_api_key
+        from stack.settings import TritonSettings
+        from stack.supervisor import triton_api_key
 
         env["LOADTEST_TRITON_KEY"] = triton_api_key(TritonSettings()) or ""
     if args.ramp:

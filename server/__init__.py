@@ -1,1 +1,1 @@
-"""The gateway in front of Triton, and the launcher of the local stack."""
+"""The gateway in front of Triton: HTTP in, Triton over gRPC or HTTP, Prometheus metrics out."""

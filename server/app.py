@@ -1,6 +1,6 @@
 """The FastAPI gateway: images in, top-k classes out, with Triton doing the inference.
 
-`create_app()` wires settings, the Triton client, the preprocessing thread pool, the shared-memory
+`create_app()` wires settings, the Triton replica pool, the preprocessing threads, the shared-memory
 region for input tensors, the routes (`server.routes`), one middleware for request ids, metrics and
 logs, and the error handlers.
 """
@@ -28,16 +28,17 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from .deps import InferenceSlots
 from .errors import GatewayError
 from .inputs import BufferedBodies
-from .launcher import REPOSITORY_KEY_HEADER
 from .metrics import GatewayMetrics
 from .preprocess import DecodeBudget, release_memory
 from .routes import health, kserve, models
 from .security import require_key_for_docs
 from .settings import NoApiKeys, Settings, get_settings
-from .pool import TritonPool
+from .replicas import ReplicaPool
 from .shared_memory import input_region
+from .triton import REPOSITORY_KEY_HEADER
 
 log = logging.getLogger("server")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -105,6 +106,11 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, counting_receive, send_with_id)
+        except Exception:
+            # Answered (500) by the catch-all handler, which Starlette runs outside this middleware: the
+            # code is set here so that the error is counted and logged like every other.
+            context["error_code"] = "internal_error"
+            raise
         finally:
             # The request's body is gone with it: its reservation too, on every path.
             self.bodies.release(context.pop("buffered_bytes", 0))
@@ -151,20 +157,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if region:
                 made.callback(region.close)
             metrics.shared_memory_free_slots.set_function(lambda: region.free_slots if region else 0)
-            app.state.triton = TritonPool(
+            app.state.replicas = replicas = ReplicaPool(
                 settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
                 info_ttl_s=settings.model_info_ttl_s, repository_key=key or None, region=region,
             )
-            made.push_async_callback(app.state.triton.close)
-            await app.state.triton.start()
-            # The KServe v2 pass-through carries Triton's key on every call, as the client above does.
-            app.state.triton_http = httpx.AsyncClient(
+            made.push_async_callback(replicas.close)
+            await replicas.start()
+            # The KServe v2 pass-through carries Triton's key on every call, as the replicas' clients do.
+            app.state.triton_proxy = proxy = httpx.AsyncClient(
                 base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s,
                 headers={REPOSITORY_KEY_HEADER: key} if key else None,
             )
-            made.push_async_callback(app.state.triton_http.aclose)
-            app.state.pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
-            made.callback(app.state.pool.shutdown, wait=False, cancel_futures=True)
+            made.push_async_callback(proxy.aclose)
+            app.state.preprocess_executor = executor = ThreadPoolExecutor(settings.preprocess_threads,
+                                                                          thread_name_prefix="preprocess")
+            made.callback(executor.shutdown, wait=False, cancel_futures=True)
             yield
 
     app = FastAPI(
@@ -176,8 +183,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None, redoc_url=None, openapi_url=None,
     )
     metrics = GatewayMetrics()
-    app.state.settings, app.state.metrics, app.state.in_flight = settings, metrics, 0
-    app.state.slots_taken = 0  # requests past their body, at most max_in_flight
+    app.state.settings, app.state.metrics = settings, metrics
+    app.state.inference_slots = InferenceSlots(settings.max_in_flight, metrics)
     app.state.decode_budget = DecodeBudget(settings.decode_pixel_budget, settings.large_image_pixels,
                                            settings.max_large_decodes)
     try:

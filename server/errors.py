@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Seconds a client is told to wait (Retry-After) before it tries again after a 429, 503 or 504.
+RETRY_AFTER_S = 1
+
 
 class GatewayError(Exception):
     status = 500

@@ -14,11 +14,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 
 from .errors import (
-    BadRequest, InvalidImage, PayloadTooLarge, RequestTimeout, TooManyRequests, UnsupportedMediaType,
+    RETRY_AFTER_S, BadRequest, InvalidImage, PayloadTooLarge, RequestTimeout, TooManyRequests, UnsupportedMediaType,
 )
 from .offload import parse_json_body
 from .settings import Settings
-from .triton import RETRY_AFTER_S
 
 # Raw bodies: an image of a format the gateway decodes (with the common aliases), or bytes of any kind,
 # which the decoder then checks. Another declared image type is refused before its body is read.

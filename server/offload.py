@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from typing import Callable, TypeVar
+
+from .errors import RETRY_AFTER_S, TooManyRequests
 
 T = TypeVar("T")
 
@@ -19,3 +22,14 @@ async def parse_json_body(body: bytes, parse: Callable[[bytes], T], *, inline: b
     if inline and len(body) <= INLINE_JSON_MAX_BYTES:
         return parse(body)
     return await asyncio.to_thread(parse, body)
+
+
+async def result_within(job: Future[T], wait_s: float) -> T:
+    """The result of work handed to an executor's threads; refused (429) when no thread has taken it up
+    within `wait_s`, rather than queueing behind expensive requests without end."""
+    result = asyncio.wrap_future(job)
+    done, _ = await asyncio.wait({result}, timeout=wait_s)
+    if not done and job.cancel():  # still queued: cancelling only succeeds before a thread starts it
+        raise TooManyRequests(f"no preprocessing thread was free within {wait_s:g} s; retry shortly",
+                              retry_after_s=RETRY_AFTER_S)
+    return await result

@@ -10,6 +10,12 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# Every request allocates and frees several 600 KB buffers (the normalized image, the batch, the gRPC
+# message). Above glibc's mmap threshold each one is a fresh mapping whose pages fault in again; kept
+# on the heap they are reused. docker/gateway.Dockerfile sets the same; the environment overrides both.
+GATEWAY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
+
 class NoApiKeys(ValueError):
     """An API key source is set but yields no key."""
 
@@ -115,24 +121,6 @@ class Settings(BaseSettings):
 
     def buffered_body_limit(self) -> int:
         return self.max_buffered_body_bytes or 4 * self.max_body_bytes
-
-
-class TritonSettings(BaseSettings):
-    """The embedded Triton server of the local stack (`make serve`, `make demo`), TRITON_* variables."""
-
-    model_config = SettingsConfigDict(env_prefix="TRITON_", env_file=None, extra="ignore")
-
-    model_repository: str = "model_repository"
-    host: str = "127.0.0.1"  # only the gateway is meant to be reachable
-    http_port: int = Field(8000, ge=1, le=65535)
-    grpc_port: int = Field(8001, ge=1, le=65535)
-    metrics_port: int = Field(8002, ge=1, le=65535)
-    model_control_mode: Literal["none", "poll", "explicit"] = "poll"
-    repository_poll_s: int = Field(2, ge=1)
-    cache_dir: str = ".cache/triton"
-    # Load/unload through Triton's repository API needs this header value; unset, the stack makes one
-    # and keeps it in <cache_dir>/repository-api-key for `builder publish`.
-    repository_api_key: SecretStr | None = None
 
 
 @lru_cache

@@ -16,15 +16,16 @@ from typing import Any, Awaitable, NamedTuple, TypeVar
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from .launcher import REPOSITORY_KEY_HEADER
-from .errors import (BadRequest, GatewayError, ModelNotFound, TooManyRequests, TritonFailed, TritonTimeout,
+from .errors import (RETRY_AFTER_S, BadRequest, GatewayError, ModelNotFound, TooManyRequests, TritonFailed, TritonTimeout,
                      TritonUnavailable)
 from .preprocess import PIXEL_DATATYPE, PreprocessSpec
 from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
 
 T = TypeVar("T")
-RETRY_AFTER_S = 1
 log = logging.getLogger(__name__)
+
+# The header that carries the key of Triton's restricted APIs (the local stack starts Triton with it).
+REPOSITORY_KEY_HEADER = "repository-key"
 
 
 class Inference(NamedTuple):

@@ -22,7 +22,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from server.metrics import STAGES, GatewayMetrics
-from server.pool import parse_endpoints
+from server.replicas import parse_endpoints
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -440,7 +440,7 @@ def test_gateway_image_runs_the_app_factory_as_non_root(services):
 
 
 def test_gateway_image_sets_the_allocator_thresholds_of_the_local_gateway():
-    from server.launcher import GATEWAY_MALLOC_ENV
+    from server.settings import GATEWAY_MALLOC_ENV
 
     env = dict(pair.split("=", 1) for word, args in dockerfile_instructions(DOCKER / "gateway.Dockerfile")
                if word == "ENV" for pair in shlex.split(args))

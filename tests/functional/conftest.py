@@ -9,7 +9,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from builder.publish import PublishSettings, publish
-from server.launcher import GatewayProcess, TritonServer, free_port
+from stack.launcher import GatewayProcess, TritonServer, free_port
 
 MODEL = "digits"
 PIXEL_MODEL = "digits-pixels"  # the same model, published to take 8-bit pixels

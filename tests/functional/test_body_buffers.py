@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from server.launcher import GatewayProcess, LaunchError, free_port
+from stack.launcher import GatewayProcess, LaunchError, free_port
 
 from .conftest import MODEL, metric, start_gateway
 from .test_hostile_clients import V2_INFER, connect, raw_request, response_of, send_head

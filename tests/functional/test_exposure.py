@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from builder.publish import publish
-from server.client import classify_grpc
-from server.launcher import free_port
+from client import classify_grpc
+from stack.launcher import free_port
 from server.shared_memory import SHM_DIRECTORY
 
 from .conftest import MODEL, start_gateway, start_triton

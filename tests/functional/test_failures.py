@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from builder.publish import publish
-from server.launcher import LaunchError, TritonServer, free_port
+from stack.launcher import LaunchError, TritonServer, free_port
 
 from .conftest import MODEL, gateway_regions, metric, start_gateway, start_triton
 

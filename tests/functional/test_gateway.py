@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from builder.publish import PublishSettings, publish
-from server.client import classify, classify_grpc
-from server.launcher import TritonServer, free_port
+from client import classify, classify_grpc
+from stack.launcher import TritonServer, free_port
 
 from .conftest import MODEL, PIXEL_MODEL, metric, start_gateway, start_triton
 from .test_failures import wait_for
@@ -384,3 +384,16 @@ def test_triton_repository_and_shared_memory_apis_need_the_key(repository, tmp_p
                 gateway.url, "gateway_triton_inputs_total", transport="shared_memory"))
         finally:
             gateway.stop()
+
+
+def test_proxied_rejections_are_counted_like_any_other(gateway):
+    def rejections(reason: str) -> float:
+        return metric(gateway.url, "gateway_rejections_total", reason=reason) or 0.0
+
+    before = {reason: rejections(reason) for reason in ("model_not_found", "refused_by_triton")}
+    assert httpx.get(f"{gateway.url}/v2/models/nope", timeout=10).status_code == 404
+    wrong = post(gateway.url, f"/v2/models/{MODEL}/infer", json={"inputs": [
+        {"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]})
+    assert wrong.status_code == 400
+    assert rejections("model_not_found") == before["model_not_found"] + 1
+    assert rejections("refused_by_triton") == before["refused_by_triton"] + 1

@@ -14,7 +14,7 @@ import pytest
 from builder.evaluate import evaluate, validation_data
 from builder.publish import PublishSettings, publish
 from builder.quantize import QuantizeConfig, quantize_int8
-from server.client import classify
+from client import classify
 
 from .conftest import start_gateway, start_triton
 

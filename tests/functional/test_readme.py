@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.demo import write_samples
+from stack.demo import write_samples
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

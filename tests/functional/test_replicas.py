@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from server.pool import parse_endpoints
+from server.replicas import parse_endpoints
 
 from .conftest import MODEL, start_gateway, start_triton
 from .test_failures import post_png

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from server.client import classify
-from server.launcher import TritonServer, free_port
+from client import classify
+from stack.launcher import TritonServer, free_port
 from server.shared_memory import SHM_DIRECTORY
 
 from .conftest import MODEL, PIXEL_MODEL, gateway_regions, metric, start_gateway

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from server.client import classify
+from client import classify
 from server.preprocess import PreprocessSpec, preprocess_bytes
 
 from .conftest import MODEL, PIXEL_MODEL

@@ -44,7 +44,7 @@ def client(unused_ports):
 
 @pytest.fixture
 def unused_ports() -> tuple[int, int]:
-    from server.launcher import free_port
+    from stack.launcher import free_port
 
     return free_port(), free_port()
 

@@ -1,8 +1,19 @@
-"""The gateway process's environment: allocator defaults under whatever the caller sets."""
+"""The local stack's launcher: the gateway process's environment, and how any child is started, stopped,
+and cleaned up (small Python children stand in for the servers)."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from server.launcher import GATEWAY_MALLOC_ENV, GatewayProcess, LaunchError
+from server.settings import GATEWAY_MALLOC_ENV
+from stack import launcher
+from stack.launcher import GatewayProcess, LaunchError, TritonServer, _ManagedProcess, free_port
 
 
 def test_gateway_environment_has_the_allocator_defaults_and_lets_the_caller_override_them(monkeypatch, tmp_path):
@@ -34,3 +45,134 @@ def test_the_gateway_runs_with_its_connection_limit(monkeypatch, tmp_path):
     assert command[command.index("--limit-concurrency") + 1] == "7"
     with pytest.raises(LaunchError, match="GATEWAY_MAX_CONNECTIONS"):
         _command_of(GatewayProcess(env={"GATEWAY_MAX_CONNECTIONS": "0"}, log_path=tmp_path / "g.log"), monkeypatch)
+
+
+# ------------------------------------------------------------------------- the managed child process
+
+CHILD_TIMEOUT_S = 20
+
+
+class PythonChild(_ManagedProcess):
+    """A small Python program run as the launcher runs its servers; ready once `url` answers 200."""
+
+    name = "child"
+
+    def __init__(self, log_path: Path, code: str, url: str = "", startup_timeout_s: float = CHILD_TIMEOUT_S) -> None:
+        super().__init__(log_path)
+        self.code, self.url, self.startup_timeout_s = code, url, startup_timeout_s
+
+    def start(self) -> None:
+        self._spawn([sys.executable, "-c", self.code], dict(os.environ))
+        if self.url:
+            self._wait_until(self.url, self.startup_timeout_s)
+
+    def wait_for_line(self, text: str) -> None:
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while text not in self.log_tail():
+            assert self.running(), self.log_tail()
+            assert time.monotonic() < deadline, f"{text!r} never came; log: {self.log_tail()}"
+            time.sleep(0.02)
+
+
+IGNORES_SIGTERM = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ignoring SIGTERM", flush=True)
+time.sleep(60)
+"""
+
+
+def test_stop_sends_sigterm_and_then_sigkill_to_a_child_that_ignores_it(tmp_path, caplog):
+    child = PythonChild(tmp_path / "child.log", IGNORES_SIGTERM)
+    child.start()
+    try:
+        child.wait_for_line("ignoring SIGTERM")
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="stack.launcher"):
+            child.stop(timeout_s=0.5)
+        assert 0.5 <= time.monotonic() - started < 10
+        assert not child.running() and child._process.returncode == -signal.SIGKILL
+        assert "did not stop in" in caplog.text and "killing it" in caplog.text
+    finally:
+        child.stop(timeout_s=0)
+
+
+def test_stop_ends_a_well_behaved_child_with_sigterm(tmp_path):
+    child = PythonChild(tmp_path / "child.log", "import time; print('up', flush=True); time.sleep(60)")
+    child.start()
+    child.wait_for_line("up")
+    child.stop(timeout_s=CHILD_TIMEOUT_S)
+    assert child._process.returncode == -signal.SIGTERM
+
+
+def test_a_child_that_exits_before_it_is_ready_is_a_launch_error_with_its_last_lines(tmp_path):
+    child = PythonChild(tmp_path / "child.log", "import sys; print('no model repository', flush=True); sys.exit(3)",
+                        url=f"http://127.0.0.1:{free_port()}/ready")
+    with pytest.raises(LaunchError, match="child exited with code 3 before it was ready") as error:
+        child.start()
+    assert "no model repository" in str(error.value)
+    child.stop()
+
+
+def test_a_child_that_is_not_ready_in_time_is_a_launch_error_and_stopped(tmp_path):
+    child = PythonChild(tmp_path / "child.log", "import time; time.sleep(60)",
+                        url=f"http://127.0.0.1:{free_port()}/ready", startup_timeout_s=1)
+    with pytest.raises(LaunchError, match=r"child was not ready at http://127\.0\.0\.1:\d+/ready within 1 s"):
+        child.start()
+    assert not child.running()
+
+
+PARENT = f"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from stack.launcher import _ManagedProcess
+
+child = _ManagedProcess(Path(sys.argv[1]))
+child._spawn([sys.executable, "-c", "import time; time.sleep(60)"], {{}})
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # exited; left unreaped where nothing reaps orphans
+
+
+def test_a_child_dies_with_its_parent_even_when_the_parent_is_killed(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "child.log")], stdout=subprocess.PIPE,
+                              text=True)
+    child_pid = None
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert not _gone(child_pid)
+        parent.kill()  # no chance to stop its child
+        parent.wait(timeout=CHILD_TIMEOUT_S)
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while not _gone(child_pid):
+            assert time.monotonic() < deadline, "the child outlived its parent"
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+        parent.wait()
+        if child_pid is not None and not _gone(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
+
+
+def test_the_repository_key_is_masked_in_the_logged_command_line(tmp_path, monkeypatch, caplog):
+    key = "s3cret-key-value"
+    server = TritonServer(model_repository=tmp_path, cache_dir=tmp_path / "cache", repository_api_key=key)
+    command = server.command(tmp_path / "backends")
+    assert any(key in part for part in command)  # Triton itself is given the key
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda *args, **kwargs: None)
+    with caplog.at_level(logging.INFO, logger="stack.launcher"):
+        server._spawn(command, {})
+    server._log_file.close()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("starting tritonserver")]
+    assert key not in line
+    assert "--http-restricted-api=***" in line and "--grpc-restricted-protocol=***" in line
+    assert f"--model-repository={tmp_path}" in line

@@ -192,7 +192,7 @@ def test_preprocess_writes_into_a_batch_slot(photos):
 
 def test_prepare_batch_keeps_request_order_and_reports_the_failing_image(photos):
     from server.errors import InvalidImage
-    from server.routes import prepare_batch
+    from server.preprocess import prepare_batch
 
     first, second = photos[1].read_bytes(), photos[0].read_bytes()
     batch, decode_s, preprocess_s = prepare_batch([first, second], IMAGENET, max_pixels=10**8)
@@ -217,7 +217,7 @@ def test_pixel_input_is_the_model_sized_image_in_the_model_channel_order(photos,
 
 
 def test_prepare_batch_of_pixels_fills_uint8_slots(photos):
-    from server.routes import prepare_batch
+    from server.preprocess import prepare_batch
 
     first, second = photos[1].read_bytes(), photos[0].read_bytes()
     batch, _, _ = prepare_batch([first, second], IMAGENET, max_pixels=10**8, pixel_input=True)
@@ -415,7 +415,7 @@ def png_of(size: tuple[int, int], mode: str = "RGB") -> bytes:
 
 def test_prepare_batch_refuses_a_request_over_its_pixel_limit_before_decoding_any_image(monkeypatch):
     from server.errors import PayloadTooLarge
-    from server.routes import prepare_batch
+    from server.preprocess import prepare_batch
 
     images = [png_of((400, 300)), png_of((300, 200))]
     batch, _, _ = prepare_batch(images, IMAGENET, max_pixels=10**8, max_request_pixels=180_000)
@@ -451,7 +451,7 @@ def test_decode_budget_bounds_large_decodes_by_count_and_pixels_and_lets_small_o
 def test_prepare_batch_refuses_large_images_when_the_budget_is_taken_and_gives_it_back():
     from server.errors import TooManyRequests
     from server.preprocess import DecodeBudget
-    from server.routes import prepare_batch
+    from server.preprocess import prepare_batch
 
     budget = DecodeBudget(pixels=3_000_000, large_image_pixels=1_000_000, decodes=1)
     large, small = png_of((1200, 1000)), png_of((300, 200))
@@ -490,7 +490,7 @@ def test_release_memory_hands_a_large_decode_back_to_the_system(tmp_path):
     import subprocess
     import sys
 
-    from server.launcher import GATEWAY_MALLOC_ENV
+    from server.settings import GATEWAY_MALLOC_ENV
 
     path = tmp_path / "large.png"
     path.write_bytes(png_of((4000, 3000), "RGBA"))
@@ -504,7 +504,7 @@ def test_release_memory_hands_a_large_decode_back_to_the_system(tmp_path):
 def test_prepare_batch_counts_a_requests_pixels_in_all_against_the_large_decode_budget():
     from server.errors import TooManyRequests
     from server.preprocess import DecodeBudget
-    from server.routes import prepare_batch
+    from server.preprocess import prepare_batch
 
     # No image is large on its own (600x600 against 1 million), three of them are.
     budget = DecodeBudget(pixels=1_500_000, large_image_pixels=1_000_000, decodes=1)

@@ -146,7 +146,7 @@ def test_an_unreadable_labels_file_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_an_unreachable_triton_is_reported_after_the_version_is_safely_written(tiny_run, tmp_path):
-    from server.launcher import free_port
+    from stack.launcher import free_port
 
     with pytest.raises(PublishError, match="is published, but Triton at"):
         publish(tiny_run / "model.onnx", tmp_path / "repo", "digits",

@@ -46,7 +46,7 @@ def parse_endpoints(spec: str) -> tuple[list[str], str | None]:
     return endpoints, None
 
 
-class TritonPool:
+class ReplicaPool:
     """The TritonClient interface over one or more replicas."""
 
     def __init__(self, spec: str, *, protocol: str = "grpc", timeout_s: float = 10.0, info_ttl_s: float = 5.0,

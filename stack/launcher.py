@@ -25,12 +25,12 @@ from typing import Annotated, Sequence
 
 from pydantic import TypeAdapter, ValidationError
 
-from .settings import Settings
+from server.settings import GATEWAY_MALLOC_ENV, Settings
+from server.triton import REPOSITORY_KEY_HEADER
 
 log = logging.getLogger(__name__)
 
 
-REPOSITORY_KEY_HEADER = "repository-key"
 # Triton's API groups (r24.10's names) that answer only to the key's holders. Inference too: a local
 # user who reads the gateway's region name in /dev/shm could otherwise run inference with inputs read
 # from it and outputs written into it. Logging and trace: they change files the server writes.
@@ -275,12 +275,6 @@ class TritonServer(_ManagedProcess):
         self._spawn(self.command(backends), self.environment())
         self._wait_until(f"http://{self.http_url}/v2/health/ready", self.startup_timeout_s)
         log.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
-
-
-# Every request allocates and frees several 600 KB buffers (the normalized image, the batch, the gRPC
-# message). Above glibc's mmap threshold each one is a fresh mapping whose pages fault in again; kept
-# on the heap they are reused. docker/gateway.Dockerfile sets the same; the environment overrides both.
-GATEWAY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 
 @dataclass

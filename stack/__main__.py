@@ -1,4 +1,4 @@
-"""`python -m server` (make serve): Triton and the gateway on the current model repository until Ctrl-C."""
+"""`python -m stack` (make serve): Triton and the gateway on the current model repository until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import signal
 import sys
 import threading
 
+from server.settings import Settings
+
 from .launcher import LaunchError
-from .settings import Settings, TritonSettings
-from .stack import local_stack
+from .settings import TritonSettings
+from .supervisor import local_stack
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stack", description=__doc__)
     parser.add_argument("--repository", help="model repository (default: $TRITON_MODEL_REPOSITORY or model_repository)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,7 +1,7 @@
 """Classify images through the gateway over HTTP, or straight through Triton's gRPC endpoint.
 
-    python -m server.client --model digits photo.jpg other.png                  # via the gateway
-    python -m server.client --model digits --grpc 127.0.0.1:8001 photo.jpg      # via Triton gRPC
+    python -m client --model digits photo.jpg other.png                  # via the gateway
+    python -m client --model digits --grpc 127.0.0.1:8001 photo.jpg      # via Triton gRPC
 
 The gRPC path preprocesses locally with the spec the model was published with (read from Triton's
 model-config API), so both paths give the same predictions.
@@ -19,11 +19,11 @@ from typing import Sequence
 import httpx
 import numpy as np
 
-from .launcher import REPOSITORY_KEY_HEADER
-from .postprocess import top_k as top_k_classes
-from .preprocess import InvalidImageError, ImageTooLargeError, preprocess_bytes
-from .settings import TritonSettings
-from .stack import triton_api_key
+from server.postprocess import top_k as top_k_classes
+from server.preprocess import InvalidImageError, ImageTooLargeError, preprocess_bytes
+from server.triton import REPOSITORY_KEY_HEADER
+from stack.settings import TritonSettings
+from stack.supervisor import triton_api_key
 
 Image = Path | bytes
 
@@ -64,7 +64,7 @@ def classify_grpc(
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from .triton import model_info_from_config
+    from server.triton import model_info_from_config
 
     client = grpcclient.InferenceServerClient(url)
     headers = {f"triton-grpc-protocol-{REPOSITORY_KEY_HEADER}": triton_key} if triton_key else None
@@ -94,7 +94,7 @@ def classify_grpc(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.client", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--model", required=True)
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
@@ -120,6 +120,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(answer, indent=2))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`python -m server.demo` (the last step of make demo): start the stack, classify sample images, stop.
+"""`python -m stack.demo` (the last step of make demo): start the stack, classify sample images, stop.
 
 The samples are real images: handwritten digits from scikit-learn, saved as 8x8 PNG as in the
 dataset, and photos that scikit-image ships, saved as JPEG.
@@ -16,10 +16,11 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from .client import classify
+from client import classify
+
 from .launcher import LaunchError, free_port
 from .settings import TritonSettings
-from .stack import local_stack
+from .supervisor import local_stack
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png")
 
@@ -47,7 +48,7 @@ def write_samples(folder: Path, digits: int = 4) -> list[Path]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stack.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits")
     parser.add_argument("--repository", default="model_repository")
     parser.add_argument("--top-k", type=int, default=5)

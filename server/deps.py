@@ -1,0 +1,108 @@
+"""What the routes need from the app, as FastAPI dependencies: a route names what it takes in its signature,
+and a test replaces any of them through `app.dependency_overrides`."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
+
+import httpx
+from fastapi import Depends, Request
+
+from .errors import RETRY_AFTER_S, TooManyRequests
+from .metrics import GatewayMetrics
+from .preprocess import DecodeBudget
+from .replicas import ReplicaPool
+from .settings import Settings
+from .shared_memory import InputRegion
+
+
+class InferenceSlots:
+    """Inference requests in the gateway. One counts as in flight from its start (the gauge, and whether a
+    request is alone), and holds one of `limit` slots from `take()` on, called once its body is in: a
+    client that sends its body slowly holds a connection, never capacity. Past the limit, `take()` refuses
+    the request with 429 at once."""
+
+    def __init__(self, limit: int, metrics: GatewayMetrics) -> None:
+        self.limit, self.metrics = limit, metrics
+        self.in_flight = 0
+        self.taken = 0
+
+    def admit(self, context: dict[str, Any]) -> Admission:
+        context["inference"] = True
+        return Admission(self)
+
+
+class Admission:
+    """One request's place among the InferenceSlots, for an `async with` around its handling."""
+
+    def __init__(self, slots: InferenceSlots) -> None:
+        self.slots = slots
+        self.holds_slot = False
+
+    async def __aenter__(self) -> Admission:
+        self.slots.in_flight += 1
+        self.slots.metrics.in_flight.inc()
+        return self
+
+    def take(self) -> None:
+        slots = self.slots
+        if slots.taken >= slots.limit:
+            raise TooManyRequests(f"the gateway is serving {slots.taken} requests; retry shortly",
+                                  retry_after_s=RETRY_AFTER_S)
+        slots.taken += 1
+        self.holds_slot = True
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.slots.in_flight -= 1
+        self.slots.metrics.in_flight.dec()
+        if self.holds_slot:
+            self.slots.taken -= 1
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> GatewayMetrics:
+    return request.app.state.metrics
+
+
+def get_replicas(request: Request) -> ReplicaPool:
+    return request.app.state.replicas
+
+
+def get_triton_proxy(request: Request) -> httpx.AsyncClient:
+    return request.app.state.triton_proxy
+
+
+def get_preprocess_executor(request: Request) -> ThreadPoolExecutor:
+    return request.app.state.preprocess_executor
+
+
+def get_input_region(request: Request) -> InputRegion | None:
+    return request.app.state.input_region
+
+
+def get_decode_budget(request: Request) -> DecodeBudget:
+    return request.app.state.decode_budget
+
+
+def get_inference_slots(request: Request) -> InferenceSlots:
+    return request.app.state.inference_slots
+
+
+def get_request_context(request: Request) -> dict[str, Any]:
+    """The request's entry in the middleware's bookkeeping: model, stages, error code (for metrics and logs)."""
+    return request.state.context
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
+ReplicasDep = Annotated[ReplicaPool, Depends(get_replicas)]
+TritonProxyDep = Annotated[httpx.AsyncClient, Depends(get_triton_proxy)]
+PreprocessExecutorDep = Annotated[ThreadPoolExecutor, Depends(get_preprocess_executor)]
+InputRegionDep = Annotated[InputRegion | None, Depends(get_input_region)]
+DecodeBudgetDep = Annotated[DecodeBudget, Depends(get_decode_budget)]
+InferenceSlotsDep = Annotated[InferenceSlots, Depends(get_inference_slots)]
+RequestContextDep = Annotated[dict[str, Any], Depends(get_request_context)]
