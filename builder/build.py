@@ -94,8 +94,11 @@ class BuildOverrides:
         values.update({key: getattr(self, key) for key in ("name", "out_dir", "checkpoint", "max_accuracy_drop")
                        if getattr(self, key) is not None})
 
-        def merged(section: str, **changes) -> dict[str, Any]:
-            return {**(values.get(section) or {}), **{k: v for k, v in changes.items() if v is not None}}
+        def merged(section: str, **changes) -> Any:
+            current = values.get(section) or {}
+            if not isinstance(current, Mapping):  # left for the section's own error
+                return current
+            return {**current, **{k: v for k, v in changes.items() if v is not None}}
 
         values["train"] = merged("train", dataset=self.dataset, arch=self.arch, epochs=self.epochs,
                                  image_size=self.image_size)
@@ -137,26 +140,28 @@ class BuildConfig:
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         self.checkpoint = Path(self.checkpoint) if self.checkpoint is not None else None
-        if isinstance(self.publish, Mapping):
-            publish = dict(self.publish)
-            self.repository = publish.pop("repository", self.repository)
+        if self.publish is not None and not isinstance(self.publish, PublishSettings):
+            publish = dict(self.publish) if isinstance(self.publish, Mapping) else self.publish
+            if isinstance(publish, dict):
+                self.repository = publish.pop("repository", self.repository)
             self.publish = _section(PublishSettings, publish, "publish")
         self.repository = Path(self.repository)
-        if isinstance(self.quantize, Mapping):
-            quantize = dict(self.quantize)
-            moved = sorted(key for key in quantize if key.startswith("qat_"))
-            if moved:
-                raise BuilderError(f"quantize: {', '.join(moved)}: QAT settings are a section of their own now, "
-                                   f"qat: {{mode: auto, {moved[0][len('qat_'):]}: ...}}")
-            if "qat" in quantize:  # the mode, where earlier build files give it
-                self.qat = _qat_section({**_qat_values(self.qat), "mode": quantize.pop("qat")})
-            quantize.setdefault("target", self.publish.target if self.publish is not None else "cpu")
+        if self.quantize is not None and not isinstance(self.quantize, QuantizeConfig):
+            quantize = dict(self.quantize) if isinstance(self.quantize, Mapping) else self.quantize
+            if isinstance(quantize, dict):
+                moved = sorted(key for key in quantize if key.startswith("qat_"))
+                if moved:
+                    raise BuilderError(f"quantize: {', '.join(moved)}: QAT settings are a section of their own "
+                                       f"now, qat: {{mode: auto, {moved[0][len('qat_'):]}: ...}}")
+                if "qat" in quantize:  # the mode, where earlier build files give it
+                    self.qat = _qat_section({**_qat_values(self.qat), "mode": quantize.pop("qat")})
+                quantize.setdefault("target", self.publish.target if self.publish is not None else "cpu")
             self.quantize = _section(QuantizeConfig, quantize, "quantize")
         if not isinstance(self.qat, QATSection):
             self.qat = _qat_section(self.qat)
-        if isinstance(self.train, Mapping):
+        if not isinstance(self.train, TrainConfig):
             self.train = _section(TrainConfig, self.train, "train")
-        if isinstance(self.prune, Mapping):
+        if self.prune is not None and not isinstance(self.prune, PruneConfig):
             self.prune = _section(PruneConfig, self.prune, "prune")
         if self.quantize is not None and self.quantize.target == "gpu":
             if self.qat.mode == "always":

@@ -181,6 +181,8 @@ def test_bad_qat_build_settings_are_one_line_cli_errors(quantize, message, tmp_p
     ({"qat": {"epochs": 0}}, "QAT epochs must be more than 0"),
     ({"qat": "sometimes"}, "qat 'sometimes' is not one of auto, always, never"),
     ({"qat_epochs": 1}, "qat_epochs: QAT settings are the qat: section"),
+    ({"train": 5}, "train: 5 is not a mapping of settings"),
+    ({"publish": [1]}, r"publish: \[1\] is not a mapping of settings"),
 ])
 def test_bad_qat_sections_are_one_line_cli_errors(settings, message, tmp_path, capsys):
     (tmp_path / "build.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "build"), **settings}))
