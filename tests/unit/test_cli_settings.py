@@ -94,3 +94,14 @@ def test_every_training_setting_but_the_run_folder_is_a_flag():
     assert set(_RECIPE_FIELDS) == {f.name for f in dataclasses.fields(TrainConfig)} - {"out_dir"}
     flags = {a.dest for a in _commands()["train"]._actions}
     assert set(_RECIPE_FIELDS) <= flags
+
+
+def test_a_model_without_a_spec_of_its_own_is_published_with_imagenets():
+    from builder.train_config import IMAGENET_MEAN, IMAGENET_STD, serving_preprocess
+
+    spec = serving_preprocess(None)
+    assert (spec.image_size, spec.resize_size, spec.mean, spec.std) == (224, 256, IMAGENET_MEAN, IMAGENET_STD)
+    assert serving_preprocess(None, crop=112).resize_size == 128
+    carried = {"image_size": 32, "resize_size": 32, "mean": [0.5], "std": [0.2], "color_mode": "L"}
+    assert serving_preprocess(carried) is None  # the model's own spec stands
+    assert serving_preprocess(carried, resize=40).mean == (0.5,)
