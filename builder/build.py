@@ -4,7 +4,7 @@ The pipeline calls the same functions the subcommands call. Every stage's ONNX f
 same way (`report.measure_stage`), and a stage that loses more top-1 than `max_accuracy_drop` points
 against the trained model stops the build before anything is published; the report names the stage.
 
-Quantization (`quantize:` section, `qat: auto|always|never`): with `auto` (the default), a static INT8
+Quantization (`quantize:` section; `qat:` section, mode auto|always|never): with `auto` (the default), a static INT8
 stage over the budget does not stop the build at once: quantization-aware training runs from the
 latest checkpoint (pruned, else trained) and is measured as stage `int8-qat`; the build fails only if
 that stage is over the budget too. The report keeps both rows, the static one with a note. `always`
@@ -36,49 +36,165 @@ from .publish import PublishedVersion, PublishSettings, publish
 from .qat import QATConfig, quantization_aware_train
 from .quantize import QuantizeConfig, quantize_int8
 from .report import BudgetError, Report, StageMetrics, measure_stage, write_report
+from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("train", "prune", "quantize", "publish")
+SECTIONS = ("train", "prune", "quantize", "qat", "publish")
 QAT_MODES = ("auto", "always", "never")
+DEFAULT_REPOSITORY = Path("model_repository")
+
+
+@dataclass(frozen=True)
+class QATSection(QATConfig):
+    """The build's `qat:` section: when quantization-aware training runs, and QATConfig's settings for it.
+
+    mode: auto (QAT when static INT8 is over the accuracy budget), always (QAT instead of static INT8) or
+    never. In YAML, `qat: always` is short for `qat: {mode: always}`.
+    """
+
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mode, bool):  # YAML reads `mode: yes` / `mode: no` as booleans
+            object.__setattr__(self, "mode", "always" if self.mode else "never")
+        if self.mode not in QAT_MODES:
+            raise BuilderError(f"qat {self.mode!r} is not one of {', '.join(QAT_MODES)}")
+        super().__post_init__()
+
+    def training(self) -> QATConfig:
+        """The settings quantization-aware training takes (the mode is the build's)."""
+        return QATConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QATConfig)})
+
+
+@dataclass(frozen=True)
+class BuildOverrides:
+    """What `builder build`'s flags change in a build file. None (False for the switches) leaves the file's
+    setting; the stage settings apply only to a stage that runs."""
+
+    name: str | None = None
+    out_dir: Path | None = None
+    checkpoint: Path | None = None
+    max_accuracy_drop: float | None = None
+    dataset: str | None = None  # train
+    arch: str | None = None
+    epochs: int | None = None
+    image_size: int | None = None
+    keep_ratio: float | None = None  # prune
+    calibration_images: int | None = None  # quantize
+    repository: Path | None = None  # publish: turns it on
+    target: str | None = None  # quantize and publish (turns it on)
+    no_prune: bool = False
+    no_quantize: bool = False
+    no_publish: bool = False
+
+    def applied_to(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Build settings (sections as mappings, None for a stage switched off) with these overrides."""
+        values = dict(values)
+        values.update({key: getattr(self, key) for key in ("name", "out_dir", "checkpoint", "max_accuracy_drop")
+                       if getattr(self, key) is not None})
+
+        def merged(section: str, **changes) -> Any:
+            current = values.get(section) or {}
+            if not isinstance(current, Mapping):  # left for the section's own error
+                return current
+            return {**current, **{k: v for k, v in changes.items() if v is not None}}
+
+        values["train"] = merged("train", dataset=self.dataset, arch=self.arch, epochs=self.epochs,
+                                 image_size=self.image_size)
+        if self.no_prune:
+            values["prune"] = None
+        elif self.keep_ratio is not None and values.get("prune", {}) is not None:
+            values["prune"] = merged("prune", keep_ratio=self.keep_ratio)
+        if self.no_quantize:
+            values["quantize"] = None
+        elif values.get("quantize", {}) is not None:  # also without a publish section (--no-publish)
+            values["quantize"] = merged("quantize", calibration_images=self.calibration_images, target=self.target)
+        if self.repository is not None or self.target is not None:
+            values["publish"] = merged("publish", repository=self.repository, target=self.target)
+        if self.no_publish:
+            values["publish"] = None
+        return values
 
 
 @dataclass
 class BuildConfig:
+    """A build's settings, one typed section per stage; None skips a stage. Mappings given for the sections
+    (as a build file has them) are checked and typed when the config is made."""
+
     name: str = "model"
     out_dir: Path = Path("runs/build")
     checkpoint: Path | None = None  # start from a trained checkpoint instead of training
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
-    prune: dict[str, Any] | None = field(default_factory=dict)  # PruneConfig fields; None skips the stage
-    # QuantizeConfig fields, plus `qat`: auto (quantization-aware training when static INT8 is over the
-    # accuracy budget), always (QAT instead of static INT8) or never; and `qat_<QATConfig field>`
-    # (qat_epochs, qat_lr, ...). None skips the stage.
-    quantize: dict[str, Any] | None = field(default_factory=dict)
-    publish: dict[str, Any] | None = None  # PublishSettings fields + "repository"; None skips it
+    # The sections' defaults are empty mappings, typed with every default (and the quantize target, when
+    # not given, from the publish section's target, else cpu) once the config is made.
+    train: TrainConfig = field(default_factory=dict)  # its out_dir is the build's: <out_dir>/train
+    prune: PruneConfig | None = field(default_factory=dict)
+    quantize: QuantizeConfig | None = field(default_factory=dict)
+    qat: QATSection = field(default_factory=dict)
+    publish: PublishSettings | None = None
+    repository: Path = DEFAULT_REPOSITORY  # where `publish` puts the model; a build file may name it there
     max_accuracy_drop: float = 1.0  # top-1 points below the trained model
     parity_images: int = 32
     benchmark_seconds: float = 1.5  # per batch size and stage; the median run is reported
 
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.checkpoint = Path(self.checkpoint) if self.checkpoint is not None else None
+        if self.publish is not None and not isinstance(self.publish, PublishSettings):
+            publish = dict(self.publish) if isinstance(self.publish, Mapping) else self.publish
+            if isinstance(publish, dict):
+                self.repository = publish.pop("repository", self.repository)
+            self.publish = _section(PublishSettings, publish, "publish")
+        self.repository = Path(self.repository)
+        if self.quantize is not None and not isinstance(self.quantize, QuantizeConfig):
+            quantize = dict(self.quantize) if isinstance(self.quantize, Mapping) else self.quantize
+            if isinstance(quantize, dict):
+                moved = sorted(key for key in quantize if key.startswith("qat_"))
+                if moved:
+                    raise BuilderError(f"quantize: {', '.join(moved)}: QAT settings are a section of their own "
+                                       f"now, qat: {{mode: auto, {moved[0][len('qat_'):]}: ...}}")
+                if "qat" in quantize:  # the mode, where earlier build files give it
+                    self.qat = _qat_section({**_qat_values(self.qat), "mode": quantize.pop("qat")})
+                quantize.setdefault("target", self.publish.target if self.publish is not None else "cpu")
+            self.quantize = _section(QuantizeConfig, quantize, "quantize")
+        if not isinstance(self.qat, QATSection):
+            self.qat = _qat_section(self.qat)
+        if not isinstance(self.train, TrainConfig):
+            self.train = _section(TrainConfig, self.train, "train")
+        if self.prune is not None and not isinstance(self.prune, PruneConfig):
+            self.prune = _section(PruneConfig, self.prune, "prune")
+        if self.quantize is not None and self.quantize.target == "gpu":
+            if self.qat.mode == "always":
+                raise BuilderError("quantize: qat writes ONNX Runtime's uint8 Q/DQ, which TensorRT's ONNX parser "
+                                   "refuses; for target gpu use qat: never (NVIDIA Model Optimizer's INT8)")
+            if self.publish is not None and self.publish.target == "cpu":
+                raise BuilderError("quantize: target gpu writes INT8 for TensorRT, but publish targets the CPU; "
+                                   "publish with target gpu, or quantize with target cpu")
+
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> "BuildConfig":
+    def from_mapping(cls, data: Mapping[str, Any], overrides: BuildOverrides | None = None) -> "BuildConfig":
+        """From a build file's settings, then the command line's overrides."""
         known = {f.name for f in dataclasses.fields(cls)}
+        moved = sorted(key for key in data if key.startswith("qat_"))
+        if moved:
+            raise BuilderError(f"{', '.join(moved)}: QAT settings are the qat: section, "
+                               f"qat: {{mode: auto, {moved[0][len('qat_'):]}: ...}}")
         unknown = set(data) - known
         if unknown:
             raise BuilderError(f"unknown build settings {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
         values = dict(data)
-        for key in ("out_dir", "checkpoint"):
-            if values.get(key) is not None:
-                values[key] = Path(values[key])
         for section in SECTIONS:
             # `prune: false` in YAML skips a stage; `prune:` (empty) runs it with defaults.
-            if values.get(section) is False:
+            if values.get(section) is False and section != "qat":
                 values[section] = None
             elif section in values and values[section] is None:
                 values[section] = {}
+        if overrides is not None:
+            values = overrides.applied_to(values)
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: Path) -> "BuildConfig":
+    def from_yaml(cls, path: Path, overrides: BuildOverrides | None = None) -> "BuildConfig":
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as e:
@@ -87,13 +203,40 @@ class BuildConfig:
             raise BuilderError(f"build file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
         if not isinstance(data, dict):
             raise BuilderError(f"build file {path} must be a mapping of settings")
-        return cls.from_mapping(data)
+        return cls.from_mapping(data, overrides)
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["out_dir"] = str(self.out_dir)
-        data["checkpoint"] = str(self.checkpoint) if self.checkpoint else None
+        """The settings as a build file has them (every value spelled out); `from_mapping` reads them back."""
+        def plain(value):
+            if dataclasses.is_dataclass(value):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+
+        # A stage switched off is `false`, as in a build file (an empty section runs it with defaults).
+        data = {f.name: False if getattr(self, f.name) is None and f.name in SECTIONS else plain(getattr(self, f.name))
+                for f in dataclasses.fields(self)}
+        del data["train"]["out_dir"]  # the build's own
         return data
+
+
+def _qat_values(qat: Any) -> dict[str, Any]:
+    if isinstance(qat, QATSection):
+        return {f.name: getattr(qat, f.name) for f in dataclasses.fields(qat)}
+    if isinstance(qat, (str, bool)):  # `qat: always`, `qat: no`
+        return {"mode": qat}
+    if qat is None:
+        return {}
+    if not isinstance(qat, Mapping):
+        raise BuilderError(f"qat: {qat!r} is neither a mode ({', '.join(QAT_MODES)}) nor a mapping of settings")
+    return dict(qat)
+
+
+def _qat_section(qat: Any) -> QATSection:
+    return _section(QATSection, _qat_values(qat), "qat")
 
 
 @dataclass(frozen=True)
@@ -105,44 +248,19 @@ class BuildResult:
 
 
 def _section(config_type, values: Mapping[str, Any], stage: str):
+    if not isinstance(values, Mapping):
+        raise BuilderError(f"{stage}: {values!r} is not a mapping of settings")
     try:
         return config_type(**values)
     except TypeError as e:
-        valid = ", ".join(f.name for f in dataclasses.fields(config_type))
+        valid = ", ".join(f.name for f in dataclasses.fields(config_type) if f.init)
         raise BuilderError(f"bad {stage} settings ({e}); valid: {valid}") from e
-
-
-def _quantize_sections(values: Mapping[str, Any] | None, publish_target: str = "cpu",
-                       ) -> tuple[QuantizeConfig | None, str, QATConfig | None]:
-    """The static INT8 settings, the QAT mode and the QAT settings (`qat_<QATConfig field>`) of `quantize`."""
-    if values is None:
-        return None, "never", None
-    values = {"target": publish_target, **values}
-    mode = values.pop("qat", "auto")
-    if isinstance(mode, bool):  # YAML reads `qat: yes` / `qat: no` as booleans
-        mode = "always" if mode else "never"
-    if mode not in QAT_MODES:
-        raise BuilderError(f"quantize: qat {mode!r} is not one of {', '.join(QAT_MODES)}")
-    if values["target"] == "gpu":
-        if mode == "always":
-            raise BuilderError("quantize: qat writes ONNX Runtime's uint8 Q/DQ, which TensorRT's ONNX parser "
-                               "refuses; for target gpu use qat: never (NVIDIA Model Optimizer's INT8)")
-        mode = "never"
-    qat_values = {key[len("qat_"):]: values.pop(key) for key in list(values) if key.startswith("qat_")}
-    known = {f.name for f in dataclasses.fields(QATConfig)}
-    if set(qat_values) - known:
-        raise BuilderError(f"unknown quantize settings {', '.join(sorted('qat_' + k for k in set(qat_values) - known))}"
-                           f"; valid QAT settings: qat, {', '.join('qat_' + f for f in sorted(known))}")
-    qat_config = _section(QATConfig, qat_values, "quantize qat_*") if mode != "never" else None
-    return _section(QuantizeConfig, values, "quantize"), mode, qat_config
 
 
 def _train(config: BuildConfig) -> Path:
     from .train import train
-    from .train_config import TrainConfig
 
-    settings = {**config.train, "out_dir": config.out_dir / "train"}
-    return train(_section(TrainConfig, settings, "train")).best_checkpoint
+    return train(dataclasses.replace(config.train, out_dir=config.out_dir / "train")).best_checkpoint
 
 
 def build(config: BuildConfig) -> BuildResult:
@@ -150,14 +268,10 @@ def build(config: BuildConfig) -> BuildResult:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    prune_config = _section(PruneConfig, config.prune, "prune") if config.prune is not None else None
-    publish_values = dict(config.publish or {})
-    quantize_config, qat_mode, qat_config = _quantize_sections(config.quantize, publish_values.get("target", "cpu"))
-    repository = Path(publish_values.pop("repository", "model_repository"))
-    settings = _section(PublishSettings, publish_values, "publish") if config.publish is not None else None
-    if settings is not None and settings.target == "cpu" and quantize_config and quantize_config.target == "gpu":
-        raise BuilderError("quantize: target gpu writes INT8 for TensorRT, but publish targets the CPU; "
-                           "publish with target gpu, or quantize with target cpu")
+    prune_config, quantize_config, settings, repository = config.prune, config.quantize, config.publish, config.repository
+    # TensorRT's parser refuses QAT's uint8 Q/DQ: a gpu target has no QAT fallback.
+    qat_mode = "never" if quantize_config is None or quantize_config.target == "gpu" else config.qat.mode
+    qat_config = config.qat.training() if qat_mode != "never" else None
 
     checkpoint = config.checkpoint or _train(config)
     model, meta = load_model(checkpoint)

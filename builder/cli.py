@@ -6,12 +6,15 @@ User mistakes (a BuilderError) print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import importlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import BuilderError
 from .train_config import (
@@ -84,16 +87,10 @@ def _export(args: argparse.Namespace) -> None:
 def _publish(args: argparse.Namespace) -> None:
     from .publish import PublishSettings, publish, publish_plan
 
-    target = args.target or ("gpu" if args.plan else "cpu")
-    settings = PublishSettings(
-        max_batch_size=args.max_batch_size, instance_count=args.instances, target=target, keep=args.keep,
-        version_policy=args.version_policy, latest_versions=args.latest_versions, triton_url=args.triton_url,
-        trt_cache_path=args.trt_cache_path, cuda_graphs=not args.no_cuda_graphs,
-        dynamic_batching=not args.no_dynamic_batching, max_queue_delay_us=args.max_queue_delay_us,
-        max_queue_size=args.max_queue_size, intra_op_spinning=args.intra_op_spinning, pixel_input=args.pixel_input,
-        intra_op_threads=args.intra_op_threads,
-        preferred_batch_sizes=args.preferred_batch_sizes, compute_capability=args.compute_capability,
-    )
+    given = _given(args, PUBLISH)
+    if args.plan:  # an engine is for a GPU
+        given.setdefault("target", "gpu")
+    settings = PublishSettings(**given)
     spec, labels = _publish_interface(args)
     if args.plan:
         published = publish_plan(Path(args.plan), Path(args.onnx), Path(args.repository), args.name, spec=spec,
@@ -107,10 +104,9 @@ def _publish(args: argparse.Namespace) -> None:
 
 def _publish_interface(args: argparse.Namespace):
     """Preprocessing and labels for a model exported elsewhere: flags win over the ONNX metadata."""
-    from server.preprocess import PreprocessSpec
-
     from .errors import PublishError
     from .publish import inspect_onnx
+    from .train_config import serving_preprocess
 
     labels = None
     if args.labels:
@@ -118,26 +114,9 @@ def _publish_interface(args: argparse.Namespace):
             labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
         except OSError as e:
             raise PublishError(f"labels file {args.labels} cannot be read: {e.strerror or e}") from e
-    flags = (args.resize, args.crop, args.mean, args.std, args.color_mode)
     embedded = inspect_onnx(Path(args.onnx)).metadata.get("preprocess")
-    if all(f is None for f in flags) and embedded:
-        return None, labels
-    # Flags override the spec the model carries, one value at a time: `--resize 99` alone must not swap
-    # the mean and std measured in training for ImageNet's. Without a carried spec, ImageNet's defaults,
-    # and a resize of crop / 0.875 (256 for 224), the usual ratio, when only the crop is given.
-    base = json.loads(embedded) if embedded else {}
-    crop = args.crop or base.get("image_size") or 224
-    resize = args.resize or (int(crop / 0.875) if args.crop or not base else base["resize_size"])
-    try:
-        spec = PreprocessSpec(
-            image_size=crop, resize_size=resize,
-            mean=tuple(args.mean or base.get("mean") or (0.485, 0.456, 0.406)),
-            std=tuple(args.std or base.get("std") or (0.229, 0.224, 0.225)),
-            color_mode=args.color_mode or base.get("color_mode") or "RGB",
-            interpolation=base.get("interpolation", "bilinear"), equalize=bool(base.get("equalize", False)),
-        )
-    except ValueError as e:
-        raise PublishError(f"preprocessing flags: {e}") from e
+    spec = serving_preprocess(json.loads(embedded) if embedded else None, resize=args.resize, crop=args.crop,
+                              mean=args.mean, std=args.std, color_mode=args.color_mode)
     return spec, labels
 
 
@@ -176,9 +155,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _prune(args: argparse.Namespace) -> None:
     from .prune import PruneConfig, prune
 
-    config = PruneConfig(target=args.target, keep_ratio=args.keep_ratio, importance=args.importance,
-                         scope=args.scope, steps=args.steps, finetune_epochs=args.finetune_epochs,
-                         round_to=args.round_to)
+    config = PruneConfig(**_given(args, PRUNE))
     output = Path(args.output) if args.output else Path(args.checkpoint).with_name("pruned.pt")
     if Path(args.checkpoint).is_file():  # a missing one is the stage's to report, in its words
         check_writable(output.parent, "output folder")
@@ -202,10 +179,9 @@ def _quantize(args: argparse.Namespace) -> None:
         output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + "-fp16.onnx")
         print(json.dumps({"onnx": str(convert_fp16(onnx_path, output))}))
         return
-    suffix = "-int8-gpu.onnx" if args.target == "gpu" else "-int8.onnx"
+    config = QuantizeConfig(**_given(args, QUANTIZE))
+    suffix = "-int8-gpu.onnx" if config.target == "gpu" else "-int8.onnx"
     output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + suffix)
-    config = QuantizeConfig(calibration_images=args.calibration_images, method=args.calibration_method,
-                            reduce_range=not args.full_range_weights, target=args.target)
     result = quantize_int8(onnx_path, output, config)
     print(json.dumps({"onnx": str(result.onnx_path), "calibration_images": result.calibration_images,
                       "method": result.method, "target": result.target}))
@@ -223,7 +199,7 @@ def _quantize_aware(args: argparse.Namespace) -> None:
     output = Path(args.output) if args.output else checkpoint.with_name(checkpoint.stem + "-int8-qat.onnx")
     if checkpoint.is_file():  # a missing one is the stage's to report, in its words
         check_writable(output.parent, "output folder")
-    result = quantization_aware_train(checkpoint, output, QATConfig(epochs=args.qat_epochs, lr=args.qat_lr))
+    result = quantization_aware_train(checkpoint, output, QATConfig(**_given(args, QAT)))
     print(json.dumps({"onnx": str(result.onnx_path), "method": "qat", "epochs": result.epochs,
                       "val_accuracy": round(result.val_accuracy, 4), "onnx_agreement": round(result.agreement, 4),
                       "seconds": round(result.seconds, 1)}))
@@ -232,45 +208,21 @@ def _quantize_aware(args: argparse.Namespace) -> None:
 def _engine(args: argparse.Namespace) -> None:
     from .engine import EngineConfig, engine_from_onnx
 
-    config = EngineConfig(precision=args.precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
-                          max_batch=args.max_batch, calibration_images=args.calibration_images)
+    config = EngineConfig(**_given(args, ENGINE))
     output = Path(args.output) if args.output else Path(args.onnx).with_name("model.plan")
     print(json.dumps({"plan": str(engine_from_onnx(Path(args.onnx), output, config))}))
 
 
 def _build(args: argparse.Namespace) -> None:
-    import dataclasses
+    from .build import BuildConfig, BuildOverrides, build
 
-    from .build import BuildConfig, build
-
-    config = BuildConfig.from_yaml(Path(args.config)) if args.config else BuildConfig()
-    overrides = {key: value for key, value in (
-        ("name", args.name), ("out_dir", Path(args.out) if args.out else None),
-        ("checkpoint", Path(args.checkpoint) if args.checkpoint else None),
-        ("max_accuracy_drop", args.max_accuracy_drop)) if value is not None}
-    config = dataclasses.replace(config, **overrides)
-    config.train = {**config.train, **{k: v for k, v in (
-        ("dataset", args.dataset), ("arch", args.arch), ("epochs", args.epochs),
-        ("image_size", args.image_size)) if v is not None}}
-    if args.no_prune:
-        config.prune = None
-    elif args.keep_ratio is not None and config.prune is not None:
-        config.prune = {**config.prune, "keep_ratio": args.keep_ratio}
-    if args.no_quantize:
-        config.quantize = None
-    elif args.calibration_images is not None and config.quantize is not None:
-        config.quantize = {**config.quantize, "calibration_images": args.calibration_images}
-    if args.target and config.quantize is not None:  # also without a publish section (--no-publish)
-        config.quantize = {**config.quantize, "target": args.target}
-    if args.repository or args.target:
-        config.publish = {**(config.publish or {}), **({"repository": args.repository} if args.repository else {}),
-                          **({"target": args.target} if args.target else {})}
-    if args.no_publish:
-        config.publish = None
+    overrides = BuildOverrides(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildOverrides)})
+    config = (BuildConfig.from_yaml(Path(args.config), overrides) if args.config
+              else BuildConfig.from_mapping({}, overrides))
     # Before anything is trained: an unwritable destination would otherwise fail only at the end.
     check_writable(config.out_dir, "build folder")
     if config.publish is not None:
-        check_writable(Path(config.publish.get("repository", "model_repository")), "model repository")
+        check_writable(config.repository, "model repository")
     result = build(config)
     print(json.dumps({"report": str(result.report_paths["md"]), "onnx": str(result.final_onnx),
                       "published_version": result.published.version if result.published else None}))
@@ -317,25 +269,58 @@ def _alphas(text: str) -> float:
     return value
 
 
-# Flags whose destination is a TrainConfig field of the same name.
-_RECIPE_FIELDS = (
-    "dataset", "arch", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing",
-    "image_size", "val_fraction", "seed", "dropout", "init", "freeze_backbone", "mean", "std", "equalize",
-    "augment", "cutmix", "mixup", "loss", "class_weights", "class_weights_start", "focal_gamma", "optimizer",
-    "schedule", "step_size", "gamma", "accum_steps", "clip_grad", "amp", "patience", "resume", "tensorboard",
-)
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    """The settings dataclass field behind a flag, named rather than imported: most stage modules import
+    torch, which only the stages that train or read checkpoints should pay for."""
+
+    module: str
+    config: str
+    name: str
+
+    def default(self) -> Any:
+        config_type = getattr(importlib.import_module(self.module), self.config)
+        field = next(f for f in dataclasses.fields(config_type) if f.name == self.name)
+        return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+# The settings dataclass of each command; its flags' values are read back with `_given`.
+PRUNE = ("builder.prune", "PruneConfig")
+QUANTIZE = ("builder.quantize", "QuantizeConfig")
+QAT = ("builder.qat", "QATConfig")
+ENGINE = ("builder.engine", "EngineConfig")
+PUBLISH = ("builder.publish", "PublishSettings")
+TRAIN = ("builder.train_config", "TrainConfig")
+BUILD = ("builder.build", "BuildConfig")
+
+
+def _setting(parser: argparse.ArgumentParser, flag: str, config: tuple[str, str], name: str, help: str = "",
+             dest: str | None = None, default: Any = argparse.SUPPRESS, **kwargs) -> None:
+    """A flag that sets field `name` of `config`. Not given, it is left out of the namespace (or None), so
+    the dataclass's own default applies; the help shows that default."""
+    if "choices" not in kwargs and kwargs.get("action") not in ("store_true", "store_false"):
+        kwargs.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
+    action = parser.add_argument(flag, dest=dest or f"{config[1]}.{name}", default=default, help=help, **kwargs)
+    action.field = _Field(*config, name)
+
+
+def _given(args: argparse.Namespace, config: tuple[str, str]) -> dict[str, Any]:
+    """The fields of `config` whose flags were given."""
+    prefix = config[1] + "."
+    return {key[len(prefix):]: value for key, value in vars(args).items() if key.startswith(prefix)}
+
+
+# TrainConfig fields that are flags of the same name; the run folder is --out.
+_RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "out_dir")
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     """The training recipe's flags. None has a parser default (SUPPRESS): a flag not given leaves the
     setting to `--params` or to TrainConfig's default (shown in the help)."""
-    defaults = TrainConfig()
 
     def add(flag: str, help: str, **kwargs) -> None:
-        dest = flag.lstrip("-").replace("-", "_")
-        default = getattr(defaults, dest, None)
-        suffix = "" if kwargs.get("action") == "store_true" or default is None else f" (default: {default})"
-        parser.add_argument(flag, default=argparse.SUPPRESS, help=help + suffix, **kwargs)
+        name = flag.lstrip("-").replace("-", "_")
+        _setting(parser, flag, TRAIN, name, help, dest=name, **kwargs)
 
     add("--dataset", "digits, shapes[:per_class=N,imbalance=R,size=S] or a folder of class subfolders")
     add("--image-size", "model input side in pixels (default: the dataset's: 32 for digits and shapes, 224 for "
@@ -378,6 +363,18 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", "seed: split, initialization, shuffling, augmentation", type=int)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends the default of a flag's dataclass field, read from the dataclass when help is asked for."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        field = getattr(action, "field", None)
+        default = field.default() if field is not None and action.nargs != 0 else None
+        if default is not None:
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: {default})".lstrip()
+        super().add_argument(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """A command-line mistake is one line, the error and where the options are listed, and exit code 2:
     argparse's usage block would bury the error under dozens of lines for `train`."""
@@ -385,6 +382,7 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         # `--epoch 1` must not quietly run as `--epochs 1`: a mistyped flag is a mistake to report.
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
@@ -427,40 +425,43 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--onnx", required=True)
     publish.add_argument("--name", required=True)
     publish.add_argument("--repository", default="model_repository")
-    publish.add_argument("--max-batch-size", type=_positive_int, default=32)
-    publish.add_argument("--instances", type=_positive_int,
-                         help="model instances Triton runs side by side (default: 2 on the CPU, as Triton itself "
-                              "does for ONNX Runtime; 1 per GPU)")
-    publish.add_argument("--intra-op-threads", type=_non_negative_int, default=0,
-                         help="CPU target: ONNX Runtime threads per instance (default 0: the serving machine's "
-                              "cores divided among the instances)")
-    publish.add_argument("--max-queue-delay-us", type=_non_negative_int,
-                         help="how long Triton waits to fill a batch (default: 0 on the CPU, 2000 on a GPU)")
-    publish.add_argument("--max-queue-size", type=_positive_int, default=64,
-                         help="requests queued before Triton rejects (the gateway answers 429)")
-    publish.add_argument("--intra-op-spinning", action="store_true",
-                         help="CPU target: ONNX Runtime's idle threads busy-wait for the next batch (its own "
-                              "default; faster only where Triton has the cores to itself)")
-    publish.add_argument("--no-dynamic-batching", action="store_true",
-                         help="one request per model execution (no batching across requests, no queue bound)")
-    publish.add_argument("--target", choices=("cpu", "gpu"),
-                         help="cpu: Python backend + ONNX Runtime; gpu: ONNX Runtime backend with TensorRT "
-                              "(default: gpu with --plan, cpu otherwise)")
-    publish.add_argument("--pixel-input", action="store_true",
-                         help="the model takes N x H x W x C uint8 pixels and normalizes them itself: a quarter of "
-                              "the bytes per request, and no float arithmetic in the gateway")
+    _setting(publish, "--max-batch-size", PUBLISH, "max_batch_size", type=_positive_int)
+    _setting(publish, "--instances", PUBLISH, "instance_count", type=_positive_int,
+             help="model instances Triton runs side by side (default: 2 on the CPU, as Triton itself does for "
+                  "ONNX Runtime; 1 per GPU)")
+    _setting(publish, "--intra-op-threads", PUBLISH, "intra_op_threads", type=_non_negative_int,
+             help="CPU target: ONNX Runtime threads per instance (0: the serving machine's cores divided among "
+                  "the instances)")
+    _setting(publish, "--max-queue-delay-us", PUBLISH, "max_queue_delay_us", type=_non_negative_int,
+             help="how long Triton waits to fill a batch (default: 0 on the CPU, 2000 on a GPU)")
+    _setting(publish, "--max-queue-size", PUBLISH, "max_queue_size", type=_positive_int,
+             help="requests queued before Triton rejects (the gateway answers 429)")
+    _setting(publish, "--intra-op-spinning", PUBLISH, "intra_op_spinning", action="store_true",
+             help="CPU target: ONNX Runtime's idle threads busy-wait for the next batch (its own default; faster "
+                  "only where Triton has the cores to itself)")
+    _setting(publish, "--no-dynamic-batching", PUBLISH, "dynamic_batching", action="store_false",
+             help="one request per model execution (no batching across requests, no queue bound)")
+    _setting(publish, "--target", PUBLISH, "target", choices=("cpu", "gpu"),
+             help="cpu: Python backend + ONNX Runtime; gpu: ONNX Runtime backend with TensorRT (gpu with --plan)")
+    _setting(publish, "--pixel-input", PUBLISH, "pixel_input", action="store_true",
+             help="the model takes N x H x W x C uint8 pixels and normalizes them itself: a quarter of the bytes "
+                  "per request, and no float arithmetic in the gateway")
     publish.add_argument("--plan", help="a TensorRT engine from `builder engine` (with --onnx it was built from)")
-    publish.add_argument("--keep", type=_positive_int, help="remove all but the newest N versions")
-    publish.add_argument("--version-policy", choices=("latest", "all"), default="latest")
-    publish.add_argument("--latest-versions", type=_positive_int, default=1, help="versions Triton serves")
-    publish.add_argument("--triton-url", help="Triton HTTP address in explicit model-control mode: load the new version")
-    publish.add_argument("--trt-cache-path", help="TensorRT engine cache on the serving machine (--target gpu)")
-    publish.add_argument("--no-cuda-graphs", action="store_true", help="TensorRT plans: do not capture CUDA graphs")
-    publish.add_argument("--compute-capability", metavar="X.Y",
-                         help="TensorRT plans: the serving GPUs' compute capability (default: this machine's GPU)")
-    publish.add_argument("--preferred-batch-sizes", type=_positive_int, nargs="+", metavar="N",
-                         help="batch sizes Triton waits to form (default: none on the CPU; 4 and 8 on a GPU, "
-                              "those that fit the max batch)")
+    _setting(publish, "--keep", PUBLISH, "keep", type=_positive_int, help="remove all but the newest N versions")
+    _setting(publish, "--version-policy", PUBLISH, "version_policy", choices=("latest", "all"))
+    _setting(publish, "--latest-versions", PUBLISH, "latest_versions", type=_positive_int,
+             help="versions Triton serves")
+    _setting(publish, "--triton-url", PUBLISH, "triton_url",
+             help="Triton HTTP address in explicit model-control mode: load the new version")
+    _setting(publish, "--trt-cache-path", PUBLISH, "trt_cache_path",
+             help="TensorRT engine cache on the serving machine (--target gpu)")
+    _setting(publish, "--no-cuda-graphs", PUBLISH, "cuda_graphs", action="store_false",
+             help="TensorRT plans: do not capture CUDA graphs")
+    _setting(publish, "--compute-capability", PUBLISH, "compute_capability", metavar="X.Y",
+             help="TensorRT plans: the serving GPUs' compute capability (default: this machine's GPU)")
+    _setting(publish, "--preferred-batch-sizes", PUBLISH, "preferred_batch_sizes", type=_positive_int, nargs="+",
+             metavar="N", help="batch sizes Triton waits to form (default: none on the CPU; 4 and 8 on a GPU, "
+                               "those that fit the max batch)")
     publish.add_argument("--labels", help="text file, one label per line (default: ONNX metadata, else class index)")
     publish.add_argument("--resize", type=_positive_int, help="shorter side before the crop (default 256)")
     publish.add_argument("--crop", type=_positive_int, help="center crop = model input side (default 224)")
@@ -480,13 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="structured channel pruning with fine-tuning (Torch-Pruning)")
     prune.add_argument("--checkpoint", required=True)
     prune.add_argument("--output", help="pruned checkpoint (default: pruned.pt beside the input)")
-    prune.add_argument("--target", choices=("macs", "params"), default="macs")
-    prune.add_argument("--keep-ratio", type=float, default=0.5, help="fraction of MACs/params to keep")
-    prune.add_argument("--importance", choices=("l1", "l2"), default="l1")
-    prune.add_argument("--scope", choices=("global", "uniform"), default="global")
-    prune.add_argument("--steps", type=_positive_int, default=3)
-    prune.add_argument("--finetune-epochs", type=float, default=1.0, help="per step")
-    prune.add_argument("--round-to", type=_positive_int, default=8, help="channel counts stay multiples of this")
+    _setting(prune, "--target", PRUNE, "target", choices=("macs", "params"), help="what --keep-ratio limits")
+    _setting(prune, "--keep-ratio", PRUNE, "keep_ratio", type=float, help="fraction of MACs/params to keep")
+    _setting(prune, "--importance", PRUNE, "importance", choices=("l1", "l2"), help="channel magnitude norm")
+    _setting(prune, "--scope", PRUNE, "scope", choices=("global", "uniform"),
+             help="global: rank channels across layers; uniform: the same fraction in every layer")
+    _setting(prune, "--steps", PRUNE, "steps", type=_positive_int, help="prune-then-fine-tune rounds")
+    _setting(prune, "--finetune-epochs", PRUNE, "finetune_epochs", type=float, help="per step")
+    _setting(prune, "--round-to", PRUNE, "round_to", type=_positive_int, help="channel counts stay multiples of this")
     prune.set_defaults(func=_prune)
 
     quantize = commands.add_parser(
@@ -498,42 +500,48 @@ def build_parser() -> argparse.ArgumentParser:
                           help="static: ONNX Runtime calibration of --onnx; qat: fine-tune --checkpoint with fake "
                                "quantization (PyTorch), export INT8 QDQ ONNX; for when static INT8 loses too much")
     quantize.add_argument("--precision", choices=("int8", "fp16"), default="int8")
-    quantize.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
-                          help="static INT8: cpu (ONNX Runtime's u8/s8 Q/DQ) or gpu (NVIDIA Model Optimizer's "
-                               "int8 Q/DQ with zero point 0, for a TensorRT engine; -int8-gpu.onnx)")
-    quantize.add_argument("--calibration-images", type=_positive_int, default=256)
-    quantize.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax")
-    quantize.add_argument("--full-range-weights", action="store_true",
-                          help="static INT8: 8-bit weights instead of 7; exact only where the serving CPU has VNNI "
-                               "(or on a GPU): without it, x86 int8 kernels saturate and accuracy drops")
-    quantize.add_argument("--qat-epochs", type=float, default=2.0, help="--method qat: fine-tuning epochs")
-    quantize.add_argument("--qat-lr", type=float, default=1e-4, help="--method qat: peak learning rate (AdamW)")
+    _setting(quantize, "--target", QUANTIZE, "target", choices=("cpu", "gpu"),
+             help="static INT8: cpu (ONNX Runtime's u8/s8 Q/DQ) or gpu (NVIDIA Model Optimizer's int8 Q/DQ with "
+                  "zero point 0, for a TensorRT engine; -int8-gpu.onnx)")
+    _setting(quantize, "--calibration-images", QUANTIZE, "calibration_images", type=_positive_int)
+    _setting(quantize, "--calibration-method", QUANTIZE, "method", choices=("minmax", "entropy", "percentile"))
+    _setting(quantize, "--full-range-weights", QUANTIZE, "reduce_range", action="store_false",
+             help="static INT8: 8-bit weights instead of 7; exact only where the serving CPU has VNNI (or on a "
+                  "GPU): without it, x86 int8 kernels saturate and accuracy drops")
+    _setting(quantize, "--qat-epochs", QAT, "epochs", type=float, help="--method qat: fine-tuning epochs")
+    _setting(quantize, "--qat-lr", QAT, "lr", type=float, help="--method qat: peak learning rate (AdamW)")
     quantize.set_defaults(func=_quantize)
 
     engine = commands.add_parser("engine", help="TensorRT engine (needs an NVIDIA GPU and tensorrt)")
     engine.add_argument("--onnx", required=True)
     engine.add_argument("--output", help="default: model.plan beside the ONNX file")
-    engine.add_argument("--precision", choices=("fp16", "int8"), default="fp16")
-    engine.add_argument("--min-batch", type=_positive_int, default=1)
-    engine.add_argument("--opt-batch", type=_positive_int, default=8)
-    engine.add_argument("--max-batch", type=_positive_int, default=32)
-    engine.add_argument("--calibration-images", type=_positive_int, default=256)
+    _setting(engine, "--precision", ENGINE, "precision", choices=("fp16", "int8"))
+    _setting(engine, "--min-batch", ENGINE, "min_batch", type=_positive_int)
+    _setting(engine, "--opt-batch", ENGINE, "opt_batch", type=_positive_int)
+    _setting(engine, "--max-batch", ENGINE, "max_batch", type=_positive_int)
+    _setting(engine, "--calibration-images", ENGINE, "calibration_images", type=_positive_int)
     engine.set_defaults(func=_engine)
 
     build = commands.add_parser("build", help="train, prune, quantize, publish; report what each stage cost")
     build.add_argument("--config", help="YAML build file (flags override it)")
-    build.add_argument("--name", help="model name in the repository")
-    build.add_argument("--out", help="build folder (report, artifacts)")
+    # Flags override the build file; the defaults shown apply where neither sets a value.
+    _setting(build, "--name", BUILD, "name", help="model name in the repository", dest="name", default=None)
+    _setting(build, "--out", BUILD, "out_dir", help="build folder (report, artifacts)", dest="out_dir",
+             default=None, metavar="OUT")
     build.add_argument("--checkpoint", help="start from this trained checkpoint instead of training")
-    build.add_argument("--dataset")
-    build.add_argument("--arch", choices=ARCHITECTURES)
-    build.add_argument("--epochs", type=_positive_int)
-    build.add_argument("--image-size", type=_positive_int)
-    build.add_argument("--keep-ratio", type=float, help="pruning: fraction of MACs to keep")
-    build.add_argument("--calibration-images", type=_positive_int)
-    build.add_argument("--repository", help="publish into this Triton repository")
+    _setting(build, "--dataset", TRAIN, "dataset", dest="dataset", default=None)
+    _setting(build, "--arch", TRAIN, "arch", choices=ARCHITECTURES, dest="arch", default=None)
+    _setting(build, "--epochs", TRAIN, "epochs", type=_positive_int, dest="epochs", default=None)
+    _setting(build, "--image-size", TRAIN, "image_size", type=_positive_int, dest="image_size", default=None)
+    _setting(build, "--keep-ratio", PRUNE, "keep_ratio", type=float, help="pruning: fraction of MACs to keep",
+             dest="keep_ratio", default=None)
+    _setting(build, "--calibration-images", QUANTIZE, "calibration_images", type=_positive_int,
+             dest="calibration_images", default=None)
+    _setting(build, "--repository", BUILD, "repository", help="publish into this Triton repository",
+             dest="repository", default=None)
     build.add_argument("--target", choices=("cpu", "gpu"))
-    build.add_argument("--max-accuracy-drop", type=float, help="top-1 points a stage may lose (default 1)")
+    _setting(build, "--max-accuracy-drop", BUILD, "max_accuracy_drop", type=float,
+             help="top-1 points a stage may lose", dest="max_accuracy_drop", default=None)
     build.add_argument("--no-prune", action="store_true")
     build.add_argument("--no-quantize", action="store_true")
     build.add_argument("--no-publish", action="store_true")

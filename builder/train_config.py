@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .errors import BuilderError
+from .errors import BuilderError, PublishError
+
+if TYPE_CHECKING:
+    from server.preprocess import PreprocessSpec
 
 ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
 LOSSES = ("ce", "focal")
@@ -190,3 +194,40 @@ def describe_sources(layers: list[tuple[str, dict]]) -> list[str]:
         if shown:
             lines.append(f"  {source}: {', '.join(shown)}")
     return lines + ["  defaults: everything else"]
+
+
+# ---- preprocessing of a model trained elsewhere ----
+
+# What a model that carries no preprocessing spec is taken to expect: ImageNet's center crop and statistics.
+IMAGENET_CROP = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The resize before the crop is crop / 0.875 (256 for 224), torchvision's reference eval ratio.
+CROP_FRACTION = 0.875
+
+
+def serving_preprocess(carried: Mapping[str, Any] | None, *, resize: int | None = None, crop: int | None = None,
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                       color_mode: str | None = None) -> "PreprocessSpec | None":
+    """The preprocessing to publish a model with. Values given override the spec the model carries
+    (`carried`, from its ONNX metadata) one at a time: a new resize alone must not swap the mean and std
+    measured in training for ImageNet's. Without a carried spec, ImageNet's, with a resize of crop / 0.875
+    when only the crop is given. None: nothing given, and the carried spec stands as it is."""
+    from server.preprocess import PreprocessSpec
+
+    given = (resize, crop, mean, std, color_mode)
+    if carried and all(value is None for value in given):
+        return None
+    base = dict(carried or {})
+    crop_size = crop or base.get("image_size") or IMAGENET_CROP
+    resize_size = resize or (int(crop_size / CROP_FRACTION) if crop or not base else base["resize_size"])
+    try:
+        return PreprocessSpec(
+            image_size=crop_size, resize_size=resize_size,
+            mean=tuple(mean or base.get("mean") or IMAGENET_MEAN),
+            std=tuple(std or base.get("std") or IMAGENET_STD),
+            color_mode=color_mode or base.get("color_mode") or "RGB",
+            interpolation=base.get("interpolation", "bilinear"), equalize=bool(base.get("equalize", False)),
+        )
+    except ValueError as e:
+        raise PublishError(f"preprocessing flags: {e}") from e

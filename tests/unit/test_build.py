@@ -7,6 +7,7 @@ from builder import model_config
 from builder.build import BuildConfig, build
 from builder.cli import main
 from builder.errors import BuilderError
+from builder.quantize import QuantizeConfig
 from builder.report import BudgetError
 
 QUICK_PRUNE = {"keep_ratio": 0.6, "steps": 1, "finetune_epochs": 0.2, "increments": 40}
@@ -55,12 +56,12 @@ def test_unknown_build_settings_are_named_with_the_valid_ones(tmp_path):
 def test_a_stage_can_be_switched_off_in_yaml(tmp_path):
     (tmp_path / "build.yaml").write_text("prune: false\nquantize:\n")
     config = BuildConfig.from_yaml(tmp_path / "build.yaml")
-    assert config.prune is None and config.quantize == {}
+    assert config.prune is None and config.quantize == QuantizeConfig()
 
 
 # ---- quantization-aware training in the build ----
 
-QUICK_QAT = {"qat_epochs": 0.3, "qat_parity_images": 128}
+QUICK_QAT = {"epochs": 0.3, "parity_images": 128}
 
 
 def _flip_classifier(onnx_path):
@@ -98,7 +99,7 @@ def static_int8_loses_accuracy(monkeypatch):
 
 def _qat_build(tiny_run, tmp_path, qat, **quantize):
     return BuildConfig(name="digits", out_dir=tmp_path / "build", checkpoint=tiny_run / "best.pt", prune=None,
-                       quantize={"calibration_images": 32, "qat": qat, **QUICK_QAT, **quantize},
+                       quantize={"calibration_images": 32, **quantize}, qat={"mode": qat, **QUICK_QAT},
                        publish={"repository": str(tmp_path / "repo")}, max_accuracy_drop=5.0,
                        benchmark_seconds=0.05, parity_images=8)
 
@@ -162,8 +163,8 @@ def test_build_with_qat_never_fails_at_the_static_int8_stage(tiny_run, tmp_path,
 
 @pytest.mark.parametrize("quantize, message", [
     ({"qat": "sometimes"}, "qat 'sometimes' is not one of auto, always, never"),
-    ({"qat_epoch": 1}, "unknown quantize settings qat_epoch; valid QAT settings: qat, .*qat_epochs"),
-    ({"qat_epochs": 0}, "QAT epochs must be more than 0"),
+    ({"qat_epoch": 1}, "quantize: qat_epoch: QAT settings are a section of their own now, qat:"),
+    ({"qat_epochs": 0}, "quantize: qat_epochs: QAT settings are a section of their own now, qat:"),
 ])
 def test_bad_qat_build_settings_are_one_line_cli_errors(quantize, message, tmp_path, capsys):
     (tmp_path / "build.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "build"), "quantize": quantize}))
@@ -172,6 +173,78 @@ def test_bad_qat_build_settings_are_one_line_cli_errors(quantize, message, tmp_p
     assert err.startswith("builder build: error:") and "\n" not in err
     import re
     assert re.search(message, err)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"qat": {"mode": "sometimes"}}, "qat 'sometimes' is not one of auto, always, never"),
+    ({"qat": {"epoch": 1}}, "bad qat settings (.*'epoch'.*); valid: epochs, lr, .*mode"),
+    ({"qat": {"epochs": 0}}, "QAT epochs must be more than 0"),
+    ({"qat": "sometimes"}, "qat 'sometimes' is not one of auto, always, never"),
+    ({"qat_epochs": 1}, "qat_epochs: QAT settings are the qat: section"),
+    ({"train": 5}, "train: 5 is not a mapping of settings"),
+    ({"publish": [1]}, r"publish: \[1\] is not a mapping of settings"),
+])
+def test_bad_qat_sections_are_one_line_cli_errors(settings, message, tmp_path, capsys):
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "build"), **settings}))
+    assert main(["build", "--config", str(tmp_path / "build.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("builder build: error:") and "\n" not in err
+    import re
+    assert re.search(message, err), err
+    assert not (tmp_path / "build").exists()  # nothing written
+
+
+def test_build_file_sections_are_typed_settings(tmp_path):
+    from builder.build import QATSection
+    from builder.prune import PruneConfig
+    from builder.publish import PublishSettings
+    from builder.train_config import TrainConfig
+
+    (tmp_path / "build.yaml").write_text(
+        "train: {arch: resnet50, epochs: 2}\nprune: {keep_ratio: 0.4}\nqat: {mode: always, epochs: 0.5}\n"
+        "publish: {repository: my-repo, keep: 3}\n")
+    config = BuildConfig.from_yaml(tmp_path / "build.yaml")
+    assert config.train == TrainConfig(arch="resnet50", epochs=2)
+    assert config.prune == PruneConfig(keep_ratio=0.4) and config.quantize == QuantizeConfig()
+    assert config.qat == QATSection(mode="always", epochs=0.5) and config.qat.training().epochs == 0.5
+    assert config.publish == PublishSettings(keep=3) and str(config.repository) == "my-repo"
+    # The mode where earlier build files give it, in the quantize section, and the short form.
+    assert BuildConfig.from_mapping({"quantize": {"qat": "never"}}).qat.mode == "never"
+    assert BuildConfig.from_mapping({"qat": "always"}).qat.mode == "always"
+
+
+def test_a_gpu_publish_target_is_the_quantize_sections_default_target():
+    from builder.build import BuildOverrides
+
+    assert BuildConfig.from_mapping({"publish": {"target": "gpu"}}).quantize.target == "gpu"
+    assert BuildConfig(publish={"target": "gpu"}).quantize.target == "gpu"
+    # Overridden on the command line, the target's own defaults apply (one instance per GPU, not the CPU's two).
+    config = BuildConfig.from_mapping({"publish": {"keep": 2}}, BuildOverrides(target="gpu"))
+    assert (config.publish.target, config.publish.instance_count, config.publish.keep) == ("gpu", 1, 2)
+    assert config.quantize.target == "gpu" and config.qat.mode == "auto"
+
+
+def test_command_line_overrides_change_only_the_stages_that_run():
+    from builder.build import BuildOverrides
+
+    data = {"train": {"arch": "resnet50"}, "prune": False, "quantize": {"calibration_images": 64},
+            "publish": {"repository": "a"}}
+    config = BuildConfig.from_mapping(data, BuildOverrides(epochs=3, keep_ratio=0.3, calibration_images=8,
+                                                           repository="b", max_accuracy_drop=2.0))
+    assert (config.train.arch, config.train.epochs) == ("resnet50", 3)
+    assert config.prune is None and config.quantize.calibration_images == 8
+    assert str(config.repository) == "b" and config.max_accuracy_drop == 2.0
+    config = BuildConfig.from_mapping(data, BuildOverrides(no_quantize=True, no_publish=True))
+    assert config.quantize is None and config.publish is None
+    assert BuildConfig.from_mapping({}, BuildOverrides(repository="r")).publish == BuildConfig(publish={}).publish
+
+
+def test_the_build_settings_written_beside_the_report_read_back_the_same():
+    config = BuildConfig.from_mapping({"train": {"mean": [0.5], "std": [0.25], "dataset": "digits"},
+                                       "prune": False, "qat": {"mode": "never"},
+                                       "publish": {"repository": "r", "target": "gpu"}})
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    assert BuildConfig.from_mapping(yaml.safe_load(text)) == config
 
 
 def test_build_for_a_gpu_target_measures_and_gates_the_tensorrt_int8(tiny_run, tmp_path):
