@@ -97,6 +97,26 @@ def _error_responses(*statuses: int) -> dict[int | str, dict]:
     return responses
 
 
+def _answer(example: dict[str, Any]) -> dict[int | str, dict]:
+    """The 200 answer's example, for an endpoint that returns a plain dict or Triton's JSON."""
+    return {200: {"content": {"application/json": {"example": example}}}}
+
+
+MODEL_DETAILS_EXAMPLE = {
+    "name": "digits", "ready": True, "versions": [{"version": "1", "state": "READY"}],
+    "preprocessing": {"image_size": 8, "resize_size": 8, "mean": [0.3], "std": [0.3], "color_mode": "L",
+                      "interpolation": "bilinear", "equalize": False, "layout": "NCHW"},
+    "labels": ["0", "1", "2"], "input": "input", "input_datatype": "FP32", "output": "logits",
+    "max_batch_size": 32, "statistics": {"model_stats": [{"name": "digits", "version": "1", "inference_count": "12"}]}}
+V2_METADATA_EXAMPLE = {
+    "name": "digits", "versions": ["1"], "platform": "python",
+    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]}
+V2_INFER_ANSWER_EXAMPLE = {
+    "model_name": "digits", "model_version": "1",
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [0.1] * 10}]}
+
+
 def prepare_batch(
     images: list[bytes], spec: PreprocessSpec, max_pixels: int, jpeg_draft: bool = False, pixel_input: bool = False,
     out: np.ndarray | None = None, *, max_request_pixels: int | None = None, budget: DecodeBudget | None = None,
@@ -239,7 +259,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 
 @models.get("/v1/models/{name}", summary="One model: versions, preprocessing, labels and Triton's statistics",
-            responses=_error_responses(401, 404, 422, 503))
+            responses={**_answer(MODEL_DETAILS_EXAMPLE), **_error_responses(401, 404, 422, 503)})
 async def model_details(name: ModelName, request: Request) -> dict[str, Any]:
     triton: TritonPool = request.app.state.triton
     served = [m for m in _group_versions(await triton.repository_index()) if m["name"] == name]
@@ -569,13 +589,13 @@ async def _infer(request: Request, name: str, path: str) -> Response:
 
 
 @kserve.get("/v2/models/{name}", summary="KServe v2 model metadata (from Triton)",
-            responses=_error_responses(401, 404, 422, 502, 503, 504))
+            responses={**_answer(V2_METADATA_EXAMPLE), **_error_responses(401, 404, 422, 502, 503, 504)})
 async def v2_metadata(name: ModelName, request: Request) -> Response:
     return await _forward(request, "GET", f"/v2/models/{name}")
 
 
 @kserve.get("/v2/models/{name}/versions/{version}", summary="KServe v2 model version metadata (from Triton)",
-            responses=_error_responses(401, 404, 422, 502, 503, 504))
+            responses={**_answer(V2_METADATA_EXAMPLE), **_error_responses(401, 404, 422, 502, 503, 504)})
 async def v2_version_metadata(name: ModelName, version: VersionPath, request: Request) -> Response:
     return await _forward(request, "GET", f"/v2/models/{name}/versions/{version}")
 
@@ -586,12 +606,14 @@ V2_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json
 
 
 @kserve.post("/v2/models/{name}/infer", summary="KServe v2 inference with tensors (passed to Triton)",
-             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504))
+             openapi_extra=V2_INFER_BODY, responses={**_answer(V2_INFER_ANSWER_EXAMPLE), **_error_responses(
+                 400, 401, 404, 413, 415, 422, 429, 502, 503, 504)})
 async def v2_infer(name: ModelName, request: Request) -> Response:
     return await _infer(request, name, f"/v2/models/{name}/infer")
 
 
 @kserve.post("/v2/models/{name}/versions/{version}/infer", summary="KServe v2 inference of a pinned version",
-             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504))
+             openapi_extra=V2_INFER_BODY, responses={**_answer(V2_INFER_ANSWER_EXAMPLE), **_error_responses(
+                 400, 401, 404, 413, 415, 422, 429, 502, 503, 504)})
 async def v2_version_infer(name: ModelName, version: VersionPath, request: Request) -> Response:
     return await _infer(request, name, f"/v2/models/{name}/versions/{version}/infer")
