@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 
 from builder.evaluate import (
-    confusion_matrix, evaluate, measure_speed, per_class_scores, validation_data, write_evaluation,
+    confusion_matrix,
+    evaluate,
+    measure_speed,
+    per_class_scores,
+    validation_data,
+    write_evaluation,
 )
 from builder.prune import load_model
 
