@@ -550,7 +550,16 @@ def _write_version(files: dict[str, Path], repository: Path, name: str, config: 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
         _stage_version(staging, files, lineage)
-        os.rename(staging, model_dir / str(version))
+        while True:
+            try:
+                os.rename(staging, model_dir / str(version))
+                break
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            # Another publish took this number since it was picked: the next free one, recorded as such.
+            version = lineage["version"] = _next_version(model_dir)
+            (staging / "build.json").write_text(json.dumps(lineage, indent=2, default=str))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _write_atomic(model_dir / "labels.txt", labels_text)

@@ -86,6 +86,26 @@ def _error_responses(*statuses: int) -> dict[int | str, dict]:
     return responses
 
 
+def _answer(example: dict[str, Any]) -> dict[int | str, dict]:
+    """The 200 answer's example, for an endpoint that returns a plain dict or Triton's JSON."""
+    return {200: {"content": {"application/json": {"example": example}}}}
+
+
+MODEL_DETAILS_EXAMPLE = {
+    "name": "digits", "ready": True, "versions": [{"version": "1", "state": "READY"}],
+    "preprocessing": {"image_size": 8, "resize_size": 8, "mean": [0.3], "std": [0.3], "color_mode": "L",
+                      "interpolation": "bilinear", "equalize": False, "layout": "NCHW"},
+    "labels": ["0", "1", "2"], "input": "input", "input_datatype": "FP32", "output": "logits",
+    "max_batch_size": 32, "statistics": {"model_stats": [{"name": "digits", "version": "1", "inference_count": "12"}]}}
+V2_METADATA_EXAMPLE = {
+    "name": "digits", "versions": ["1"], "platform": "python",
+    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]}
+V2_INFER_ANSWER_EXAMPLE = {
+    "model_name": "digits", "model_version": "1",
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [0.1] * 10}]}
+
+
 def _group_versions(index: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Triton lists one entry per version; group them per model. A model is ready if a version is."""
     grouped: dict[str, dict[str, Any]] = {}
@@ -174,7 +194,7 @@ async def list_models(triton: ReplicasDep) -> dict[str, Any]:
 
 
 @models.get("/v1/models/{name}", summary="One model: versions, preprocessing, labels and Triton's statistics",
-            responses=_error_responses(401, 404, 422, 503))
+            responses={**_answer(MODEL_DETAILS_EXAMPLE), **_error_responses(401, 404, 422, 503)})
 async def model_details(name: ModelName, triton: ReplicasDep) -> dict[str, Any]:
     served = [m for m in _group_versions(await triton.repository_index()) if m["name"] == name]
     if not served:
@@ -278,13 +298,13 @@ async def _infer(request: Request, settings: SettingsDep, proxy: TritonProxyDep,
 
 
 @kserve.get("/v2/models/{name}", summary="KServe v2 model metadata (from Triton)",
-            responses=_error_responses(401, 404, 422, 502, 503, 504))
+            responses={**_answer(V2_METADATA_EXAMPLE), **_error_responses(401, 404, 422, 502, 503, 504)})
 async def v2_metadata(name: ModelName, proxy: TritonProxyDep, context: RequestContextDep) -> Response:
     return await forward(proxy, context, "GET", f"/v2/models/{name}")
 
 
 @kserve.get("/v2/models/{name}/versions/{version}", summary="KServe v2 model version metadata (from Triton)",
-            responses=_error_responses(401, 404, 422, 502, 503, 504))
+            responses={**_answer(V2_METADATA_EXAMPLE), **_error_responses(401, 404, 422, 502, 503, 504)})
 async def v2_version_metadata(name: ModelName, version: VersionPath, proxy: TritonProxyDep,
                               context: RequestContextDep) -> Response:
     return await forward(proxy, context, "GET", f"/v2/models/{name}/versions/{version}")
@@ -296,14 +316,16 @@ V2_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json
 
 
 @kserve.post("/v2/models/{name}/infer", summary="KServe v2 inference with tensors (passed to Triton)",
-             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504))
+             openapi_extra=V2_INFER_BODY, responses={**_answer(V2_INFER_ANSWER_EXAMPLE),
+                                                      **_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504)})
 async def v2_infer(name: ModelName, request: Request, settings: SettingsDep, proxy: TritonProxyDep,
                    slots: InferenceSlotsDep, context: RequestContextDep) -> Response:
     return await _infer(request, settings, proxy, slots, context, name, f"/v2/models/{name}/infer")
 
 
 @kserve.post("/v2/models/{name}/versions/{version}/infer", summary="KServe v2 inference of a pinned version",
-             openapi_extra=V2_INFER_BODY, responses=_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504))
+             openapi_extra=V2_INFER_BODY, responses={**_answer(V2_INFER_ANSWER_EXAMPLE),
+                                                      **_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504)})
 async def v2_version_infer(name: ModelName, version: VersionPath, request: Request, settings: SettingsDep,
                            proxy: TritonProxyDep, slots: InferenceSlotsDep, context: RequestContextDep) -> Response:
     return await _infer(request, settings, proxy, slots, context, name, f"/v2/models/{name}/versions/{version}/infer")

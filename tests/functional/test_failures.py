@@ -78,8 +78,10 @@ def test_a_broken_model_does_not_take_the_good_one_down(tiny_run, tmp_path):
         assert post_png(gateway.url).status_code == 200
         # Ready once the broken model has failed to load: it is not one the gateway can serve.
         assert wait_for(lambda: httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200, 90)
+        # In the repository but not loaded: unavailable for now (503), not absent (404).
         broken = post_png(gateway.url, "broken")
-        assert broken.status_code in (404, 503) and "error" in broken.json()
+        assert broken.status_code == 503 and broken.headers["Retry-After"]
+        assert broken.json()["error"]["code"] == "triton_unavailable" and "broken" in broken.json()["error"]["message"]
     finally:
         gateway.stop()
         triton.stop()

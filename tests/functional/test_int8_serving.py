@@ -15,11 +15,12 @@ from builder.evaluate import evaluate, validation_data
 from builder.publish import PublishSettings, publish
 from builder.quantize import QuantizeConfig, quantize_int8
 from client import classify
+from server.settings import Settings
 
 from .conftest import start_gateway, start_triton
 
 MODEL = "digits_int8"
-REQUEST_IMAGES = 32  # the gateway's default per-request limit
+REQUEST_IMAGES = Settings.model_fields["max_images_per_request"].default  # the gateway's limit
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import tritonclient.grpc as grpcclient
 
 from client import classify
 from stack.launcher import TritonServer, free_port
+from server.settings import Settings
 from server.shared_memory import SHM_DIRECTORY
 
 from .conftest import MODEL, PIXEL_MODEL, gateway_regions, metric, start_gateway
@@ -49,7 +50,7 @@ def test_inputs_through_shared_memory_are_answered_exactly_as_bytes(gateway, byt
 
 def test_every_slot_is_free_again_after_good_and_bad_requests(gateway, photos):
     total = metric(gateway.url, "gateway_shared_memory_free_slots")
-    assert total == 32
+    assert total == Settings.model_fields["shared_memory_slots"].default
     classify(photos[:2], model=MODEL, url=gateway.url)
     broken = httpx.post(f"{gateway.url}/v1/models/{MODEL}/classify", content=photos[0].read_bytes()[:600],
                         headers={"Content-Type": "image/jpeg"}, timeout=30)

@@ -27,7 +27,12 @@ def test_build_from_a_yaml_file_prunes_quantizes_publishes_and_reports_every_sta
     assert [s["stage"] for s in report["stages"]] == ["fp32", "pruned", "int8"]
     fp32, pruned, int8 = report["stages"]
     assert pruned["macs"] <= 0.6 * fp32["macs"] and int8["file_bytes"] < pruned["file_bytes"]
-    assert int8["change"]["throughput_speedup"] > 0 and report["failed_stage"] is None
+    assert report["failed_stage"] is None
+    # Each stage's change is against the stage before it, from the figures measured for both.
+    for before, after in ((fp32, pruned), (pruned, int8)):
+        assert after["change"]["throughput_speedup"] == pytest.approx(after["throughput_b8"] / before["throughput_b8"])
+        assert after["change"]["file_ratio"] == pytest.approx(after["file_bytes"] / before["file_bytes"])
+        assert after["change"]["top1_points"] == pytest.approx(100 * (after["top1"] - before["top1"]))
     assert "| int8 |" in (out / "report.md").read_text() and (out / "report.png").is_file()
     config = model_config.parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text())
     assert config.backend == "python"

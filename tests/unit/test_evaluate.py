@@ -1,10 +1,16 @@
 import json
+import types
 
 import numpy as np
 import pytest
 
 from builder.evaluate import (
-    confusion_matrix, evaluate, measure_speed, per_class_scores, validation_data, write_evaluation,
+    confusion_matrix,
+    evaluate,
+    measure_speed,
+    per_class_scores,
+    validation_data,
+    write_evaluation,
 )
 from builder.prune import load_model
 
@@ -45,9 +51,35 @@ def test_evaluation_is_written_as_json_with_per_class_scores(trained, tmp_path):
     assert sum(c["support"] for c in written["per_class"]) == written["images"] == 360
 
 
-def test_speed_is_measured_at_batch_1_and_batch_8(tiny_run):
-    speed = measure_speed(tiny_run / "model.onnx", min_seconds=0.05, min_runs=2, warmup=1)
-    assert speed.latency_b1_ms > 0 and speed.throughput_b8 > 0
+def test_speed_is_the_median_time_at_batch_1_and_batch_8(tiny_run, monkeypatch):
+    import builder.evaluate as evaluate_module
+
+    # A clock that only the session moves, and a session whose calls take a known time: exact figures.
+    seconds_per_call = {1: 0.004, 8: 0.016}
+    clock = types.SimpleNamespace(now=0.0)
+    clock.perf_counter = lambda: clock.now
+    batches = []
+    real_session = evaluate_module.onnx_session
+
+    class TimedSession:
+        def __init__(self, session):
+            self.session = session
+
+        def get_inputs(self):
+            return self.session.get_inputs()
+
+        def run(self, outputs, feed):
+            (batch,) = feed.values()
+            batches.append(batch.shape)
+            clock.now += seconds_per_call[batch.shape[0]]
+            return self.session.run(outputs, feed)
+
+    monkeypatch.setattr(evaluate_module, "time", clock)
+    monkeypatch.setattr(evaluate_module, "onnx_session", lambda *a, **k: TimedSession(real_session(*a, **k)))
+    speed = measure_speed(tiny_run / "model.onnx", min_seconds=0.1, min_runs=5, warmup=1)
+    assert set(batches) == {(1, 1, 8, 8), (8, 1, 8, 8)}
+    assert speed.latency_b1_ms == pytest.approx(4.0)
+    assert speed.throughput_b8 == pytest.approx(8 / 0.016)
 
 
 def test_evaluate_subcommand_scores_an_onnx_file_and_times_it(tiny_run, tmp_path, capsys):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -29,15 +31,31 @@ def test_pruning_reaches_the_mac_target_with_a_physically_smaller_network(pruned
     assert len(pruned.history) == 2 and meta["pruning"]["keep_ratio"] == 0.5
 
 
-def test_pruned_checkpoint_holds_only_tensors_and_plain_data_and_reloads_to_the_same_outputs(pruned):
+def test_pruned_checkpoint_holds_only_tensors_and_plain_data(pruned):
     payload = torch.load(pruned.checkpoint, weights_only=True)  # no pickled module
     assert set(payload) == {"model", "meta"} and payload["meta"]["layer_shapes"]["fc"]["out"] == 10
-    first, _ = load_model(pruned.checkpoint)
-    second, _ = load_model(pruned.checkpoint)
-    batch = torch.randn(3, 1, 8, 8)
+
+
+def test_a_pruned_checkpoint_reloads_to_the_outputs_of_the_network_pruning_made(tiny_run, tmp_path, monkeypatch):
+    import builder.prune as prune_module
+
+    saved = []
+    real_save = prune_module.save_model
+
+    def keep_a_copy(model, meta, output):
+        saved.append(copy.deepcopy(model).eval())
+        return real_save(model, meta, output)
+
+    monkeypatch.setattr(prune_module, "save_model", keep_a_copy)
+    result = prune(tiny_run / "best.pt", tmp_path / "pruned.pt", PruneConfig(keep_ratio=0.5, **QUICK))
+    (in_memory,) = saved
+    reloaded, _ = load_model(result.checkpoint)
+    original, _ = load_model(tiny_run / "best.pt")
+    batch = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(first(batch), second(batch))
-        assert first(batch).shape == (3, 10)
+        torch.testing.assert_close(reloaded.eval()(batch), in_memory(batch))
+        # Pruned and fine-tuned: not the original network under another name.
+        assert not torch.allclose(reloaded(batch), original.eval()(batch), atol=1e-3)
 
 
 def test_uniform_l2_pruning_by_parameters_also_reaches_its_target(tiny_run, tmp_path):

@@ -32,11 +32,12 @@ def test_publish_writes_a_complete_version_with_spec_and_labels_in_the_config(ti
 def test_publishing_again_adds_the_next_version_and_leaves_no_staging_folders(tiny_run, tmp_path):
     repository = tmp_path / "repo"
     first = publish(tiny_run / "model.onnx", repository, "digits")
-    before = (first.version_dir / "model.onnx").stat().st_mtime_ns
+    # The same file (inode) with the same bytes: a copy put in its place would keep the mtime (copy2).
+    before = {f.name: (f.stat().st_ino, f.read_bytes()) for f in first.version_dir.iterdir()}
     second = publish(tiny_run / "model.onnx", repository, "digits",
                      settings=PublishSettings(max_batch_size=8, preferred_batch_sizes=(2, 4)))
     assert second.version == 2
-    assert (first.version_dir / "model.onnx").stat().st_mtime_ns == before  # never changed in place
+    assert {f.name: (f.stat().st_ino, f.read_bytes()) for f in first.version_dir.iterdir()} == before
     assert sorted(p.name for p in (repository / "digits").iterdir()) == ["1", "2", "config.pbtxt", "labels.txt"]
     assert [p.name for p in repository.iterdir()] == ["digits"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -453,3 +454,43 @@ def test_versions_served_side_by_side_must_share_preprocessing_and_labels(tiny_r
     # newest version is served.
     assert publish(onnx_path, repository, "digits", settings=both).version == 2
     assert publish(onnx_path, repository, "digits", spec=other_spec).version == 3
+
+
+def test_two_publishes_racing_for_one_version_number_both_land_whole(tiny_run, tmp_path, monkeypatch):
+    import threading
+
+    import builder.publish as publish_module
+
+    repository = tmp_path / "repo"
+    publish(tiny_run / "model.onnx", repository, "digits")
+    # Both runs have picked version 2 and staged it before either renames it into place.
+    staged = threading.Barrier(2, timeout=60)
+    real_stage = publish_module._stage_version
+
+    def stage_then_wait(*args, **kwargs):
+        real_stage(*args, **kwargs)
+        staged.wait()
+
+    monkeypatch.setattr(publish_module, "_stage_version", stage_then_wait)
+    outcomes: list[object] = []
+
+    def run(batch: int) -> None:
+        try:
+            outcomes.append(publish(tiny_run / "model.onnx", repository, "digits",
+                                    settings=PublishSettings(max_batch_size=batch)))
+        except Exception as e:  # noqa: BLE001 - the test reports whatever escaped
+            outcomes.append(e)
+
+    racers = [threading.Thread(target=run, args=(batch,)) for batch in (4, 8)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(120)
+    assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+    assert sorted(o.version for o in outcomes) == [2, 3]
+    model_dir = repository / "digits"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "3", "config.pbtxt", "labels.txt"]
+    for published in outcomes:
+        assert sorted(p.name for p in published.version_dir.iterdir()) == ["build.json", "model.onnx", "model.py"]
+        lineage = json.loads((published.version_dir / "build.json").read_text())
+        assert lineage["version"] == published.version
