@@ -28,14 +28,17 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import BuilderError
-from .evaluate import count_macs_and_params, dataset_recipe, load_run_dataset, validation_data
+from .errors import BudgetError, BuilderError
+from .checkpoint import load_model
+from .data import load_run_dataset
+from .evaluate import validation_data
 from .export import export_model, parity_batch
-from .prune import PruneConfig, load_model, prune
+from .models import count_macs_and_params
+from .prune import PruneConfig, prune
 from .publish import PublishedVersion, PublishSettings, publish
 from .qat import QATConfig, quantization_aware_train
 from .quantize import QuantizeConfig, quantize_int8
-from .report import BudgetError, Report, StageMetrics, measure_stage, write_report
+from .report import Report, StageMetrics, measure_stage, write_report
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +164,9 @@ def build(config: BuildConfig) -> BuildResult:
 
     checkpoint = config.checkpoint or _train(config)
     model, meta = load_model(checkpoint)
-    dataset = load_run_dataset(dataset_recipe(meta))
+    dataset = load_run_dataset(meta.dataset_recipe)
     data = validation_data(meta, dataset)
-    input_shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
+    input_shape = meta.input_shape
     parity = parity_batch(meta, config.parity_images, dataset)
     report = Report(max_accuracy_drop=config.max_accuracy_drop)
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import BuilderError
+from .errors import TrainError
 
 ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
 LOSSES = ("ce", "focal")
@@ -21,10 +21,6 @@ AMP_MODES = ("auto", "on", "off")
 # `strong` turns batch mixing on unless --cutmix/--mixup say otherwise (timm's usual alphas).
 STRONG_CUTMIX_ALPHA = 1.0
 STRONG_MIXUP_ALPHA = 0.2
-
-
-class TrainError(BuilderError):
-    """A training setting cannot be used as given."""
 
 
 @dataclass

@@ -7,7 +7,7 @@ import pytest
 
 from builder.errors import CheckpointError
 from builder.export import export_onnx, parity_batch
-from builder.train import load_checkpoint
+from builder.checkpoint import load_model
 
 
 def test_export_matches_pytorch_and_carries_spec_and_labels(tiny_run):
@@ -15,7 +15,7 @@ def test_export_matches_pytorch_and_carries_spec_and_labels(tiny_run):
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(metadata["labels"]) == [str(i) for i in range(10)]
     assert json.loads(metadata["preprocess"])["image_size"] == 8
-    model, meta = load_checkpoint(tiny_run / "best.pt")
+    model, meta = load_model(tiny_run / "best.pt")
     batch = parity_batch(meta, 8)
     session = ort.InferenceSession(str(tiny_run / "model.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"input": batch.numpy()})
