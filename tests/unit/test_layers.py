@@ -56,11 +56,29 @@ def test_module_imports_respect_the_layers(module: str) -> None:
     if top in COMPOSERS:
         return  # composers may import anything
     imported = builder_imports(_modules()[module]) - {top}
-    if top in STAGES:
-        assert not imported & (STAGES | COMPOSERS), f"stage {module} imports {sorted(imported & (STAGES | COMPOSERS))}"
-    else:
-        assert not imported & (STAGES | COMPOSERS), \
-            f"shared module {module} imports {sorted(imported & (STAGES | COMPOSERS))}"
+    kind = "stage" if top in STAGES else "shared module"
+    # A stage builds on the shared layer only; the shared layer on nothing above it.
+    assert not imported & (STAGES | COMPOSERS), f"{kind} {module} imports {sorted(imported & (STAGES | COMPOSERS))}"
+
+
+def test_no_two_builder_modules_import_each_other_in_a_cycle() -> None:
+    graph = {name.split(".")[0]: set() for name in _modules()}
+    for name, path in _modules().items():
+        graph[name.split(".")[0]] |= builder_imports(path) & set(graph) - {name.split(".")[0]}
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            cycle = path[path.index(node):] + [node]
+            raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+        if node in done:
+            return
+        for target in sorted(graph[node]):
+            visit(target, path + [node])
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])
 
 
 def test_the_import_reader_sees_function_level_imports(tmp_path: Path) -> None:
