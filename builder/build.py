@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import BudgetError, BuilderError
+from .errors import BudgetError, BuilderError, error_line
 from .checkpoint import load_model
 from .data import load_run_dataset
 from .evaluate import validation_data
@@ -87,7 +87,7 @@ class BuildConfig:
         except OSError as e:
             raise BuilderError(f"build file {path} cannot be read: {e.strerror or e}") from e
         except yaml.YAMLError as e:
-            raise BuilderError(f"build file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+            raise BuilderError(f"build file {path} is not valid YAML: {error_line(e)}") from e
         if not isinstance(data, dict):
             raise BuilderError(f"build file {path} must be a mapping of settings")
         return cls.from_mapping(data)

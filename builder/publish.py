@@ -40,7 +40,7 @@ from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec
 from . import model_config
 from .model_config import DEFAULT_TRITON_RELEASE, DEFAULT_TRT_CACHE_ROOT, TRITON_TENSORRT
 from .errors import PublishError, error_line
-from .onnx_meta import load_onnx, metadata_of
+from .onnx_meta import OnnxMeta, load_onnx, metadata_of
 from .pixel_input import add_pixel_input
 from .plans import file_sha256, onnx_sha256, read_engine_info
 
@@ -274,14 +274,13 @@ def resolve_interface(onnx_path: Path, spec: PreprocessSpec | None, labels: Sequ
                       ) -> tuple[OnnxClassifier, PreprocessSpec, list[str]]:
     """The model's tensors, preprocessing and labels: given ones win over the file's metadata."""
     model = inspect_onnx(onnx_path)
+    embedded = OnnxMeta.from_props(model.metadata, source=onnx_path)
     if spec is None:
-        if "preprocess" not in model.metadata:
+        if embedded.preprocess is None:
             raise PublishError(f"{onnx_path} carries no preprocessing spec; give the preprocessing flags")
-        spec = PreprocessSpec.from_dict(json.loads(model.metadata["preprocess"]))
+        spec = embedded.preprocess
     if labels is None:
-        labels = json.loads(model.metadata["labels"]) if "labels" in model.metadata else [
-            str(i) for i in range(model.num_classes)
-        ]
+        labels = embedded.classes if "labels" in embedded.props else [str(i) for i in range(model.num_classes)]
     if len(labels) != model.num_classes:
         raise PublishError(f"{len(labels)} labels given for a model with {model.num_classes} classes")
     if tuple(model.input_dims) != spec.input_shape:

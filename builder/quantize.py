@@ -132,7 +132,7 @@ def quantize_int8(onnx_path: Path, output: Path, config: QuantizeConfig = Quanti
     onnx_path, output = Path(onnx_path), Path(output)
     source = load_onnx(onnx_path)
     metadata = metadata_of(source)
-    meta = OnnxMeta.from_props(metadata)
+    meta = OnnxMeta.from_props(metadata, source=onnx_path)
     if meta.preprocess is None or not meta.has_dataset:
         raise QuantizeError(f"{onnx_path} carries no preprocessing spec or dataset; export it with `builder export`")
     dataset = dataset or load_run_dataset(meta.dataset_recipe)
