@@ -155,3 +155,10 @@ def test_error_line_is_the_first_line_or_the_type():
     assert error_line(KeyError()) == "KeyError"
     assert error_line(RuntimeError("")) == "RuntimeError"
     assert issubclass(OnnxFileError, BuilderError)
+
+
+@pytest.mark.parametrize("props", [{"preprocess": "{not json"}, {"preprocess": "{}"}, {"labels": "3"},
+                                   {"dataset": "[1, 2]"}])
+def test_malformed_onnx_metadata_is_one_onnx_file_error(props):
+    with pytest.raises(OnnxFileError, match="model.onnx: its metadata .* is malformed"):
+        OnnxMeta.from_props(props, source="model.onnx")
