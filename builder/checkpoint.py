@@ -25,6 +25,7 @@ from server.preprocess import PreprocessSpec
 
 from .errors import CheckpointError, error_line
 from .models import InitReport, create_model, load_matching
+from .train_config import dataset_recipe
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,6 @@ class ModelMeta:
             raise CheckpointError(f"the checkpoint's metadata has no {e.args[0]!r}") from e
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"the checkpoint's metadata is malformed: {error_line(e)}") from e
-
-
-def dataset_recipe(config: Mapping) -> dict:
-    """The dataset source and split of a training run's settings (defaults: what `builder train` uses)."""
-    return {"source": config.get("dataset", "digits"), "val_fraction": config.get("val_fraction", 0.2),
-            "seed": config.get("seed", 0)}
 
 
 def read_checkpoint(path: Path, *, flag: str = "", need_meta: bool = True) -> dict:

@@ -10,13 +10,17 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
 from server.preprocess import PreprocessSpec
 
-from .checkpoint import ModelMeta, dataset_recipe
 from .errors import OnnxFileError, error_line
+from .train_config import dataset_recipe
+
+if TYPE_CHECKING:  # checkpoint imports torch, which publishing an ONNX file does without
+    from .checkpoint import ModelMeta
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:

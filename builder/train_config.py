@@ -7,6 +7,7 @@ without importing torch; `builder.train` runs the recipe.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -125,6 +126,12 @@ class TrainConfig:
 
 # Where and how one run is kept, not how it trains: a recorded base never sets them.
 RUN_FIELDS = ("out_dir", "resume", "tensorboard")
+
+
+def dataset_recipe(config: Mapping) -> dict:
+    """The dataset source and split of a run's settings (`TrainConfig.to_dict()`; defaults: TrainConfig's)."""
+    return {"source": config.get("dataset", "digits"), "val_fraction": config.get("val_fraction", 0.2),
+            "seed": config.get("seed", 0)}
 
 
 def load_params(path: Path) -> dict:
