@@ -28,9 +28,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import BudgetError, BuilderError, error_line
 from .checkpoint import load_model
 from .data import load_run_dataset
+from .errors import BudgetError, BuilderError, error_line
 from .evaluate import validation_data
 from .export import export_model, parity_batch
 from .models import count_macs_and_params
