@@ -43,7 +43,7 @@ class ModelMeta:
     in_channels: int
     image_size: int
     classes: tuple[str, ...]
-    preprocess: PreprocessSpec
+    preprocess: PreprocessSpec | None  # None only in checkpoints that record none (not this builder's runs)
     config: Mapping = field(default_factory=dict)  # the training run's settings (TrainConfig.to_dict())
     recipe: Mapping = field(default_factory=dict)  # what the run resolved: dropout, device, class weights...
     epoch: int | None = None  # the epoch these weights are from
@@ -56,6 +56,13 @@ class ModelMeta:
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one input image."""
         return (self.in_channels, self.image_size, self.image_size)
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        """The preprocessing spec, for the stages that cannot do without one."""
+        if self.preprocess is None:
+            raise CheckpointError("the checkpoint records no preprocessing spec; train it with `builder train`")
+        return self.preprocess
 
     @property
     def pruned(self) -> bool:
@@ -76,8 +83,12 @@ class ModelMeta:
     def to_dict(self) -> dict:
         """The checkpoint's "meta" dict, in the format builders have always written."""
         data = {"arch": self.arch, "num_classes": self.num_classes, "in_channels": self.in_channels,
-                "image_size": self.image_size, "classes": list(self.classes), "preprocess": self.preprocess.to_dict(),
-                "config": dict(self.config), "recipe": dict(self.recipe)}
+                "image_size": self.image_size}
+        if self.classes:
+            data["classes"] = list(self.classes)
+        if self.preprocess is not None:
+            data["preprocess"] = self.preprocess.to_dict()
+        data.update(config=dict(self.config), recipe=dict(self.recipe))
         for key in ("epoch", "val_accuracy", "layer_shapes", "pruning"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
@@ -85,13 +96,20 @@ class ModelMeta:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "ModelMeta":
-        """A checkpoint's "meta" dict; a CheckpointError names what is missing or malformed."""
+        """A checkpoint's "meta" dict; a CheckpointError names what is missing or malformed.
+
+        What rebuilding the network needs is required (architecture, class count, input size); the rest
+        is read where present."""
         try:
-            classes = tuple(str(c) for c in data["classes"])
+            classes = tuple(str(c) for c in data.get("classes") or ())
+            preprocess = data.get("preprocess")
+            if "num_classes" not in data and not classes:
+                raise KeyError("num_classes")
             return cls(
                 arch=str(data["arch"]), num_classes=int(data.get("num_classes", len(classes))),
                 in_channels=int(data["in_channels"]), image_size=int(data["image_size"]), classes=classes,
-                preprocess=PreprocessSpec.from_dict(data["preprocess"]), config=dict(data.get("config") or {}),
+                preprocess=PreprocessSpec.from_dict(preprocess) if preprocess is not None else None,
+                config=dict(data.get("config") or {}),
                 recipe=dict(data.get("recipe") or {}), epoch=data.get("epoch"),
                 val_accuracy=data.get("val_accuracy"), layer_shapes=data.get("layer_shapes") or None,
                 pruning=data.get("pruning"), extra={k: v for k, v in data.items() if k not in _FIELDS},

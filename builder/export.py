@@ -40,7 +40,7 @@ class ExportResult:
 
 def parity_batch(meta: ModelMeta, count: int = 32, dataset: ImageDataset | None = None) -> torch.Tensor:
     """The first `count` validation images of the run's dataset, through the eval transform."""
-    return validation_images(meta.preprocess, dataset or load_run_dataset(meta.dataset_recipe), count)
+    return validation_images(meta.spec, dataset or load_run_dataset(meta.dataset_recipe), count)
 
 
 def max_abs_difference(onnx_path: Path, model: torch.nn.Module, batch: torch.Tensor) -> float:

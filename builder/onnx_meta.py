@@ -41,7 +41,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
 def onnx_metadata(meta: ModelMeta, source: Path | None) -> dict[str, str]:
     """The metadata_props an export of the checkpoint `source` (with `meta`) carries."""
     return {
-        "preprocess": json.dumps(meta.preprocess.to_dict()),
+        "preprocess": json.dumps(meta.spec.to_dict()),
         "labels": json.dumps(list(meta.classes)),
         "dataset": json.dumps(meta.dataset_recipe),
         "source_checkpoint": str(Path(source).resolve()) if source else "",

@@ -137,10 +137,10 @@ def finetune(model: nn.Module, meta: ModelMeta, config: PruneConfig, dataset: Im
     """A short fine-tune on the training split (on the GPU when there is one); returns val accuracy."""
     dataset = dataset or load_run_dataset(meta.dataset_recipe)
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(TorchSplit(dataset.train, dataset.color_mode, train_transform(meta.preprocess)),
+    loader = DataLoader(TorchSplit(dataset.train, dataset.color_mode, train_transform(meta.spec)),
                         batch_size=config.batch_size, shuffle=True, generator=generator)
     run_finetune(model, loader, epochs=config.finetune_epochs, lr=config.lr, weight_decay=0.01)
-    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(meta.preprocess)),
+    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(meta.spec)),
                             batch_size=128)
     accuracy = evaluate_accuracy(model, val_loader)
     model.eval()

@@ -171,7 +171,7 @@ def freeze_bn(model: nn.Module) -> None:
 def finetune(prepared: nn.Module, meta: ModelMeta, config: QATConfig, dataset: ImageDataset) -> list[dict]:
     """Fine-tune with the training transform (on the GPU when there is one); freezes BN, then scales."""
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(TorchSplit(dataset.train, dataset.color_mode, train_transform(meta.preprocess)),
+    loader = DataLoader(TorchSplit(dataset.train, dataset.color_mode, train_transform(meta.spec)),
                         batch_size=config.batch_size, shuffle=True, generator=generator)
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
     freeze_bn_step = int(config.freeze_bn_after * total_steps)
@@ -396,10 +396,10 @@ def quantization_aware_train(checkpoint: Path, output_onnx: Path, config: QATCon
     dataset = dataset or load_run_dataset(meta.dataset_recipe)
     seed_everything(config.seed)
     history = finetune(prepared, meta, config, dataset)
-    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(meta.preprocess)),
+    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(meta.spec)),
                             batch_size=128)
     val_accuracy = evaluate_accuracy(prepared, val_loader)
-    parity = validation_images(meta.preprocess, dataset, config.parity_images)
+    parity = validation_images(meta.spec, dataset, config.parity_images)
     metadata = {**onnx_metadata(meta, checkpoint), "precision": "int8", "quantization": "qat",
                 "qat": json.dumps({**asdict(config), "val_accuracy": val_accuracy})}
     agreement = export_qat(prepared, meta, output_onnx, parity=parity, metadata=metadata,

@@ -52,7 +52,7 @@ def test_a_file_that_is_not_onnx_is_refused_and_nothing_is_written(tmp_path):
 
 
 def test_missing_onnx_file_is_named(tmp_path):
-    with pytest.raises(PublishError, match="does not exist"):
+    with pytest.raises(OnnxFileError, match="nope.onnx does not exist"):
         publish(tmp_path / "nope.onnx", tmp_path / "repo", "digits")
 
 

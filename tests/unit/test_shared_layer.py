@@ -36,6 +36,15 @@ def test_model_meta_round_trips_through_the_checkpoint_dict():
     assert ModelMeta.from_dict({**OLD_META, "note": "kept"}).to_dict() == {**OLD_META, "note": "kept"}
 
 
+def test_a_meta_with_only_what_rebuilding_needs_loads_and_saves_as_it_was():
+    minimal = {"arch": "resnet18", "num_classes": 3, "in_channels": 1, "image_size": 8}
+    meta = ModelMeta.from_dict(minimal)
+    assert meta.preprocess is None and meta.classes == () and meta.input_shape == (1, 8, 8)
+    assert meta.to_dict() == {**minimal, "config": {}, "recipe": {}}
+    with pytest.raises(CheckpointError, match="no preprocessing spec"):
+        meta.spec
+
+
 def test_a_meta_without_a_required_key_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="'image_size'"):
         ModelMeta.from_dict({k: v for k, v in OLD_META.items() if k != "image_size"})
