@@ -28,14 +28,17 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import BuilderError
-from .evaluate import count_macs_and_params, dataset_recipe, load_run_dataset, validation_data
+from .checkpoint import load_model
+from .data import load_run_dataset
+from .errors import BudgetError, BuilderError, error_line
+from .evaluate import validation_data
 from .export import export_model, parity_batch
-from .prune import PruneConfig, load_model, prune
+from .models import count_macs_and_params
+from .prune import PruneConfig, prune
 from .publish import PublishedVersion, PublishSettings, publish
 from .qat import QATConfig, quantization_aware_train
 from .quantize import QuantizeConfig, quantize_int8
-from .report import BudgetError, Report, StageMetrics, measure_stage, write_report
+from .report import Report, StageMetrics, measure_stage, write_report
 from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -200,7 +203,7 @@ class BuildConfig:
         except OSError as e:
             raise BuilderError(f"build file {path} cannot be read: {e.strerror or e}") from e
         except yaml.YAMLError as e:
-            raise BuilderError(f"build file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+            raise BuilderError(f"build file {path} is not valid YAML: {error_line(e)}") from e
         if not isinstance(data, dict):
             raise BuilderError(f"build file {path} must be a mapping of settings")
         return cls.from_mapping(data, overrides)
@@ -275,9 +278,9 @@ def build(config: BuildConfig) -> BuildResult:
 
     checkpoint = config.checkpoint or _train(config)
     model, meta = load_model(checkpoint)
-    dataset = load_run_dataset(dataset_recipe(meta))
+    dataset = load_run_dataset(meta.dataset_recipe)
     data = validation_data(meta, dataset)
-    input_shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
+    input_shape = meta.input_shape
     parity = parity_batch(meta, config.parity_images, dataset)
     report = Report(max_accuracy_drop=config.max_accuracy_drop)
 

@@ -125,23 +125,19 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     if args.checkpoint:
-        from .prune import load_model
+        from .checkpoint import load_model
 
         model, meta = load_model(Path(args.checkpoint))
         target = model
     else:
-        from .quantize import read_metadata
+        from .onnx_meta import read_onnx_meta
 
-        metadata = read_metadata(Path(args.onnx))
-        if "preprocess" not in metadata:
+        meta = read_onnx_meta(Path(args.onnx))
+        if meta.preprocess is None:
             raise BuilderError(f"{args.onnx} carries no preprocessing spec; export it with `builder export`")
-        recipe = json.loads(metadata.get("dataset", "{}"))
-        meta = {"preprocess": json.loads(metadata["preprocess"]), "classes": json.loads(metadata.get("labels", "[]")),
-                "config": {"dataset": recipe.get("source", "digits"), "val_fraction": recipe.get("val_fraction", 0.2),
-                           "seed": recipe.get("seed", 0)}}
         target = Path(args.onnx)
     if args.dataset:
-        meta["config"] = {**meta.get("config", {}), "dataset": args.dataset}
+        meta = meta.with_dataset(args.dataset)
     evaluation = evaluate(target, validation_data(meta), confusion_png=out / "confusion.png")
     write_evaluation(evaluation, out / "evaluation.json")
     summary = {"top1": round(evaluation.top1, 4), "macro_recall": round(evaluation.macro_recall, 4),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,13 +16,13 @@ from torch.utils.data import Dataset
 from server.preprocess import PreprocessSpec, to_model_pixels
 
 from .errors import DatasetError
+from .shapes import CLASSES as SHAPE_CLASSES, is_shapes, load_shapes
+from .train_config import CROP_FRACTION
 
 log = logging.getLogger(__name__)
 
 BUILTIN_DATASETS = ("digits", "shapes")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-# torchvision's reference eval transform resizes to size / 0.875 before the center crop.
-CROP_FRACTION = 0.875
 
 
 @dataclass
@@ -60,18 +60,25 @@ class ImageDataset:
 def load_dataset(source: str, *, val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
     """`digits` (scikit-learn's bundled 8x8 digits), `shapes[:options]` (builder/shapes.py, generated) or a
     folder of class subfolders (ImageFolder; unreadable images are skipped with a warning)."""
-    from .shapes import is_shapes, load_shapes
-
     if source == "digits":
         return _digits(val_fraction, seed)
     if is_shapes(source):
-        return load_shapes(source, val_fraction=val_fraction, seed=seed)
+        shapes = load_shapes(source, val_fraction=val_fraction, seed=seed)
+        return ImageDataset(
+            name=shapes.name, classes=list(SHAPE_CLASSES), color_mode="RGB", default_image_size=shapes.size,
+            train=Split(shapes.train_images, shapes.train_labels), val=Split(shapes.val_images, shapes.val_labels),
+        )
     path = Path(source)
     if not path.exists():
         raise DatasetError(
             f"dataset {source!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing folder"
         )
     return _image_folder(path, val_fraction, seed)
+
+
+def load_run_dataset(recipe: Mapping) -> ImageDataset:
+    """The dataset, split as a training run split it (`ModelMeta.dataset_recipe`, or an ONNX file's)."""
+    return load_dataset(recipe["source"], val_fraction=recipe["val_fraction"], seed=recipe["seed"])
 
 
 def _stratified(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -18,16 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BuilderError
+from .data import load_run_dataset
+from .errors import EngineError
+from .model_config import DEFAULT_TRITON_RELEASE, TRITON_TENSORRT
+from .onnx_meta import read_onnx_meta
+from .plans import engine_info_path, file_sha256, onnx_sha256, read_engine_info  # noqa: F401  (public here)
+from .transforms import calibration_images
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp16", "int8")
 WORKSPACE_BYTES = 2 << 30
-
-
-class EngineError(BuilderError):
-    """A TensorRT engine cannot be built here, or a plan's record is missing."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,6 @@ class EngineConfig:
 
 def _wanted_tensorrt() -> tuple[str, str]:
     """(Triton release, TensorRT major.minor it loads) for the default target."""
-    from .publish import DEFAULT_TRITON_RELEASE, TRITON_TENSORRT
-
     return DEFAULT_TRITON_RELEASE, TRITON_TENSORRT[DEFAULT_TRITON_RELEASE]
 
 
@@ -86,53 +85,12 @@ def _import_tensorrt():
     return trt
 
 
-def engine_info_path(plan_path: Path) -> Path:
-    return Path(plan_path).with_name(Path(plan_path).name + ".json")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def onnx_sha256(onnx_path: Path) -> str:
-    """SHA-256 of an ONNX model's file; with external weights, of the file's and their files' digests."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    onnx_path = Path(onnx_path)
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    locations = sorted({entry.value for tensor in proto.graph.initializer if uses_external_data(tensor)
-                        for entry in tensor.external_data if entry.key == "location"})
-    if not locations:
-        return file_sha256(onnx_path)
-    digest = hashlib.sha256(file_sha256(onnx_path).encode())
-    for location in locations:
-        digest.update(location.encode() + b"\0" + file_sha256(onnx_path.parent / location).encode())
-    return digest.hexdigest()
-
-
 def calibration_key(onnx_digest: str, images: np.ndarray, batch_size: int) -> str:
     """What an INT8 calibration cache is valid for: this model's weights, these images, this batch size."""
     images = np.ascontiguousarray(images)
     digest = hashlib.sha256(f"{onnx_digest}|{images.dtype.str}|{images.shape}|{batch_size}|".encode())
     digest.update(images.tobytes())
     return digest.hexdigest()
-
-
-def read_engine_info(plan_path: Path) -> dict:
-    plan_path = Path(plan_path)
-    if not plan_path.is_file():
-        raise EngineError(f"engine {plan_path} does not exist")
-    info_path = engine_info_path(plan_path)
-    try:
-        return json.loads(info_path.read_text())
-    except (OSError, ValueError) as e:
-        raise EngineError(f"{info_path} (the TensorRT version and GPU of {plan_path.name}) is missing or "
-                          f"unreadable; rebuild the engine with `builder engine`") from e
 
 
 def read_calibration_cache(cache_path: Path, key: str) -> bytes | None:
@@ -264,13 +222,9 @@ def engine_from_onnx(onnx_path: Path, output: Path, config: EngineConfig = Engin
     calibration = None
     if config.precision == "int8":
         _import_tensorrt()  # fail on a machine without GPU before loading data
-        from server.preprocess import PreprocessSpec
-
-        from .evaluate import load_run_dataset
-        from .quantize import calibration_images, read_metadata
-
-        metadata = read_metadata(Path(onnx_path))
-        spec = PreprocessSpec.from_dict(json.loads(metadata["preprocess"]))
-        dataset = load_run_dataset(json.loads(metadata["dataset"]))
-        calibration = calibration_images(dataset, spec, config.calibration_images, seed=config.seed)
+        meta = read_onnx_meta(Path(onnx_path))
+        if meta.preprocess is None or not meta.has_dataset:
+            raise EngineError(f"{onnx_path} carries no preprocessing spec or dataset; export it with `builder export`")
+        dataset = load_run_dataset(meta.dataset_recipe)
+        calibration = calibration_images(dataset, meta.preprocess, config.calibration_images, seed=config.seed)
     return build_engine(onnx_path, output, config, calibration)

@@ -1,7 +1,7 @@
 """One `evaluate()` for every stage: top-1, per-class precision and recall, a confusion matrix.
 
 A PyTorch model and an ONNX file are scored the same way, on the validation split, through the
-real eval transform (`builder.train.eval_transform`), so the numbers of different stages compare.
+real eval transform (`builder.transforms.eval_transform`), so the numbers of different stages compare.
 `measure_speed()` times an ONNX file with ONNX Runtime on this machine: latency at batch 1 and
 throughput at batch 8.
 """
@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -21,9 +21,11 @@ from torch import nn
 
 from server.preprocess import PreprocessSpec
 
-from .data import ImageDataset, Split, load_dataset
-from .errors import BuilderError
-from .train import eval_transform
+from .checkpoint import ModelMeta
+from .data import ImageDataset, Split, load_run_dataset
+from .errors import BuilderError, OnnxFileError, error_line
+from .onnx_meta import OnnxMeta
+from .transforms import eval_transform
 
 LATENCY_BATCH = 1
 THROUGHPUT_BATCH = 8
@@ -49,22 +51,13 @@ class ValidationData:
             yield images, np.asarray([self.split.labels[i] for i in indices])
 
 
-def dataset_recipe(meta: Mapping) -> dict:
-    """How the run that made a checkpoint split its dataset (what `load_dataset` needs)."""
-    config = meta.get("config", {})
-    return {"source": config.get("dataset", "digits"), "val_fraction": config.get("val_fraction", 0.2),
-            "seed": config.get("seed", 0)}
-
-
-def load_run_dataset(recipe: Mapping) -> ImageDataset:
-    return load_dataset(recipe["source"], val_fraction=recipe["val_fraction"], seed=recipe["seed"])
-
-
-def validation_data(meta: Mapping, dataset: ImageDataset | None = None) -> ValidationData:
+def validation_data(meta: ModelMeta | OnnxMeta, dataset: ImageDataset | None = None) -> ValidationData:
     """The validation split of the run a checkpoint's (or an exported ONNX file's) `meta` describes."""
-    dataset = dataset or load_run_dataset(dataset_recipe(meta))
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
-    classes = list(meta.get("classes") or dataset.classes)
+    dataset = dataset or load_run_dataset(meta.dataset_recipe)
+    spec = meta.preprocess
+    if spec is None:
+        raise BuilderError("the model carries no preprocessing spec; export it with `builder export`")
+    classes = list(meta.classes or dataset.classes)
     if len(classes) != len(dataset.classes):
         raise BuilderError(f"the model has {len(classes)} classes but dataset {dataset.name!r} has "
                            f"{len(dataset.classes)}; give the dataset it was trained on")
@@ -116,8 +109,7 @@ def onnx_session(path: Path, *, threads: int | None = None) -> ort.InferenceSess
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ONNX Runtime's own error types for missing or foreign files
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BuilderError(f"{path} cannot be loaded as an ONNX model: {first_line}") from e
+        raise OnnxFileError(f"{path} is not an ONNX model ONNX Runtime can load: {error_line(e)}") from e
 
 
 def _onnx_predictor(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -223,18 +215,6 @@ def measure_speed(onnx_path: Path, *, threads: int | None = None, min_seconds: f
                                          min_runs=min_runs, warmup=warmup)
     return Speed(latency_b1_ms=timings[LATENCY_BATCH] * 1000.0,
                  throughput_b8=THROUGHPUT_BATCH / timings[THROUGHPUT_BATCH])
-
-
-def count_macs_and_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
-    """Multiply-accumulates and parameters of one forward pass at batch 1."""
-    import torch_pruning as tp
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
-    model.train(was_training)
-    return int(macs), int(params)
 
 
 def write_evaluation(evaluation: Evaluation, path: Path) -> Path:

@@ -12,12 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BuilderError
+from .errors import LossError
 from .train_config import LOSSES
-
-
-class LossError(BuilderError):
-    """A loss setting the user gave cannot be used."""
 
 
 def inverse_frequency_weights(counts: Sequence[int]) -> torch.Tensor:

@@ -13,6 +13,11 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 DTYPES = {"FP32": pb.TYPE_FP32, "FP16": pb.TYPE_FP16, "INT8": pb.TYPE_INT8, "UINT8": pb.TYPE_UINT8,
           "INT64": pb.TYPE_INT64}
+# TensorRT engines load only in the TensorRT release they were built with.
+TRITON_TENSORRT = {"24.10": "10.5"}
+DEFAULT_TRITON_RELEASE = "24.10"
+# Inside the serving container; mount a volume there so engines survive restarts.
+DEFAULT_TRT_CACHE_ROOT = "/opt/tritonserver/trt_engine_cache"
 
 
 @dataclass(frozen=True)

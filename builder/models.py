@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 from torchvision import models
 
-from .checkpoints import read_checkpoint
-from .errors import BuilderError, CheckpointError
+from .errors import BuilderError
 from .train_config import ARCHITECTURES
-
-log = logging.getLogger(__name__)
 
 # Below this input side the ImageNet stem (stride-2 conv + max pool) throws away most of the image.
 SMALL_INPUT = 96
@@ -77,14 +72,16 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str = "cpu") -> None
     torch.optim.swa_utils.update_bn(loader, model, device=torch.device(device))
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_macs_and_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
+    """Multiply-accumulates and parameters of one forward pass at batch 1."""
+    import torch_pruning as tp
 
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
     model.eval()
-    return model(batch)
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return int(macs), int(params)
 
 
 def default_dropout(arch: str) -> float:
@@ -140,15 +137,3 @@ def load_matching(model: nn.Module, state: Mapping[str, torch.Tensor], *, source
             matched[name] = tensor
     model.load_state_dict(matched, strict=False)
     return InitReport(path=source, loaded=len(matched), skipped=skipped)
-
-
-def load_init_weights(model: nn.Module, path: Path) -> InitReport:
-    """Start `model` from a checkpoint of this builder (`--init`): matching tensors load, others are skipped
-    (the classifier, when the class counts differ)."""
-    state = read_checkpoint(Path(path), flag="--init", need_meta=False)["model"]
-    report = load_matching(model, state, source=str(path))
-    if report.loaded == 0:
-        raise CheckpointError(f"--init {path}: no tensor matches this architecture (was it trained as another?)")
-    log.info("init from %s: %d tensors loaded, %d skipped%s", path, report.loaded, len(report.skipped),
-             f" ({', '.join(s.split(':')[0] for s in report.skipped[:6])})" if report.skipped else "")
-    return report

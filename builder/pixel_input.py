@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from server.preprocess import PreprocessSpec
 
-from .errors import PublishError
+from .errors import PublishError, error_line
 
 NORMALIZED = "pixel_input.normalized"  # the edge that joins the prefix to the original input
 
@@ -63,7 +63,7 @@ def add_pixel_input(onnx_path: Path, spec: PreprocessSpec, output: Path) -> Path
         merged = onnx.compose.merge_models(prefix, model, io_map=[(NORMALIZED, input_name)])
         onnx.checker.check_model(merged)
     except (ValueError, onnx.checker.ValidationError) as e:
-        raise PublishError(f"cannot give {onnx_path} an 8-bit pixel input: {str(e).splitlines()[0]}") from e
+        raise PublishError(f"cannot give {onnx_path} an 8-bit pixel input: {error_line(e)}") from e
     del merged.metadata_props[:]
     merged.metadata_props.extend(model.metadata_props)
     onnx.save(merged, str(output))

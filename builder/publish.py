@@ -38,8 +38,11 @@ from onnx.external_data_helper import uses_external_data
 from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec
 
 from . import model_config
-from .errors import PublishError
+from .model_config import DEFAULT_TRITON_RELEASE, DEFAULT_TRT_CACHE_ROOT, TRITON_TENSORRT
+from .errors import PublishError, error_line
+from .onnx_meta import OnnxMeta, load_onnx, metadata_of
 from .pixel_input import add_pixel_input
+from .plans import file_sha256, onnx_sha256, read_engine_info
 
 BACKEND_MODEL = Path(__file__).parent / "backend" / "model.py"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -56,11 +59,6 @@ TARGET_DEFAULTS = {
     "cpu": {"instance_count": 2, "preferred_batch_sizes": (), "max_queue_delay_us": 0},
     "gpu": {"instance_count": 1, "preferred_batch_sizes": (4, 8), "max_queue_delay_us": 2000},
 }
-# TensorRT engines load only in the TensorRT release they were built with.
-TRITON_TENSORRT = {"24.10": "10.5"}
-DEFAULT_TRITON_RELEASE = "24.10"
-# Inside the serving container; mount a volume there so engines survive restarts.
-DEFAULT_TRT_CACHE_ROOT = "/opt/tritonserver/trt_engine_cache"
 
 
 @dataclass(frozen=True)
@@ -153,14 +151,12 @@ def _static_dims(value_info) -> list[int | None]:
 def inspect_onnx(path: Path) -> OnnxClassifier:
     """Input and output names and shapes read from the graph; fails clearly on anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise PublishError(f"ONNX file {path} does not exist")
+    proto = load_onnx(path)
     try:
-        proto = onnx.load(str(path), load_external_data=False)
         # By path, so that weights stored beside the file (torch.onnx.export's default) are found.
         onnx.checker.check_model(str(path))
-    except Exception as e:  # onnx raises DecodeError, ValidationError, ... for foreign files
-        raise PublishError(f"{path} is not a valid ONNX model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    except Exception as e:  # onnx raises ValidationError and others for graphs it cannot accept
+        raise PublishError(f"{path} is not a valid ONNX model: {error_line(e)}") from e
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
@@ -176,7 +172,7 @@ def inspect_onnx(path: Path) -> OnnxClassifier:
         input_dims=tuple(input_dims[1:]),
         output_names=tuple(o.name for o in proto.graph.output),
         num_classes=output_dims[1],
-        metadata={p.key: p.value for p in proto.metadata_props},
+        metadata=metadata_of(proto),
         # A dim_value of 0 is how some exporters write an unknown size.
         batch_size=input_dims[0] or None,
     )
@@ -278,14 +274,13 @@ def resolve_interface(onnx_path: Path, spec: PreprocessSpec | None, labels: Sequ
                       ) -> tuple[OnnxClassifier, PreprocessSpec, list[str]]:
     """The model's tensors, preprocessing and labels: given ones win over the file's metadata."""
     model = inspect_onnx(onnx_path)
+    embedded = OnnxMeta.from_props(model.metadata, source=onnx_path)
     if spec is None:
-        if "preprocess" not in model.metadata:
+        if embedded.preprocess is None:
             raise PublishError(f"{onnx_path} carries no preprocessing spec; give the preprocessing flags")
-        spec = PreprocessSpec.from_dict(json.loads(model.metadata["preprocess"]))
+        spec = embedded.preprocess
     if labels is None:
-        labels = json.loads(model.metadata["labels"]) if "labels" in model.metadata else [
-            str(i) for i in range(model.num_classes)
-        ]
+        labels = embedded.classes if "labels" in embedded.props else [str(i) for i in range(model.num_classes)]
     if len(labels) != model.num_classes:
         raise PublishError(f"{len(labels)} labels given for a model with {model.num_classes} classes")
     if tuple(model.input_dims) != spec.input_shape:
@@ -335,8 +330,6 @@ def name_graph_after_weights(onnx_path: Path, output: Path) -> Path:
     architecture is the same, so without this a new version would load the engine of the old weights
     from the model's cache folder. The same bytes published again keep the name, and reuse their engine.
     """
-    from .engine import onnx_sha256
-
     model = onnx.load(str(onnx_path))  # external weights included: the published file holds them all
     model.graph.name = f"sha256_{onnx_sha256(onnx_path)[:32]}"
     onnx.save(model, str(output))
@@ -360,8 +353,6 @@ def _serving_compute_capability(settings: PublishSettings) -> str:
 
 def _check_plan(plan_path: Path, onnx_path: Path, info: dict, settings: PublishSettings) -> int:
     """Refuse a plan that would not load or not answer in Triton; returns the max batch it is published with."""
-    from .engine import file_sha256, onnx_sha256
-
     if info.get("plan_sha256") != file_sha256(plan_path):
         raise PublishError(f"the record beside {plan_path} does not describe it (another build's, or from before "
                            f"plans were hashed): rebuild the engine with `builder engine`")
@@ -402,8 +393,6 @@ def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, 
 
     Refused unless the TensorRT version recorded beside the plan is the one the target Triton loads.
     """
-    from .engine import read_engine_info
-
     _check_name(name)
     if settings.target != "gpu":
         raise PublishError("a TensorRT plan runs only on a GPU: publish it with --target gpu")

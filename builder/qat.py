@@ -39,28 +39,24 @@ from onnx import numpy_helper
 from torch import nn
 from torch.utils.data import DataLoader
 
-from server.preprocess import PreprocessSpec
-
-from .data import ImageDataset, TorchSplit
-from .errors import BuilderError
-from .evaluate import dataset_recipe, load_run_dataset
-from .export import INPUT_NAME, OUTPUT_NAME, onnx_metadata, set_metadata, simplify_graph, torch_to_onnx
-from .progress import progress_bar
-from .prune import load_model
-from .train import eval_transform, evaluate_accuracy, seed_everything, train_transform, warmup_cosine
+from .checkpoint import ModelMeta, load_model
+from .data import ImageDataset, TorchSplit, load_run_dataset
+from .errors import BuilderError, QATError, error_line
+from .loop import evaluate_accuracy, seed_everything
+from .loop import finetune as run_finetune
+from .onnx_graph import INPUT_NAME, OUTPUT_NAME, simplify_graph, torch_to_onnx
+from .onnx_meta import onnx_metadata, set_metadata
+from .train_config import ARCHITECTURES
+from .transforms import eval_transform, train_transform, validation_images
 
 log = logging.getLogger(__name__)
 
 # resnet18: trained, exported and run by ONNX Runtime in the tests; mobilenet_v3_small: the same, by hand
 # (QLinearConv/QLinearAdd/QLinearMul after ONNX Runtime's fusions); resnet50 and mobilenet_v3_large
 # use the same building blocks.
-QAT_ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
+QAT_ARCHITECTURES = ARCHITECTURES
 ACTIVATION_MAX = 127  # 7-bit activations; see qconfig()
 MIN_AGREEMENT = 0.98  # top-1 agreement of ONNX Runtime with the fake-quantized PyTorch model
-
-
-class QATError(BuilderError):
-    """Quantization-aware training cannot run, or its export does not match PyTorch."""
 
 
 @dataclass(frozen=True)
@@ -141,22 +137,21 @@ def qconfig_mapping():
     return mapping
 
 
-def prepare(model: nn.Module, meta: dict) -> torch.fx.GraphModule:
+def prepare(model: nn.Module, meta: ModelMeta) -> torch.fx.GraphModule:
     """The model traced with fake quantizers and Conv+BN(+ReLU) fused into QAT modules (train mode)."""
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    if meta["arch"] not in QAT_ARCHITECTURES:
-        raise QATError(f"architecture {meta['arch']!r} is not supported by QAT; supported: "
+    if meta.arch not in QAT_ARCHITECTURES:
+        raise QATError(f"architecture {meta.arch!r} is not supported by QAT; supported: "
                        f"{', '.join(QAT_ARCHITECTURES)}")
-    example = torch.zeros(1, meta["in_channels"], meta["image_size"], meta["image_size"])
+    example = torch.zeros(1, *meta.input_shape)
     model = copy.deepcopy(model).train()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
             return prepare_qat_fx(model, qconfig_mapping(), (example,))
     except Exception as e:  # FX raises whatever tracing hits
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise QATError(f"cannot insert fake quantization into {meta['arch']}: {first_line}") from e
+        raise QATError(f"cannot insert fake quantization into {meta.arch}: {error_line(e)}") from e
 
 
 def freeze_observers(model: nn.Module) -> None:
@@ -173,41 +168,25 @@ def freeze_bn(model: nn.Module) -> None:
 
 # ---- fine-tuning ----
 
-def finetune(prepared: nn.Module, meta: dict, config: QATConfig, dataset: ImageDataset) -> list[dict]:
-    """AdamW with warmup and cosine decay on the training split, training transform; freezes BN, then scales."""
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
+def finetune(prepared: nn.Module, meta: ModelMeta, config: QATConfig, dataset: ImageDataset) -> list[dict]:
+    """Fine-tune with the training transform (on the GPU when there is one); freezes BN, then scales."""
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(TorchSplit(dataset.train, dataset.color_mode, train_transform(spec)),
+    loader = DataLoader(TorchSplit(dataset.train, dataset.color_mode, train_transform(meta.spec)),
                         batch_size=config.batch_size, shuffle=True, generator=generator)
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
     freeze_bn_step = int(config.freeze_bn_after * total_steps)
     freeze_observer_step = max(1, int(config.freeze_observers_after * total_steps))  # observe at least once
-    optimizer = torch.optim.AdamW(prepared.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup_steps=max(1, total_steps // 10), total_steps=total_steps))
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    prepared.train()
-    done, history, losses = 0, [], []
-    with progress_bar("QAT", total=total_steps) as advance:
-        while done < total_steps:
-            for images, labels in loader:
-                if done == freeze_bn_step:
-                    freeze_bn(prepared)
-                if done == freeze_observer_step:
-                    freeze_observers(prepared)
-                optimizer.zero_grad(set_to_none=True)
-                loss = criterion(prepared(images), labels)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                done += 1
-                losses.append(loss.item())
-                advance(f"loss {loss.item():.4f}")
-                if done % len(loader) == 0 or done >= total_steps:
-                    history.append({"step": done, "epoch": done / len(loader), "train_loss": float(np.mean(losses))})
-                    losses = []
-                if done >= total_steps:
-                    break
+
+    def before_step(step: int) -> None:
+        if step == freeze_bn_step:
+            freeze_bn(prepared)
+        if step == freeze_observer_step:
+            freeze_observers(prepared)
+
+    # Full precision: the observers set the INT8 scales from what they see, and the exported graph is
+    # checked against this model in float32.
+    history = run_finetune(prepared, loader, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
+                           amp=False, label="QAT", before_step=before_step)
     freeze_bn(prepared)
     freeze_observers(prepared)
     prepared.eval()
@@ -380,13 +359,7 @@ def top1_agreement(onnx_path: Path, model: nn.Module, images: torch.Tensor, batc
     return agree / max(1, len(images))
 
 
-def validation_images(meta: dict, dataset: ImageDataset, count: int) -> torch.Tensor:
-    transform = eval_transform(PreprocessSpec.from_dict(meta["preprocess"]))
-    count = min(count, len(dataset.val))
-    return torch.stack([transform(dataset.val.image(i, dataset.color_mode)) for i in range(count)])
-
-
-def export_qat(prepared: torch.fx.GraphModule, meta: dict, output: Path, *, parity: torch.Tensor,
+def export_qat(prepared: torch.fx.GraphModule, meta: ModelMeta, output: Path, *, parity: torch.Tensor,
                metadata: dict[str, str], min_agreement: float = MIN_AGREEMENT) -> float:
     """Write the QDQ ONNX file once ONNX Runtime agrees with `prepared` on `parity`; returns the agreement."""
     output = Path(output)
@@ -398,8 +371,7 @@ def export_qat(prepared: torch.fx.GraphModule, meta: dict, output: Path, *, pari
         except BuilderError:
             raise
         except Exception as e:  # the exporter and the checker raise their own types
-            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise QATError(f"the QAT model of {meta['arch']} cannot be exported to ONNX: {first_line}") from e
+            raise QATError(f"the QAT model of {meta.arch} cannot be exported to ONNX: {error_line(e)}") from e
         set_metadata(proto, metadata)
         onnx.save(proto, str(tmp))
         agreement = top1_agreement(tmp, prepared, parity)
@@ -421,13 +393,13 @@ def quantization_aware_train(checkpoint: Path, output_onnx: Path, config: QATCon
     checkpoint, output_onnx = Path(checkpoint), Path(output_onnx)
     model, meta = load_model(checkpoint)
     prepared = prepare(model, meta)
-    dataset = dataset or load_run_dataset(dataset_recipe(meta))
+    dataset = dataset or load_run_dataset(meta.dataset_recipe)
     seed_everything(config.seed)
     history = finetune(prepared, meta, config, dataset)
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
-    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(spec)), batch_size=128)
+    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(meta.spec)),
+                            batch_size=128)
     val_accuracy = evaluate_accuracy(prepared, val_loader)
-    parity = validation_images(meta, dataset, config.parity_images)
+    parity = validation_images(meta.spec, dataset, config.parity_images)
     metadata = {**onnx_metadata(meta, checkpoint), "precision": "int8", "quantization": "qat",
                 "qat": json.dumps({**asdict(config), "val_accuracy": val_accuracy})}
     agreement = export_qat(prepared, meta, output_onnx, parity=parity, metadata=metadata,

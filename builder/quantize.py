@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -32,13 +31,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from server.preprocess import PreprocessSpec
-
-from .data import ImageDataset
-from .errors import BuilderError
-from .evaluate import load_run_dataset
-from .export import set_metadata
-from .train import eval_transform
+from .data import ImageDataset, load_run_dataset
+from .errors import QuantizeError
+from .onnx_meta import OnnxMeta, load_onnx, metadata_of, set_metadata
+from .transforms import calibration_images
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +62,6 @@ TENSORRT_ONNX_OPS = frozenset("""
     Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze
     Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
 """.split())
-
-
-class QuantizeError(BuilderError):
-    """The model cannot be quantized as asked."""
 
 
 @dataclass(frozen=True)
@@ -110,27 +102,6 @@ class QuantizeResult:
     target: str = "cpu"
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    if not Path(path).is_file():
-        raise QuantizeError(f"ONNX file {path} does not exist")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # DecodeError and friends for files that are not ONNX
-        raise QuantizeError(f"{path} is not an ONNX model: {type(e).__name__}") from e
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def calibration_images(dataset: ImageDataset, spec: PreprocessSpec, count: int, *, seed: int = 0) -> np.ndarray:
-    """`count` training images, drawn without replacement, through the eval transform (NCHW float32)."""
-    available = len(dataset.train)
-    if available < count:
-        raise QuantizeError(f"asked for {count} calibration images but the training split of "
-                            f"{dataset.name!r} has only {available}; lower --calibration-images")
-    chosen = np.random.default_rng(seed).choice(available, size=count, replace=False)
-    transform = eval_transform(spec)
-    return np.stack([transform(dataset.train.image(int(i), dataset.color_mode)).numpy() for i in sorted(chosen)])
-
-
 def _reader(images: np.ndarray, input_name: str, batch_size: int):
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -159,13 +130,14 @@ def quantize_int8(onnx_path: Path, output: Path, config: QuantizeConfig = Quanti
     """Static INT8 calibrated on training images: for ONNX Runtime (`config.target` cpu) or TensorRT (gpu)."""
     started = time.monotonic()
     onnx_path, output = Path(onnx_path), Path(output)
-    metadata = read_metadata(onnx_path)
-    if "preprocess" not in metadata or "dataset" not in metadata:
+    source = load_onnx(onnx_path)
+    metadata = metadata_of(source)
+    meta = OnnxMeta.from_props(metadata, source=onnx_path)
+    if meta.preprocess is None or not meta.has_dataset:
         raise QuantizeError(f"{onnx_path} carries no preprocessing spec or dataset; export it with `builder export`")
-    spec = PreprocessSpec.from_dict(json.loads(metadata["preprocess"]))
-    dataset = dataset or load_run_dataset(json.loads(metadata["dataset"]))
-    images = calibration_images(dataset, spec, config.calibration_images, seed=config.seed)
-    input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
+    dataset = dataset or load_run_dataset(meta.dataset_recipe)
+    images = calibration_images(dataset, meta.preprocess, config.calibration_images, seed=config.seed)
+    input_name = source.graph.input[0].name
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
@@ -274,10 +246,12 @@ def tensorrt_parser_problems(proto: onnx.ModelProto) -> list[str]:
 
 def convert_fp16(onnx_path: Path, output: Path) -> Path:
     """FP16 for GPU targets; the graph keeps FP32 inputs and outputs."""
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    proto = onnx.load(str(onnx_path))
-    metadata: Mapping[str, str] = {p.key: p.value for p in proto.metadata_props}
+    proto = load_onnx(onnx_path)
+    load_external_data_for_model(proto, str(Path(onnx_path).parent))
+    metadata: Mapping[str, str] = metadata_of(proto)
     half = convert_float_to_float16(proto, keep_io_types=True)
     set_metadata(half, {**metadata, "precision": "fp16"})
     output = Path(output)

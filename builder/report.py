@@ -9,17 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-from .errors import BuilderError
+from .errors import BudgetError
 from .evaluate import ValidationData, evaluate, measure_speed
-
-
-class BudgetError(BuilderError):
-    """A stage lost more accuracy than the budget allows."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +200,3 @@ def write_report(report: Report, folder: Path, *, console: Console | None = None
     plot(report, paths["png"])
     return paths
 
-
-def stage_names(report: Report) -> Sequence[str]:
-    return [s.stage for s in report.stages]

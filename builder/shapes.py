@@ -177,10 +177,20 @@ def generate(counts: list[int], *, size: int, seed: int) -> tuple[list[Image.Ima
     return images, labels
 
 
-def load_shapes(source: str, *, val_fraction: float, seed: int):
-    """The `shapes` dataset named by `source`: imbalanced (if asked) training split, balanced validation split."""
-    from .data import ImageDataset, Split
+@dataclass(frozen=True)
+class ShapesSplits:
+    """The generated images of one `shapes` dataset (`builder.data.load_dataset` makes it an ImageDataset)."""
 
+    name: str
+    size: int
+    train_images: list[Image.Image]
+    train_labels: list[int]
+    val_images: list[Image.Image]
+    val_labels: list[int]
+
+
+def load_shapes(source: str, *, val_fraction: float, seed: int) -> ShapesSplits:
+    """The `shapes` dataset named by `source`: imbalanced (if asked) training split, balanced validation split."""
     options = parse_source(source)
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -188,7 +198,4 @@ def load_shapes(source: str, *, val_fraction: float, seed: int):
     # Two independent streams: the validation images do not change with the training imbalance.
     train_images, train_labels = generate(options.train_counts(), size=options.size, seed=2 * seed)
     val_images, val_labels = generate([val_per_class] * len(CLASSES), size=options.size, seed=2 * seed + 1)
-    return ImageDataset(
-        name=options.source(), classes=list(CLASSES), color_mode="RGB", default_image_size=options.size,
-        train=Split(train_images, train_labels), val=Split(val_images, val_labels),
-    )
+    return ShapesSplits(options.source(), options.size, train_images, train_labels, val_images, val_labels)

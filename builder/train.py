@@ -9,38 +9,35 @@ A run folder (`out_dir`) holds `best.pt` (by val accuracy), `last.pt` (with the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
-from server.preprocess import PreprocessSpec, normalize, preprocess, to_model_pixels
+from server.preprocess import PreprocessSpec
 
+from .checkpoint import ModelMeta, load_init_weights, read_checkpoint, save_model
+from .curves import plot_curves
 from .data import ImageDataset, TorchSplit, load_dataset, resolve_spec
 from .datacheck import check_once, log_report
-from .checkpoints import read_checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainError, error_line
+from .loop import deterministic, evaluate_loader, seed_everything, train_one_epoch
 from .losses import create_loss, resolve_class_weights
-from .models import (
-    backbone_eval, create_model, default_dropout, freeze_backbone, load_init_weights, recalibrate_batchnorm,
-)
+from .models import create_model, default_dropout, freeze_backbone, recalibrate_batchnorm
 from .progress import console, progress_bar
-from .schedules import create_scheduler, warmup_cosine  # noqa: F401  (warmup_cosine: public here)
-from .train_config import AUGMENT_PRESETS, OPTIMIZERS, TrainConfig, TrainError
+from .schedules import create_scheduler
+from .train_config import OPTIMIZERS, TrainConfig
+from .transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -61,53 +58,6 @@ class TrainResult:
     warnings: tuple[str, ...] = ()
 
 
-# ---- transforms ----
-
-def eval_transform(spec: PreprocessSpec):
-    """The exact transform the gateway applies, as a torch tensor."""
-    return lambda image: torch.from_numpy(preprocess(image, spec))
-
-
-class TrainTransform:
-    """Augmentation on the model-sized image (after the eval geometry and equalization), then the eval
-    normalization, so train and eval inputs share scale and statistics.
-
-    none: the eval transform. light: small affine jitter (rotation 10 deg, shift 8%, scale 0.9-1.1).
-    strong: random resized crop (50-100% of the area), rotation 15 deg, brightness/contrast jitter (and
-    saturation/hue for color images), random erasing (p 0.25). Horizontal flips (light and strong) only
-    where `flip` is set: datasets whose classes survive mirroring (shapes, photos), not digits.
-    """
-
-    def __init__(self, spec: PreprocessSpec, augment: str = "light", *, flip: bool = False) -> None:
-        if augment not in AUGMENT_PRESETS:
-            raise TrainError(f"augment {augment!r} is not one of {', '.join(AUGMENT_PRESETS)}")
-        color = spec.channels == 3
-        ops: list = []
-        if augment == "light":
-            ops.append(v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1)))
-        elif augment == "strong":
-            ops += [v2.RandomResizedCrop(spec.image_size, scale=(0.5, 1.0), antialias=True), v2.RandomRotation(15),
-                    v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3 if color else 0,
-                                   hue=0.05 if color else 0)]
-        if flip and augment != "none":
-            ops.append(v2.RandomHorizontalFlip())
-        self.spec = spec
-        self.geometry = v2.Compose(ops) if ops else None
-        self.erase = v2.RandomErasing(p=0.25, value=0) if augment == "strong" else None
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = to_model_pixels(image, self.spec)
-        if self.geometry is not None:
-            pixels = self.geometry(pixels)
-        tensor = torch.from_numpy(normalize(np.asarray(pixels), self.spec))
-        return self.erase(tensor) if self.erase is not None else tensor
-
-
-def train_transform(spec: PreprocessSpec, augment: str = "light", *, flip: bool = False) -> TrainTransform:
-    """The training transform for `spec` (`light`, no flips: what prune and QAT fine-tune with)."""
-    return TrainTransform(spec, augment, flip=flip)
-
-
 def batch_mixer(num_classes: int, *, cutmix: float = 0.0, mixup: float = 0.0):
     """CutMix and/or MixUp on (images, labels) batches (one of them per batch, chosen at random), or None.
     Labels come back as class probabilities."""
@@ -120,24 +70,6 @@ def batch_mixer(num_classes: int, *, cutmix: float = 0.0, mixup: float = 0.0):
 
 # ---- pieces of the loop ----
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def deterministic() -> Iterator[None]:
-    """Deterministic algorithms while training (warn instead of fail where an op has none), then as before."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def create_optimizer(parameters, name: str, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
@@ -146,91 +78,7 @@ def create_optimizer(parameters, name: str, *, lr: float, weight_decay: float) -
     raise TrainError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-@torch.no_grad()
-def evaluate_accuracy(model: nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = total = 0
-    for images, labels in loader:
-        correct += (model(images).argmax(dim=1) == labels).sum().item()
-        total += labels.numel()
-    return correct / max(total, 1)
-
-
-@torch.no_grad()
-def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, device: str = "cpu",
-                    advance: Callable[..., None] | None = None) -> dict:
-    """Validation loss (plain cross-entropy: comparable across loss settings), accuracy and macro recall.
-    `advance(steps=n)` is told of every batch of n images."""
-    model.eval()
-    loss_sum, hits, support = 0.0, torch.zeros(num_classes), torch.zeros(num_classes)
-    for images, labels in loader:
-        logits = model(images.to(device)).float().cpu()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct = logits.argmax(dim=1) == labels
-        hits += torch.bincount(labels[correct], minlength=num_classes)
-        support += torch.bincount(labels, minlength=num_classes)
-        if advance is not None:
-            advance(steps=labels.numel())
-    total = max(int(support.sum()), 1)
-    present = support > 0
-    return {"val_loss": loss_sum / total, "val_accuracy": float(hits.sum()) / total,
-            "val_macro_recall": float((hits[present] / support[present]).mean()) if present.any() else 0.0}
-
-
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
-                    criterion: nn.Module, *, accum_steps: int = 1, clip_grad: float | None = None, mixer=None,
-                    device: str = "cpu", scaler: torch.amp.GradScaler | None = None, frozen_backbone: bool = False,
-                    advance: Callable[..., None] | None = None) -> dict:
-    """One pass over `loader`. Gradients of `accum_steps` micro-batches (each loss divided by their count)
-    add up to one optimizer step, and the scheduler steps with the optimizer."""
-    if frozen_backbone:
-        backbone_eval(model)
-    else:
-        model.train()
-    amp = scaler is not None and scaler.is_enabled()
-    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
-    batches, loss_sum, correct, seen = len(loader), 0.0, 0, 0
-    last_lr = optimizer.param_groups[0]["lr"]
-    optimizer.zero_grad(set_to_none=True)
-    for index, (images, labels) in enumerate(loader):
-        images, labels = images.to(device), labels.to(device)
-        targets = labels
-        if mixer is not None:
-            images, targets = mixer(images, labels)
-        with torch.autocast("cuda", enabled=amp):
-            logits = model(images)
-            loss = criterion(logits, targets)
-        # The last group of an epoch can be short: divide by its real size so every step averages the same way.
-        group = min(accum_steps, batches - (index // accum_steps) * accum_steps)
-        scaler.scale(loss / group).backward()
-        if (index + 1) % accum_steps == 0 or index + 1 == batches:
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            last_lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        count = labels.numel()
-        loss_sum += loss.item() * count
-        truth = targets.argmax(dim=1) if targets.is_floating_point() else targets
-        correct += (logits.argmax(dim=1) == truth).sum().item()
-        seen += count
-        if advance is not None:
-            advance(f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}", steps=count)
-    # lr: what the epoch's last optimizer step used.
-    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), "lr": last_lr}
-
-
 # ---- the run ----
-
-def _save(payload: dict, path: Path) -> None:
-    # Written beside and renamed, so a crash never leaves a half-written checkpoint.
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
 
 def _device(config: TrainConfig) -> tuple[str, bool]:
     cuda = torch.cuda.is_available()
@@ -273,7 +121,7 @@ class _Run:
     class_weights: torch.Tensor | None
     mixer: object
     device: str
-    meta: dict
+    meta: ModelMeta
     # None: the running statistics stay as training left them (a frozen backbone keeps its --init ones).
     calibration_loader: DataLoader | None = None
 
@@ -324,16 +172,15 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
     # Unweighted here: each epoch sets the class weights it trains with (see `_epochs`).
     criterion = create_loss(config.loss, label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma)
     cutmix, mixup = config.mixing_alphas()
-    meta = {
-        "arch": config.arch, "num_classes": num_classes, "in_channels": spec.channels,
-        "image_size": spec.image_size, "classes": dataset.classes, "preprocess": spec.to_dict(),
-        "config": config.to_dict(),
-        "recipe": {"dropout": dropout, "cutmix": cutmix, "mixup": mixup, "device": device, "amp": amp,
-                   "class_weights": weights.tolist() if weights is not None else None,
-                   "steps_per_epoch": steps_per_epoch, "train_counts": train_counts, "init": init},
-    }
     calibration = None if config.freeze_backbone else _calibration_loader(dataset, spec, config.batch_size, config.seed)
-    meta["recipe"]["batchnorm_calibration_images"] = len(calibration.dataset) if calibration is not None else 0
+    meta = ModelMeta(
+        arch=config.arch, num_classes=num_classes, in_channels=spec.channels, image_size=spec.image_size,
+        classes=tuple(dataset.classes), preprocess=spec, config=config.to_dict(),
+        recipe={"dropout": dropout, "cutmix": cutmix, "mixup": mixup, "device": device, "amp": amp,
+                "class_weights": weights.tolist() if weights is not None else None,
+                "steps_per_epoch": steps_per_epoch, "train_counts": train_counts, "init": init,
+                "batchnorm_calibration_images": len(calibration.dataset) if calibration is not None else 0},
+    )
     return _Run(config, dataset, spec, model, train_loader, val_loader, generator, optimizer, scheduler,
                 torch.amp.GradScaler("cuda", enabled=amp), criterion, weights,
                 batch_mixer(num_classes, cutmix=cutmix, mixup=mixup), device, meta, calibration)
@@ -361,28 +208,22 @@ def _restore(run: _Run, path: Path) -> tuple[int, list[dict], float, int]:
         _set_rng_state(state["rng"], run.generator)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise TrainError(f"--resume: {path} cannot continue this run (other settings, or not written by "
-                         f"this builder): {str(e).splitlines()[0]}") from e
+                         f"this builder): {error_line(e)}") from e
     previous = payload["meta"].get("config", {})
-    changed = sorted(k for k in previous if k not in ("resume", "out_dir") and previous[k] != run.meta["config"].get(k))
+    changed = sorted(k for k in previous if k not in ("resume", "out_dir") and previous[k] != run.meta.config.get(k))
     if changed:
         log.warning("resuming with different settings than the run started with: %s", ", ".join(changed))
     return state["epoch"], list(state["history"]), state["best_accuracy"], state["best_epoch"]
 
 
-def _checkpoint(run: _Run, epoch: int, record: dict, history: list[dict], best: tuple[float, int]) -> dict:
-    return {
-        "model": run.model.state_dict(),
-        "meta": {**run.meta, "epoch": epoch, "val_accuracy": record["val_accuracy"]},
-        # last.pt only: what --resume needs. Loaders of trained models read "model" and "meta".
-        "resume": {"epoch": epoch, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                   "scaler": run.scaler.state_dict(), "history": history, "best_accuracy": best[0],
-                   "best_epoch": best[1], "rng": _rng_state(run.generator)},
-    }
+def _resume_state(run: _Run, epoch: int, history: list[dict], best: tuple[float, int]) -> dict:
+    """What --resume needs, in last.pt only (loaders of trained models read "model" and "meta")."""
+    return {"epoch": epoch, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "history": history, "best_accuracy": best[0],
+            "best_epoch": best[1], "rng": _rng_state(run.generator)}
 
 
 def _write_records(run_dir: Path, history: list[dict]) -> None:
-    from .curves import plot_curves
-
     (run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
     plot_curves(history, run_dir / "curves.png")
 
@@ -399,8 +240,8 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None, *,
     with deterministic():
         run = _prepare(config, dataset)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), **run.meta["recipe"],
-                                                         "preprocess": run.meta["preprocess"]}, indent=2))
+        (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), **run.meta.recipe,
+                                                         "preprocess": run.spec.to_dict()}, indent=2))
         report, new = check_once(run.dataset)
         if new:  # once per dataset, not once per tune trial
             log_report(report)
@@ -471,10 +312,10 @@ def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], bes
         improved = record["val_accuracy"] > best[0]
         if improved:
             best[:] = [record["val_accuracy"], epoch]
-        checkpoint = _checkpoint(run, epoch, record, history, (best[0], best[1]))
-        _save(checkpoint, run_dir / "last.pt")
+        meta = run.meta.replace(epoch=epoch, val_accuracy=record["val_accuracy"])
+        save_model(run.model, meta, run_dir / "last.pt", resume=_resume_state(run, epoch, history, (best[0], best[1])))
         if improved:
-            _save({"model": checkpoint["model"], "meta": checkpoint["meta"]}, run_dir / "best.pt")
+            save_model(run.model, meta, run_dir / "best.pt")
         _write_records(run_dir, history)
         if writer is not None:
             for key, value in record.items():
@@ -511,21 +352,3 @@ def _print_summary(history: list[dict], warning: str | None = None) -> None:
     if warning:
         console.print(f"[bold red]WARNING:[/] {warning}", markup=True, highlight=False)
 
-
-def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint was trained as, with its weights, in eval mode."""
-    path = Path(path)
-    payload = read_checkpoint(path)
-    try:
-        meta, state = payload["meta"], payload["model"]
-        model = create_model(
-            meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-            image_size=meta["image_size"],
-        )
-        model.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        # load_state_dict lists every missing key on lines of their own: the first line says enough.
-        raise CheckpointError(f"{path} is not a checkpoint of this builder that can be rebuilt: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    model.eval()
-    return model, meta

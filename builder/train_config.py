@@ -7,11 +7,12 @@ without importing torch; `builder.train` runs the recipe.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .errors import BuilderError, PublishError
+from .errors import PublishError, TrainError
 
 if TYPE_CHECKING:
     from server.preprocess import PreprocessSpec
@@ -25,10 +26,6 @@ AMP_MODES = ("auto", "on", "off")
 # `strong` turns batch mixing on unless --cutmix/--mixup say otherwise (timm's usual alphas).
 STRONG_CUTMIX_ALPHA = 1.0
 STRONG_MIXUP_ALPHA = 0.2
-
-
-class TrainError(BuilderError):
-    """A training setting cannot be used as given."""
 
 
 @dataclass
@@ -133,6 +130,12 @@ class TrainConfig:
 
 # Where and how one run is kept, not how it trains: a recorded base never sets them.
 RUN_FIELDS = ("out_dir", "resume", "tensorboard")
+
+
+def dataset_recipe(config: Mapping) -> dict:
+    """The dataset source and split of a run's settings (`TrainConfig.to_dict()`; defaults: TrainConfig's)."""
+    return {"source": config.get("dataset", "digits"), "val_fraction": config.get("val_fraction", 0.2),
+            "seed": config.get("seed", 0)}
 
 
 def load_params(path: Path) -> dict:

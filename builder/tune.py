@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .data import ImageDataset, load_dataset
-from .errors import BuilderError
+from .errors import TuneError
 from .train import train
 from .train_config import AUGMENT_PRESETS, TrainConfig
 
@@ -33,10 +33,6 @@ GRID = {
     "augment": ["none", "light"],
     "label_smoothing": [0.0, 0.1],
 }
-
-
-class TuneError(BuilderError):
-    """The search cannot run as asked."""
 
 
 @dataclass(frozen=True)

@@ -342,7 +342,7 @@ def test_locustfile_loads_from_its_own_folder_alone(tmp_path):
 
 
 def test_triton_keeps_onnxruntime_tensorrt_engines_where_publish_points_them(compose, services):
-    from builder.publish import DEFAULT_TRT_CACHE_ROOT
+    from builder.model_config import DEFAULT_TRT_CACHE_ROOT
 
     cache = [v for v in volumes(services["triton"]) if v["target"] == DEFAULT_TRT_CACHE_ROOT]
     assert len(cache) == 1 and not cache[0]["read_only"]
@@ -630,7 +630,7 @@ def test_k8s_images_are_the_ones_compose_builds(k8s, services):
 
 
 def test_k8s_triton_has_a_writable_engine_cache_where_publish_points_the_tensorrt_provider(k8s):
-    from builder.publish import DEFAULT_TRT_CACHE_ROOT
+    from builder.model_config import DEFAULT_TRT_CACHE_ROOT
 
     deployment = k8s[("Deployment", "triton")]
     # ONNX Runtime creates only the last folder of trt_engine_cache_path (<root>/<model>): the root must exist.

@@ -4,14 +4,13 @@ answers through the gateway with the same top-1 as ONNX Runtime run directly, on
 from __future__ import annotations
 
 import io
-import json
 
 import httpx
 import numpy as np
-import onnx
 import pytest
 
 from builder.evaluate import evaluate, validation_data
+from builder.onnx_meta import read_onnx_meta
 from builder.publish import PublishSettings, publish
 from builder.quantize import QuantizeConfig, quantize_int8
 from client import classify
@@ -50,9 +49,7 @@ def test_published_int8_model_is_loaded_through_the_repository_api_and_matches_o
     ready = httpx.get(f"http://{triton.http_url}/v2/models/{MODEL}/versions/{published.version}/ready", timeout=10)
     assert ready.status_code == 200
 
-    metadata = {p.key: p.value for p in onnx.load(str(int8_onnx)).metadata_props}
-    data = validation_data({"preprocess": json.loads(metadata["preprocess"]), "classes": json.loads(metadata["labels"]),
-                            "config": {"dataset": "digits"}})
+    data = validation_data(read_onnx_meta(int8_onnx).with_dataset("digits"))
     direct = evaluate(int8_onnx, data).predictions
 
     gateway = start_gateway(triton.grpc_url, tmp_path / "gateway.log", triton.http_url)

@@ -8,7 +8,7 @@ from builder.build import BuildConfig, build
 from builder.cli import main
 from builder.errors import BuilderError
 from builder.quantize import QuantizeConfig
-from builder.report import BudgetError
+from builder.errors import BudgetError
 
 QUICK_PRUNE = {"keep_ratio": 0.6, "steps": 1, "finetune_epochs": 0.2, "increments": 40}
 
@@ -265,7 +265,8 @@ def test_build_for_a_gpu_target_measures_and_gates_the_tensorrt_int8(tiny_run, t
     assert not (tmp_path / "build" / "int8.onnx").exists()
     import onnx
 
-    from builder.quantize import read_metadata, tensorrt_parser_problems
+    from builder.onnx_meta import read_metadata
+    from builder.quantize import tensorrt_parser_problems
     assert tensorrt_parser_problems(onnx.load(str(result.final_onnx))) == []
     assert read_metadata(result.final_onnx)["target"] == "gpu"
 

@@ -36,14 +36,12 @@ def test_engine_without_gpu_or_tensorrt_is_a_one_line_error(tiny_run, tmp_path, 
 
 
 def _validation_images(run_dir: Path, count: int) -> np.ndarray:
-    from server.preprocess import PreprocessSpec
+    from builder.data import load_run_dataset
+    from builder.onnx_meta import read_onnx_meta
+    from builder.transforms import calibration_images
 
-    from builder.evaluate import load_run_dataset
-    from builder.quantize import calibration_images, read_metadata
-
-    metadata = read_metadata(run_dir / "model.onnx")
-    spec = PreprocessSpec.from_dict(json.loads(metadata["preprocess"]))
-    return calibration_images(load_run_dataset(json.loads(metadata["dataset"])), spec, count, seed=1)
+    meta = read_onnx_meta(run_dir / "model.onnx")
+    return calibration_images(load_run_dataset(meta.dataset_recipe), meta.preprocess, count, seed=1)
 
 
 def _run_engine(plan: Path, info: dict, images: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from builder.evaluate import (
     validation_data,
     write_evaluation,
 )
-from builder.prune import load_model
+from builder.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_torch_model_and_its_onnx_export_score_the_same_on_every_validation_imag
     from_onnx = evaluate(tiny_run / "model.onnx", data, confusion_png=tmp_path / "confusion.png")
     assert from_torch.images == from_onnx.images == len(data) == 360
     np.testing.assert_array_equal(from_torch.predictions, from_onnx.predictions)
-    assert from_torch.top1 == from_onnx.top1 == pytest.approx(meta["val_accuracy"])
+    assert from_torch.top1 == from_onnx.top1 == pytest.approx(meta.val_accuracy)
     assert from_onnx.confusion.sum() == 360 and np.trace(from_onnx.confusion) == round(360 * from_onnx.top1)
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

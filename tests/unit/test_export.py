@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from builder.checkpoint import load_model
 from builder.errors import CheckpointError, ExportError
 from builder.export import export_model, export_onnx, parity_batch
-from builder.train import load_checkpoint
 
 
 def test_export_matches_pytorch_and_carries_spec_and_labels(tiny_run):
@@ -17,7 +17,7 @@ def test_export_matches_pytorch_and_carries_spec_and_labels(tiny_run):
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(metadata["labels"]) == [str(i) for i in range(10)]
     assert json.loads(metadata["preprocess"])["image_size"] == 8
-    model, meta = load_checkpoint(tiny_run / "best.pt")
+    model, meta = load_model(tiny_run / "best.pt")
     batch = parity_batch(meta, 8)
     session = ort.InferenceSession(str(tiny_run / "model.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"input": batch.numpy()})
@@ -75,7 +75,7 @@ class DriftingClassifier(nn.Module):
 
 
 def test_an_export_that_disagrees_with_pytorch_is_refused_and_nothing_is_written(tiny_run, tmp_path):
-    _, meta = load_checkpoint(tiny_run / "best.pt")
+    _, meta = load_model(tiny_run / "best.pt")
     output = tmp_path / "out" / "model.onnx"
     with pytest.raises(ExportError, match=r"differs from PyTorch by .* not writing"):
         export_model(DriftingClassifier(), meta, output, parity=parity_batch(meta, 4), simplify=False)

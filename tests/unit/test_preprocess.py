@@ -154,7 +154,7 @@ def test_transparent_pixels_become_white_not_black():
 
 
 def test_training_eval_transform_is_the_gateway_preprocessing(photos):
-    from builder.train import eval_transform
+    from builder.transforms import eval_transform
 
     spec = PreprocessSpec(48, 55, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
     image = decode_image(photos[1].read_bytes())

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from builder.errors import CheckpointError
-from builder.evaluate import count_macs_and_params
-from builder.models import create_model
-from builder.prune import PruneConfig, PruneError, load_model, prune
+from builder.checkpoint import load_model
+from builder.models import count_macs_and_params, create_model
+from builder.prune import PruneConfig, PruneError, prune
 
 QUICK = dict(steps=2, finetune_epochs=0.05, increments=40)
 
@@ -28,7 +28,7 @@ def test_pruning_reaches_the_mac_target_with_a_physically_smaller_network(pruned
     original_widths = [m.out_channels for m in original.modules() if isinstance(m, nn.Conv2d)]
     assert sum(widths) < sum(original_widths)
     assert all(w % 8 == 0 for w in widths)  # --round-to 8
-    assert len(pruned.history) == 2 and meta["pruning"]["keep_ratio"] == 0.5
+    assert len(pruned.history) == 2 and meta.pruning["keep_ratio"] == 0.5
 
 
 def test_pruned_checkpoint_holds_only_tensors_and_plain_data(pruned):

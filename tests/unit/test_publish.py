@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from builder import model_config
-from builder.errors import PublishError
+from builder.errors import OnnxFileError, PublishError
 from builder.publish import PublishSettings, inspect_onnx, publish
 from server.preprocess import PreprocessSpec
 from tests.onnx_variants import retrained
@@ -47,13 +47,13 @@ def test_publishing_again_adds_the_next_version_and_leaves_no_staging_folders(ti
 def test_a_file_that_is_not_onnx_is_refused_and_nothing_is_written(tmp_path):
     bogus = tmp_path / "model.onnx"
     bogus.write_bytes(os.urandom(256))
-    with pytest.raises(PublishError, match="not a valid ONNX model"):
+    with pytest.raises(OnnxFileError, match="not an ONNX model"):
         publish(bogus, tmp_path / "repo", "digits")
     assert not (tmp_path / "repo" / "digits").exists()
 
 
 def test_missing_onnx_file_is_named(tmp_path):
-    with pytest.raises(PublishError, match="does not exist"):
+    with pytest.raises(OnnxFileError, match="nope.onnx does not exist"):
         publish(tmp_path / "nope.onnx", tmp_path / "repo", "digits")
 
 

@@ -12,9 +12,10 @@ from builder.data import load_dataset
 from builder.errors import CheckpointError
 from builder.evaluate import evaluate, validation_data
 from builder.publish import publish
-from builder.qat import QATConfig, QATError, fold_batch_norms, prepare, quantization_aware_train, top1_agreement, \
-    validation_images
-from builder.prune import load_model
+from builder.checkpoint import load_model
+from builder.qat import QATConfig, QATError, fold_batch_norms, prepare, quantization_aware_train, top1_agreement
+from builder.onnx_meta import read_onnx_meta
+from builder.transforms import validation_images
 from tests.int8 import integer_kernel_agreement
 
 ONE_EPOCH = QATConfig(epochs=1, lr=1e-4, parity_images=360)
@@ -64,7 +65,7 @@ def test_onnx_runtime_agrees_with_the_fake_quantized_pytorch_model(qat, tiny_run
     # Independently of the check inside quantization_aware_train: ONNX Runtime's integer kernels
     # against the fake-quantized PyTorch model, on the validation images.
     _, meta = load_model(tiny_run / "best.pt")
-    images = validation_images(meta, load_dataset("digits"), 360)
+    images = validation_images(meta.preprocess, load_dataset("digits"), 360)
     assert top1_agreement(qat.onnx_path, qat.model, images) >= 0.98
     # And the integer kernels compute what the graph says: with 8-bit activations, 97.8% on an AVX2 CPU.
     assert integer_kernel_agreement(qat.onnx_path, images.numpy()) >= 0.99
@@ -79,7 +80,7 @@ def test_onnx_runtime_agrees_with_the_fake_quantized_pytorch_model(qat, tiny_run
 def test_batch_norm_folding_for_export_is_exact(tiny_run):
     model, meta = load_model(tiny_run / "best.pt")
     prepared = prepare(model, meta)
-    images = validation_images(meta, load_dataset("digits"), 64)
+    images = validation_images(meta.preprocess, load_dataset("digits"), 64)
     prepared.eval()
     with torch.no_grad():
         prepared(images)  # observers calibrate on real images, then freeze
@@ -94,10 +95,7 @@ def test_batch_norm_folding_for_export_is_exact(tiny_run):
 
 
 def test_qat_keeps_accuracy_and_the_exported_file_scores_like_pytorch(qat, tiny_run):
-    metadata = _metadata(onnx.load(str(qat.onnx_path)))
-    meta = {"preprocess": json.loads(metadata["preprocess"]), "classes": json.loads(metadata["labels"]),
-            "config": {"dataset": "digits"}}
-    data = validation_data(meta)
+    data = validation_data(read_onnx_meta(qat.onnx_path).with_dataset("digits"))
     onnx_top1 = evaluate(qat.onnx_path, data).top1
     fp32_top1 = evaluate(tiny_run / "model.onnx", data).top1
     assert abs(onnx_top1 - qat.val_accuracy) <= 0.02
@@ -148,7 +146,7 @@ def test_missing_checkpoint_and_unsupported_architecture_raise_builder_errors(ti
         quantization_aware_train(tmp_path / "missing.pt", tmp_path / "x.onnx", ONE_EPOCH)
     model, meta = load_model(tiny_run / "best.pt")
     with pytest.raises(QATError, match="architecture 'vit_b_16' is not supported by QAT"):
-        prepare(model, {**meta, "arch": "vit_b_16"})
+        prepare(model, meta.replace(arch="vit_b_16"))
 
 
 def test_an_export_that_disagrees_with_pytorch_is_not_written(tiny_run, tmp_path):
@@ -156,7 +154,7 @@ def test_an_export_that_disagrees_with_pytorch_is_not_written(tiny_run, tmp_path
 
     model, meta = load_model(tiny_run / "best.pt")
     prepared = prepare(model, meta)
-    images = validation_images(meta, load_dataset("digits"), 32)
+    images = validation_images(meta.preprocess, load_dataset("digits"), 32)
     prepared.eval()
     with torch.no_grad():
         prepared(images)

@@ -7,8 +7,11 @@ from onnx import numpy_helper
 
 from builder.data import load_dataset
 from builder.evaluate import evaluate, validation_data
-from builder.qat import load_model, validation_images
-from builder.quantize import QuantizeConfig, QuantizeError, convert_fp16, quantize_int8, read_metadata
+from builder.checkpoint import load_model
+from builder.errors import OnnxFileError
+from builder.onnx_meta import read_metadata, read_onnx_meta
+from builder.quantize import QuantizeConfig, QuantizeError, convert_fp16, quantize_int8
+from builder.transforms import validation_images
 from tests.int8 import integer_kernel_agreement
 
 
@@ -19,9 +22,7 @@ def int8(tiny_run, tmp_path_factory):
 
 
 def _data(onnx_path):
-    metadata = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
-    return validation_data({"preprocess": json.loads(metadata["preprocess"]), "classes": json.loads(metadata["labels"]),
-                            "config": {"dataset": "digits"}})
+    return validation_data(read_onnx_meta(onnx_path).with_dataset("digits"))
 
 
 def test_int8_model_is_qdq_with_per_channel_weights_and_keeps_the_metadata(int8, tiny_run):
@@ -57,7 +58,7 @@ def test_int8_weights_keep_to_7_bits_so_the_served_kernels_compute_what_was_cali
     assert len(weights) == 20 and all(w.dtype == np.int8 and np.abs(w.astype(np.int16)).max() <= 64 for w in weights)
     assert read_metadata(int8.onnx_path)["weight_bits"] == "7"
     _, meta = load_model(tiny_run / "best.pt")
-    images = validation_images(meta, load_dataset("digits"), 360).numpy()
+    images = validation_images(meta.preprocess, load_dataset("digits"), 360).numpy()
     # On x86 without VNNI, 8-bit weights saturate the integer kernels (95.6% here on an AVX2 CPU).
     assert integer_kernel_agreement(int8.onnx_path, images) >= 0.99
     # Asked for, the full 8 bits: for serving CPUs with VNNI.
@@ -82,7 +83,7 @@ def test_unknown_calibration_method_lists_the_choices():
 
 def test_a_file_that_is_not_onnx_is_refused(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(QuantizeError, match="not an ONNX model"):
+    with pytest.raises(OnnxFileError, match="not an ONNX model"):
         quantize_int8(tmp_path / "x.onnx", tmp_path / "int8.onnx")
     assert not (tmp_path / "int8.onnx").exists()
 

@@ -11,9 +11,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from builder.errors import CheckpointError
 from builder.losses import LossError, focal_loss, inverse_frequency_weights, resolve_class_weights
-from builder.models import classifier, create_model, load_init_weights
+from builder.checkpoint import load_init_weights
+from builder.models import classifier, create_model
 from builder.schedules import create_scheduler
-from builder.train import train, train_one_epoch
+from builder.loop import train_one_epoch
+from builder.train import train
 from builder.train_config import TrainConfig, TrainError, load_params
 
 
@@ -172,7 +174,7 @@ def test_init_skips_the_classifier_when_the_class_count_differs(tmp_path):
 
 
 def test_a_run_writes_metrics_curves_datacheck_and_a_loadable_checkpoint(tmp_path, small_digits):
-    from builder.prune import load_model
+    from builder.checkpoint import load_model
 
     result = train(small_config(tmp_path, "run", epochs=1, loss="focal", class_weights="auto", mixup=0.2,
                                 schedule="onecycle", optimizer="sgd", accum_steps=2, clip_grad=1.0, dropout=0.2),
@@ -185,7 +187,7 @@ def test_a_run_writes_metrics_curves_datacheck_and_a_loadable_checkpoint(tmp_pat
     config = json.loads((run / "config.json").read_text())
     assert (config["loss"], config["mixup"], config["accum_steps"], config["dropout"]) == ("focal", 0.2, 2, 0.2)
     model, meta = load_model(result.best_checkpoint)
-    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10) and meta["recipe"]["class_weights"]
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10) and meta.recipe["class_weights"]
 
 
 def test_deferred_class_weights_apply_from_their_start_epoch_only(tmp_path, small_digits, monkeypatch):

@@ -4,7 +4,8 @@ import json
 import pytest
 from rich.console import Console
 
-from builder.report import BudgetError, Report, StageMetrics, to_markdown, write_report
+from builder.errors import BudgetError
+from builder.report import Report, StageMetrics, to_markdown, write_report
 
 
 def metrics(stage, top1, throughput, size, macs=100):

@@ -8,7 +8,8 @@ import torch
 from builder.data import load_dataset, resolve_spec
 from builder.errors import CheckpointError, DatasetError
 from builder.models import create_model
-from builder.train import load_checkpoint, warmup_cosine
+from builder.checkpoint import load_model
+from builder.schedules import warmup_cosine
 
 
 def test_warmup_rises_linearly_then_cosine_decays_to_zero():
@@ -29,24 +30,24 @@ def test_training_writes_checkpoints_metrics_and_learns(tiny_run):
 
 
 def test_checkpoint_reloads_into_the_same_model(tiny_run):
-    model, meta = load_checkpoint(tiny_run / "best.pt")
-    assert meta["arch"] == "resnet18" and meta["classes"] == [str(i) for i in range(10)]
-    assert meta["val_accuracy"] == max(h["val_accuracy"] for h in json.loads((tiny_run / "metrics.json").read_text()))
+    model, meta = load_model(tiny_run / "best.pt")
+    assert meta.arch == "resnet18" and meta.classes == tuple(str(i) for i in range(10))
+    assert meta.val_accuracy == max(h["val_accuracy"] for h in json.loads((tiny_run / "metrics.json").read_text()))
     # The weights and BatchNorm statistics came back: the validation split scores what training recorded.
     from builder.evaluate import evaluate, validation_data
 
-    assert evaluate(model.eval(), validation_data(meta)).top1 == pytest.approx(meta["val_accuracy"])
+    assert evaluate(model.eval(), validation_data(meta)).top1 == pytest.approx(meta.val_accuracy)
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(CheckpointError, match="not a checkpoint"):
-        load_checkpoint(bogus)
+        load_model(bogus)
     other = tmp_path / "weights.pt"
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(CheckpointError, match="not a checkpoint"):
-        load_checkpoint(other)
+        load_model(other)
 
 
 def test_spec_mean_and_std_are_measured_on_the_training_split():
@@ -107,7 +108,7 @@ def test_small_inputs_keep_their_resolution_through_the_stem(arch):
 def test_gateway_preprocessing_equals_the_training_eval_transform(source, equalize):
     from server.preprocess import PreprocessSpec, preprocess
 
-    from builder.train import eval_transform
+    from builder.transforms import eval_transform
 
     dataset = load_dataset(source)
     spec = resolve_spec(dataset, image_size=16, equalize=equalize)
