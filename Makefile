@@ -29,8 +29,8 @@ lock:
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
 
-# Validators for the deployment files (docker-compose config, promtool), from Debian's packages where
-# apt-get can install them; without them those tests skip and say why.
+# Optional validators for the deployment files (docker-compose config, promtool), from Debian's packages.
+# `make test` never installs system packages: without these, the tests that need them skip and say why.
 system-tools:
 	@if ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -45,7 +45,11 @@ demo: install
 	$(VENV)/bin/builder publish --onnx $(RUN)/model.onnx --name $(MODEL) --repository $(REPOSITORY)
 	$(PY) -m stack.demo --model $(MODEL) --repository $(REPOSITORY)
 
-test: install system-tools
+# Lint, format and type checks first (seconds), then the tests.
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install

@@ -398,7 +398,7 @@ def test_monitoring_mounts_existing_files(services):
 def test_compose_file_validates():
     command = compose_command()
     if command is None:
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed (`make system-tools`)")
     result = subprocess.run([*command, "-f", str(COMPOSE), "--profile", "build", "--profile", "loadtest",
                              "config", "-q"], capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
@@ -465,7 +465,7 @@ def test_prometheus_scrapes_gateway_and_triton():
 
 def test_prometheus_config_passes_promtool():
     if not shutil.which("promtool"):
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+        pytest.skip("promtool is not installed (`make system-tools`, or Debian: apt-get install prometheus)")
     result = subprocess.run(["promtool", "check", "config", str(PROMETHEUS)], capture_output=True, text=True,
                             timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -523,7 +523,7 @@ def test_dashboard_shows_what_the_stack_needs():
 
 def test_dashboard_queries_parse_with_promtool(tmp_path):
     if not shutil.which("promtool"):
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+        pytest.skip("promtool is not installed (`make system-tools`, or Debian: apt-get install prometheus)")
     rules = [{"record": f"dashboard:panel_{i}", "expr": expr.replace("$__rate_interval", "1m")}
              for i, (_, expr) in enumerate(dashboard_exprs())]
     path = tmp_path / "rules.yml"
