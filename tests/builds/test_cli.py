@@ -70,6 +70,7 @@ def test_parsing_and_publishing_do_not_import_torch(tmp_path):
     assert result.stdout.split() == ["2", "False"], result.stderr
 
 
+@pytest.mark.slow
 def test_train_export_publish_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--image-size", "8", "--out", str(run)]) == 0
