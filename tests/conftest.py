@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model trained by the builder, its ONNX export, and real sample photos."""
+"""Fixtures every tier may use, none of which trains: real sample photos and large transparent PNGs.
+Fixtures that train live in tests/fixtures.py, imported by the tiers that need them."""
 
 from __future__ import annotations
 
@@ -8,20 +9,7 @@ import pytest
 import skimage
 from PIL import Image
 
-from builder.export import export_onnx
-from builder.train import train
-from builder.train_config import TrainConfig
-
 PHOTO_DIR = Path(skimage.__file__).parent / "data"
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """ResNet-18 on digits at 8x8 for two epochs (a few seconds): best.pt and model.onnx."""
-    run_dir = tmp_path_factory.mktemp("run")
-    result = train(TrainConfig(dataset="digits", epochs=2, image_size=8, out_dir=run_dir))
-    export_onnx(result.best_checkpoint, run_dir / "model.onnx", parity_images=16)
-    return run_dir
 
 
 @pytest.fixture(scope="session")
@@ -40,18 +28,6 @@ def photos(tmp_path_factory) -> list[Path]:
     Image.open(PHOTO_DIR / "coffee.png").transpose(Image.Transpose.ROTATE_90).save(portrait, "JPEG")
     paths.append(portrait)
     return paths
-
-
-@pytest.fixture(scope="session")
-def small_digits():
-    """A 200/80-image slice of the digits split: enough to train at 8x8 for an epoch in about a second."""
-    import dataclasses
-
-    from builder.data import Split, load_dataset
-
-    full = load_dataset("digits")
-    return dataclasses.replace(full, train=Split(full.train.images[:200], full.train.labels[:200]),
-                               val=Split(full.val.images[:80], full.val.labels[:80]))
 
 
 def transparent_png(side: int, compress_level: int = 9) -> bytes:

@@ -10,6 +10,7 @@ import tritonclient.grpc as grpcclient
 
 from builder.publish import PublishSettings, publish
 from stack.launcher import GatewayProcess, TritonServer, free_port
+from tests.fixtures import tiny_run  # noqa: F401  (the trained model every published repository here serves)
 
 MODEL = "digits"
 PIXEL_MODEL = "digits-pixels"  # the same model, published to take 8-bit pixels

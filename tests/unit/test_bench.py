@@ -62,6 +62,7 @@ def test_cpu_per_image_sums_over_rounds():
     assert result.cpu_ms_per_image == pytest.approx({"Triton": 16.0, "gateway": 10 / 3})
 
 
+@pytest.mark.spawns
 def test_process_tree_cpu_counts_children():
     # The parent only sleeps; its child burns 0.3 s of CPU, which the tree's total must include.
     parent = subprocess.Popen([sys.executable, "-c", (

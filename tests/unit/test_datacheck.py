@@ -1,7 +1,6 @@
 """The generated `shapes` dataset, and the data check that runs before training."""
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -79,32 +78,3 @@ def test_data_check_finds_unreadable_blank_and_duplicate_images(tmp_path, caplog
 def test_data_check_of_a_clean_generated_dataset_is_ok():
     report = check_dataset(load_dataset("shapes:per_class=10,size=16"))
     assert report.ok and report.train_counts == [10] * len(CLASSES)
-
-
-def _folder_with_a_broken_image(root):
-    shapes = load_dataset("shapes:per_class=8,size=16")
-    for index, (image, label) in enumerate(zip(shapes.train.images, shapes.train.labels)):
-        folder = root / shapes.classes[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / f"{index}.png")
-    (root / shapes.classes[0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    return root / shapes.classes[0] / "broken.png"
-
-
-def test_an_unreadable_file_is_warned_about_once_per_process(tmp_path, caplog):
-    """Loading the folder again (build reloads it after training) and training on it twice (tune trials)
-    repeat no warning about the same file."""
-    from builder.train import train
-    from builder.train_config import TrainConfig
-
-    broken = _folder_with_a_broken_image(tmp_path / "data")
-    with caplog.at_level(logging.WARNING):
-        dataset = load_dataset(str(tmp_path / "data"))
-        load_dataset(str(tmp_path / "data"))
-        for trial in range(2):
-            train(TrainConfig(dataset=str(tmp_path / "data"), epochs=1, image_size=8, out_dir=tmp_path / f"t{trial}"),
-                  dataset)
-    warnings = [r.getMessage() for r in caplog.records
-                if r.levelno >= logging.WARNING and "broken.png" in r.getMessage()]
-    assert len(warnings) == 1, warnings
-    assert json.loads((tmp_path / "t1" / "datacheck.json").read_text())["unreadable"] == [str(broken)]

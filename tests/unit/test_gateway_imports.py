@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 ABSENT_FROM_THE_IMAGE = ("torch", "rich", "sklearn", "skimage", "builder", "stack", "client")
 
 # The packages are hidden as the image lacks them: a library that uses one only if it is there (httpx's
@@ -28,6 +30,7 @@ print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}} & ABSENT)
 """
 
 
+@pytest.mark.spawns
 def test_the_gateway_imports_nothing_outside_its_image():
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr.strip().splitlines()[-1]

@@ -82,6 +82,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.spawns
 def test_stop_sends_sigterm_and_then_sigkill_to_a_child_that_ignores_it(tmp_path, caplog):
     child = PythonChild(tmp_path / "child.log", IGNORES_SIGTERM)
     child.start()
@@ -97,6 +98,7 @@ def test_stop_sends_sigterm_and_then_sigkill_to_a_child_that_ignores_it(tmp_path
         child.stop(timeout_s=0)
 
 
+@pytest.mark.spawns
 def test_stop_ends_a_well_behaved_child_with_sigterm(tmp_path):
     child = PythonChild(tmp_path / "child.log", "import time; print('up', flush=True); time.sleep(60)")
     child.start()
@@ -105,6 +107,7 @@ def test_stop_ends_a_well_behaved_child_with_sigterm(tmp_path):
     assert child._process.returncode == -signal.SIGTERM
 
 
+@pytest.mark.spawns
 def test_a_child_that_exits_before_it_is_ready_is_a_launch_error_with_its_last_lines(tmp_path):
     child = PythonChild(tmp_path / "child.log", "import sys; print('no model repository', flush=True); sys.exit(3)",
                         url=f"http://127.0.0.1:{free_port()}/ready")
@@ -114,6 +117,7 @@ def test_a_child_that_exits_before_it_is_ready_is_a_launch_error_with_its_last_l
     child.stop()
 
 
+@pytest.mark.spawns
 def test_a_child_that_is_not_ready_in_time_is_a_launch_error_and_stopped(tmp_path):
     child = PythonChild(tmp_path / "child.log", "import time; time.sleep(60)",
                         url=f"http://127.0.0.1:{free_port()}/ready", startup_timeout_s=1)
@@ -143,6 +147,7 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")  # exited; left unreaped where nothing reaps orphans
 
 
+@pytest.mark.spawns
 def test_a_child_dies_with_its_parent_even_when_the_parent_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "child.log")], stdout=subprocess.PIPE,
                               text=True)

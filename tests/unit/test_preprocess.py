@@ -391,6 +391,7 @@ print(peak_rss() - before)
 """
 
 
+@pytest.mark.spawns
 def test_preprocessing_a_40_megapixel_transparent_png_peaks_below_twice_its_decoded_size(
         huge_transparent_png, tmp_path):
     import os
@@ -485,6 +486,7 @@ print(kept, rss())
 """
 
 
+@pytest.mark.spawns
 def test_release_memory_hands_a_large_decode_back_to_the_system(tmp_path):
     import os
     import subprocess

@@ -31,6 +31,7 @@ def _metadata(proto):
     return {p.key: p.value for p in proto.metadata_props}
 
 
+@pytest.mark.slow
 def test_qat_model_is_qdq_with_int8_per_channel_weights(qat, tiny_run):
     proto = onnx.load(str(qat.onnx_path))
     ops = [node.op_type for node in proto.graph.node]
@@ -60,6 +61,7 @@ def test_qat_model_is_qdq_with_int8_per_channel_weights(qat, tiny_run):
     assert qat.onnx_path.stat().st_size * 3 < (tiny_run / "model.onnx").stat().st_size
 
 
+@pytest.mark.slow
 def test_onnx_runtime_agrees_with_the_fake_quantized_pytorch_model(qat, tiny_run):
     assert qat.parity_images == 360 and qat.agreement >= 0.98
     # Independently of the check inside quantization_aware_train: ONNX Runtime's integer kernels
@@ -77,6 +79,7 @@ def test_onnx_runtime_agrees_with_the_fake_quantized_pytorch_model(qat, tiny_run
     assert np.abs(logits - expected).max() < 0.5 * np.abs(expected).max()
 
 
+@pytest.mark.slow
 def test_batch_norm_folding_for_export_is_exact(tiny_run):
     model, meta = load_model(tiny_run / "best.pt")
     prepared = prepare(model, meta)
@@ -94,6 +97,7 @@ def test_batch_norm_folding_for_export_is_exact(tiny_run):
     assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.98
 
 
+@pytest.mark.slow
 def test_qat_keeps_accuracy_and_the_exported_file_scores_like_pytorch(qat, tiny_run):
     data = validation_data(read_onnx_meta(qat.onnx_path).with_dataset("digits"))
     onnx_top1 = evaluate(qat.onnx_path, data).top1
@@ -102,6 +106,7 @@ def test_qat_keeps_accuracy_and_the_exported_file_scores_like_pytorch(qat, tiny_
     assert onnx_top1 >= fp32_top1 - 0.05
 
 
+@pytest.mark.slow
 def test_metadata_is_kept_and_publish_accepts_the_file(qat, tiny_run, tmp_path):
     metadata = _metadata(onnx.load(str(qat.onnx_path)))
     fp32 = _metadata(onnx.load(str(tiny_run / "model.onnx")))
@@ -115,6 +120,7 @@ def test_metadata_is_kept_and_publish_accepts_the_file(qat, tiny_run, tmp_path):
     assert lineage["onnx_metadata"]["quantization"] == "qat"
 
 
+@pytest.mark.slow
 def test_cli_quantize_method_qat(tiny_run, tmp_path, capsys):
     output = tmp_path / "cli-qat.onnx"
     code = main(["quantize", "--method", "qat", "--checkpoint", str(tiny_run / "best.pt"), "--output", str(output),
@@ -132,6 +138,7 @@ def test_cli_quantize_method_qat(tiny_run, tmp_path, capsys):
     (["--method", "qat", "--checkpoint", "{best}", "--precision", "fp16"], "writes INT8"),
     (["--checkpoint", "{best}"], "give --onnx"),
 ])
+@pytest.mark.slow
 def test_bad_qat_input_is_a_one_line_error_with_exit_code_2(argv, message, tiny_run, tmp_path, capsys):
     paths = {"missing": tmp_path / "nope.pt", "onnx": tiny_run / "model.onnx", "best": tiny_run / "best.pt"}
     argv = [a.format(**{k: str(v) for k, v in paths.items()}) for a in argv]
@@ -141,6 +148,7 @@ def test_bad_qat_input_is_a_one_line_error_with_exit_code_2(argv, message, tiny_
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_and_unsupported_architecture_raise_builder_errors(tiny_run, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         quantization_aware_train(tmp_path / "missing.pt", tmp_path / "x.onnx", ONE_EPOCH)
@@ -149,6 +157,7 @@ def test_missing_checkpoint_and_unsupported_architecture_raise_builder_errors(ti
         prepare(model, meta.replace(arch="vit_b_16"))
 
 
+@pytest.mark.slow
 def test_an_export_that_disagrees_with_pytorch_is_not_written(tiny_run, tmp_path):
     from builder.qat import export_qat
 

@@ -13,6 +13,7 @@ from builder.errors import BudgetError
 QUICK_PRUNE = {"keep_ratio": 0.6, "steps": 1, "finetune_epochs": 0.2, "increments": 40}
 
 
+@pytest.mark.slow
 def test_build_from_a_yaml_file_prunes_quantizes_publishes_and_reports_every_stage(tiny_run, tmp_path, capsys):
     settings = {
         "name": "digits", "out_dir": str(tmp_path / "build"), "checkpoint": str(tiny_run / "best.pt"),
@@ -40,6 +41,7 @@ def test_build_from_a_yaml_file_prunes_quantizes_publishes_and_reports_every_sta
     assert json.loads(capsys.readouterr().out)["published_version"] == 1
 
 
+@pytest.mark.slow
 def test_a_stage_over_the_accuracy_budget_stops_the_build_before_publishing(tiny_run, tmp_path):
     config = BuildConfig(name="digits", out_dir=tmp_path / "build", checkpoint=tiny_run / "best.pt",
                          prune={"keep_ratio": 0.1, "steps": 1, "finetune_epochs": 0, "increments": 40}, quantize=None,
@@ -109,6 +111,7 @@ def _qat_build(tiny_run, tmp_path, qat, **quantize):
                        benchmark_seconds=0.05, parity_images=8)
 
 
+@pytest.mark.slow
 def test_build_with_qat_always_runs_qat_instead_of_static_int8_and_publishes_it(tiny_run, tmp_path):
     result = build(_qat_build(tiny_run, tmp_path, "always"))
     report = json.loads((tmp_path / "build" / "report.json").read_text())
@@ -120,6 +123,7 @@ def test_build_with_qat_always_runs_qat_instead_of_static_int8_and_publishes_it(
     assert lineage["onnx_metadata"]["precision"] == "int8" and lineage["onnx_metadata"]["quantization"] == "qat"
 
 
+@pytest.mark.slow
 def test_build_with_qat_auto_falls_back_to_qat_when_static_int8_is_over_the_budget(
         tiny_run, tmp_path, static_int8_loses_accuracy):
     result = build(_qat_build(tiny_run, tmp_path, "auto"))
@@ -139,6 +143,7 @@ def test_build_with_qat_auto_falls_back_to_qat_when_static_int8_is_over_the_budg
     assert lineage["onnx_metadata"]["quantization"] == "qat"
 
 
+@pytest.mark.slow
 def test_build_with_qat_auto_fails_when_qat_is_over_the_budget_too(tiny_run, tmp_path, monkeypatch,
                                                                     static_int8_loses_accuracy):
     import builder.build as build_module
@@ -158,6 +163,7 @@ def test_build_with_qat_auto_fails_when_qat_is_over_the_budget_too(tiny_run, tmp
     assert report["failed_stage"] == "int8-qat" and not (tmp_path / "repo").exists()
 
 
+@pytest.mark.slow
 def test_build_with_qat_never_fails_at_the_static_int8_stage(tiny_run, tmp_path, static_int8_loses_accuracy):
     with pytest.raises(BudgetError, match="stage 'int8' lost"):
         build(_qat_build(tiny_run, tmp_path, "never"))
@@ -252,6 +258,7 @@ def test_the_build_settings_written_beside_the_report_read_back_the_same():
     assert BuildConfig.from_mapping(yaml.safe_load(text)) == config
 
 
+@pytest.mark.slow
 def test_build_for_a_gpu_target_measures_and_gates_the_tensorrt_int8(tiny_run, tmp_path):
     config = BuildConfig(name="digits", out_dir=tmp_path / "build", checkpoint=tiny_run / "best.pt", prune=None,
                          quantize={"calibration_images": 32}, publish={"repository": str(tmp_path / "repo"),
@@ -287,6 +294,7 @@ def _negate_classifier_weight(onnx_path):
     onnx.save(proto, str(onnx_path))
 
 
+@pytest.mark.slow
 def test_build_gates_the_gpu_int8_like_every_stage(tiny_run, tmp_path, monkeypatch):
     import builder.build as build_module
 

@@ -14,6 +14,7 @@ def base(tmp_path):
     return TrainConfig(dataset="digits", image_size=8, epochs=1, out_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_tune_resumes_its_study_and_writes_best_params_usable_by_train(tmp_path, small_digits):
     out = tmp_path / "study"
     first = tune(base(tmp_path), TuneConfig(trials=2, out_dir=out, sampler="random"), small_digits)
@@ -34,6 +35,7 @@ def test_tune_resumes_its_study_and_writes_best_params_usable_by_train(tmp_path,
         assert getattr(config, key) == best["params"][key]
 
 
+@pytest.mark.slow
 def test_grid_sampler_draws_from_the_small_explicit_grid(tmp_path, small_digits):
     result = tune(TrainConfig(dataset="digits", image_size=8, epochs=1, out_dir=tmp_path),
                   TuneConfig(trials=1, out_dir=tmp_path / "grid", sampler="grid"), small_digits)

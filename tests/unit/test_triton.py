@@ -1,5 +1,6 @@
-"""TritonClient and the shared-memory region, against a stand-in for tritonclient's own client: which
-answers refuse the region for good, when it is offered again, stale regions, and what each call sends."""
+"""server.triton: what the gateway reads from a model's config and how it answers Triton's refusals; and
+TritonClient with the shared-memory region, against a stand-in for tritonclient's own client: which answers
+refuse the region for good, when it is offered again, stale regions, and what each call sends."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from server.errors import BadRequest, ModelNotFound, TritonFailed
 from server.preprocess import PreprocessSpec
 from server.shared_memory import InputRegion
-from server.triton import ModelInfo, TritonClient
+from server.triton import ModelInfo, TritonClient, model_info_from_config, translate_error
 
 SPEC = PreprocessSpec(2, 2, (0.5,), (0.25,), color_mode="L")
 
@@ -200,3 +202,33 @@ def test_closing_unregisters_even_without_a_known_registration(region):
         assert triton.unregistered == [region.name]
 
     run(region, scenario)
+
+
+def _config(max_batch_size: int, dims: list) -> dict:
+    parameters = {key: {"string_value": value}
+                  for key, value in PreprocessSpec(8, 8, (0.5,), (0.5,), color_mode="L").to_parameters().items()}
+    return {"max_batch_size": max_batch_size, "parameters": parameters,
+            "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": dims}],
+            "output": [{"name": "logits", "dims": ["10"]}]}
+
+
+@pytest.mark.parametrize(("max_batch_size", "dims", "per_call"), [
+    (32, ["1", "8", "8"], 32),
+    (0, ["1", "1", "8", "8"], 1),       # a fixed batch of 1: one image per call (gRPC's JSON has strings)
+    (0, [1, 1, 8, 8], 1),               # HTTP's has numbers
+    (0, ["-1", "1", "8", "8"], None),   # no batching but a dynamic first axis: all at once
+])
+def test_images_per_call_follow_the_batch_axis(max_batch_size, dims, per_call):
+    assert model_info_from_config("m", _config(max_batch_size, dims)).images_per_call == per_call
+
+
+@pytest.mark.parametrize(("status", "message", "error"), [
+    ("StatusCode.INVALID_ARGUMENT", "input of shape [2, 1, 8, 8], the model takes [1, 1, 8, 8]", BadRequest),
+    ("400", "unexpected shape for input 'input' for model 'm'", BadRequest),
+    ("400", "Request for unknown model: 'm' is not found", ModelNotFound),
+    ("StatusCode.INTERNAL", "inference failed: out of memory", TritonFailed),
+])
+def test_a_refused_input_is_the_clients_error_and_a_failure_is_tritons(status, message, error):
+    translated = translate_error(InferenceServerException(message, status=status), "m")
+    assert type(translated) is error
+    assert translated.status == {BadRequest: 400, ModelNotFound: 404, TritonFailed: 502}[error]
