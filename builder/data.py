@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,9 +18,6 @@ from server.preprocess import PreprocessSpec, to_model_pixels
 from .errors import DatasetError
 from .shapes import CLASSES as SHAPE_CLASSES, is_shapes, load_shapes
 from .train_config import CROP_FRACTION
-
-if TYPE_CHECKING:
-    from .datacheck import DataCheckReport
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +55,9 @@ class ImageDataset:
     flip_invariant: bool = True
     # Files found but unreadable, left out of both splits.
     skipped: list[Path] = field(default_factory=list)
-    # datacheck.check_once's report on this very object; not copied by dataclasses.replace(), so that a
-    # dataset made from another one is checked anew.
-    data_check: DataCheckReport | None = field(default=None, init=False, repr=False, compare=False)
+    # datacheck.check_once's report on this very object (typed there: datacheck imports this module); not
+    # copied by dataclasses.replace(), so that a dataset made from another one is checked anew.
+    data_check: object = field(default=None, init=False, repr=False, compare=False)
 
 
 def load_dataset(source: str, *, val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:

@@ -101,7 +101,7 @@ def check_dataset(dataset: ImageDataset) -> DataCheckReport:
 def check_once(dataset: ImageDataset) -> tuple[DataCheckReport, bool]:
     """`check_dataset(dataset)`, computed once per dataset object (tune trains every trial on the same one),
     and whether this call computed it, i.e. whether the report is news to log."""
-    if dataset.data_check is not None:
+    if isinstance(dataset.data_check, DataCheckReport):
         return dataset.data_check, False
     report = check_dataset(dataset)
     dataset.data_check = report
