@@ -164,14 +164,24 @@ def layer_shapes(model: nn.Module) -> dict[str, dict]:
     return shapes
 
 
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    # A Conv2d keeps its sizes as tuples of any length by type, of two by construction.
+    first, second = value
+    return first, second
+
+
 def _resized(module: nn.Module, shape: Mapping) -> nn.Module:
-    if shape["kind"] == "conv":
-        return nn.Conv2d(shape["in"], shape["out"], module.kernel_size, module.stride, module.padding,
-                         module.dilation, shape["groups"], module.bias is not None, module.padding_mode)
-    if shape["kind"] == "bn":
+    kind = shape["kind"]
+    if kind == "conv" and isinstance(module, nn.Conv2d):
+        padding = module.padding if isinstance(module.padding, str) else _pair(module.padding)
+        return nn.Conv2d(shape["in"], shape["out"], _pair(module.kernel_size), _pair(module.stride), padding,
+                         _pair(module.dilation), shape["groups"], module.bias is not None, module.padding_mode)
+    if kind == "bn" and isinstance(module, nn.BatchNorm2d):
         return nn.BatchNorm2d(shape["features"], module.eps, module.momentum, module.affine,
                               module.track_running_stats)
-    return nn.Linear(shape["in"], shape["out"], module.bias is not None)
+    if kind == "linear" and isinstance(module, nn.Linear):
+        return nn.Linear(shape["in"], shape["out"], module.bias is not None)
+    raise TypeError(f"a {kind!r} layer shape does not fit a {type(module).__name__} layer")
 
 
 def apply_layer_shapes(model: nn.Module, shapes: Mapping[str, Mapping]) -> nn.Module:

@@ -55,6 +55,9 @@ class ImageDataset:
     flip_invariant: bool = True
     # Files found but unreadable, left out of both splits.
     skipped: list[Path] = field(default_factory=list)
+    # datacheck.check_once's report on this very object (typed there: datacheck imports this module); not
+    # copied by dataclasses.replace(), so that a dataset made from another one is checked anew.
+    data_check: object = field(default=None, init=False, repr=False, compare=False)
 
 
 def load_dataset(source: str, *, val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:

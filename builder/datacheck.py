@@ -62,7 +62,8 @@ def _name(split: Split, split_name: str, index: int) -> str:
 
 def _scan(split: Split, split_name: str, mode: str) -> tuple[list[str], dict[str, list[int]]]:
     """Blank images and the pixel hash of every readable image of one split."""
-    blank, hashes = [], {}
+    blank: list[str] = []
+    hashes: dict[str, list[int]] = {}
     for index in range(len(split)):
         try:
             image = split.image(index, mode)
@@ -100,11 +101,10 @@ def check_dataset(dataset: ImageDataset) -> DataCheckReport:
 def check_once(dataset: ImageDataset) -> tuple[DataCheckReport, bool]:
     """`check_dataset(dataset)`, computed once per dataset object (tune trains every trial on the same one),
     and whether this call computed it, i.e. whether the report is news to log."""
-    report = getattr(dataset, "_data_check", None)
-    if report is not None:
-        return report, False
+    if isinstance(dataset.data_check, DataCheckReport):
+        return dataset.data_check, False
     report = check_dataset(dataset)
-    dataset._data_check = report  # not a field: dataclasses.replace() makes a dataset to check anew
+    dataset.data_check = report
     return report, True
 
 

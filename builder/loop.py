@@ -48,11 +48,13 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int | Non
     """Validation loss (plain cross-entropy: comparable across loss settings), accuracy and macro recall.
     `advance(steps=n)` is told of every batch of n images."""
     model.eval()
-    loss_sum, hits, support = 0.0, None, None
+    loss_sum = 0.0
+    hits: torch.Tensor | None = None
+    support: torch.Tensor | None = None
     for images, labels in loader:
         logits = model(images.to(device)).float().cpu()
         classes = num_classes or logits.shape[1]
-        if hits is None:
+        if hits is None or support is None:
             hits, support = torch.zeros(classes), torch.zeros(classes)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct = logits.argmax(dim=1) == labels
@@ -60,7 +62,7 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int | Non
         support += torch.bincount(labels, minlength=classes)
         if advance is not None:
             advance(steps=labels.numel())
-    if hits is None:
+    if hits is None or support is None:
         return {"val_loss": 0.0, "val_accuracy": 0.0, "val_macro_recall": 0.0}
     total = max(int(support.sum()), 1)
     present = support > 0

@@ -68,6 +68,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0
 
 
 class FocalLoss(nn.Module):
+    weight: torch.Tensor | None  # a buffer: it follows the module to its device
+
     def __init__(self, *, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
         super().__init__()
         self.gamma, self.label_smoothing = gamma, label_smoothing

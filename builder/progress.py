@@ -34,11 +34,11 @@ def progress_bar(description: str, *, total: int, unit: str = "steps",
         with Progress(*columns, console=console, transient=transient) as progress:
             task = progress.add_task(description, total=total, status="")
 
-            def advance(status: str = "", steps: int = 1) -> None:
+            def advance_bar(status: str = "", steps: int = 1) -> None:
                 progress.update(task, advance=steps, status=status)
                 progress.refresh()  # a step can take seconds: show it now, not at the next tick
 
-            yield advance
+            yield advance_bar
         return
 
     started = last_line = time.monotonic()

@@ -86,7 +86,10 @@ def with_options(source: str, *, per_class: int | None = None, imbalance: float 
         return source
     if not is_shapes(source):
         raise DatasetError(f"--shapes-* options apply to --dataset shapes, not {source!r}")
-    return replace(parse_source(source), **given).source()
+    options = parse_source(source)
+    return replace(options, per_class=options.per_class if per_class is None else per_class,
+                   imbalance=options.imbalance if imbalance is None else imbalance,
+                   size=options.size if size is None else size).source()
 
 
 # ---- drawing ----

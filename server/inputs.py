@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -124,7 +124,7 @@ def _check_count(count: int, settings: Settings) -> None:
         raise PayloadTooLarge(f"{count} images in one request; the limit is {settings.max_images_per_request}")
 
 
-async def _pieces(body: bytes, size: int = 1 << 20) -> AsyncIterator[bytes]:
+async def _pieces(body: bytes, size: int = 1 << 20) -> AsyncGenerator[bytes, None]:
     for start in range(0, len(body), size):
         yield body[start:start + size]
 

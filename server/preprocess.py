@@ -16,6 +16,7 @@ import json
 import math
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -289,7 +290,8 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
-def _crop_box(size: tuple[int, int], spec: PreprocessSpec) -> tuple[tuple[int, int], tuple[float, ...]]:
+def _crop_box(size: tuple[int, int],
+              spec: PreprocessSpec) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
     """The resized size, and the region of the original image the center crop keeps."""
     width, height = size
     new_width, new_height = _resized_size(width, height, spec.resize_size)
@@ -469,7 +471,7 @@ def prepare_batch(
     draft_size = spec.resize_size if jpeg_draft else None
     decode_s = preprocess_s = 0.0
     started = time.perf_counter()
-    opened: list[Image.Image | None] = []
+    opened: deque[Image.Image] = deque()
     for position, data in enumerate(images):
         try:
             opened.append(open_image(data, max_pixels=max_pixels))
@@ -489,7 +491,7 @@ def prepare_batch(
         with budget.hold(sum(sizes)) if budget else nullcontext(False) as large:
             for position in range(len(opened)):
                 started = time.perf_counter()
-                image, opened[position] = opened[position], None  # its pixels are freed once it is done
+                image = opened.popleft()  # its pixels are freed once it is done
                 try:
                     image = load_image(image, draft_size=draft_size)
                 except InvalidImageError as e:

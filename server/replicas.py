@@ -14,7 +14,9 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -52,8 +54,8 @@ class ReplicaPool:
     def __init__(self, spec: str, *, protocol: str = "grpc", timeout_s: float = 10.0, info_ttl_s: float = 5.0,
                  repository_key: str | None = None, probe_interval_s: float = 2.0,
                  region: InputRegion | None = None) -> None:
-        self._options = dict(protocol=protocol, timeout_s=timeout_s, info_ttl_s=info_ttl_s,
-                             repository_key=repository_key, region=region)
+        self._new_client = partial(TritonClient, protocol=protocol, timeout_s=timeout_s, info_ttl_s=info_ttl_s,
+                                   repository_key=repository_key, region=region)
         self.probe_interval_s = probe_interval_s
         endpoints, self.dns_name = parse_endpoints(spec)
         self.replicas: dict[str, Replica] = {}
@@ -62,11 +64,11 @@ class ReplicaPool:
         self._task: asyncio.Task | None = None
 
     def _add(self, url: str) -> None:
-        self.replicas[url] = Replica(url, TritonClient(url, **self._options))
+        self.replicas[url] = Replica(url, self._new_client(url))
 
     async def start(self) -> None:
         if self.dns_name:
-            await self._resolve()
+            await self._resolve(self.dns_name)
         self._task = asyncio.create_task(self._probe_forever())
 
     async def close(self) -> None:
@@ -76,12 +78,12 @@ class ReplicaPool:
             await asyncio.gather(self._task, return_exceptions=True)
         await asyncio.gather(*(r.client.close() for r in self.replicas.values()), return_exceptions=True)
 
-    async def _resolve(self) -> None:
-        host, _, port = self.dns_name.rpartition(":")
+    async def _resolve(self, dns_name: str) -> None:
+        host, _, port = dns_name.rpartition(":")
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
         except (OSError, ValueError) as e:
-            log.warning("cannot resolve %s: %s", self.dns_name, e)
+            log.warning("cannot resolve %s: %s", dns_name, e)
             return
         wanted = {f"{info[4][0]}:{port}" for info in infos}
         for url in wanted - self.replicas.keys():
@@ -98,7 +100,7 @@ class ReplicaPool:
             await asyncio.gather(*(self._probe(r) for r in list(self.replicas.values())))
             await asyncio.sleep(self.probe_interval_s)
             if self.dns_name:
-                await self._resolve()
+                await self._resolve(self.dns_name)
 
     async def _probe(self, replica: Replica) -> None:
         ready = await replica.client.server_ready()
@@ -118,7 +120,7 @@ class ReplicaPool:
             log.warning("Triton replica %s is down", replica.url)
         replica.healthy, replica.down_since = False, time.monotonic()
 
-    def _choose(self, exclude: set[str] = frozenset()) -> Replica:
+    def _choose(self, exclude: AbstractSet[str] = frozenset()) -> Replica:
         candidates = [r for r in self.replicas.values() if r.url not in exclude]
         healthy = [r for r in candidates if r.healthy]
         # With none known healthy, try the one down longest rather than refusing outright.

@@ -162,9 +162,9 @@ async def readyz(triton: ReplicasDep, settings: SettingsDep) -> JSONResponse:
     wanted = [m for m in served if not _failed(m)]
     if not wanted:
         return _not_ready("no model can be served")
-    missing = [m for m in wanted if not m["ready"]]
-    if missing:
-        return _not_ready(f"{len(missing)} of {len(wanted)} models not ready")
+    loading = [m for m in wanted if not m["ready"]]
+    if loading:
+        return _not_ready(f"{len(loading)} of {len(wanted)} models not ready")
     return JSONResponse({"status": "ready"})
 
 
@@ -271,10 +271,10 @@ async def classify(
             inference = await triton.infer(info, batch, version, slot)
             context["stages"]["inference"] = time.perf_counter() - started
         finally:
-            if slot and job:
+            if slot and region and job:
                 # Freed once the thread is done with it, even when this request was abandoned mid-way.
                 job.add_done_callback(lambda _: region.release(slot))
-            elif slot:
+            elif slot and region:
                 region.release(slot)
         metrics.images.labels(name).inc(len(images))
         metrics.triton_inputs.labels(inference.transport).inc()

@@ -184,9 +184,9 @@ class TritonClient:
             return
         self.region_registered = True
         log.info("Triton at %s reads input tensors from shared memory region %s", self.url, region.name)
-        await self._drop_stale_regions()
+        await self._drop_stale_regions(region)
 
-    async def _drop_stale_regions(self) -> None:
+    async def _drop_stale_regions(self, own: InputRegion) -> None:
         """Unregister gateway regions whose name is gone from /dev/shm (their gateway was killed): Triton
         would keep them mapped for ever. Runs once Triton has opened our own key, so /dev/shm is shared."""
         try:
@@ -198,7 +198,7 @@ class TritonClient:
                 regions = await self._client.get_system_shared_memory_status(headers=self._restricted_headers)
             for entry in regions:
                 name, key = entry.get("name", ""), entry.get("key", "")
-                if name.startswith(REGION_PREFIX) and name != self.region.name and not region_exists(key):
+                if name.startswith(REGION_PREFIX) and name != own.name and not region_exists(key):
                     await self._client.unregister_system_shared_memory(
                         name, headers=self._restricted_headers, **self._timeout)
                     log.info("unregistered stale shared memory region %s from Triton at %s", name, self.url)
@@ -278,8 +278,7 @@ class TritonClient:
         With `slot` (holding `batch` at its start) and the region registered, Triton reads the tensors
         from shared memory; otherwise they travel as bytes.
         """
-        use_region = slot is not None and self.region_registered and not info.response_cache
-        offset = slot.offset if use_region else None
+        offset = slot.offset if slot is not None and self.region_registered and not info.response_cache else None
         step = info.images_per_call or len(batch)
         if len(batch) <= step:
             return await self._infer_one(info, batch, version, offset)
@@ -300,25 +299,27 @@ class TritonClient:
 
     async def _infer_one(self, info: ModelInfo, batch: np.ndarray, version: str, offset: int | None
                          ) -> Inference:
+        # An offset is only given while the region is registered, so the region is there too.
+        region = self.region if offset is not None else None
         tensor = self._module.InferInput(info.input_name, list(batch.shape), info.input_datatype)
         if self.protocol == "grpc":
             output = self._module.InferRequestedOutput(info.output_name)
-            if offset is None:
+            if region is None:
                 tensor.set_data_from_numpy(batch)
         else:
             output = self._module.InferRequestedOutput(info.output_name, binary_data=True)
-            if offset is None:
+            if region is None:
                 tensor.set_data_from_numpy(batch, binary_data=True)
-        if offset is not None:
-            tensor.set_shared_memory(self.region.name, batch.nbytes, offset)
+        if region is not None:
+            tensor.set_shared_memory(region.name, batch.nbytes, offset)
         try:
             result = await self._client.infer(info.name, [tensor], model_version=version, outputs=[output],
                                               headers=self._restricted_headers, **self._timeout)
         except Exception as e:
-            if offset is not None and f"unable to find shared memory region: '{self.region.name}'" in str(e).lower():
+            if region is not None and f"unable to find shared memory region: '{region.name}'" in str(e).lower():
                 # Triton restarted between two probes and lost the registration: register again for
                 # the next requests, and send this one as bytes.
-                log.warning("Triton at %s lost shared memory region %s", self.url, self.region.name)
+                log.warning("Triton at %s lost shared memory region %s", self.url, region.name)
                 self.forget_region()
                 await self.register_region()
                 return await self._infer_one(info, batch, version, None)
