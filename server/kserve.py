@@ -155,7 +155,7 @@ def refuse_data_that_does_not_fill_its_shape(parsed: dict[str, Any]) -> None:
     inputs = parsed.get("inputs")
     for tensor in inputs if isinstance(inputs, list) else []:
         shape = tensor.get("shape") if isinstance(tensor, dict) else None
-        if "data" not in (tensor or {}) or not isinstance(shape, list) or not all(
+        if not isinstance(tensor, dict) or "data" not in tensor or not isinstance(shape, list) or not all(
                 type(d) is int and d >= 0 for d in shape):
             continue  # Triton refuses these itself, before allocating anything
         values = _values_in(tensor["data"])
@@ -172,8 +172,11 @@ def checked_inference_header(body: bytes, headers: dict[str, str], limit: int) -
     return parsed
 
 
-# Triton's HTTP frontend answers 500 for a request body it cannot parse (its JSON errors are INTERNAL).
-TRITON_PARSE_ERRORS = ("unable to parse", "failed to parse the request json buffer")
+# Triton's HTTP frontend answers 500 for a request body it cannot parse or use (its JSON errors are
+# INTERNAL): a number it cannot read, an output's `classification` that is not a count, request
+# `parameters` that are not an object.
+TRITON_PARSE_ERRORS = ("unable to parse", "failed to parse the request json buffer", "unable to set",
+                       "failed to get request params")
 
 
 async def forward(proxy: httpx.AsyncClient, context: dict[str, Any], method: str, path: str, body: bytes = b"",

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import io
 import json
+import logging
 import math
 import threading
 import time
@@ -26,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import RETRY_AFTER_S, InvalidImage, PayloadTooLarge, TooManyRequests
+
+log = logging.getLogger(__name__)
 
 COLOR_MODES = ("RGB", "BGR", "L")
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -159,9 +162,22 @@ def load_image(image: Image.Image, *, draft_size: int | None = None) -> Image.Im
         if draft_size and image.format == "JPEG":
             image.draft(image.mode, (draft_size, draft_size))
         image.load()
-        # In place: without an orientation tag, the copying variant would copy every pixel for nothing.
+    _apply_orientation(image)
+    return image
+
+
+def _apply_orientation(image: Image.Image) -> None:
+    """Turn the image as its EXIF orientation says. In place: without an orientation tag, the copying
+    variant would copy every pixel for nothing.
+
+    Pillow turns the pixels first, then writes the EXIF block back without the tag; a block it cannot
+    write (a tag of the wrong type, a truncated entry) raises whatever its parser met (AttributeError,
+    struct.error, TypeError, ...). The pixels are what the model sees: a block it cannot read or write
+    leaves them as they are by then, never an error."""
+    try:
         ImageOps.exif_transpose(image, in_place=True)
-        return image
+    except Exception:  # noqa: BLE001 - any failure inside Pillow's EXIF code; see above
+        log.debug("EXIF block not rewritten after orientation", exc_info=True)
 
 
 def decode_image(

@@ -199,3 +199,24 @@ def test_a_chunked_body_past_the_limit_is_413(small_gateway, path, content_type,
     assert error if path == V2_INFER else error["code"] == "payload_too_large"
     assert metric(small_gateway.url, "gateway_rejections_total", reason="payload_too_large") == refused + 1
     assert sent < total // 2, f"{sent} bytes were sent before the answer"
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda body: body["outputs"][0].update(parameters={"classification": -1}),
+                 id="a negative classification count"),
+    pytest.param(lambda body: body.update(parameters=5), id="request parameters that are not an object"),
+])
+def test_request_parameters_triton_cannot_use_are_a_400_not_a_502(gateway, change):
+    body = tensor_request()
+    body.setdefault("outputs", [{"name": "logits"}])
+    change(body)
+    assert_error(gateway.url, lambda: infer(gateway.url, body), 400, "refused_by_triton")
+
+
+@pytest.mark.parametrize("inputs", [[1], [True], [1.5], ["input"]], ids=str)
+def test_tensors_that_are_not_objects_are_a_400(gateway, inputs):
+    # The gateway checks each tensor's data against its shape before Triton sees it; a tensor that is not
+    # even an object is Triton's to refuse, and never the gateway's 500.
+    response = infer(gateway.url, {"inputs": inputs})
+    assert response.status_code == 400, response.text
+    assert isinstance(response.json()["error"], str)

@@ -517,3 +517,30 @@ def test_prepare_batch_counts_a_requests_pixels_in_all_against_the_large_decode_
             prepare_batch([under] * 3, IMAGENET, max_pixels=10**8, budget=budget)
     assert budget.held_pixels == budget.held_decodes == 0
     prepare_batch([under] * 3, IMAGENET, max_pixels=10**8, budget=budget)
+
+
+def _jpeg_with_exif(entries: list[tuple[int, int, int, int]]) -> bytes:
+    """A 16 x 12 JPEG whose EXIF block holds `entries` (tag, type, count, value) and, at offset 26, one
+    RATIONAL (1/2) for entries that point there."""
+    import struct
+
+    ifd = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    ifd += struct.pack("<I", 0) + struct.pack("<II", 1, 2)
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), (200, 30, 30)).save(buffer, "JPEG", exif=b"Exif\x00\x00" + ifd)
+    return buffer.getvalue()
+
+
+def test_a_malformed_exif_block_still_turns_the_image_by_its_orientation():
+    from server.preprocess import decode_image
+
+    # Orientation 6 (turn 90 degrees) beside a Make tag stored as a RATIONAL where the spec says ASCII:
+    # Pillow cannot write such a block back, which once escaped as an AttributeError (a 500).
+    image = decode_image(_jpeg_with_exif([(0x010F, 5, 1, 26), (0x0112, 3, 1, 6)]))
+    assert image.size == (12, 16)
+    plain = decode_image(_jpeg_with_exif([(0x0112, 3, 1, 6)]))
+    assert plain.size == (12, 16)
+    assert np.array_equal(np.asarray(image), np.asarray(plain))
