@@ -47,3 +47,14 @@ def test_an_old_format_checkpoint_loads_and_saves_in_the_same_format(tmp_path):
     payload = torch.load(copy, weights_only=True)
     assert set(payload) == {"model", "meta"} and payload["meta"] == OLD_META
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing half-written left
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_model(bogus)
+    other = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_model(other)
