@@ -1,13 +1,14 @@
-"""The checkpoint's typed metadata, and loading and saving checkpoints in the format builders have written."""
+"""The checkpoint's typed metadata, loading and saving checkpoints in the format builders have written, and
+initializing a model from another checkpoint's weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from builder.checkpoint import ModelMeta, load_model, save_model
+from builder.checkpoint import ModelMeta, load_init_weights, load_model, save_model
 from builder.errors import CheckpointError
-from builder.models import create_model
+from builder.models import classifier, create_model
 from tests.checkpoints import OLD_META, SPEC
 
 
@@ -58,3 +59,16 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         load_model(other)
+
+
+def test_init_skips_the_classifier_when_the_class_count_differs(tmp_path):
+    source = create_model("resnet18", num_classes=10, in_channels=1, image_size=8)
+    path = tmp_path / "ten.pt"
+    torch.save({"model": source.state_dict(), "meta": {"arch": "resnet18"}}, path)
+    target = create_model("resnet18", num_classes=4, in_channels=1, image_size=8, dropout=0.3)
+    report = load_init_weights(target, path)
+    assert sorted(s.split(":")[0] for s in report.skipped) == ["fc.bias", "fc.weight"]
+    assert torch.equal(target.conv1.weight, source.conv1.weight)
+    assert classifier(target).out_features == 4
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_init_weights(target, tmp_path / "missing.pt")
