@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from builder import loop
 from builder.checkpoint import ModelMeta
 from builder.models import create_model
-from tests.unit.test_shared_layer import OLD_META
+from tests.checkpoints import OLD_META
 
 
 def _loader() -> DataLoader:

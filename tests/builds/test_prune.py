@@ -4,10 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from builder.errors import CheckpointError
 from builder.checkpoint import load_model
 from builder.models import count_macs_and_params, create_model
-from builder.prune import PruneConfig, PruneError, prune
+from builder.prune import PruneConfig, prune
 
 QUICK = dict(steps=2, finetune_epochs=0.05, increments=40)
 
@@ -90,18 +89,3 @@ def test_an_architecture_the_pruner_cannot_handle_is_one_line_and_writes_nothing
     error = capsys.readouterr().err.strip()
     assert error.startswith("builder prune: error:") and "vit_b_16" in error and "\n" not in error
     assert not (tmp_path / "pruned.pt").exists()
-
-
-@pytest.mark.parametrize("settings, message", [
-    ({"keep_ratio": 1.5}, "between 0 and 1"), ({"importance": "l3"}, "l1, l2"),
-    ({"scope": "local"}, "global, uniform"), ({"target": "flops"}, "macs, params"),
-])
-def test_bad_prune_settings_name_the_valid_choices(settings, message):
-    with pytest.raises(PruneError, match=message):
-        PruneConfig(**settings)
-
-
-def test_a_file_that_is_not_a_checkpoint_is_a_checkpoint_error(tmp_path):
-    (tmp_path / "x.pt").write_text("nope")
-    with pytest.raises(CheckpointError):
-        load_model(tmp_path / "x.pt")

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from builder.data import load_dataset
 from server.preprocess import (
     ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, model_pixels, normalize, preprocess,
     preprocess_bytes,
@@ -544,3 +545,13 @@ def test_a_malformed_exif_block_still_turns_the_image_by_its_orientation():
     plain = decode_image(_jpeg_with_exif([(0x0112, 3, 1, 6)]))
     assert plain.size == (12, 16)
     assert np.array_equal(np.asarray(image), np.asarray(plain))
+
+
+def test_equalization_changes_the_input_and_is_off_for_old_specs():
+    from server.preprocess import PreprocessSpec, preprocess
+
+    image = load_dataset("shapes:per_class=2,size=16").train.images[0]
+    plain = PreprocessSpec.from_dict({"image_size": 16, "resize_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+    assert plain.equalize is False
+    equalized = PreprocessSpec(16, 16, (0.5,) * 3, (0.25,) * 3, equalize=True)
+    assert not np.array_equal(preprocess(image, plain), preprocess(image, equalized))

@@ -1,5 +1,6 @@
-"""A classifier exported by its owner with a plain `torch.onnx.export(model, args, path)` call: PyTorch's
-default (dynamo) exporter, which needs onnxscript and writes the weights to a `.data` file beside the model."""
+"""Publishing a model: a classifier exported by its owner with a plain `torch.onnx.export(model, args, path)`
+call: PyTorch's default (dynamo) exporter, which needs onnxscript and writes the weights to a `.data` file
+beside the model."""
 
 import numpy as np
 import onnxruntime as ort

@@ -1,4 +1,4 @@
-"""The example build files stay valid as the settings they name evolve."""
+"""Build files: the examples stay valid as the settings they name evolve."""
 
 from pathlib import Path
 

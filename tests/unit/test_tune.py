@@ -1,0 +1,61 @@
+"""Tuning: its settings and the study's plot, on studies made by hand."""
+
+import optuna
+import pytest
+
+from builder.tune import TuneConfig, TuneError, plot_study
+
+
+def test_the_plot_handles_a_single_completed_trial(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.01}, value=0.5,
+                                              distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1)}))
+    assert plot_study(study, tmp_path / "tune.png").is_file()
+
+
+def test_unknown_sampler_is_refused():
+    with pytest.raises(TuneError, match="tpe, random, grid"):
+        TuneConfig(sampler="cmaes")
+
+
+def _study_with(completed: int):
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    distributions = {"lr": optuna.distributions.FloatDistribution(1e-4, 1, log=True),
+                     "label_smoothing": optuna.distributions.FloatDistribution(0, 0.2)}
+    for number in range(completed):
+        lr, smoothing = 10 ** (-1 - 3 * number / max(completed, 2)), 0.02 * (number % 5)
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr, "label_smoothing": smoothing},
+                                                  value=0.5 + 0.4 * lr, distributions=distributions))
+    return study
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def test_the_history_has_whole_trial_numbers_and_few_trials_get_no_importances(tmp_path, saved_figures):
+    plot_study(_study_with(3), tmp_path / "tune.png")
+    history, importance = saved_figures[-1].axes
+    ticks = [t for t in history.get_xticks() if history.get_xlim()[0] <= t <= history.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert not importance.patches  # no bars from 3 trials
+    message = " ".join(t.get_text() for t in importance.texts)
+    assert "3 completed trials" in message and "at least" in message, message
+
+
+def test_importances_are_shown_once_enough_trials_completed(tmp_path, saved_figures):
+    from builder.tune import MIN_TRIALS_FOR_IMPORTANCE
+
+    plot_study(_study_with(MIN_TRIALS_FOR_IMPORTANCE), tmp_path / "tune.png")
+    importance = saved_figures[-1].axes[1]
+    assert len(importance.patches) == 2
