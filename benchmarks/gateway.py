@@ -38,8 +38,8 @@ from rich.table import Table
 
 from builder.models import create_model
 from builder.publish import PublishSettings, publish
-from stack.launcher import GatewayProcess, TritonServer, free_port
 from server.preprocess import PreprocessSpec, preprocess_bytes
+from stack.launcher import GatewayProcess, TritonServer, free_port
 from stack.settings import TritonSettings
 from stack.supervisor import local_stack
 
@@ -77,9 +77,18 @@ def summarize(path: str, concurrency: int, runs: list[Run]) -> Result:
     latencies = [latency for run in runs for latency in run.latencies_s]
     images = sum(run.images for run in runs)
     cpu = {name: 1e3 * sum(run.cpu_s.get(name, 0.0) for run in runs) / images for name in runs[0].cpu_s}
-    return Result(path, concurrency, sum(len(run.latencies_s) for run in runs), float(np.median(rates)),
-                  percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3, min(rates), max(rates),
-                  len(runs), cpu)
+    return Result(
+        path,
+        concurrency,
+        sum(len(run.latencies_s) for run in runs),
+        float(np.median(rates)),
+        percentile(latencies, 50) * 1e3,
+        percentile(latencies, 99) * 1e3,
+        min(rates),
+        max(rates),
+        len(runs),
+        cpu,
+    )
 
 
 def process_tree_cpu_s(pid: int) -> float:
@@ -132,9 +141,16 @@ def build_model(folder: Path) -> Path:
     path = folder / "resnet18.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, 224, 224),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     return path
 
 
@@ -171,8 +187,9 @@ async def closed_loop(call, concurrency: int, duration_s: float) -> Run:
     return Run(len(latencies), time.perf_counter() - started, latencies)
 
 
-async def triton_direct(grpc_url: str, tensors: list[np.ndarray], concurrency: int, duration_s: float,
-                        triton_key: str | None = None) -> Run:
+async def triton_direct(
+    grpc_url: str, tensors: list[np.ndarray], concurrency: int, duration_s: float, triton_key: str | None = None
+) -> Run:
     import tritonclient.grpc.aio as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
@@ -201,9 +218,13 @@ async def gateway_end_to_end(url: str, jpegs: list[bytes], concurrency: int, dur
     # here against httpx's 0.6 ms, and the client's own overhead is not the gateway's.
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+
         async def call(i: int) -> None:
-            async with session.post(f"/v1/models/{MODEL}/classify?top_k=5", data=jpegs[i % len(jpegs)],
-                                    headers={"Content-Type": "image/jpeg"}) as response:
+            async with session.post(
+                f"/v1/models/{MODEL}/classify?top_k=5",
+                data=jpegs[i % len(jpegs)],
+                headers={"Content-Type": "image/jpeg"},
+            ) as response:
                 await response.read()
                 response.raise_for_status()
 
@@ -214,20 +235,37 @@ async def gateway_end_to_end(url: str, jpegs: list[bytes], concurrency: int, dur
 CEILING, TRITON, GATEWAY = "model only (ORT, batch 8)", "Triton gRPC (tensors)", "gateway (JPEG in, top-5 out)"
 
 
-async def measure(session: ort.InferenceSession, triton: TritonServer, gateway: GatewayProcess,
-                  tensors: list[np.ndarray], jpegs: list[bytes], args: argparse.Namespace,
-                  console: Console) -> list[Result]:
+async def measure(
+    session: ort.InferenceSession,
+    triton: TritonServer,
+    gateway: GatewayProcess,
+    tensors: list[np.ndarray],
+    jpegs: list[bytes],
+    args: argparse.Namespace,
+    console: Console,
+) -> list[Result]:
     processes = {"Triton": triton.pid, "gateway": gateway.pid}
     runs: dict[tuple[str, int], list[Run]] = {}
     for round_ in range(args.rounds):
-        console.print(f"round {round_ + 1} of {args.rounds}: the ceiling, then concurrency "
-                      f"{', '.join(map(str, args.concurrency))} ...")
+        console.print(
+            f"round {round_ + 1} of {args.rounds}: the ceiling, then concurrency "
+            f"{', '.join(map(str, args.concurrency))} ..."
+        )
         # Triton idles meanwhile: the in-process session has the cores to itself.
         runs.setdefault((CEILING, 1), []).append(model_ceiling(session, tensors, args.duration))
         for concurrency in args.concurrency:
-            sides = [(TRITON, lambda: triton_direct(triton.grpc_url, tensors, concurrency, args.duration,
-                                                                triton.repository_api_key)),
-                     (GATEWAY, lambda: gateway_end_to_end(gateway.url, jpegs, concurrency, args.duration))]
+            sides = [
+                (
+                    TRITON,
+                    lambda concurrency=concurrency: triton_direct(
+                        triton.grpc_url, tensors, concurrency, args.duration, triton.repository_api_key
+                    ),
+                ),
+                (
+                    GATEWAY,
+                    lambda concurrency=concurrency: gateway_end_to_end(gateway.url, jpegs, concurrency, args.duration),
+                ),
+            ]
             for path, run in sides if round_ % 2 == 0 else reversed(sides):
                 runs.setdefault((path, concurrency), []).append(await with_cpu(processes, run()))
     order = [(CEILING, 1)] + [(path, c) for c in args.concurrency for path in (TRITON, GATEWAY)]
@@ -237,26 +275,51 @@ async def measure(session: ort.InferenceSession, triton: TritonServer, gateway: 
 def report(results: list[Result], console: Console) -> None:
     ceiling = results[0].images_per_s
     table = Table(title="Gateway benchmark: ResNet-18 224x224 FP32 on this machine's CPU")
-    for column in ("path", "concurrency", "requests", "images/s", "range", "p50 ms", "p99 ms", "% of ceiling",
-                   "Triton CPU ms/image", "gateway CPU ms/image", "client CPU ms/image"):
+    for column in (
+        "path",
+        "concurrency",
+        "requests",
+        "images/s",
+        "range",
+        "p50 ms",
+        "p99 ms",
+        "% of ceiling",
+        "Triton CPU ms/image",
+        "gateway CPU ms/image",
+        "client CPU ms/image",
+    ):
         table.add_column(column, justify="right" if column != "path" else "left")
     for r in results:
-        cpu = [f"{r.cpu_ms_per_image[name]:.1f}" if name in r.cpu_ms_per_image else "-"
-               for name in ("Triton", "gateway", CLIENT)]
-        table.add_row(r.path, str(r.concurrency), str(r.requests), f"{r.images_per_s:.1f}",
-                      f"{r.images_per_s_min:.0f}-{r.images_per_s_max:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
-                      f"{100 * r.images_per_s / ceiling:.0f}%", *cpu)
+        cpu = [
+            f"{r.cpu_ms_per_image[name]:.1f}" if name in r.cpu_ms_per_image else "-"
+            for name in ("Triton", "gateway", CLIENT)
+        ]
+        table.add_row(
+            r.path,
+            str(r.concurrency),
+            str(r.requests),
+            f"{r.images_per_s:.1f}",
+            f"{r.images_per_s_min:.0f}-{r.images_per_s_max:.0f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p99_ms:.1f}",
+            f"{100 * r.images_per_s / ceiling:.0f}%",
+            *cpu,
+        )
     console.print(table)
     by_key = {(r.path, r.concurrency): r for r in results}
     # The target lines need their runs; a --concurrency list without 1 or 16 leaves them out.
     if (GATEWAY, 16) in by_key:
         share = 100 * by_key[(GATEWAY, 16)].images_per_s / ceiling
-        console.print(f"gateway throughput at concurrency 16: {share:.1f}% of the model-only ceiling "
-                      f"(target >= 75%: {'met' if share >= 75 else 'missed'})")
+        console.print(
+            f"gateway throughput at concurrency 16: {share:.1f}% of the model-only ceiling "
+            f"(target >= 75%: {'met' if share >= 75 else 'missed'})"
+        )
     if (GATEWAY, 1) in by_key and (TRITON, 1) in by_key:
         gap = by_key[(GATEWAY, 1)].p50_ms - by_key[(TRITON, 1)].p50_ms
-        console.print(f"gateway p50 at concurrency 1 minus Triton direct p50: {gap:.1f} ms "
-                      f"(target <= 5 ms: {'met' if gap <= 5 else 'missed'})")
+        console.print(
+            f"gateway p50 at concurrency 1 minus Triton direct p50: {gap:.1f} ms "
+            f"(target <= 5 ms: {'met' if gap <= 5 else 'missed'})"
+        )
 
 
 def input_transports(gateway_url: str) -> dict[str, float]:
@@ -276,20 +339,39 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/gateway.json"))
     parser.add_argument("--jpeg-draft", action="store_true", help="let the gateway decode JPEGs at reduced scale")
-    parser.add_argument("--intra-op-spinning", action="store_true",
-                        help="publish the model with ONNX Runtime's idle threads busy-waiting (its own default)")
+    parser.add_argument(
+        "--intra-op-spinning",
+        action="store_true",
+        help="publish the model with ONNX Runtime's idle threads busy-waiting (its own default)",
+    )
     parser.add_argument("--instances", type=int, help="model instances in Triton (default: publish's, 2 on the CPU)")
-    parser.add_argument("--intra-op-threads", type=int, default=0,
-                        help="ONNX Runtime threads per instance (0: the cores divided among the instances)")
-    parser.add_argument("--pixel-input", action="store_true",
-                        help="publish the model with an 8-bit pixel input that it normalizes itself")
-    parser.add_argument("--no-shared-memory", action="store_true",
-                        help="have the gateway send input tensors to Triton as bytes, not through /dev/shm")
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime threads per instance (0: the cores divided among the instances)",
+    )
+    parser.add_argument(
+        "--pixel-input",
+        action="store_true",
+        help="publish the model with an 8-bit pixel input that it normalizes itself",
+    )
+    parser.add_argument(
+        "--no-shared-memory",
+        action="store_true",
+        help="have the gateway send input tensors to Triton as bytes, not through /dev/shm",
+    )
     args = parser.parse_args()
-    if args.duration <= 0 or args.rounds < 1 or min(args.concurrency) < 1 \
-            or (args.instances is not None and args.instances < 1) or args.intra_op_threads < 0:
-        parser.error("--duration, --rounds, --concurrency and --instances must be positive, "
-                     "--intra-op-threads 0 or more")
+    if (
+        args.duration <= 0
+        or args.rounds < 1
+        or min(args.concurrency) < 1
+        or (args.instances is not None and args.instances < 1)
+        or args.intra_op_threads < 0
+    ):
+        parser.error(
+            "--duration, --rounds, --concurrency and --instances must be positive, --intra-op-threads 0 or more"
+        )
     if args.jpeg_draft:
         os.environ["GATEWAY_JPEG_DRAFT"] = "true"  # the gateway process inherits the environment
     if args.no_shared_memory:
@@ -299,24 +381,38 @@ def main() -> int:
     tensors = [preprocess_bytes(j, IMAGENET, pixel_input=args.pixel_input) for j in jpegs]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         folder = Path(tmp)
-        published = publish(build_model(folder), folder / "repo", MODEL, spec=IMAGENET,
-                            labels=[f"class {i}" for i in range(1000)],
-                            settings=PublishSettings(intra_op_spinning=args.intra_op_spinning,
-                                                     instance_count=args.instances,
-                                                     intra_op_threads=args.intra_op_threads,
-                                                     pixel_input=args.pixel_input))
+        published = publish(
+            build_model(folder),
+            folder / "repo",
+            MODEL,
+            spec=IMAGENET,
+            labels=[f"class {i}" for i in range(1000)],
+            settings=PublishSettings(
+                intra_op_spinning=args.intra_op_spinning,
+                instance_count=args.instances,
+                intra_op_threads=args.intra_op_threads,
+                pixel_input=args.pixel_input,
+            ),
+        )
         # The ceiling runs the very file Triton serves (with --pixel-input, its normalization included).
         onnx_path = published.version_dir / "model.onnx"
-        settings = TritonSettings(model_repository=str(folder / "repo"), http_port=free_port(),
-                                  grpc_port=free_port(), metrics_port=free_port(), cache_dir=str(folder / "cache"))
+        settings = TritonSettings(
+            model_repository=str(folder / "repo"),
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            cache_dir=str(folder / "cache"),
+        )
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         with local_stack(settings, gateway_port=free_port()) as (triton, gateway):
             # One event loop for every measurement: grpc.aio is bound to the loop it first ran on.
             results = asyncio.run(measure(session, triton, gateway, tensors, jpegs, args, console))
             transports = input_transports(gateway.url)
     report(results, console)
-    console.print("the gateway's input tensors reached Triton: "
-                  + ", ".join(f"{count:.0f} times as {name.replace('_', ' ')}" for name, count in transports.items()))
+    console.print(
+        "the gateway's input tensors reached Triton: "
+        + ", ".join(f"{count:.0f} times as {name.replace('_', ' ')}" for name, count in transports.items())
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps([asdict(r) for r in results], indent=2))
     console.print(f"written {args.output}")

@@ -37,8 +37,10 @@ def transparent_png(side: int) -> bytes:
     draw = ImageDraw.Draw(small)
     for ring in range(12):
         radius = small_side // 2 - ring * small_side // 26
-        draw.ellipse((small_side // 2 - radius,) * 2 + (small_side // 2 + radius,) * 2,
-                     fill=(ring * 20 % 256, 255 - ring * 20 % 256, 128, 40 + ring * 15))
+        draw.ellipse(
+            (small_side // 2 - radius,) * 2 + (small_side // 2 + radius,) * 2,
+            fill=(ring * 20 % 256, 255 - ring * 20 % 256, 128, 40 + ring * 15),
+        )
     buffer = io.BytesIO()
     small.resize((side, side), Image.Resampling.NEAREST).save(buffer, "PNG", compress_level=9)
     return buffer.getvalue()
@@ -59,12 +61,24 @@ def main() -> int:
     run = train(TrainConfig(dataset="digits", epochs=1, image_size=8, out_dir=work / "run"))
     export_onnx(run.best_checkpoint, work / "model.onnx", parity_images=4)
     publish(work / "model.onnx", work / "repo", "digits")
-    triton = TritonServer(model_repository=work / "repo", http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port(), cache_dir=work / "cache", repository_poll_s=1)
+    triton = TritonServer(
+        model_repository=work / "repo",
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        cache_dir=work / "cache",
+        repository_poll_s=1,
+    )
     triton.start()
-    gateway = GatewayProcess(port=free_port(), log_path=work / "gateway.log",
-                             env={"GATEWAY_TRITON_GRPC_URL": triton.grpc_url, "GATEWAY_TRITON_HTTP_URL": triton.http_url,
-                                  "GATEWAY_PREPROCESS_THREADS": "2"})
+    gateway = GatewayProcess(
+        port=free_port(),
+        log_path=work / "gateway.log",
+        env={
+            "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
+            "GATEWAY_TRITON_HTTP_URL": triton.http_url,
+            "GATEWAY_PREPROCESS_THREADS": "2",
+        },
+    )
     gateway.start()
     url = f"{gateway.url}/v1/models/digits/classify"
     png = transparent_png(args.side)
@@ -84,12 +98,16 @@ def main() -> int:
         for _ in range(3):
             small()
         idle = [small() for _ in range(10)]
-        print(f"PNG {args.side}x{args.side} RGBA, {len(png)} bytes; a small JPEG alone: p50 "
-              f"{statistics.median(idle) * 1000:.1f} ms")
+        print(
+            f"PNG {args.side}x{args.side} RGBA, {len(png)} bytes; a small JPEG alone: p50 "
+            f"{statistics.median(idle) * 1000:.1f} ms"
+        )
         before = memory_mib(gateway.pid)
         status, seconds = post(content=png, headers={"Content-Type": "image/png"})
-        print(f"one PNG: {status} in {seconds:.2f} s; gateway RSS {before['VmRSS']} -> peak "
-              f"{memory_mib(gateway.pid)['VmHWM']} MiB")
+        print(
+            f"one PNG: {status} in {seconds:.2f} s; gateway RSS {before['VmRSS']} -> peak "
+            f"{memory_mib(gateway.pid)['VmHWM']} MiB"
+        )
         time.sleep(2)
         print(f"  RSS 2 s later: {memory_mib(gateway.pid)['VmRSS']} MiB")
         for count in args.counts:
@@ -101,9 +119,11 @@ def main() -> int:
                 while not all(f.done() for f in large) and len(beside) < 200:
                     beside.append(small())
                 answers = [f.result() for f in large]
-            print(f"two requests of {count} PNGs at once: {[(code, round(s, 2)) for code, s in answers]}; small "
-                  f"requests meanwhile: {len(beside)}, median {statistics.median(beside or [0]):.3f} s, max "
-                  f"{max(beside or [0]):.3f} s; gateway peak RSS {memory_mib(gateway.pid)['VmHWM']} MiB")
+            print(
+                f"two requests of {count} PNGs at once: {[(code, round(s, 2)) for code, s in answers]}; small "
+                f"requests meanwhile: {len(beside)}, median {statistics.median(beside or [0]):.3f} s, max "
+                f"{max(beside or [0]):.3f} s; gateway peak RSS {memory_mib(gateway.pid)['VmHWM']} MiB"
+            )
             time.sleep(2)
             print(f"  RSS 2 s later: {memory_mib(gateway.pid)['VmRSS']} MiB")
     finally:

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -94,8 +95,13 @@ class BuildOverrides:
     def applied_to(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Build settings (sections as mappings, None for a stage switched off) with these overrides."""
         values = dict(values)
-        values.update({key: getattr(self, key) for key in ("name", "out_dir", "checkpoint", "max_accuracy_drop")
-                       if getattr(self, key) is not None})
+        values.update(
+            {
+                key: getattr(self, key)
+                for key in ("name", "out_dir", "checkpoint", "max_accuracy_drop")
+                if getattr(self, key) is not None
+            }
+        )
 
         def merged(section: str, **changes) -> Any:
             current = values.get(section) or {}
@@ -103,8 +109,9 @@ class BuildOverrides:
                 return current
             return {**current, **{k: v for k, v in changes.items() if v is not None}}
 
-        values["train"] = merged("train", dataset=self.dataset, arch=self.arch, epochs=self.epochs,
-                                 image_size=self.image_size)
+        values["train"] = merged(
+            "train", dataset=self.dataset, arch=self.arch, epochs=self.epochs, image_size=self.image_size
+        )
         if self.no_prune:
             values["prune"] = None
         elif self.keep_ratio is not None and values.get("prune", {}) is not None:
@@ -154,8 +161,10 @@ class BuildConfig:
             if isinstance(quantize, dict):
                 moved = sorted(key for key in quantize if key.startswith("qat_"))
                 if moved:
-                    raise BuilderError(f"quantize: {', '.join(moved)}: QAT settings are a section of their own "
-                                       f"now, qat: {{mode: auto, {moved[0][len('qat_'):]}: ...}}")
+                    raise BuilderError(
+                        f"quantize: {', '.join(moved)}: QAT settings are a section of their own "
+                        f"now, qat: {{mode: auto, {moved[0][len('qat_') :]}: ...}}"
+                    )
                 if "qat" in quantize:  # the mode, where earlier build files give it
                     self.qat = _qat_section({**_qat_values(self.qat), "mode": quantize.pop("qat")})
                 quantize.setdefault("target", self.publish.target if self.publish is not None else "cpu")
@@ -168,23 +177,31 @@ class BuildConfig:
             self.prune = _section(PruneConfig, self.prune, "prune")
         if self.quantize is not None and self.quantize.target == "gpu":
             if self.qat.mode == "always":
-                raise BuilderError("quantize: qat writes ONNX Runtime's uint8 Q/DQ, which TensorRT's ONNX parser "
-                                   "refuses; for target gpu use qat: never (NVIDIA Model Optimizer's INT8)")
+                raise BuilderError(
+                    "quantize: qat writes ONNX Runtime's uint8 Q/DQ, which TensorRT's ONNX parser "
+                    "refuses; for target gpu use qat: never (NVIDIA Model Optimizer's INT8)"
+                )
             if self.publish is not None and self.publish.target == "cpu":
-                raise BuilderError("quantize: target gpu writes INT8 for TensorRT, but publish targets the CPU; "
-                                   "publish with target gpu, or quantize with target cpu")
+                raise BuilderError(
+                    "quantize: target gpu writes INT8 for TensorRT, but publish targets the CPU; "
+                    "publish with target gpu, or quantize with target cpu"
+                )
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], overrides: BuildOverrides | None = None) -> "BuildConfig":
+    def from_mapping(cls, data: Mapping[str, Any], overrides: BuildOverrides | None = None) -> BuildConfig:
         """From a build file's settings, then the command line's overrides."""
         known = {f.name for f in dataclasses.fields(cls)}
         moved = sorted(key for key in data if key.startswith("qat_"))
         if moved:
-            raise BuilderError(f"{', '.join(moved)}: QAT settings are the qat: section, "
-                               f"qat: {{mode: auto, {moved[0][len('qat_'):]}: ...}}")
+            raise BuilderError(
+                f"{', '.join(moved)}: QAT settings are the qat: section, "
+                f"qat: {{mode: auto, {moved[0][len('qat_') :]}: ...}}"
+            )
         unknown = set(data) - known
         if unknown:
-            raise BuilderError(f"unknown build settings {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
+            raise BuilderError(
+                f"unknown build settings {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}"
+            )
         values = dict(data)
         for section in SECTIONS:
             # `prune: false` in YAML skips a stage; `prune:` (empty) runs it with defaults.
@@ -197,7 +214,7 @@ class BuildConfig:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: Path, overrides: BuildOverrides | None = None) -> "BuildConfig":
+    def from_yaml(cls, path: Path, overrides: BuildOverrides | None = None) -> BuildConfig:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as e:
@@ -210,6 +227,7 @@ class BuildConfig:
 
     def to_dict(self) -> dict:
         """The settings as a build file has them (every value spelled out); `from_mapping` reads them back."""
+
         def plain(value):
             if dataclasses.is_dataclass(value):
                 return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
@@ -220,8 +238,10 @@ class BuildConfig:
             return value
 
         # A stage switched off is `false`, as in a build file (an empty section runs it with defaults).
-        data = {f.name: False if getattr(self, f.name) is None and f.name in SECTIONS else plain(getattr(self, f.name))
-                for f in dataclasses.fields(self)}
+        data = {
+            f.name: False if getattr(self, f.name) is None and f.name in SECTIONS else plain(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
         del data["train"]["out_dir"]  # the build's own
         return data
 
@@ -271,7 +291,12 @@ def build(config: BuildConfig) -> BuildResult:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    prune_config, quantize_config, settings, repository = config.prune, config.quantize, config.publish, config.repository
+    prune_config, quantize_config, settings, repository = (
+        config.prune,
+        config.quantize,
+        config.publish,
+        config.repository,
+    )
     # TensorRT's parser refuses QAT's uint8 Q/DQ: a gpu target has no QAT fallback.
     qat_mode = "never" if quantize_config is None or quantize_config.target == "gpu" else config.qat.mode
     qat_config = config.qat.training() if qat_mode != "never" else None
@@ -284,11 +309,24 @@ def build(config: BuildConfig) -> BuildResult:
     parity = parity_batch(meta, config.parity_images, dataset)
     report = Report(max_accuracy_drop=config.max_accuracy_drop)
 
-    def stage(name: str, onnx_path: Path, macs: int, params: int, notes: str = "", check: bool = True,
-              ) -> StageMetrics:
-        metrics = measure_stage(name, onnx_path, data, macs=macs, parameters=params,
-                                confusion_png=out / f"confusion-{name}.png", notes=notes,
-                                benchmark_seconds=config.benchmark_seconds)
+    def stage(
+        name: str,
+        onnx_path: Path,
+        macs: int,
+        params: int,
+        notes: str = "",
+        check: bool = True,
+    ) -> StageMetrics:
+        metrics = measure_stage(
+            name,
+            onnx_path,
+            data,
+            macs=macs,
+            parameters=params,
+            confusion_png=out / f"confusion-{name}.png",
+            notes=notes,
+            benchmark_seconds=config.benchmark_seconds,
+        )
         report.add(metrics)
         log.info("stage %s: top-1 %.4f, %.0f images/s at batch 8", name, metrics.top1, metrics.throughput_b8)
         if check:
@@ -297,9 +335,16 @@ def build(config: BuildConfig) -> BuildResult:
 
     def qat_stage(source: Path, macs: int, params: int, notes: str = "") -> Path:
         result = quantization_aware_train(source, out / "int8-qat.onnx", qat_config, dataset)
-        stage("int8-qat", result.onnx_path, macs, params, notes=(
-            f"{notes}QAT {result.epochs:g} epochs from {Path(source).name}; fake-quant top-1 "
-            f"{100 * result.val_accuracy:.2f}%, ONNX Runtime agrees on {100 * result.agreement:.1f}%"))
+        stage(
+            "int8-qat",
+            result.onnx_path,
+            macs,
+            params,
+            notes=(
+                f"{notes}QAT {result.epochs:g} epochs from {Path(source).name}; fake-quant top-1 "
+                f"{100 * result.val_accuracy:.2f}%, ONNX Runtime agrees on {100 * result.agreement:.1f}%"
+            ),
+        )
         return result.onnx_path
 
     try:
@@ -311,8 +356,9 @@ def build(config: BuildConfig) -> BuildResult:
         if prune_config is not None:
             pruned = prune(checkpoint, out / "pruned.pt", prune_config, dataset)
             pruned_model, pruned_meta = load_model(pruned.checkpoint)
-            latest = serving_fp32 = export_model(pruned_model, pruned_meta, out / "pruned.onnx", parity=parity,
-                                                 source=pruned.checkpoint).onnx_path
+            latest = serving_fp32 = export_model(
+                pruned_model, pruned_meta, out / "pruned.onnx", parity=parity, source=pruned.checkpoint
+            ).onnx_path
             stage("pruned", latest, pruned.macs_after, pruned.params_after)
             macs, params = pruned.macs_after, pruned.params_after
             latest_checkpoint = pruned.checkpoint
@@ -320,8 +366,13 @@ def build(config: BuildConfig) -> BuildResult:
             latest = qat_stage(latest_checkpoint, macs, params)
         elif quantize_config is not None and quantize_config.target == "gpu":
             latest = quantize_int8(latest, out / "int8-gpu.onnx", quantize_config, dataset).onnx_path
-            stage("int8-gpu", latest, macs, params, notes="NVIDIA Model Optimizer INT8 for TensorRT, "
-                                                          "measured with ONNX Runtime on the CPU")
+            stage(
+                "int8-gpu",
+                latest,
+                macs,
+                params,
+                notes="NVIDIA Model Optimizer INT8 for TensorRT, measured with ONNX Runtime on the CPU",
+            )
         elif quantize_config is not None:
             static = quantize_int8(latest, out / "int8.onnx", quantize_config, dataset).onnx_path
             metrics = stage("int8", static, macs, params, check=qat_mode == "never")
@@ -329,12 +380,10 @@ def build(config: BuildConfig) -> BuildResult:
             if drop <= config.max_accuracy_drop:
                 latest = static
             else:  # auto: quantization-aware training gets a chance before the build fails
-                note = (f"over the budget ({drop:.2f} points lost > {config.max_accuracy_drop:g}); "
-                        f"replaced by int8-qat")
+                note = f"over the budget ({drop:.2f} points lost > {config.max_accuracy_drop:g}); replaced by int8-qat"
                 report.stages[-1] = dataclasses.replace(metrics, notes=note, superseded=True)
                 log.warning("static INT8 lost %.2f points of top-1; trying quantization-aware training", drop)
-                latest = qat_stage(latest_checkpoint, macs, params,
-                                   notes=f"static int8 lost {drop:.2f} points; ")
+                latest = qat_stage(latest_checkpoint, macs, params, notes=f"static int8 lost {drop:.2f} points; ")
     except BuilderError as e:  # the stages measured so far are still worth a report
         if not isinstance(e, BudgetError):
             report.failure = f"build stopped: {e}"
@@ -347,6 +396,7 @@ def build(config: BuildConfig) -> BuildResult:
         # (`latest`, int8-gpu.onnx) is for an engine built with explicit quantization (`builder engine`).
         served = serving_fp32 if settings.target == "gpu" else latest
         published = publish(served, repository, config.name, settings=settings)
-        (out / "published.json").write_text(json.dumps(
-            {"model": config.name, "version": published.version, "path": str(published.version_dir)}))
+        (out / "published.json").write_text(
+            json.dumps({"model": config.name, "version": published.version, "path": str(published.version_dir)})
+        )
     return BuildResult(report, paths, latest, published)

@@ -30,8 +30,20 @@ from .train_config import dataset_recipe
 log = logging.getLogger(__name__)
 
 # The keys ModelMeta reads into fields; any other key of a checkpoint's meta is kept in `extra`.
-_FIELDS = ("arch", "num_classes", "in_channels", "image_size", "classes", "preprocess", "config", "recipe",
-           "epoch", "val_accuracy", "layer_shapes", "pruning")
+_FIELDS = (
+    "arch",
+    "num_classes",
+    "in_channels",
+    "image_size",
+    "classes",
+    "preprocess",
+    "config",
+    "recipe",
+    "epoch",
+    "val_accuracy",
+    "layer_shapes",
+    "pruning",
+)
 
 
 @dataclass(frozen=True)
@@ -73,17 +85,21 @@ class ModelMeta:
         """How the training run split its dataset (what `data.load_run_dataset` needs)."""
         return dataset_recipe(self.config)
 
-    def replace(self, **changes) -> "ModelMeta":
+    def replace(self, **changes) -> ModelMeta:
         return dataclasses.replace(self, **changes)
 
-    def with_dataset(self, source: str) -> "ModelMeta":
+    def with_dataset(self, source: str) -> ModelMeta:
         """The same model, scored on another dataset (same split settings)."""
         return self.replace(config={**self.config, "dataset": source})
 
     def to_dict(self) -> dict:
         """The checkpoint's "meta" dict, in the format builders have always written."""
-        data = {"arch": self.arch, "num_classes": self.num_classes, "in_channels": self.in_channels,
-                "image_size": self.image_size}
+        data = {
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+        }
         if self.classes:
             data["classes"] = list(self.classes)
         if self.preprocess is not None:
@@ -95,7 +111,7 @@ class ModelMeta:
         return {**data, **self.extra}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "ModelMeta":
+    def from_dict(cls, data: Mapping) -> ModelMeta:
         """A checkpoint's "meta" dict; a CheckpointError names what is missing or malformed.
 
         What rebuilding the network needs is required (architecture, class count, input size); the rest
@@ -106,13 +122,19 @@ class ModelMeta:
             if "num_classes" not in data and not classes:
                 raise KeyError("num_classes")
             return cls(
-                arch=str(data["arch"]), num_classes=int(data.get("num_classes", len(classes))),
-                in_channels=int(data["in_channels"]), image_size=int(data["image_size"]), classes=classes,
+                arch=str(data["arch"]),
+                num_classes=int(data.get("num_classes", len(classes))),
+                in_channels=int(data["in_channels"]),
+                image_size=int(data["image_size"]),
+                classes=classes,
                 preprocess=PreprocessSpec.from_dict(preprocess) if preprocess is not None else None,
                 config=dict(data.get("config") or {}),
-                recipe=dict(data.get("recipe") or {}), epoch=data.get("epoch"),
-                val_accuracy=data.get("val_accuracy"), layer_shapes=data.get("layer_shapes") or None,
-                pruning=data.get("pruning"), extra={k: v for k, v in data.items() if k not in _FIELDS},
+                recipe=dict(data.get("recipe") or {}),
+                epoch=data.get("epoch"),
+                val_accuracy=data.get("val_accuracy"),
+                layer_shapes=data.get("layer_shapes") or None,
+                pruning=data.get("pruning"),
+                extra={k: v for k, v in data.items() if k not in _FIELDS},
             )
         except KeyError as e:
             raise CheckpointError(f"the checkpoint's metadata has no {e.args[0]!r}") from e
@@ -136,13 +158,17 @@ def read_checkpoint(path: Path, *, flag: str = "", need_meta: bool = True) -> di
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # Torch writes zip archives; inside one, the weights-only unpickler met a class or a function.
-        reason = ("it holds pickled Python objects, not a state dict" if zipfile.is_zipfile(path)
-                  else "not a PyTorch file")
+        reason = (
+            "it holds pickled Python objects, not a state dict" if zipfile.is_zipfile(path) else "not a PyTorch file"
+        )
     except Exception:  # torch raises zipfile's, pickle's and its own errors for files it cannot read
         reason = "not a PyTorch file"
     else:
-        if isinstance(payload, dict) and isinstance(payload.get("model"), Mapping) \
-                and (isinstance(payload.get("meta"), dict) or not need_meta):
+        if (
+            isinstance(payload, dict)
+            and isinstance(payload.get("model"), Mapping)
+            and (isinstance(payload.get("meta"), dict) or not need_meta)
+        ):
             return payload
         reason = "a PyTorch file without the model state and metadata this builder writes"
     raise CheckpointError(f"{prefix}{path} is not a checkpoint of this builder ({reason})")
@@ -150,13 +176,18 @@ def read_checkpoint(path: Path, *, flag: str = "", need_meta: bool = True) -> di
 
 # ---- rebuilding and writing ----
 
+
 def layer_shapes(model: nn.Module) -> dict[str, dict]:
     """The width of every layer whose width pruning can change."""
     shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
-            shapes[name] = {"kind": "conv", "in": module.in_channels, "out": module.out_channels,
-                            "groups": module.groups}
+            shapes[name] = {
+                "kind": "conv",
+                "in": module.in_channels,
+                "out": module.out_channels,
+                "groups": module.groups,
+            }
         elif isinstance(module, nn.BatchNorm2d):
             shapes[name] = {"kind": "bn", "features": module.num_features}
         elif isinstance(module, nn.Linear):
@@ -174,11 +205,19 @@ def _resized(module: nn.Module, shape: Mapping) -> nn.Module:
     kind = shape["kind"]
     if kind == "conv" and isinstance(module, nn.Conv2d):
         padding = module.padding if isinstance(module.padding, str) else _pair(module.padding)
-        return nn.Conv2d(shape["in"], shape["out"], _pair(module.kernel_size), _pair(module.stride), padding,
-                         _pair(module.dilation), shape["groups"], module.bias is not None, module.padding_mode)
+        return nn.Conv2d(
+            shape["in"],
+            shape["out"],
+            _pair(module.kernel_size),
+            _pair(module.stride),
+            padding,
+            _pair(module.dilation),
+            shape["groups"],
+            module.bias is not None,
+            module.padding_mode,
+        )
     if kind == "bn" and isinstance(module, nn.BatchNorm2d):
-        return nn.BatchNorm2d(shape["features"], module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+        return nn.BatchNorm2d(shape["features"], module.eps, module.momentum, module.affine, module.track_running_stats)
     if kind == "linear" and isinstance(module, nn.Linear):
         return nn.Linear(shape["in"], shape["out"], module.bias is not None)
     raise TypeError(f"a {kind!r} layer shape does not fit a {type(module).__name__} layer")
@@ -199,15 +238,15 @@ def load_model(path: Path) -> tuple[nn.Module, ModelMeta]:
     payload = read_checkpoint(path)
     try:
         meta = ModelMeta.from_dict(payload["meta"])
-        model = create_model(meta.arch, num_classes=meta.num_classes, in_channels=meta.in_channels,
-                             image_size=meta.image_size)
+        model = create_model(
+            meta.arch, num_classes=meta.num_classes, in_channels=meta.in_channels, image_size=meta.image_size
+        )
         if meta.layer_shapes:
             apply_layer_shapes(model, meta.layer_shapes)
         model.load_state_dict(payload["model"])
     except (CheckpointError, KeyError, TypeError, RuntimeError, ValueError, AttributeError) as e:
         # load_state_dict lists every missing key on lines of their own: the first line says enough.
-        raise CheckpointError(f"{path} is not a checkpoint of this builder that can be rebuilt: "
-                              f"{error_line(e)}") from e
+        raise CheckpointError(f"{path} is not a checkpoint of this builder that can be rebuilt: {error_line(e)}") from e
     model.eval()
     return model, meta
 
@@ -236,6 +275,11 @@ def load_init_weights(model: nn.Module, path: Path) -> InitReport:
     report = load_matching(model, state, source=str(path))
     if report.loaded == 0:
         raise CheckpointError(f"--init {path}: no tensor matches this architecture (was it trained as another?)")
-    log.info("init from %s: %d tensors loaded, %d skipped%s", path, report.loaded, len(report.skipped),
-             f" ({', '.join(s.split(':')[0] for s in report.skipped[:6])})" if report.skipped else "")
+    log.info(
+        "init from %s: %d tensors loaded, %d skipped%s",
+        path,
+        report.loaded,
+        len(report.skipped),
+        f" ({', '.join(s.split(':')[0] for s in report.skipped[:6])})" if report.skipped else "",
+    )
     return report

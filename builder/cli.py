@@ -13,12 +13,20 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import BuilderError
 from .train_config import (
-    AMP_MODES, ARCHITECTURES, AUGMENT_PRESETS, LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig, describe_sources,
+    AMP_MODES,
+    ARCHITECTURES,
+    AUGMENT_PRESETS,
+    LOSSES,
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainConfig,
+    describe_sources,
     load_param_layers,
 )
 
@@ -36,13 +44,18 @@ def _train_config(args: argparse.Namespace):
         values.update(settings)
     values.update(given)
     if layers:
-        print("\n".join(["training settings, by source:", *describe_sources([*layers, ("flags", given)])]),
-              file=sys.stderr)
+        print(
+            "\n".join(["training settings, by source:", *describe_sources([*layers, ("flags", given)])]),
+            file=sys.stderr,
+        )
     if "out" in vars(args):
         values["out_dir"] = Path(args.out)
-    values["dataset"] = with_options(values.get("dataset", "digits"), per_class=getattr(args, "shapes_per_class", None),
-                                     imbalance=getattr(args, "shapes_imbalance", None),
-                                     size=getattr(args, "shapes_size", None))
+    values["dataset"] = with_options(
+        values.get("dataset", "digits"),
+        per_class=getattr(args, "shapes_per_class", None),
+        imbalance=getattr(args, "shapes_imbalance", None),
+        size=getattr(args, "shapes_size", None),
+    )
     try:
         return TrainConfig(**values)
     except TypeError as e:  # a params file value of the wrong kind
@@ -55,10 +68,19 @@ def _train(args: argparse.Namespace) -> None:
     config = _train_config(args)
     check_writable(config.out_dir, "run folder")
     result = train(config)
-    print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),
-                      "val_accuracy": round(result.val_accuracy, 4), "epochs": result.epochs,
-                      "stopped_early": result.stopped_early, "seconds": round(result.seconds, 1),
-                      "warnings": list(result.warnings)}))
+    print(
+        json.dumps(
+            {
+                "run_dir": str(result.run_dir),
+                "best_checkpoint": str(result.best_checkpoint),
+                "val_accuracy": round(result.val_accuracy, 4),
+                "epochs": result.epochs,
+                "stopped_early": result.stopped_early,
+                "seconds": round(result.seconds, 1),
+                "warnings": list(result.warnings),
+            }
+        )
+    )
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -66,13 +88,24 @@ def _tune(args: argparse.Namespace) -> None:
 
     base = _train_config(args)
     check_writable(Path(args.out), "study folder")
-    config = TuneConfig(trials=args.trials, timeout_s=args.timeout, sampler=args.sampler, seed=base.seed,
-                        out_dir=Path(args.out))
+    config = TuneConfig(
+        trials=args.trials, timeout_s=args.timeout, sampler=args.sampler, seed=base.seed, out_dir=Path(args.out)
+    )
     result = tune(base, config)
-    print(json.dumps({"study": result.study_name, "trials": result.trials, "completed": result.completed,
-                      "pruned": result.pruned, "best_val_accuracy": round(result.best_value, 4),
-                      "best_params": result.best_params, "best_json": str(result.best_json),
-                      "plot": str(result.plot)}))
+    print(
+        json.dumps(
+            {
+                "study": result.study_name,
+                "trials": result.trials,
+                "completed": result.completed,
+                "pruned": result.pruned,
+                "best_val_accuracy": round(result.best_value, 4),
+                "best_params": result.best_params,
+                "best_json": str(result.best_json),
+                "plot": str(result.plot),
+            }
+        )
+    )
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -80,8 +113,11 @@ def _export(args: argparse.Namespace) -> None:
 
     output = Path(args.output) if args.output else Path(args.checkpoint).with_name("model.onnx")
     result = export_onnx(Path(args.checkpoint), output, parity_images=args.parity_images)
-    print(json.dumps({"onnx": str(result.onnx_path), "max_abs_diff": result.max_abs_diff,
-                      "parity_images": result.parity_images}))
+    print(
+        json.dumps(
+            {"onnx": str(result.onnx_path), "max_abs_diff": result.max_abs_diff, "parity_images": result.parity_images}
+        )
+    )
 
 
 def _publish(args: argparse.Namespace) -> None:
@@ -93,13 +129,20 @@ def _publish(args: argparse.Namespace) -> None:
     settings = PublishSettings(**given)
     spec, labels = _publish_interface(args)
     if args.plan:
-        published = publish_plan(Path(args.plan), Path(args.onnx), Path(args.repository), args.name, spec=spec,
-                                 labels=labels, settings=settings)
+        published = publish_plan(
+            Path(args.plan),
+            Path(args.onnx),
+            Path(args.repository),
+            args.name,
+            spec=spec,
+            labels=labels,
+            settings=settings,
+        )
     else:
-        published = publish(Path(args.onnx), Path(args.repository), args.name, spec=spec, labels=labels,
-                            settings=settings)
-    print(json.dumps({"model": args.name, "version": published.version,
-                      "path": str(published.version_dir)}))
+        published = publish(
+            Path(args.onnx), Path(args.repository), args.name, spec=spec, labels=labels, settings=settings
+        )
+    print(json.dumps({"model": args.name, "version": published.version, "path": str(published.version_dir)}))
 
 
 def _publish_interface(args: argparse.Namespace):
@@ -115,8 +158,14 @@ def _publish_interface(args: argparse.Namespace):
         except OSError as e:
             raise PublishError(f"labels file {args.labels} cannot be read: {e.strerror or e}") from e
     embedded = inspect_onnx(Path(args.onnx)).metadata.get("preprocess")
-    spec = serving_preprocess(json.loads(embedded) if embedded else None, resize=args.resize, crop=args.crop,
-                              mean=args.mean, std=args.std, color_mode=args.color_mode)
+    spec = serving_preprocess(
+        json.loads(embedded) if embedded else None,
+        resize=args.resize,
+        crop=args.crop,
+        mean=args.mean,
+        std=args.std,
+        color_mode=args.color_mode,
+    )
     return spec, labels
 
 
@@ -140,8 +189,12 @@ def _evaluate(args: argparse.Namespace) -> None:
         meta = meta.with_dataset(args.dataset)
     evaluation = evaluate(target, validation_data(meta), confusion_png=out / "confusion.png")
     write_evaluation(evaluation, out / "evaluation.json")
-    summary = {"top1": round(evaluation.top1, 4), "macro_recall": round(evaluation.macro_recall, 4),
-               "images": evaluation.images, "out": str(out)}
+    summary = {
+        "top1": round(evaluation.top1, 4),
+        "macro_recall": round(evaluation.macro_recall, 4),
+        "images": evaluation.images,
+        "out": str(out),
+    }
     if args.onnx:
         speed = measure_speed(Path(args.onnx))
         summary.update(latency_b1_ms=round(speed.latency_b1_ms, 3), throughput_b8=round(speed.throughput_b8, 1))
@@ -156,9 +209,16 @@ def _prune(args: argparse.Namespace) -> None:
     if Path(args.checkpoint).is_file():  # a missing one is the stage's to report, in its words
         check_writable(output.parent, "output folder")
     result = prune(Path(args.checkpoint), output, config)
-    print(json.dumps({"checkpoint": str(result.checkpoint), "macs_kept": round(result.macs_after / result.macs_before, 4),
-                      "params_kept": round(result.params_after / result.params_before, 4),
-                      "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None}))
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(result.checkpoint),
+                "macs_kept": round(result.macs_after / result.macs_before, 4),
+                "params_kept": round(result.params_after / result.params_before, 4),
+                "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None,
+            }
+        )
+    )
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -168,8 +228,9 @@ def _quantize(args: argparse.Namespace) -> None:
         _quantize_aware(args)
         return
     if args.checkpoint or not args.onnx:
-        raise BuilderError("--method static (INT8 or FP16) reads an exported model: give --onnx "
-                           "(--checkpoint is for --method qat)")
+        raise BuilderError(
+            "--method static (INT8 or FP16) reads an exported model: give --onnx (--checkpoint is for --method qat)"
+        )
     onnx_path = Path(args.onnx)
     if args.precision == "fp16":
         output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + "-fp16.onnx")
@@ -179,8 +240,16 @@ def _quantize(args: argparse.Namespace) -> None:
     suffix = "-int8-gpu.onnx" if config.target == "gpu" else "-int8.onnx"
     output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + suffix)
     result = quantize_int8(onnx_path, output, config)
-    print(json.dumps({"onnx": str(result.onnx_path), "calibration_images": result.calibration_images,
-                      "method": result.method, "target": result.target}))
+    print(
+        json.dumps(
+            {
+                "onnx": str(result.onnx_path),
+                "calibration_images": result.calibration_images,
+                "method": result.method,
+                "target": result.target,
+            }
+        )
+    )
 
 
 def _quantize_aware(args: argparse.Namespace) -> None:
@@ -189,16 +258,26 @@ def _quantize_aware(args: argparse.Namespace) -> None:
     if args.precision != "int8":
         raise BuilderError(f"--method qat writes INT8; it cannot be combined with --precision {args.precision}")
     if args.onnx or not args.checkpoint:
-        raise BuilderError("--method qat fine-tunes a PyTorch model: give --checkpoint (a trained or pruned "
-                           ".pt), not --onnx")
+        raise BuilderError(
+            "--method qat fine-tunes a PyTorch model: give --checkpoint (a trained or pruned .pt), not --onnx"
+        )
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(checkpoint.stem + "-int8-qat.onnx")
     if checkpoint.is_file():  # a missing one is the stage's to report, in its words
         check_writable(output.parent, "output folder")
     result = quantization_aware_train(checkpoint, output, QATConfig(**_given(args, QAT)))
-    print(json.dumps({"onnx": str(result.onnx_path), "method": "qat", "epochs": result.epochs,
-                      "val_accuracy": round(result.val_accuracy, 4), "onnx_agreement": round(result.agreement, 4),
-                      "seconds": round(result.seconds, 1)}))
+    print(
+        json.dumps(
+            {
+                "onnx": str(result.onnx_path),
+                "method": "qat",
+                "epochs": result.epochs,
+                "val_accuracy": round(result.val_accuracy, 4),
+                "onnx_agreement": round(result.agreement, 4),
+                "seconds": round(result.seconds, 1),
+            }
+        )
+    )
 
 
 def _engine(args: argparse.Namespace) -> None:
@@ -213,15 +292,23 @@ def _build(args: argparse.Namespace) -> None:
     from .build import BuildConfig, BuildOverrides, build
 
     overrides = BuildOverrides(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildOverrides)})
-    config = (BuildConfig.from_yaml(Path(args.config), overrides) if args.config
-              else BuildConfig.from_mapping({}, overrides))
+    config = (
+        BuildConfig.from_yaml(Path(args.config), overrides) if args.config else BuildConfig.from_mapping({}, overrides)
+    )
     # Before anything is trained: an unwritable destination would otherwise fail only at the end.
     check_writable(config.out_dir, "build folder")
     if config.publish is not None:
         check_writable(config.repository, "model repository")
     result = build(config)
-    print(json.dumps({"report": str(result.report_paths["md"]), "onnx": str(result.final_onnx),
-                      "published_version": result.published.version if result.published else None}))
+    print(
+        json.dumps(
+            {
+                "report": str(result.report_paths["md"]),
+                "onnx": str(result.final_onnx),
+                "published_version": result.published.version if result.published else None,
+            }
+        )
+    )
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -290,8 +377,16 @@ TRAIN = ("builder.train_config", "TrainConfig")
 BUILD = ("builder.build", "BuildConfig")
 
 
-def _setting(parser: argparse.ArgumentParser, flag: str, config: tuple[str, str], name: str, help: str = "",
-             dest: str | None = None, default: Any = argparse.SUPPRESS, **kwargs) -> None:
+def _setting(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    config: tuple[str, str],
+    name: str,
+    help: str = "",
+    dest: str | None = None,
+    default: Any = argparse.SUPPRESS,
+    **kwargs,
+) -> None:
     """A flag that sets field `name` of `config`. Not given, it is left out of the namespace (or None), so
     the dataclass's own default applies; the help shows that default."""
     if "choices" not in kwargs and kwargs.get("action") not in ("store_true", "store_false"):
@@ -303,7 +398,7 @@ def _setting(parser: argparse.ArgumentParser, flag: str, config: tuple[str, str]
 def _given(args: argparse.Namespace, config: tuple[str, str]) -> dict[str, Any]:
     """The fields of `config` whose flags were given."""
     prefix = config[1] + "."
-    return {key[len(prefix):]: value for key, value in vars(args).items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in vars(args).items() if key.startswith(prefix)}
 
 
 # TrainConfig fields that are flags of the same name; the run folder is --out.
@@ -319,15 +414,20 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         _setting(parser, flag, TRAIN, name, help, dest=name, **kwargs)
 
     add("--dataset", "digits, shapes[:per_class=N,imbalance=R,size=S] or a folder of class subfolders")
-    add("--image-size", "model input side in pixels (default: the dataset's: 32 for digits and shapes, 224 for "
-        "folders)", type=_positive_int)
+    add(
+        "--image-size",
+        "model input side in pixels (default: the dataset's: 32 for digits and shapes, 224 for folders)",
+        type=_positive_int,
+    )
     add("--val-fraction", "validation share of the data", type=float)
     add("--mean", "per-channel mean (default: measured on the training split)", type=float, nargs="+")
     add("--std", "per-channel std (default: measured on the training split)", type=float, nargs="+")
     add("--equalize", "histogram-equalize every image (also in the gateway)", action="store_true")
-    for flag, kind, text in (("--shapes-per-class", _positive_int, "shapes: training images of the largest class"),
-                             ("--shapes-imbalance", float, "shapes: largest / smallest class in the training split"),
-                             ("--shapes-size", _positive_int, "shapes: generated image side")):
+    for flag, kind, text in (
+        ("--shapes-per-class", _positive_int, "shapes: training images of the largest class"),
+        ("--shapes-imbalance", float, "shapes: largest / smallest class in the training split"),
+        ("--shapes-size", _positive_int, "shapes: generated image side"),
+    ):
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
     add("--arch", "architecture", choices=ARCHITECTURES)
     add("--dropout", "dropout before the classifier (default: 0 for ResNets, 0.2 for MobileNetV3)", type=float)
@@ -338,8 +438,11 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mixup", "MixUp alpha, 0 = off (strong preset: 0.2)", type=_alphas)
     add("--loss", "ce (cross-entropy) or focal", choices=LOSSES)
     add("--class-weights", "none, auto (inverse training frequency) or w1,w2,... one per class")
-    add("--class-weights-start", "first epoch with the class weights; later defers re-weighting until the "
-        "features are learned", type=_positive_int)
+    add(
+        "--class-weights-start",
+        "first epoch with the class weights; later defers re-weighting until the features are learned",
+        type=_positive_int,
+    )
     add("--label-smoothing", "label smoothing", type=float)
     add("--focal-gamma", "focal loss focusing parameter", type=float)
     add("--optimizer", "adamw, or sgd (momentum 0.9, Nesterov)", choices=OPTIMIZERS)
@@ -348,8 +451,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", "images per micro-batch", type=_positive_int)
     add("--accum-steps", "micro-batches per optimizer step (gradient accumulation)", type=_positive_int)
     add("--epochs", "epochs", type=_positive_int)
-    add("--schedule", "cosine (warmup + cosine), step (lr * gamma^(epoch // step-size)) or onecycle",
-        choices=SCHEDULES)
+    add("--schedule", "cosine (warmup + cosine), step (lr * gamma^(epoch // step-size)) or onecycle", choices=SCHEDULES)
     add("--warmup-epochs", "linear warmup (cosine, step; onecycle's rise)", type=float)
     add("--step-size", "epochs between decays (step schedule)", type=_positive_int)
     add("--gamma", "decay factor (step schedule)", type=float)
@@ -392,18 +494,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a classifier")
     _add_recipe_arguments(train)
-    train.add_argument("--out", default=argparse.SUPPRESS, help="run folder for checkpoints and metrics "
-                       "(default runs/latest)")
-    train.add_argument("--params", help="JSON of settings, e.g. best.json from `builder tune`: its recorded base "
-                       "(dataset, image size, architecture, ...), then its tuned params; flags given win")
-    train.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
-                       help="continue the run in --out from its last.pt")
-    train.add_argument("--tensorboard", action="store_true", default=argparse.SUPPRESS,
-                       help="write TensorBoard event files to <out>/tensorboard")
+    train.add_argument(
+        "--out", default=argparse.SUPPRESS, help="run folder for checkpoints and metrics (default runs/latest)"
+    )
+    train.add_argument(
+        "--params",
+        help="JSON of settings, e.g. best.json from `builder tune`: its recorded base "
+        "(dataset, image size, architecture, ...), then its tuned params; flags given win",
+    )
+    train.add_argument(
+        "--resume", action="store_true", default=argparse.SUPPRESS, help="continue the run in --out from its last.pt"
+    )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="write TensorBoard event files to <out>/tensorboard",
+    )
     train.set_defaults(func=_train)
 
-    tune = commands.add_parser("tune", help="search learning rate, weight decay, batch size, augmentation and "
-                                            "label smoothing with Optuna")
+    tune = commands.add_parser(
+        "tune", help="search learning rate, weight decay, batch size, augmentation and label smoothing with Optuna"
+    )
     _add_recipe_arguments(tune)
     tune.add_argument("--out", default="runs/tune", help="study folder: study.db, trial-NNN/, best.json, tune.png")
     tune.add_argument("--trials", type=_positive_int, default=20, help="trials to add to the study")
@@ -422,42 +534,121 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--name", required=True)
     publish.add_argument("--repository", default="model_repository")
     _setting(publish, "--max-batch-size", PUBLISH, "max_batch_size", type=_positive_int)
-    _setting(publish, "--instances", PUBLISH, "instance_count", type=_positive_int,
-             help="model instances Triton runs side by side (default: 2 on the CPU, as Triton itself does for "
-                  "ONNX Runtime; 1 per GPU)")
-    _setting(publish, "--intra-op-threads", PUBLISH, "intra_op_threads", type=_non_negative_int,
-             help="CPU target: ONNX Runtime threads per instance (0: the serving machine's cores divided among "
-                  "the instances)")
-    _setting(publish, "--max-queue-delay-us", PUBLISH, "max_queue_delay_us", type=_non_negative_int,
-             help="how long Triton waits to fill a batch (default: 0 on the CPU, 2000 on a GPU)")
-    _setting(publish, "--max-queue-size", PUBLISH, "max_queue_size", type=_positive_int,
-             help="requests queued before Triton rejects (the gateway answers 429)")
-    _setting(publish, "--intra-op-spinning", PUBLISH, "intra_op_spinning", action="store_true",
-             help="CPU target: ONNX Runtime's idle threads busy-wait for the next batch (its own default; faster "
-                  "only where Triton has the cores to itself)")
-    _setting(publish, "--no-dynamic-batching", PUBLISH, "dynamic_batching", action="store_false",
-             help="one request per model execution (no batching across requests, no queue bound)")
-    _setting(publish, "--target", PUBLISH, "target", choices=("cpu", "gpu"),
-             help="cpu: Python backend + ONNX Runtime; gpu: ONNX Runtime backend with TensorRT (gpu with --plan)")
-    _setting(publish, "--pixel-input", PUBLISH, "pixel_input", action="store_true",
-             help="the model takes N x H x W x C uint8 pixels and normalizes them itself: a quarter of the bytes "
-                  "per request, and no float arithmetic in the gateway")
+    _setting(
+        publish,
+        "--instances",
+        PUBLISH,
+        "instance_count",
+        type=_positive_int,
+        help="model instances Triton runs side by side (default: 2 on the CPU, as Triton itself does for "
+        "ONNX Runtime; 1 per GPU)",
+    )
+    _setting(
+        publish,
+        "--intra-op-threads",
+        PUBLISH,
+        "intra_op_threads",
+        type=_non_negative_int,
+        help="CPU target: ONNX Runtime threads per instance (0: the serving machine's cores divided among "
+        "the instances)",
+    )
+    _setting(
+        publish,
+        "--max-queue-delay-us",
+        PUBLISH,
+        "max_queue_delay_us",
+        type=_non_negative_int,
+        help="how long Triton waits to fill a batch (default: 0 on the CPU, 2000 on a GPU)",
+    )
+    _setting(
+        publish,
+        "--max-queue-size",
+        PUBLISH,
+        "max_queue_size",
+        type=_positive_int,
+        help="requests queued before Triton rejects (the gateway answers 429)",
+    )
+    _setting(
+        publish,
+        "--intra-op-spinning",
+        PUBLISH,
+        "intra_op_spinning",
+        action="store_true",
+        help="CPU target: ONNX Runtime's idle threads busy-wait for the next batch (its own default; faster "
+        "only where Triton has the cores to itself)",
+    )
+    _setting(
+        publish,
+        "--no-dynamic-batching",
+        PUBLISH,
+        "dynamic_batching",
+        action="store_false",
+        help="one request per model execution (no batching across requests, no queue bound)",
+    )
+    _setting(
+        publish,
+        "--target",
+        PUBLISH,
+        "target",
+        choices=("cpu", "gpu"),
+        help="cpu: Python backend + ONNX Runtime; gpu: ONNX Runtime backend with TensorRT (gpu with --plan)",
+    )
+    _setting(
+        publish,
+        "--pixel-input",
+        PUBLISH,
+        "pixel_input",
+        action="store_true",
+        help="the model takes N x H x W x C uint8 pixels and normalizes them itself: a quarter of the bytes "
+        "per request, and no float arithmetic in the gateway",
+    )
     publish.add_argument("--plan", help="a TensorRT engine from `builder engine` (with --onnx it was built from)")
     _setting(publish, "--keep", PUBLISH, "keep", type=_positive_int, help="remove all but the newest N versions")
     _setting(publish, "--version-policy", PUBLISH, "version_policy", choices=("latest", "all"))
-    _setting(publish, "--latest-versions", PUBLISH, "latest_versions", type=_positive_int,
-             help="versions Triton serves")
-    _setting(publish, "--triton-url", PUBLISH, "triton_url",
-             help="Triton HTTP address in explicit model-control mode: load the new version")
-    _setting(publish, "--trt-cache-path", PUBLISH, "trt_cache_path",
-             help="TensorRT engine cache on the serving machine (--target gpu)")
-    _setting(publish, "--no-cuda-graphs", PUBLISH, "cuda_graphs", action="store_false",
-             help="TensorRT plans: do not capture CUDA graphs")
-    _setting(publish, "--compute-capability", PUBLISH, "compute_capability", metavar="X.Y",
-             help="TensorRT plans: the serving GPUs' compute capability (default: this machine's GPU)")
-    _setting(publish, "--preferred-batch-sizes", PUBLISH, "preferred_batch_sizes", type=_positive_int, nargs="+",
-             metavar="N", help="batch sizes Triton waits to form (default: none on the CPU; 4 and 8 on a GPU, "
-                               "those that fit the max batch)")
+    _setting(
+        publish, "--latest-versions", PUBLISH, "latest_versions", type=_positive_int, help="versions Triton serves"
+    )
+    _setting(
+        publish,
+        "--triton-url",
+        PUBLISH,
+        "triton_url",
+        help="Triton HTTP address in explicit model-control mode: load the new version",
+    )
+    _setting(
+        publish,
+        "--trt-cache-path",
+        PUBLISH,
+        "trt_cache_path",
+        help="TensorRT engine cache on the serving machine (--target gpu)",
+    )
+    _setting(
+        publish,
+        "--no-cuda-graphs",
+        PUBLISH,
+        "cuda_graphs",
+        action="store_false",
+        help="TensorRT plans: do not capture CUDA graphs",
+    )
+    _setting(
+        publish,
+        "--compute-capability",
+        PUBLISH,
+        "compute_capability",
+        metavar="X.Y",
+        help="TensorRT plans: the serving GPUs' compute capability (default: this machine's GPU)",
+    )
+    _setting(
+        publish,
+        "--preferred-batch-sizes",
+        PUBLISH,
+        "preferred_batch_sizes",
+        type=_positive_int,
+        nargs="+",
+        metavar="N",
+        help="batch sizes Triton waits to form (default: none on the CPU; 4 and 8 on a GPU, "
+        "those that fit the max batch)",
+    )
     publish.add_argument("--labels", help="text file, one label per line (default: ONNX metadata, else class index)")
     publish.add_argument("--resize", type=_positive_int, help="shorter side before the crop (default 256)")
     publish.add_argument("--crop", type=_positive_int, help="center crop = model input side (default 224)")
@@ -480,30 +671,53 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(prune, "--target", PRUNE, "target", choices=("macs", "params"), help="what --keep-ratio limits")
     _setting(prune, "--keep-ratio", PRUNE, "keep_ratio", type=float, help="fraction of MACs/params to keep")
     _setting(prune, "--importance", PRUNE, "importance", choices=("l1", "l2"), help="channel magnitude norm")
-    _setting(prune, "--scope", PRUNE, "scope", choices=("global", "uniform"),
-             help="global: rank channels across layers; uniform: the same fraction in every layer")
+    _setting(
+        prune,
+        "--scope",
+        PRUNE,
+        "scope",
+        choices=("global", "uniform"),
+        help="global: rank channels across layers; uniform: the same fraction in every layer",
+    )
     _setting(prune, "--steps", PRUNE, "steps", type=_positive_int, help="prune-then-fine-tune rounds")
     _setting(prune, "--finetune-epochs", PRUNE, "finetune_epochs", type=float, help="per step")
     _setting(prune, "--round-to", PRUNE, "round_to", type=_positive_int, help="channel counts stay multiples of this")
     prune.set_defaults(func=_prune)
 
     quantize = commands.add_parser(
-        "quantize", help="static INT8 (ONNX Runtime, QDQ), FP16, or quantization-aware training (--method qat)")
+        "quantize", help="static INT8 (ONNX Runtime, QDQ), FP16, or quantization-aware training (--method qat)"
+    )
     quantize.add_argument("--onnx", help="exported model (static INT8 and FP16)")
     quantize.add_argument("--checkpoint", help="trained or pruned checkpoint (--method qat)")
     quantize.add_argument("--output", help="default: beside the input, -int8/-fp16/-int8-qat.onnx")
-    quantize.add_argument("--method", choices=("static", "qat"), default="static",
-                          help="static: ONNX Runtime calibration of --onnx; qat: fine-tune --checkpoint with fake "
-                               "quantization (PyTorch), export INT8 QDQ ONNX; for when static INT8 loses too much")
+    quantize.add_argument(
+        "--method",
+        choices=("static", "qat"),
+        default="static",
+        help="static: ONNX Runtime calibration of --onnx; qat: fine-tune --checkpoint with fake "
+        "quantization (PyTorch), export INT8 QDQ ONNX; for when static INT8 loses too much",
+    )
     quantize.add_argument("--precision", choices=("int8", "fp16"), default="int8")
-    _setting(quantize, "--target", QUANTIZE, "target", choices=("cpu", "gpu"),
-             help="static INT8: cpu (ONNX Runtime's u8/s8 Q/DQ) or gpu (NVIDIA Model Optimizer's int8 Q/DQ with "
-                  "zero point 0, for a TensorRT engine; -int8-gpu.onnx)")
+    _setting(
+        quantize,
+        "--target",
+        QUANTIZE,
+        "target",
+        choices=("cpu", "gpu"),
+        help="static INT8: cpu (ONNX Runtime's u8/s8 Q/DQ) or gpu (NVIDIA Model Optimizer's int8 Q/DQ with "
+        "zero point 0, for a TensorRT engine; -int8-gpu.onnx)",
+    )
     _setting(quantize, "--calibration-images", QUANTIZE, "calibration_images", type=_positive_int)
     _setting(quantize, "--calibration-method", QUANTIZE, "method", choices=("minmax", "entropy", "percentile"))
-    _setting(quantize, "--full-range-weights", QUANTIZE, "reduce_range", action="store_false",
-             help="static INT8: 8-bit weights instead of 7; exact only where the serving CPU has VNNI (or on a "
-                  "GPU): without it, x86 int8 kernels saturate and accuracy drops")
+    _setting(
+        quantize,
+        "--full-range-weights",
+        QUANTIZE,
+        "reduce_range",
+        action="store_false",
+        help="static INT8: 8-bit weights instead of 7; exact only where the serving CPU has VNNI (or on a "
+        "GPU): without it, x86 int8 kernels saturate and accuracy drops",
+    )
     _setting(quantize, "--qat-epochs", QAT, "epochs", type=float, help="--method qat: fine-tuning epochs")
     _setting(quantize, "--qat-lr", QAT, "lr", type=float, help="--method qat: peak learning rate (AdamW)")
     quantize.set_defaults(func=_quantize)
@@ -522,22 +736,60 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--config", help="YAML build file (flags override it)")
     # Flags override the build file; the defaults shown apply where neither sets a value.
     _setting(build, "--name", BUILD, "name", help="model name in the repository", dest="name", default=None)
-    _setting(build, "--out", BUILD, "out_dir", help="build folder (report, artifacts)", dest="out_dir",
-             default=None, metavar="OUT")
+    _setting(
+        build,
+        "--out",
+        BUILD,
+        "out_dir",
+        help="build folder (report, artifacts)",
+        dest="out_dir",
+        default=None,
+        metavar="OUT",
+    )
     build.add_argument("--checkpoint", help="start from this trained checkpoint instead of training")
     _setting(build, "--dataset", TRAIN, "dataset", dest="dataset", default=None)
     _setting(build, "--arch", TRAIN, "arch", choices=ARCHITECTURES, dest="arch", default=None)
     _setting(build, "--epochs", TRAIN, "epochs", type=_positive_int, dest="epochs", default=None)
     _setting(build, "--image-size", TRAIN, "image_size", type=_positive_int, dest="image_size", default=None)
-    _setting(build, "--keep-ratio", PRUNE, "keep_ratio", type=float, help="pruning: fraction of MACs to keep",
-             dest="keep_ratio", default=None)
-    _setting(build, "--calibration-images", QUANTIZE, "calibration_images", type=_positive_int,
-             dest="calibration_images", default=None)
-    _setting(build, "--repository", BUILD, "repository", help="publish into this Triton repository",
-             dest="repository", default=None)
+    _setting(
+        build,
+        "--keep-ratio",
+        PRUNE,
+        "keep_ratio",
+        type=float,
+        help="pruning: fraction of MACs to keep",
+        dest="keep_ratio",
+        default=None,
+    )
+    _setting(
+        build,
+        "--calibration-images",
+        QUANTIZE,
+        "calibration_images",
+        type=_positive_int,
+        dest="calibration_images",
+        default=None,
+    )
+    _setting(
+        build,
+        "--repository",
+        BUILD,
+        "repository",
+        help="publish into this Triton repository",
+        dest="repository",
+        default=None,
+    )
     build.add_argument("--target", choices=("cpu", "gpu"))
-    _setting(build, "--max-accuracy-drop", BUILD, "max_accuracy_drop", type=float,
-             help="top-1 points a stage may lose", dest="max_accuracy_drop", default=None)
+    _setting(
+        build,
+        "--max-accuracy-drop",
+        BUILD,
+        "max_accuracy_drop",
+        type=float,
+        help="top-1 points a stage may lose",
+        dest="max_accuracy_drop",
+        default=None,
+    )
     build.add_argument("--no-prune", action="store_true")
     build.add_argument("--no-quantize", action="store_true")
     build.add_argument("--no-publish", action="store_true")
@@ -547,8 +799,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a mistake exits here, with 2 and one line
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         args.func(args)
     except BuilderError as e:

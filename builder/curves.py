@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def plot_curves(history: Sequence[dict], path: Path) -> Path:
@@ -17,17 +17,20 @@ def plot_curves(history: Sequence[dict], path: Path) -> Path:
 
     epochs = [h["epoch"] for h in history]
     figure, (loss, accuracy, lr) = plt.subplots(1, 3, figsize=(13, 3.6))
-    for axes, keys, title in ((loss, ("train_loss", "val_loss"), "loss"),
-                              (accuracy, ("train_accuracy", "val_accuracy", "val_macro_recall"), "accuracy"),
-                              (lr, ("lr",), "learning rate (last step of epoch)")):
+    for axes, keys, title in (
+        (loss, ("train_loss", "val_loss"), "loss"),
+        (accuracy, ("train_accuracy", "val_accuracy", "val_macro_recall"), "accuracy"),
+        (lr, ("lr",), "learning rate (last step of epoch)"),
+    ):
         for key in keys:
             values = [h.get(key) for h in history]
             if any(v is not None for v in values):
                 axes.plot(epochs, values, marker="o", markersize=3, label=key.replace("_", " "))
         if axes is loss:
             # Logarithmic: one spike (a first epoch's val loss in the thousands) flattens a linear axis.
-            axes.set_yscale("log" if all(v > 0 for h in history for k in keys if (v := h.get(k)) is not None)
-                            else "symlog")
+            axes.set_yscale(
+                "log" if all(v > 0 for h in history for k in keys if (v := h.get(k)) is not None) else "symlog"
+            )
         axes.set_title(title)
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))

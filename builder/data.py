@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 from server.preprocess import PreprocessSpec, to_model_pixels
 
 from .errors import DatasetError
-from .shapes import CLASSES as SHAPE_CLASSES, is_shapes, load_shapes
+from .shapes import CLASSES as SHAPE_CLASSES
+from .shapes import is_shapes, load_shapes
 from .train_config import CROP_FRACTION
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,12 @@ def load_dataset(source: str, *, val_fraction: float = 0.2, seed: int = 0) -> Im
     if is_shapes(source):
         shapes = load_shapes(source, val_fraction=val_fraction, seed=seed)
         return ImageDataset(
-            name=shapes.name, classes=list(SHAPE_CLASSES), color_mode="RGB", default_image_size=shapes.size,
-            train=Split(shapes.train_images, shapes.train_labels), val=Split(shapes.val_images, shapes.val_labels),
+            name=shapes.name,
+            classes=list(SHAPE_CLASSES),
+            color_mode="RGB",
+            default_image_size=shapes.size,
+            train=Split(shapes.train_images, shapes.train_labels),
+            val=Split(shapes.val_images, shapes.val_labels),
         )
     path = Path(source)
     if not path.exists():
@@ -127,8 +132,12 @@ def _warn_unreadable(folder: Path, unreadable: list[Path]) -> None:
     new = [f for f in unreadable if f.resolve() not in _reported_unreadable]
     _reported_unreadable.update(f.resolve() for f in new)
     if new:
-        log.warning("skipping %d unreadable image(s) in %s: %s", len(new), folder,
-                    ", ".join(f.name for f in new[:5]) + (" ..." if len(new) > 5 else ""))
+        log.warning(
+            "skipping %d unreadable image(s) in %s: %s",
+            len(new),
+            folder,
+            ", ".join(f.name for f in new[:5]) + (" ..." if len(new) > 5 else ""),
+        )
     if len(new) < len(unreadable):
         log.debug("skipping %d unreadable image(s) in %s, as before", len(unreadable) - len(new), folder)
 
@@ -141,9 +150,7 @@ def _scan_classes(root: Path, skipped: list[Path]) -> tuple[list[str], list[Path
         raise DatasetError(f"dataset folder {root} has no class subfolders (expected {root}/<class>/<image>)")
     paths, labels = [], []
     for index, name in enumerate(classes):
-        files = sorted(
-            f for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = sorted(f for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         unreadable = [f for f in files if not _readable(f)]
         if unreadable:
             _warn_unreadable(root / name, unreadable)
@@ -172,7 +179,12 @@ def _image_folder(root: Path, val_fraction: float, seed: int) -> ImageDataset:
         train = Split([paths[i] for i in train_idx], [labels[i] for i in train_idx])
         val = Split([paths[i] for i in val_idx], [labels[i] for i in val_idx])
     return ImageDataset(
-        name=str(root), classes=classes, color_mode="RGB", default_image_size=224, train=train, val=val,
+        name=str(root),
+        classes=classes,
+        color_mode="RGB",
+        default_image_size=224,
+        train=train,
+        val=val,
         skipped=skipped,
     )
 
@@ -198,22 +210,27 @@ def resolve_spec(
     if std is not None and any(v <= 0 for v in std):
         raise DatasetError(f"--std values must be positive, got {', '.join(map(str, std))}")
     if mean is None or std is None:
-        geometry = PreprocessSpec(size, resize, (0.0,) * channels, (1.0,) * channels, dataset.color_mode,
-                                  equalize=equalize)
+        geometry = PreprocessSpec(
+            size, resize, (0.0,) * channels, (1.0,) * channels, dataset.color_mode, equalize=equalize
+        )
         count = min(len(dataset.train), max_images)
         rng = np.random.default_rng(0)
         chosen = rng.choice(len(dataset.train), size=count, replace=False)
-        pixels = np.stack(
-            [
-                np.asarray(to_model_pixels(dataset.train.image(int(i), dataset.color_mode), geometry))
-                for i in chosen
-            ]
-        ).astype(np.float64) / 255.0
+        pixels = (
+            np.stack(
+                [np.asarray(to_model_pixels(dataset.train.image(int(i), dataset.color_mode), geometry)) for i in chosen]
+            ).astype(np.float64)
+            / 255.0
+        )
         pixels = pixels.reshape(count, size, size, channels)
         mean = mean or tuple(float(v) for v in pixels.mean(axis=(0, 1, 2)))
         std = std or tuple(max(float(v), 1e-3) for v in pixels.std(axis=(0, 1, 2)))
     return PreprocessSpec(
-        image_size=size, resize_size=resize, mean=tuple(mean), std=tuple(std), color_mode=dataset.color_mode,
+        image_size=size,
+        resize_size=resize,
+        mean=tuple(mean),
+        std=tuple(std),
+        color_mode=dataset.color_mode,
         equalize=equalize,
     )
 

@@ -45,9 +45,11 @@ class DataCheckReport:
         return {**asdict(self), "ok": self.ok}
 
     def summary(self) -> str:
-        return (f"{sum(self.train_counts)} train / {sum(self.val_counts)} val images, {len(self.classes)} classes, "
-                f"imbalance {self.imbalance_ratio:.1f}x, {len(self.unreadable)} unreadable (skipped), "
-                f"{self.blank_count} blank, {self.duplicate_count} train/val duplicates")
+        return (
+            f"{sum(self.train_counts)} train / {sum(self.val_counts)} val images, {len(self.classes)} classes, "
+            f"imbalance {self.imbalance_ratio:.1f}x, {len(self.unreadable)} unreadable (skipped), "
+            f"{self.blank_count} blank, {self.duplicate_count} train/val duplicates"
+        )
 
     def write(self, path: Path) -> Path:
         path = Path(path)
@@ -87,14 +89,24 @@ def check_dataset(dataset: ImageDataset) -> DataCheckReport:
     imbalance = max(present) / min(present) if present else 0.0
     train_blank, train_hashes = _scan(dataset.train, "train", dataset.color_mode)
     val_blank, val_hashes = _scan(dataset.val, "val", dataset.color_mode)
-    duplicates = [(_name(dataset.train, "train", t), _name(dataset.val, "val", v))
-                  for digest, val_indices in val_hashes.items() if digest in train_hashes
-                  for v in val_indices for t in train_hashes[digest][:1]]
+    duplicates = [
+        (_name(dataset.train, "train", t), _name(dataset.val, "val", v))
+        for digest, val_indices in val_hashes.items()
+        if digest in train_hashes
+        for v in val_indices
+        for t in train_hashes[digest][:1]
+    ]
     blank = train_blank + val_blank
     return DataCheckReport(
-        classes=classes, train_counts=train_counts, val_counts=val_counts, imbalance_ratio=float(imbalance),
-        unreadable=[str(p) for p in dataset.skipped], blank=blank[:MAX_LISTED], blank_count=len(blank),
-        duplicates=duplicates[:MAX_LISTED], duplicate_count=len(duplicates),
+        classes=classes,
+        train_counts=train_counts,
+        val_counts=val_counts,
+        imbalance_ratio=float(imbalance),
+        unreadable=[str(p) for p in dataset.skipped],
+        blank=blank[:MAX_LISTED],
+        blank_count=len(blank),
+        duplicates=duplicates[:MAX_LISTED],
+        duplicate_count=len(duplicates),
     )
 
 
@@ -112,8 +124,12 @@ def log_report(report: DataCheckReport) -> None:
     # Unreadable files are in the summary's count; the loader named them when it skipped them.
     log.info("data check: %s", report.summary())
     if report.blank_count:
-        log.warning("data check: %d blank (near-constant) images, e.g. %s", report.blank_count,
-                    ", ".join(report.blank[:5]))
+        log.warning(
+            "data check: %d blank (near-constant) images, e.g. %s", report.blank_count, ", ".join(report.blank[:5])
+        )
     if report.duplicate_count:
-        log.warning("data check: %d validation images also in the training split (val accuracy is inflated), "
-                    "e.g. %s", report.duplicate_count, ", ".join(f"{a} = {b}" for a, b in report.duplicates[:3]))
+        log.warning(
+            "data check: %d validation images also in the training split (val accuracy is inflated), e.g. %s",
+            report.duplicate_count,
+            ", ".join(f"{a} = {b}" for a, b in report.duplicates[:3]),
+        )

@@ -44,8 +44,9 @@ class EngineConfig:
         if self.precision not in PRECISIONS:
             raise EngineError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise EngineError(f"need 1 <= min batch <= opt batch <= max batch, got "
-                              f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")
+            raise EngineError(
+                f"need 1 <= min batch <= opt batch <= max batch, got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
+            )
 
 
 def _wanted_tensorrt() -> tuple[str, str]:
@@ -63,8 +64,10 @@ def check_tensorrt_version(version: str) -> None:
     if installed.split(".")[0] != wanted.split(".")[0]:
         # TensorRT 11 dropped the implicit INT8 calibration API (IInt8EntropyCalibrator2) this builder uses.
         problem += ", whose major release lacks APIs this builder uses,"
-    raise EngineError(f"{problem} and Triton {release} loads TensorRT {wanted} plans only: pip install "
-                      f"'tensorrt=={wanted}.*' (or build inside nvcr.io/nvidia/tensorrt:{release}-py3)")
+    raise EngineError(
+        f"{problem} and Triton {release} loads TensorRT {wanted} plans only: pip install "
+        f"'tensorrt=={wanted}.*' (or build inside nvcr.io/nvidia/tensorrt:{release}-py3)"
+    )
 
 
 def _import_tensorrt():
@@ -73,15 +76,19 @@ def _import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise EngineError(f"TensorRT is not installed: pip install 'tensorrt=={wanted}.*' (what Triton {release} "
-                          "loads), on a machine with an NVIDIA GPU; or publish the ONNX model with --target gpu "
-                          "to build the engine in Triton") from e
+        raise EngineError(
+            f"TensorRT is not installed: pip install 'tensorrt=={wanted}.*' (what Triton {release} "
+            "loads), on a machine with an NVIDIA GPU; or publish the ONNX model with --target gpu "
+            "to build the engine in Triton"
+        ) from e
     check_tensorrt_version(getattr(trt, "__version__", "unknown"))
     import torch
 
     if not torch.cuda.is_available():
-        raise EngineError("no NVIDIA GPU is visible (torch.cuda.is_available() is False); an engine must be "
-                          "built on a GPU; or publish the ONNX model with --target gpu")
+        raise EngineError(
+            "no NVIDIA GPU is visible (torch.cuda.is_available() is False); an engine must be "
+            "built on a GPU; or publish the ONNX model with --target gpu"
+        )
     return trt
 
 
@@ -107,8 +114,10 @@ def read_calibration_cache(cache_path: Path, key: str) -> bytes | None:
 
 def write_calibration_cache(cache_path: Path, key: str, cache: bytes) -> None:
     _write_atomic(cache_path, cache)
-    _write_atomic(cache_path.with_name(cache_path.name + ".json"),
-                  json.dumps({"key": key, "sha256": hashlib.sha256(cache).hexdigest()}).encode())
+    _write_atomic(
+        cache_path.with_name(cache_path.name + ".json"),
+        json.dumps({"key": key, "sha256": hashlib.sha256(cache).hexdigest()}).encode(),
+    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -138,9 +147,8 @@ def _calibrator(trt, images: np.ndarray, batch_size: int, cache_path: Path, key:
             if self.position + batch_size > len(images):
                 return None
             if self.device_batch is None:
-                self.device_batch = torch.empty((batch_size, *images.shape[1:]), dtype=torch.float32,
-                                                device="cuda")
-            chunk = torch.from_numpy(images[self.position:self.position + batch_size])
+                self.device_batch = torch.empty((batch_size, *images.shape[1:]), dtype=torch.float32, device="cuda")
+            chunk = torch.from_numpy(images[self.position : self.position + batch_size])
             self.device_batch.copy_(chunk)
             self.position += batch_size
             return [int(self.device_batch.data_ptr())]
@@ -154,8 +162,9 @@ def _calibrator(trt, images: np.ndarray, batch_size: int, cache_path: Path, key:
     return EntropyCalibrator()
 
 
-def build_engine(onnx_path: Path, output: Path, config: EngineConfig = EngineConfig(),
-                 calibration: np.ndarray | None = None) -> Path:
+def build_engine(
+    onnx_path: Path, output: Path, config: EngineConfig = EngineConfig(), calibration: np.ndarray | None = None
+) -> Path:
     """Parse the ONNX model, build a serialized engine with one optimization profile, write plan + record."""
     trt = _import_tensorrt()
     import torch
@@ -176,8 +185,9 @@ def build_engine(onnx_path: Path, output: Path, config: EngineConfig = EngineCon
     input_tensor = network.get_input(0)
     sample = tuple(input_tensor.shape)[1:]
     profile = builder.create_optimization_profile()
-    profile.set_shape(input_tensor.name, (config.min_batch, *sample), (config.opt_batch, *sample),
-                      (config.max_batch, *sample))
+    profile.set_shape(
+        input_tensor.name, (config.min_batch, *sample), (config.opt_batch, *sample), (config.max_batch, *sample)
+    )
     builder_config.add_optimization_profile(profile)
     if config.precision == "int8":
         if calibration is None:
@@ -188,20 +198,33 @@ def build_engine(onnx_path: Path, output: Path, config: EngineConfig = EngineCon
         cache.parent.mkdir(parents=True, exist_ok=True)
         batch_size = min(config.opt_batch, len(calibration))
         # Reused only for the same weights and images: a retrained model gets scales of its own.
-        builder_config.int8_calibrator = _calibrator(trt, calibration, batch_size, cache,
-                                                     calibration_key(onnx_digest, calibration, batch_size))
+        builder_config.int8_calibrator = _calibrator(
+            trt, calibration, batch_size, cache, calibration_key(onnx_digest, calibration, batch_size)
+        )
     serialized = builder.build_serialized_network(network, builder_config)
     if serialized is None:
         raise EngineError(f"TensorRT failed to build an engine from {onnx_path}; see its log above")
     plan_bytes = bytes(serialized)
     major, minor = torch.cuda.get_device_capability()
-    info = {"tensorrt_version": trt.__version__, "compute_capability": f"{major}.{minor}",
-            "gpu": torch.cuda.get_device_name(), "source_onnx": str(Path(onnx_path).resolve()),
-            "source_onnx_sha256": onnx_digest, "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
-            "input": input_tensor.name, "output": network.get_output(0).name, **asdict(config)}
+    info = {
+        "tensorrt_version": trt.__version__,
+        "compute_capability": f"{major}.{minor}",
+        "gpu": torch.cuda.get_device_name(),
+        "source_onnx": str(Path(onnx_path).resolve()),
+        "source_onnx_sha256": onnx_digest,
+        "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
+        "input": input_tensor.name,
+        "output": network.get_output(0).name,
+        **asdict(config),
+    }
     _place_plan(Path(output), plan_bytes, info)
-    log.info("built %s (%s, TensorRT %s, compute capability %s)", output, config.precision, trt.__version__,
-             info["compute_capability"])
+    log.info(
+        "built %s (%s, TensorRT %s, compute capability %s)",
+        output,
+        config.precision,
+        trt.__version__,
+        info["compute_capability"],
+    )
     return output
 
 

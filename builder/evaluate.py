@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -59,8 +59,10 @@ def validation_data(meta: ModelMeta | OnnxMeta, dataset: ImageDataset | None = N
         raise BuilderError("the model carries no preprocessing spec; export it with `builder export`")
     classes = list(meta.classes or dataset.classes)
     if len(classes) != len(dataset.classes):
-        raise BuilderError(f"the model has {len(classes)} classes but dataset {dataset.name!r} has "
-                           f"{len(dataset.classes)}; give the dataset it was trained on")
+        raise BuilderError(
+            f"the model has {len(classes)} classes but dataset {dataset.name!r} has "
+            f"{len(dataset.classes)}; give the dataset it was trained on"
+        )
     return ValidationData(dataset.val, dataset.color_mode, spec, classes)
 
 
@@ -87,8 +89,13 @@ class Evaluation:
         return float(np.mean(recalls)) if recalls else 0.0
 
     def to_dict(self) -> dict:
-        return {"top1": self.top1, "macro_recall": self.macro_recall, "images": self.images,
-                "per_class": [vars(c) for c in self.per_class], "confusion": self.confusion.tolist()}
+        return {
+            "top1": self.top1,
+            "macro_recall": self.macro_recall,
+            "images": self.images,
+            "per_class": [vars(c) for c in self.per_class],
+            "confusion": self.confusion.tolist(),
+        }
 
 
 def _torch_predictor(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -118,8 +125,9 @@ def _onnx_predictor(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return lambda images: session.run([output_name], {input_name: images})[0]
 
 
-def evaluate(model: nn.Module | Path | str, data: ValidationData, *, confusion_png: Path | None = None,
-             batch_size: int = 64) -> Evaluation:
+def evaluate(
+    model: nn.Module | Path | str, data: ValidationData, *, confusion_png: Path | None = None, batch_size: int = 64
+) -> Evaluation:
     """Score a PyTorch model or an ONNX file on the validation split; optionally draw the confusion matrix."""
     predict = _torch_predictor(model) if isinstance(model, nn.Module) else _onnx_predictor(Path(model))
     predictions, labels = [], []
@@ -152,8 +160,9 @@ def per_class_scores(confusion: np.ndarray, classes: Sequence[str]) -> tuple[Cla
     # A class never predicted (or absent) has precision (recall) 0 rather than NaN.
     precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
     recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
-    return tuple(ClassScore(label, float(p), float(r), int(n))
-                 for label, p, r, n in zip(classes, precision, recall, actual))
+    return tuple(
+        ClassScore(label, float(p), float(r), int(n)) for label, p, r, n in zip(classes, precision, recall, actual)
+    )
 
 
 def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path, *, title: str = "") -> Path:
@@ -174,8 +183,15 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path, *,
     if len(classes) <= 30:
         threshold = confusion.max() / 2 if confusion.size else 0
         for (row, column), count in np.ndenumerate(confusion):
-            axes.text(column, row, str(count), ha="center", va="center", fontsize=7,
-                      color="white" if count > threshold else "black")
+            axes.text(
+                column,
+                row,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if count > threshold else "black",
+            )
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,8 +217,9 @@ def _median_seconds(run: Callable[[], object], *, min_seconds: float, min_runs: 
     return float(np.median(times))
 
 
-def measure_speed(onnx_path: Path, *, threads: int | None = None, min_seconds: float = 1.5,
-                  min_runs: int = 10, warmup: int = 3) -> Speed:
+def measure_speed(
+    onnx_path: Path, *, threads: int | None = None, min_seconds: float = 1.5, min_runs: int = 10, warmup: int = 3
+) -> Speed:
     """ONNX Runtime (CPU) latency at batch 1 and throughput at batch 8, on this machine."""
     session = onnx_session(Path(onnx_path), threads=threads)
     first = session.get_inputs()[0]
@@ -211,10 +228,12 @@ def measure_speed(onnx_path: Path, *, threads: int | None = None, min_seconds: f
     timings = {}
     for batch in (LATENCY_BATCH, THROUGHPUT_BATCH):
         feed = {first.name: rng.standard_normal((batch, *sample_shape)).astype(np.float32)}
-        timings[batch] = _median_seconds(lambda: session.run(None, feed), min_seconds=min_seconds,
-                                         min_runs=min_runs, warmup=warmup)
-    return Speed(latency_b1_ms=timings[LATENCY_BATCH] * 1000.0,
-                 throughput_b8=THROUGHPUT_BATCH / timings[THROUGHPUT_BATCH])
+        timings[batch] = _median_seconds(
+            lambda feed=feed: session.run(None, feed), min_seconds=min_seconds, min_runs=min_runs, warmup=warmup
+        )
+    return Speed(
+        latency_b1_ms=timings[LATENCY_BATCH] * 1000.0, throughput_b8=THROUGHPUT_BATCH / timings[THROUGHPUT_BATCH]
+    )
 
 
 def write_evaluation(evaluation: Evaluation, path: Path) -> Path:

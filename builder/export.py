@@ -58,8 +58,15 @@ def export_onnx(checkpoint: Path, output: Path, *, parity_images: int = 32, simp
     return export_model(model, meta, output, parity=batch, source=checkpoint, simplify=simplify)
 
 
-def export_model(model: torch.nn.Module, meta: ModelMeta, output: Path, *, parity: torch.Tensor,
-                 source: Path | None = None, simplify: bool = True) -> ExportResult:
+def export_model(
+    model: torch.nn.Module,
+    meta: ModelMeta,
+    output: Path,
+    *,
+    parity: torch.Tensor,
+    source: Path | None = None,
+    simplify: bool = True,
+) -> ExportResult:
     """Export an in-memory model; the file appears at `output` only once it passed the parity check."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -43,8 +43,13 @@ def default_device() -> str:
 
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int | None = None, device: str = "cpu",
-                    advance: Callable[..., None] | None = None) -> dict:
+def evaluate_loader(
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int | None = None,
+    device: str = "cpu",
+    advance: Callable[..., None] | None = None,
+) -> dict:
     """Validation loss (plain cross-entropy: comparable across loss settings), accuracy and macro recall.
     `advance(steps=n)` is told of every batch of n images."""
     model.eval()
@@ -66,8 +71,11 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int | Non
         return {"val_loss": 0.0, "val_accuracy": 0.0, "val_macro_recall": 0.0}
     total = max(int(support.sum()), 1)
     present = support > 0
-    return {"val_loss": loss_sum / total, "val_accuracy": float(hits.sum()) / total,
-            "val_macro_recall": float((hits[present] / support[present]).mean()) if present.any() else 0.0}
+    return {
+        "val_loss": loss_sum / total,
+        "val_accuracy": float(hits.sum()) / total,
+        "val_macro_recall": float((hits[present] / support[present]).mean()) if present.any() else 0.0,
+    }
 
 
 def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: str = "cpu") -> float:
@@ -75,10 +83,21 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: str = "cpu")
     return evaluate_loader(model, loader, device=device)["val_accuracy"]
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
-                    criterion: nn.Module, *, accum_steps: int = 1, clip_grad: float | None = None, mixer=None,
-                    device: str = "cpu", scaler: torch.amp.GradScaler | None = None, frozen_backbone: bool = False,
-                    advance: Callable[..., None] | None = None) -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    criterion: nn.Module,
+    *,
+    accum_steps: int = 1,
+    clip_grad: float | None = None,
+    mixer=None,
+    device: str = "cpu",
+    scaler: torch.amp.GradScaler | None = None,
+    frozen_backbone: bool = False,
+    advance: Callable[..., None] | None = None,
+) -> dict:
     """One pass over `loader`. Gradients of `accum_steps` micro-batches (each loss divided by their count)
     add up to one optimizer step, and the scheduler steps with the optimizer."""
     if frozen_backbone:
@@ -121,9 +140,18 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), "lr": last_lr}
 
 
-def finetune(model: nn.Module, loader: DataLoader, *, epochs: float, lr: float, weight_decay: float,
-             device: str | None = None, amp: bool | None = None, label: str = "fine-tune",
-             before_step: Callable[[int], None] | None = None) -> list[dict]:
+def finetune(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    epochs: float,
+    lr: float,
+    weight_decay: float,
+    device: str | None = None,
+    amp: bool | None = None,
+    label: str = "fine-tune",
+    before_step: Callable[[int], None] | None = None,
+) -> list[dict]:
     """A short AdamW run (warmup, then cosine decay; cross-entropy with label smoothing 0.1) of
     `ceil(epochs * len(loader))` steps on `device` (default: the GPU when there is one), with mixed precision
     there unless `amp` is False. `before_step(step)` runs before each step (QAT freezes statistics with it).
@@ -138,7 +166,8 @@ def finetune(model: nn.Module, loader: DataLoader, *, epochs: float, lr: float, 
     total_steps = max(1, math.ceil(epochs * len(loader)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup_steps=max(1, total_steps // 10), total_steps=total_steps))
+        optimizer, lambda s: warmup_cosine(s, warmup_steps=max(1, total_steps // 10), total_steps=total_steps)
+    )
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     model.train()

@@ -6,7 +6,7 @@ produce), so the same criterion serves every augmentation preset.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,14 @@ def resolve_class_weights(setting: str, counts: Sequence[int]) -> torch.Tensor |
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0,
-               weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float = 2.0,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Mean focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p)^gamma per class term.
 
     gamma=0 is exactly `F.cross_entropy` with the same weight and label smoothing, for class-index and
@@ -79,8 +85,9 @@ class FocalLoss(nn.Module):
         return focal_loss(logits, target, gamma=self.gamma, weight=self.weight, label_smoothing=self.label_smoothing)
 
 
-def create_loss(name: str, *, weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                focal_gamma: float = 2.0) -> nn.Module:
+def create_loss(
+    name: str, *, weight: torch.Tensor | None = None, label_smoothing: float = 0.0, focal_gamma: float = 2.0
+) -> nn.Module:
     """`ce` (torch's cross-entropy, which takes probability targets too) or `focal`."""
     if name == "ce":
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)

@@ -5,14 +5,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-DTYPES = {"FP32": pb.TYPE_FP32, "FP16": pb.TYPE_FP16, "INT8": pb.TYPE_INT8, "UINT8": pb.TYPE_UINT8,
-          "INT64": pb.TYPE_INT64}
+DTYPES = {
+    "FP32": pb.TYPE_FP32,
+    "FP16": pb.TYPE_FP16,
+    "INT8": pb.TYPE_INT8,
+    "UINT8": pb.TYPE_UINT8,
+    "INT64": pb.TYPE_INT64,
+}
 # TensorRT engines load only in the TensorRT release they were built with.
 TRITON_TENSORRT = {"24.10": "10.5"}
 DEFAULT_TRITON_RELEASE = "24.10"
@@ -75,10 +80,15 @@ class ModelConfig:
         if self.max_batch_size < 0:
             raise ValueError("max_batch_size must be >= 0")
         # Without batching Triton still runs the dynamic batcher's bounded queue, one request per execution.
-        if self.dynamic_batching is not None and self.max_batch_size == 0 and (
-                self.dynamic_batching.preferred_batch_sizes or self.dynamic_batching.max_queue_delay_us):
-            raise ValueError("with max_batch_size 0 dynamic batching is only a queue: preferred batch sizes and "
-                             "a queue delay need max_batch_size > 0")
+        if (
+            self.dynamic_batching is not None
+            and self.max_batch_size == 0
+            and (self.dynamic_batching.preferred_batch_sizes or self.dynamic_batching.max_queue_delay_us)
+        ):
+            raise ValueError(
+                "with max_batch_size 0 dynamic batching is only a queue: preferred batch sizes and "
+                "a queue delay need max_batch_size > 0"
+            )
         if self.dynamic_batching is not None:
             too_big = [b for b in self.dynamic_batching.preferred_batch_sizes if b > self.max_batch_size]
             if too_big:
@@ -96,8 +106,9 @@ def _tensor(spec: TensorSpec, message) -> None:
 
 
 def to_protobuf(config: ModelConfig) -> pb.ModelConfig:
-    message = pb.ModelConfig(name=config.name, backend=config.backend, platform=config.platform,
-                             max_batch_size=config.max_batch_size)
+    message = pb.ModelConfig(
+        name=config.name, backend=config.backend, platform=config.platform, max_batch_size=config.max_batch_size
+    )
     for spec in config.inputs:
         _tensor(spec, message.input.add())
     for spec in config.outputs:
@@ -189,4 +200,3 @@ def parse(text: str) -> ModelConfig:
         gpu_accelerators=accelerators,
         cuda_graphs=message.optimization.cuda.graphs,
     )
-

@@ -43,13 +43,18 @@ def main() -> None:
     logging.getLogger("modelopt.onnx").addFilter(_DropNvmlError())
     # Arguments as documented in modelopt.onnx.quantization.quantize (TensorRT Model Optimizer, ONNX PTQ).
     quantize(
-        args.source, quantize_mode="int8", calibration_method=args.method,
+        args.source,
+        quantize_mode="int8",
+        calibration_method=args.method,
         # ModelOpt's own reader splits the images into batches of this shape.
-        calibration_data=images, calibration_shapes=f"{input_name}:{batch_shape}",
+        calibration_data=images,
+        calibration_shapes=f"{input_name}:{batch_shape}",
         calibration_eps=["cpu"],  # ONNX Runtime's CPU provider: no GPU needed to calibrate
         # The layers left unquantized stay FP32 in the file: whether TensorRT runs them in FP16 is the engine
         # build's choice, and ONNX Runtime on the CPU, which measures the file, runs FP32 anyway.
-        high_precision_dtype="fp32", output_path=args.output, log_level="WARNING",
+        high_precision_dtype="fp32",
+        output_path=args.output,
+        log_level="WARNING",
     )
 
 

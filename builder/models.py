@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,8 +28,9 @@ class DropoutLinear(nn.Linear):
         return super().forward(self.dropout(x))
 
 
-def create_model(arch: str, *, num_classes: int, in_channels: int = 3, image_size: int = 224,
-                 dropout: float | None = None) -> nn.Module:
+def create_model(
+    arch: str, *, num_classes: int, in_channels: int = 3, image_size: int = 224, dropout: float | None = None
+) -> nn.Module:
     """An untrained torchvision classifier for `in_channels` x `image_size` x `image_size` inputs.
 
     `dropout`: probability of dropping the features entering the classifier (None: the architecture's
@@ -53,9 +54,7 @@ def create_model(arch: str, *, num_classes: int, in_channels: int = 3, image_siz
     else:
         first = model.features[0][0]
         if small or in_channels != 3:
-            model.features[0][0] = nn.Conv2d(
-                in_channels, first.out_channels, 3, 1 if small else 2, 1, bias=False
-            )
+            model.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, 1 if small else 2, 1, bias=False)
     return model
 
 

@@ -22,8 +22,13 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> 
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         # In eval mode the exporter folds each BatchNorm into the convolution before it.
         torch.onnx.export(
-            model.eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model.eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
     return onnx.load(str(path))

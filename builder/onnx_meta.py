@@ -81,23 +81,29 @@ class OnnxMeta:
     props: Mapping[str, str] = field(default_factory=dict, repr=False)  # every entry, as written
 
     @classmethod
-    def from_props(cls, props: Mapping[str, str], *, source: Path | str = "the ONNX file") -> "OnnxMeta":
+    def from_props(cls, props: Mapping[str, str], *, source: Path | str = "the ONNX file") -> OnnxMeta:
         """Parse metadata_props; OnnxFileError names `source` when an entry this builder writes is malformed."""
         try:
             recipe = json.loads(props["dataset"]) if props.get("dataset") else {}
             return cls(
                 preprocess=PreprocessSpec.from_dict(json.loads(props["preprocess"])) if "preprocess" in props else None,
                 classes=tuple(str(label) for label in json.loads(props.get("labels") or "[]")),
-                dataset_recipe=dataset_recipe({"dataset": recipe.get("source", "digits"),
-                                               "val_fraction": recipe.get("val_fraction", 0.2),
-                                               "seed": recipe.get("seed", 0)}),
-                has_dataset="dataset" in props, props=dict(props),
+                dataset_recipe=dataset_recipe(
+                    {
+                        "dataset": recipe.get("source", "digits"),
+                        "val_fraction": recipe.get("val_fraction", 0.2),
+                        "seed": recipe.get("seed", 0),
+                    }
+                ),
+                has_dataset="dataset" in props,
+                props=dict(props),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise OnnxFileError(f"{source}: its metadata (preprocess, labels or dataset) is malformed: "
-                                f"{error_line(e)}") from e
+            raise OnnxFileError(
+                f"{source}: its metadata (preprocess, labels or dataset) is malformed: {error_line(e)}"
+            ) from e
 
-    def with_dataset(self, source: str) -> "OnnxMeta":
+    def with_dataset(self, source: str) -> OnnxMeta:
         return replace(self, dataset_recipe={**self.dataset_recipe, "source": source})
 
 

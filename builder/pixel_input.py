@@ -26,8 +26,9 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def normalization_prefix(input_name: str, spec: PreprocessSpec, opset: int, ir_version: int,
-                         batch: int | str = "batch") -> onnx.ModelProto:
+def normalization_prefix(
+    input_name: str, spec: PreprocessSpec, opset: int, ir_version: int, batch: int | str = "batch"
+) -> onnx.ModelProto:
     """uint8 N x H x W x C -> float32 N x C x H x W, normalized as `spec` says; N is `batch`."""
     mean, std = np.asarray(spec.mean, dtype=np.float64), np.asarray(spec.std, dtype=np.float64)
     shape = (1, spec.channels, 1, 1)
@@ -40,11 +41,18 @@ def normalization_prefix(input_name: str, spec: PreprocessSpec, opset: int, ir_v
         helper.make_node("Add", ["pixel_input.scaled", "pixel_input.shift"], [NORMALIZED]),
     ]
     graph = helper.make_graph(
-        nodes, "pixel_input",
-        [helper.make_tensor_value_info(input_name, TensorProto.UINT8,
-                                       [batch, spec.image_size, spec.image_size, spec.channels])],
-        [helper.make_tensor_value_info(NORMALIZED, TensorProto.FLOAT,
-                                       [batch, spec.channels, spec.image_size, spec.image_size])],
+        nodes,
+        "pixel_input",
+        [
+            helper.make_tensor_value_info(
+                input_name, TensorProto.UINT8, [batch, spec.image_size, spec.image_size, spec.channels]
+            )
+        ],
+        [
+            helper.make_tensor_value_info(
+                NORMALIZED, TensorProto.FLOAT, [batch, spec.channels, spec.image_size, spec.image_size]
+            )
+        ],
         initializer=[scale, shift],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)

@@ -29,8 +29,15 @@ def onnx_sha256(onnx_path: Path) -> str:
     """SHA-256 of an ONNX model's file; with external weights, of the file's and their files' digests."""
     onnx_path = Path(onnx_path)
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    locations = sorted({entry.value for tensor in proto.graph.initializer if uses_external_data(tensor)
-                        for entry in tensor.external_data if entry.key == "location"})
+    locations = sorted(
+        {
+            entry.value
+            for tensor in proto.graph.initializer
+            if uses_external_data(tensor)
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
     if not locations:
         return file_sha256(onnx_path)
     digest = hashlib.sha256(file_sha256(onnx_path).encode())
@@ -47,5 +54,7 @@ def read_engine_info(plan_path: Path) -> dict:
     try:
         return json.loads(info_path.read_text())
     except (OSError, ValueError) as e:
-        raise EngineError(f"{info_path} (the TensorRT version and GPU of {plan_path.name}) is missing or "
-                          f"unreadable; rebuild the engine with `builder engine`") from e
+        raise EngineError(
+            f"{info_path} (the TensorRT version and GPU of {plan_path.name}) is missing or "
+            f"unreadable; rebuild the engine with `builder engine`"
+        ) from e

@@ -7,11 +7,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
 )
 
 console = Console(stderr=True)
@@ -22,14 +27,20 @@ PLAIN_INTERVAL_S = 30.0
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, *, total: int, unit: str = "steps",
-                 transient: bool = False) -> Iterator[Callable[..., None]]:
+def progress_bar(
+    description: str, *, total: int, unit: str = "steps", transient: bool = False
+) -> Iterator[Callable[..., None]]:
     """Yields `advance(status="", steps=1)`: `steps` more of `total` done, with a short live status such as
     the running loss. `transient` bars disappear from the terminal when done."""
     if console.is_terminal:
         columns = (
-            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn(unit), TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
         )
         with Progress(*columns, console=console, transient=transient) as progress:
             task = progress.add_task(description, total=total, status="")
@@ -50,7 +61,8 @@ def progress_bar(description: str, *, total: int, unit: str = "steps",
         now = time.monotonic()
         if now - last_line >= PLAIN_INTERVAL_S:
             last_line = now
-            log.info("%s: %d/%d %s, %.0f s%s", description, done, total, unit, now - started,
-                     f", {status}" if status else "")
+            log.info(
+                "%s: %d/%d %s, %.0f s%s", description, done, total, unit, now - started, f", {status}" if status else ""
+            )
 
     yield advance

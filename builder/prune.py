@@ -78,6 +78,7 @@ class PruneResult:
 
 # ---- pruning ----
 
+
 def _classifier(model: nn.Module, num_classes: int) -> list[nn.Module]:
     # The output layer keeps one unit per class.
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
@@ -95,21 +96,31 @@ def make_pruner(model: nn.Module, meta: ModelMeta, config: PruneConfig):
     importance = tp.importance.MagnitudeImportance(p=1 if config.importance == "l1" else 2)
     try:
         return tp.pruner.MetaPruner(
-            model, example, importance=importance, global_pruning=config.scope == "global",
-            pruning_ratio=MAX_LAYER_PRUNING, max_pruning_ratio=MAX_LAYER_PRUNING,
-            iterative_steps=config.increments, ignored_layers=_classifier(model, meta.num_classes),
+            model,
+            example,
+            importance=importance,
+            global_pruning=config.scope == "global",
+            pruning_ratio=MAX_LAYER_PRUNING,
+            max_pruning_ratio=MAX_LAYER_PRUNING,
+            iterative_steps=config.increments,
+            ignored_layers=_classifier(model, meta.num_classes),
             round_to=config.round_to,
         )
     except Exception as e:  # the dependency graph fails on operations it cannot trace through
         raise PruneError(f"Torch-Pruning cannot build the dependency graph of {meta.arch}: {e}") from e
 
 
-def prune_model(model: nn.Module, meta: ModelMeta, config: PruneConfig, dataset: ImageDataset | None = None,
-                ) -> tuple[nn.Module, list[dict]]:
+def prune_model(
+    model: nn.Module,
+    meta: ModelMeta,
+    config: PruneConfig,
+    dataset: ImageDataset | None = None,
+) -> tuple[nn.Module, list[dict]]:
     """Prune in `config.steps` rounds to the target, fine-tuning after each; returns the model and history."""
     if meta.arch not in PRUNABLE_ARCHITECTURES:
-        raise PruneError(f"architecture {meta.arch!r} cannot be pruned here; prunable: "
-                         f"{', '.join(PRUNABLE_ARCHITECTURES)}")
+        raise PruneError(
+            f"architecture {meta.arch!r} cannot be pruned here; prunable: {', '.join(PRUNABLE_ARCHITECTURES)}"
+        )
     seed_everything(config.seed)
     input_shape = meta.input_shape
     _, _, original = _measure(model, input_shape, config.target)
@@ -123,13 +134,22 @@ def prune_model(model: nn.Module, meta: ModelMeta, config: PruneConfig, dataset:
             pruner.step()
             macs, params, current = _measure(model, input_shape, config.target)
         if current > goal:
-            raise PruneError(f"could not reach {config.keep_ratio:.0%} of the {config.target} "
-                             f"(stopped at {current / original:.0%}); raise --keep-ratio")
+            raise PruneError(
+                f"could not reach {config.keep_ratio:.0%} of the {config.target} "
+                f"(stopped at {current / original:.0%}); raise --keep-ratio"
+            )
         accuracy = finetune(model, meta, config, dataset) if config.finetune_epochs > 0 else None
-        history.append({"step": step, "macs": macs, "params": params, "kept": current / original,
-                        "val_accuracy": accuracy})
-        log.info("prune step %d/%d: %s at %.1f%% of the original, val accuracy %s", step, config.steps,
-                 config.target, 100 * current / original, "n/a" if accuracy is None else f"{accuracy:.4f}")
+        history.append(
+            {"step": step, "macs": macs, "params": params, "kept": current / original, "val_accuracy": accuracy}
+        )
+        log.info(
+            "prune step %d/%d: %s at %.1f%% of the original, val accuracy %s",
+            step,
+            config.steps,
+            config.target,
+            100 * current / original,
+            "n/a" if accuracy is None else f"{accuracy:.4f}",
+        )
     return model, history
 
 
@@ -137,18 +157,22 @@ def finetune(model: nn.Module, meta: ModelMeta, config: PruneConfig, dataset: Im
     """A short fine-tune on the training split (on the GPU when there is one); returns val accuracy."""
     dataset = dataset or load_run_dataset(meta.dataset_recipe)
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(TorchSplit(dataset.train, dataset.color_mode, train_transform(meta.spec)),
-                        batch_size=config.batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(
+        TorchSplit(dataset.train, dataset.color_mode, train_transform(meta.spec)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+    )
     run_finetune(model, loader, epochs=config.finetune_epochs, lr=config.lr, weight_decay=0.01)
-    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(meta.spec)),
-                            batch_size=128)
+    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(meta.spec)), batch_size=128)
     accuracy = evaluate_accuracy(model, val_loader)
     model.eval()
     return accuracy
 
 
-def prune(checkpoint: Path, output: Path, config: PruneConfig = PruneConfig(),
-          dataset: ImageDataset | None = None) -> PruneResult:
+def prune(
+    checkpoint: Path, output: Path, config: PruneConfig = PruneConfig(), dataset: ImageDataset | None = None
+) -> PruneResult:
     """Prune the model of `checkpoint` and write the smaller network to `output` (a reloadable checkpoint)."""
     started = time.monotonic()
     model, meta = load_model(checkpoint)
@@ -158,12 +182,26 @@ def prune(checkpoint: Path, output: Path, config: PruneConfig = PruneConfig(),
     macs_after, params_after = count_macs_and_params(model, input_shape)
     accuracy = history[-1]["val_accuracy"] if history else None
     pruned_meta = meta.replace(
-        val_accuracy=accuracy if accuracy is not None else meta.val_accuracy, layer_shapes=layer_shapes(model),
-        pruning={**asdict(config), "source_checkpoint": str(Path(checkpoint).resolve()),
-                 "macs_before": macs_before, "macs_after": macs_after,
-                 "params_before": params_before, "params_after": params_after, "history": history})
+        val_accuracy=accuracy if accuracy is not None else meta.val_accuracy,
+        layer_shapes=layer_shapes(model),
+        pruning={
+            **asdict(config),
+            "source_checkpoint": str(Path(checkpoint).resolve()),
+            "macs_before": macs_before,
+            "macs_after": macs_after,
+            "params_before": params_before,
+            "params_after": params_after,
+            "history": history,
+        },
+    )
     save_model(model, pruned_meta, output)
-    log.info("pruned %s -> %s: MACs %.1f%%, parameters %.1f%% of the original", checkpoint, output,
-             100 * macs_after / macs_before, 100 * params_after / params_before)
-    return PruneResult(Path(output), macs_before, macs_after, params_before, params_after,
-                       time.monotonic() - started, history)
+    log.info(
+        "pruned %s -> %s: MACs %.1f%%, parameters %.1f%% of the original",
+        checkpoint,
+        output,
+        100 * macs_after / macs_before,
+        100 * params_after / params_before,
+    )
+    return PruneResult(
+        Path(output), macs_before, macs_after, params_before, params_after, time.monotonic() - started, history
+    )

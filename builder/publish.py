@@ -28,9 +28,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import onnx
 from onnx.external_data_helper import uses_external_data
@@ -38,8 +38,8 @@ from onnx.external_data_helper import uses_external_data
 from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec
 
 from . import model_config
-from .model_config import DEFAULT_TRITON_RELEASE, DEFAULT_TRT_CACHE_ROOT, TRITON_TENSORRT
 from .errors import PublishError, error_line
+from .model_config import DEFAULT_TRITON_RELEASE, DEFAULT_TRT_CACHE_ROOT, TRITON_TENSORRT
 from .onnx_meta import OnnxMeta, load_onnx, metadata_of
 from .pixel_input import add_pixel_input
 from .plans import file_sha256, onnx_sha256, read_engine_info
@@ -101,9 +101,13 @@ class PublishSettings:
         for key, value in TARGET_DEFAULTS[self.target].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
-        object.__setattr__(self, "preferred_batch_sizes",
-                           fit_preferred_batch_sizes(self.preferred_batch_sizes, self.max_batch_size,
-                                                     self.preferred_batch_sizes_given, "--max-batch-size"))
+        object.__setattr__(
+            self,
+            "preferred_batch_sizes",
+            fit_preferred_batch_sizes(
+                self.preferred_batch_sizes, self.max_batch_size, self.preferred_batch_sizes_given, "--max-batch-size"
+            ),
+        )
         if self.instance_count < 1:
             raise PublishError(f"instance_count {self.instance_count}: at least 1 instance")
         if self.intra_op_threads < 0:
@@ -188,11 +192,14 @@ def _check_batch_axis(model: OnnxClassifier) -> bool:
         f"input {model.input_name!r} has a fixed batch of {model.batch_size}; export the model with a dynamic "
         f"batch axis (builder export does; with torch.onnx.export, dynamic_shapes=({{0: 'batch'}},), or "
         f"dynamic_axes={{{model.input_name!r}: {{0: 'batch'}}, ...}} for the input and every output with "
-        f"dynamo=False)")
+        f"dynamo=False)"
+    )
 
 
 def _next_version(model_dir: Path) -> int:
-    versions = [int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit()] if model_dir.exists() else []
+    versions = (
+        [int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit()] if model_dir.exists() else []
+    )
     return max(versions, default=0) + 1
 
 
@@ -203,8 +210,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels: Sequence[str],
-                 settings: PublishSettings) -> model_config.ModelConfig:
+def build_config(
+    name: str, model: OnnxClassifier, spec: PreprocessSpec, labels: Sequence[str], settings: PublishSettings
+) -> model_config.ModelConfig:
     parameters = {**spec.to_parameters(), LABELS_PARAMETER: json.dumps(list(labels))}
     if settings.target == "cpu":
         parameters["onnxruntime.intra_op_threads"] = str(settings.intra_op_threads)
@@ -215,15 +223,17 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
     batch_axis = () if batching else (model.batch_size,)
     if settings.pixel_input:
         model_input = model_config.TensorSpec(
-            model.input_name, (*batch_axis, spec.image_size, spec.image_size, spec.channels), data_type=PIXEL_DATATYPE)
+            model.input_name, (*batch_axis, spec.image_size, spec.image_size, spec.channels), data_type=PIXEL_DATATYPE
+        )
     else:
         model_input = model_config.TensorSpec(model.input_name, (*batch_axis, *model.input_dims))
     return model_config.ModelConfig(
         name=name,
         inputs=(model_input,),
         outputs=tuple(
-            model_config.TensorSpec(out, (*batch_axis, model.num_classes),
-                                    label_filename="labels.txt" if i == 0 else None)
+            model_config.TensorSpec(
+                out, (*batch_axis, model.num_classes), label_filename="labels.txt" if i == 0 else None
+            )
             for i, out in enumerate(model.output_names)
         ),
         backend="onnxruntime" if gpu else "python",
@@ -234,7 +244,9 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
             preferred_batch_sizes=settings.preferred_batch_sizes if batching else (),
             max_queue_delay_us=settings.max_queue_delay_us if batching else 0,
             max_queue_size=settings.max_queue_size,
-        ) if settings.dynamic_batching else None,
+        )
+        if settings.dynamic_batching
+        else None,
         instance_count=settings.instance_count,
         instance_kind="KIND_GPU" if gpu else "KIND_CPU",
         version_policy=settings.version_policy,
@@ -244,8 +256,9 @@ def build_config(name: str, model: OnnxClassifier, spec: PreprocessSpec, labels:
     )
 
 
-def tensorrt_accelerator(name: str, settings: PublishSettings,
-                         model_input: model_config.TensorSpec) -> model_config.ExecutionAccelerator:
+def tensorrt_accelerator(
+    name: str, settings: PublishSettings, model_input: model_config.TensorSpec
+) -> model_config.ExecutionAccelerator:
     """ONNX Runtime's TensorRT provider: the engine is built on the serving GPU at load time, then cached.
 
     Keys as Triton 24.10's ONNX Runtime backend forwards them (its README's parameter table; it refuses
@@ -270,8 +283,11 @@ def tensorrt_accelerator(name: str, settings: PublishSettings,
     return model_config.ExecutionAccelerator("tensorrt", parameters)
 
 
-def resolve_interface(onnx_path: Path, spec: PreprocessSpec | None, labels: Sequence[str] | None,
-                      ) -> tuple[OnnxClassifier, PreprocessSpec, list[str]]:
+def resolve_interface(
+    onnx_path: Path,
+    spec: PreprocessSpec | None,
+    labels: Sequence[str] | None,
+) -> tuple[OnnxClassifier, PreprocessSpec, list[str]]:
     """The model's tensors, preprocessing and labels: given ones win over the file's metadata."""
     model = inspect_onnx(onnx_path)
     embedded = OnnxMeta.from_props(model.metadata, source=onnx_path)
@@ -306,8 +322,12 @@ def publish(
     _check_name(name)
     model, spec, labels = resolve_interface(onnx_path, spec, labels)
     config = build_config(name, model, spec, labels, settings)
-    lineage = {"source_onnx": str(Path(onnx_path).resolve()), "onnx_metadata": model.metadata,
-               "target": settings.target, "pixel_input": settings.pixel_input}
+    lineage = {
+        "source_onnx": str(Path(onnx_path).resolve()),
+        "onnx_metadata": model.metadata,
+        "target": settings.target,
+        "pixel_input": settings.pixel_input,
+    }
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
         onnx_path = _self_contained(Path(onnx_path), Path(tmp) / "inline.onnx")
         if settings.pixel_input:
@@ -347,32 +367,43 @@ def _serving_compute_capability(settings: PublishSettings) -> str:
             return f"{major}.{minor}"
     except ImportError:
         pass
-    raise PublishError("no GPU is visible here to compare the plan's compute capability with: give the serving "
-                       "GPUs' with --compute-capability (nvidia-smi --query-gpu=compute_cap --format=csv,noheader)")
+    raise PublishError(
+        "no GPU is visible here to compare the plan's compute capability with: give the serving "
+        "GPUs' with --compute-capability (nvidia-smi --query-gpu=compute_cap --format=csv,noheader)"
+    )
 
 
 def _check_plan(plan_path: Path, onnx_path: Path, info: dict, settings: PublishSettings) -> int:
     """Refuse a plan that would not load or not answer in Triton; returns the max batch it is published with."""
     if info.get("plan_sha256") != file_sha256(plan_path):
-        raise PublishError(f"the record beside {plan_path} does not describe it (another build's, or from before "
-                           f"plans were hashed): rebuild the engine with `builder engine`")
+        raise PublishError(
+            f"the record beside {plan_path} does not describe it (another build's, or from before "
+            f"plans were hashed): rebuild the engine with `builder engine`"
+        )
     built_for, serving = str(info.get("compute_capability", "unknown")), _serving_compute_capability(settings)
     if built_for != serving:
         # An engine is specific to the GPU generation it was built on; Triton fails to deserialize it elsewhere.
-        raise PublishError(f"{plan_path} was built for compute capability {built_for} but the serving GPU has "
-                           f"{serving}: build the engine on the serving GPU, or publish the ONNX model with "
-                           "--target gpu")
+        raise PublishError(
+            f"{plan_path} was built for compute capability {built_for} but the serving GPU has "
+            f"{serving}: build the engine on the serving GPU, or publish the ONNX model with "
+            "--target gpu"
+        )
     min_batch = int(info.get("min_batch", 1))
     if min_batch != 1:
         # Triton's TensorRT backend refuses a batch outside the profile; a request alone is a batch of 1.
-        raise PublishError(f"{plan_path}'s optimization profile starts at batch {min_batch}, so a request "
-                           "Triton runs alone would fail: rebuild it with `builder engine --min-batch 1`")
+        raise PublishError(
+            f"{plan_path}'s optimization profile starts at batch {min_batch}, so a request "
+            "Triton runs alone would fail: rebuild it with `builder engine --min-batch 1`"
+        )
     if info.get("source_onnx_sha256") != onnx_sha256(onnx_path):
-        raise PublishError(f"{plan_path} was not built from {onnx_path} (its record names another model): give "
-                           f"--onnx the file the engine was built from, or rebuild the engine from this one")
+        raise PublishError(
+            f"{plan_path} was not built from {onnx_path} (its record names another model): give "
+            f"--onnx the file the engine was built from, or rebuild the engine from this one"
+        )
     max_batch = min(settings.max_batch_size, int(info.get("max_batch", settings.max_batch_size)))
-    fit_preferred_batch_sizes(settings.preferred_batch_sizes, max_batch, settings.preferred_batch_sizes_given,
-                              "the plan's max batch")
+    fit_preferred_batch_sizes(
+        settings.preferred_batch_sizes, max_batch, settings.preferred_batch_sizes_given, "the plan's max batch"
+    )
     return max_batch
 
 
@@ -386,9 +417,16 @@ def _self_contained(path: Path, inline: Path) -> Path:
     return inline
 
 
-def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, *,
-                 spec: PreprocessSpec | None = None, labels: Sequence[str] | None = None,
-                 settings: PublishSettings = PublishSettings(target="gpu")) -> PublishedVersion:
+def publish_plan(
+    plan_path: Path,
+    onnx_path: Path,
+    repository: Path,
+    name: str,
+    *,
+    spec: PreprocessSpec | None = None,
+    labels: Sequence[str] | None = None,
+    settings: PublishSettings = PublishSettings(target="gpu"),
+) -> PublishedVersion:
     """Publish a TensorRT engine for Triton's TensorRT backend; `onnx_path` is the model it was built from.
 
     Refused unless the TensorRT version recorded beside the plan is the one the target Triton loads.
@@ -397,8 +435,10 @@ def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, 
     if settings.target != "gpu":
         raise PublishError("a TensorRT plan runs only on a GPU: publish it with --target gpu")
     if settings.pixel_input:
-        raise PublishError("a TensorRT plan keeps the float input it was built with; publish it without "
-                           "--pixel-input, or publish the ONNX model with --target gpu --pixel-input")
+        raise PublishError(
+            "a TensorRT plan keeps the float input it was built with; publish it without "
+            "--pixel-input, or publish the ONNX model with --target gpu --pixel-input"
+        )
     info = read_engine_info(plan_path)
     wanted = TRITON_TENSORRT[settings.triton_release]
     built = ".".join(str(info.get("tensorrt_version", "unknown")).split(".")[:2])
@@ -414,20 +454,24 @@ def publish_plan(plan_path: Path, onnx_path: Path, repository: Path, name: str, 
     gpu_onnx = build_config(name, model, spec, labels, settings)
     batching = gpu_onnx.dynamic_batching and dataclasses.replace(
         gpu_onnx.dynamic_batching,
-        preferred_batch_sizes=fit_preferred_batch_sizes(settings.preferred_batch_sizes, max_batch, False, ""))
+        preferred_batch_sizes=fit_preferred_batch_sizes(settings.preferred_batch_sizes, max_batch, False, ""),
+    )
     config = dataclasses.replace(
-        gpu_onnx, backend="tensorrt", platform="tensorrt_plan", gpu_accelerators=(), max_batch_size=max_batch,
-        dynamic_batching=batching, cuda_graphs=settings.cuda_graphs,
+        gpu_onnx,
+        backend="tensorrt",
+        platform="tensorrt_plan",
+        gpu_accelerators=(),
+        max_batch_size=max_batch,
+        dynamic_batching=batching,
+        cuda_graphs=settings.cuda_graphs,
     )
     lineage = {"source_onnx": str(Path(onnx_path).resolve()), "engine": info, "target": "gpu"}
-    return _publish_files({"model.plan": Path(plan_path)}, Path(repository), name, config, labels, lineage,
-                          settings)
+    return _publish_files({"model.plan": Path(plan_path)}, Path(repository), name, config, labels, lineage, settings)
 
 
 def _interface_parameters(config: model_config.ModelConfig) -> dict[str, str]:
     """The parameters every served version of a model is preprocessed and labelled by."""
-    return {k: v for k, v in config.parameters.items()
-            if k.startswith(PARAMETER_PREFIX) or k == LABELS_PARAMETER}
+    return {k: v for k, v in config.parameters.items() if k.startswith(PARAMETER_PREFIX) or k == LABELS_PARAMETER}
 
 
 def _check_shared_interface(model_dir: Path, config: model_config.ModelConfig) -> None:
@@ -442,18 +486,29 @@ def _check_shared_interface(model_dir: Path, config: model_config.ModelConfig) -
         served = model_config.parse(existing.read_text())
     except Exception:  # an unreadable config is replaced, as before
         return
-    changed = sorted(k for k in _interface_parameters(served).keys() | _interface_parameters(config).keys()
-                     if _interface_parameters(served).get(k) != _interface_parameters(config).get(k))
+    changed = sorted(
+        k
+        for k in _interface_parameters(served).keys() | _interface_parameters(config).keys()
+        if _interface_parameters(served).get(k) != _interface_parameters(config).get(k)
+    )
     if changed:
         what = "labels" if changed == [LABELS_PARAMETER] else "preprocessing or labels"
         raise PublishError(
             f"model {model_dir.name} would serve its older versions beside this one (version policy "
             f"{config.version_policy}), and they share one config: this version's {what} differ "
-            f"({', '.join(changed)}); publish it under another name, or with --version-policy latest")
+            f"({', '.join(changed)}); publish it under another name, or with --version-policy latest"
+        )
 
 
-def _publish_files(files: dict[str, Path], repository: Path, name: str, config: model_config.ModelConfig,
-                   labels: Sequence[str], lineage: dict, settings: PublishSettings) -> PublishedVersion:
+def _publish_files(
+    files: dict[str, Path],
+    repository: Path,
+    name: str,
+    config: model_config.ModelConfig,
+    labels: Sequence[str],
+    lineage: dict,
+    settings: PublishSettings,
+) -> PublishedVersion:
     _check_shared_interface(Path(repository) / name, config)
     try:
         repository.mkdir(parents=True, exist_ok=True)
@@ -506,8 +561,9 @@ def load_in_triton(url: str, name: str, version: int) -> None:
     except InferenceServerException as e:
         if "polling is enabled" in str(e):
             return  # poll mode: the server picks the new version up on its next scan
-        raise PublishError(f"version {version} of {name} is published, but Triton at {url} could not load it: "
-                           f"{e.message() or e}") from e
+        raise PublishError(
+            f"version {version} of {name} is published, but Triton at {url} could not load it: {e.message() or e}"
+        ) from e
     except ConnectionError as e:
         raise PublishError(f"version {version} of {name} is published, but Triton at {url} is unreachable") from e
 
@@ -519,8 +575,14 @@ def _stage_version(version_dir: Path, files: dict[str, Path], lineage: dict) -> 
     (version_dir / "build.json").write_text(json.dumps(lineage, indent=2, default=str))
 
 
-def _write_version(files: dict[str, Path], repository: Path, name: str, config: model_config.ModelConfig,
-                   labels: Sequence[str], lineage: dict) -> PublishedVersion:
+def _write_version(
+    files: dict[str, Path],
+    repository: Path,
+    name: str,
+    config: model_config.ModelConfig,
+    labels: Sequence[str],
+    lineage: dict,
+) -> PublishedVersion:
     model_dir = repository / name
     version = _next_version(model_dir)
     lineage = {
@@ -556,8 +618,9 @@ def _write_version(files: dict[str, Path], repository: Path, name: str, config: 
     return PublishedVersion(model_dir, version)
 
 
-def _publish_new_model(model_dir: Path, version: int, files: dict[str, Path], lineage: dict, config_text: str,
-                       labels_text: str) -> bool:
+def _publish_new_model(
+    model_dir: Path, version: int, files: dict[str, Path], lineage: dict, config_text: str, labels_text: str
+) -> bool:
     """Stage a whole new model beside the repository and rename it in; False where that cannot be done.
 
     Triton treats every folder of the repository as a model, hidden ones too, so the staging folder

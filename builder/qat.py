@@ -97,6 +97,7 @@ class QATResult:
 
 # ---- fake quantization ----
 
+
 def qconfig():
     """uint8 per-tensor affine activations in [0, 127], int8 per-channel symmetric weights.
 
@@ -110,14 +111,30 @@ def qconfig():
     fake_quantize_per_{tensor,channel}_affine, only for the (0, 255), (0, 127) and (-128, 127) ranges;
     it writes (0, 127) as QuantizeLinear, Clip, DequantizeLinear, which ONNX Runtime still fuses.
     """
-    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, \
-        MovingAveragePerChannelMinMaxObserver, QConfig
+    from torch.ao.quantization import (
+        FakeQuantize,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        QConfig,
+    )
 
-    activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=ACTIVATION_MAX,
-                                        dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False)
-    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
-                                    dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0,
-                                    reduce_range=False)
+    activation = FakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver,
+        quant_min=0,
+        quant_max=ACTIVATION_MAX,
+        dtype=torch.quint8,
+        qscheme=torch.per_tensor_affine,
+        reduce_range=False,
+    )
+    weight = FakeQuantize.with_args(
+        observer=MovingAveragePerChannelMinMaxObserver,
+        quant_min=-128,
+        quant_max=127,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        reduce_range=False,
+    )
     return QConfig(activation=activation, weight=weight)
 
 
@@ -142,8 +159,7 @@ def prepare(model: nn.Module, meta: ModelMeta) -> torch.fx.GraphModule:
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     if meta.arch not in QAT_ARCHITECTURES:
-        raise QATError(f"architecture {meta.arch!r} is not supported by QAT; supported: "
-                       f"{', '.join(QAT_ARCHITECTURES)}")
+        raise QATError(f"architecture {meta.arch!r} is not supported by QAT; supported: {', '.join(QAT_ARCHITECTURES)}")
     example = torch.zeros(1, *meta.input_shape)
     model = copy.deepcopy(model).train()
     try:
@@ -168,11 +184,16 @@ def freeze_bn(model: nn.Module) -> None:
 
 # ---- fine-tuning ----
 
+
 def finetune(prepared: nn.Module, meta: ModelMeta, config: QATConfig, dataset: ImageDataset) -> list[dict]:
     """Fine-tune with the training transform (on the GPU when there is one); freezes BN, then scales."""
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(TorchSplit(dataset.train, dataset.color_mode, train_transform(meta.spec)),
-                        batch_size=config.batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(
+        TorchSplit(dataset.train, dataset.color_mode, train_transform(meta.spec)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+    )
     total_steps = max(1, math.ceil(config.epochs * len(loader)))
     freeze_bn_step = int(config.freeze_bn_after * total_steps)
     freeze_observer_step = max(1, int(config.freeze_observers_after * total_steps))  # observe at least once
@@ -185,8 +206,16 @@ def finetune(prepared: nn.Module, meta: ModelMeta, config: QATConfig, dataset: I
 
     # Full precision: the observers set the INT8 scales from what they see, and the exported graph is
     # checked against this model in float32.
-    history = run_finetune(prepared, loader, epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
-                           amp=False, label="QAT", before_step=before_step)
+    history = run_finetune(
+        prepared,
+        loader,
+        epochs=config.epochs,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        amp=False,
+        label="QAT",
+        before_step=before_step,
+    )
     freeze_bn(prepared)
     freeze_observers(prepared)
     prepared.eval()
@@ -194,6 +223,7 @@ def finetune(prepared: nn.Module, meta: ModelMeta, config: QATConfig, dataset: I
 
 
 # ---- export ----
+
 
 class FoldedConv(nn.Module):
     """A Conv+BN(+ReLU) QAT module in eval mode, BN folded into the weight and bias: same output."""
@@ -214,8 +244,9 @@ class FoldedConv(nn.Module):
         self.relu = isinstance(fused, _conv_bn_relu_types())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.conv2d(x, self.weight_fake_quant(self.weight), self.bias, self.stride, self.padding,
-                                 self.dilation, self.groups)
+        y = nn.functional.conv2d(
+            x, self.weight_fake_quant(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
         return nn.functional.relu(y) if self.relu else y
 
 
@@ -266,8 +297,9 @@ def _quantize_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
                     shape[axis] = -1
                 info = np.iinfo(zero_point.dtype)
                 q = np.rint(x / scale.reshape(shape)) + zero_point.astype(np.int64).reshape(shape)
-                added.append(numpy_helper.from_array(np.clip(q, info.min, info.max).astype(zero_point.dtype),
-                                                     node.output[0]))
+                added.append(
+                    numpy_helper.from_array(np.clip(q, info.min, info.max).astype(zero_point.dtype), node.output[0])
+                )
                 continue
         kept.append(node)
     del proto.graph.node[:]
@@ -310,8 +342,9 @@ def _drop_relu_before_quantize(proto: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type != "Relu" or node.output[0] in outputs:
             continue
         readers = consumers.get(node.output[0], [])
-        if readers and all(r.op_type == "QuantizeLinear" and len(r.input) == 3 and unsigned_zero(r.input[2])
-                           for r in readers):
+        if readers and all(
+            r.op_type == "QuantizeLinear" and len(r.input) == 3 and unsigned_zero(r.input[2]) for r in readers
+        ):
             for reader in readers:
                 reader.input[0] = node.input[0]
             dropped.append(node)
@@ -328,10 +361,14 @@ def _scalar_quantization_parameters(proto: onnx.ModelProto) -> onnx.ModelProto:
             users.setdefault(name, set()).add((node.op_type, position))
     for initializer in proto.graph.initializer:
         uses = users.get(initializer.name, set())
-        if (list(initializer.dims) == [1] and uses
-                and all(op in ("QuantizeLinear", "DequantizeLinear") and position > 0 for op, position in uses)):
-            initializer.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(initializer).reshape(()),
-                                                         initializer.name))
+        if (
+            list(initializer.dims) == [1]
+            and uses
+            and all(op in ("QuantizeLinear", "DequantizeLinear") and position > 0 for op, position in uses)
+        ):
+            initializer.CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(initializer).reshape(()), initializer.name)
+            )
     return proto
 
 
@@ -351,7 +388,7 @@ def top1_agreement(onnx_path: Path, model: nn.Module, images: torch.Tensor, batc
     model.eval()
     agree = 0
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
+        batch = images[start : start + batch_size]
         (onnx_logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})
         with torch.no_grad():
             torch_logits = model(batch).numpy()
@@ -359,8 +396,15 @@ def top1_agreement(onnx_path: Path, model: nn.Module, images: torch.Tensor, batc
     return agree / max(1, len(images))
 
 
-def export_qat(prepared: torch.fx.GraphModule, meta: ModelMeta, output: Path, *, parity: torch.Tensor,
-               metadata: dict[str, str], min_agreement: float = MIN_AGREEMENT) -> float:
+def export_qat(
+    prepared: torch.fx.GraphModule,
+    meta: ModelMeta,
+    output: Path,
+    *,
+    parity: torch.Tensor,
+    metadata: dict[str, str],
+    min_agreement: float = MIN_AGREEMENT,
+) -> float:
     """Write the QDQ ONNX file once ONNX Runtime agrees with `prepared` on `parity`; returns the agreement."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -380,14 +424,17 @@ def export_qat(prepared: torch.fx.GraphModule, meta: ModelMeta, output: Path, *,
         raise
     if agreement < min_agreement:
         tmp.unlink(missing_ok=True)
-        raise QATError(f"ONNX Runtime agrees with the fake-quantized PyTorch model on only {agreement:.1%} of "
-                       f"{len(parity)} validation images (< {min_agreement:.0%}); not writing {output}")
+        raise QATError(
+            f"ONNX Runtime agrees with the fake-quantized PyTorch model on only {agreement:.1%} of "
+            f"{len(parity)} validation images (< {min_agreement:.0%}); not writing {output}"
+        )
     os.replace(tmp, output)
     return agreement
 
 
-def quantization_aware_train(checkpoint: Path, output_onnx: Path, config: QATConfig = QATConfig(),
-                             dataset: ImageDataset | None = None) -> QATResult:
+def quantization_aware_train(
+    checkpoint: Path, output_onnx: Path, config: QATConfig = QATConfig(), dataset: ImageDataset | None = None
+) -> QATResult:
     """Fine-tune the model of `checkpoint` (trained or pruned) with fake quantization; write INT8 QDQ ONNX."""
     started = time.monotonic()
     checkpoint, output_onnx = Path(checkpoint), Path(output_onnx)
@@ -396,15 +443,26 @@ def quantization_aware_train(checkpoint: Path, output_onnx: Path, config: QATCon
     dataset = dataset or load_run_dataset(meta.dataset_recipe)
     seed_everything(config.seed)
     history = finetune(prepared, meta, config, dataset)
-    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(meta.spec)),
-                            batch_size=128)
+    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(meta.spec)), batch_size=128)
     val_accuracy = evaluate_accuracy(prepared, val_loader)
     parity = validation_images(meta.spec, dataset, config.parity_images)
-    metadata = {**onnx_metadata(meta, checkpoint), "precision": "int8", "quantization": "qat",
-                "qat": json.dumps({**asdict(config), "val_accuracy": val_accuracy})}
-    agreement = export_qat(prepared, meta, output_onnx, parity=parity, metadata=metadata,
-                           min_agreement=config.min_agreement)
-    log.info("QAT %s -> %s: fake-quant val accuracy %.4f, ONNX Runtime agrees on %.1f%% of %d images",
-             checkpoint, output_onnx, val_accuracy, 100 * agreement, len(parity))
-    return QATResult(output_onnx, val_accuracy, agreement, len(parity), config.epochs,
-                     time.monotonic() - started, history, prepared)
+    metadata = {
+        **onnx_metadata(meta, checkpoint),
+        "precision": "int8",
+        "quantization": "qat",
+        "qat": json.dumps({**asdict(config), "val_accuracy": val_accuracy}),
+    }
+    agreement = export_qat(
+        prepared, meta, output_onnx, parity=parity, metadata=metadata, min_agreement=config.min_agreement
+    )
+    log.info(
+        "QAT %s -> %s: fake-quant val accuracy %.4f, ONNX Runtime agrees on %.1f%% of %d images",
+        checkpoint,
+        output_onnx,
+        val_accuracy,
+        100 * agreement,
+        len(parity),
+    )
+    return QATResult(
+        output_onnx, val_accuracy, agreement, len(parity), config.epochs, time.monotonic() - started, history, prepared
+    )

@@ -23,9 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import onnx
@@ -47,7 +47,8 @@ MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}
 # in the inclusive opset range 9 to 20; Q/DQ only as INT8 (or FP8/INT4) with a zero point of 0; and the
 # operators the support matrix marks supported (the whole list, so a graph surgery that adds one is covered).
 TENSORRT_OPSETS = range(9, 21)
-TENSORRT_ONNX_OPS = frozenset("""
+TENSORRT_ONNX_OPS = frozenset(
+    """
     Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike
     Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace
     DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor GRU Gather
@@ -61,7 +62,8 @@ TENSORRT_ONNX_OPS = frozenset("""
     Reshape Resize ReverseSequence RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu
     Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze
     Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
+""".split()
+)
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,10 @@ class QuantizeConfig:
         if self.target not in TARGETS:
             raise QuantizeError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.target == "gpu" and self.method not in MODELOPT_METHODS:
-            raise QuantizeError(f"calibration method {self.method!r} is not available for the GPU INT8 "
-                                f"(NVIDIA Model Optimizer calibrates with {', '.join(MODELOPT_METHODS)})")
+            raise QuantizeError(
+                f"calibration method {self.method!r} is not available for the GPU INT8 "
+                f"(NVIDIA Model Optimizer calibrates with {', '.join(MODELOPT_METHODS)})"
+            )
         if self.calibration_images < 1:
             raise QuantizeError("calibration_images must be at least 1")
 
@@ -113,7 +117,7 @@ def _reader(images: np.ndarray, input_name: str, batch_size: int):
             return next(self.iterator, None)
 
         def rewind(self) -> None:
-            self.iterator = iter({input_name: images[i:i + batch_size]} for i in range(0, len(images), batch_size))
+            self.iterator = iter({input_name: images[i : i + batch_size]} for i in range(0, len(images), batch_size))
 
     return Batches()
 
@@ -121,12 +125,16 @@ def _reader(images: np.ndarray, input_name: str, batch_size: int):
 def _calibrate_method(name: str):
     from onnxruntime.quantization import CalibrationMethod
 
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[name]
+    return {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[name]
 
 
-def quantize_int8(onnx_path: Path, output: Path, config: QuantizeConfig = QuantizeConfig(),
-                  dataset: ImageDataset | None = None) -> QuantizeResult:
+def quantize_int8(
+    onnx_path: Path, output: Path, config: QuantizeConfig = QuantizeConfig(), dataset: ImageDataset | None = None
+) -> QuantizeResult:
     """Static INT8 calibrated on training images: for ONNX Runtime (`config.target` cpu) or TensorRT (gpu)."""
     started = time.monotonic()
     onnx_path, output = Path(onnx_path), Path(output)
@@ -146,20 +154,36 @@ def quantize_int8(onnx_path: Path, output: Path, config: QuantizeConfig = Quanti
             proto, extra = _modelopt_int8(onnx_path, output, images, config)
         else:
             proto, extra = _onnxruntime_int8(onnx_path, output, images, input_name, config)
-        set_metadata(proto, {**metadata, "precision": "int8", "target": config.target,
-                             "calibration_method": config.method, "calibration_images": str(len(images)),
-                             "source_onnx": str(onnx_path.resolve()), **extra})
+        set_metadata(
+            proto,
+            {
+                **metadata,
+                "precision": "int8",
+                "target": config.target,
+                "calibration_method": config.method,
+                "calibration_images": str(len(images)),
+                "source_onnx": str(onnx_path.resolve()),
+                **extra,
+            },
+        )
         onnx.save(proto, str(tmp))
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("quantized %s -> %s (INT8 for %s, %s calibration on %d images)", onnx_path, output,
-             "TensorRT" if config.target == "gpu" else "ONNX Runtime", config.method, len(images))
+    log.info(
+        "quantized %s -> %s (INT8 for %s, %s calibration on %d images)",
+        onnx_path,
+        output,
+        "TensorRT" if config.target == "gpu" else "ONNX Runtime",
+        config.method,
+        len(images),
+    )
     return QuantizeResult(output, len(images), config.method, time.monotonic() - started, config.target)
 
 
-def _onnxruntime_int8(onnx_path: Path, output: Path, images: np.ndarray, input_name: str,
-                      config: QuantizeConfig) -> tuple[onnx.ModelProto, dict[str, str]]:
+def _onnxruntime_int8(
+    onnx_path: Path, output: Path, images: np.ndarray, input_name: str, config: QuantizeConfig
+) -> tuple[onnx.ModelProto, dict[str, str]]:
     """ONNX Runtime's static QDQ: per-channel s8 weights, u8 activations."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -169,10 +193,15 @@ def _onnxruntime_int8(onnx_path: Path, output: Path, images: np.ndarray, input_n
     try:
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(quantized), _reader(images, input_name, config.batch_size),
-            quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
+            str(prepared),
+            str(quantized),
+            _reader(images, input_name, config.batch_size),
+            quant_format=QuantFormat.QDQ,
+            per_channel=config.per_channel,
             # u8 activations with s8 weights: the combination x86 kernels run fastest.
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=config.reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            reduce_range=config.reduce_range,
             calibrate_method=_calibrate_method(config.method),
         )
         proto = onnx.load(str(quantized))
@@ -182,8 +211,9 @@ def _onnxruntime_int8(onnx_path: Path, output: Path, images: np.ndarray, input_n
     return proto, {"weight_bits": "7" if config.reduce_range else "8"}
 
 
-def _modelopt_int8(onnx_path: Path, output: Path, images: np.ndarray,
-                   config: QuantizeConfig) -> tuple[onnx.ModelProto, dict[str, str]]:
+def _modelopt_int8(
+    onnx_path: Path, output: Path, images: np.ndarray, config: QuantizeConfig
+) -> tuple[onnx.ModelProto, dict[str, str]]:
     """NVIDIA Model Optimizer's INT8 for TensorRT, calibrated with ONNX Runtime on the CPU, in a child process
     (it patches ONNX Runtime's calibrators process-wide: see builder/modelopt_int8.py)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -191,8 +221,9 @@ def _modelopt_int8(onnx_path: Path, output: Path, images: np.ndarray,
     try:
         modelopt_version = version("nvidia-modelopt")
     except PackageNotFoundError:
-        raise QuantizeError("the GPU INT8 needs NVIDIA Model Optimizer (nvidia-modelopt): make install, "
-                            "or pip install -e '.[builder]'") from None
+        raise QuantizeError(
+            "the GPU INT8 needs NVIDIA Model Optimizer (nvidia-modelopt): make install, or pip install -e '.[builder]'"
+        ) from None
     # ModelOpt writes intermediate files beside its input: it works on a copy in a private folder, which
     # goes away whatever happens, so nothing half-written is left beside `output`.
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -200,8 +231,17 @@ def _modelopt_int8(onnx_path: Path, output: Path, images: np.ndarray,
         source, quantized, calibration = work / "source.onnx", work / "quantized.onnx", work / "images.npy"
         shutil.copyfile(onnx_path, source)
         np.save(calibration, images)
-        command = [sys.executable, str(Path(__file__).with_name("modelopt_int8.py")), str(source), str(quantized),
-                   str(calibration), "--method", MODELOPT_METHODS[config.method], "--batch", str(config.batch_size)]
+        command = [
+            sys.executable,
+            str(Path(__file__).with_name("modelopt_int8.py")),
+            str(source),
+            str(quantized),
+            str(calibration),
+            "--method",
+            MODELOPT_METHODS[config.method],
+            "--batch",
+            str(config.batch_size),
+        ]
         child = subprocess.run(command, capture_output=True, text=True)
         for line in (child.stdout + child.stderr).splitlines():
             log.debug("modelopt: %s", line)
@@ -223,9 +263,13 @@ def tensorrt_parser_problems(proto: onnx.ModelProto) -> list[str]:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset not in TENSORRT_OPSETS:
         problems.append(f"opset {opset} is outside {TENSORRT_OPSETS.start}..{TENSORRT_OPSETS.stop - 1}")
-    unsupported = sorted({f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-                          for n in proto.graph.node
-                          if n.domain not in ("", "ai.onnx") or n.op_type not in TENSORRT_ONNX_OPS})
+    unsupported = sorted(
+        {
+            f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+            for n in proto.graph.node
+            if n.domain not in ("", "ai.onnx") or n.op_type not in TENSORRT_ONNX_OPS
+        }
+    )
     if unsupported:
         problems.append(f"operators TensorRT does not parse: {', '.join(unsupported)}")
     initializers = {i.name: i for i in proto.graph.initializer}

@@ -31,14 +31,30 @@ class StageMetrics:
     superseded: bool = False  # measured, then replaced by a later stage (e.g. static INT8 by QAT)
 
 
-def measure_stage(stage: str, onnx_path: Path, data: ValidationData, *, macs: int, parameters: int,
-                  confusion_png: Path | None = None, notes: str = "", benchmark_seconds: float = 1.5,
-                  ) -> StageMetrics:
+def measure_stage(
+    stage: str,
+    onnx_path: Path,
+    data: ValidationData,
+    *,
+    macs: int,
+    parameters: int,
+    confusion_png: Path | None = None,
+    notes: str = "",
+    benchmark_seconds: float = 1.5,
+) -> StageMetrics:
     evaluation = evaluate(onnx_path, data, confusion_png=confusion_png)
     speed = measure_speed(onnx_path, min_seconds=benchmark_seconds)
-    return StageMetrics(stage=stage, artifact=str(onnx_path), parameters=parameters, macs=macs,
-                        file_bytes=Path(onnx_path).stat().st_size, top1=evaluation.top1,
-                        latency_b1_ms=speed.latency_b1_ms, throughput_b8=speed.throughput_b8, notes=notes)
+    return StageMetrics(
+        stage=stage,
+        artifact=str(onnx_path),
+        parameters=parameters,
+        macs=macs,
+        file_bytes=Path(onnx_path).stat().st_size,
+        top1=evaluation.top1,
+        latency_b1_ms=speed.latency_b1_ms,
+        throughput_b8=speed.throughput_b8,
+        notes=notes,
+    )
 
 
 @dataclass
@@ -59,10 +75,12 @@ class Report:
         drop = self.accuracy_drop(metrics)
         if drop > self.max_accuracy_drop:
             self.failed_stage = metrics.stage
-            self.failure = (f"stage {metrics.stage!r} lost {drop:.2f} points of top-1 "
-                            f"({100 * self.stages[0].top1:.2f}% -> {100 * metrics.top1:.2f}%), more than the "
-                            f"budget of {self.max_accuracy_drop:g}; not publishing (raise --max-accuracy-drop "
-                            f"or change the stage's settings)")
+            self.failure = (
+                f"stage {metrics.stage!r} lost {drop:.2f} points of top-1 "
+                f"({100 * self.stages[0].top1:.2f}% -> {100 * metrics.top1:.2f}%), more than the "
+                f"budget of {self.max_accuracy_drop:g}; not publishing (raise --max-accuracy-drop "
+                f"or change the stage's settings)"
+            )
             raise BudgetError(self.failure)
 
     def rows(self) -> list[dict]:
@@ -81,8 +99,12 @@ class Report:
         return rows
 
     def to_dict(self) -> dict:
-        return {"max_accuracy_drop_points": self.max_accuracy_drop, "failed_stage": self.failed_stage,
-                "failure": self.failure, "stages": self.rows()}
+        return {
+            "max_accuracy_drop_points": self.max_accuracy_drop,
+            "failed_stage": self.failed_stage,
+            "failure": self.failure,
+            "stages": self.rows(),
+        }
 
 
 def _changes(metrics: StageMetrics, base: StageMetrics) -> dict:
@@ -109,17 +131,36 @@ def _change(row: dict, key: str, fmt: str, base: str = "change") -> str:
     return "" if value is None else fmt.format(value)
 
 
-COLUMNS = ("stage", "params", "MACs", "file", "top-1", "Δtop-1 vs previous", "latency b1", "throughput b8",
-           "speed-up b8 vs previous", "speed-up b8 vs fp32", "size vs previous", "size vs fp32")
+COLUMNS = (
+    "stage",
+    "params",
+    "MACs",
+    "file",
+    "top-1",
+    "Δtop-1 vs previous",
+    "latency b1",
+    "throughput b8",
+    "speed-up b8 vs previous",
+    "speed-up b8 vs fp32",
+    "size vs previous",
+    "size vs fp32",
+)
 
 
 def _cells(row: dict) -> list[str]:
     return [
-        row["stage"], f"{row['parameters'] / 1e6:.2f} M", f"{row['macs'] / 1e6:.1f} M", _megabytes(row["file_bytes"]),
-        f"{100 * row['top1']:.2f}%", _change(row, "top1_points", "{:+.2f} pt"),
-        f"{row['latency_b1_ms']:.2f} ms", f"{row['throughput_b8']:.0f} img/s",
-        _change(row, "throughput_speedup", "{:.2f}x"), _change(row, "throughput_speedup", "{:.2f}x", "vs_fp32"),
-        _change(row, "file_ratio", "{:.2f}x"), _change(row, "file_ratio", "{:.2f}x", "vs_fp32"),
+        row["stage"],
+        f"{row['parameters'] / 1e6:.2f} M",
+        f"{row['macs'] / 1e6:.1f} M",
+        _megabytes(row["file_bytes"]),
+        f"{100 * row['top1']:.2f}%",
+        _change(row, "top1_points", "{:+.2f} pt"),
+        f"{row['latency_b1_ms']:.2f} ms",
+        f"{row['throughput_b8']:.0f} img/s",
+        _change(row, "throughput_speedup", "{:.2f}x"),
+        _change(row, "throughput_speedup", "{:.2f}x", "vs_fp32"),
+        _change(row, "file_ratio", "{:.2f}x"),
+        _change(row, "file_ratio", "{:.2f}x", "vs_fp32"),
     ]
 
 
@@ -139,12 +180,17 @@ def notes_lines(report: Report) -> list[str]:
 
 
 def to_markdown(report: Report) -> str:
-    lines = ["# Build report", "",
-             "Measured on the validation split with ONNX Runtime (CPU) on the build machine. Speed-ups "
-             "(throughput at batch 8) and sizes (file bytes, new / old) are given against the previous stage "
-             "and against fp32, the trained model; Δtop-1 is against the previous stage. A stage a later "
-             "one replaced is not the previous stage of the next.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        "# Build report",
+        "",
+        "Measured on the validation split with ONNX Runtime (CPU) on the build machine. Speed-ups "
+        "(throughput at batch 8) and sizes (file bytes, new / old) are given against the previous stage "
+        "and against fp32, the trained model; Δtop-1 is against the previous stage. A stage a later "
+        "one replaced is not the previous stage of the next.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows()]
     lines += notes_lines(report)
     lines += ["", f"Accuracy budget: at most {report.max_accuracy_drop:g} points below the first stage."]
@@ -168,11 +214,19 @@ def plot(report: Report, path: Path) -> Path:
         axes.scatter(metrics.throughput_b8, 100 * metrics.top1, color=color)
         label = metrics.stage
         if "change" in row:  # both bases, named: a bare "3x" was read as against fp32
-            label += (f"\n{_change(row, 'throughput_speedup', '{:.2f}x')} vs previous, "
-                      f"{_change(row, 'throughput_speedup', '{:.2f}x', 'vs_fp32')} vs fp32")
+            label += (
+                f"\n{_change(row, 'throughput_speedup', '{:.2f}x')} vs previous, "
+                f"{_change(row, 'throughput_speedup', '{:.2f}x', 'vs_fp32')} vs fp32"
+            )
         right = metrics.throughput_b8 > middle  # labels of the fastest stages go to their left, inside
-        axes.annotate(label, (metrics.throughput_b8, 100 * metrics.top1), textcoords="offset points",
-                      xytext=(-5 if right else 5, 5), ha="right" if right else "left", fontsize=8)
+        axes.annotate(
+            label,
+            (metrics.throughput_b8, 100 * metrics.top1),
+            textcoords="offset points",
+            xytext=(-5 if right else 5, 5),
+            ha="right" if right else "left",
+            fontsize=8,
+        )
     axes.set_xlabel("ONNX Runtime throughput at batch 8 (images/s)")
     axes.set_ylabel("top-1 accuracy (%)")
     axes.set_title("accuracy against throughput, one point per stage")
@@ -199,4 +253,3 @@ def write_report(report: Report, folder: Path, *, console: Console | None = None
     paths["json"].write_text(json.dumps(report.to_dict(), indent=2))
     plot(report, paths["png"])
     return paths
-

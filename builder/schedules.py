@@ -34,22 +34,35 @@ def warmup_step(step: int, *, warmup_steps: int, steps_per_epoch: int, step_size
     return warmup_factor(step, warmup_steps) * gamma ** (epoch // step_size)
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, name: str, *, lr: float, epochs: int, steps_per_epoch: int,
-                     warmup_epochs: float = 0.0, step_size: int = 1, gamma: float = 0.1,
-                     ) -> torch.optim.lr_scheduler.LRScheduler:
+def create_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    *,
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    step_size: int = 1,
+    gamma: float = 0.1,
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The scheduler for `epochs * steps_per_epoch` optimizer steps."""
     total_steps = max(1, epochs * steps_per_epoch)
     warmup_steps = int(warmup_epochs * steps_per_epoch)
     if name == "cosine":
         warmup_steps = max(1, warmup_steps)
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, warmup_steps=warmup_steps, total_steps=total_steps))
+            optimizer, lambda s: warmup_cosine(s, warmup_steps=warmup_steps, total_steps=total_steps)
+        )
     if name == "step":
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_step(s, warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch,
-                                             step_size=step_size, gamma=gamma))
+            optimizer,
+            lambda s: warmup_step(
+                s, warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, step_size=step_size, gamma=gamma
+            ),
+        )
     if name == "onecycle":
         pct_start = min(0.9, warmup_steps / total_steps) if warmup_steps else 0.3
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
-                                                   pct_start=max(pct_start, 1.0 / total_steps))
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=total_steps, pct_start=max(pct_start, 1.0 / total_steps)
+        )
     raise BuilderError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")

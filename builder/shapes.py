@@ -47,8 +47,7 @@ class ShapesOptions:
 
     def source(self) -> str:
         """The dataset name that reloads exactly these images: `shapes` for the defaults."""
-        changed = [f"{f.name}={getattr(self, f.name):g}" for f in fields(self)
-                   if getattr(self, f.name) != f.default]
+        changed = [f"{f.name}={getattr(self, f.name):g}" for f in fields(self) if getattr(self, f.name) != f.default]
         return NAME + (":" + ",".join(changed) if changed else "")
 
     def train_counts(self) -> list[int]:
@@ -78,8 +77,9 @@ def parse_source(source: str) -> ShapesOptions:
     return ShapesOptions(**values)
 
 
-def with_options(source: str, *, per_class: int | None = None, imbalance: float | None = None,
-                 size: int | None = None) -> str:
+def with_options(
+    source: str, *, per_class: int | None = None, imbalance: float | None = None, size: int | None = None
+) -> str:
     """`source` with the given shapes options applied (a DatasetError if they are given for another dataset)."""
     given = {k: v for k, v in (("per_class", per_class), ("imbalance", imbalance), ("size", size)) if v is not None}
     if not given:
@@ -87,17 +87,26 @@ def with_options(source: str, *, per_class: int | None = None, imbalance: float 
     if not is_shapes(source):
         raise DatasetError(f"--shapes-* options apply to --dataset shapes, not {source!r}")
     options = parse_source(source)
-    return replace(options, per_class=options.per_class if per_class is None else per_class,
-                   imbalance=options.imbalance if imbalance is None else imbalance,
-                   size=options.size if size is None else size).source()
+    return replace(
+        options,
+        per_class=options.per_class if per_class is None else per_class,
+        imbalance=options.imbalance if imbalance is None else imbalance,
+        size=options.size if size is None else size,
+    ).source()
 
 
 # ---- drawing ----
 
+
 def _polygon(center: tuple[float, float], radii: list[float], angle: float) -> list[tuple[float, float]]:
     count = len(radii)
-    return [(center[0] + r * math.cos(angle + 2 * math.pi * i / count),
-             center[1] + r * math.sin(angle + 2 * math.pi * i / count)) for i, r in enumerate(radii)]
+    return [
+        (
+            center[0] + r * math.cos(angle + 2 * math.pi * i / count),
+            center[1] + r * math.sin(angle + 2 * math.pi * i / count),
+        )
+        for i, r in enumerate(radii)
+    ]
 
 
 def _draw_mask(shape: str, side: int, center: tuple[float, float], radius: float, angle: float) -> Image.Image:
@@ -122,9 +131,13 @@ def _draw_mask(shape: str, side: int, center: tuple[float, float], radius: float
         for turn in (0.0, math.pi / 2):
             a = angle + turn
             along, across = (math.cos(a), math.sin(a)), (-math.sin(a), math.cos(a))
-            draw.polygon([(cx + s * radius * along[0] + t * arm * across[0],
-                           cy + s * radius * along[1] + t * arm * across[1])
-                          for s, t in ((-1, -1), (1, -1), (1, 1), (-1, 1))], fill=255)
+            draw.polygon(
+                [
+                    (cx + s * radius * along[0] + t * arm * across[0], cy + s * radius * along[1] + t * arm * across[1])
+                    for s, t in ((-1, -1), (1, -1), (1, 1), (-1, 1))
+                ],
+                fill=255,
+            )
     else:
         raise ValueError(shape)
     return mask
@@ -139,7 +152,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         second = rng.uniform(0, 255, 3)
         direction = rng.uniform(0, 2 * math.pi)
         ys, xs = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-        t = (xs * math.cos(direction) + ys * math.sin(direction))
+        t = xs * math.cos(direction) + ys * math.sin(direction)
         t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
         return first * (1 - t[..., None]) + second * t[..., None]
     return first + rng.normal(0, 25, (size, size, 3))

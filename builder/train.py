@@ -14,9 +14,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -61,14 +61,16 @@ class TrainResult:
 def batch_mixer(num_classes: int, *, cutmix: float = 0.0, mixup: float = 0.0):
     """CutMix and/or MixUp on (images, labels) batches (one of them per batch, chosen at random), or None.
     Labels come back as class probabilities."""
-    ops = ([v2.CutMix(num_classes=num_classes, alpha=cutmix)] if cutmix > 0 else []) + \
-          ([v2.MixUp(num_classes=num_classes, alpha=mixup)] if mixup > 0 else [])
+    ops = ([v2.CutMix(num_classes=num_classes, alpha=cutmix)] if cutmix > 0 else []) + (
+        [v2.MixUp(num_classes=num_classes, alpha=mixup)] if mixup > 0 else []
+    )
     if not ops:
         return None
     return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
 
 
 # ---- pieces of the loop ----
+
 
 def create_optimizer(parameters, name: str, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adamw":
@@ -80,6 +82,7 @@ def create_optimizer(parameters, name: str, *, lr: float, weight_decay: float) -
 
 # ---- the run ----
 
+
 def _device(config: TrainConfig) -> tuple[str, bool]:
     cuda = torch.cuda.is_available()
     if config.amp == "on" and not cuda:
@@ -89,9 +92,13 @@ def _device(config: TrainConfig) -> tuple[str, bool]:
 
 def _rng_state(generator: torch.Generator) -> dict:
     state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "loader": generator.get_state(), "python": random.getstate(),
-            "numpy": [state[0], state[1].tolist(), *state[2:]],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "loader": generator.get_state(),
+        "python": random.getstate(),
+        "numpy": [state[0], state[1].tolist(), *state[2:]],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def _set_rng_state(state: dict, generator: torch.Generator) -> None:
@@ -143,47 +150,89 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
     if config.tensorboard:
         _tensorboard_writer(None)  # fail before the work starts if the package is missing
     dataset = dataset or load_dataset(config.dataset, val_fraction=config.val_fraction, seed=config.seed)
-    spec = resolve_spec(dataset, image_size=config.image_size, mean=config.mean, std=config.std,
-                        equalize=config.equalize)
+    spec = resolve_spec(
+        dataset, image_size=config.image_size, mean=config.mean, std=config.std, equalize=config.equalize
+    )
     num_classes = len(dataset.classes)
     train_counts = np.bincount(dataset.train.labels, minlength=num_classes).tolist()
     weights = resolve_class_weights(config.class_weights, train_counts)
     dropout = config.dropout if config.dropout is not None else default_dropout(config.arch)
-    model = create_model(config.arch, num_classes=num_classes, in_channels=spec.channels,
-                         image_size=spec.image_size, dropout=dropout)
+    model = create_model(
+        config.arch, num_classes=num_classes, in_channels=spec.channels, image_size=spec.image_size, dropout=dropout
+    )
     init = load_init_weights(model, Path(config.init)).to_dict() if config.init else None
     parameters = freeze_backbone(model) if config.freeze_backbone else list(model.parameters())
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     # num_workers=0: augmentation draws from the process's torch RNG, which is seeded and checkpointed.
     train_loader = DataLoader(
-        TorchSplit(dataset.train, dataset.color_mode,
-                   train_transform(spec, config.augment, flip=dataset.flip_invariant)),
-        batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=0,
+        TorchSplit(
+            dataset.train, dataset.color_mode, train_transform(spec, config.augment, flip=dataset.flip_invariant)
+        ),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=0,
     )
-    val_loader = DataLoader(TorchSplit(dataset.val, dataset.color_mode, eval_transform(spec)),
-                            batch_size=2 * config.batch_size)
+    val_loader = DataLoader(
+        TorchSplit(dataset.val, dataset.color_mode, eval_transform(spec)), batch_size=2 * config.batch_size
+    )
     optimizer = create_optimizer(parameters, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_loader) // config.accum_steps)
-    scheduler = create_scheduler(optimizer, config.schedule, lr=config.lr, epochs=config.epochs,
-                                 steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs,
-                                 step_size=config.step_size, gamma=config.gamma)
+    scheduler = create_scheduler(
+        optimizer,
+        config.schedule,
+        lr=config.lr,
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=config.warmup_epochs,
+        step_size=config.step_size,
+        gamma=config.gamma,
+    )
     weights = weights.to(device) if weights is not None else None
     # Unweighted here: each epoch sets the class weights it trains with (see `_epochs`).
     criterion = create_loss(config.loss, label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma)
     cutmix, mixup = config.mixing_alphas()
     calibration = None if config.freeze_backbone else _calibration_loader(dataset, spec, config.batch_size, config.seed)
     meta = ModelMeta(
-        arch=config.arch, num_classes=num_classes, in_channels=spec.channels, image_size=spec.image_size,
-        classes=tuple(dataset.classes), preprocess=spec, config=config.to_dict(),
-        recipe={"dropout": dropout, "cutmix": cutmix, "mixup": mixup, "device": device, "amp": amp,
-                "class_weights": weights.tolist() if weights is not None else None,
-                "steps_per_epoch": steps_per_epoch, "train_counts": train_counts, "init": init,
-                "batchnorm_calibration_images": len(calibration.dataset) if calibration is not None else 0},
+        arch=config.arch,
+        num_classes=num_classes,
+        in_channels=spec.channels,
+        image_size=spec.image_size,
+        classes=tuple(dataset.classes),
+        preprocess=spec,
+        config=config.to_dict(),
+        recipe={
+            "dropout": dropout,
+            "cutmix": cutmix,
+            "mixup": mixup,
+            "device": device,
+            "amp": amp,
+            "class_weights": weights.tolist() if weights is not None else None,
+            "steps_per_epoch": steps_per_epoch,
+            "train_counts": train_counts,
+            "init": init,
+            "batchnorm_calibration_images": len(calibration.dataset) if calibration is not None else 0,
+        },
     )
-    return _Run(config, dataset, spec, model, train_loader, val_loader, generator, optimizer, scheduler,
-                torch.amp.GradScaler("cuda", enabled=amp), criterion, weights,
-                batch_mixer(num_classes, cutmix=cutmix, mixup=mixup), device, meta, calibration)
+    return _Run(
+        config,
+        dataset,
+        spec,
+        model,
+        train_loader,
+        val_loader,
+        generator,
+        optimizer,
+        scheduler,
+        torch.amp.GradScaler("cuda", enabled=amp),
+        criterion,
+        weights,
+        batch_mixer(num_classes, cutmix=cutmix, mixup=mixup),
+        device,
+        meta,
+        calibration,
+    )
 
 
 def _tensorboard_writer(log_dir: Path | None):
@@ -207,8 +256,10 @@ def _restore(run: _Run, path: Path) -> tuple[int, list[dict], float, int]:
         run.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"], run.generator)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise TrainError(f"--resume: {path} cannot continue this run (other settings, or not written by "
-                         f"this builder): {error_line(e)}") from e
+        raise TrainError(
+            f"--resume: {path} cannot continue this run (other settings, or not written by "
+            f"this builder): {error_line(e)}"
+        ) from e
     previous = payload["meta"].get("config", {})
     changed = sorted(k for k in previous if k not in ("resume", "out_dir") and previous[k] != run.meta.config.get(k))
     if changed:
@@ -218,9 +269,16 @@ def _restore(run: _Run, path: Path) -> tuple[int, list[dict], float, int]:
 
 def _resume_state(run: _Run, epoch: int, history: list[dict], best: tuple[float, int]) -> dict:
     """What --resume needs, in last.pt only (loaders of trained models read "model" and "meta")."""
-    return {"epoch": epoch, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(), "history": history, "best_accuracy": best[0],
-            "best_epoch": best[1], "rng": _rng_state(run.generator)}
+    return {
+        "epoch": epoch,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "history": history,
+        "best_accuracy": best[0],
+        "best_epoch": best[1],
+        "rng": _rng_state(run.generator),
+    }
 
 
 def _write_records(run_dir: Path, history: list[dict]) -> None:
@@ -228,8 +286,9 @@ def _write_records(run_dir: Path, history: list[dict]) -> None:
     plot_curves(history, run_dir / "curves.png")
 
 
-def train(config: TrainConfig, dataset: ImageDataset | None = None, *,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, dataset: ImageDataset | None = None, *, on_epoch: Callable[[dict], None] | None = None
+) -> TrainResult:
     """Train a classifier; write best.pt, last.pt, metrics.json, config.json, datacheck.json and curves.png.
 
     `on_epoch(record)` is called after each epoch's checkpoints are written, with that epoch's metrics;
@@ -240,8 +299,9 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None, *,
     with deterministic():
         run = _prepare(config, dataset)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), **run.meta.recipe,
-                                                         "preprocess": run.spec.to_dict()}, indent=2))
+        (run_dir / "config.json").write_text(
+            json.dumps({**config.to_dict(), **run.meta.recipe, "preprocess": run.spec.to_dict()}, indent=2)
+        )
         report, new = check_once(run.dataset)
         if new:  # once per dataset, not once per tune trial
             log_report(report)
@@ -260,8 +320,16 @@ def train(config: TrainConfig, dataset: ImageDataset | None = None, *,
     warning = chance_warning(history, run.dataset.val.labels)
     _print_summary(history, warning)
     best = max(history, key=lambda h: h["val_accuracy"]) if history else {"val_accuracy": best_accuracy}
-    return TrainResult(run_dir, run_dir / "best.pt", best["val_accuracy"], len(history),
-                       time.monotonic() - started, history, stopped_early, (warning,) if warning else ())
+    return TrainResult(
+        run_dir,
+        run_dir / "best.pt",
+        best["val_accuracy"],
+        len(history),
+        time.monotonic() - started,
+        history,
+        stopped_early,
+        (warning,) if warning else (),
+    )
 
 
 def chance_warning(history: list[dict], val_labels: Sequence[int]) -> str | None:
@@ -277,38 +345,67 @@ def chance_warning(history: list[dict], val_labels: Sequence[int]) -> str | None
     best_train = max(h["train_accuracy"] for h in history)
     if best_val > chance + margin or best_train < chance + (1 - chance) / 2:
         return None
-    return (f"validation accuracy stayed at chance (best {best_val:.3f}, chance {chance:.3f} on {total} images) "
-            f"while training accuracy reached {best_train:.3f}: this model does not generalize; do not publish it")
+    return (
+        f"validation accuracy stayed at chance (best {best_val:.3f}, chance {chance:.3f} on {total} images) "
+        f"while training accuracy reached {best_train:.3f}: this model does not generalize; do not publish it"
+    )
 
 
-def _epochs(run: _Run, run_dir: Path, start_epoch: int, history: list[dict], best: list, writer,
-            on_epoch: Callable[[dict], None] | None) -> bool:
+def _epochs(
+    run: _Run,
+    run_dir: Path,
+    start_epoch: int,
+    history: list[dict],
+    best: list,
+    writer,
+    on_epoch: Callable[[dict], None] | None,
+) -> bool:
     """Epochs `start_epoch + 1 .. config.epochs`; returns whether early stopping ended them."""
     config = run.config
     for epoch in range(start_epoch + 1, config.epochs + 1):
         if config.patience and epoch - 1 - best[1] >= config.patience:
-            log.info("early stop: no better val accuracy for %d epochs (best %.4f at epoch %d)",
-                     config.patience, best[0], best[1])
+            log.info(
+                "early stop: no better val accuracy for %d epochs (best %.4f at epoch %d)",
+                config.patience,
+                best[0],
+                best[1],
+            )
             return True
         started = time.monotonic()
         # Both losses keep their weights in a `weight` buffer; None is plain (unweighted) averaging.
         run.criterion.weight = run.class_weights if epoch >= config.class_weights_start else None
         # Counted in images, batch by batch: a few large batches are still a moving count.
         with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(run.dataset.train), unit="images") as advance:
-            record = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.criterion,
-                                     accum_steps=config.accum_steps, clip_grad=config.clip_grad, mixer=run.mixer,
-                                     device=run.device, scaler=run.scaler, frozen_backbone=config.freeze_backbone,
-                                     advance=advance)
+            record = train_one_epoch(
+                run.model,
+                run.train_loader,
+                run.optimizer,
+                run.scheduler,
+                run.criterion,
+                accum_steps=config.accum_steps,
+                clip_grad=config.clip_grad,
+                mixer=run.mixer,
+                device=run.device,
+                scaler=run.scaler,
+                frozen_backbone=config.freeze_backbone,
+                advance=advance,
+            )
         if run.calibration_loader is not None:
             # Validation, checkpoints and the exported model all normalize with these statistics.
             recalibrate_batchnorm(run.model, run.calibration_loader, run.device)
-        with progress_bar(f"epoch {epoch}/{config.epochs} val", total=len(run.dataset.val), unit="images",
-                          transient=True) as advance:
+        with progress_bar(
+            f"epoch {epoch}/{config.epochs} val", total=len(run.dataset.val), unit="images", transient=True
+        ) as advance:
             validation = evaluate_loader(run.model, run.val_loader, len(run.dataset.classes), run.device, advance)
         record = {"epoch": epoch, **record, **validation, "seconds": round(time.monotonic() - started, 2)}
         history.append(record)
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch, record["train_loss"],
-                 record["val_loss"], record["val_accuracy"])
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f",
+            epoch,
+            record["train_loss"],
+            record["val_loss"],
+            record["val_accuracy"],
+        )
         improved = record["val_accuracy"] > best[0]
         if improved:
             best[:] = [record["val_accuracy"], epoch]
@@ -346,9 +443,10 @@ def _print_summary(history: list[dict], warning: str | None = None) -> None:
     for column in columns:
         table.add_column(column.replace("_", " "), justify="right")
     for record in history:
-        table.add_row(f"{record['epoch']}{'*' if record['epoch'] == best else ''}",
-                      *(f"{record[c]:.4f}" if c != "lr" else f"{record[c]:.2e}" for c in columns[1:]))
+        table.add_row(
+            f"{record['epoch']}{'*' if record['epoch'] == best else ''}",
+            *(f"{record[c]:.4f}" if c != "lr" else f"{record[c]:.2e}" for c in columns[1:]),
+        )
     console.print(table)
     if warning:
         console.print(f"[bold red]WARNING:[/] {warning}", markup=True, highlight=False)
-

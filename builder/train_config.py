@@ -7,10 +7,10 @@ without importing torch; `builder.train` runs the recipe.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import PublishError, TrainError
 
@@ -83,8 +83,14 @@ class TrainConfig:
         self._check_ranges()
 
     def _check_choices(self) -> None:
-        for name, choices in (("arch", ARCHITECTURES), ("augment", AUGMENT_PRESETS), ("loss", LOSSES),
-                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP_MODES)):
+        for name, choices in (
+            ("arch", ARCHITECTURES),
+            ("augment", AUGMENT_PRESETS),
+            ("loss", LOSSES),
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("amp", AMP_MODES),
+        ):
             if getattr(self, name) not in choices:
                 raise TrainError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}")
 
@@ -134,8 +140,11 @@ RUN_FIELDS = ("out_dir", "resume", "tensorboard")
 
 def dataset_recipe(config: Mapping) -> dict:
     """The dataset source and split of a run's settings (`TrainConfig.to_dict()`; defaults: TrainConfig's)."""
-    return {"source": config.get("dataset", "digits"), "val_fraction": config.get("val_fraction", 0.2),
-            "seed": config.get("seed", 0)}
+    return {
+        "source": config.get("dataset", "digits"),
+        "val_fraction": config.get("val_fraction", 0.2),
+        "seed": config.get("seed", 0),
+    }
 
 
 def load_params(path: Path) -> dict:
@@ -167,8 +176,10 @@ def load_param_layers(path: Path) -> list[tuple[str, dict]]:
     base = data.get("base", {})
     if not isinstance(base, dict):
         raise TrainError(f"params file {path}: 'base' must be an object of training settings")
-    return [(f"{path.name} base", _checked(path, base, RUN_FIELDS)),
-            (f"{path.name} params", _checked(path, data["params"], ()))]
+    return [
+        (f"{path.name} base", _checked(path, base, RUN_FIELDS)),
+        (f"{path.name} params", _checked(path, data["params"], ())),
+    ]
 
 
 def _checked(path: Path, settings, ignored: tuple[str, ...]) -> dict:
@@ -178,8 +189,9 @@ def _checked(path: Path, settings, ignored: tuple[str, ...]) -> dict:
     valid = {f.name for f in fields(TrainConfig)} - {"out_dir", "resume"}
     unknown = sorted(set(settings) - valid)
     if unknown:
-        raise TrainError(f"params file {path}: unknown setting(s) {', '.join(unknown)}; "
-                         f"valid: {', '.join(sorted(valid))}")
+        raise TrainError(
+            f"params file {path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+        )
     return settings
 
 
@@ -192,8 +204,11 @@ def describe_sources(layers: list[tuple[str, dict]]) -> list[str]:
         decided.update(dict.fromkeys(settings, source))
     lines = []
     for source, settings in reversed(layers):
-        shown = [f"{k}={v}" for k, v in settings.items() if decided[k] == source
-                 and (source == layers[-1][0] or v != defaults.get(k))]
+        shown = [
+            f"{k}={v}"
+            for k, v in settings.items()
+            if decided[k] == source and (source == layers[-1][0] or v != defaults.get(k))
+        ]
         if shown:
             lines.append(f"  {source}: {', '.join(shown)}")
     return lines + ["  defaults: everything else"]
@@ -209,9 +224,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_FRACTION = 0.875
 
 
-def serving_preprocess(carried: Mapping[str, Any] | None, *, resize: int | None = None, crop: int | None = None,
-                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                       color_mode: str | None = None) -> "PreprocessSpec | None":
+def serving_preprocess(
+    carried: Mapping[str, Any] | None,
+    *,
+    resize: int | None = None,
+    crop: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    color_mode: str | None = None,
+) -> PreprocessSpec | None:
     """The preprocessing to publish a model with. Values given override the spec the model carries
     (`carried`, from its ONNX metadata) one at a time: a new resize alone must not swap the mean and std
     measured in training for ImageNet's. Without a carried spec, ImageNet's, with a resize of crop / 0.875
@@ -226,11 +247,13 @@ def serving_preprocess(carried: Mapping[str, Any] | None, *, resize: int | None 
     resize_size = resize or (int(crop_size / CROP_FRACTION) if crop or not base else base["resize_size"])
     try:
         return PreprocessSpec(
-            image_size=crop_size, resize_size=resize_size,
+            image_size=crop_size,
+            resize_size=resize_size,
             mean=tuple(mean or base.get("mean") or IMAGENET_MEAN),
             std=tuple(std or base.get("std") or IMAGENET_STD),
             color_mode=color_mode or base.get("color_mode") or "RGB",
-            interpolation=base.get("interpolation", "bilinear"), equalize=bool(base.get("equalize", False)),
+            interpolation=base.get("interpolation", "bilinear"),
+            equalize=bool(base.get("equalize", False)),
         )
     except ValueError as e:
         raise PublishError(f"preprocessing flags: {e}") from e

@@ -43,9 +43,11 @@ class TrainTransform:
         if augment == "light":
             ops.append(v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1)))
         elif augment == "strong":
-            ops += [v2.RandomResizedCrop(spec.image_size, scale=(0.5, 1.0), antialias=True), v2.RandomRotation(15),
-                    v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3 if color else 0,
-                                   hue=0.05 if color else 0)]
+            ops += [
+                v2.RandomResizedCrop(spec.image_size, scale=(0.5, 1.0), antialias=True),
+                v2.RandomRotation(15),
+                v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3 if color else 0, hue=0.05 if color else 0),
+            ]
         if flip and augment != "none":
             ops.append(v2.RandomHorizontalFlip())
         self.spec = spec
@@ -81,8 +83,10 @@ def calibration_images(dataset: ImageDataset, spec: PreprocessSpec, count: int, 
     """`count` training images, drawn without replacement, through the eval transform (NCHW float32)."""
     available = len(dataset.train)
     if available < count:
-        raise QuantizeError(f"asked for {count} calibration images but the training split of "
-                            f"{dataset.name!r} has only {available}; lower --calibration-images")
+        raise QuantizeError(
+            f"asked for {count} calibration images but the training split of "
+            f"{dataset.name!r} has only {available}; lower --calibration-images"
+        )
     chosen = np.random.default_rng(seed).choice(available, size=count, replace=False)
     transform = EvalTransform(spec)
     return np.stack([transform(dataset.train.image(int(i), dataset.color_mode)).numpy() for i in sorted(chosen)])

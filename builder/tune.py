@@ -97,7 +97,10 @@ def create_study(config: TuneConfig):
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return optuna.create_study(
-        study_name=f"tune-{out.resolve().name}", storage=storage_url(out), direction="maximize", load_if_exists=True,
+        study_name=f"tune-{out.resolve().name}",
+        storage=storage_url(out),
+        direction="maximize",
+        load_if_exists=True,
         sampler=_sampler(config.sampler, config.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
@@ -127,22 +130,50 @@ def tune(base: TrainConfig, config: TuneConfig, dataset: ImageDataset | None = N
     out = Path(config.out_dir)
     dataset = dataset or load_dataset(base.dataset, val_fraction=base.val_fraction, seed=base.seed)
     study = create_study(config)
-    (out / "config.json").write_text(json.dumps({"base": base.to_dict(), "trials": config.trials,
-                                                 "timeout_s": config.timeout_s, "sampler": config.sampler,
-                                                 "seed": config.seed, "study": study.study_name}, indent=2))
-    study.optimize(_objective(base, out, dataset), n_trials=config.trials, timeout=config.timeout_s,
-                   catch=())
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "base": base.to_dict(),
+                "trials": config.trials,
+                "timeout_s": config.timeout_s,
+                "sampler": config.sampler,
+                "seed": config.seed,
+                "study": study.study_name,
+            },
+            indent=2,
+        )
+    )
+    study.optimize(_objective(base, out, dataset), n_trials=config.trials, timeout=config.timeout_s, catch=())
     states = [t.state for t in study.trials]
     completed = states.count(optuna.trial.TrialState.COMPLETE)
     if not completed:
         raise TuneError(f"no trial of study {study.study_name} completed (all pruned or failed); run more trials")
     best = study.best_trial
     best_json = out / "best.json"
-    best_json.write_text(json.dumps({"params": best.params, "val_accuracy": best.value, "trial": best.number,
-                                     "study": study.study_name, "base": base.to_dict()}, indent=2))
+    best_json.write_text(
+        json.dumps(
+            {
+                "params": best.params,
+                "val_accuracy": best.value,
+                "trial": best.number,
+                "study": study.study_name,
+                "base": base.to_dict(),
+            },
+            indent=2,
+        )
+    )
     plot = plot_study(study, out / "tune.png")
-    return TuneResult(study.study_name, storage_url(out), len(study.trials), completed,
-                      states.count(optuna.trial.TrialState.PRUNED), best.value, dict(best.params), best_json, plot)
+    return TuneResult(
+        study.study_name,
+        storage_url(out),
+        len(study.trials),
+        completed,
+        states.count(optuna.trial.TrialState.PRUNED),
+        best.value,
+        dict(best.params),
+        best_json,
+        plot,
+    )
 
 
 def plot_study(study, path: Path) -> Path:
@@ -174,10 +205,12 @@ def plot_study(study, path: Path) -> Path:
         importance.barh(names, [importances[n] for n in names])
         importance.set_xlabel("importance (fANOVA)")
     else:
-        why = (f"not shown: importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials,\n"
-               f"this study has {len(complete)} completed trial{'s' if len(complete) != 1 else ''}"
-               if len(complete) < MIN_TRIALS_FOR_IMPORTANCE else
-               "not shown: the completed trials' parameters\ndo not vary enough to rank them")
+        why = (
+            f"not shown: importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials,\n"
+            f"this study has {len(complete)} completed trial{'s' if len(complete) != 1 else ''}"
+            if len(complete) < MIN_TRIALS_FOR_IMPORTANCE
+            else "not shown: the completed trials' parameters\ndo not vary enough to rank them"
+        )
         importance.text(0.5, 0.5, why, ha="center", va="center", transform=importance.transAxes)
         importance.set_axis_off()
     figure.tight_layout()

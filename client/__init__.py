@@ -13,14 +13,14 @@ import argparse
 import json
 import mimetypes
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import httpx
 import numpy as np
 
 from server.postprocess import top_k as top_k_classes
-from server.preprocess import InvalidImageError, ImageTooLargeError, preprocess_bytes
+from server.preprocess import ImageTooLargeError, InvalidImageError, preprocess_bytes
 from server.triton import REPOSITORY_KEY_HEADER
 from stack.settings import TritonSettings
 from stack.supervisor import triton_api_key
@@ -33,8 +33,13 @@ def _read(image: Image) -> bytes:
 
 
 def classify(
-    images: Sequence[Image], *, model: str, url: str = "http://127.0.0.1:8080", top_k: int = 5,
-    timeout_s: float = 30.0, api_key: str | None = None,
+    images: Sequence[Image],
+    *,
+    model: str,
+    url: str = "http://127.0.0.1:8080",
+    top_k: int = 5,
+    timeout_s: float = 30.0,
+    api_key: str | None = None,
 ) -> dict:
     """Classify images through the gateway (one multipart request); returns its JSON answer."""
     files = []
@@ -43,8 +48,13 @@ def classify(
         media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         files.append(("image", (name, _read(image), media_type)))
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.post(f"{url.rstrip('/')}/v1/models/{model}/classify", params={"top_k": top_k},
-                          files=files, headers=headers, timeout=timeout_s)
+    response = httpx.post(
+        f"{url.rstrip('/')}/v1/models/{model}/classify",
+        params={"top_k": top_k},
+        files=files,
+        headers=headers,
+        timeout=timeout_s,
+    )
     if response.status_code != 200:
         try:
             error = response.json()["error"]
@@ -56,8 +66,14 @@ def classify(
 
 
 def classify_grpc(
-    images: Sequence[Image], *, model: str, url: str = "127.0.0.1:8001", top_k: int = 5, version: str = "",
-    timeout_s: float = 30.0, triton_key: str | None = None,
+    images: Sequence[Image],
+    *,
+    model: str,
+    url: str = "127.0.0.1:8001",
+    top_k: int = 5,
+    version: str = "",
+    timeout_s: float = 30.0,
+    triton_key: str | None = None,
 ) -> dict:
     """Preprocess locally with the model's published spec and infer over Triton's gRPC endpoint
     (`triton_key`: the key of a Triton whose inference API is restricted, as the local stack's is)."""
@@ -71,16 +87,21 @@ def classify_grpc(
     try:
         config = client.get_model_config(model, as_json=True, client_timeout=timeout_s)["config"]
         info = model_info_from_config(model, config)
-        batch = np.stack([preprocess_bytes(_read(image), info.spec, pixel_input=info.pixel_input)
-                          for image in images])
+        batch = np.stack([preprocess_bytes(_read(image), info.spec, pixel_input=info.pixel_input) for image in images])
         step = info.images_per_call or len(batch)
         logits, served_version = [], version
         for start in range(0, len(batch), step):
-            chunk = batch[start:start + step]
+            chunk = batch[start : start + step]
             tensor = grpcclient.InferInput(info.input_name, list(chunk.shape), info.input_datatype)
             tensor.set_data_from_numpy(chunk)
-            result = client.infer(model, [tensor], model_version=version, client_timeout=timeout_s,
-                                  outputs=[grpcclient.InferRequestedOutput(info.output_name)], headers=headers)
+            result = client.infer(
+                model,
+                [tensor],
+                model_version=version,
+                client_timeout=timeout_s,
+                outputs=[grpcclient.InferRequestedOutput(info.output_name)],
+                headers=headers,
+            )
             logits.append(result.as_numpy(info.output_name))
             served_version = result.get_response(as_json=True).get("model_version", version)
     except InferenceServerException as e:
@@ -89,8 +110,11 @@ def classify_grpc(
         raise RuntimeError(str(e)) from e
     finally:
         client.close()
-    return {"model": model, "version": str(served_version),
-            "results": top_k_classes(np.concatenate(logits), top_k, info.labels)}
+    return {
+        "model": model,
+        "version": str(served_version),
+        "results": top_k_classes(np.concatenate(logits), top_k, info.labels),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,8 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grpc", metavar="HOST:PORT", help="call Triton's gRPC endpoint directly instead")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--api-key", help="bearer token, if the gateway requires one")
-    parser.add_argument("--triton-key", help="with --grpc: Triton's key (default: $TRITON_REPOSITORY_API_KEY, "
-                                             "else the one `make serve` keeps in .cache/triton)")
+    parser.add_argument(
+        "--triton-key",
+        help="with --grpc: Triton's key (default: $TRITON_REPOSITORY_API_KEY, "
+        "else the one `make serve` keeps in .cache/triton)",
+    )
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
@@ -119,4 +146,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(json.dumps(answer, indent=2))
     return 0
-

@@ -82,8 +82,7 @@ def load_images() -> list[tuple[str, bytes, str]]:
     paths = samples.image_files(folder)
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(samples.IMAGE_SUFFIXES)}) in {folder}")
-    return [(p.name, p.read_bytes(), mimetypes.guess_type(p.name)[0] or "application/octet-stream")
-            for p in paths]
+    return [(p.name, p.read_bytes(), mimetypes.guess_type(p.name)[0] or "application/octet-stream") for p in paths]
 
 
 def multipart_body(images: list[tuple[str, bytes, str]]) -> tuple[bytes, str]:
@@ -93,7 +92,9 @@ def multipart_body(images: list[tuple[str, bytes, str]]) -> tuple[bytes, str]:
     for name, data, media_type in images:
         parts.append(
             f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-            f"Content-Type: {media_type}\r\n\r\n".encode() + data + b"\r\n"
+            f"Content-Type: {media_type}\r\n\r\n".encode()
+            + data
+            + b"\r\n"
         )
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
@@ -116,8 +117,9 @@ class GatewayUser(FastHttpUser):
         return chosen
 
     def post(self, name: str, body: bytes, content_type: str, expected: int) -> None:
-        with self.client.post(self.path, data=body, headers={"Content-Type": content_type}, name=name,
-                              catch_response=True) as response:
+        with self.client.post(
+            self.path, data=body, headers={"Content-Type": content_type}, name=name, catch_response=True
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}")
                 return
@@ -131,7 +133,7 @@ class GatewayUser(FastHttpUser):
 
     @task(6)
     def classify_raw(self) -> None:
-        (_, data, media_type), = self.next_images(1)
+        ((_, data, media_type),) = self.next_images(1)
         self.post("classify raw", data, media_type, 1)
 
     @task(2)
@@ -154,9 +156,8 @@ class TritonGrpcUser(User):
         import numpy as np
         import tritonclient.grpc as grpcclient
 
-        from server.triton import REPOSITORY_KEY_HEADER
         from server.preprocess import preprocess_bytes
-        from server.triton import model_info_from_config
+        from server.triton import REPOSITORY_KEY_HEADER, model_info_from_config
 
         require_loopback(TRITON_GRPC)
         self.grpc = grpcclient
@@ -164,8 +165,9 @@ class TritonGrpcUser(User):
         self.client = grpcclient.InferenceServerClient(TRITON_GRPC)
         config = self.client.get_model_config(MODEL, as_json=True, client_timeout=30)["config"]
         self.info = model_info_from_config(MODEL, config)
-        self.tensors = [preprocess_bytes(data, self.info.spec, pixel_input=self.info.pixel_input)
-                        for _, data, _ in load_images()]
+        self.tensors = [
+            preprocess_bytes(data, self.info.spec, pixel_input=self.info.pixel_input) for _, data, _ in load_images()
+        ]
         self.stack = np.stack
         self.turn = 0
 
@@ -187,8 +189,12 @@ class TritonGrpcUser(User):
         except Exception as e:  # every failure is a failed request in the statistics
             error = e
         self.environment.events.request.fire(
-            request_type="grpc", name=f"infer x{count}", response_time=(time.perf_counter() - started) * 1000,
-            response_length=length, exception=error, context={},
+            request_type="grpc",
+            name=f"infer x{count}",
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=length,
+            exception=error,
+            context={},
         )
 
     @task(3)
@@ -237,8 +243,10 @@ class SaturationRamp(LoadTestShape):
         before_times, before_requests, before_failures = self.snapshot
         seconds = max(now - self.measure_started, 1e-9)
         step = {
-            "users": self.users, "seconds": round(seconds, 2),
-            "requests": requests - before_requests, "failures": failures - before_failures,
+            "users": self.users,
+            "seconds": round(seconds, 2),
+            "requests": requests - before_requests,
+            "failures": failures - before_failures,
             "rps": round((requests - before_requests) / seconds, 2),
             "p50_ms": step_percentile(before_times, times, 0.50),
             "p99_ms": step_percentile(before_times, times, 0.99),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 
 def step_percentile(before: Mapping[int, int], after: Mapping[int, int], quantile: float) -> float | None:

@@ -17,17 +17,24 @@ def _headline(summary: Summary) -> str:
     images = sum(load.inferences for load in summary.triton)
     images_part = f" ({images / summary.duration_s:.1f} images/s at Triton)" if images and summary.duration_s else ""
     users = max((p.users for p in summary.history), default=0)
-    return (f"**{total.rps:.1f} requests/s**{images_part} with up to {users} users over "
-            f"{summary.duration_s:.0f} s; latency p50 {_ms(total.p50_ms)} ms, p95 {_ms(total.p95_ms)} ms, "
-            f"**p99 {_ms(total.p99_ms)} ms**; {total.failures} failed of {total.requests} "
-            f"({total.failure_ratio:.2%}).")
+    return (
+        f"**{total.rps:.1f} requests/s**{images_part} with up to {users} users over "
+        f"{summary.duration_s:.0f} s; latency p50 {_ms(total.p50_ms)} ms, p95 {_ms(total.p95_ms)} ms, "
+        f"**p99 {_ms(total.p99_ms)} ms**; {total.failures} failed of {total.requests} "
+        f"({total.failure_ratio:.2%})."
+    )
 
 
 def _requests_table(summary: Summary) -> list[str]:
-    lines = ["| request | count | failed | req/s | mean ms | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| request | count | failed | req/s | mean ms | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in [*summary.requests, summary.total]:
-        lines.append(f"| {r.name} | {r.requests} | {r.failures} | {r.rps:.1f} | {_ms(r.mean_ms)} | {_ms(r.p50_ms)} "
-                     f"| {_ms(r.p95_ms)} | {_ms(r.p99_ms)} |")
+        lines.append(
+            f"| {r.name} | {r.requests} | {r.failures} | {r.rps:.1f} | {_ms(r.mean_ms)} | {_ms(r.p50_ms)} "
+            f"| {_ms(r.p95_ms)} | {_ms(r.p99_ms)} |"
+        )
     return lines
 
 
@@ -38,19 +45,25 @@ def _ramp_section(ramp: dict) -> list[str]:
     steps = ramp.get("steps", [])
     if best and all(s["within_budget"] for s in steps):
         # The ramp ran out of users before latency crossed the budget: the server was not saturated.
-        lines.append(f"Every step stayed within the p99 budget of {budget:.0f} ms up to the ramp's cap of "
-                     f"{steps[-1]['users']} users: saturation is above **{best['rps']:.1f} requests/s**; "
-                     "raise --ramp-max-users to find it.")
+        lines.append(
+            f"Every step stayed within the p99 budget of {budget:.0f} ms up to the ramp's cap of "
+            f"{steps[-1]['users']} users: saturation is above **{best['rps']:.1f} requests/s**; "
+            "raise --ramp-max-users to find it."
+        )
     elif best:
-        lines.append(f"Saturation: **{best['rps']:.1f} requests/s at {best['users']} users** (p99 "
-                     f"{_ms(best['p99_ms'])} ms, budget {budget:.0f} ms). At 80% of it, "
-                     f"{0.8 * best['rps']:.1f} requests/s, is where to measure the latency users will see.")
+        lines.append(
+            f"Saturation: **{best['rps']:.1f} requests/s at {best['users']} users** (p99 "
+            f"{_ms(best['p99_ms'])} ms, budget {budget:.0f} ms). At 80% of it, "
+            f"{0.8 * best['rps']:.1f} requests/s, is where to measure the latency users will see."
+        )
     else:
         lines.append(f"No step stayed within the p99 budget of {budget:.0f} ms.")
     lines += ["", "| users | req/s | p50 ms | p99 ms | failed | within budget |", "|---|---|---|---|---|---|"]
     for s in ramp.get("steps", []):
-        lines.append(f"| {s['users']} | {s['rps']:.1f} | {_ms(s['p50_ms'])} | {_ms(s['p99_ms'])} | {s['failures']} "
-                     f"| {'yes' if s['within_budget'] else 'no'} |")
+        lines.append(
+            f"| {s['users']} | {s['rps']:.1f} | {_ms(s['p50_ms'])} | {_ms(s['p99_ms'])} | {s['failures']} "
+            f"| {'yes' if s['within_budget'] else 'no'} |"
+        )
     return lines + [""]
 
 
@@ -78,8 +91,13 @@ def _triton_lines(load: TritonLoad) -> list[str]:
     if load.batch_sizes:
         executions = sum(load.batch_sizes.values())
         images = sum(size * count for size, count in load.batch_sizes.items())
-        lines += ["", f"Batch sizes Triton formed (its statistics API, {executions} executions):", "",
-                  "| batch size | executions | share of executions | share of images |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Batch sizes Triton formed (its statistics API, {executions} executions):",
+            "",
+            "| batch size | executions | share of executions | share of images |",
+            "|---|---|---|---|",
+        ]
         for label, (count, batched) in batch_size_ranges(load.batch_sizes).items():
             lines.append(f"| {label} | {count} | {count / executions:.0%} | {batched / images:.0%} |")
     return lines + [""]
@@ -88,18 +106,29 @@ def _triton_lines(load: TritonLoad) -> list[str]:
 def _where_time_goes(summary: Summary) -> list[str]:
     lines = ["## Where the time goes", ""]
     if summary.stages:
-        lines += ["Inside the gateway (its `gateway_stage_seconds` histogram; quantiles interpolated in buckets):", "",
-                  "| stage | requests | mean ms | p50 ms | p99 ms |", "|---|---|---|---|---|"]
-        lines += [f"| {s.stage} | {s.count} | {_ms(s.mean_ms)} | {_ms(s.p50_ms)} | {_ms(s.p99_ms)} |"
-                  for s in summary.stages]
+        lines += [
+            "Inside the gateway (its `gateway_stage_seconds` histogram; quantiles interpolated in buckets):",
+            "",
+            "| stage | requests | mean ms | p50 ms | p99 ms |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s.stage} | {s.count} | {_ms(s.mean_ms)} | {_ms(s.p50_ms)} | {_ms(s.p99_ms)} |" for s in summary.stages
+        ]
         total_stage = next((s for s in summary.stages if s.stage == "total"), None)
         if total_stage and not math.isnan(summary.total.mean_ms):
             outside = summary.total.mean_ms - total_stage.mean_ms
-            lines += ["", f"Mean client latency {_ms(summary.total.mean_ms)} ms, of which {_ms(total_stage.mean_ms)} ms "
-                          f"inside the gateway and {_ms(outside)} ms in HTTP, the network and the load generator."]
+            lines += [
+                "",
+                f"Mean client latency {_ms(summary.total.mean_ms)} ms, of which {_ms(total_stage.mean_ms)} ms "
+                f"inside the gateway and {_ms(outside)} ms in HTTP, the network and the load generator.",
+            ]
         lines.append("")
     if summary.gateway_statuses:
-        lines += ["Gateway answers by status: " + ", ".join(f"{k}: {v}" for k, v in summary.gateway_statuses.items()), ""]
+        lines += [
+            "Gateway answers by status: " + ", ".join(f"{k}: {v}" for k, v in summary.gateway_statuses.items()),
+            "",
+        ]
     for load in summary.triton:
         lines += _triton_lines(load)
     if not summary.stages and not summary.triton:
@@ -109,8 +138,18 @@ def _where_time_goes(summary: Summary) -> list[str]:
 
 def render_markdown(summary: Summary, problems: list[str]) -> str:
     verdict = "PASSED" if not problems else "FAILED: " + "; ".join(problems)
-    lines = [f"# Load test of the {summary.target}", "", _headline(summary), "", f"Thresholds: {verdict}.", "",
-             "![throughput, latency and errors over time](latency.png)", "", "## Requests", ""]
+    lines = [
+        f"# Load test of the {summary.target}",
+        "",
+        _headline(summary),
+        "",
+        f"Thresholds: {verdict}.",
+        "",
+        "![throughput, latency and errors over time](latency.png)",
+        "",
+        "## Requests",
+        "",
+    ]
     lines += _requests_table(summary) + [""]
     if summary.ramp:
         lines += _ramp_section(summary.ramp)
@@ -129,7 +168,9 @@ def plot_latency(summary: Summary, path: Path, *, max_p99_ms: float | None = Non
     history = summary.history
     t = [p.elapsed_s for p in history]
     fig, (throughput, latency, errors) = plt.subplots(3, 1, sharex=True, figsize=(9, 8), constrained_layout=True)
-    fig.suptitle(f"Load test of the {summary.target}: {summary.total.rps:.1f} req/s, p99 {_ms(summary.total.p99_ms)} ms")
+    fig.suptitle(
+        f"Load test of the {summary.target}: {summary.total.rps:.1f} req/s, p99 {_ms(summary.total.p99_ms)} ms"
+    )
 
     throughput.plot(t, [p.rps for p in history], color="tab:blue", label="requests/s (per second)")
     throughput.set_ylabel("requests/s")

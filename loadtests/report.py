@@ -10,9 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -104,6 +104,7 @@ class Summary:
 
 # --- Prometheus text ---------------------------------------------------------------------------------
 
+
 def parse_samples(text: str) -> Samples:
     """Every sample of a Prometheus text exposition, keyed by name and sorted labels.
 
@@ -125,8 +126,11 @@ def counter_delta(before: Samples, after: Samples) -> Samples:
 
 def total(samples: Samples, name: str, **labels: str) -> float:
     """Sum of the samples called `name` whose labels include `labels`."""
-    return sum(value for (sample_name, sample_labels), value in samples.items()
-               if sample_name == name and labels.items() <= dict(sample_labels).items())
+    return sum(
+        value
+        for (sample_name, sample_labels), value in samples.items()
+        if sample_name == name and labels.items() <= dict(sample_labels).items()
+    )
 
 
 def histogram_quantile(buckets: Iterable[tuple[float, float]], quantile: float) -> float:
@@ -152,13 +156,20 @@ def gateway_stages(delta: Samples) -> list[StageLatency]:
         count = total(delta, "gateway_stage_seconds_count", stage=stage)
         if count <= 0:
             continue
-        buckets = [(float(dict(labels)["le"]), value) for (name, labels), value in delta.items()
-                   if name == "gateway_stage_seconds_bucket" and dict(labels).get("stage") == stage]
-        stages.append(StageLatency(
-            stage=stage, count=int(count),
-            mean_ms=1000 * total(delta, "gateway_stage_seconds_sum", stage=stage) / count,
-            p50_ms=1000 * histogram_quantile(buckets, 0.50), p99_ms=1000 * histogram_quantile(buckets, 0.99),
-        ))
+        buckets = [
+            (float(dict(labels)["le"]), value)
+            for (name, labels), value in delta.items()
+            if name == "gateway_stage_seconds_bucket" and dict(labels).get("stage") == stage
+        ]
+        stages.append(
+            StageLatency(
+                stage=stage,
+                count=int(count),
+                mean_ms=1000 * total(delta, "gateway_stage_seconds_sum", stage=stage) / count,
+                p50_ms=1000 * histogram_quantile(buckets, 0.50),
+                p99_ms=1000 * histogram_quantile(buckets, 0.99),
+            )
+        )
     return stages
 
 
@@ -173,6 +184,7 @@ def gateway_statuses(delta: Samples) -> dict[str, int]:
 
 def _batch_sizes(stats_before: Mapping, stats_after: Mapping, model: str) -> dict[int, int]:
     """Executions per batch size during the run, from Triton's statistics extension (batch_stats)."""
+
     def executions(stats: Mapping) -> dict[int, int]:
         found: dict[int, int] = {}
         for entry in stats.get("model_stats", []):
@@ -188,28 +200,40 @@ def _batch_sizes(stats_before: Mapping, stats_after: Mapping, model: str) -> dic
     return {size: count for size, count in sorted(sizes.items()) if count > 0}
 
 
-def triton_loads(delta: Samples, stats_before: Mapping | None = None,
-                 stats_after: Mapping | None = None) -> list[TritonLoad]:
+def triton_loads(
+    delta: Samples, stats_before: Mapping | None = None, stats_after: Mapping | None = None
+) -> list[TritonLoad]:
     """Per model with traffic in this run: Triton's counters turned into batch sizes and time per request."""
-    models = sorted({dict(labels).get("model", "") for (name, labels), value in delta.items()
-                     if name == "nv_inference_request_success" and value > 0})
+    models = sorted(
+        {
+            dict(labels).get("model", "")
+            for (name, labels), value in delta.items()
+            if name == "nv_inference_request_success" and value > 0
+        }
+    )
     loads = []
     for model in models:
         requests = total(delta, "nv_inference_request_success", model=model)
-        compute_us = sum(total(delta, f"nv_inference_compute_{part}_duration_us", model=model)
-                         for part in ("input", "infer", "output"))
-        loads.append(TritonLoad(
-            model=model, requests=int(requests),
-            inferences=int(total(delta, "nv_inference_count", model=model)),
-            executions=int(total(delta, "nv_inference_exec_count", model=model)),
-            queue_ms=total(delta, "nv_inference_queue_duration_us", model=model) / requests / 1000,
-            compute_ms=compute_us / requests / 1000,
-            batch_sizes=_batch_sizes(stats_before or {}, stats_after or {}, model),
-        ))
+        compute_us = sum(
+            total(delta, f"nv_inference_compute_{part}_duration_us", model=model)
+            for part in ("input", "infer", "output")
+        )
+        loads.append(
+            TritonLoad(
+                model=model,
+                requests=int(requests),
+                inferences=int(total(delta, "nv_inference_count", model=model)),
+                executions=int(total(delta, "nv_inference_exec_count", model=model)),
+                queue_ms=total(delta, "nv_inference_queue_duration_us", model=model) / requests / 1000,
+                compute_ms=compute_us / requests / 1000,
+                batch_sizes=_batch_sizes(stats_before or {}, stats_after or {}, model),
+            )
+        )
     return loads
 
 
 # --- locust CSV -------------------------------------------------------------------------------------
+
 
 def _number(value: str) -> float:
     try:
@@ -223,9 +247,14 @@ def read_request_stats(path: Path) -> list[RequestStats]:
     with open(path, newline="") as f:
         return [
             RequestStats(
-                name=row["Name"], requests=int(row["Request Count"]), failures=int(row["Failure Count"]),
-                rps=_number(row["Requests/s"]), mean_ms=_number(row["Average Response Time"]),
-                p50_ms=_number(row["50%"]), p95_ms=_number(row["95%"]), p99_ms=_number(row["99%"]),
+                name=row["Name"],
+                requests=int(row["Request Count"]),
+                failures=int(row["Failure Count"]),
+                rps=_number(row["Requests/s"]),
+                mean_ms=_number(row["Average Response Time"]),
+                p50_ms=_number(row["50%"]),
+                p95_ms=_number(row["95%"]),
+                p99_ms=_number(row["99%"]),
             )
             for row in csv.DictReader(f)
         ]
@@ -246,15 +275,22 @@ def read_history(path: Path) -> list[HistoryPoint]:
         failures = int(row["Total Failure Count"]) - (int(previous["Total Failure Count"]) if previous else 0)
         # Before the first response locust writes 0 or N/A as percentiles: no data, not 0 ms.
         quantiles = [_number(row[q]) if int(row["Total Request Count"]) else math.nan for q in ("50%", "95%", "99%")]
-        points.append(HistoryPoint(
-            elapsed_s=float(int(row["Timestamp"]) - int(rows[0]["Timestamp"])), users=int(row["User Count"]),
-            rps=requests / seconds if seconds > 0 else 0.0, failures_per_s=failures / seconds if seconds > 0 else 0.0,
-            p50_ms=quantiles[0], p95_ms=quantiles[1], p99_ms=quantiles[2],
-        ))
+        points.append(
+            HistoryPoint(
+                elapsed_s=float(int(row["Timestamp"]) - int(rows[0]["Timestamp"])),
+                users=int(row["User Count"]),
+                rps=requests / seconds if seconds > 0 else 0.0,
+                failures_per_s=failures / seconds if seconds > 0 else 0.0,
+                p50_ms=quantiles[0],
+                p95_ms=quantiles[1],
+                p99_ms=quantiles[2],
+            )
+        )
     return points
 
 
 # --- the summary ------------------------------------------------------------------------------------
+
 
 def _read_optional(path: Path) -> str:
     return path.read_text() if path.exists() else ""
@@ -271,16 +307,21 @@ def build_summary(report_dir: Path, *, target: str, settings: Mapping[str, str])
     if aggregated is None:
         raise ValueError(f"{report_dir / 'locust_stats.csv'} has no Aggregated row")
     before, after = report_dir / "metrics-before", report_dir / "metrics-after"
-    gateway = counter_delta(parse_samples(_read_optional(before / "gateway.prom")),
-                            parse_samples(_read_optional(after / "gateway.prom")))
-    triton = counter_delta(parse_samples(_read_optional(before / "triton.prom")),
-                           parse_samples(_read_optional(after / "triton.prom")))
+    gateway = counter_delta(
+        parse_samples(_read_optional(before / "gateway.prom")), parse_samples(_read_optional(after / "gateway.prom"))
+    )
+    triton = counter_delta(
+        parse_samples(_read_optional(before / "triton.prom")), parse_samples(_read_optional(after / "triton.prom"))
+    )
     ramp_path = report_dir / "ramp.json"
     return Summary(
-        target=target, settings=dict(settings), total=aggregated,
+        target=target,
+        settings=dict(settings),
+        total=aggregated,
         requests=[r for r in requests if r.name != "Aggregated"],
         history=read_history(report_dir / "locust_stats_history.csv"),
-        stages=gateway_stages(gateway), gateway_statuses=gateway_statuses(gateway),
+        stages=gateway_stages(gateway),
+        gateway_statuses=gateway_statuses(gateway),
         triton=triton_loads(triton, _read_json(before / "triton-stats.json"), _read_json(after / "triton-stats.json")),
         ramp=_read_json(ramp_path) if ramp_path.exists() else None,
     )

@@ -19,14 +19,14 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
-from .report import Thresholds, build_summary, check_thresholds
 from .render import plot_latency, render_markdown
+from .report import Thresholds, build_summary, check_thresholds
 from .targets import TargetRefused, require_loopback
 
 log = logging.getLogger("loadtests.run")
@@ -70,8 +70,11 @@ def target_answers(endpoints: Endpoints, target: str) -> bool:
 def stack_for(endpoints: Endpoints, target: str, repository: str) -> Iterator[Endpoints]:
     """The endpoints of a stack that answers at the target: the running one, or one started for this run."""
     if target_answers(endpoints, target):
-        log.info("using the %s that answers at %s", target,
-                 endpoints.gateway_url if target == "gateway" else endpoints.triton_http)
+        log.info(
+            "using the %s that answers at %s",
+            target,
+            endpoints.gateway_url if target == "gateway" else endpoints.triton_http,
+        )
         yield endpoints
         return
     from stack.launcher import LaunchError, free_port
@@ -80,12 +83,17 @@ def stack_for(endpoints: Endpoints, target: str, repository: str) -> Iterator[En
 
     log.info("nothing answers at the %s; starting Triton and the gateway on %s", target, repository)
     # Free ports rather than the defaults: another stack on this machine may hold them without answering.
-    settings = TritonSettings(model_repository=repository, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port())
+    settings = TritonSettings(
+        model_repository=repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
+    )
     try:
         with local_stack(settings, gateway_host="127.0.0.1", gateway_port=free_port()) as (triton, gateway):
-            yield Endpoints(gateway_url=gateway.url, triton_http=triton.http_url, triton_grpc=triton.grpc_url,
-                            triton_metrics=triton.metrics_url)
+            yield Endpoints(
+                gateway_url=gateway.url,
+                triton_http=triton.http_url,
+                triton_grpc=triton.grpc_url,
+                triton_metrics=triton.metrics_url,
+            )
     except LaunchError as e:
         raise RunError(f"could not start the local stack: {e}") from e
 
@@ -93,8 +101,11 @@ def stack_for(endpoints: Endpoints, target: str, repository: str) -> Iterator[En
 def scrape(endpoints: Endpoints, model: str, folder: Path) -> None:
     """The gateway's and Triton's Prometheus metrics and Triton's statistics for the model, as files."""
     folder.mkdir(parents=True, exist_ok=True)
-    sources = {"gateway.prom": f"{endpoints.gateway_url}/metrics", "triton.prom": endpoints.triton_metrics,
-               "triton-stats.json": f"http://{endpoints.triton_http}/v2/models/{model}/stats"}
+    sources = {
+        "gateway.prom": f"{endpoints.gateway_url}/metrics",
+        "triton.prom": endpoints.triton_metrics,
+        "triton-stats.json": f"http://{endpoints.triton_http}/v2/models/{model}/stats",
+    }
     for name, url in sources.items():
         try:
             response = httpx.get(url, timeout=5.0)
@@ -130,17 +141,32 @@ def wait_until_settled(endpoints: Endpoints, model: str, timeout_s: float = 5.0)
         if counts is None or counts[0] == counts[1]:
             return
         time.sleep(0.5)
-    log.warning("Triton's statistics API and its metrics disagree on executions (was the model reloaded?); "
-                "the batch-size table covers only what the statistics API counted")
+    log.warning(
+        "Triton's statistics API and its metrics disagree on executions (was the model reloaded?); "
+        "the batch-size table covers only what the statistics API counted"
+    )
 
 
 def locust_command(args: argparse.Namespace, endpoints: Endpoints, report_dir: Path) -> list[str]:
     command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "--csv", str(report_dir / "locust"), "--csv-full-history", "--html", str(report_dir / "locust.html"),
-        "--logfile", str(report_dir / "locust.log"), "--stop-timeout", "10",
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--csv",
+        str(report_dir / "locust"),
+        "--csv-full-history",
+        "--html",
+        str(report_dir / "locust.html"),
+        "--logfile",
+        str(report_dir / "locust.log"),
+        "--stop-timeout",
+        "10",
         # The verdict is ours (thresholds below), not locust's exit code for "some request failed".
-        "--exit-code-on-error", "0",
+        "--exit-code-on-error",
+        "0",
     ]
     if not args.ramp:  # the ramp sets users itself and ends when p99 crosses the budget
         command += ["-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration]
@@ -150,9 +176,13 @@ def locust_command(args: argparse.Namespace, endpoints: Endpoints, report_dir: P
 
 
 def locust_environment(args: argparse.Namespace, endpoints: Endpoints, report_dir: Path) -> dict[str, str]:
-    env = {**os.environ, "LOADTEST_MODEL": args.model, "LOADTEST_TRITON_GRPC": endpoints.triton_grpc,
-           "LOADTEST_IMAGES_PER_REQUEST": str(args.images_per_request),
-           "LOADTEST_USER_RPS": str(args.user_rps or 0)}
+    env = {
+        **os.environ,
+        "LOADTEST_MODEL": args.model,
+        "LOADTEST_TRITON_GRPC": endpoints.triton_grpc,
+        "LOADTEST_IMAGES_PER_REQUEST": str(args.images_per_request),
+        "LOADTEST_USER_RPS": str(args.user_rps or 0),
+    }
     if args.images:
         env["LOADTEST_IMAGES"] = args.images
     if args.target == "triton" and "LOADTEST_TRITON_KEY" not in env:
@@ -162,9 +192,14 @@ def locust_environment(args: argparse.Namespace, endpoints: Endpoints, report_di
 
         env["LOADTEST_TRITON_KEY"] = triton_api_key(TritonSettings()) or ""
     if args.ramp:
-        env.update(LOADTEST_SHAPE="ramp", LOADTEST_P99_BUDGET_MS=str(args.p99_budget_ms),
-                   LOADTEST_RAMP_STEP_USERS=str(args.ramp_step_users), LOADTEST_RAMP_STEP_S=str(args.ramp_step_s),
-                   LOADTEST_RAMP_MAX_USERS=str(args.ramp_max_users), LOADTEST_RAMP_OUT=str(report_dir / "ramp.json"))
+        env.update(
+            LOADTEST_SHAPE="ramp",
+            LOADTEST_P99_BUDGET_MS=str(args.p99_budget_ms),
+            LOADTEST_RAMP_STEP_USERS=str(args.ramp_step_users),
+            LOADTEST_RAMP_STEP_S=str(args.ramp_step_s),
+            LOADTEST_RAMP_MAX_USERS=str(args.ramp_max_users),
+            LOADTEST_RAMP_OUT=str(report_dir / "ramp.json"),
+        )
     else:
         env.pop("LOADTEST_SHAPE", None)
     return env
@@ -174,8 +209,9 @@ def run_locust(args: argparse.Namespace, endpoints: Endpoints, report_dir: Path)
     command = locust_command(args, endpoints, report_dir)
     log.info("running %s", " ".join(command[1:]))
     with open(report_dir / "locust.out", "wb") as output:
-        finished = subprocess.run(command, env=locust_environment(args, endpoints, report_dir),
-                                  stdout=output, stderr=subprocess.STDOUT)
+        finished = subprocess.run(
+            command, env=locust_environment(args, endpoints, report_dir), stdout=output, stderr=subprocess.STDOUT
+        )
     if not (report_dir / "locust_stats.csv").exists():
         tail = (report_dir / "locust.out").read_text(errors="replace").splitlines()[-15:]
         raise RunError(f"locust exited with code {finished.returncode} without statistics:\n" + "\n".join(tail))
@@ -184,13 +220,17 @@ def run_locust(args: argparse.Namespace, endpoints: Endpoints, report_dir: Path)
 def write_report(args: argparse.Namespace, endpoints: Endpoints, report_dir: Path) -> list[str]:
     """summary.md, summary.json and latency.png from the files of the run; returns the threshold problems."""
     # The endpoints actually load-tested replace the requested ones (a stack started here has its own ports).
-    settings = {key: str(value) for key, value in sorted({**vars(args), **dataclasses.asdict(endpoints)}.items())
-                if value is not None}
+    settings = {
+        key: str(value)
+        for key, value in sorted({**vars(args), **dataclasses.asdict(endpoints)}.items())
+        if value is not None
+    }
     summary = build_summary(report_dir, target=args.target, settings=settings)
     problems = check_thresholds(summary, Thresholds(args.fail_ratio, args.max_p99_ms))
     (report_dir / "summary.md").write_text(render_markdown(summary, problems))
-    (report_dir / "summary.json").write_text(json.dumps(
-        {**dataclasses.asdict(summary), "problems": problems}, indent=1, default=str))
+    (report_dir / "summary.json").write_text(
+        json.dumps({**dataclasses.asdict(summary), "problems": problems}, indent=1, default=str)
+    )
     plot_latency(summary, report_dir / "latency.png", max_p99_ms=args.max_p99_ms)
     return problems
 
@@ -233,8 +273,12 @@ def duration(value: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.splitlines()[0])
-    p.add_argument("--target", choices=sorted(USER_CLASSES), default="gateway",
-                   help="gateway: HTTP with images; triton: gRPC with preprocessed tensors")
+    p.add_argument(
+        "--target",
+        choices=sorted(USER_CLASSES),
+        default="gateway",
+        help="gateway: HTTP with images; triton: gRPC with preprocessed tensors",
+    )
     p.add_argument("--users", type=int, default=8, help="concurrent users (ignored with --ramp)")
     p.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
     p.add_argument("--duration", type=duration, default="30s", help="run time: 30, 30s, 2m, 1m30s")
@@ -253,8 +297,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-http", default="127.0.0.1:8000")
     p.add_argument("--triton-grpc", default="127.0.0.1:8001")
     p.add_argument("--triton-metrics", default="http://127.0.0.1:8002/metrics")
-    p.add_argument("--repository", default=os.environ.get("TRITON_MODEL_REPOSITORY", "model_repository"),
-                   help="model repository for a stack started by this run")
+    p.add_argument(
+        "--repository",
+        default=os.environ.get("TRITON_MODEL_REPOSITORY", "model_repository"),
+        help="model repository for a stack started by this run",
+    )
     p.add_argument("--reports", default="loadtests/reports", help="folder for the report folders")
     return p
 
@@ -264,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape drowns the progress
     if args.users < 1 or args.spawn_rate <= 0 or args.images_per_request < 1:
-        print("loadtest: error: --users and --images-per-request need at least 1, --spawn-rate more than 0",
-              file=sys.stderr)
+        print(
+            "loadtest: error: --users and --images-per-request need at least 1, --spawn-rate more than 0",
+            file=sys.stderr,
+        )
         return 2
     try:
         return run(args)

@@ -10,8 +10,13 @@ from pathlib import Path
 DEFAULT_FOLDER = Path(".cache/loadtest-images")
 # (file in skimage/data, format written): large and small, color and grayscale, landscape and portrait.
 PHOTOS = (
-    ("astronaut.png", "JPEG"), ("coffee.png", "JPEG"), ("chelsea.png", "PNG"), ("rocket.jpg", "JPEG"),
-    ("motorcycle_left.png", "JPEG"), ("camera.png", "PNG"), ("hubble_deep_field.jpg", "JPEG"),
+    ("astronaut.png", "JPEG"),
+    ("coffee.png", "JPEG"),
+    ("chelsea.png", "PNG"),
+    ("rocket.jpg", "JPEG"),
+    ("motorcycle_left.png", "JPEG"),
+    ("camera.png", "PNG"),
+    ("hubble_deep_field.jpg", "JPEG"),
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 

@@ -17,8 +17,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import fastapi_offline
+import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -33,10 +33,10 @@ from .errors import GatewayError
 from .inputs import BufferedBodies
 from .metrics import GatewayMetrics
 from .preprocess import DecodeBudget, release_memory
+from .replicas import ReplicaPool
 from .routes import health, kserve, models
 from .security import require_key_for_docs
 from .settings import NoApiKeys, Settings, get_settings
-from .replicas import ReplicaPool
 from .shared_memory import input_region
 from .triton import REPOSITORY_KEY_HEADER
 
@@ -55,8 +55,13 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage(), **getattr(record, "fields", {})}
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -133,12 +138,21 @@ class RequestContextMiddleware:
                 metrics.triton_errors.labels(code).inc()
         if scope["path"] in ("/healthz", "/readyz", "/metrics") and status < 400:
             return  # probes and scrapes would drown the log
-        log.info("request", extra={"fields": {
-            "request_id": context["request_id"], "method": scope["method"], "path": scope["path"],
-            "status": status, "model": context["model"], "duration_ms": round(total * 1000, 3),
-            "stages_ms": {k: round(v * 1000, 3) for k, v in context["stages"].items()},
-            **({"error": code} if code else {}),
-        }})
+        log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": context["request_id"],
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "model": context["model"],
+                    "duration_ms": round(total * 1000, 3),
+                    "stages_ms": {k: round(v * 1000, 3) for k, v in context["stages"].items()},
+                    **({"error": code} if code else {}),
+                }
+            },
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -152,25 +166,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         key = settings.triton_repository_key.get_secret_value() if settings.triton_repository_key else ""
         # Whatever was made is undone, last first, even when a later step fails.
         async with AsyncExitStack() as made:
-            app.state.input_region = region = input_region(settings.shared_memory_slots,
-                                                           settings.shared_memory_slot_bytes)
+            app.state.input_region = region = input_region(
+                settings.shared_memory_slots, settings.shared_memory_slot_bytes
+            )
             if region:
                 made.callback(region.close)
             metrics.shared_memory_free_slots.set_function(lambda: region.free_slots if region else 0)
             app.state.replicas = replicas = ReplicaPool(
-                settings.triton_url, protocol=settings.triton_protocol, timeout_s=settings.triton_timeout_s,
-                info_ttl_s=settings.model_info_ttl_s, repository_key=key or None, region=region,
+                settings.triton_url,
+                protocol=settings.triton_protocol,
+                timeout_s=settings.triton_timeout_s,
+                info_ttl_s=settings.model_info_ttl_s,
+                repository_key=key or None,
+                region=region,
             )
             made.push_async_callback(replicas.close)
             await replicas.start()
             # The KServe v2 pass-through carries Triton's key on every call, as the replicas' clients do.
             app.state.triton_proxy = proxy = httpx.AsyncClient(
-                base_url=f"http://{settings.triton_http_url}", timeout=settings.triton_timeout_s,
+                base_url=f"http://{settings.triton_http_url}",
+                timeout=settings.triton_timeout_s,
                 headers={REPOSITORY_KEY_HEADER: key} if key else None,
             )
             made.push_async_callback(proxy.aclose)
-            app.state.preprocess_executor = executor = ThreadPoolExecutor(settings.preprocess_threads,
-                                                                          thread_name_prefix="preprocess")
+            app.state.preprocess_executor = executor = ThreadPoolExecutor(
+                settings.preprocess_threads, thread_name_prefix="preprocess"
+            )
             made.callback(executor.shutdown, wait=False, cancel_futures=True)
             yield
 
@@ -180,13 +201,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         # Served by _install_docs instead: from the gateway's own files, behind the key if so set.
-        docs_url=None, redoc_url=None, openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     metrics = GatewayMetrics()
     app.state.settings, app.state.metrics = settings, metrics
     app.state.inference_slots = InferenceSlots(settings.max_in_flight, metrics)
-    app.state.decode_budget = DecodeBudget(settings.decode_pixel_budget, settings.large_image_pixels,
-                                           settings.max_large_decodes)
+    app.state.decode_budget = DecodeBudget(
+        settings.decode_pixel_budget, settings.large_image_pixels, settings.max_large_decodes
+    )
     try:
         app.state.api_keys = tuple(k.encode() for k in settings.load_api_keys())
     except NoApiKeys as e:
@@ -216,7 +240,8 @@ def _install_docs(app: FastAPI) -> None:
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         return get_swagger_ui_html(
-            openapi_url=f"{root}/openapi.json", title=f"{app.title} - Swagger UI",
+            openapi_url=f"{root}/openapi.json",
+            title=f"{app.title} - Swagger UI",
             swagger_js_url=f"{root}{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
             swagger_css_url=f"{root}{DOCS_ASSETS_PATH}/swagger-ui.css",
             swagger_favicon_url=f"{root}{DOCS_ASSETS_PATH}/favicon.png",
@@ -227,9 +252,11 @@ def _install_docs(app: FastAPI) -> None:
     async def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         return get_redoc_html(
-            openapi_url=f"{root}/openapi.json", title=f"{app.title} - ReDoc",
+            openapi_url=f"{root}/openapi.json",
+            title=f"{app.title} - ReDoc",
             redoc_js_url=f"{root}{DOCS_ASSETS_PATH}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{DOCS_ASSETS_PATH}/favicon.png", with_google_fonts=False,
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_PATH}/favicon.png",
+            with_google_fonts=False,
         )
 
     app.include_router(docs)

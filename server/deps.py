@@ -48,8 +48,9 @@ class Admission:
     def take(self) -> None:
         slots = self.slots
         if slots.taken >= slots.limit:
-            raise TooManyRequests(f"the gateway is serving {slots.taken} requests; retry shortly",
-                                  retry_after_s=RETRY_AFTER_S)
+            raise TooManyRequests(
+                f"the gateway is serving {slots.taken} requests; retry shortly", retry_after_s=RETRY_AFTER_S
+            )
         slots.taken += 1
         self.holds_slot = True
 

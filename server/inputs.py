@@ -14,20 +14,41 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 
 from .errors import (
-    RETRY_AFTER_S, BadRequest, InvalidImage, PayloadTooLarge, RequestTimeout, TooManyRequests, UnsupportedMediaType,
+    RETRY_AFTER_S,
+    BadRequest,
+    InvalidImage,
+    PayloadTooLarge,
+    RequestTimeout,
+    TooManyRequests,
+    UnsupportedMediaType,
 )
 from .offload import parse_json_body
 from .settings import Settings
 
 # Raw bodies: an image of a format the gateway decodes (with the common aliases), or bytes of any kind,
 # which the decoder then checks. Another declared image type is refused before its body is read.
-RAW_MEDIA_TYPES = frozenset({
-    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/bmp", "image/x-bmp",
-    "image/x-ms-bmp", "image/gif", "application/octet-stream",
-})
+RAW_MEDIA_TYPES = frozenset(
+    {
+        "image/jpeg",
+        "image/jpg",
+        "image/pjpeg",
+        "image/png",
+        "image/webp",
+        "image/bmp",
+        "image/x-bmp",
+        "image/x-ms-bmp",
+        "image/gif",
+        "application/octet-stream",
+    }
+)
 # Headers that say how to read the body. Sent twice, one reader may take the first and another the last.
-FRAMING_HEADERS = ("content-type", "content-encoding", "inference-header-content-length", "content-length",
-                   "transfer-encoding")
+FRAMING_HEADERS = (
+    "content-type",
+    "content-encoding",
+    "inference-header-content-length",
+    "content-length",
+    "transfer-encoding",
+)
 DECIMAL = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts "²"
 
 
@@ -71,8 +92,11 @@ class BufferedBodies:
 
     def reserve(self, size: int) -> None:
         if self.held + size > self.limit:
-            raise TooManyRequests(f"the gateway holds {self.held} bytes of request bodies, its limit is "
-                                  f"{self.limit}; retry shortly", retry_after_s=RETRY_AFTER_S, close_connection=True)
+            raise TooManyRequests(
+                f"the gateway holds {self.held} bytes of request bodies, its limit is {self.limit}; retry shortly",
+                retry_after_s=RETRY_AFTER_S,
+                close_connection=True,
+            )
         self.held += size
 
     def release(self, size: int) -> None:
@@ -113,8 +137,9 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 chunks.append(chunk)
         return b"".join(chunks)
     except TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)",
-                             close_connection=True) from None
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)", close_connection=True
+        ) from None
     finally:
         chunks.clear()  # a refused body's pieces are not kept alive by the exception's traceback
 
@@ -126,15 +151,16 @@ def _check_count(count: int, settings: Settings) -> None:
 
 async def _pieces(body: bytes, size: int = 1 << 20) -> AsyncGenerator[bytes, None]:
     for start in range(0, len(body), size):
-        yield body[start:start + size]
+        yield body[start : start + size]
 
 
 async def _multipart(request: Request, settings: Settings) -> list[bytes]:
     # The body is read whole and bounded first: the parser, fed from the request itself, would spool any
     # amount of a chunked upload to disk before its size could be checked.
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-    parser = MultiPartParser(request.headers, _pieces(body), max_files=settings.max_images_per_request + 1,
-                             max_fields=100)
+    parser = MultiPartParser(
+        request.headers, _pieces(body), max_files=settings.max_images_per_request + 1, max_fields=100
+    )
     try:
         form = await parser.parse()
     except Exception as e:  # starlette's parser raises several kinds for broken bodies

@@ -15,8 +15,16 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from .errors import (
-    RETRY_AFTER_S, BadRequest, ModelNotFound, PayloadTooLarge, RefusedByTriton, TooManyRequests, TritonFailed,
-    TritonTimeout, TritonUnavailable, UnsupportedMediaType,
+    RETRY_AFTER_S,
+    BadRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    RefusedByTriton,
+    TooManyRequests,
+    TritonFailed,
+    TritonTimeout,
+    TritonUnavailable,
+    UnsupportedMediaType,
 )
 from .inputs import decimal_header, read_body, refuse_repeated_framing_headers
 from .offload import parse_json_body
@@ -79,7 +87,7 @@ def inference_header(body: bytes, headers: dict[str, str], limit: int) -> dict[s
     if length is not None:
         if not 0 < int(length) <= len(body):
             raise BadRequest(f"the inference header length {length} is not within the body's {len(body)} bytes")
-        body = body[:int(length)]
+        body = body[: int(length)]
     try:
         # Strict UTF-8 as Triton reads it: json.loads would also take UTF-16 and UTF-32 bytes.
         text = body.decode("utf-8")
@@ -155,13 +163,19 @@ def refuse_data_that_does_not_fill_its_shape(parsed: dict[str, Any]) -> None:
     inputs = parsed.get("inputs")
     for tensor in inputs if isinstance(inputs, list) else []:
         shape = tensor.get("shape") if isinstance(tensor, dict) else None
-        if not isinstance(tensor, dict) or "data" not in tensor or not isinstance(shape, list) or not all(
-                type(d) is int and d >= 0 for d in shape):
+        if (
+            not isinstance(tensor, dict)
+            or "data" not in tensor
+            or not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
             continue  # Triton refuses these itself, before allocating anything
         values = _values_in(tensor["data"])
         if math.prod(shape) != values:
-            raise BadRequest(f"input {str(tensor.get('name'))[:64]!r}: shape {shape} holds {math.prod(shape)} "
-                             f"values, its data {values}")
+            raise BadRequest(
+                f"input {str(tensor.get('name'))[:64]!r}: shape {shape} holds {math.prod(shape)} "
+                f"values, its data {values}"
+            )
 
 
 def checked_inference_header(body: bytes, headers: dict[str, str], limit: int) -> dict[str, Any]:
@@ -175,12 +189,23 @@ def checked_inference_header(body: bytes, headers: dict[str, str], limit: int) -
 # Triton's HTTP frontend answers 500 for a request body it cannot parse or use (its JSON errors are
 # INTERNAL): a number it cannot read, an output's `classification` that is not a count, request
 # `parameters` that are not an object.
-TRITON_PARSE_ERRORS = ("unable to parse", "failed to parse the request json buffer", "unable to set",
-                       "failed to get request params")
+TRITON_PARSE_ERRORS = (
+    "unable to parse",
+    "failed to parse the request json buffer",
+    "unable to set",
+    "failed to get request params",
+)
 
 
-async def forward(proxy: httpx.AsyncClient, context: dict[str, Any], method: str, path: str, body: bytes = b"",
-                  headers: dict[str, str] | None = None, model: str = "") -> Response:
+async def forward(
+    proxy: httpx.AsyncClient,
+    context: dict[str, Any],
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    model: str = "",
+) -> Response:
     """The request as Triton's HTTP endpoint answers it; Triton's refusals raised as the gateway's errors, so
     that the one error handler answers and counts them."""
     try:
@@ -217,6 +242,9 @@ async def read_checked_request(request: Request, settings: Settings) -> tuple[by
     headers = forwarded_headers(request)
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     # A compressed body is unpacked first, to any size up to the limit: never inline.
-    await parse_json_body(body, partial(checked_inference_header, headers=headers, limit=settings.max_body_bytes),
-                          inline="content-encoding" not in headers)
+    await parse_json_body(
+        body,
+        partial(checked_inference_header, headers=headers, limit=settings.max_body_bytes),
+        inline="content-encoding" not in headers,
+    )
     return body, headers

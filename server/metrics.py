@@ -19,30 +19,52 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("gateway_requests", "Inference requests by model and HTTP status",
-                                ["model", "status"], registry=r)
-        self.stage_seconds = Histogram("gateway_stage_seconds", "Time spent per request in each stage",
-                                       ["stage"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.requests = Counter(
+            "gateway_requests", "Inference requests by model and HTTP status", ["model", "status"], registry=r
+        )
+        self.stage_seconds = Histogram(
+            "gateway_stage_seconds",
+            "Time spent per request in each stage",
+            ["stage"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.images = Counter("gateway_images", "Images classified", ["model"], registry=r)
-        self.images_per_request = Histogram("gateway_images_per_request", "Images in one request",
-                                            buckets=IMAGES_BUCKETS, registry=r)
-        self.request_bytes = Histogram("gateway_request_bytes", "Request body size", buckets=BYTES_BUCKETS,
-                                       registry=r)
-        self.response_bytes = Histogram("gateway_response_bytes", "Response body size", buckets=BYTES_BUCKETS,
-                                        registry=r)
-        self.in_flight = Gauge("gateway_in_flight_requests", "Inference requests in the gateway, from the "
-                               "start of their body to the answer", registry=r)
-        self.rejections = Counter("gateway_rejections", "Requests refused, by reason (the error code)",
-                                  ["reason"], registry=r)
-        self.triton_inputs = Counter("gateway_triton_inputs", "Classifications Triton answered, by how their "
-                                     "input tensors travelled: shared_memory or bytes", ["transport"], registry=r)
-        self.preprocessing = Counter("gateway_preprocessing", "Requests preprocessed, by where: event_loop (small "
-                                     "JPEGs alone in the gateway) or thread_pool", ["where"], registry=r)
-        self.shared_memory_free_slots = Gauge("gateway_shared_memory_free_slots",
-                                              "Free slots of the shared-memory region for input tensors "
-                                              "(0 also when there is no region)", registry=r)
-        self.triton_errors = Counter("gateway_triton_errors", "Failed Triton calls, by the gateway's error code",
-                                     ["code"], registry=r)
+        self.images_per_request = Histogram(
+            "gateway_images_per_request", "Images in one request", buckets=IMAGES_BUCKETS, registry=r
+        )
+        self.request_bytes = Histogram("gateway_request_bytes", "Request body size", buckets=BYTES_BUCKETS, registry=r)
+        self.response_bytes = Histogram(
+            "gateway_response_bytes", "Response body size", buckets=BYTES_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge(
+            "gateway_in_flight_requests",
+            "Inference requests in the gateway, from the start of their body to the answer",
+            registry=r,
+        )
+        self.rejections = Counter(
+            "gateway_rejections", "Requests refused, by reason (the error code)", ["reason"], registry=r
+        )
+        self.triton_inputs = Counter(
+            "gateway_triton_inputs",
+            "Classifications Triton answered, by how their input tensors travelled: shared_memory or bytes",
+            ["transport"],
+            registry=r,
+        )
+        self.preprocessing = Counter(
+            "gateway_preprocessing",
+            "Requests preprocessed, by where: event_loop (small JPEGs alone in the gateway) or thread_pool",
+            ["where"],
+            registry=r,
+        )
+        self.shared_memory_free_slots = Gauge(
+            "gateway_shared_memory_free_slots",
+            "Free slots of the shared-memory region for input tensors (0 also when there is no region)",
+            registry=r,
+        )
+        self.triton_errors = Counter(
+            "gateway_triton_errors", "Failed Triton calls, by the gateway's error code", ["code"], registry=r
+        )
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(seconds)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from .errors import RETRY_AFTER_S, TooManyRequests
 
@@ -30,6 +31,7 @@ async def result_within(job: Future[T], wait_s: float) -> T:
     result = asyncio.wrap_future(job)
     done, _ = await asyncio.wait({result}, timeout=wait_s)
     if not done and job.cancel():  # still queued: cancelling only succeeds before a thread starts it
-        raise TooManyRequests(f"no preprocessing thread was free within {wait_s:g} s; retry shortly",
-                              retry_after_s=RETRY_AFTER_S)
+        raise TooManyRequests(
+            f"no preprocessing thread was free within {wait_s:g} s; retry shortly", retry_after_s=RETRY_AFTER_S
+        )
     return await result

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -15,9 +16,11 @@ def top_k(logits: np.ndarray, k: int, labels: Sequence[str]) -> list[dict[str, A
     k = min(k, logits.shape[1])
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     return [
-        {"predictions": [
-            {"label": labels[i] if i < len(labels) else str(i), "index": int(i), "score": float(row[i])}
-            for i in indices
-        ]}
+        {
+            "predictions": [
+                {"label": labels[i] if i < len(labels) else str(i), "index": int(i), "score": float(row[i])}
+                for i in indices
+            ]
+        }
         for row, indices in zip(probabilities, best)
     ]

@@ -18,10 +18,10 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Iterator, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -68,13 +68,10 @@ class PreprocessSpec:
         if self.color_mode not in COLOR_MODES:
             raise ValueError(f"color_mode {self.color_mode!r} is not one of {', '.join(COLOR_MODES)}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
-            )
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
         if self.image_size <= 0 or self.resize_size < self.image_size:
             raise ValueError(
-                f"need 0 < image_size <= resize_size, got image_size={self.image_size} "
-                f"resize_size={self.resize_size}"
+                f"need 0 < image_size <= resize_size, got image_size={self.image_size} resize_size={self.resize_size}"
             )
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean and std need {self.channels} values for color_mode {self.color_mode}")
@@ -93,7 +90,7 @@ class PreprocessSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "PreprocessSpec":
+    def from_dict(cls, data: Mapping) -> PreprocessSpec:
         return cls(
             image_size=int(data["image_size"]),
             resize_size=int(data["resize_size"]),
@@ -112,11 +109,9 @@ class PreprocessSpec:
         }
 
     @classmethod
-    def from_parameters(cls, parameters: Mapping[str, str]) -> "PreprocessSpec":
+    def from_parameters(cls, parameters: Mapping[str, str]) -> PreprocessSpec:
         values = {
-            key[len(PARAMETER_PREFIX):]: value
-            for key, value in parameters.items()
-            if key.startswith(PARAMETER_PREFIX)
+            key[len(PARAMETER_PREFIX) :]: value for key, value in parameters.items() if key.startswith(PARAMETER_PREFIX)
         }
         missing = {"image_size", "resize_size", "mean", "std"} - values.keys()
         if missing:
@@ -139,8 +134,9 @@ def _flag(value) -> bool:
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
 
-def open_image(data: bytes, *, max_pixels: int | None = None,
-               formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Image.Image:
+def open_image(
+    data: bytes, *, max_pixels: int | None = None, formats: tuple[str, ...] = ACCEPTED_FORMATS
+) -> Image.Image:
     """Read only the header of an image: its format, mode and size, no pixel decoded yet; refused past
     `max_pixels`."""
     if not data:
@@ -181,7 +177,10 @@ def _apply_orientation(image: Image.Image) -> None:
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int | None = None, formats: tuple[str, ...] = ACCEPTED_FORMATS,
+    data: bytes,
+    *,
+    max_pixels: int | None = None,
+    formats: tuple[str, ...] = ACCEPTED_FORMATS,
     draft_size: int | None = None,
 ) -> Image.Image:
     """Decode bytes into a PIL image with EXIF orientation applied (first frame of animations).
@@ -228,7 +227,8 @@ class DecodeBudget:
             if self.held_decodes >= self.decodes or self.held_pixels + needed > self.pixels:
                 raise DecoderBusyError(
                     f"the gateway is decoding {self.held_decodes} other large image(s) of {self.held_pixels} "
-                    f"pixels in all, its limit at once; retry shortly")
+                    f"pixels in all, its limit at once; retry shortly"
+                )
             self.held_pixels += needed
             self.held_decodes += 1
         try:
@@ -306,16 +306,19 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
-def _crop_box(size: tuple[int, int],
-              spec: PreprocessSpec) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+def _crop_box(size: tuple[int, int], spec: PreprocessSpec) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
     """The resized size, and the region of the original image the center crop keeps."""
     width, height = size
     new_width, new_height = _resized_size(width, height, spec.resize_size)
     top = int(round((new_height - spec.image_size) / 2.0))
     left = int(round((new_width - spec.image_size) / 2.0))
     scale_x, scale_y = width / new_width, height / new_height
-    return (new_width, new_height), (left * scale_x, top * scale_y, (left + spec.image_size) * scale_x,
-                                     (top + spec.image_size) * scale_y)
+    return (new_width, new_height), (
+        left * scale_x,
+        top * scale_y,
+        (left + spec.image_size) * scale_x,
+        (top + spec.image_size) * scale_y,
+    )
 
 
 def reduction_factor(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
@@ -323,8 +326,10 @@ def reduction_factor(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, 
     if size[0] * size[1] < REDUCE_MIN_PIXELS:
         return 1, 1
     _, box = _crop_box(size, spec)
-    return (int((box[2] - box[0]) / spec.image_size / REDUCING_GAP) or 1,
-            int((box[3] - box[1]) / spec.image_size / REDUCING_GAP) or 1)
+    return (
+        int((box[2] - box[0]) / spec.image_size / REDUCING_GAP) or 1,
+        int((box[3] - box[1]) / spec.image_size / REDUCING_GAP) or 1,
+    )
 
 
 def _on_white(image: Image.Image) -> Image.Image:
@@ -340,8 +345,7 @@ def _premultiplied_on_white(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.minimum(pixels[:, :, :3] + (255 - pixels[:, :, 3:]), 255).astype(np.uint8))
 
 
-def _reduced(image: Image.Image, mode: str, factor: tuple[int, int],
-             box: tuple[int, int, int, int]) -> Image.Image:
+def _reduced(image: Image.Image, mode: str, factor: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
     """The region `box` of the image, reduced by `factor`, in `mode` and composited on white. Conversions
     happen band by band, so no full-size converted copy of a large image is ever made."""
     if image.mode == mode:
@@ -349,8 +353,9 @@ def _reduced(image: Image.Image, mode: str, factor: tuple[int, int],
     alpha = _has_alpha(image)
     left, top, right, bottom = box
     factor_x, factor_y = factor
-    reduced = Image.new("RGBa" if alpha else mode,
-                        (math.ceil((right - left) / factor_x), math.ceil((bottom - top) / factor_y)))
+    reduced = Image.new(
+        "RGBa" if alpha else mode, (math.ceil((right - left) / factor_x), math.ceil((bottom - top) / factor_y))
+    )
     rows = factor_y * max(1, BAND_PIXELS // ((right - left) * factor_y))
     for band_top in range(top, bottom, rows):
         band = image.crop((left, band_top, right, min(band_top + rows, bottom)))
@@ -376,11 +381,19 @@ def to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
         # Only the crop box, widened by the filter's reach as Pillow's own resize(reducing_gap=...) does.
         reach = FILTER_SUPPORT[spec.interpolation] - 0.5
         reach_x, reach_y = reach * (box[2] - box[0]) / spec.image_size, reach * (box[3] - box[1]) / spec.image_size
-        region = (max(0, int(box[0] - reach_x)), max(0, int(box[1] - reach_y)),
-                  min(image.width, math.ceil(box[2] + reach_x)), min(image.height, math.ceil(box[3] + reach_y)))
+        region = (
+            max(0, int(box[0] - reach_x)),
+            max(0, int(box[1] - reach_y)),
+            min(image.width, math.ceil(box[2] + reach_x)),
+            min(image.height, math.ceil(box[3] + reach_y)),
+        )
         image = _reduced(image, mode, factor, region)
-        box = ((box[0] - region[0]) / factor[0], (box[1] - region[1]) / factor[1],
-               (box[2] - region[0]) / factor[0], (box[3] - region[1]) / factor[1])
+        box = (
+            (box[0] - region[0]) / factor[0],
+            (box[1] - region[1]) / factor[1],
+            (box[2] - region[0]) / factor[0],
+            (box[3] - region[1]) / factor[1],
+        )
         image = image.resize(output, resample, box=box)
         return ImageOps.equalize(image) if spec.equalize else image
     if image.mode != mode:
@@ -417,8 +430,9 @@ def normalize(pixels: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None =
     if spec.color_mode == "BGR":
         pixels = pixels[:, :, ::-1]
     if pixels.shape[2] != spec.channels:
-        raise ValueError(f"normalize takes {spec.channels}-channel pixels for color_mode {spec.color_mode}, "
-                         f"not {pixels.shape[2]}")
+        raise ValueError(
+            f"normalize takes {spec.channels}-channel pixels for color_mode {spec.color_mode}, not {pixels.shape[2]}"
+        )
     shape = (pixels.shape[2], pixels.shape[0], pixels.shape[1])
     if out is None:
         out = np.empty(shape, dtype=np.float32)
@@ -450,8 +464,9 @@ def model_pixels(image: Image.Image, spec: PreprocessSpec, out: np.ndarray | Non
     return out
 
 
-def model_input(image: Image.Image, spec: PreprocessSpec, *, pixel_input: bool = False,
-                out: np.ndarray | None = None) -> np.ndarray:
+def model_input(
+    image: Image.Image, spec: PreprocessSpec, *, pixel_input: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     """What the model takes for one image: normalized CHW float32, or HWC uint8 pixels with `pixel_input`."""
     return model_pixels(image, spec, out) if pixel_input else preprocess(image, spec, out)
 
@@ -468,14 +483,22 @@ def input_batch(size: int, spec: PreprocessSpec, *, pixel_input: bool = False) -
     return np.empty(*batch_layout(size, spec, pixel_input=pixel_input))
 
 
-def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None,
-                     pixel_input: bool = False) -> np.ndarray:
+def preprocess_bytes(
+    data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None, pixel_input: bool = False
+) -> np.ndarray:
     return model_input(decode_image(data, max_pixels=max_pixels), spec, pixel_input=pixel_input)
 
 
 def prepare_batch(
-    images: list[bytes], spec: PreprocessSpec, max_pixels: int, jpeg_draft: bool = False, pixel_input: bool = False,
-    out: np.ndarray | None = None, *, max_request_pixels: int | None = None, budget: DecodeBudget | None = None,
+    images: list[bytes],
+    spec: PreprocessSpec,
+    max_pixels: int,
+    jpeg_draft: bool = False,
+    pixel_input: bool = False,
+    out: np.ndarray | None = None,
+    *,
+    max_request_pixels: int | None = None,
+    budget: DecodeBudget | None = None,
 ) -> tuple[np.ndarray, float, float]:
     """Decode and preprocess every image (into `out` if given); returns the batch and the seconds spent
     in each stage.
@@ -497,8 +520,9 @@ def prepare_batch(
             raise InvalidImage(f"image {position}: {e}") from e
     sizes = [image.width * image.height for image in opened]
     if max_request_pixels is not None and sum(sizes) > max_request_pixels:
-        raise PayloadTooLarge(f"the images have {sum(sizes)} pixels in all, more than the limit of "
-                              f"{max_request_pixels} per request")
+        raise PayloadTooLarge(
+            f"the images have {sum(sizes)} pixels in all, more than the limit of {max_request_pixels} per request"
+        )
     decode_s += time.perf_counter() - started
     # Each image goes straight into its place in the batch: no stacking copy afterwards.
     batch = input_batch(len(images), spec, pixel_input=pixel_input) if out is None else out

@@ -41,7 +41,7 @@ def parse_endpoints(spec: str) -> tuple[list[str], str | None]:
     """`a:8001,b:8001` -> ([a:8001, b:8001], None); `dns:///name:8001` -> ([], "name:8001")."""
     spec = spec.strip()
     if spec.startswith(DNS_PREFIX):
-        return [], spec[len(DNS_PREFIX):]
+        return [], spec[len(DNS_PREFIX) :]
     endpoints = [part.strip() for part in spec.split(",") if part.strip()]
     if not endpoints:
         raise ValueError("no Triton endpoint given")
@@ -51,11 +51,25 @@ def parse_endpoints(spec: str) -> tuple[list[str], str | None]:
 class ReplicaPool:
     """The TritonClient interface over one or more replicas."""
 
-    def __init__(self, spec: str, *, protocol: str = "grpc", timeout_s: float = 10.0, info_ttl_s: float = 5.0,
-                 repository_key: str | None = None, probe_interval_s: float = 2.0,
-                 region: InputRegion | None = None) -> None:
-        self._new_client = partial(TritonClient, protocol=protocol, timeout_s=timeout_s, info_ttl_s=info_ttl_s,
-                                   repository_key=repository_key, region=region)
+    def __init__(
+        self,
+        spec: str,
+        *,
+        protocol: str = "grpc",
+        timeout_s: float = 10.0,
+        info_ttl_s: float = 5.0,
+        repository_key: str | None = None,
+        probe_interval_s: float = 2.0,
+        region: InputRegion | None = None,
+    ) -> None:
+        self._new_client = partial(
+            TritonClient,
+            protocol=protocol,
+            timeout_s=timeout_s,
+            info_ttl_s=info_ttl_s,
+            repository_key=repository_key,
+            region=region,
+        )
         self.probe_interval_s = probe_interval_s
         endpoints, self.dns_name = parse_endpoints(spec)
         self.replicas: dict[str, Replica] = {}
@@ -161,7 +175,5 @@ class ReplicaPool:
     async def statistics(self, name: str) -> dict:
         return await self._on_one("statistics", name)
 
-    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "", slot: Slot | None = None
-                    ) -> Inference:
+    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "", slot: Slot | None = None) -> Inference:
         return await self._on_one("infer", info, batch, version, slot)
-

@@ -18,12 +18,27 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from .deps import (
-    DecodeBudgetDep, InferenceSlotsDep, InputRegionDep, MetricsDep, PreprocessExecutorDep, ReplicasDep,
-    RequestContextDep, SettingsDep, TritonProxyDep,
+    DecodeBudgetDep,
+    InferenceSlotsDep,
+    InputRegionDep,
+    MetricsDep,
+    PreprocessExecutorDep,
+    ReplicasDep,
+    RequestContextDep,
+    SettingsDep,
+    TritonProxyDep,
 )
 from .errors import (
-    RETRY_AFTER_S, GatewayError, InvalidImage, ModelNotFound, PayloadTooLarge, TooManyRequests, TritonFailed,
-    TritonTimeout, TritonUnavailable, UnsupportedMediaType,
+    RETRY_AFTER_S,
+    GatewayError,
+    InvalidImage,
+    ModelNotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+    TritonFailed,
+    TritonTimeout,
+    TritonUnavailable,
+    UnsupportedMediaType,
 )
 from .inputs import read_images
 from .kserve import forward, read_checked_request
@@ -40,8 +55,13 @@ models = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 kserve = APIRouter(tags=["kserve v2"], dependencies=[Depends(require_api_key)])
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")
-CLASSIFY_EXAMPLE = {"model": "digits", "version": "1", "results": [{"predictions": [
-    {"label": "3", "index": 3, "score": 0.97}, {"label": "8", "index": 8, "score": 0.01}]}]}
+CLASSIFY_EXAMPLE = {
+    "model": "digits",
+    "version": "1",
+    "results": [
+        {"predictions": [{"label": "3", "index": 3, "score": 0.97}, {"label": "8", "index": 8, "score": 0.01}]}
+    ],
+}
 
 
 class ErrorDetail(BaseModel):
@@ -58,19 +78,34 @@ class ErrorBody(BaseModel):
 # One example per status, as the gateway answers it: (error, what it means, a message it sends).
 ERROR_EXAMPLES: dict[int, tuple[type[GatewayError], str, str]] = {
     400: (InvalidImage, "Not an image, or a malformed body", "image 0: cannot identify image file"),
-    401: (Unauthorized, "Missing or wrong API key (where the gateway has keys)",
-          "missing or invalid API key; send 'Authorization: Bearer <key>'"),
+    401: (
+        Unauthorized,
+        "Missing or wrong API key (where the gateway has keys)",
+        "missing or invalid API key; send 'Authorization: Bearer <key>'",
+    ),
     404: (ModelNotFound, "Unknown model or version", "model 'cats' is not served"),
-    413: (PayloadTooLarge, "Body, pixels or images per request over the limit",
-          "image 0: 48000000 pixels is more than the limit of 40000000"),
-    415: (UnsupportedMediaType, "Content type not accepted",
-          "content type 'text/plain' is not accepted; send an image, multipart/form-data or JSON"),
+    413: (
+        PayloadTooLarge,
+        "Body, pixels or images per request over the limit",
+        "image 0: 48000000 pixels is more than the limit of 40000000",
+    ),
+    415: (
+        UnsupportedMediaType,
+        "Content type not accepted",
+        "content type 'text/plain' is not accepted; send an image, multipart/form-data or JSON",
+    ),
     422: (GatewayError, "A path or query value out of range", "top_k: Input should be greater than or equal to 1"),
-    429: (TooManyRequests, "Too many requests in flight, or the model's queue is full; see Retry-After",
-          "the gateway is serving 64 requests; retry shortly"),
+    429: (
+        TooManyRequests,
+        "Too many requests in flight, or the model's queue is full; see Retry-After",
+        "the gateway is serving 64 requests; retry shortly",
+    ),
     502: (TritonFailed, "Triton failed the request", "Triton error: failed to run the model"),
-    503: (TritonUnavailable, "Triton or the model is not available; see Retry-After",
-          "Triton or model 'digits' is unavailable"),
+    503: (
+        TritonUnavailable,
+        "Triton or the model is not available; see Retry-After",
+        "Triton or model 'digits' is unavailable",
+    ),
     504: (TritonTimeout, "Triton did not answer in time; see Retry-After", "Triton did not answer in time"),
 }
 ERROR_CODES = {422: "invalid_request"}  # FastAPI's validation errors, answered by the app's handler
@@ -81,8 +116,11 @@ def _error_responses(*statuses: int) -> dict[int | str, dict]:
     for status in statuses:
         error, description, message = ERROR_EXAMPLES[status]
         example = {"error": {"code": ERROR_CODES.get(status, error.code), "message": message}}
-        responses[status] = {"description": description, "model": ErrorBody,
-                             "content": {"application/json": {"example": example}}}
+        responses[status] = {
+            "description": description,
+            "model": ErrorBody,
+            "content": {"application/json": {"example": example}},
+        }
     return responses
 
 
@@ -92,18 +130,38 @@ def _answer(example: dict[str, Any]) -> dict[int | str, dict]:
 
 
 MODEL_DETAILS_EXAMPLE = {
-    "name": "digits", "ready": True, "versions": [{"version": "1", "state": "READY"}],
-    "preprocessing": {"image_size": 8, "resize_size": 8, "mean": [0.3], "std": [0.3], "color_mode": "L",
-                      "interpolation": "bilinear", "equalize": False, "layout": "NCHW"},
-    "labels": ["0", "1", "2"], "input": "input", "input_datatype": "FP32", "output": "logits",
-    "max_batch_size": 32, "statistics": {"model_stats": [{"name": "digits", "version": "1", "inference_count": "12"}]}}
+    "name": "digits",
+    "ready": True,
+    "versions": [{"version": "1", "state": "READY"}],
+    "preprocessing": {
+        "image_size": 8,
+        "resize_size": 8,
+        "mean": [0.3],
+        "std": [0.3],
+        "color_mode": "L",
+        "interpolation": "bilinear",
+        "equalize": False,
+        "layout": "NCHW",
+    },
+    "labels": ["0", "1", "2"],
+    "input": "input",
+    "input_datatype": "FP32",
+    "output": "logits",
+    "max_batch_size": 32,
+    "statistics": {"model_stats": [{"name": "digits", "version": "1", "inference_count": "12"}]},
+}
 V2_METADATA_EXAMPLE = {
-    "name": "digits", "versions": ["1"], "platform": "python",
+    "name": "digits",
+    "versions": ["1"],
+    "platform": "python",
     "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
-    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]}
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+}
 V2_INFER_ANSWER_EXAMPLE = {
-    "model_name": "digits", "model_version": "1",
-    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [0.1] * 10}]}
+    "model_name": "digits",
+    "model_version": "1",
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [0.1] * 10}],
+}
 
 
 def _group_versions(index: list[dict[str, str]]) -> list[dict[str, Any]]:
@@ -112,8 +170,13 @@ def _group_versions(index: list[dict[str, str]]) -> list[dict[str, Any]]:
     for entry in index:
         model = grouped.setdefault(entry["name"], {"name": entry["name"], "versions": [], "ready": False})
         if entry["version"]:
-            model["versions"].append({"version": entry["version"], "state": entry["state"],
-                                      **({"reason": entry["reason"]} if entry["reason"] else {})})
+            model["versions"].append(
+                {
+                    "version": entry["version"],
+                    "state": entry["state"],
+                    **({"reason": entry["reason"]} if entry["reason"] else {}),
+                }
+            )
         model["ready"] = model["ready"] or entry["state"] == "READY"
     return sorted(grouped.values(), key=lambda m: m["name"])
 
@@ -128,23 +191,38 @@ def _failed(model: dict[str, Any]) -> bool:
     """Triton tried to load the model and could not: no version ready, each one unavailable with an error
     (an explicit unload leaves the reason "unloaded", a model still loading has none)."""
     versions = model["versions"]
-    return (not model["ready"] and bool(versions)
-            and all(v["state"] == "UNAVAILABLE" and v.get("reason", "unloaded") != "unloaded" for v in versions))
+    return (
+        not model["ready"]
+        and bool(versions)
+        and all(v["state"] == "UNAVAILABLE" and v.get("reason", "unloaded") != "unloaded" for v in versions)
+    )
 
 
-@health.get("/healthz", summary="The process is up",
-            responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
+@health.get(
+    "/healthz",
+    summary="The process is up",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@health.get("/readyz", summary="Triton is ready and so is every model the gateway must serve",
-            description="The models of GATEWAY_REQUIRED_MODELS, or else every model in the repository but those "
-                        "that failed to load. Open without a key; per-model states and load errors are on "
-                        "/v1/models.",
-            responses={200: {"content": {"application/json": {"example": {"status": "ready"}}}},
-                       503: {"description": "not ready; see Retry-After", "content": {"application/json": {
-                           "example": {"status": "not ready", "reason": "1 of 2 required models not ready"}}}}})
+@health.get(
+    "/readyz",
+    summary="Triton is ready and so is every model the gateway must serve",
+    description="The models of GATEWAY_REQUIRED_MODELS, or else every model in the repository but those "
+    "that failed to load. Open without a key; per-model states and load errors are on "
+    "/v1/models.",
+    responses={
+        200: {"content": {"application/json": {"example": {"status": "ready"}}}},
+        503: {
+            "description": "not ready; see Retry-After",
+            "content": {
+                "application/json": {"example": {"status": "not ready", "reason": "1 of 2 required models not ready"}}
+            },
+        },
+    },
+)
 async def readyz(triton: ReplicasDep, settings: SettingsDep) -> JSONResponse:
     if not await triton.server_ready():
         return _not_ready("Triton is not ready or unreachable")
@@ -168,21 +246,52 @@ async def readyz(triton: ReplicasDep, settings: SettingsDep) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@health.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            dependencies=[Depends(require_key_for_metrics)],
-            description="Needs an API key where the gateway has keys, unless GATEWAY_METRICS_REQUIRE_KEY=false.",
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": "gateway_requests_total{...} 1.0"}}},
-                       **_error_responses(401)})
+@health.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    dependencies=[Depends(require_key_for_metrics)],
+    description="Needs an API key where the gateway has keys, unless GATEWAY_METRICS_REQUIRE_KEY=false.",
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {"example": "gateway_requests_total{...} 1.0"}}},
+        **_error_responses(401),
+    },
+)
 async def prometheus_metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@models.get("/v1/models", summary="Served models with versions, state and preprocessing",
-            responses={200: {"content": {"application/json": {"example": {"models": [
-                {"name": "digits", "ready": True, "versions": [{"version": "1", "state": "READY"}],
-                 "preprocessing": {"image_size": 32, "resize_size": 32, "mean": [0.3], "std": [0.32],
-                                   "color_mode": "L", "interpolation": "bilinear", "layout": "NCHW"}}]}}}},
-                       **_error_responses(401, 503)})
+@models.get(
+    "/v1/models",
+    summary="Served models with versions, state and preprocessing",
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "models": [
+                            {
+                                "name": "digits",
+                                "ready": True,
+                                "versions": [{"version": "1", "state": "READY"}],
+                                "preprocessing": {
+                                    "image_size": 32,
+                                    "resize_size": 32,
+                                    "mean": [0.3],
+                                    "std": [0.32],
+                                    "color_mode": "L",
+                                    "interpolation": "bilinear",
+                                    "layout": "NCHW",
+                                },
+                            }
+                        ]
+                    }
+                }
+            }
+        },
+        **_error_responses(401, 503),
+    },
+)
 async def list_models(triton: ReplicasDep) -> dict[str, Any]:
     served = _group_versions(await triton.repository_index())
     for model in served:
@@ -193,8 +302,11 @@ async def list_models(triton: ReplicasDep) -> dict[str, Any]:
     return {"models": served}
 
 
-@models.get("/v1/models/{name}", summary="One model: versions, preprocessing, labels and Triton's statistics",
-            responses={**_answer(MODEL_DETAILS_EXAMPLE), **_error_responses(401, 404, 422, 503)})
+@models.get(
+    "/v1/models/{name}",
+    summary="One model: versions, preprocessing, labels and Triton's statistics",
+    responses={**_answer(MODEL_DETAILS_EXAMPLE), **_error_responses(401, 404, 422, 503)},
+)
 async def model_details(name: ModelName, triton: ReplicasDep) -> dict[str, Any]:
     served = [m for m in _group_versions(await triton.repository_index()) if m["name"] == name]
     if not served:
@@ -214,18 +326,33 @@ async def model_details(name: ModelName, triton: ReplicasDep) -> dict[str, Any]:
     "/v1/models/{name}/classify",
     summary="Classify one or more images",
     description="Send one image as the raw body (image/jpeg, image/png, image/webp, image/bmp, image/gif), "
-                "several as multipart/form-data `image` fields, or as JSON `{\"images\": [\"<base64>\"]}`. "
-                "Returns the top-k classes per image, in request order.",
-    openapi_extra={"requestBody": {"required": True, "content": {
-        **{media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-        "application/json": {"schema": {"type": "object", "properties": {
-            "images": {"type": "array", "items": {"type": "string", "format": "byte"}}}},
-            "example": {"images": ["iVBORw0KGgoAAAANSUhEUgAAAAgAAAAIC..."]}},
-    }}},
-    responses={200: {"content": {"application/json": {"example": CLASSIFY_EXAMPLE}}},
-               **_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504)},
+    'several as multipart/form-data `image` fields, or as JSON `{"images": ["<base64>"]}`. '
+    "Returns the top-k classes per image, in request order.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                **{media: {"schema": {"type": "string", "format": "binary"}} for media in IMAGE_MEDIA_TYPES},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    }
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"images": {"type": "array", "items": {"type": "string", "format": "byte"}}},
+                    },
+                    "example": {"images": ["iVBORw0KGgoAAAANSUhEUgAAAAgAAAAIC..."]},
+                },
+            },
+        }
+    },
+    responses={
+        200: {"content": {"application/json": {"example": CLASSIFY_EXAMPLE}}},
+        **_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504),
+    },
 )
 async def classify(
     name: ModelName,
@@ -238,8 +365,10 @@ async def classify(
     executor: PreprocessExecutorDep,
     slots: InferenceSlotsDep,
     context: RequestContextDep,
-    top_k_: Annotated[int | None, Query(alias="top_k", ge=1, le=1000,
-                                        description="classes per image; default GATEWAY_DEFAULT_TOP_K (5)")] = None,
+    top_k_: Annotated[
+        int | None,
+        Query(alias="top_k", ge=1, le=1000, description="classes per image; default GATEWAY_DEFAULT_TOP_K (5)"),
+    ] = None,
     version: Annotated[str, Query(pattern=r"^[0-9]{0,18}$", description="pinned version; default newest")] = "",
 ) -> JSONResponse:
     async with slots.admit(context) as admission:
@@ -248,17 +377,29 @@ async def classify(
         metrics.images_per_request.observe(len(images))
         info = await triton.model_info(name)
         context["model"] = name
-        held = (region.acquire(*batch_layout(len(images), info.spec, pixel_input=info.pixel_input))
-                if region and not info.response_cache else None)
+        held = (
+            region.acquire(*batch_layout(len(images), info.spec, pixel_input=info.pixel_input))
+            if region and not info.response_cache
+            else None
+        )
         slot, batch = held if held else (None, input_batch(len(images), info.spec, pixel_input=info.pixel_input))
         job = None
         try:
             await refuse_if_gone(request)
-            work = partial(prepare_batch, images, info.spec, settings.max_image_pixels, settings.jpeg_draft,
-                           info.pixel_input, batch, max_request_pixels=settings.max_request_pixels,
-                           budget=budget)
+            work = partial(
+                prepare_batch,
+                images,
+                info.spec,
+                settings.max_image_pixels,
+                settings.jpeg_draft,
+                info.pixel_input,
+                batch,
+                max_request_pixels=settings.max_request_pixels,
+                budget=budget,
+            )
             if slots.in_flight == 1 and quick_to_preprocess(
-                    images, settings.inline_preprocess_max_pixels, settings.inline_preprocess_max_bytes):
+                images, settings.inline_preprocess_max_pixels, settings.inline_preprocess_max_bytes
+            ):
                 metrics.preprocessing.labels("event_loop").inc()
                 _, decode_s, preprocess_s = work()
             else:
@@ -278,8 +419,13 @@ async def classify(
                 region.release(slot)
         metrics.images.labels(name).inc(len(images))
         metrics.triton_inputs.labels(inference.transport).inc()
-        return JSONResponse({"model": name, "version": inference.version,
-                             "results": top_k(inference.logits, top_k_ or settings.default_top_k, info.labels)})
+        return JSONResponse(
+            {
+                "model": name,
+                "version": inference.version,
+                "results": top_k(inference.logits, top_k_ or settings.default_top_k, info.labels),
+            }
+        )
 
 
 async def refuse_if_gone(request: Request) -> None:
@@ -288,8 +434,15 @@ async def refuse_if_gone(request: Request) -> None:
         raise ClientDisconnect()
 
 
-async def _infer(request: Request, settings: SettingsDep, proxy: TritonProxyDep, slots: InferenceSlotsDep,
-                 context: RequestContextDep, name: str, path: str) -> Response:
+async def _infer(
+    request: Request,
+    settings: SettingsDep,
+    proxy: TritonProxyDep,
+    slots: InferenceSlotsDep,
+    context: RequestContextDep,
+    name: str,
+    path: str,
+) -> Response:
     """A KServe v2 inference: the body read and checked, and only then given a slot and forwarded."""
     async with slots.admit(context) as admission:
         body, headers = await read_checked_request(request, settings)
@@ -297,35 +450,77 @@ async def _infer(request: Request, settings: SettingsDep, proxy: TritonProxyDep,
         return await forward(proxy, context, "POST", path, body, headers, model=name)
 
 
-@kserve.get("/v2/models/{name}", summary="KServe v2 model metadata (from Triton)",
-            responses={**_answer(V2_METADATA_EXAMPLE), **_error_responses(401, 404, 422, 502, 503, 504)})
+@kserve.get(
+    "/v2/models/{name}",
+    summary="KServe v2 model metadata (from Triton)",
+    responses={**_answer(V2_METADATA_EXAMPLE), **_error_responses(401, 404, 422, 502, 503, 504)},
+)
 async def v2_metadata(name: ModelName, proxy: TritonProxyDep, context: RequestContextDep) -> Response:
     return await forward(proxy, context, "GET", f"/v2/models/{name}")
 
 
-@kserve.get("/v2/models/{name}/versions/{version}", summary="KServe v2 model version metadata (from Triton)",
-            responses={**_answer(V2_METADATA_EXAMPLE), **_error_responses(401, 404, 422, 502, 503, 504)})
-async def v2_version_metadata(name: ModelName, version: VersionPath, proxy: TritonProxyDep,
-                              context: RequestContextDep) -> Response:
+@kserve.get(
+    "/v2/models/{name}/versions/{version}",
+    summary="KServe v2 model version metadata (from Triton)",
+    responses={**_answer(V2_METADATA_EXAMPLE), **_error_responses(401, 404, 422, 502, 503, 504)},
+)
+async def v2_version_metadata(
+    name: ModelName, version: VersionPath, proxy: TritonProxyDep, context: RequestContextDep
+) -> Response:
     return await forward(proxy, context, "GET", f"/v2/models/{name}/versions/{version}")
 
 
-V2_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"example": {
-    "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}],
-    "outputs": [{"name": "logits"}]}}}}}
+V2_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "example": {
+                    "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}],
+                    "outputs": [{"name": "logits"}],
+                }
+            }
+        },
+    }
+}
 
 
-@kserve.post("/v2/models/{name}/infer", summary="KServe v2 inference with tensors (passed to Triton)",
-             openapi_extra=V2_INFER_BODY, responses={**_answer(V2_INFER_ANSWER_EXAMPLE),
-                                                      **_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504)})
-async def v2_infer(name: ModelName, request: Request, settings: SettingsDep, proxy: TritonProxyDep,
-                   slots: InferenceSlotsDep, context: RequestContextDep) -> Response:
+@kserve.post(
+    "/v2/models/{name}/infer",
+    summary="KServe v2 inference with tensors (passed to Triton)",
+    openapi_extra=V2_INFER_BODY,
+    responses={
+        **_answer(V2_INFER_ANSWER_EXAMPLE),
+        **_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504),
+    },
+)
+async def v2_infer(
+    name: ModelName,
+    request: Request,
+    settings: SettingsDep,
+    proxy: TritonProxyDep,
+    slots: InferenceSlotsDep,
+    context: RequestContextDep,
+) -> Response:
     return await _infer(request, settings, proxy, slots, context, name, f"/v2/models/{name}/infer")
 
 
-@kserve.post("/v2/models/{name}/versions/{version}/infer", summary="KServe v2 inference of a pinned version",
-             openapi_extra=V2_INFER_BODY, responses={**_answer(V2_INFER_ANSWER_EXAMPLE),
-                                                      **_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504)})
-async def v2_version_infer(name: ModelName, version: VersionPath, request: Request, settings: SettingsDep,
-                           proxy: TritonProxyDep, slots: InferenceSlotsDep, context: RequestContextDep) -> Response:
+@kserve.post(
+    "/v2/models/{name}/versions/{version}/infer",
+    summary="KServe v2 inference of a pinned version",
+    openapi_extra=V2_INFER_BODY,
+    responses={
+        **_answer(V2_INFER_ANSWER_EXAMPLE),
+        **_error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504),
+    },
+)
+async def v2_version_infer(
+    name: ModelName,
+    version: VersionPath,
+    request: Request,
+    settings: SettingsDep,
+    proxy: TritonProxyDep,
+    slots: InferenceSlotsDep,
+    context: RequestContextDep,
+) -> Response:
     return await _infer(request, settings, proxy, slots, context, name, f"/v2/models/{name}/versions/{version}/infer")

@@ -36,7 +36,8 @@ def check_api_key(request: Request) -> None:
 
 
 async def require_api_key(
-    request: Request, _: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
+    request: Request,
+    _: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
 ) -> None:
     check_api_key(request)
 

@@ -9,7 +9,6 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 # Every request allocates and frees several 600 KB buffers (the normalized image, the batch, the gRPC
 # message). Above glibc's mmap threshold each one is a fresh mapping whose pages fault in again; kept
 # on the heap they are reused. docker/gateway.Dockerfile sets the same; the environment overrides both.
@@ -103,7 +102,7 @@ class Settings(BaseSettings):
                 raise NoApiKeys(f"GATEWAY_API_KEYS_FILE {self.api_keys_file}: cannot read it: {e}") from None
         keys = [k.strip() for k in keys if k.strip()]
         if not keys and (self.api_keys is not None or self.api_keys_file):
-            source = (f"GATEWAY_API_KEYS_FILE {self.api_keys_file}" if self.api_keys_file else "GATEWAY_API_KEYS")
+            source = f"GATEWAY_API_KEYS_FILE {self.api_keys_file}" if self.api_keys_file else "GATEWAY_API_KEYS"
             raise NoApiKeys(f"{source} holds no API key; set one or unset it to run without keys")
         return tuple(keys)
 

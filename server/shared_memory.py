@@ -97,7 +97,7 @@ class InputRegion:
             slot = self._free.popleft()
         except IndexError:
             return None
-        return slot, self.view[slot.offset:slot.offset + nbytes].view(dtype).reshape(shape)
+        return slot, self.view[slot.offset : slot.offset + nbytes].view(dtype).reshape(shape)
 
     def release(self, slot: Slot) -> None:
         self._free.append(slot)
@@ -126,6 +126,7 @@ def input_region(slots: int, slot_bytes: int) -> InputRegion | None:
     except SharedMemoryUnavailable as e:
         log.warning("input tensors will be sent as bytes: %s", e)
         return None
-    log.info("input tensors can go through shared memory %s: %d slots of %d bytes",
-             region.name, slots, region.slot_bytes)
+    log.info(
+        "input tensors can go through shared memory %s: %d slots of %d bytes", region.name, slots, region.slot_bytes
+    )
     return region

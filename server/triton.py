@@ -10,14 +10,23 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Awaitable, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from .errors import (RETRY_AFTER_S, BadRequest, GatewayError, ModelNotFound, TooManyRequests, TritonFailed, TritonTimeout,
-                     TritonUnavailable)
+from .errors import (
+    RETRY_AFTER_S,
+    BadRequest,
+    GatewayError,
+    ModelNotFound,
+    TooManyRequests,
+    TritonFailed,
+    TritonTimeout,
+    TritonUnavailable,
+)
 from .preprocess import PIXEL_DATATYPE, PreprocessSpec
 from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
 
@@ -61,9 +70,14 @@ class ModelInfo:
         return PIXEL_DATATYPE if self.pixel_input else "FP32"
 
     def public(self) -> dict[str, Any]:
-        return {"preprocessing": self.spec.to_dict(), "labels": list(self.labels),
-                "input": self.input_name, "input_datatype": self.input_datatype, "output": self.output_name,
-                "max_batch_size": self.max_batch_size}
+        return {
+            "preprocessing": self.spec.to_dict(),
+            "labels": list(self.labels),
+            "input": self.input_name,
+            "input_datatype": self.input_datatype,
+            "output": self.output_name,
+            "max_batch_size": self.max_batch_size,
+        }
 
 
 def translate_error(error: Exception, model: str | None = None) -> GatewayError:
@@ -123,8 +137,16 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
 class TritonClient:
     """Async access to one Triton server, with model configs cached for `info_ttl_s`."""
 
-    def __init__(self, url: str, *, protocol: str = "grpc", timeout_s: float = 10.0, info_ttl_s: float = 5.0,
-                 repository_key: str | None = None, region: InputRegion | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        protocol: str = "grpc",
+        timeout_s: float = 10.0,
+        info_ttl_s: float = 5.0,
+        repository_key: str | None = None,
+        region: InputRegion | None = None,
+    ):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
         self.url, self.protocol, self.info_ttl_s = url, protocol, info_ttl_s
@@ -136,10 +158,12 @@ class TritonClient:
         # HTTP): asyncio.wait_for would wrap each inference in one more task and event-loop trip.
         if protocol == "grpc":
             import tritonclient.grpc.aio as client_module
+
             self._client = client_module.InferenceServerClient(url)
             self._timeout: dict[str, float] = {"client_timeout": timeout_s}
         else:
             import tritonclient.http.aio as client_module
+
             self._client = client_module.InferenceServerClient(url, conn_timeout=timeout_s)
             self._timeout = {}
         self._module = client_module
@@ -154,8 +178,10 @@ class TritonClient:
             # Even when no registration is known: one whose answer was lost would pin the memory in Triton.
             # Triton accepts unregistering a name it does not have.
             try:
-                await asyncio.wait_for(self._client.unregister_system_shared_memory(
-                    self.region.name, headers=self._restricted_headers), 2.0)
+                await asyncio.wait_for(
+                    self._client.unregister_system_shared_memory(self.region.name, headers=self._restricted_headers),
+                    2.0,
+                )
             except Exception:
                 pass  # Triton is gone, and our registration with it
             self.region_registered = False
@@ -167,8 +193,9 @@ class TritonClient:
         if region is None or self.region_registered or self.region_refused:
             return
         try:
-            await self._client.register_system_shared_memory(region.name, region.key, region.size,
-                                                             headers=self._restricted_headers, **self._timeout)
+            await self._client.register_system_shared_memory(
+                region.name, region.key, region.size, headers=self._restricted_headers, **self._timeout
+            )
         except Exception as e:
             message = str(e)
             if "already in manager" in message:  # registered before an answer that got lost: still ours
@@ -179,8 +206,12 @@ class TritonClient:
             # next probe.
             self.region_refused = "unable to open shared memory region" in message.lower() or "restricted" in message
             if self.region_refused:
-                log.warning("Triton at %s cannot use shared memory region %s, input tensors go as bytes: %s",
-                            self.url, region.name, message)
+                log.warning(
+                    "Triton at %s cannot use shared memory region %s, input tensors go as bytes: %s",
+                    self.url,
+                    region.name,
+                    message,
+                )
             return
         self.region_registered = True
         log.info("Triton at %s reads input tensors from shared memory region %s", self.url, region.name)
@@ -192,7 +223,8 @@ class TritonClient:
         try:
             if self.protocol == "grpc":
                 status = await self._client.get_system_shared_memory_status(
-                    headers=self._restricted_headers, as_json=True, **self._timeout)
+                    headers=self._restricted_headers, as_json=True, **self._timeout
+                )
                 regions = list(status.get("regions", {}).values())
             else:
                 regions = await self._client.get_system_shared_memory_status(headers=self._restricted_headers)
@@ -200,7 +232,8 @@ class TritonClient:
                 name, key = entry.get("name", ""), entry.get("key", "")
                 if name.startswith(REGION_PREFIX) and name != own.name and not region_exists(key):
                     await self._client.unregister_system_shared_memory(
-                        name, headers=self._restricted_headers, **self._timeout)
+                        name, headers=self._restricted_headers, **self._timeout
+                    )
                     log.info("unregistered stale shared memory region %s from Triton at %s", name, self.url)
         except Exception as e:
             log.warning("could not clear stale shared memory regions from Triton at %s: %s", self.url, e)
@@ -224,14 +257,19 @@ class TritonClient:
     async def repository_index(self) -> list[dict[str, str]]:
         """Every model Triton knows of, one entry per version: name, version, state, reason."""
         if self.protocol == "grpc":
-            index = await self._call(self._client.get_model_repository_index(
-                headers=self._restricted_headers, as_json=True, **self._timeout))
+            index = await self._call(
+                self._client.get_model_repository_index(headers=self._restricted_headers, as_json=True, **self._timeout)
+            )
             entries = index.get("models", [])
         else:
             entries = await self._call(self._client.get_model_repository_index(headers=self._restricted_headers))
         return [
-            {"name": e.get("name", ""), "version": str(e.get("version", "")), "state": e.get("state", ""),
-             "reason": e.get("reason", "")}
+            {
+                "name": e.get("name", ""),
+                "version": str(e.get("version", "")),
+                "state": e.get("state", ""),
+                "reason": e.get("reason", ""),
+            }
             for e in entries
         ]
 
@@ -242,7 +280,7 @@ class TritonClient:
                 return (await self._call(config, name))["config"]
             return await self._call(self._client.get_model_config(name), name)
         except ModelNotFound:
-            raise await self._absent_or_unavailable(name, "")
+            raise await self._absent_or_unavailable(name, "") from None
 
     async def _absent_or_unavailable(self, name: str, version: str) -> GatewayError:
         """Triton says "unknown model" both for a name it never had and for an unloaded model: a model
@@ -254,8 +292,9 @@ class TritonClient:
         known = [e for e in index if e["name"] == name and (not version or e["version"] == version)]
         if known:
             self._info.pop(name, None)
-            return TritonUnavailable(f"model {name!r} is not ready (state {known[0]['state']})",
-                                     retry_after_s=RETRY_AFTER_S)
+            return TritonUnavailable(
+                f"model {name!r} is not ready (state {known[0]['state']})", retry_after_s=RETRY_AFTER_S
+            )
         # A server on its way down unloads every model first: that is an outage, not an absent model,
         # and it lets a pool of replicas fail over instead of answering 404.
         if not await self.server_ready():
@@ -271,8 +310,7 @@ class TritonClient:
         self._info[name] = (time.monotonic(), info)
         return info
 
-    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "", slot: Slot | None = None
-                    ) -> Inference:
+    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "", slot: Slot | None = None) -> Inference:
         """Logits for an N x C x H x W batch, split into chunks of the model's max batch size.
 
         With `slot` (holding `batch` at its start) and the region registered, Triton reads the tensors
@@ -284,8 +322,11 @@ class TritonClient:
             return await self._infer_one(info, batch, version, offset)
         chunk_bytes = batch[:step].nbytes
         calls = [
-            asyncio.ensure_future(self._infer_one(
-                info, batch[i:i + step], version, None if offset is None else offset + n * chunk_bytes))
+            asyncio.ensure_future(
+                self._infer_one(
+                    info, batch[i : i + step], version, None if offset is None else offset + n * chunk_bytes
+                )
+            )
             for n, i in enumerate(range(0, len(batch), step))
         ]
         try:
@@ -297,8 +338,7 @@ class TritonClient:
         transport = "bytes" if any(r.transport == "bytes" for r in results) else "shared_memory"
         return Inference(np.concatenate([r.logits for r in results]), results[0].version, transport)
 
-    async def _infer_one(self, info: ModelInfo, batch: np.ndarray, version: str, offset: int | None
-                         ) -> Inference:
+    async def _infer_one(self, info: ModelInfo, batch: np.ndarray, version: str, offset: int | None) -> Inference:
         # An offset is only given while the region is registered, so the region is there too.
         region = self.region if offset is not None else None
         tensor = self._module.InferInput(info.input_name, list(batch.shape), info.input_datatype)
@@ -313,8 +353,14 @@ class TritonClient:
         if region is not None:
             tensor.set_shared_memory(region.name, batch.nbytes, offset)
         try:
-            result = await self._client.infer(info.name, [tensor], model_version=version, outputs=[output],
-                                              headers=self._restricted_headers, **self._timeout)
+            result = await self._client.infer(
+                info.name,
+                [tensor],
+                model_version=version,
+                outputs=[output],
+                headers=self._restricted_headers,
+                **self._timeout,
+            )
         except Exception as e:
             if region is not None and f"unable to find shared memory region: '{region.name}'" in str(e).lower():
                 # Triton restarted between two probes and lost the registration: register again for
@@ -331,8 +377,9 @@ class TritonClient:
         # gRPC gives the protobuf message (read its field: converting it to JSON costs a millisecond),
         # HTTP a dict.
         served = response.model_version if self.protocol == "grpc" else response.get("model_version", "")
-        return Inference(result.as_numpy(info.output_name), str(served or version),
-                         "bytes" if offset is None else "shared_memory")
+        return Inference(
+            result.as_numpy(info.output_name), str(served or version), "bytes" if offset is None else "shared_memory"
+        )
 
     async def statistics(self, name: str) -> dict:
         if self.protocol == "grpc":

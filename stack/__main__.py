@@ -23,18 +23,29 @@ def main() -> int:
     triton_settings = TritonSettings(**({"model_repository": args.repository} if args.repository else {}))
     gateway_settings = Settings()
     if gateway_settings.host not in ("127.0.0.1", "localhost", "::1") and not (
-            gateway_settings.api_keys or gateway_settings.api_keys_file):
-        logging.warning("the gateway listens on %s with no API key: anyone who reaches this host can use it; "
-                        "set GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE", gateway_settings.host)
+        gateway_settings.api_keys or gateway_settings.api_keys_file
+    ):
+        logging.warning(
+            "the gateway listens on %s with no API key: anyone who reaches this host can use it; "
+            "set GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE",
+            gateway_settings.host,
+        )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        with local_stack(triton_settings, gateway_host=gateway_settings.host,
-                         gateway_port=gateway_settings.port) as (triton, gateway):
-            logging.info("serving %s: gateway %s, Triton http %s grpc %s metrics %s; Ctrl-C stops",
-                         triton.model_repository, gateway.url, triton.http_url, triton.grpc_url,
-                         triton.metrics_url)
+        with local_stack(triton_settings, gateway_host=gateway_settings.host, gateway_port=gateway_settings.port) as (
+            triton,
+            gateway,
+        ):
+            logging.info(
+                "serving %s: gateway %s, Triton http %s grpc %s metrics %s; Ctrl-C stops",
+                triton.model_repository,
+                gateway.url,
+                triton.http_url,
+                triton.grpc_url,
+                triton.metrics_url,
+            )
             while not stop.wait(1.0):
                 for process in (triton, gateway):
                     if not process.running():

@@ -27,8 +27,8 @@ PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png")
 
 def write_samples(folder: Path, digits: int = 4) -> list[Path]:
     """A few digit images (one per class, from the end of the dataset) and a few photos."""
-    from sklearn.datasets import load_digits
     import skimage
+    from sklearn.datasets import load_digits
 
     folder.mkdir(parents=True, exist_ok=True)
     data = load_digits()
@@ -56,8 +56,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console = Console()
     samples = write_samples(Path(".cache/demo-images"))
-    settings = TritonSettings(model_repository=args.repository, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port())
+    settings = TritonSettings(
+        model_repository=args.repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
+    )
     try:
         with local_stack(settings, gateway_port=free_port()) as (triton, gateway):
             console.print(f"Triton on {triton.grpc_url} (gRPC), gateway on {gateway.url}")

@@ -19,9 +19,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Sequence
+from typing import Annotated
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -315,9 +316,21 @@ class GatewayProcess(_ManagedProcess):
         # The stock asyncio loop: grpc.aio, which carries every Triton call, does not support uvloop.
         # Past --limit-concurrency connections (or requests) uvicorn answers 503.
         command = [
-            sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory",
-            "--host", self.host, "--port", str(self.port), "--log-level", "warning", "--loop", "asyncio",
-            "--limit-concurrency", str(self.max_connections()),
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "server.app:create_app",
+            "--factory",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            "--loop",
+            "asyncio",
+            "--limit-concurrency",
+            str(self.max_connections()),
         ]
         self._spawn(command, self.environment())
         self._wait_until(f"{self.url}/healthz", self.startup_timeout_s)

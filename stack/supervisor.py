@@ -6,8 +6,8 @@ import contextlib
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .launcher import GatewayProcess, TritonServer
 from .settings import TritonSettings
@@ -40,7 +40,10 @@ def triton_api_key(settings: TritonSettings) -> str | None:
 
 @contextlib.contextmanager
 def local_stack(
-    triton_settings: TritonSettings, *, gateway_host: str = "127.0.0.1", gateway_port: int = 8080,
+    triton_settings: TritonSettings,
+    *,
+    gateway_host: str = "127.0.0.1",
+    gateway_port: int = 8080,
 ) -> Iterator[tuple[TritonServer, GatewayProcess]]:
     """Triton on the repository, then the gateway pointed at its gRPC port; both stopped on exit."""
     cache_dir = Path(triton_settings.cache_dir)
@@ -59,9 +62,12 @@ def local_stack(
     gateway = GatewayProcess(
         host=gateway_host,
         port=gateway_port,
-        env={"GATEWAY_TRITON_PROTOCOL": "grpc", "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
-             "GATEWAY_TRITON_HTTP_URL": triton.http_url,
-             "GATEWAY_TRITON_REPOSITORY_KEY": triton.repository_api_key or ""},
+        env={
+            "GATEWAY_TRITON_PROTOCOL": "grpc",
+            "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
+            "GATEWAY_TRITON_HTTP_URL": triton.http_url,
+            "GATEWAY_TRITON_REPOSITORY_KEY": triton.repository_api_key or "",
+        },
         log_path=cache_dir / "gateway.log",
     )
     with triton, gateway:

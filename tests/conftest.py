@@ -17,8 +17,13 @@ def photos(tmp_path_factory) -> list[Path]:
     """Real photos of several sizes and orientations, as JPEG and PNG files."""
     folder = tmp_path_factory.mktemp("photos")
     paths = []
-    for name, fmt in (("astronaut.png", "JPEG"), ("coffee.png", "PNG"), ("chelsea.png", "JPEG"),
-                      ("rocket.jpg", "JPEG"), ("camera.png", "PNG")):
+    for name, fmt in (
+        ("astronaut.png", "JPEG"),
+        ("coffee.png", "PNG"),
+        ("chelsea.png", "JPEG"),
+        ("rocket.jpg", "JPEG"),
+        ("camera.png", "PNG"),
+    ):
         image = Image.open(PHOTO_DIR / name)
         path = folder / f"{Path(name).stem}.{fmt.lower()}"
         image.save(path, fmt)
@@ -42,9 +47,10 @@ def transparent_png(side: int, compress_level: int = 9) -> bytes:
     draw = ImageDraw.Draw(small)
     for ring in range(12):
         radius = small_side // 2 - ring * small_side // 26
-        draw.ellipse((small_side // 2 - radius, small_side // 2 - radius, small_side // 2 + radius,
-                      small_side // 2 + radius),
-                     fill=(ring * 40 % 256, ring * 90 % 256, ring * 150 % 256, 60 + ring * 15))
+        draw.ellipse(
+            (small_side // 2 - radius, small_side // 2 - radius, small_side // 2 + radius, small_side // 2 + radius),
+            fill=(ring * 40 % 256, ring * 90 % 256, ring * 150 % 256, 60 + ring * 15),
+        )
     buffer = io.BytesIO()
     small.resize((side, side), Image.Resampling.NEAREST).save(buffer, "PNG", compress_level=compress_level)
     return buffer.getvalue()

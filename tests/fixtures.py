@@ -28,5 +28,8 @@ def small_digits():
     from builder.data import Split, load_dataset
 
     full = load_dataset("digits")
-    return dataclasses.replace(full, train=Split(full.train.images[:200], full.train.labels[:200]),
-                               val=Split(full.val.images[:80], full.val.labels[:80]))
+    return dataclasses.replace(
+        full,
+        train=Split(full.train.images[:200], full.train.labels[:200]),
+        val=Split(full.val.images[:80], full.val.labels[:80]),
+    )

@@ -118,7 +118,7 @@ class TritonPythonModel:
         responses, start = [], 0
         for size in sizes:
             tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(output[start:start + size]))
+                pb_utils.Tensor(name, np.ascontiguousarray(output[start : start + size]))
                 for name, output in zip(self.output_names, outputs)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))

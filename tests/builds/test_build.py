@@ -6,9 +6,8 @@ import yaml
 from builder import model_config
 from builder.build import BuildConfig, build
 from builder.cli import main
-from builder.errors import BuilderError
+from builder.errors import BudgetError, BuilderError
 from builder.quantize import QuantizeConfig
-from builder.errors import BudgetError
 
 QUICK_PRUNE = {"keep_ratio": 0.6, "steps": 1, "finetune_epochs": 0.2, "increments": 40}
 
@@ -16,10 +15,15 @@ QUICK_PRUNE = {"keep_ratio": 0.6, "steps": 1, "finetune_epochs": 0.2, "increment
 @pytest.mark.slow
 def test_build_from_a_yaml_file_prunes_quantizes_publishes_and_reports_every_stage(tiny_run, tmp_path, capsys):
     settings = {
-        "name": "digits", "out_dir": str(tmp_path / "build"), "checkpoint": str(tiny_run / "best.pt"),
-        "prune": QUICK_PRUNE, "quantize": {"calibration_images": 32},
-        "publish": {"repository": str(tmp_path / "repo"), "keep": 2}, "max_accuracy_drop": 100,
-        "benchmark_seconds": 0.05, "parity_images": 8,
+        "name": "digits",
+        "out_dir": str(tmp_path / "build"),
+        "checkpoint": str(tiny_run / "best.pt"),
+        "prune": QUICK_PRUNE,
+        "quantize": {"calibration_images": 32},
+        "publish": {"repository": str(tmp_path / "repo"), "keep": 2},
+        "max_accuracy_drop": 100,
+        "benchmark_seconds": 0.05,
+        "parity_images": 8,
     }
     (tmp_path / "build.yaml").write_text(yaml.safe_dump(settings))
     assert main(["build", "--config", str(tmp_path / "build.yaml")]) == 0
@@ -37,21 +41,34 @@ def test_build_from_a_yaml_file_prunes_quantizes_publishes_and_reports_every_sta
     assert "| int8 |" in (out / "report.md").read_text() and (out / "report.png").is_file()
     config = model_config.parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text())
     assert config.backend == "python"
-    assert json.loads((tmp_path / "repo" / "digits" / "1" / "build.json").read_text())["onnx_metadata"]["precision"] == "int8"
+    assert (
+        json.loads((tmp_path / "repo" / "digits" / "1" / "build.json").read_text())["onnx_metadata"]["precision"]
+        == "int8"
+    )
     assert json.loads(capsys.readouterr().out)["published_version"] == 1
 
 
 @pytest.mark.slow
 def test_a_stage_over_the_accuracy_budget_stops_the_build_before_publishing(tiny_run, tmp_path):
-    config = BuildConfig(name="digits", out_dir=tmp_path / "build", checkpoint=tiny_run / "best.pt",
-                         prune={"keep_ratio": 0.1, "steps": 1, "finetune_epochs": 0, "increments": 40}, quantize=None,
-                         publish={"repository": str(tmp_path / "repo")}, max_accuracy_drop=1.0,
-                         benchmark_seconds=0.05, parity_images=8)
+    config = BuildConfig(
+        name="digits",
+        out_dir=tmp_path / "build",
+        checkpoint=tiny_run / "best.pt",
+        prune={"keep_ratio": 0.1, "steps": 1, "finetune_epochs": 0, "increments": 40},
+        quantize=None,
+        publish={"repository": str(tmp_path / "repo")},
+        max_accuracy_drop=1.0,
+        benchmark_seconds=0.05,
+        parity_images=8,
+    )
     with pytest.raises(BudgetError, match="stage 'pruned' lost"):
         build(config)
     assert not (tmp_path / "repo").exists()
     report = json.loads((tmp_path / "build" / "report.json").read_text())
-    assert report["failed_stage"] == "pruned" and "FAILED at stage `pruned`" in (tmp_path / "build" / "report.md").read_text()
+    assert (
+        report["failed_stage"] == "pruned"
+        and "FAILED at stage `pruned`" in (tmp_path / "build" / "report.md").read_text()
+    )
 
 
 def test_unknown_build_settings_are_named_with_the_valid_ones(tmp_path):
@@ -105,10 +122,18 @@ def static_int8_loses_accuracy(monkeypatch):
 
 
 def _qat_build(tiny_run, tmp_path, qat, **quantize):
-    return BuildConfig(name="digits", out_dir=tmp_path / "build", checkpoint=tiny_run / "best.pt", prune=None,
-                       quantize={"calibration_images": 32, **quantize}, qat={"mode": qat, **QUICK_QAT},
-                       publish={"repository": str(tmp_path / "repo")}, max_accuracy_drop=5.0,
-                       benchmark_seconds=0.05, parity_images=8)
+    return BuildConfig(
+        name="digits",
+        out_dir=tmp_path / "build",
+        checkpoint=tiny_run / "best.pt",
+        prune=None,
+        quantize={"calibration_images": 32, **quantize},
+        qat={"mode": qat, **QUICK_QAT},
+        publish={"repository": str(tmp_path / "repo")},
+        max_accuracy_drop=5.0,
+        benchmark_seconds=0.05,
+        parity_images=8,
+    )
 
 
 @pytest.mark.slow
@@ -125,7 +150,8 @@ def test_build_with_qat_always_runs_qat_instead_of_static_int8_and_publishes_it(
 
 @pytest.mark.slow
 def test_build_with_qat_auto_falls_back_to_qat_when_static_int8_is_over_the_budget(
-        tiny_run, tmp_path, static_int8_loses_accuracy):
+    tiny_run, tmp_path, static_int8_loses_accuracy
+):
     result = build(_qat_build(tiny_run, tmp_path, "auto"))
     report = json.loads((tmp_path / "build" / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["fp32", "int8", "int8-qat"]
@@ -144,8 +170,9 @@ def test_build_with_qat_auto_falls_back_to_qat_when_static_int8_is_over_the_budg
 
 
 @pytest.mark.slow
-def test_build_with_qat_auto_fails_when_qat_is_over_the_budget_too(tiny_run, tmp_path, monkeypatch,
-                                                                    static_int8_loses_accuracy):
+def test_build_with_qat_auto_fails_when_qat_is_over_the_budget_too(
+    tiny_run, tmp_path, monkeypatch, static_int8_loses_accuracy
+):
     import builder.build as build_module
 
     real = build_module.quantization_aware_train
@@ -172,35 +199,43 @@ def test_build_with_qat_never_fails_at_the_static_int8_stage(tiny_run, tmp_path,
     assert not (tmp_path / "build" / "int8-qat.onnx").exists()
 
 
-@pytest.mark.parametrize("quantize, message", [
-    ({"qat": "sometimes"}, "qat 'sometimes' is not one of auto, always, never"),
-    ({"qat_epoch": 1}, "quantize: qat_epoch: QAT settings are a section of their own now, qat:"),
-    ({"qat_epochs": 0}, "quantize: qat_epochs: QAT settings are a section of their own now, qat:"),
-])
+@pytest.mark.parametrize(
+    "quantize, message",
+    [
+        ({"qat": "sometimes"}, "qat 'sometimes' is not one of auto, always, never"),
+        ({"qat_epoch": 1}, "quantize: qat_epoch: QAT settings are a section of their own now, qat:"),
+        ({"qat_epochs": 0}, "quantize: qat_epochs: QAT settings are a section of their own now, qat:"),
+    ],
+)
 def test_bad_qat_build_settings_are_one_line_cli_errors(quantize, message, tmp_path, capsys):
     (tmp_path / "build.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "build"), "quantize": quantize}))
     assert main(["build", "--config", str(tmp_path / "build.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("builder build: error:") and "\n" not in err
     import re
+
     assert re.search(message, err)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"qat": {"mode": "sometimes"}}, "qat 'sometimes' is not one of auto, always, never"),
-    ({"qat": {"epoch": 1}}, "bad qat settings (.*'epoch'.*); valid: epochs, lr, .*mode"),
-    ({"qat": {"epochs": 0}}, "QAT epochs must be more than 0"),
-    ({"qat": "sometimes"}, "qat 'sometimes' is not one of auto, always, never"),
-    ({"qat_epochs": 1}, "qat_epochs: QAT settings are the qat: section"),
-    ({"train": 5}, "train: 5 is not a mapping of settings"),
-    ({"publish": [1]}, r"publish: \[1\] is not a mapping of settings"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"qat": {"mode": "sometimes"}}, "qat 'sometimes' is not one of auto, always, never"),
+        ({"qat": {"epoch": 1}}, "bad qat settings (.*'epoch'.*); valid: epochs, lr, .*mode"),
+        ({"qat": {"epochs": 0}}, "QAT epochs must be more than 0"),
+        ({"qat": "sometimes"}, "qat 'sometimes' is not one of auto, always, never"),
+        ({"qat_epochs": 1}, "qat_epochs: QAT settings are the qat: section"),
+        ({"train": 5}, "train: 5 is not a mapping of settings"),
+        ({"publish": [1]}, r"publish: \[1\] is not a mapping of settings"),
+    ],
+)
 def test_bad_qat_sections_are_one_line_cli_errors(settings, message, tmp_path, capsys):
     (tmp_path / "build.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "build"), **settings}))
     assert main(["build", "--config", str(tmp_path / "build.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("builder build: error:") and "\n" not in err
     import re
+
     assert re.search(message, err), err
     assert not (tmp_path / "build").exists()  # nothing written
 
@@ -213,7 +248,8 @@ def test_build_file_sections_are_typed_settings(tmp_path):
 
     (tmp_path / "build.yaml").write_text(
         "train: {arch: resnet50, epochs: 2}\nprune: {keep_ratio: 0.4}\nqat: {mode: always, epochs: 0.5}\n"
-        "publish: {repository: my-repo, keep: 3}\n")
+        "publish: {repository: my-repo, keep: 3}\n"
+    )
     config = BuildConfig.from_yaml(tmp_path / "build.yaml")
     assert config.train == TrainConfig(arch="resnet50", epochs=2)
     assert config.prune == PruneConfig(keep_ratio=0.4) and config.quantize == QuantizeConfig()
@@ -238,10 +274,15 @@ def test_a_gpu_publish_target_is_the_quantize_sections_default_target():
 def test_command_line_overrides_change_only_the_stages_that_run():
     from builder.build import BuildOverrides
 
-    data = {"train": {"arch": "resnet50"}, "prune": False, "quantize": {"calibration_images": 64},
-            "publish": {"repository": "a"}}
-    config = BuildConfig.from_mapping(data, BuildOverrides(epochs=3, keep_ratio=0.3, calibration_images=8,
-                                                           repository="b", max_accuracy_drop=2.0))
+    data = {
+        "train": {"arch": "resnet50"},
+        "prune": False,
+        "quantize": {"calibration_images": 64},
+        "publish": {"repository": "a"},
+    }
+    config = BuildConfig.from_mapping(
+        data, BuildOverrides(epochs=3, keep_ratio=0.3, calibration_images=8, repository="b", max_accuracy_drop=2.0)
+    )
     assert (config.train.arch, config.train.epochs) == ("resnet50", 3)
     assert config.prune is None and config.quantize.calibration_images == 8
     assert str(config.repository) == "b" and config.max_accuracy_drop == 2.0
@@ -251,19 +292,31 @@ def test_command_line_overrides_change_only_the_stages_that_run():
 
 
 def test_the_build_settings_written_beside_the_report_read_back_the_same():
-    config = BuildConfig.from_mapping({"train": {"mean": [0.5], "std": [0.25], "dataset": "digits"},
-                                       "prune": False, "qat": {"mode": "never"},
-                                       "publish": {"repository": "r", "target": "gpu"}})
+    config = BuildConfig.from_mapping(
+        {
+            "train": {"mean": [0.5], "std": [0.25], "dataset": "digits"},
+            "prune": False,
+            "qat": {"mode": "never"},
+            "publish": {"repository": "r", "target": "gpu"},
+        }
+    )
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     assert BuildConfig.from_mapping(yaml.safe_load(text)) == config
 
 
 @pytest.mark.slow
 def test_build_for_a_gpu_target_measures_and_gates_the_tensorrt_int8(tiny_run, tmp_path):
-    config = BuildConfig(name="digits", out_dir=tmp_path / "build", checkpoint=tiny_run / "best.pt", prune=None,
-                         quantize={"calibration_images": 32}, publish={"repository": str(tmp_path / "repo"),
-                                                                        "target": "gpu"},
-                         max_accuracy_drop=5.0, benchmark_seconds=0.05, parity_images=8)
+    config = BuildConfig(
+        name="digits",
+        out_dir=tmp_path / "build",
+        checkpoint=tiny_run / "best.pt",
+        prune=None,
+        quantize={"calibration_images": 32},
+        publish={"repository": str(tmp_path / "repo"), "target": "gpu"},
+        max_accuracy_drop=5.0,
+        benchmark_seconds=0.05,
+        parity_images=8,
+    )
     result = build(config)
     report = json.loads((tmp_path / "build" / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["fp32", "int8-gpu"]
@@ -274,6 +327,7 @@ def test_build_for_a_gpu_target_measures_and_gates_the_tensorrt_int8(tiny_run, t
 
     from builder.onnx_meta import read_metadata
     from builder.quantize import tensorrt_parser_problems
+
     assert tensorrt_parser_problems(onnx.load(str(result.final_onnx))) == []
     assert read_metadata(result.final_onnx)["target"] == "gpu"
 
@@ -306,20 +360,30 @@ def test_build_gates_the_gpu_int8_like_every_stage(tiny_run, tmp_path, monkeypat
         return result
 
     monkeypatch.setattr(build_module, "quantize_int8", quantize_int8)
-    config = BuildConfig(name="digits", out_dir=tmp_path / "build", checkpoint=tiny_run / "best.pt", prune=None,
-                         quantize={"calibration_images": 32, "target": "gpu"},
-                         publish={"repository": str(tmp_path / "repo"), "target": "gpu"}, max_accuracy_drop=5.0,
-                         benchmark_seconds=0.05, parity_images=8)
+    config = BuildConfig(
+        name="digits",
+        out_dir=tmp_path / "build",
+        checkpoint=tiny_run / "best.pt",
+        prune=None,
+        quantize={"calibration_images": 32, "target": "gpu"},
+        publish={"repository": str(tmp_path / "repo"), "target": "gpu"},
+        max_accuracy_drop=5.0,
+        benchmark_seconds=0.05,
+        parity_images=8,
+    )
     with pytest.raises(BudgetError, match="stage 'int8-gpu' lost"):
         build(config)
     assert not (tmp_path / "repo").exists() and not (tmp_path / "build" / "int8-qat.onnx").exists()
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"quantize": {"qat": "always", "target": "gpu"}}, "qat writes ONNX Runtime's uint8 Q/DQ"),
-    ({"quantize": {"target": "gpu"}, "publish": {"target": "cpu"}}, "target gpu writes INT8 for TensorRT"),
-    ({"quantize": {"target": "gpu", "method": "percentile"}}, "not available for the GPU INT8"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"quantize": {"qat": "always", "target": "gpu"}}, "qat writes ONNX Runtime's uint8 Q/DQ"),
+        ({"quantize": {"target": "gpu"}, "publish": {"target": "cpu"}}, "target gpu writes INT8 for TensorRT"),
+        ({"quantize": {"target": "gpu", "method": "percentile"}}, "not available for the GPU INT8"),
+    ],
+)
 def test_gpu_int8_build_settings_that_cannot_work_are_one_line_cli_errors(settings, message, tmp_path, capsys):
     (tmp_path / "build.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "build"), **settings}))
     assert main(["build", "--config", str(tmp_path / "build.yaml")]) == 2

@@ -13,11 +13,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--dataset", "/no/such/folder"], "neither a built-in"),
-    (["export", "--checkpoint", "/no/such/best.pt"], "does not exist"),
-    (["publish", "--onnx", "/no/such/model.onnx", "--name", "m"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--dataset", "/no/such/folder"], "neither a built-in"),
+        (["export", "--checkpoint", "/no/such/best.pt"], "does not exist"),
+        (["publish", "--onnx", "/no/such/model.onnx", "--name", "m"], "does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -43,11 +46,19 @@ def test_non_numeric_epochs_is_rejected():
     assert result.returncode == 2 and "not a whole number" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["publish", "--onnx", "m.onnx", "--name", "m", "--instances", "0"], "argument --instances: 0 must be at least 1"),
-    (["publish", "--onnx", "m.onnx", "--name", "m", "--intra-op-threads", "-2"],
-     "argument --intra-op-threads: -2 must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["publish", "--onnx", "m.onnx", "--name", "m", "--instances", "0"],
+            "argument --instances: 0 must be at least 1",
+        ),
+        (
+            ["publish", "--onnx", "m.onnx", "--name", "m", "--intra-op-threads", "-2"],
+            "argument --intra-op-threads: -2 must be 0 or more",
+        ),
+    ],
+)
 def test_counts_are_checked_against_their_own_minimum(capsys, args, message):
     with pytest.raises(SystemExit) as exited:
         main(args)
@@ -56,16 +67,20 @@ def test_counts_are_checked_against_their_own_minimum(capsys, args, message):
 
 def test_a_count_that_may_be_0_passes_argparse(capsys, tmp_path):
     # Past argparse, the missing file is what stops it.
-    assert main(["publish", "--onnx", "m.onnx", "--name", "m", "--max-queue-delay-us", "0",
-                 "--repository", str(tmp_path)]) == 2
+    assert (
+        main(["publish", "--onnx", "m.onnx", "--name", "m", "--max-queue-delay-us", "0", "--repository", str(tmp_path)])
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_parsing_and_publishing_do_not_import_torch(tmp_path):
     # Importing torch takes seconds; only the stages that train or read checkpoints need it.
-    code = ("import sys; from builder.cli import main; "
-            "code = main(['publish', '--onnx', 'missing.onnx', '--name', 'm', '--repository', sys.argv[1]]); "
-            "print(code, 'torch' in sys.modules)")
+    code = (
+        "import sys; from builder.cli import main; "
+        "code = main(['publish', '--onnx', 'missing.onnx', '--name', 'm', '--repository', sys.argv[1]]); "
+        "print(code, 'torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["2", "False"], result.stderr
 
@@ -75,8 +90,10 @@ def test_train_export_publish_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--image-size", "8", "--out", str(run)]) == 0
     assert main(["export", "--checkpoint", str(run / "best.pt"), "--parity-images", "4"]) == 0
-    assert main(["publish", "--onnx", str(run / "model.onnx"), "--name", "digits",
-                 "--repository", str(tmp_path / "repo")]) == 0
+    assert (
+        main(["publish", "--onnx", str(run / "model.onnx"), "--name", "digits", "--repository", str(tmp_path / "repo")])
+        == 0
+    )
     assert (tmp_path / "repo" / "digits" / "1" / "model.onnx").is_file()
     assert '"version": 1' in capsys.readouterr().out
 
@@ -92,13 +109,16 @@ def _not_a_checkpoint(folder):
     return text, pickled
 
 
-@pytest.mark.parametrize("command", [
-    ["export", "--checkpoint", "{path}"],
-    ["prune", "--checkpoint", "{path}"],
-    ["evaluate", "--checkpoint", "{path}", "--out", "{tmp}/eval"],
-    ["quantize", "--method", "qat", "--checkpoint", "{path}"],
-    ["build", "--checkpoint", "{path}", "--out", "{tmp}/build", "--no-publish"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "--checkpoint", "{path}"],
+        ["prune", "--checkpoint", "{path}"],
+        ["evaluate", "--checkpoint", "{path}", "--out", "{tmp}/eval"],
+        ["quantize", "--method", "qat", "--checkpoint", "{path}"],
+        ["build", "--checkpoint", "{path}", "--out", "{tmp}/build", "--no-publish"],
+    ],
+)
 def test_a_file_that_is_not_a_checkpoint_is_one_line_without_torch_advice(capsys, tmp_path, command):
     for path in _not_a_checkpoint(tmp_path):
         assert main([arg.format(path=path, tmp=tmp_path) for arg in command]) == 2
@@ -109,8 +129,10 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_without_torch_advice(capsys
 
 def test_init_and_resume_from_a_file_that_is_not_a_checkpoint_say_so_in_one_line(capsys, tmp_path):
     text, pickled = _not_a_checkpoint(tmp_path)
-    assert main(["train", "--epochs", "1", "--image-size", "8", "--init", str(pickled),
-                 "--out", str(tmp_path / "init")]) == 2
+    assert (
+        main(["train", "--epochs", "1", "--image-size", "8", "--init", str(pickled), "--out", str(tmp_path / "init")])
+        == 2
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "is not a checkpoint of this builder" in errors[0]
     assert "weights_only" not in errors[0]
@@ -127,16 +149,20 @@ def test_not_a_checkpoint_from_a_fresh_process_is_one_line(tmp_path):
     result = run_cli("export", "--checkpoint", str(text))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"builder export: error: {text} is not a checkpoint of this builder (not a PyTorch file)"]
+        f"builder export: error: {text} is not a checkpoint of this builder (not a PyTorch file)"
+    ]
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "the following arguments are required: command"),
-    (["export"], "the following arguments are required: --checkpoint"),
-    (["train", "--epochs", "many"], "argument --epochs: 'many' is not a whole number"),
-    (["train", "--arch", "vgg99"], "argument --arch: invalid choice: 'vgg99'"),
-    (["export", "--checkpoint", "x.pt", "--bogus"], "unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "the following arguments are required: command"),
+        (["export"], "the following arguments are required: --checkpoint"),
+        (["train", "--epochs", "many"], "argument --epochs: 'many' is not a whole number"),
+        (["train", "--arch", "vgg99"], "argument --arch: invalid choice: 'vgg99'"),
+        (["export", "--checkpoint", "x.pt", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
 def test_a_command_line_mistake_is_one_line_with_a_help_hint(capsys, args, message):
     with pytest.raises(SystemExit) as exited:
         main(args)
@@ -149,7 +175,8 @@ def test_a_command_line_mistake_from_a_fresh_process_prints_no_usage():
     result = run_cli("publish", "--onnx", "m.onnx")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "builder publish: error: the following arguments are required: --name (see `builder publish --help`)"]
+        "builder publish: error: the following arguments are required: --name (see `builder publish --help`)"
+    ]
 
 
 def _as_unprivileged_user(tmp_path):
@@ -179,13 +206,35 @@ def test_build_into_a_read_only_repository_fails_before_training(tmp_path):
         os.chmod(out, 0o777)
         env = {**os.environ, "HOME": str(out), "MPLCONFIGDIR": str(out / ".mpl")}
         result = subprocess.run(
-            [*prefix, sys.executable, "-m", "builder.cli", "build", "--dataset", "digits", "--epochs", "1",
-             "--image-size", "8", "--no-prune", "--no-quantize", "--out", str(out / "build"),
-             "--repository", str(read_only)],
-            capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[2])
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "builder.cli",
+                "build",
+                "--dataset",
+                "digits",
+                "--epochs",
+                "1",
+                "--image-size",
+                "8",
+                "--no-prune",
+                "--no-quantize",
+                "--out",
+                str(out / "build"),
+                "--repository",
+                str(read_only),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines() == [
-            f"builder build: error: model repository {read_only} is not writable (permission denied)"]
+            f"builder build: error: model repository {read_only} is not writable (permission denied)"
+        ]
         assert not (out / "build" / "train").exists()  # nothing trained
     finally:
         if base != tmp_path:
@@ -197,8 +246,26 @@ def test_build_to_a_path_under_a_file_fails_before_training(capsys, tmp_path, fl
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     paths = {"--repository": str(tmp_path / "repo"), "--out": str(tmp_path / "build"), flag: str(blocker / "sub")}
-    assert main(["build", "--dataset", "digits", "--epochs", "1", "--image-size", "8", "--no-prune", "--no-quantize",
-                 "--out", paths["--out"], "--repository", paths["--repository"]]) == 2
+    assert (
+        main(
+            [
+                "build",
+                "--dataset",
+                "digits",
+                "--epochs",
+                "1",
+                "--image-size",
+                "8",
+                "--no-prune",
+                "--no-quantize",
+                "--out",
+                paths["--out"],
+                "--repository",
+                paths["--repository"],
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"builder build: error: {what} {blocker / 'sub'} is not writable ({blocker} is not a folder)"]
     assert not (tmp_path / "build" / "train").exists()
@@ -208,10 +275,19 @@ def test_build_to_a_path_under_a_file_fails_before_training(capsys, tmp_path, fl
 def test_an_output_that_cannot_be_written_is_one_line(capsys, tiny_run, tmp_path, command):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    args = {"export": ["export", "--checkpoint", str(tiny_run / "best.pt"), "--output", str(blocker / "m.onnx")],
-            "quantize": ["quantize", "--onnx", str(tiny_run / "model.onnx"), "--output", str(blocker / "q.onnx"),
-                         "--calibration-images", "8"],
-            "evaluate": ["evaluate", "--onnx", str(tiny_run / "model.onnx"), "--out", str(blocker / "eval")]}[command]
+    args = {
+        "export": ["export", "--checkpoint", str(tiny_run / "best.pt"), "--output", str(blocker / "m.onnx")],
+        "quantize": [
+            "quantize",
+            "--onnx",
+            str(tiny_run / "model.onnx"),
+            "--output",
+            str(blocker / "q.onnx"),
+            "--calibration-images",
+            "8",
+        ],
+        "evaluate": ["evaluate", "--onnx", str(tiny_run / "model.onnx"), "--out", str(blocker / "eval")],
+    }[command]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"builder {command}: error:") and str(blocker) in err[-1]
@@ -237,8 +313,21 @@ def test_preprocessing_flags_override_the_models_own_spec_one_value_at_a_time(ti
     repository = tmp_path / "repo"
 
     def published_spec(name: str, *flags: str) -> PreprocessSpec:
-        assert main(["publish", "--onnx", str(tiny_run / "model.onnx"), "--name", name, "--repository",
-                     str(repository), *flags]) == 0
+        assert (
+            main(
+                [
+                    "publish",
+                    "--onnx",
+                    str(tiny_run / "model.onnx"),
+                    "--name",
+                    name,
+                    "--repository",
+                    str(repository),
+                    *flags,
+                ]
+            )
+            == 0
+        )
         config = model_config.parse((repository / name / "config.pbtxt").read_text())
         return PreprocessSpec.from_parameters(config.parameters)
 
@@ -246,6 +335,10 @@ def test_preprocessing_flags_override_the_models_own_spec_one_value_at_a_time(ti
     # Only the resize changed: the mean and std measured in training stay, not ImageNet's.
     assert resized.resize_size == 12
     assert (resized.mean, resized.std, resized.image_size, resized.color_mode) == (
-        own.mean, own.std, own.image_size, own.color_mode)
+        own.mean,
+        own.std,
+        own.image_size,
+        own.color_mode,
+    )
     # A crop alone brings the usual resize with it (crop / 0.875), not 256.
     assert published_spec("cropped", "--crop", "8").resize_size == 9

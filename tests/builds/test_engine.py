@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from builder import model_config
 from builder.cli import main
@@ -71,8 +70,11 @@ def test_a_built_engine_deserializes_and_answers_like_onnx_runtime(tiny_run, tmp
 
     from builder.engine import engine_from_onnx
 
-    plan = engine_from_onnx(tiny_run / "model.onnx", tmp_path / "model.plan",
-                            EngineConfig(precision=precision, calibration_images=32, opt_batch=8, max_batch=16))
+    plan = engine_from_onnx(
+        tiny_run / "model.onnx",
+        tmp_path / "model.plan",
+        EngineConfig(precision=precision, calibration_images=32, opt_batch=8, max_batch=16),
+    )
     info = read_engine_info(plan)
     assert info["precision"] == precision and "." in info["compute_capability"]
     assert info["tensorrt_version"].startswith("10.5.")
@@ -93,8 +95,9 @@ def test_a_built_engine_deserializes_and_answers_like_onnx_runtime(tiny_run, tmp
 def _fake_plan(folder, version):
     plan = folder / "model.plan"
     plan.write_bytes(b"serialized engine")
-    engine_info_path(plan).write_text(json.dumps({"tensorrt_version": version, "compute_capability": "9.0",
-                                                  "max_batch": 16}))
+    engine_info_path(plan).write_text(
+        json.dumps({"tensorrt_version": version, "compute_capability": "9.0", "max_batch": 16})
+    )
     return plan
 
 
@@ -114,9 +117,15 @@ def test_a_plan_without_its_record_is_refused(tiny_run, tmp_path):
 
 def test_a_matching_plan_is_published_for_the_tensorrt_backend_with_cuda_graphs(tiny_run, tmp_path):
     plan = _recorded_plan(tmp_path, tiny_run / "model.onnx")
-    published = publish_plan(plan, tiny_run / "model.onnx", tmp_path / "repo", "digits",
-                             settings=PublishSettings(target="gpu", max_batch_size=32, preferred_batch_sizes=(4, 8),
-                                                      compute_capability="8.9"))
+    published = publish_plan(
+        plan,
+        tiny_run / "model.onnx",
+        tmp_path / "repo",
+        "digits",
+        settings=PublishSettings(
+            target="gpu", max_batch_size=32, preferred_batch_sizes=(4, 8), compute_capability="8.9"
+        ),
+    )
     assert sorted(p.name for p in published.version_dir.iterdir()) == ["build.json", "model.plan"]
     config = model_config.parse((published.model_dir / "config.pbtxt").read_text())
     assert (config.platform, config.backend, config.instance_kind) == ("tensorrt_plan", "tensorrt", "KIND_GPU")
@@ -125,8 +134,17 @@ def test_a_matching_plan_is_published_for_the_tensorrt_backend_with_cuda_graphs(
 
 def test_the_cli_publishes_a_plan_for_the_gpu_without_being_told(tiny_run, tmp_path):
     plan = _recorded_plan(tmp_path, tiny_run / "model.onnx")
-    common = ["publish", "--plan", str(plan), "--onnx", str(tiny_run / "model.onnx"),
-              "--repository", str(tmp_path / "repo"), "--compute-capability", "8.9"]
+    common = [
+        "publish",
+        "--plan",
+        str(plan),
+        "--onnx",
+        str(tiny_run / "model.onnx"),
+        "--repository",
+        str(tmp_path / "repo"),
+        "--compute-capability",
+        "8.9",
+    ]
     assert main([*common, "--name", "digits"]) == 0
     config = model_config.parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text())
     assert (config.backend, config.instance_kind, config.instance_count) == ("tensorrt", "KIND_GPU", 1)
@@ -141,6 +159,7 @@ def test_the_cli_publishes_a_plan_for_the_gpu_without_being_told(tiny_run, tmp_p
 # What engine.py asks of the `tensorrt` module (10.x Python API), answered without a GPU: the parser reads the
 # ONNX graph the way TensorRT's does (bytes alone cannot reach external weights; a path can), and the builder
 # consults the INT8 calibrator's cache the way TensorRT does (read first; calibrate and write only on a miss).
+
 
 class _FakeTensorRT(types.ModuleType):
     def __init__(self, version: str = "10.5.0.18") -> None:
@@ -181,8 +200,9 @@ class _FakeTensorRT(types.ModuleType):
                 return self.errors[i]
 
             def _read(self, proto) -> bool:
-                dims = lambda v: tuple(d.dim_value if d.HasField("dim_value") else -1  # noqa: E731
-                                       for d in v.type.tensor_type.shape.dim)
+                def dims(v):
+                    return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
+
                 initializers = {i.name for i in proto.graph.initializer}
                 self.network.inputs = [Tensor(i.name, dims(i)) for i in proto.graph.input if i.name not in initializers]
                 self.network.outputs = [Tensor(o.name, dims(o)) for o in proto.graph.output]
@@ -273,7 +293,8 @@ def _sha256(path: Path) -> str:
 
 @pytest.mark.parametrize(("installed", "problem"), [("11.0", "TensorRT 11"), ("10.3", "TensorRT 10.3")])
 def test_a_tensorrt_other_than_the_one_triton_loads_is_refused_with_what_to_install(
-        tiny_run, tmp_path, monkeypatch, capsys, installed, problem):
+    tiny_run, tmp_path, monkeypatch, capsys, installed, problem
+):
     monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT(installed))
     with pytest.raises(EngineError, match=re.escape(problem)):
         build_engine(tiny_run / "model.onnx", tmp_path / "model.plan")
@@ -295,8 +316,9 @@ def test_the_engine_and_its_record_name_the_model_gpu_and_tensorrt_they_were_bui
 
 def test_onnx_weights_stored_beside_the_model_are_read(tiny_run, tmp_path, fake_gpu):
     model = onnx.load(str(tiny_run / "model.onnx"))
-    onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.weights",
-              size_threshold=0)
+    onnx.save(
+        model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="model.weights", size_threshold=0
+    )
     assert (tmp_path / "model.weights").stat().st_size > 0
     plan = build_engine(tmp_path / "model.onnx", tmp_path / "model.plan")
     assert read_engine_info(plan)["input"] == "input"
@@ -344,27 +366,55 @@ def test_the_record_never_describes_a_plan_that_is_not_in_place(tiny_run, tmp_pa
 def _recorded_plan(folder: Path, onnx_path: Path, **record) -> Path:
     plan = folder / "model.plan"
     plan.write_bytes(b"serialized engine")
-    info = {"tensorrt_version": "10.5.0.18", "compute_capability": "8.9", "min_batch": 1, "opt_batch": 8,
-            "max_batch": 16, "source_onnx_sha256": _sha256(onnx_path), "plan_sha256": _sha256(plan), **record}
+    info = {
+        "tensorrt_version": "10.5.0.18",
+        "compute_capability": "8.9",
+        "min_batch": 1,
+        "opt_batch": 8,
+        "max_batch": 16,
+        "source_onnx_sha256": _sha256(onnx_path),
+        "plan_sha256": _sha256(plan),
+        **record,
+    }
     engine_info_path(plan).write_text(json.dumps(info))
     return plan
 
 
 def _publish_plan_cli(plan: Path, onnx_path: Path, repository: Path, *extra: str) -> list[str]:
-    return ["publish", "--plan", str(plan), "--onnx", str(onnx_path), "--repository", str(repository),
-            "--name", "digits", "--compute-capability", "8.9", *extra]
+    return [
+        "publish",
+        "--plan",
+        str(plan),
+        "--onnx",
+        str(onnx_path),
+        "--repository",
+        str(repository),
+        "--name",
+        "digits",
+        "--compute-capability",
+        "8.9",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize(("record", "extra", "message"), [
-    ({"compute_capability": "9.0"}, (), "built for compute capability 9.0 but the serving GPU has 8.9"),
-    ({"min_batch": 2}, (), "starts at batch 2"),
-    ({"max_batch": 4}, ("--preferred-batch-sizes", "4", "8"), "preferred batch sizes [8] exceed the plan's max batch 4"),
-    ({"max_batch": 16}, ("--preferred-batch-sizes", "4", "32"), "preferred batch sizes [32] exceed"),
-    ({"source_onnx_sha256": "0" * 64}, (), "was not built from"),
-    ({"plan_sha256": "0" * 64}, (), "does not describe"),
-])
-def test_publish_refuses_a_plan_that_would_fail_in_triton_with_one_line(tiny_run, tmp_path, capsys, record, extra,
-                                                                        message):
+@pytest.mark.parametrize(
+    ("record", "extra", "message"),
+    [
+        ({"compute_capability": "9.0"}, (), "built for compute capability 9.0 but the serving GPU has 8.9"),
+        ({"min_batch": 2}, (), "starts at batch 2"),
+        (
+            {"max_batch": 4},
+            ("--preferred-batch-sizes", "4", "8"),
+            "preferred batch sizes [8] exceed the plan's max batch 4",
+        ),
+        ({"max_batch": 16}, ("--preferred-batch-sizes", "4", "32"), "preferred batch sizes [32] exceed"),
+        ({"source_onnx_sha256": "0" * 64}, (), "was not built from"),
+        ({"plan_sha256": "0" * 64}, (), "does not describe"),
+    ],
+)
+def test_publish_refuses_a_plan_that_would_fail_in_triton_with_one_line(
+    tiny_run, tmp_path, capsys, record, extra, message
+):
     plan = _recorded_plan(tmp_path, tiny_run / "model.onnx", **record)
     repository = tmp_path / "repo"
     assert main(_publish_plan_cli(plan, tiny_run / "model.onnx", repository, *extra)) == 2

@@ -4,6 +4,7 @@ import types
 import numpy as np
 import pytest
 
+from builder.checkpoint import load_model
 from builder.evaluate import (
     confusion_matrix,
     evaluate,
@@ -12,7 +13,6 @@ from builder.evaluate import (
     validation_data,
     write_evaluation,
 )
-from builder.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")

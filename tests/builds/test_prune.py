@@ -58,23 +58,36 @@ def test_a_pruned_checkpoint_reloads_to_the_outputs_of_the_network_pruning_made(
 
 
 def test_uniform_l2_pruning_by_parameters_also_reaches_its_target(tiny_run, tmp_path):
-    result = prune(tiny_run / "best.pt", tmp_path / "p.pt",
-                   PruneConfig(target="params", keep_ratio=0.7, importance="l2", scope="uniform", steps=1, increments=40,
-                               finetune_epochs=0))
+    result = prune(
+        tiny_run / "best.pt",
+        tmp_path / "p.pt",
+        PruneConfig(
+            target="params", keep_ratio=0.7, importance="l2", scope="uniform", steps=1, increments=40, finetune_epochs=0
+        ),
+    )
     assert result.params_after <= 0.7 * result.params_before
 
 
 def _untrained_checkpoint(path, arch: str) -> None:
     model = create_model(arch, num_classes=10, in_channels=1, image_size=16) if arch != "vit_b_16" else nn.Linear(1, 1)
-    meta = {"arch": arch, "num_classes": 10, "in_channels": 1, "image_size": 16,
-            "classes": [str(i) for i in range(10)], "config": {"dataset": "digits"}}
+    meta = {
+        "arch": arch,
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 16,
+        "classes": [str(i) for i in range(10)],
+        "config": {"dataset": "digits"},
+    }
     torch.save({"model": model.state_dict(), "meta": meta}, path)
 
 
 def test_mobilenet_v3_with_its_squeeze_excitation_blocks_prunes_and_reloads(tmp_path):
     _untrained_checkpoint(tmp_path / "best.pt", "mobilenet_v3_small")
-    result = prune(tmp_path / "best.pt", tmp_path / "pruned.pt", PruneConfig(keep_ratio=0.5, steps=1, increments=40,
-                                                                            finetune_epochs=0))
+    result = prune(
+        tmp_path / "best.pt",
+        tmp_path / "pruned.pt",
+        PruneConfig(keep_ratio=0.5, steps=1, increments=40, finetune_epochs=0),
+    )
     assert result.macs_after <= 0.5 * result.macs_before
     model, _ = load_model(result.checkpoint)
     assert count_macs_and_params(model, (1, 16, 16)) == (result.macs_after, result.params_after)

@@ -34,8 +34,12 @@ def test_publishing_again_adds_the_next_version_and_leaves_no_staging_folders(ti
     first = publish(tiny_run / "model.onnx", repository, "digits")
     # The same file (inode) with the same bytes: a copy put in its place would keep the mtime (copy2).
     before = {f.name: (f.stat().st_ino, f.read_bytes()) for f in first.version_dir.iterdir()}
-    second = publish(tiny_run / "model.onnx", repository, "digits",
-                     settings=PublishSettings(max_batch_size=8, preferred_batch_sizes=(2, 4)))
+    second = publish(
+        tiny_run / "model.onnx",
+        repository,
+        "digits",
+        settings=PublishSettings(max_batch_size=8, preferred_batch_sizes=(2, 4)),
+    )
     assert second.version == 2
     assert {f.name: (f.stat().st_ino, f.read_bytes()) for f in first.version_dir.iterdir()} == before
     assert sorted(p.name for p in (repository / "digits").iterdir()) == ["1", "2", "config.pbtxt", "labels.txt"]
@@ -84,7 +88,11 @@ def test_repository_that_cannot_be_written_is_a_publish_error(tiny_run, tmp_path
 def test_inspect_reads_names_and_shapes_from_the_graph(tiny_run):
     model = inspect_onnx(tiny_run / "model.onnx")
     assert (model.input_name, model.input_dims, model.output_names, model.num_classes) == (
-        "input", (1, 8, 8), ("logits",), 10)
+        "input",
+        (1, 8, 8),
+        ("logits",),
+        10,
+    )
     assert "preprocess" in model.metadata
 
 
@@ -97,16 +105,25 @@ def test_keep_removes_all_but_the_newest_versions(tiny_run, tmp_path):
 
 
 def test_gpu_target_publishes_onnx_for_the_onnx_runtime_backend_with_tensorrt(tiny_run, tmp_path):
-    published = publish(tiny_run / "model.onnx", tmp_path / "repo", "digits",
-                        settings=PublishSettings(target="gpu", instance_count=2, trt_cache_path="/cache/trt/digits"))
+    published = publish(
+        tiny_run / "model.onnx",
+        tmp_path / "repo",
+        "digits",
+        settings=PublishSettings(target="gpu", instance_count=2, trt_cache_path="/cache/trt/digits"),
+    )
     assert sorted(p.name for p in published.version_dir.iterdir()) == ["build.json", "model.onnx"]
     text = (published.model_dir / "config.pbtxt").read_text()
     config = model_config.parse(text)
     assert (config.backend, config.platform, config.instance_kind, config.instance_count) == (
-        "onnxruntime", "onnxruntime_onnx", "KIND_GPU", 2)
+        "onnxruntime",
+        "onnxruntime_onnx",
+        "KIND_GPU",
+        2,
+    )
     (accelerator,) = config.gpu_accelerators
     assert accelerator.name == "tensorrt" and {
-        key: accelerator.parameters[key] for key in ("precision_mode", "trt_engine_cache_enable", "trt_engine_cache_path")
+        key: accelerator.parameters[key]
+        for key in ("precision_mode", "trt_engine_cache_enable", "trt_engine_cache_path")
     } == {"precision_mode": "FP16", "trt_engine_cache_enable": "true", "trt_engine_cache_path": "/cache/trt/digits"}
     assert PreprocessSpec.from_parameters(config.parameters).input_shape == (1, 8, 8)
 
@@ -114,10 +131,18 @@ def test_gpu_target_publishes_onnx_for_the_onnx_runtime_backend_with_tensorrt(ti
 def _foreign_onnx(path: Path) -> Path:
     import torch
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=8), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
-    torch.onnx.export(model.eval(), (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False,
-                      input_names=["pixels"], output_names=["scores"], dynamic_axes={"pixels": {0: "n"}, "scores": {0: "n"}})
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+    )
+    torch.onnx.export(
+        model.eval(),
+        (torch.zeros(1, 3, 224, 224),),
+        str(path),
+        dynamo=False,
+        input_names=["pixels"],
+        output_names=["scores"],
+        dynamic_axes={"pixels": {0: "n"}, "scores": {0: "n"}},
+    )
     return path
 
 
@@ -126,8 +151,22 @@ def test_an_onnx_classifier_exported_elsewhere_is_published_with_labels_and_defa
 
     onnx_path = _foreign_onnx(tmp_path / "foreign.onnx")
     (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
-    assert main(["publish", "--onnx", str(onnx_path), "--name", "animals", "--labels", str(tmp_path / "labels.txt"),
-                 "--repository", str(tmp_path / "repo")]) == 0
+    assert (
+        main(
+            [
+                "publish",
+                "--onnx",
+                str(onnx_path),
+                "--name",
+                "animals",
+                "--labels",
+                str(tmp_path / "labels.txt"),
+                "--repository",
+                str(tmp_path / "repo"),
+            ]
+        )
+        == 0
+    )
     config = model_config.parse((tmp_path / "repo" / "animals" / "config.pbtxt").read_text())
     spec = PreprocessSpec.from_parameters(config.parameters)
     assert (spec.image_size, spec.resize_size, spec.color_mode) == (224, 256, "RGB")
@@ -140,8 +179,22 @@ def test_an_unreadable_labels_file_is_a_one_line_error(tmp_path, capsys):
     from builder.cli import main
 
     onnx_path = _foreign_onnx(tmp_path / "foreign.onnx")
-    assert main(["publish", "--onnx", str(onnx_path), "--name", "animals", "--labels", str(tmp_path / "nope.txt"),
-                 "--repository", str(tmp_path / "repo")]) == 2
+    assert (
+        main(
+            [
+                "publish",
+                "--onnx",
+                str(onnx_path),
+                "--name",
+                "animals",
+                "--labels",
+                str(tmp_path / "nope.txt"),
+                "--repository",
+                str(tmp_path / "repo"),
+            ]
+        )
+        == 2
+    )
     assert "labels file" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
 
@@ -150,8 +203,12 @@ def test_an_unreachable_triton_is_reported_after_the_version_is_safely_written(t
     from stack.launcher import free_port
 
     with pytest.raises(PublishError, match="is published, but Triton at"):
-        publish(tiny_run / "model.onnx", tmp_path / "repo", "digits",
-                settings=PublishSettings(triton_url=f"127.0.0.1:{free_port()}"))
+        publish(
+            tiny_run / "model.onnx",
+            tmp_path / "repo",
+            "digits",
+            settings=PublishSettings(triton_url=f"127.0.0.1:{free_port()}"),
+        )
     assert (tmp_path / "repo" / "digits" / "1" / "model.onnx").is_file()
 
 
@@ -188,8 +245,12 @@ def test_cpu_and_gpu_targets_get_their_own_instance_and_batching_defaults(tiny_r
     assert main([*common, "--name", "gpu", "--target", "gpu"]) == 0
     assert main([*common, "--name", "one", "--instances", "1", "--intra-op-threads", "3"]) == 0
     assert main([*common, "--name", "waiting", "--max-queue-delay-us", "700"]) == 0
-    expected = {"cpu": (2, "KIND_CPU", "0", (), 0), "gpu": (1, "KIND_GPU", None, (4, 8), 2000),
-                "one": (1, "KIND_CPU", "3", (), 0), "waiting": (2, "KIND_CPU", "0", (), 700)}
+    expected = {
+        "cpu": (2, "KIND_CPU", "0", (), 0),
+        "gpu": (1, "KIND_GPU", None, (4, 8), 2000),
+        "one": (1, "KIND_CPU", "3", (), 0),
+        "waiting": (2, "KIND_CPU", "0", (), 700),
+    }
     for name, (count, kind, threads, preferred, delay) in expected.items():
         config = model_config.parse((repository / name / "config.pbtxt").read_text())
         assert (config.instance_count, config.instance_kind) == (count, kind), name
@@ -204,13 +265,16 @@ def test_cpu_and_gpu_targets_get_their_own_instance_and_batching_defaults(tiny_r
         PublishSettings(instance_count=0)
 
 
-@pytest.mark.parametrize(("requested", "instances", "cores", "threads"), [
-    (0, 2, 2, 1),    # the default on this kind of machine: one core each
-    (0, 1, 2, 2),    # a single instance takes every core
-    (0, 2, 16, 8),
-    (0, 3, 2, 1),    # more instances than cores: still one thread each
-    (4, 2, 2, 4),    # asked for explicitly: as asked
-])
+@pytest.mark.parametrize(
+    ("requested", "instances", "cores", "threads"),
+    [
+        (0, 2, 2, 1),  # the default on this kind of machine: one core each
+        (0, 1, 2, 2),  # a single instance takes every core
+        (0, 2, 16, 8),
+        (0, 3, 2, 1),  # more instances than cores: still one thread each
+        (4, 2, 2, 4),  # asked for explicitly: as asked
+    ],
+)
 def test_the_served_model_divides_the_cores_among_its_instances(monkeypatch, requested, instances, cores, threads):
     import importlib.util
     import types
@@ -218,8 +282,7 @@ def test_the_served_model_divides_the_cores_among_its_instances(monkeypatch, req
     from builder.publish import BACKEND_MODEL
 
     # model.py imports Triton's backend utilities at the top; the arithmetic under test never touches them.
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils",
-                        types.ModuleType("triton_python_backend_utils"))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
     spec = importlib.util.spec_from_file_location("served_model", BACKEND_MODEL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -236,8 +299,21 @@ def test_pixel_input_moves_the_normalization_into_the_published_model(tiny_run, 
 
     source = tiny_run / "model.onnx"
     before = source.read_bytes()
-    assert main(["publish", "--onnx", str(source), "--name", "pixels", "--repository", str(tmp_path / "repo"),
-                 "--pixel-input"]) == 0
+    assert (
+        main(
+            [
+                "publish",
+                "--onnx",
+                str(source),
+                "--name",
+                "pixels",
+                "--repository",
+                str(tmp_path / "repo"),
+                "--pixel-input",
+            ]
+        )
+        == 0
+    )
     assert source.read_bytes() == before  # the source file is never changed
     version_dir = tmp_path / "repo" / "pixels" / "1"
     config = model_config.parse((tmp_path / "repo" / "pixels" / "config.pbtxt").read_text())
@@ -248,26 +324,31 @@ def test_pixel_input_moves_the_normalization_into_the_published_model(tiny_run, 
     assert {p.key for p in published.metadata_props} >= {"preprocess", "labels"}
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 1), dtype=np.uint8)
-    normalized = ((pixels.transpose(0, 3, 1, 2) / 255.0 - np.array(spec.mean)[:, None, None])
-                  / np.array(spec.std)[:, None, None]).astype(np.float32)
+    normalized = (
+        (pixels.transpose(0, 3, 1, 2) / 255.0 - np.array(spec.mean)[:, None, None]) / np.array(spec.std)[:, None, None]
+    ).astype(np.float32)
     floats = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     eight_bit = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(eight_bit.run(None, {"input": pixels})[0],
-                               floats.run(None, {"input": normalized})[0], atol=1e-4)
+    np.testing.assert_allclose(
+        eight_bit.run(None, {"input": pixels})[0], floats.run(None, {"input": normalized})[0], atol=1e-4
+    )
 
 
 def test_a_tensorrt_plan_cannot_take_pixels(tiny_run, tmp_path):
     from builder.publish import publish_plan
 
     with pytest.raises(PublishError, match="keeps the float input"):
-        publish_plan(tmp_path / "model.plan", tiny_run / "model.onnx", tmp_path / "repo", "digits",
-                     settings=PublishSettings(target="gpu", pixel_input=True))
+        publish_plan(
+            tmp_path / "model.plan",
+            tiny_run / "model.onnx",
+            tmp_path / "repo",
+            "digits",
+            settings=PublishSettings(target="gpu", pixel_input=True),
+        )
     assert not (tmp_path / "repo").exists()
 
 
 # ------------------------------------------------------------------ the GPU target: TensorRT through ONNX Runtime
-
-
 
 
 def _tensorrt_engine_identity(model_path: Path) -> tuple[str, tuple]:
@@ -279,8 +360,12 @@ def _tensorrt_engine_identity(model_path: Path) -> tuple[str, tuple]:
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    hashed = (model_path.name, tuple(i.name for i in model.graph.input),
-              tuple(i.name for i in model.graph.initializer), tuple(o for n in model.graph.node for o in n.output))
+    hashed = (
+        model_path.name,
+        tuple(i.name for i in model.graph.input),
+        tuple(i.name for i in model.graph.initializer),
+        tuple(o for n in model.graph.node for o in n.output),
+    )
     return model.graph.name, hashed
 
 
@@ -291,10 +376,13 @@ def test_gpu_versions_with_other_weights_never_share_a_tensorrt_engine(tiny_run,
     repository = tmp_path / "repo"
     other_weights = retrained(tiny_run / "model.onnx", tmp_path / "other_weights.onnx")
     settings = PublishSettings(target="gpu")
-    versions = [publish(source, repository, "digits", settings=settings).version_dir
-                for source in (tiny_run / "model.onnx", other_weights, tiny_run / "model.onnx")]
+    versions = [
+        publish(source, repository, "digits", settings=settings).version_dir
+        for source in (tiny_run / "model.onnx", other_weights, tiny_run / "model.onnx")
+    ]
     (first, first_hashed), (second, second_hashed), (again, _) = (
-        _tensorrt_engine_identity(v / "model.onnx") for v in versions)
+        _tensorrt_engine_identity(v / "model.onnx") for v in versions
+    )
     assert first_hashed == second_hashed  # ONNX Runtime's hash alone cannot tell the two versions apart
     assert first != second  # the graph name, part of every engine's file name, does
     assert again == first  # the same weights published again reuse the engine already built
@@ -305,7 +393,8 @@ def test_gpu_versions_with_other_weights_never_share_a_tensorrt_engine(tiny_run,
     # The renamed graph answers as its source does.
     images = np.random.default_rng(0).normal(size=(4, 1, 8, 8)).astype(np.float32)
     run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(  # noqa: E731
-        None, {"input": images})[0]
+        None, {"input": images}
+    )[0]
     np.testing.assert_array_equal(run(versions[1] / "model.onnx"), run(other_weights))
 
 
@@ -315,18 +404,36 @@ def test_the_tensorrt_accelerator_builds_one_profile_from_batch_1_to_the_max_at_
     repository = tmp_path / "repo"
     common = ["publish", "--onnx", str(tiny_run / "model.onnx"), "--repository", str(repository), "--target", "gpu"]
     assert main([*common, "--name", "floats"]) == 0
-    assert main([*common, "--name", "pixels", "--pixel-input", "--max-batch-size", "16",
-                 "--preferred-batch-sizes", "2", "4"]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--name",
+                "pixels",
+                "--pixel-input",
+                "--max-batch-size",
+                "16",
+                "--preferred-batch-sizes",
+                "2",
+                "4",
+            ]
+        )
+        == 0
+    )
     # The GPU's default preferred sizes (4, 8) that a smaller max batch cannot hold are left out.
     assert main([*common, "--name", "small", "--max-batch-size", "4"]) == 0
-    expected = {"floats": ("input:1x1x8x8", "input:8x1x8x8", "input:32x1x8x8"),
-                "pixels": ("input:1x8x8x1", "input:4x8x8x1", "input:16x8x8x1"),
-                "small": ("input:1x1x8x8", "input:4x1x8x8", "input:4x1x8x8")}
+    expected = {
+        "floats": ("input:1x1x8x8", "input:8x1x8x8", "input:32x1x8x8"),
+        "pixels": ("input:1x8x8x1", "input:4x8x8x1", "input:16x8x8x1"),
+        "small": ("input:1x1x8x8", "input:4x1x8x8", "input:4x1x8x8"),
+    }
     for name, shapes in expected.items():
         config = model_config.parse((repository / name / "config.pbtxt").read_text())
         (accelerator,) = config.gpu_accelerators
         assert tuple(accelerator.parameters[f"trt_profile_{k}_shapes"] for k in ("min", "opt", "max")) == shapes, name
-    assert model_config.parse((repository / "small" / "config.pbtxt").read_text()).dynamic_batching.preferred_batch_sizes == (4,)
+    assert model_config.parse(
+        (repository / "small" / "config.pbtxt").read_text()
+    ).dynamic_batching.preferred_batch_sizes == (4,)
     # Sizes asked for explicitly that exceed the max batch are refused with one line.
     capsys.readouterr()
     assert main([*common, "--name", "bad", "--max-batch-size", "8", "--preferred-batch-sizes", "4", "16"]) == 2
@@ -365,13 +472,13 @@ def test_a_dynamic_batch_model_is_published_with_batching(tiny_run):
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
-def test_a_fixed_batch_of_one_is_published_without_batching_and_the_batch_axis_in_its_dims(fixed_batch_onnx,
-                                                                                            target):
+def test_a_fixed_batch_of_one_is_published_without_batching_and_the_batch_axis_in_its_dims(fixed_batch_onnx, target):
     config = _config(fixed_batch_onnx[1], target=target)
     assert config.max_batch_size == 0
     # The bounded queue stays (429s past it), without batches to form.
-    assert config.dynamic_batching == model_config.DynamicBatching(preferred_batch_sizes=(), max_queue_delay_us=0,
-                                                                   max_queue_size=64)
+    assert config.dynamic_batching == model_config.DynamicBatching(
+        preferred_batch_sizes=(), max_queue_delay_us=0, max_queue_size=64
+    )
     assert config.inputs[0].dims == (1, 1, 8, 8) and config.outputs[0].dims == (1, 10)
     model_config.parse(model_config.render(config))  # Triton's own protobuf takes it
 
@@ -399,8 +506,12 @@ def test_a_fixed_batch_above_one_is_refused_with_how_to_export_it(fixed_batch_on
 def test_the_cli_refuses_a_fixed_batch_above_one_in_one_line(fixed_batch_onnx, tmp_path, capsys):
     from builder.cli import main
 
-    assert main(["publish", "--onnx", str(fixed_batch_onnx[4]), "--name", "digits",
-                 "--repository", str(tmp_path / "repo")]) == 2
+    assert (
+        main(
+            ["publish", "--onnx", str(fixed_batch_onnx[4]), "--name", "digits", "--repository", str(tmp_path / "repo")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "dynamic batch axis" in err
     assert not (tmp_path / "repo").exists()
@@ -419,15 +530,18 @@ def _backend_module(monkeypatch):
     return module
 
 
-@pytest.mark.parametrize(("shape", "dtype", "problem"), [
-    ((1, 1, 8, 8), "float32", None),
-    ((3, 1, 8, 8), "float32", None),           # a dynamic batch axis takes any batch
-    ((2, 1, 8, 8), "float32", "takes [1, 1, 8, 8]"),
-    ((1, 1, 8, 9), "float32", "takes [N, 1, 8, 8]"),
-    ((1, 8, 8), "float32", "shape [1, 8, 8]"),
-    ((1, 1, 8, 8), "float64", "the model takes float32"),
-    ((0, 1, 8, 8), "float32", "no images"),
-])
+@pytest.mark.parametrize(
+    ("shape", "dtype", "problem"),
+    [
+        ((1, 1, 8, 8), "float32", None),
+        ((3, 1, 8, 8), "float32", None),  # a dynamic batch axis takes any batch
+        ((2, 1, 8, 8), "float32", "takes [1, 1, 8, 8]"),
+        ((1, 1, 8, 9), "float32", "takes [N, 1, 8, 8]"),
+        ((1, 8, 8), "float32", "shape [1, 8, 8]"),
+        ((1, 1, 8, 8), "float64", "the model takes float32"),
+        ((0, 1, 8, 8), "float32", "no images"),
+    ],
+)
 def test_the_served_model_names_what_its_onnx_session_cannot_take(monkeypatch, shape, dtype, problem):
     import numpy as np
 
@@ -476,8 +590,9 @@ def test_two_publishes_racing_for_one_version_number_both_land_whole(tiny_run, t
 
     def run(batch: int) -> None:
         try:
-            outcomes.append(publish(tiny_run / "model.onnx", repository, "digits",
-                                    settings=PublishSettings(max_batch_size=batch)))
+            outcomes.append(
+                publish(tiny_run / "model.onnx", repository, "digits", settings=PublishSettings(max_batch_size=batch))
+            )
         except Exception as e:  # noqa: BLE001 - the test reports whatever escaped
             outcomes.append(e)
 

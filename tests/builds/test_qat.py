@@ -7,14 +7,14 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from builder.checkpoint import load_model
 from builder.cli import main
 from builder.data import load_dataset
 from builder.errors import CheckpointError
 from builder.evaluate import evaluate, validation_data
-from builder.publish import publish
-from builder.checkpoint import load_model
-from builder.qat import QATConfig, QATError, fold_batch_norms, prepare, quantization_aware_train, top1_agreement
 from builder.onnx_meta import read_onnx_meta
+from builder.publish import publish
+from builder.qat import QATConfig, QATError, fold_batch_norms, prepare, quantization_aware_train, top1_agreement
 from builder.transforms import validation_images
 from tests.int8 import integer_kernel_agreement
 
@@ -49,10 +49,13 @@ def test_qat_model_is_qdq_with_int8_per_channel_weights(qat, tiny_run):
         assert not initializers[dq.input[2]].any(), "symmetric: zero points are 0"
     # Activations: uint8, per tensor, held to 7 bits by a Clip after each quantizer (see qconfig()).
     activation_q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    assert activation_q and all(initializers[n.input[2]].dtype == np.uint8 and initializers[n.input[1]].size == 1
-                                for n in activation_q)
-    constants = {**initializers, **{n.output[0]: numpy_helper.to_array(n.attribute[0].t)
-                                    for n in proto.graph.node if n.op_type == "Constant"}}
+    assert activation_q and all(
+        initializers[n.input[2]].dtype == np.uint8 and initializers[n.input[1]].size == 1 for n in activation_q
+    )
+    constants = {
+        **initializers,
+        **{n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node if n.op_type == "Constant"},
+    }
     readers = {name: [n for n in proto.graph.node if name in n.input] for q in activation_q for name in q.output}
     for q in activation_q:
         (clip,) = readers[q.output[0]]
@@ -123,21 +126,37 @@ def test_metadata_is_kept_and_publish_accepts_the_file(qat, tiny_run, tmp_path):
 @pytest.mark.slow
 def test_cli_quantize_method_qat(tiny_run, tmp_path, capsys):
     output = tmp_path / "cli-qat.onnx"
-    code = main(["quantize", "--method", "qat", "--checkpoint", str(tiny_run / "best.pt"), "--output", str(output),
-                 "--qat-epochs", "0.2", "--qat-lr", "5e-5"])
+    code = main(
+        [
+            "quantize",
+            "--method",
+            "qat",
+            "--checkpoint",
+            str(tiny_run / "best.pt"),
+            "--output",
+            str(output),
+            "--qat-epochs",
+            "0.2",
+            "--qat-lr",
+            "5e-5",
+        ]
+    )
     assert code == 0 and output.is_file()
     printed = json.loads(capsys.readouterr().out)
     assert printed["method"] == "qat" and printed["epochs"] == 0.2 and printed["onnx_agreement"] >= 0.98
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--method", "qat", "--checkpoint", "{missing}"], "does not exist"),
-    (["--method", "qat", "--onnx", "{onnx}"], "give --checkpoint"),
-    (["--method", "qat", "--checkpoint", "{best}", "--qat-epochs", "0"], "epochs must be more than 0"),
-    (["--method", "qat", "--checkpoint", "{best}", "--qat-lr", "-1"], "learning rate must be more than 0"),
-    (["--method", "qat", "--checkpoint", "{best}", "--precision", "fp16"], "writes INT8"),
-    (["--checkpoint", "{best}"], "give --onnx"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "qat", "--checkpoint", "{missing}"], "does not exist"),
+        (["--method", "qat", "--onnx", "{onnx}"], "give --checkpoint"),
+        (["--method", "qat", "--checkpoint", "{best}", "--qat-epochs", "0"], "epochs must be more than 0"),
+        (["--method", "qat", "--checkpoint", "{best}", "--qat-lr", "-1"], "learning rate must be more than 0"),
+        (["--method", "qat", "--checkpoint", "{best}", "--precision", "fp16"], "writes INT8"),
+        (["--checkpoint", "{best}"], "give --onnx"),
+    ],
+)
 @pytest.mark.slow
 def test_bad_qat_input_is_a_one_line_error_with_exit_code_2(argv, message, tiny_run, tmp_path, capsys):
     paths = {"missing": tmp_path / "nope.pt", "onnx": tiny_run / "model.onnx", "best": tiny_run / "best.pt"}

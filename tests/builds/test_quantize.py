@@ -5,9 +5,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from builder.checkpoint import load_model
 from builder.data import load_dataset
 from builder.evaluate import evaluate, validation_data
-from builder.checkpoint import load_model
 from builder.onnx_meta import read_metadata, read_onnx_meta
 from builder.quantize import QuantizeConfig, QuantizeError, convert_fp16, quantize_int8
 from builder.transforms import validation_images
@@ -62,8 +62,21 @@ def test_int8_weights_keep_to_7_bits_so_the_served_kernels_compute_what_was_cali
     assert integer_kernel_agreement(int8.onnx_path, images) >= 0.99
     # Asked for, the full 8 bits: for serving CPUs with VNNI.
     full = tmp_path / "full.onnx"
-    assert main(["quantize", "--onnx", str(tiny_run / "model.onnx"), "--output", str(full),
-                 "--calibration-images", "64", "--full-range-weights"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--onnx",
+                str(tiny_run / "model.onnx"),
+                "--output",
+                str(full),
+                "--calibration-images",
+                "64",
+                "--full-range-weights",
+            ]
+        )
+        == 0
+    )
     proto = onnx.load(str(full))
     assert max(int(np.abs(w.astype(np.int16)).max()) for w in _conv_weights(proto)) > 64
     assert read_metadata(full)["weight_bits"] == "8"
@@ -89,9 +102,32 @@ def test_fp16_conversion_keeps_fp32_inputs_and_the_predictions(tiny_run, tmp_pat
 # Operators onnx-tensorrt's docs/operators.md (TensorRT 10.x) marks supported that a torchvision classifier
 # exported here can contain; anything else in the GPU file would make the parser fail.
 TENSORRT_CLASSIFIER_OPS = {
-    "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Constant", "Conv", "DequantizeLinear",
-    "Div", "Flatten", "Gemm", "GlobalAveragePool", "HardSigmoid", "HardSwish", "Identity", "MatMul", "MaxPool",
-    "Mul", "QuantizeLinear", "Relu", "Reshape", "Sigmoid", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Clip",
+    "Concat",
+    "Constant",
+    "Conv",
+    "DequantizeLinear",
+    "Div",
+    "Flatten",
+    "Gemm",
+    "GlobalAveragePool",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "QuantizeLinear",
+    "Relu",
+    "Reshape",
+    "Sigmoid",
+    "Squeeze",
+    "Sub",
+    "Transpose",
+    "Unsqueeze",
 }
 # Same document: "TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20".
 TENSORRT_OPSETS = range(9, 21)
@@ -101,8 +137,9 @@ TENSORRT_OPSETS = range(9, 21)
 def gpu_int8(tiny_run, small_digits, tmp_path_factory):
     output = tmp_path_factory.mktemp("gpu-int8") / "int8-gpu.onnx"
     # The small slice's training split calibrates; the full validation split of the run scores it below.
-    return quantize_int8(tiny_run / "model.onnx", output,
-                         QuantizeConfig(calibration_images=64, target="gpu"), dataset=small_digits)
+    return quantize_int8(
+        tiny_run / "model.onnx", output, QuantizeConfig(calibration_images=64, target="gpu"), dataset=small_digits
+    )
 
 
 def _qdq_zero_points(proto):
@@ -154,8 +191,9 @@ def test_quantize_cli_writes_the_gpu_int8_beside_the_input(tiny_run, tmp_path, c
     from builder.cli import main
 
     shutil.copy(tiny_run / "model.onnx", tmp_path / "model.onnx")
-    assert main(["quantize", "--onnx", str(tmp_path / "model.onnx"), "--target", "gpu",
-                 "--calibration-images", "32"]) == 0
+    assert (
+        main(["quantize", "--onnx", str(tmp_path / "model.onnx"), "--target", "gpu", "--calibration-images", "32"]) == 0
+    )
     printed = json.loads(capsys.readouterr().out)  # the quantizer's own log stays off stdout
     assert printed["onnx"] == str(tmp_path / "model-int8-gpu.onnx") and printed["target"] == "gpu"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-int8-gpu.onnx", "model.onnx"]
@@ -164,8 +202,22 @@ def test_quantize_cli_writes_the_gpu_int8_beside_the_input(tiny_run, tmp_path, c
 def test_gpu_int8_refuses_a_calibration_method_modelopt_lacks(tiny_run, tmp_path, capsys):
     from builder.cli import main
 
-    assert main(["quantize", "--onnx", str(tiny_run / "model.onnx"), "--output", str(tmp_path / "x.onnx"),
-                 "--target", "gpu", "--calibration-method", "percentile"]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                "--onnx",
+                str(tiny_run / "model.onnx"),
+                "--output",
+                str(tmp_path / "x.onnx"),
+                "--target",
+                "gpu",
+                "--calibration-method",
+                "percentile",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("builder quantize: error:") and "\n" not in err and "minmax, entropy" in err
     assert list(tmp_path.iterdir()) == []

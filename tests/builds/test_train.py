@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from builder import progress
 from builder.checkpoint import load_model
 from builder.data import ImageDataset, Split, load_dataset
-from builder.losses import inverse_frequency_weights
 from builder.loop import train_one_epoch
+from builder.losses import inverse_frequency_weights
 from builder.train import train
 from builder.train_config import ARCHITECTURES, TrainConfig, TrainError
 
@@ -38,40 +38,54 @@ def _separable(per_class: int, seed: int, size: int = 8) -> Split:
 
 
 def separable_dataset() -> ImageDataset:
-    return ImageDataset(name="separable", classes=["red", "green", "blue"], color_mode="RGB",
-                        default_image_size=8, train=_separable(8, seed=0), val=_separable(4, seed=1))
+    return ImageDataset(
+        name="separable",
+        classes=["red", "green", "blue"],
+        color_mode="RGB",
+        default_image_size=8,
+        train=_separable(8, seed=0),
+        val=_separable(4, seed=1),
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_architecture_learns_a_separable_dataset(tmp_path, arch):
     # Three optimizer steps per epoch, 18 in all: a short run, where BatchNorm's running statistics lag most.
-    result = train(TrainConfig(dataset="separable", arch=arch, epochs=6, batch_size=8, warmup_epochs=0,
-                               augment="none", out_dir=tmp_path), separable_dataset())
+    result = train(
+        TrainConfig(
+            dataset="separable", arch=arch, epochs=6, batch_size=8, warmup_epochs=0, augment="none", out_dir=tmp_path
+        ),
+        separable_dataset(),
+    )
     accuracies = [round(h["val_accuracy"], 3) for h in result.history]
     # Chance is 1/3; the colors alone separate the classes.
     assert result.val_accuracy >= 0.9, f"{arch}: validation accuracy per epoch {accuracies}"
 
 
 def test_a_run_stuck_at_chance_on_validation_ends_with_a_warning(tmp_path, capsys):
-    from builder.cli import main
 
     # Validation images all look like the first class but carry every label: nothing scores above 1/3 there.
     dataset = separable_dataset()
     red = _separable(6, seed=2).images[:6]
     dataset.val = Split(red + red + red, [0] * 6 + [1] * 6 + [2] * 6)
-    result = train(TrainConfig(dataset="separable", epochs=3, batch_size=8, warmup_epochs=0, augment="none",
-                               out_dir=tmp_path), dataset)
+    result = train(
+        TrainConfig(dataset="separable", epochs=3, batch_size=8, warmup_epochs=0, augment="none", out_dir=tmp_path),
+        dataset,
+    )
     assert max(h["train_accuracy"] for h in result.history) >= 0.9
     (warning,) = result.warnings
     assert "validation accuracy stayed at chance" in warning and "chance 0.333 on 18 images" in warning
     assert "WARNING: validation accuracy stayed at chance" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("val, train, warned", [
-    ([0.10, 0.11, 0.10], [0.40, 0.80, 0.95], True),   # ten balanced classes: chance 0.1
-    ([0.10, 0.45, 0.80], [0.40, 0.80, 0.95], False),  # it generalizes
-    ([0.10, 0.10, 0.11], [0.10, 0.12, 0.15], False),  # it learned nothing at all: a different problem
-])
+@pytest.mark.parametrize(
+    "val, train, warned",
+    [
+        ([0.10, 0.11, 0.10], [0.40, 0.80, 0.95], True),  # ten balanced classes: chance 0.1
+        ([0.10, 0.45, 0.80], [0.40, 0.80, 0.95], False),  # it generalizes
+        ([0.10, 0.10, 0.11], [0.10, 0.12, 0.15], False),  # it learned nothing at all: a different problem
+    ],
+)
 def test_the_chance_warning_needs_training_to_climb_while_validation_stays(val, train, warned):
     from builder.train import chance_warning
 
@@ -98,15 +112,18 @@ def test_checkpoint_reloads_into_the_same_model(tiny_run):
     assert evaluate(model.eval(), validation_data(meta)).top1 == pytest.approx(meta.val_accuracy)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--class-weights", "1,2"], "--class-weights has 2 value(s) but the dataset has 10 classes"),
-    (["--init", "missing.pt"], "--init checkpoint missing.pt does not exist"),
-    (["--params", "missing.json"], "params file missing.json cannot be read"),
-    (["--dataset", "shapes:sides=3"], "unknown option 'sides'"),
-    (["--dataset", "digits", "--shapes-imbalance", "3"], "--shapes-* options apply to --dataset shapes"),
-    (["--mean", "0.5", "0.5"], "--mean needs 1 value(s)"),
-    (["--dropout", "1.5"], "dropout must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--class-weights", "1,2"], "--class-weights has 2 value(s) but the dataset has 10 classes"),
+        (["--init", "missing.pt"], "--init checkpoint missing.pt does not exist"),
+        (["--params", "missing.json"], "params file missing.json cannot be read"),
+        (["--dataset", "shapes:sides=3"], "unknown option 'sides'"),
+        (["--dataset", "digits", "--shapes-imbalance", "3"], "--shapes-* options apply to --dataset shapes"),
+        (["--mean", "0.5", "0.5"], "--mean needs 1 value(s)"),
+        (["--dropout", "1.5"], "dropout must be in [0, 1)"),
+    ],
+)
 def test_bad_training_settings_are_one_line_errors(capsys, tmp_path, args, message):
     from builder.cli import main
 
@@ -127,10 +144,13 @@ def test_an_unreadable_file_is_warned_about_once_per_process(tmp_path, caplog):
         dataset = load_dataset(str(tmp_path / "data"))
         load_dataset(str(tmp_path / "data"))
         for trial in range(2):
-            train(TrainConfig(dataset=str(tmp_path / "data"), epochs=1, image_size=8, out_dir=tmp_path / f"t{trial}"),
-                  dataset)
-    warnings = [r.getMessage() for r in caplog.records
-                if r.levelno >= logging.WARNING and "broken.png" in r.getMessage()]
+            train(
+                TrainConfig(dataset=str(tmp_path / "data"), epochs=1, image_size=8, out_dir=tmp_path / f"t{trial}"),
+                dataset,
+            )
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "broken.png" in r.getMessage()
+    ]
     assert len(warnings) == 1, warnings
     assert json.loads((tmp_path / "t1" / "datacheck.json").read_text())["unreadable"] == [str(broken)]
 
@@ -179,8 +199,9 @@ def test_resume_without_a_previous_run_is_a_builder_error(tmp_path, small_digits
 
 def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(tmp_path, small_digits):
     # A frozen backbone and a vanishing learning rate: val accuracy cannot improve after epoch 1.
-    result = train(small_config(tmp_path, "patient", epochs=6, patience=2, lr=1e-12, freeze_backbone=True),
-                   small_digits)
+    result = train(
+        small_config(tmp_path, "patient", epochs=6, patience=2, lr=1e-12, freeze_backbone=True), small_digits
+    )
     assert result.stopped_early
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert len(json.loads((tmp_path / "patient" / "metrics.json").read_text())) == 3
@@ -188,8 +209,10 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(t
 
 def test_frozen_backbone_keeps_the_initial_weights_and_trains_the_classifier(tmp_path, small_digits):
     first = train(small_config(tmp_path, "first", epochs=1), small_digits)
-    second = train(small_config(tmp_path, "second", epochs=1, init=str(first.best_checkpoint), freeze_backbone=True,
-                                lr=0.05), small_digits)
+    second = train(
+        small_config(tmp_path, "second", epochs=1, init=str(first.best_checkpoint), freeze_backbone=True, lr=0.05),
+        small_digits,
+    )
     before = torch.load(first.best_checkpoint, weights_only=True)["model"]
     after = torch.load(second.best_checkpoint, weights_only=True)
     assert after["meta"]["recipe"]["init"]["loaded"] == len(before)
@@ -203,9 +226,22 @@ def test_frozen_backbone_keeps_the_initial_weights_and_trains_the_classifier(tmp
 def test_a_run_writes_metrics_curves_datacheck_and_a_loadable_checkpoint(tmp_path, small_digits):
     from builder.checkpoint import load_model
 
-    result = train(small_config(tmp_path, "run", epochs=1, loss="focal", class_weights="auto", mixup=0.2,
-                                schedule="onecycle", optimizer="sgd", accum_steps=2, clip_grad=1.0, dropout=0.2),
-                   small_digits)
+    result = train(
+        small_config(
+            tmp_path,
+            "run",
+            epochs=1,
+            loss="focal",
+            class_weights="auto",
+            mixup=0.2,
+            schedule="onecycle",
+            optimizer="sgd",
+            accum_steps=2,
+            clip_grad=1.0,
+            dropout=0.2,
+        ),
+        small_digits,
+    )
     run = tmp_path / "run"
     history = json.loads((run / "metrics.json").read_text())
     assert set(history[0]) >= {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"}
@@ -228,8 +264,7 @@ def test_deferred_class_weights_apply_from_their_start_epoch_only(tmp_path, smal
         return original(model, loader, optimizer, scheduler, criterion, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", recording)
-    result = train(small_config(tmp_path, "drw", epochs=3, class_weights="auto", class_weights_start=3),
-                   small_digits)
+    result = train(small_config(tmp_path, "drw", epochs=3, class_weights="auto", class_weights_start=3), small_digits)
     counts = [list(small_digits.train.labels).count(c) for c in range(10)]
     assert seen[0] is None and seen[1] is None
     assert torch.allclose(seen[2], inverse_frequency_weights(counts))

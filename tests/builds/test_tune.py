@@ -37,6 +37,9 @@ def test_tune_resumes_its_study_and_writes_best_params_usable_by_train(tmp_path,
 
 @pytest.mark.slow
 def test_grid_sampler_draws_from_the_small_explicit_grid(tmp_path, small_digits):
-    result = tune(TrainConfig(dataset="digits", image_size=8, epochs=1, out_dir=tmp_path),
-                  TuneConfig(trials=1, out_dir=tmp_path / "grid", sampler="grid"), small_digits)
+    result = tune(
+        TrainConfig(dataset="digits", image_size=8, epochs=1, out_dir=tmp_path),
+        TuneConfig(trials=1, out_dir=tmp_path / "grid", sampler="grid"),
+        small_digits,
+    )
     assert all(result.best_params[key] in values for key, values in GRID.items())

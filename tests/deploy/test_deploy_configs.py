@@ -14,10 +14,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -36,22 +36,55 @@ K8S = ROOT / "deploy/k8s"
 # Triton's metrics (its documented names) with their labels; the dashboard may use only these.
 TRITON_METRICS = {
     name: {"model", "version"}
-    for name in ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
-                 "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
-                 "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
-                 "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count")
+    for name in (
+        "nv_inference_request_success",
+        "nv_inference_request_failure",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+        "nv_inference_request_duration_us",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_input_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_inference_compute_output_duration_us",
+        "nv_inference_pending_request_count",
+    )
 } | {
     name: {"gpu_uuid"}
-    for name in ("nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",
-                 "nv_gpu_power_usage", "nv_energy_consumption")
+    for name in (
+        "nv_gpu_utilization",
+        "nv_gpu_memory_used_bytes",
+        "nv_gpu_memory_total_bytes",
+        "nv_gpu_power_usage",
+        "nv_energy_consumption",
+    )
 }
 SCRAPE_LABELS = {"instance", "job"}
-PROMQL_WORDS = {"sum", "by", "without", "rate", "irate", "increase", "histogram_quantile", "avg", "max", "min",
-                "count", "on", "ignoring", "group_left", "group_right", "or", "and", "unless", "offset"}
+PROMQL_WORDS = {
+    "sum",
+    "by",
+    "without",
+    "rate",
+    "irate",
+    "increase",
+    "histogram_quantile",
+    "avg",
+    "max",
+    "min",
+    "count",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "or",
+    "and",
+    "unless",
+    "offset",
+}
 RUN_TIMEOUT_S = 30
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
 
 def load_yaml(path: Path):
     return yaml.safe_load(path.read_text())
@@ -76,8 +109,9 @@ def volumes(service: dict) -> list[dict]:
             source, target, *mode = volume.split(":")
             found.append({"source": source, "target": target, "read_only": "ro" in mode})
         else:
-            found.append({"source": volume["source"], "target": volume["target"],
-                          "read_only": bool(volume.get("read_only"))})
+            found.append(
+                {"source": volume["source"], "target": volume["target"], "read_only": bool(volume.get("read_only"))}
+            )
     return found
 
 
@@ -183,9 +217,9 @@ def k8s() -> dict[tuple[str, str], dict]:
 
 # ---------------------------------------------------------------------------------------------- compose
 
+
 def test_compose_has_the_services_and_profiles(services):
-    assert set(services) == {"triton", "builder", "gateway", "prometheus", "grafana", "locust-master",
-                             "locust-worker"}
+    assert set(services) == {"triton", "builder", "gateway", "prometheus", "grafana", "locust-master", "locust-worker"}
     profiles = {name: service.get("profiles", []) for name, service in services.items()}
     assert profiles["builder"] == ["build"]
     assert profiles["locust-master"] == profiles["locust-worker"] == ["loadtest"]
@@ -210,8 +244,13 @@ def test_triton_serves_the_model_repository_read_only(services):
     command = triton["command"]
     command = shlex.split(command) if isinstance(command, str) else command
     assert command[0] == "tritonserver"
-    for flag in ("--model-repository=/models", "--model-control-mode=poll", "--repository-poll-secs=5",
-                 "--exit-on-error=false", "--strict-readiness=false"):
+    for flag in (
+        "--model-repository=/models",
+        "--model-control-mode=poll",
+        "--repository-poll-secs=5",
+        "--exit-on-error=false",
+        "--strict-readiness=false",
+    ):
         assert flag in command
     assert triton["shm_size"] == "1g"  # the Python backend's tensors go through /dev/shm
 
@@ -335,8 +374,14 @@ def test_locustfile_loads_from_its_own_folder_alone(tmp_path):
         (folder / source.name).write_bytes(source.read_bytes())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     locust = Path(sys.executable).with_name("locust")
-    listed = subprocess.run([str(locust), "-f", str(folder / "locustfile.py"), "--list"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    listed = subprocess.run(
+        [str(locust), "-f", str(folder / "locustfile.py"), "--list"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert "GatewayUser" in listed.stdout
 
@@ -375,8 +420,11 @@ def test_builder_image_holds_torch_to_a_cuda_12_build():
     install = next(args for word, args in instructions if word == "RUN" and '".[builder]"' in args)
     constraints_file = re.search(r"--constraint (\S+)", install).group(1)
     assert ("COPY", f"{constraints_file} {constraints_file}") in instructions
-    pins = dict(line.split("==") for line in (ROOT / constraints_file).read_text().splitlines()
-                if line.strip() and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / constraints_file).read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
     assert {"torch", "torchvision"} <= set(pins)
     assert cuda_of_torch_on_pypi[pins["torch"]].startswith("12.")
     assert "tensorrt" not in pins  # the base image's TensorRT 10.5 stays
@@ -386,8 +434,11 @@ def test_builder_image_holds_torch_to_a_cuda_12_build():
 
 def test_monitoring_mounts_existing_files(services):
     prometheus = volumes(services["prometheus"])
-    assert {"source": "./deploy/prometheus/prometheus.yml", "target": "/etc/prometheus/prometheus.yml",
-            "read_only": True} in prometheus
+    assert {
+        "source": "./deploy/prometheus/prometheus.yml",
+        "target": "/etc/prometheus/prometheus.yml",
+        "read_only": True,
+    } in prometheus
     grafana = {v["target"]: v for v in volumes(services["grafana"])}
     assert grafana["/etc/grafana/provisioning"]["source"] == "./deploy/grafana/provisioning"
     for service in ("prometheus", "grafana"):
@@ -399,8 +450,13 @@ def test_compose_file_validates():
     command = compose_command()
     if command is None:
         pytest.skip("neither docker-compose nor the docker compose plugin is installed (`make system-tools`)")
-    result = subprocess.run([*command, "-f", str(COMPOSE), "--profile", "build", "--profile", "loadtest",
-                             "config", "-q"], capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE), "--profile", "build", "--profile", "loadtest", "config", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -411,6 +467,7 @@ def test_dockerignore_keeps_build_contexts_small():
 
 
 # ---------------------------------------------------------------------------------------------- gateway image
+
 
 def test_gateway_image_installs_the_base_dependencies_only(services):
     build = services["gateway"]["build"]
@@ -431,19 +488,33 @@ def test_gateway_image_runs_the_app_factory_as_non_root(services):
     cmd = json.loads([args for word, args in instructions if word == "CMD"][-1])
     assert cmd[:2] == ["sh", "-c"]
     assert shlex.split(cmd[2]) == [
-        "exec", "uvicorn", "server.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8080",
-        "--loop", "asyncio",  # grpc.aio does not support uvloop
-        "--limit-concurrency", f"${{GATEWAY_MAX_CONNECTIONS:-{Settings.model_fields['max_connections'].default}}}",
+        "exec",
+        "uvicorn",
+        "server.app:create_app",
+        "--factory",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+        "--loop",
+        "asyncio",  # grpc.aio does not support uvloop
+        "--limit-concurrency",
+        f"${{GATEWAY_MAX_CONNECTIONS:-{Settings.model_fields['max_connections'].default}}}",
     ]
     from server.app import create_app
+
     assert callable(create_app)
 
 
 def test_gateway_image_sets_the_allocator_thresholds_of_the_local_gateway():
     from server.settings import GATEWAY_MALLOC_ENV
 
-    env = dict(pair.split("=", 1) for word, args in dockerfile_instructions(DOCKER / "gateway.Dockerfile")
-               if word == "ENV" for pair in shlex.split(args))
+    env = dict(
+        pair.split("=", 1)
+        for word, args in dockerfile_instructions(DOCKER / "gateway.Dockerfile")
+        if word == "ENV"
+        for pair in shlex.split(args)
+    )
     assert {key: env.get(key) for key in GATEWAY_MALLOC_ENV} == GATEWAY_MALLOC_ENV
 
 
@@ -454,6 +525,7 @@ def test_base_dependencies_contain_no_torch():
 
 
 # ---------------------------------------------------------------------------------------------- prometheus
+
 
 def test_prometheus_scrapes_gateway_and_triton():
     config = load_yaml(PROMETHEUS)
@@ -466,12 +538,14 @@ def test_prometheus_scrapes_gateway_and_triton():
 def test_prometheus_config_passes_promtool():
     if not shutil.which("promtool"):
         pytest.skip("promtool is not installed (`make system-tools`, or Debian: apt-get install prometheus)")
-    result = subprocess.run(["promtool", "check", "config", str(PROMETHEUS)], capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        ["promtool", "check", "config", str(PROMETHEUS)], capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------------------- grafana
+
 
 def test_grafana_provisioning_matches_the_dashboards(services):
     datasources = load_yaml(GRAFANA / "provisioning/datasources/prometheus.yml")["datasources"]
@@ -508,10 +582,17 @@ def test_every_dashboard_metric_exists():
 
 def test_dashboard_shows_what_the_stack_needs():
     exprs = " ".join(expr for _, expr in dashboard_exprs())
-    for name in ("gateway_requests_total", "gateway_stage_seconds_bucket", "gateway_in_flight_requests",
-                 "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
-                 "nv_inference_request_success", "nv_inference_exec_count", "nv_inference_count",
-                 "nv_gpu_utilization"):
+    for name in (
+        "gateway_requests_total",
+        "gateway_stage_seconds_bucket",
+        "gateway_in_flight_requests",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_inference_request_success",
+        "nv_inference_exec_count",
+        "nv_inference_count",
+        "nv_gpu_utilization",
+    ):
         assert re.search(rf"\b{name}\b", exprs), name
     assert 'status=~"[45].."' in exprs  # the error rate: every status >= 400
     quantiles = [expr for _, expr in dashboard_exprs() if "gateway_stage_seconds_bucket" in expr]
@@ -524,12 +605,15 @@ def test_dashboard_shows_what_the_stack_needs():
 def test_dashboard_queries_parse_with_promtool(tmp_path):
     if not shutil.which("promtool"):
         pytest.skip("promtool is not installed (`make system-tools`, or Debian: apt-get install prometheus)")
-    rules = [{"record": f"dashboard:panel_{i}", "expr": expr.replace("$__rate_interval", "1m")}
-             for i, (_, expr) in enumerate(dashboard_exprs())]
+    rules = [
+        {"record": f"dashboard:panel_{i}", "expr": expr.replace("$__rate_interval", "1m")}
+        for i, (_, expr) in enumerate(dashboard_exprs())
+    ]
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -552,9 +636,14 @@ def test_k8s_manifests_validate_against_the_kubernetes_schema_strictly(k8s):
 
 
 def test_k8s_manifests_have_the_expected_objects(k8s):
-    assert set(k8s) == {("PersistentVolumeClaim", "model-repository"), ("Deployment", "triton"),
-                        ("Service", "triton-headless"), ("Deployment", "gateway"), ("Service", "gateway"),
-                        ("HorizontalPodAutoscaler", "gateway")}
+    assert set(k8s) == {
+        ("PersistentVolumeClaim", "model-repository"),
+        ("Deployment", "triton"),
+        ("Service", "triton-headless"),
+        ("Deployment", "gateway"),
+        ("Service", "gateway"),
+        ("HorizontalPodAutoscaler", "gateway"),
+    }
 
 
 def test_k8s_triton_has_a_gpu_probes_and_the_shared_repository(k8s):

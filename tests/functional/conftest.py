@@ -18,8 +18,13 @@ PIXEL_MODEL = "digits-pixels"  # the same model, published to take 8-bit pixels
 
 def start_triton(repository: Path, cache_dir: Path, **kwargs) -> TritonServer:
     server = TritonServer(
-        model_repository=repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        cache_dir=cache_dir, repository_poll_s=1, **kwargs,
+        model_repository=repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        cache_dir=cache_dir,
+        repository_poll_s=1,
+        **kwargs,
     )
     server.start()
     return server
@@ -27,24 +32,33 @@ def start_triton(repository: Path, cache_dir: Path, **kwargs) -> TritonServer:
 
 def start_gateway(triton_grpc_url: str, log_path: Path, http_url: str | None = None, **env: str) -> GatewayProcess:
     gateway = GatewayProcess(
-        port=free_port(), log_path=log_path,
-        env={"GATEWAY_TRITON_GRPC_URL": triton_grpc_url, "GATEWAY_TRITON_TIMEOUT_S": "5",
-             "GATEWAY_TRITON_HTTP_URL": http_url or f"127.0.0.1:{free_port()}",
-             "GATEWAY_MODEL_INFO_TTL_S": "0.5", **env},
+        port=free_port(),
+        log_path=log_path,
+        env={
+            "GATEWAY_TRITON_GRPC_URL": triton_grpc_url,
+            "GATEWAY_TRITON_TIMEOUT_S": "5",
+            "GATEWAY_TRITON_HTTP_URL": http_url or f"127.0.0.1:{free_port()}",
+            "GATEWAY_MODEL_INFO_TTL_S": "0.5",
+            **env,
+        },
     )
     gateway.start()
     return gateway
 
 
 @pytest.fixture(scope="session")
-def repository(tiny_run, tmp_path_factory) -> Path:
+def repository(tiny_run, tmp_path_factory) -> Path:  # noqa: F811  (tiny_run: the fixture imported above)
     repository = tmp_path_factory.mktemp("model_repository")
     # Spinning on here, off (the default) in test_int8_serving: both ways of configuring ONNX Runtime load.
     # Two instances (the default) here, one on every core for the pixel model: both thread layouts load.
     # At most 4 images per call for the pixel model: the gateway splits a request of more into several.
     publish(tiny_run / "model.onnx", repository, MODEL, settings=PublishSettings(intra_op_spinning=True))
-    publish(tiny_run / "model.onnx", repository, PIXEL_MODEL,
-            settings=PublishSettings(pixel_input=True, instance_count=1, max_batch_size=4))
+    publish(
+        tiny_run / "model.onnx",
+        repository,
+        PIXEL_MODEL,
+        settings=PublishSettings(pixel_input=True, instance_count=1, max_batch_size=4),
+    )
     return repository
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import select
-import socket
 import time
 
 import pytest
@@ -33,9 +32,14 @@ def rss_bytes(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def buffering_gateway(triton, tmp_path_factory):
-    gateway = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("buffers") / "gateway.log", triton.http_url,
-                            GATEWAY_MAX_BODY_BYTES=str(BODY_LIMIT), GATEWAY_MAX_BUFFERED_BODY_BYTES=str(BUFFER_LIMIT),
-                            GATEWAY_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S))
+    gateway = start_gateway(
+        triton.grpc_url,
+        tmp_path_factory.mktemp("buffers") / "gateway.log",
+        triton.http_url,
+        GATEWAY_MAX_BODY_BYTES=str(BODY_LIMIT),
+        GATEWAY_MAX_BUFFERED_BODY_BYTES=str(BUFFER_LIMIT),
+        GATEWAY_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
+    )
     yield gateway
     gateway.stop()
 
@@ -99,8 +103,9 @@ def test_a_refused_body_says_when_to_retry(buffering_gateway):
 # Defect: uvicorn ran with no connection limit.
 def test_connections_past_the_limit_are_answered_503(triton, tmp_path):
     limit = 4
-    gateway = start_gateway(triton.grpc_url, tmp_path / "gateway.log", triton.http_url,
-                            GATEWAY_MAX_CONNECTIONS=str(limit))
+    gateway = start_gateway(
+        triton.grpc_url, tmp_path / "gateway.log", triton.http_url, GATEWAY_MAX_CONNECTIONS=str(limit)
+    )
     try:
         idle = [connect(gateway.url) for _ in range(limit)]
         try:
@@ -148,8 +153,11 @@ def test_json_with_a_paired_surrogate_is_forwarded(gateway):
 
 
 # Defect: a key source that held no key left the gateway open to all.
-@pytest.mark.parametrize("env", [{"GATEWAY_API_KEYS": " , "}, {"GATEWAY_API_KEYS_FILE": "EMPTY"}],
-                         ids=["keys of blanks", "an empty keys file"])
+@pytest.mark.parametrize(
+    "env",
+    [{"GATEWAY_API_KEYS": " , "}, {"GATEWAY_API_KEYS_FILE": "EMPTY"}],
+    ids=["keys of blanks", "an empty keys file"],
+)
 def test_the_gateway_refuses_to_start_on_a_key_source_without_keys(tmp_path, env):
     empty = tmp_path / "keys"
     empty.write_text("\n  \n")

@@ -19,8 +19,8 @@ import pytest
 
 from builder.publish import publish
 from client import classify_grpc
-from stack.launcher import free_port
 from server.shared_memory import SHM_DIRECTORY
+from stack.launcher import free_port
 
 from .conftest import MODEL, start_gateway, start_triton
 from .test_failures import png, wait_for
@@ -41,8 +41,13 @@ def keyed_stack(tiny_run, tmp_path_factory):
     publish(tiny_run / "model.onnx", repository, "broken")
     (repository / "broken" / "1" / "model.onnx").write_bytes(b"corrupted")
     triton = start_triton(repository, folder / "cache", repository_api_key=TRITON_KEY)
-    gateway = start_gateway(triton.grpc_url, folder / "gateway.log", triton.http_url,
-                            GATEWAY_TRITON_REPOSITORY_KEY=TRITON_KEY, GATEWAY_API_KEYS=CLIENT_KEY)
+    gateway = start_gateway(
+        triton.grpc_url,
+        folder / "gateway.log",
+        triton.http_url,
+        GATEWAY_TRITON_REPOSITORY_KEY=TRITON_KEY,
+        GATEWAY_API_KEYS=CLIENT_KEY,
+    )
     yield triton, gateway, folder
     gateway.stop()
     triton.stop()
@@ -58,11 +63,13 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 def classify_png(url: str, model: str = MODEL) -> httpx.Response:
-    return httpx.post(f"{url}/v1/models/{model}/classify", content=png(),
-                      headers={"Content-Type": "image/png", **AUTH}, timeout=30)
+    return httpx.post(
+        f"{url}/v1/models/{model}/classify", content=png(), headers={"Content-Type": "image/png", **AUTH}, timeout=30
+    )
 
 
 # Item: Triton's inference API needs the key.
+
 
 def test_triton_refuses_inference_without_its_key_over_http_and_grpc(keyed_stack, photos):
     triton, _, _ = keyed_stack
@@ -78,11 +85,23 @@ def test_triton_refuses_inference_without_its_key_over_http_and_grpc(keyed_stack
 def test_the_gateways_region_cannot_be_read_through_triton_without_the_key(keyed_stack):
     triton, gateway, _ = keyed_stack
     # What any local user sees: the region's name in /dev/shm.
-    assert wait_for(lambda: classify_png(gateway.url).status_code == 200 and metric(
-        gateway.url, "gateway_triton_inputs_total", transport="shared_memory"))
+    assert wait_for(
+        lambda: (
+            classify_png(gateway.url).status_code == 200
+            and metric(gateway.url, "gateway_triton_inputs_total", transport="shared_memory")
+        )
+    )
     (name,) = [n for n in os.listdir(SHM_DIRECTORY) if n.startswith(f"gateway-{gateway.pid}-")]
-    request = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {
-        "shared_memory_region": name, "shared_memory_byte_size": 256, "shared_memory_offset": 0}}]}
+    request = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 1, 8, 8],
+                "datatype": "FP32",
+                "parameters": {"shared_memory_region": name, "shared_memory_byte_size": 256, "shared_memory_offset": 0},
+            }
+        ]
+    }
     stolen = httpx.post(f"http://{triton.http_url}/v2/models/{MODEL}/infer", json=request, timeout=30)
     assert stolen.status_code in (401, 403), stolen.text
 
@@ -95,9 +114,14 @@ def test_the_gateway_sends_the_key_on_every_triton_call(keyed_stack, photos):
     # The KServe v2 pass-through goes over HTTP with its own client.
     through = httpx.post(f"{gateway.url}/v2/models/{MODEL}/infer", json=V2_REQUEST, headers=AUTH, timeout=30)
     assert through.status_code == 200 and through.json()["outputs"][0]["shape"] == [1, 10]
-    over_http = start_gateway(triton.grpc_url, folder / "gateway-http.log", triton.http_url,
-                              GATEWAY_TRITON_PROTOCOL="http", GATEWAY_TRITON_REPOSITORY_KEY=TRITON_KEY,
-                              GATEWAY_API_KEYS=CLIENT_KEY)
+    over_http = start_gateway(
+        triton.grpc_url,
+        folder / "gateway-http.log",
+        triton.http_url,
+        GATEWAY_TRITON_PROTOCOL="http",
+        GATEWAY_TRITON_REPOSITORY_KEY=TRITON_KEY,
+        GATEWAY_API_KEYS=CLIENT_KEY,
+    )
     try:
         assert classify_png(over_http.url).status_code == 200
     finally:
@@ -116,6 +140,7 @@ def test_the_bench_talks_to_a_keyed_triton_directly(keyed_stack, monkeypatch):
 
 
 # Item: what answers without a key; readiness beside a broken model.
+
 
 def test_readyz_is_ready_beside_a_broken_model_and_tells_no_internals(keyed_stack):
     _, gateway, folder = keyed_stack
@@ -152,9 +177,15 @@ def test_model_load_errors_are_told_behind_the_key(keyed_stack):
 def test_required_models_decide_readiness_and_docs_and_metrics_can_be_opened(keyed_stack):
     triton, _, folder = keyed_stack
     common = dict(GATEWAY_TRITON_REPOSITORY_KEY=TRITON_KEY, GATEWAY_API_KEYS=CLIENT_KEY)
-    strict = start_gateway(triton.grpc_url, folder / "gateway-strict.log", triton.http_url,
-                           GATEWAY_REQUIRED_MODELS=f"{MODEL},broken", GATEWAY_DOCS_REQUIRE_KEY="false",
-                           GATEWAY_METRICS_REQUIRE_KEY="false", **common)
+    strict = start_gateway(
+        triton.grpc_url,
+        folder / "gateway-strict.log",
+        triton.http_url,
+        GATEWAY_REQUIRED_MODELS=f"{MODEL},broken",
+        GATEWAY_DOCS_REQUIRE_KEY="false",
+        GATEWAY_METRICS_REQUIRE_KEY="false",
+        **common,
+    )
     try:
         not_ready = httpx.get(f"{strict.url}/readyz", timeout=10)
         assert not_ready.status_code == 503 and not_ready.headers["Retry-After"]
@@ -166,8 +197,9 @@ def test_required_models_decide_readiness_and_docs_and_metrics_can_be_opened(key
         assert httpx.get(f"{strict.url}/v1/models", timeout=10).status_code == 401
     finally:
         strict.stop()
-    just_digits = start_gateway(triton.grpc_url, folder / "gateway-digits.log", triton.http_url,
-                                GATEWAY_REQUIRED_MODELS=MODEL, **common)
+    just_digits = start_gateway(
+        triton.grpc_url, folder / "gateway-digits.log", triton.http_url, GATEWAY_REQUIRED_MODELS=MODEL, **common
+    )
     try:
         assert httpx.get(f"{just_digits.url}/readyz", timeout=10).status_code == 200
     finally:
@@ -175,6 +207,7 @@ def test_required_models_decide_readiness_and_docs_and_metrics_can_be_opened(key
 
 
 # Item: the local gateway listens on loopback unless told otherwise.
+
 
 def _listening_addresses(port: int) -> set[str]:
     """Local addresses of the sockets listening on `port`, from /proc/net/tcp and tcp6."""
@@ -195,11 +228,19 @@ def _listening_addresses(port: int) -> set[str]:
 def test_make_serve_binds_the_gateway_to_loopback_by_default(repository, tmp_path):
     gateway_port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "GATEWAY_HOST"}
-    env.update(TRITON_HTTP_PORT=str(free_port()), TRITON_GRPC_PORT=str(free_port()),
-               TRITON_METRICS_PORT=str(free_port()), TRITON_CACHE_DIR=str(tmp_path / "cache"),
-               GATEWAY_PORT=str(gateway_port))
-    serve = subprocess.Popen([sys.executable, "-m", "server", "--repository", str(repository)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.update(
+        TRITON_HTTP_PORT=str(free_port()),
+        TRITON_GRPC_PORT=str(free_port()),
+        TRITON_METRICS_PORT=str(free_port()),
+        TRITON_CACHE_DIR=str(tmp_path / "cache"),
+        GATEWAY_PORT=str(gateway_port),
+    )
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "server", "--repository", str(repository)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert wait_for(lambda: _listening_addresses(gateway_port), 90)
         assert _listening_addresses(gateway_port) == {"0100007F"}  # 127.0.0.1, and nothing else
@@ -213,10 +254,18 @@ def test_make_serve_binds_the_gateway_to_loopback_by_default(repository, tmp_pat
 
 # Item: OpenAPI tells each error as it is, and /docs renders without the internet.
 
-EXPECTED_CODES = {"400": {"invalid_image", "bad_request"}, "401": {"unauthorized"}, "404": {"model_not_found"},
-                  "413": {"payload_too_large"}, "415": {"unsupported_media_type"}, "422": {"invalid_request"},
-                  "429": {"too_many_requests"}, "502": {"triton_error"}, "503": {"triton_unavailable"},
-                  "504": {"triton_timeout"}}
+EXPECTED_CODES = {
+    "400": {"invalid_image", "bad_request"},
+    "401": {"unauthorized"},
+    "404": {"model_not_found"},
+    "413": {"payload_too_large"},
+    "415": {"unsupported_media_type"},
+    "422": {"invalid_request"},
+    "429": {"too_many_requests"},
+    "502": {"triton_error"},
+    "503": {"triton_unavailable"},
+    "504": {"triton_timeout"},
+}
 
 
 def test_openapi_gives_each_error_of_classify_its_own_example_and_our_error_body(gateway):
@@ -232,8 +281,15 @@ def test_openapi_gives_each_error_of_classify_its_own_example_and_our_error_body
     schema = errors["422"]["content"]["application/json"]["schema"]
     name = schema["$ref"].rsplit("/", 1)[1]
     assert set(spec["components"]["schemas"][name]["properties"]) == {"error"}
-    assert {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "multipart/form-data",
-            "application/json"} <= set(classify["requestBody"]["content"])
+    assert {
+        "image/jpeg",
+        "image/png",
+        "image/webp",
+        "image/bmp",
+        "image/gif",
+        "multipart/form-data",
+        "application/json",
+    } <= set(classify["requestBody"]["content"])
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             if path.startswith(("/v1/", "/v2/")):

@@ -27,8 +27,9 @@ def png() -> bytes:
 
 
 def post_png(url: str, model: str = MODEL) -> httpx.Response:
-    return httpx.post(f"{url}/v1/models/{model}/classify", content=png(),
-                      headers={"Content-Type": "image/png"}, timeout=30)
+    return httpx.post(
+        f"{url}/v1/models/{model}/classify", content=png(), headers={"Content-Type": "image/png"}, timeout=30
+    )
 
 
 def wait_for(predicate, timeout_s: float = 30.0) -> bool:
@@ -40,9 +41,7 @@ def wait_for(predicate, timeout_s: float = 30.0) -> bool:
     return False
 
 
-def test_triton_down_gives_503_with_retry_after_and_the_gateway_recovers_when_it_is_back(
-    repository, tmp_path
-):
+def test_triton_down_gives_503_with_retry_after_and_the_gateway_recovers_when_it_is_back(repository, tmp_path):
     grpc_port = free_port()
     gateway = start_gateway(f"127.0.0.1:{grpc_port}", tmp_path / "gateway.log")
     try:
@@ -53,8 +52,13 @@ def test_triton_down_gives_503_with_retry_after_and_the_gateway_recovers_when_it
         assert time.monotonic() - started < 10
         assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 503
 
-        triton = TritonServer(model_repository=repository, http_port=free_port(), grpc_port=grpc_port,
-                              metrics_port=free_port(), cache_dir=tmp_path / "cache")
+        triton = TritonServer(
+            model_repository=repository,
+            http_port=free_port(),
+            grpc_port=grpc_port,
+            metrics_port=free_port(),
+            cache_dir=tmp_path / "cache",
+        )
         with triton:
             assert wait_for(lambda: post_png(gateway.url).status_code == 200)
             assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
@@ -134,11 +138,21 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(shutil.which("pgrep") is None, reason="needs pgrep to list child processes")
 def test_serve_stops_triton_and_the_gateway_on_ctrl_c_with_no_orphans(repository, tmp_path):
     gateway_port = free_port()
-    env = {**os.environ, "TRITON_HTTP_PORT": str(free_port()), "TRITON_GRPC_PORT": str(free_port()),
-           "TRITON_METRICS_PORT": str(free_port()), "TRITON_CACHE_DIR": str(tmp_path / "cache"),
-           "GATEWAY_PORT": str(gateway_port), "GATEWAY_HOST": "127.0.0.1"}
-    serve = subprocess.Popen([sys.executable, "-m", "server", "--repository", str(repository)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "TRITON_HTTP_PORT": str(free_port()),
+        "TRITON_GRPC_PORT": str(free_port()),
+        "TRITON_METRICS_PORT": str(free_port()),
+        "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+        "GATEWAY_PORT": str(gateway_port),
+        "GATEWAY_HOST": "127.0.0.1",
+    }
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "server", "--repository", str(repository)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert wait_for(lambda: _ok(f"http://127.0.0.1:{gateway_port}/v1/models/{MODEL}/classify"), 90)
         children = _descendants(serve.pid)
@@ -160,8 +174,13 @@ def _ok(url: str) -> bool:
 
 def test_an_unloaded_model_is_503_then_served_again_once_reloaded(repository, tmp_path):
     key = "k3y"
-    triton = start_triton(repository, tmp_path / "cache", model_control_mode="explicit",
-                          repository_api_key=key, extra_args=("--load-model=*",))
+    triton = start_triton(
+        repository,
+        tmp_path / "cache",
+        model_control_mode="explicit",
+        repository_api_key=key,
+        extra_args=("--load-model=*",),
+    )
     gateway = start_gateway(triton.grpc_url, tmp_path / "gateway.log", GATEWAY_TRITON_REPOSITORY_KEY=key)
     control = f"http://{triton.http_url}/v2/repository/models/{MODEL}"
     try:

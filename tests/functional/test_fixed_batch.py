@@ -58,9 +58,11 @@ def _assert_alive(triton) -> None:
 
 
 def _classify(gateway, model: str, images: list[bytes]) -> httpx.Response:
-    return httpx.post(f"{gateway.url}/v1/models/{model}/classify?top_k=10",
-                      files=[("image", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)],
-                      timeout=30)
+    return httpx.post(
+        f"{gateway.url}/v1/models/{model}/classify?top_k=10",
+        files=[("image", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)],
+        timeout=30,
+    )
 
 
 @pytest.mark.parametrize("model", ["fixed", "fixed-pixels"])
@@ -82,8 +84,9 @@ def test_several_images_get_one_result_each_equal_to_the_batching_model(stack, m
     reference = _classify(gateway, "digits", images).json()["results"]
     for got, want in zip(results, reference):
         assert got["predictions"][0]["label"] == want["predictions"][0]["label"]
-        np.testing.assert_allclose([p["score"] for p in got["predictions"]],
-                                   [p["score"] for p in want["predictions"]], atol=1e-4)
+        np.testing.assert_allclose(
+            [p["score"] for p in got["predictions"]], [p["score"] for p in want["predictions"]], atol=1e-4
+        )
     _assert_alive(triton)
 
 
@@ -93,8 +96,12 @@ def test_concurrent_single_image_requests_all_succeed_and_triton_lives(stack, mo
     image = _png(0)
 
     def one(_: int) -> int:
-        return httpx.post(f"{gateway.url}/v1/models/{model}/classify", content=image,
-                          headers={"Content-Type": "image/png"}, timeout=30).status_code
+        return httpx.post(
+            f"{gateway.url}/v1/models/{model}/classify",
+            content=image,
+            headers={"Content-Type": "image/png"},
+            timeout=30,
+        ).status_code
 
     for _ in range(2):
         with concurrent.futures.ThreadPoolExecutor(CONCURRENT) as pool:

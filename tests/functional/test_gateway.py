@@ -19,8 +19,8 @@ from PIL import Image
 
 from builder.publish import PublishSettings, publish
 from client import classify, classify_grpc
-from stack.launcher import TritonServer, free_port
 from server.settings import Settings
+from stack.launcher import TritonServer, free_port
 
 from .conftest import MODEL, PIXEL_MODEL, metric, start_gateway, start_triton
 from .test_failures import wait_for
@@ -28,8 +28,14 @@ from .test_failures import wait_for
 
 def encoded(mode: str, fmt: str, size=(12, 9), **save) -> bytes:
     buffer = io.BytesIO()
-    color = {"L": 90, "RGB": (200, 30, 60), "RGBA": (20, 200, 60, 128), "CMYK": (10, 20, 30, 0),
-             "P": 3, "LA": (90, 200)}[mode]
+    color = {
+        "L": 90,
+        "RGB": (200, 30, 60),
+        "RGBA": (20, 200, 60, 128),
+        "CMYK": (10, 20, 30, 0),
+        "P": 3,
+        "LA": (90, 200),
+    }[mode]
     Image.new(mode, size, color).save(buffer, fmt, **save)
     return buffer.getvalue()
 
@@ -38,14 +44,27 @@ def post(url: str, path: str, **kwargs) -> httpx.Response:
     return httpx.post(f"{url}{path}", timeout=30, **kwargs)
 
 
-@pytest.mark.parametrize("mode, fmt", [
-    ("RGB", "JPEG"), ("CMYK", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "GIF"),
-    ("RGB", "WEBP"), ("RGB", "BMP"),
-])
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [
+        ("RGB", "JPEG"),
+        ("CMYK", "JPEG"),
+        ("L", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("P", "GIF"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+    ],
+)
 def test_accepted_formats_and_modes_are_classified_as_onnx_runtime_scores_them(gateway, tiny_run, mode, fmt):
     data = encoded(mode, fmt)
-    response = post(gateway.url, f"/v1/models/{MODEL}/classify?top_k=10", content=data,
-                    headers={"Content-Type": f"image/{fmt.lower()}"})
+    response = post(
+        gateway.url,
+        f"/v1/models/{MODEL}/classify?top_k=10",
+        content=data,
+        headers={"Content-Type": f"image/{fmt.lower()}"},
+    )
     assert response.status_code == 200, response.text
     # The reference: the decoded image composited on white and made gray by PIL alone. Every image here
     # is one color, so resizing keeps that gray level and the model sees one value everywhere.
@@ -69,20 +88,36 @@ def test_accepted_formats_and_modes_are_classified_as_onnx_runtime_scores_them(g
 
 def test_formats_outside_the_accepted_list_are_refused(gateway):
     # Declared as what it is: an unsupported media type, refused before it is read.
-    response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=encoded("RGB", "TIFF"),
-                    headers={"Content-Type": "image/tiff"})
+    response = post(
+        gateway.url,
+        f"/v1/models/{MODEL}/classify",
+        content=encoded("RGB", "TIFF"),
+        headers={"Content-Type": "image/tiff"},
+    )
     assert response.status_code == 415 and "image/tiff" in response.json()["error"]["message"]
     # Declared as an accepted type or as plain bytes: the decoder opens only the accepted formats.
     for declared in ("image/png", "application/octet-stream"):
-        response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=encoded("RGB", "TIFF"),
-                        headers={"Content-Type": declared})
+        response = post(
+            gateway.url,
+            f"/v1/models/{MODEL}/classify",
+            content=encoded("RGB", "TIFF"),
+            headers={"Content-Type": declared},
+        )
         assert response.status_code == 400 and "accepted format" in response.json()["error"]["message"]
 
 
 def test_json_base64_multipart_and_raw_bodies_give_the_same_answer(gateway, photos):
     data = [p.read_bytes() for p in photos[:2]]
-    as_json = post(gateway.url, f"/v1/models/{MODEL}/classify", json={"images": [
-        base64.b64encode(data[0]).decode(), "data:image/png;base64," + base64.b64encode(data[1]).decode()]})
+    as_json = post(
+        gateway.url,
+        f"/v1/models/{MODEL}/classify",
+        json={
+            "images": [
+                base64.b64encode(data[0]).decode(),
+                "data:image/png;base64," + base64.b64encode(data[1]).decode(),
+            ]
+        },
+    )
     as_multipart = classify(photos[:2], model=MODEL, url=gateway.url)
     assert as_json.status_code == 200
     assert as_json.json()["results"] == as_multipart["results"]
@@ -102,13 +137,15 @@ def test_grpc_client_and_gateway_give_the_same_predictions(gateway, triton, phot
     assert over_grpc["version"] == over_http["version"]
     for a, b in zip(over_http["results"], over_grpc["results"]):
         assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
-        np.testing.assert_allclose([p["score"] for p in a["predictions"]],
-                                   [p["score"] for p in b["predictions"]], rtol=1e-5)
+        np.testing.assert_allclose(
+            [p["score"] for p in a["predictions"]], [p["score"] for p in b["predictions"]], rtol=1e-5
+        )
 
 
 def test_a_gateway_that_reaches_triton_over_http_answers_as_over_grpc(gateway, triton, photos, tmp_path):
-    over_http = start_gateway(triton.grpc_url, tmp_path / "gateway-http.log", triton.http_url,
-                              GATEWAY_TRITON_PROTOCOL="http")
+    over_http = start_gateway(
+        triton.grpc_url, tmp_path / "gateway-http.log", triton.http_url, GATEWAY_TRITON_PROTOCOL="http"
+    )
     try:
         for model in (MODEL, PIXEL_MODEL):
             expected = classify(photos, model=model, url=gateway.url, top_k=3)["results"]
@@ -117,8 +154,12 @@ def test_a_gateway_that_reaches_triton_over_http_answers_as_over_grpc(gateway, t
         assert metric(over_http.url, "gateway_triton_inputs_total", transport="shared_memory") == 2
         assert httpx.get(f"{over_http.url}/readyz", timeout=10).status_code == 200
         assert httpx.get(f"{over_http.url}/v1/models/{MODEL}", timeout=10).json()["statistics"] is not None
-        missing = post(over_http.url, "/v1/models/absent/classify", content=photos[0].read_bytes(),
-                       headers={"Content-Type": "image/jpeg"})
+        missing = post(
+            over_http.url,
+            "/v1/models/absent/classify",
+            content=photos[0].read_bytes(),
+            headers={"Content-Type": "image/jpeg"},
+        )
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     finally:
         over_http.stop()
@@ -129,12 +170,17 @@ def test_a_model_that_takes_pixels_answers_as_the_float_model_through_the_gatewa
     pixels = classify(photos, model=PIXEL_MODEL, url=gateway.url, top_k=3)
     pixels_over_grpc = classify_grpc(photos, model=PIXEL_MODEL, url=triton.grpc_url, top_k=3)
     for a, b, c in zip(floats["results"], pixels["results"], pixels_over_grpc["results"]):
-        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]] == [
-            p["index"] for p in c["predictions"]]
-        np.testing.assert_allclose([p["score"] for p in b["predictions"]], [p["score"] for p in a["predictions"]],
-                                   rtol=1e-4)
-        np.testing.assert_allclose([p["score"] for p in c["predictions"]], [p["score"] for p in b["predictions"]],
-                                   rtol=1e-5)
+        assert (
+            [p["index"] for p in a["predictions"]]
+            == [p["index"] for p in b["predictions"]]
+            == [p["index"] for p in c["predictions"]]
+        )
+        np.testing.assert_allclose(
+            [p["score"] for p in b["predictions"]], [p["score"] for p in a["predictions"]], rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            [p["score"] for p in c["predictions"]], [p["score"] for p in b["predictions"]], rtol=1e-5
+        )
     assert httpx.get(f"{gateway.url}/v1/models/{PIXEL_MODEL}", timeout=10).json()["input_datatype"] == "UINT8"
     metadata = httpx.get(f"{gateway.url}/v2/models/{PIXEL_MODEL}", timeout=10).json()
     assert (metadata["inputs"][0]["datatype"], metadata["inputs"][0]["shape"]) == ("UINT8", [-1, 8, 8, 1])
@@ -142,13 +188,21 @@ def test_a_model_that_takes_pixels_answers_as_the_float_model_through_the_gatewa
 
 def test_request_id_is_echoed_or_made(gateway):
     png = encoded("L", "PNG")
-    given = post(gateway.url, f"/v1/models/{MODEL}/classify", content=png,
-                 headers={"Content-Type": "image/png", "X-Request-ID": "abc-123"})
+    given = post(
+        gateway.url,
+        f"/v1/models/{MODEL}/classify",
+        content=png,
+        headers={"Content-Type": "image/png", "X-Request-ID": "abc-123"},
+    )
     assert given.headers["x-request-id"] == "abc-123"
     made = post(gateway.url, f"/v1/models/{MODEL}/classify", content=png, headers={"Content-Type": "image/png"})
     assert len(made.headers["x-request-id"]) == 32
-    unsafe = post(gateway.url, f"/v1/models/{MODEL}/classify", content=png,
-                  headers={"Content-Type": "image/png", "X-Request-ID": "a b\tc" * 40})
+    unsafe = post(
+        gateway.url,
+        f"/v1/models/{MODEL}/classify",
+        content=png,
+        headers={"Content-Type": "image/png", "X-Request-ID": "a b\tc" * 40},
+    )
     # An unsafe one is replaced by a fresh id, not cleaned up or cut short.
     assert re.fullmatch("[0-9a-f]{32}", unsafe.headers["x-request-id"])
     assert unsafe.headers["x-request-id"] != made.headers["x-request-id"]
@@ -159,11 +213,13 @@ def test_pinned_version_is_served_and_an_unknown_one_is_404(gateway):
     png = encoded("L", "PNG")
     ok = post(gateway.url, f"/v1/models/{MODEL}/classify?version=1", content=png, headers={"Content-Type": "image/png"})
     assert ok.status_code == 200 and ok.json()["version"] == "1"
-    missing = post(gateway.url, f"/v1/models/{MODEL}/classify?version=9", content=png,
-                   headers={"Content-Type": "image/png"})
+    missing = post(
+        gateway.url, f"/v1/models/{MODEL}/classify?version=9", content=png, headers={"Content-Type": "image/png"}
+    )
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
-    bad = post(gateway.url, f"/v1/models/{MODEL}/classify?version=latest", content=png,
-               headers={"Content-Type": "image/png"})
+    bad = post(
+        gateway.url, f"/v1/models/{MODEL}/classify?version=latest", content=png, headers={"Content-Type": "image/png"}
+    )
     assert bad.status_code == 422
 
 
@@ -183,8 +239,11 @@ def test_kserve_v2_metadata_and_tensor_inference_pass_through(gateway):
     assert answer.status_code == 200
     (output,) = answer.json()["outputs"]
     assert output["name"] == "logits" and output["shape"] == [2, 10]
-    wrong = post(gateway.url, f"/v2/models/{MODEL}/infer", json={"inputs": [
-        {"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]})
+    wrong = post(
+        gateway.url,
+        f"/v2/models/{MODEL}/infer",
+        json={"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
+    )
     assert wrong.status_code == 400 and "error" in wrong.json()
     assert httpx.get(f"{gateway.url}/v2/models/nope", timeout=10).status_code == 404
 
@@ -213,10 +272,15 @@ def test_openapi_has_an_example_on_every_endpoint_and_docs_render(gateway):
 
 def test_metrics_count_rejections_by_reason_and_observe_images_and_bytes(gateway):
     def observed() -> dict[str, float]:
-        names = ("gateway_images_per_request_count", "gateway_images_per_request_sum",
-                 "gateway_request_bytes_count", "gateway_request_bytes_sum")
+        names = (
+            "gateway_images_per_request_count",
+            "gateway_images_per_request_sum",
+            "gateway_request_bytes_count",
+            "gateway_request_bytes_sum",
+        )
         return {name: metric(gateway.url, name) for name in names} | {
-            "invalid": metric(gateway.url, "gateway_rejections_total", reason="invalid_image") or 0.0}
+            "invalid": metric(gateway.url, "gateway_rejections_total", reason="invalid_image") or 0.0
+        }
 
     before = observed()
     post(gateway.url, f"/v1/models/{MODEL}/classify", content=b"junk", headers={"Content-Type": "image/png"})
@@ -246,8 +310,10 @@ def request_in_flight(url: str, content_type: str = "image/jpeg"):
     """A classification whose body never comes: the gateway counts it in flight until the socket closes."""
     host, _, port = url.removeprefix("http://").rpartition(":")
     with socket.create_connection((host, int(port)), timeout=30) as held:
-        held.sendall(f"POST /v1/models/{MODEL}/classify HTTP/1.1\r\nHost: gateway\r\n"
-                     f"Content-Type: {content_type}\r\nContent-Length: 1000\r\n\r\n".encode())
+        held.sendall(
+            f"POST /v1/models/{MODEL}/classify HTTP/1.1\r\nHost: gateway\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: 1000\r\n\r\n".encode()
+        )
         assert wait_for(lambda: metric(url, "gateway_in_flight_requests") == 1)
         yield
     assert wait_for(lambda: metric(url, "gateway_in_flight_requests") == 0)
@@ -277,24 +343,29 @@ def test_a_client_that_hangs_up_mid_body_is_counted_as_499_not_as_an_internal_er
 
 
 def jpeg(size: tuple[int, int], noise: bool = False, **save) -> bytes:
-    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) if noise \
+    pixels = (
+        np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        if noise
         else np.full((size[1], size[0], 3), 120, dtype=np.uint8)
+    )
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", **save)
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("body, status", [
-    pytest.param(jpeg((800, 700)), 200, id="over the pixel limit"),  # 560,000 pixels in a few KB
-    pytest.param(jpeg((400, 300), noise=True, quality=100), 200, id="over the byte limit"),
-    pytest.param(jpeg((64, 48), progressive=True), 200, id="a progressive JPEG"),
-    pytest.param(encoded("RGB", "PNG"), 200, id="not a JPEG"),
-    pytest.param(b"\xff\xd8 not a jpeg", 400, id="an unreadable header"),
-])
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        pytest.param(jpeg((800, 700)), 200, id="over the pixel limit"),  # 560,000 pixels in a few KB
+        pytest.param(jpeg((400, 300), noise=True, quality=100), 200, id="over the byte limit"),
+        pytest.param(jpeg((64, 48), progressive=True), 200, id="a progressive JPEG"),
+        pytest.param(encoded("RGB", "PNG"), 200, id="not a JPEG"),
+        pytest.param(b"\xff\xd8 not a jpeg", 400, id="an unreadable header"),
+    ],
+)
 def test_a_request_alone_that_is_not_a_small_baseline_jpeg_goes_to_the_thread_pool(gateway, body, status):
     before = preprocessed_counts(gateway.url)
-    response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=body,
-                    headers={"Content-Type": "image/jpeg"})
+    response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=body, headers={"Content-Type": "image/jpeg"})
     assert response.status_code == status, response.text
     assert preprocessed(gateway.url, "thread_pool") == before["thread_pool"] + 1
     assert preprocessed(gateway.url, "event_loop") == before["event_loop"]
@@ -304,8 +375,12 @@ def test_a_broken_jpeg_preprocessed_on_the_event_loop_is_a_400_and_frees_its_slo
     free = metric(gateway.url, "gateway_shared_memory_free_slots")
     before = preprocessed(gateway.url, "event_loop")
     # Its header is whole, so it looks quick to decode; the pixels after it are missing.
-    response = post(gateway.url, f"/v1/models/{MODEL}/classify", content=photos[2].read_bytes()[:2000],
-                    headers={"Content-Type": "image/jpeg"})
+    response = post(
+        gateway.url,
+        f"/v1/models/{MODEL}/classify",
+        content=photos[2].read_bytes()[:2000],
+        headers={"Content-Type": "image/jpeg"},
+    )
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_image"
     assert preprocessed(gateway.url, "event_loop") == before + 1
     assert metric(gateway.url, "gateway_shared_memory_free_slots") == free
@@ -313,9 +388,14 @@ def test_a_broken_jpeg_preprocessed_on_the_event_loop_is_a_400_and_frees_its_slo
 
 @pytest.fixture(scope="module")
 def limited_gateway(triton, tmp_path_factory):
-    process = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("limited") / "gateway.log",
-                            GATEWAY_MAX_BODY_BYTES="4000", GATEWAY_MAX_IMAGES_PER_REQUEST="2",
-                            GATEWAY_MAX_IMAGE_PIXELS="10000", GATEWAY_API_KEYS="key-one,key-two")
+    process = start_gateway(
+        triton.grpc_url,
+        tmp_path_factory.mktemp("limited") / "gateway.log",
+        GATEWAY_MAX_BODY_BYTES="4000",
+        GATEWAY_MAX_IMAGES_PER_REQUEST="2",
+        GATEWAY_MAX_IMAGE_PIXELS="10000",
+        GATEWAY_API_KEYS="key-one,key-two",
+    )
     yield process
     process.stop()
 
@@ -325,8 +405,12 @@ def test_limits_on_body_pixels_and_image_count_are_413(limited_gateway):
     url = f"/v1/models/{MODEL}/classify"
     big_body = post(limited_gateway.url, url, content=b"\xff" * 5000, headers={"Content-Type": "image/png", **auth})
     assert big_body.status_code == 413
-    many_pixels = post(limited_gateway.url, url, content=encoded("L", "PNG", size=(200, 200)),
-                       headers={"Content-Type": "image/png", **auth})
+    many_pixels = post(
+        limited_gateway.url,
+        url,
+        content=encoded("L", "PNG", size=(200, 200)),
+        headers={"Content-Type": "image/png", **auth},
+    )
     assert many_pixels.status_code == 413 and "pixels" in many_pixels.json()["error"]["message"]
     files = [("image", (f"{i}.png", encoded("L", "PNG"), "image/png")) for i in range(3)]
     too_many = post(limited_gateway.url, url, files=files, headers=auth)
@@ -337,12 +421,20 @@ def test_api_keys_guard_models_but_not_health_and_are_never_logged(limited_gatew
     url = f"/v1/models/{MODEL}/classify"
     png = encoded("L", "PNG")
     assert post(limited_gateway.url, url, content=png, headers={"Content-Type": "image/png"}).status_code == 401
-    wrong = post(limited_gateway.url, url, content=png,
-                 headers={"Content-Type": "image/png", "Authorization": "Bearer key-three"})
+    wrong = post(
+        limited_gateway.url,
+        url,
+        content=png,
+        headers={"Content-Type": "image/png", "Authorization": "Bearer key-three"},
+    )
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
     for key in ("key-one", "key-two"):
-        right = post(limited_gateway.url, url, content=png,
-                     headers={"Content-Type": "image/png", "Authorization": f"Bearer {key}"})
+        right = post(
+            limited_gateway.url,
+            url,
+            content=png,
+            headers={"Content-Type": "image/png", "Authorization": f"Bearer {key}"},
+        )
         assert right.status_code == 200
     for open_path in ("/healthz", "/readyz"):
         assert httpx.get(f"{limited_gateway.url}{open_path}", timeout=10).status_code == 200
@@ -356,8 +448,14 @@ def test_api_keys_guard_models_but_not_health_and_are_never_logged(limited_gatew
 def slow_stack(tiny_run, tmp_path_factory):
     """A model whose batcher holds requests for three seconds in a queue of one: full queues on demand."""
     folder = tmp_path_factory.mktemp("slow")
-    publish(tiny_run / "model.onnx", folder / "repo", "slow", settings=PublishSettings(
-        max_batch_size=32, preferred_batch_sizes=(32,), max_queue_delay_us=3_000_000, max_queue_size=1))
+    publish(
+        tiny_run / "model.onnx",
+        folder / "repo",
+        "slow",
+        settings=PublishSettings(
+            max_batch_size=32, preferred_batch_sizes=(32,), max_queue_delay_us=3_000_000, max_queue_size=1
+        ),
+    )
     server = start_triton(folder / "repo", folder / "cache")
     yield server, folder
     server.stop()
@@ -376,8 +474,16 @@ def held_by_triton(gateway_url: str, server):
     """One classification sent in a thread and held in the slow model's queue: Triton's own gauge says
     when it is there, so no timing is guessed. Yields the thread's response list (filled once answered)."""
     answered: list[httpx.Response] = []
-    sender = threading.Thread(target=lambda: answered.append(post(
-        gateway_url, "/v1/models/slow/classify", content=encoded("L", "PNG"), headers={"Content-Type": "image/png"})))
+    sender = threading.Thread(
+        target=lambda: answered.append(
+            post(
+                gateway_url,
+                "/v1/models/slow/classify",
+                content=encoded("L", "PNG"),
+                headers={"Content-Type": "image/png"},
+            )
+        )
+    )
     sender.start()
     try:
         assert wait_for(lambda: triton_pending(server) == 1, 15)
@@ -391,8 +497,12 @@ def test_a_full_triton_queue_becomes_429_with_retry_after(slow_stack):
     gateway = start_gateway(server.grpc_url, folder / "gateway-queue.log", GATEWAY_TRITON_TIMEOUT_S="10")
     try:
         with held_by_triton(gateway.url, server) as first:
-            rejected = post(gateway.url, "/v1/models/slow/classify", content=encoded("L", "PNG"),
-                            headers={"Content-Type": "image/png"})
+            rejected = post(
+                gateway.url,
+                "/v1/models/slow/classify",
+                content=encoded("L", "PNG"),
+                headers={"Content-Type": "image/png"},
+            )
             assert rejected.status_code == 429, rejected.text
             assert rejected.headers["Retry-After"] and rejected.json()["error"]["code"] == "too_many_requests"
         assert first[0].status_code == 200, first[0].text
@@ -402,24 +512,34 @@ def test_a_full_triton_queue_becomes_429_with_retry_after(slow_stack):
 
 def test_gateway_in_flight_limit_is_429_and_triton_timeout_is_504(slow_stack):
     server, folder = slow_stack
-    gateway = start_gateway(server.grpc_url, folder / "gateway-limit.log", GATEWAY_MAX_IN_FLIGHT="1",
-                            GATEWAY_TRITON_TIMEOUT_S="10")
+    gateway = start_gateway(
+        server.grpc_url, folder / "gateway-limit.log", GATEWAY_MAX_IN_FLIGHT="1", GATEWAY_TRITON_TIMEOUT_S="10"
+    )
     try:
         # The one slot is held by a request Triton has queued: the next is refused by the gateway itself.
         with held_by_triton(gateway.url, server) as first:
-            refused = post(gateway.url, "/v1/models/slow/classify", content=encoded("L", "PNG"),
-                           headers={"Content-Type": "image/png"})
+            refused = post(
+                gateway.url,
+                "/v1/models/slow/classify",
+                content=encoded("L", "PNG"),
+                headers={"Content-Type": "image/png"},
+            )
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_requests"
             assert triton_pending(server) == 1  # it never reached Triton
         assert first[0].status_code == 200, first[0].text
     finally:
         gateway.stop()
-    impatient = start_gateway(server.grpc_url, folder / "gateway-timeout.log", GATEWAY_MAX_IN_FLIGHT="1",
-                              GATEWAY_TRITON_TIMEOUT_S="0.3")
+    impatient = start_gateway(
+        server.grpc_url, folder / "gateway-timeout.log", GATEWAY_MAX_IN_FLIGHT="1", GATEWAY_TRITON_TIMEOUT_S="0.3"
+    )
     try:
         # The batcher holds a lone request for three seconds, ten times the timeout.
-        late = post(impatient.url, "/v1/models/slow/classify", content=encoded("L", "PNG"),
-                    headers={"Content-Type": "image/png"})
+        late = post(
+            impatient.url,
+            "/v1/models/slow/classify",
+            content=encoded("L", "PNG"),
+            headers={"Content-Type": "image/png"},
+        )
         assert late.status_code == 504 and late.json()["error"]["code"] == "triton_timeout"
     finally:
         impatient.stop()
@@ -428,24 +548,38 @@ def test_gateway_in_flight_limit_is_429_and_triton_timeout_is_504(slow_stack):
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_request_triton_holds_past_the_timeout_is_504_over_either_protocol(slow_stack, protocol):
     server, folder = slow_stack
-    gateway = start_gateway(server.grpc_url, folder / f"gateway-timeout-{protocol}.log", server.http_url,
-                            GATEWAY_TRITON_PROTOCOL=protocol, GATEWAY_TRITON_TIMEOUT_S="0.3")
+    gateway = start_gateway(
+        server.grpc_url,
+        folder / f"gateway-timeout-{protocol}.log",
+        server.http_url,
+        GATEWAY_TRITON_PROTOCOL=protocol,
+        GATEWAY_TRITON_TIMEOUT_S="0.3",
+    )
     try:
         # The batcher holds a lone request for three seconds, ten times the timeout.
-        response = post(gateway.url, "/v1/models/slow/classify", content=encoded("L", "PNG"),
-                        headers={"Content-Type": "image/png"})
+        response = post(
+            gateway.url, "/v1/models/slow/classify", content=encoded("L", "PNG"), headers={"Content-Type": "image/png"}
+        )
         assert response.status_code == 504 and response.json()["error"]["code"] == "triton_timeout"
         assert response.headers["Retry-After"]
         # The abandoned call's slot is free again (Triton, still holding the call, only reads it).
-        assert metric(gateway.url, "gateway_shared_memory_free_slots") == Settings.model_fields[
-            "shared_memory_slots"].default
+        assert (
+            metric(gateway.url, "gateway_shared_memory_free_slots")
+            == Settings.model_fields["shared_memory_slots"].default
+        )
     finally:
         gateway.stop()
 
 
 def test_triton_repository_and_shared_memory_apis_need_the_key(repository, tmp_path, photos):
-    with TritonServer(model_repository=repository, http_port=free_port(), grpc_port=free_port(),
-                      metrics_port=free_port(), cache_dir=tmp_path, repository_api_key="s3cret") as server:
+    with TritonServer(
+        model_repository=repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        cache_dir=tmp_path,
+        repository_api_key="s3cret",
+    ) as server:
         for api in ("repository/index", "systemsharedmemory/status"):
             url = f"http://{server.http_url}/v2/{api}"
             call = httpx.post if api.startswith("repository") else httpx.get
@@ -456,8 +590,12 @@ def test_triton_repository_and_shared_memory_apis_need_the_key(repository, tmp_p
             assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
             # The key opens the shared-memory API to the gateway: its region is registered and used.
             # The region may be registered just after the first request; from then on every one uses it.
-            assert wait_for(lambda: classify(photos[:1], model=MODEL, url=gateway.url)["results"] and metric(
-                gateway.url, "gateway_triton_inputs_total", transport="shared_memory"))
+            assert wait_for(
+                lambda: (
+                    classify(photos[:1], model=MODEL, url=gateway.url)["results"]
+                    and metric(gateway.url, "gateway_triton_inputs_total", transport="shared_memory")
+                )
+            )
             sent = metric(gateway.url, "gateway_triton_inputs_total", transport="shared_memory")
             assert len(classify(photos[:2], model=MODEL, url=gateway.url)["results"]) == 2
             assert metric(gateway.url, "gateway_triton_inputs_total", transport="shared_memory") == sent + 1
@@ -471,8 +609,11 @@ def test_proxied_rejections_are_counted_like_any_other(gateway):
 
     before = {reason: rejections(reason) for reason in ("model_not_found", "refused_by_triton")}
     assert httpx.get(f"{gateway.url}/v2/models/nope", timeout=10).status_code == 404
-    wrong = post(gateway.url, f"/v2/models/{MODEL}/infer", json={"inputs": [
-        {"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]})
+    wrong = post(
+        gateway.url,
+        f"/v2/models/{MODEL}/infer",
+        json={"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
+    )
     assert wrong.status_code == 400
     assert rejections("model_not_found") == before["model_not_found"] + 1
     assert rejections("refused_by_triton") == before["refused_by_triton"] + 1

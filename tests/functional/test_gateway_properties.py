@@ -6,7 +6,9 @@ import io
 
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from server.app import create_app
@@ -14,14 +16,16 @@ from server.settings import Settings
 
 from .conftest import MODEL
 
-PROPERTY_SETTINGS = hypothesis_settings(max_examples=25, deadline=None,
-                                        suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY_SETTINGS = hypothesis_settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="module")
 def client(triton):
-    settings = Settings(triton_grpc_url=triton.grpc_url, triton_http_url=triton.http_url, log_json=False,
-                        max_image_pixels=1_000_000)
+    settings = Settings(
+        triton_grpc_url=triton.grpc_url, triton_http_url=triton.http_url, log_json=False, max_image_pixels=1_000_000
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -50,9 +54,21 @@ def images(draw) -> bytes:
 
 
 @PROPERTY_SETTINGS
-@given(body=st.binary(max_size=2048), content_type=st.sampled_from(
-    ["image/png", "image/jpeg", "application/octet-stream", "application/json", "multipart/form-data",
-     "multipart/form-data; boundary=xyz", "text/plain", ""]))
+@given(
+    body=st.binary(max_size=2048),
+    content_type=st.sampled_from(
+        [
+            "image/png",
+            "image/jpeg",
+            "application/octet-stream",
+            "application/json",
+            "multipart/form-data",
+            "multipart/form-data; boundary=xyz",
+            "text/plain",
+            "",
+        ]
+    ),
+)
 def test_random_bytes_never_cause_a_5xx(client, body, content_type):
     assert_clean(client.post(f"/v1/models/{MODEL}/classify", content=body, headers={"Content-Type": content_type}))
 
@@ -65,10 +81,15 @@ def test_random_images_of_any_size_and_mode_never_cause_a_5xx(client, data):
 
 
 @PROPERTY_SETTINGS
-@given(parts=st.lists(st.tuples(st.sampled_from(["image", "other", ""]), st.binary(max_size=512)), max_size=6),
-       top_k=st.one_of(st.integers(-5, 2000).map(str), st.text(max_size=5)))
+@given(
+    parts=st.lists(st.tuples(st.sampled_from(["image", "other", ""]), st.binary(max_size=512)), max_size=6),
+    top_k=st.one_of(st.integers(-5, 2000).map(str), st.text(max_size=5)),
+)
 def test_random_multipart_shapes_and_query_values_never_cause_a_5xx(client, parts, top_k):
-    files = [(name or "image", (f"f{i}", payload, "application/octet-stream")) for i, (name, payload) in enumerate(parts)]
-    response = client.post(f"/v1/models/{MODEL}/classify", params={"top_k": top_k}, files=files or None,
-                           data=None if files else {"x": "y"})
+    files = [
+        (name or "image", (f"f{i}", payload, "application/octet-stream")) for i, (name, payload) in enumerate(parts)
+    ]
+    response = client.post(
+        f"/v1/models/{MODEL}/classify", params={"top_k": top_k}, files=files or None, data=None if files else {"x": "y"}
+    )
     assert_clean(response)

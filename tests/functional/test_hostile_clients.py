@@ -36,9 +36,14 @@ def stack(repository, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hostile")
     triton = start_triton(repository, folder / "cache")
     try:
-        gateway = start_gateway(triton.grpc_url, folder / "gateway.log", triton.http_url,
-                                GATEWAY_MAX_IN_FLIGHT=str(MAX_IN_FLIGHT), GATEWAY_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
-                                GATEWAY_MAX_BODY_BYTES=str(MAX_BODY_BYTES))
+        gateway = start_gateway(
+            triton.grpc_url,
+            folder / "gateway.log",
+            triton.http_url,
+            GATEWAY_MAX_IN_FLIGHT=str(MAX_IN_FLIGHT),
+            GATEWAY_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
+            GATEWAY_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
+        )
         try:
             yield triton, gateway
         finally:
@@ -58,8 +63,9 @@ def png() -> bytes:
     return buffer.getvalue()
 
 
-V2_BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                  "data": [0.5] * 64}]}).encode()
+V2_BODY = json.dumps(
+    {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
+).encode()
 
 
 def connect(url: str, timeout_s: float = 30) -> socket.socket:
@@ -132,13 +138,13 @@ def test_slow_bodies_neither_hold_the_inference_slots_nor_stay_past_the_deadline
 # Defect: a chunked multipart body was read (and spooled to disk) in full before its size was checked.
 def test_a_chunked_multipart_upload_is_cut_off_at_the_body_limit(gateway):
     total = 64 * MAX_BODY_BYTES
-    part = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n")
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
     chunk = b"\0" * 256 * 1024
     answer: dict[str, object] = {}
     with connect(gateway.url) as sock:
-        send_head(sock, CLASSIFY, [("Content-Type", "multipart/form-data; boundary=b"),
-                                   ("Transfer-Encoding", "chunked")])
+        send_head(
+            sock, CLASSIFY, [("Content-Type", "multipart/form-data; boundary=b"), ("Transfer-Encoding", "chunked")]
+        )
 
         def read_answer() -> None:
             try:
@@ -168,23 +174,38 @@ def test_a_chunked_multipart_upload_is_cut_off_at_the_body_limit(gateway):
 
 # Each was a 500, 502 or 503 before: a client's mistake, answered as one.
 CLIENT_MISTAKES = {
-    "a superscript digit as the inference header length": (V2_INFER, [
-        ("Content-Type", "application/json"), ("Inference-Header-Content-Length", b"\xb2")], V2_BODY),
+    "a superscript digit as the inference header length": (
+        V2_INFER,
+        [("Content-Type", "application/json"), ("Inference-Header-Content-Length", b"\xb2")],
+        V2_BODY,
+    ),
     "a 5000-digit inference header length": (V2_INFER, [("Inference-Header-Content-Length", "9" * 5000)], V2_BODY),
     "an inference header length past the body": (V2_INFER, [("Inference-Header-Content-Length", "99999")], V2_BODY),
-    "JSON nested 100,000 deep on classify": (CLASSIFY, [("Content-Type", "application/json")],
-                                             b"[" * 100_000 + b"]" * 100_000),
-    "JSON nested 100,000 deep on /v2": (V2_INFER, [("Content-Type", "application/json")],
-                                        b"[" * 100_000 + b"]" * 100_000),
+    "JSON nested 100,000 deep on classify": (
+        CLASSIFY,
+        [("Content-Type", "application/json")],
+        b"[" * 100_000 + b"]" * 100_000,
+    ),
+    "JSON nested 100,000 deep on /v2": (
+        V2_INFER,
+        [("Content-Type", "application/json")],
+        b"[" * 100_000 + b"]" * 100_000,
+    ),
     "a non-ASCII byte in Content-Type on /v2": (V2_INFER, [("Content-Type", b"application/json\xe9")], V2_BODY),
-    "a non-ASCII byte in a multipart boundary": (CLASSIFY, [("Content-Type", b"multipart/form-data; boundary=\xe9")],
-                                                b"--\xe9\r\n"),
+    "a non-ASCII byte in a multipart boundary": (
+        CLASSIFY,
+        [("Content-Type", b"multipart/form-data; boundary=\xe9")],
+        b"--\xe9\r\n",
+    ),
     "tensor data that is not a list": (V2_INFER, [], V2_BODY.replace(b"[0.5", b'"x", "y": [0.5')),
     "fewer values than the shape holds": (V2_INFER, [], V2_BODY.replace(b"[0.5, 0.5, ", b"[", 1)),
     "a negative dimension": (V2_INFER, [], V2_BODY.replace(b"[1, 1, 8, 8]", b"[-1, 1, 8, 8]")),
     # Triton 2.51 allocates the tensor by its shape before reading the data: this one aborts it.
-    "a shape of 10^12 images with the data of one": (V2_INFER, [], V2_BODY.replace(b"[1, 1, 8, 8]",
-                                                                                   b"[1000000000000, 1, 8, 8]")),
+    "a shape of 10^12 images with the data of one": (
+        V2_INFER,
+        [],
+        V2_BODY.replace(b"[1, 1, 8, 8]", b"[1000000000000, 1, 8, 8]"),
+    ),
 }
 
 
@@ -225,8 +246,11 @@ REPEATED = {
     "Content-Type on classify": (CLASSIFY, [("Content-Type", "image/png")] * 2, png()),
     "Content-Type on /v2": (V2_INFER, [("Content-Type", "application/json")] * 2, V2_BODY),
     "Content-Encoding": (V2_INFER, [("Content-Encoding", "gzip")] * 2, gzip.compress(V2_BODY)),
-    "Inference-Header-Content-Length": (V2_INFER, [("Inference-Header-Content-Length", str(len(V2_BODY)))] * 2,
-                                        V2_BODY),
+    "Inference-Header-Content-Length": (
+        V2_INFER,
+        [("Inference-Header-Content-Length", str(len(V2_BODY)))] * 2,
+        V2_BODY,
+    ),
 }
 
 
@@ -281,25 +305,36 @@ def requests_by_status(url: str) -> dict[str, float]:
 # Defect: a client that sent its whole request and hung up at once was still decoded, sent to Triton and
 # counted as served (200).
 def test_an_abandoned_request_is_dropped_and_counted_as_499(gateway):
-    part = (b'--XXB\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n" + transparent_png(1000) + b"\r\n")
+    part = (
+        b'--XXB\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + transparent_png(1000) + b"\r\n"
+    )
     body = part * 3 + b"--XXB--\r\n"
     assert len(body) < MAX_BODY_BYTES
     before, disconnected = requests_by_status(gateway.url), rejected(gateway.url, "client_disconnected")
     free_slots = metric(gateway.url, "gateway_shared_memory_free_slots")
     for abandoned in range(1, 4):
         sock = connect(gateway.url)
-        send_head(sock, CLASSIFY, [("Content-Type", "multipart/form-data; boundary=XXB"),
-                                   ("Content-Length", str(len(body)))])
+        send_head(
+            sock, CLASSIFY, [("Content-Type", "multipart/form-data; boundary=XXB"), ("Content-Length", str(len(body)))]
+        )
         sock.sendall(body)
         sock.close()
         # One at a time, each finished before the next: none is refused for want of a slot.
-        assert wait_for(lambda: sum(requests_by_status(gateway.url).values()) - sum(before.values()) == abandoned)
+        assert wait_for(
+            lambda abandoned=abandoned: (
+                sum(requests_by_status(gateway.url).values()) - sum(before.values()) == abandoned
+            )
+        )
     after = requests_by_status(gateway.url)
     assert after.get("499", 0) - before.get("499", 0) == 3, after
     assert after.get("200", 0) == before.get("200", 0), after
     assert rejected(gateway.url, "client_disconnected") == disconnected + 3
     # The shared-memory slots came back, and everyone else is still served.
     assert wait_for(lambda: metric(gateway.url, "gateway_shared_memory_free_slots") == free_slots)
-    assert httpx.post(f"{gateway.url}{CLASSIFY}", content=png(), headers={"Content-Type": "image/png"},
-                      timeout=30).status_code == 200
+    assert (
+        httpx.post(
+            f"{gateway.url}{CLASSIFY}", content=png(), headers={"Content-Type": "image/png"}, timeout=30
+        ).status_code
+        == 200
+    )

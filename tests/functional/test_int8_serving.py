@@ -43,7 +43,8 @@ def _png(image) -> bytes:
 
 
 def test_published_int8_model_is_loaded_through_the_repository_api_and_matches_onnx_runtime_on_every_image(
-        int8_onnx, explicit_triton, tmp_path):
+    int8_onnx, explicit_triton, tmp_path
+):
     triton, repository = explicit_triton
     published = publish(int8_onnx, repository, MODEL, settings=PublishSettings(triton_url=triton.http_url))
     ready = httpx.get(f"http://{triton.http_url}/v2/models/{MODEL}/versions/{published.version}/ready", timeout=10)
@@ -57,7 +58,7 @@ def test_published_int8_model_is_loaded_through_the_repository_api_and_matches_o
         served = []
         images = [_png(data.split.image(i, data.color_mode)) for i in range(len(data))]
         for start in range(0, len(images), REQUEST_IMAGES):
-            answer = classify(images[start:start + REQUEST_IMAGES], model=MODEL, url=gateway.url, top_k=1)
+            answer = classify(images[start : start + REQUEST_IMAGES], model=MODEL, url=gateway.url, top_k=1)
             assert answer["version"] == str(published.version)
             served += [result["predictions"][0]["index"] for result in answer["results"]]
     finally:

@@ -45,11 +45,14 @@ def assert_error(url: str, send, status: int, code: str) -> str:
     return message
 
 
-@pytest.mark.parametrize("body, expected", [
-    pytest.param(tensor_request(name="pixels"), "pixels", id="an input the model does not have"),
-    pytest.param(tensor_request(datatype="INT32", value=1), "INT32", id="the wrong datatype"),
-    pytest.param(tensor_request(shape=(1, 1, 4, 16)), "shape", id="the wrong shape"),
-])
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        pytest.param(tensor_request(name="pixels"), "pixels", id="an input the model does not have"),
+        pytest.param(tensor_request(datatype="INT32", value=1), "INT32", id="the wrong datatype"),
+        pytest.param(tensor_request(shape=(1, 1, 4, 16)), "shape", id="the wrong shape"),
+    ],
+)
 def test_triton_refusing_a_tensor_request_is_a_400_that_passes_its_reason_on(gateway, body, expected):
     message = assert_error(gateway.url, lambda: infer(gateway.url, body), 400, "refused_by_triton")
     assert expected.lower() in message.lower()
@@ -58,15 +61,22 @@ def test_triton_refusing_a_tensor_request_is_a_400_that_passes_its_reason_on(gat
 def test_a_number_triton_cannot_parse_is_a_400_not_its_500(gateway):
     # Python reads 1e400 (as infinity); Triton's parser refuses it with an INTERNAL error (HTTP 500).
     body = json.dumps(tensor_request()).replace("0.5", "1e400", 1)
-    assert_error(gateway.url, lambda: httpx.post(f"{gateway.url}{V2_INFER}", content=body, timeout=30,
-                                                 headers={"Content-Type": "application/json"}),
-                 400, "refused_by_triton")
+    assert_error(
+        gateway.url,
+        lambda: httpx.post(
+            f"{gateway.url}{V2_INFER}", content=body, timeout=30, headers={"Content-Type": "application/json"}
+        ),
+        400,
+        "refused_by_triton",
+    )
 
 
 def test_unknown_models_and_versions_are_404_on_the_v2_routes(gateway):
-    for send in (lambda: infer(gateway.url, tensor_request(), "/v2/models/absent/infer"),
-                 lambda: infer(gateway.url, tensor_request(), f"/v2/models/{MODEL}/versions/9/infer"),
-                 lambda: httpx.get(f"{gateway.url}/v2/models/{MODEL}/versions/9", timeout=10)):
+    for send in (
+        lambda: infer(gateway.url, tensor_request(), "/v2/models/absent/infer"),
+        lambda: infer(gateway.url, tensor_request(), f"/v2/models/{MODEL}/versions/9/infer"),
+        lambda: httpx.get(f"{gateway.url}/v2/models/{MODEL}/versions/9", timeout=10),
+    ):
         assert_error(gateway.url, send, 404, "model_not_found")
 
 
@@ -77,15 +87,17 @@ def onnx_logits(tiny_run: Path, batch: np.ndarray) -> np.ndarray:
 
 def test_a_pinned_version_answers_as_onnx_runtime(gateway, tiny_run):
     batch = np.random.default_rng(1).normal(size=(3, 1, 8, 8)).astype(np.float32)
-    body = {"inputs": [{"name": "input", "shape": list(batch.shape), "datatype": "FP32",
-                        "data": batch.ravel().tolist()}]}
+    body = {
+        "inputs": [{"name": "input", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}]
+    }
     response = infer(gateway.url, body, f"/v2/models/{MODEL}/versions/1/infer")
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["model_name"] == MODEL and answer["model_version"] == "1"
     (output,) = answer["outputs"]
-    np.testing.assert_allclose(np.reshape(output["data"], output["shape"]), onnx_logits(tiny_run, batch),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.reshape(output["data"], output["shape"]), onnx_logits(tiny_run, batch), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("path", [V2_INFER, f"/v2/models/{MODEL}/versions/1/infer"])
@@ -95,8 +107,12 @@ def test_binary_tensors_go_through_both_ways(gateway, tiny_run, path):
     tensor.set_data_from_numpy(batch, binary_data=True)
     wanted = triton_http.InferRequestedOutput("logits", binary_data=True)
     body, header_length = triton_http.InferenceServerClient.generate_request_body([tensor], outputs=[wanted])
-    response = httpx.post(f"{gateway.url}{path}", content=body, timeout=30, headers={
-        "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)})
+    response = httpx.post(
+        f"{gateway.url}{path}",
+        content=body,
+        timeout=30,
+        headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)},
+    )
     assert response.status_code == 200, response.text
     answer_length = int(response.headers["inference-header-content-length"])
     # The logits came back as raw bytes after the JSON header, not as JSON numbers.
@@ -109,16 +125,24 @@ def test_binary_tensors_go_through_both_ways(gateway, tiny_run, path):
 @pytest.fixture(scope="module")
 def small_gateway(triton, tmp_path_factory):
     """A 1 MB body limit, and Triton's HTTP endpoint (the pass-through's) on a port nothing listens on."""
-    process = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("small") / "gateway.log",
-                            f"127.0.0.1:{free_port()}", GATEWAY_MAX_BODY_BYTES=str(SMALL_BODY_BYTES))
+    process = start_gateway(
+        triton.grpc_url,
+        tmp_path_factory.mktemp("small") / "gateway.log",
+        f"127.0.0.1:{free_port()}",
+        GATEWAY_MAX_BODY_BYTES=str(SMALL_BODY_BYTES),
+    )
     yield process
     process.stop()
 
 
 def test_triton_unreachable_behind_the_pass_through_is_503_with_retry_after(small_gateway):
     answers = []
-    assert_error(small_gateway.url, lambda: answers.append(infer(small_gateway.url, tensor_request())) or answers[0],
-                 503, "triton_unavailable")
+    assert_error(
+        small_gateway.url,
+        lambda: answers.append(infer(small_gateway.url, tensor_request())) or answers[0],
+        503,
+        "triton_unavailable",
+    )
     assert answers[0].headers["Retry-After"]
 
 
@@ -132,7 +156,7 @@ def peak_memory_bytes(pid: int) -> int:
 def gzip_bomb(inflated_bytes: int) -> bytes:
     """A JSON header that starts well and then is spaces: inflated_bytes once unpacked, about 1/1000 of it packed."""
     packer = zlib.compressobj(9, zlib.DEFLATED, 31)
-    pieces = [packer.compress(b'{"inputs": [' )]
+    pieces = [packer.compress(b'{"inputs": [')]
     block = b" " * (1 << 20)
     for _ in range(inflated_bytes >> 20):
         pieces.append(packer.compress(block))
@@ -144,9 +168,17 @@ def test_a_gzip_body_that_inflates_past_the_limit_is_413_without_inflating_it(sm
     bomb = gzip_bomb(512 << 20)
     assert len(bomb) < SMALL_BODY_BYTES  # under the limit as sent
     peak_before = peak_memory_bytes(small_gateway.pid)
-    message = assert_error(small_gateway.url, lambda: httpx.post(
-        f"{small_gateway.url}{V2_INFER}", content=bomb, timeout=60,
-        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}), 413, "payload_too_large")
+    message = assert_error(
+        small_gateway.url,
+        lambda: httpx.post(
+            f"{small_gateway.url}{V2_INFER}",
+            content=bomb,
+            timeout=60,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        ),
+        413,
+        "payload_too_large",
+    )
     assert "unpacks to more than" in message
     # At most the limit was unpacked: the peak grew by far less than the 512 MB the bomb holds.
     assert peak_memory_bytes(small_gateway.pid) - peak_before < 64 << 20
@@ -184,11 +216,14 @@ def send_chunked(url: str, path: str, content_type: str, first: bytes, total: in
     return answer, sent
 
 
-@pytest.mark.parametrize("path, content_type, first", [
-    pytest.param(f"/v1/models/{MODEL}/classify", "image/png", b"\x89PNG\r\n\x1a\n", id="a raw image"),
-    pytest.param(f"/v1/models/{MODEL}/classify", "application/json", b'{"images": ["', id="a JSON body"),
-    pytest.param(V2_INFER, "application/json", b'{"inputs": [', id="a v2 tensor request"),
-])
+@pytest.mark.parametrize(
+    "path, content_type, first",
+    [
+        pytest.param(f"/v1/models/{MODEL}/classify", "image/png", b"\x89PNG\r\n\x1a\n", id="a raw image"),
+        pytest.param(f"/v1/models/{MODEL}/classify", "application/json", b'{"images": ["', id="a JSON body"),
+        pytest.param(V2_INFER, "application/json", b'{"inputs": [', id="a v2 tensor request"),
+    ],
+)
 def test_a_chunked_body_past_the_limit_is_413(small_gateway, path, content_type, first):
     total = 16 * SMALL_BODY_BYTES
     refused = metric(small_gateway.url, "gateway_rejections_total", reason="payload_too_large") or 0.0
@@ -201,11 +236,16 @@ def test_a_chunked_body_past_the_limit_is_413(small_gateway, path, content_type,
     assert sent < total // 2, f"{sent} bytes were sent before the answer"
 
 
-@pytest.mark.parametrize("change", [
-    pytest.param(lambda body: body["outputs"][0].update(parameters={"classification": -1}),
-                 id="a negative classification count"),
-    pytest.param(lambda body: body.update(parameters=5), id="request parameters that are not an object"),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(
+            lambda body: body["outputs"][0].update(parameters={"classification": -1}),
+            id="a negative classification count",
+        ),
+        pytest.param(lambda body: body.update(parameters=5), id="request parameters that are not an object"),
+    ],
+)
 def test_request_parameters_triton_cannot_use_are_a_400_not_a_502(gateway, change):
     body = tensor_request()
     body.setdefault("outputs", [{"name": "logits"}])

@@ -14,9 +14,24 @@ MODEL = "digits"
 def run_loadtest(tmp_path: Path, triton, gateway, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
     reports = tmp_path / "reports"
     command = [
-        sys.executable, "-m", "loadtests.run", "--model", MODEL, "--reports", str(reports),
-        "--gateway-url", gateway.url, "--triton-http", triton.http_url, "--triton-grpc", triton.grpc_url,
-        "--triton-metrics", triton.metrics_url, "--images", str(tmp_path / "images"), *args,
+        sys.executable,
+        "-m",
+        "loadtests.run",
+        "--model",
+        MODEL,
+        "--reports",
+        str(reports),
+        "--gateway-url",
+        gateway.url,
+        "--triton-http",
+        triton.http_url,
+        "--triton-grpc",
+        triton.grpc_url,
+        "--triton-metrics",
+        triton.metrics_url,
+        "--images",
+        str(tmp_path / "images"),
+        *args,
     ]
     # cwd: locust imports the `loadtests` package from the working directory, as `make loadtest` does.
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -33,22 +48,32 @@ def test_ten_seconds_of_locust_on_the_gateway_serve_every_request_and_leave_the_
     for photo in photos:
         (images / photo.name).write_bytes(photo.read_bytes())
 
-    finished, report = run_loadtest(tmp_path, triton, gateway, "--users", "3", "--spawn-rate", "3",
-                                    "--duration", "10s", "--fail-ratio", "0")
+    finished, report = run_loadtest(
+        tmp_path, triton, gateway, "--users", "3", "--spawn-rate", "3", "--duration", "10s", "--fail-ratio", "0"
+    )
 
     assert finished.returncode == 0, finished.stderr[-3000:]
-    for name in ("locust_stats.csv", "locust_stats_history.csv", "locust.html", "summary.md", "summary.json",
-                 "latency.png", "metrics-before/gateway.prom", "metrics-before/triton.prom",
-                 "metrics-after/gateway.prom", "metrics-after/triton.prom", "metrics-after/triton-stats.json"):
+    for name in (
+        "locust_stats.csv",
+        "locust_stats_history.csv",
+        "locust.html",
+        "summary.md",
+        "summary.json",
+        "latency.png",
+        "metrics-before/gateway.prom",
+        "metrics-before/triton.prom",
+        "metrics-after/gateway.prom",
+        "metrics-after/triton.prom",
+        "metrics-after/triton-stats.json",
+    ):
         assert (report / name).is_file(), name
     summary = json.loads((report / "summary.json").read_text())
     assert summary["total"]["requests"] > 0
     assert summary["total"]["failures"] == 0
     # Every scenario ran, and the servers' own counters saw the traffic.
-    assert {r["name"] for r in summary["requests"]} == {
-        "classify raw", "classify multipart", "classify multipart x4"}
+    assert {r["name"] for r in summary["requests"]} == {"classify raw", "classify multipart", "classify multipart x4"}
     assert summary["gateway_statuses"] == {"200": sum(summary["gateway_statuses"].values())}
-    triton_load, = summary["triton"]
+    (triton_load,) = summary["triton"]
     assert triton_load["model"] == MODEL and triton_load["inferences"] >= summary["total"]["requests"]
     # The batch-size table comes from Triton's statistics API, which restarts when the model reloads
     # (poll mode may reload it once just after start); the Prometheus counters do not.
@@ -67,8 +92,9 @@ def sample_images(tmp_path: Path, photos) -> None:
 def test_a_missed_threshold_exits_1_and_still_leaves_the_report(tmp_path, triton, gateway, photos):
     sample_images(tmp_path, photos)
     # No request is answered within a microsecond: the p99 threshold is missed for sure.
-    finished, report = run_loadtest(tmp_path, triton, gateway, "--users", "1", "--spawn-rate", "1",
-                                    "--duration", "3s", "--max-p99-ms", "0.001")
+    finished, report = run_loadtest(
+        tmp_path, triton, gateway, "--users", "1", "--spawn-rate", "1", "--duration", "3s", "--max-p99-ms", "0.001"
+    )
     assert finished.returncode == 1, finished.stderr[-3000:]
     assert "threshold exceeded" in finished.stderr
     summary = json.loads((report / "summary.json").read_text())
@@ -86,12 +112,25 @@ def gateway_answers(gateway) -> float:
 def test_target_triton_loads_triton_directly_and_not_the_gateway(tmp_path, triton, gateway, photos):
     sample_images(tmp_path, photos)
     before = gateway_answers(gateway)
-    finished, report = run_loadtest(tmp_path, triton, gateway, "--target", "triton", "--users", "2",
-                                    "--spawn-rate", "2", "--duration", "3s", "--fail-ratio", "0")
+    finished, report = run_loadtest(
+        tmp_path,
+        triton,
+        gateway,
+        "--target",
+        "triton",
+        "--users",
+        "2",
+        "--spawn-rate",
+        "2",
+        "--duration",
+        "3s",
+        "--fail-ratio",
+        "0",
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     summary = json.loads((report / "summary.json").read_text())
     assert summary["total"]["requests"] > 0 and summary["total"]["failures"] == 0
-    triton_load, = summary["triton"]
+    (triton_load,) = summary["triton"]
     assert triton_load["inferences"] >= summary["total"]["requests"]
     assert gateway_answers(gateway) == before
 
@@ -101,9 +140,24 @@ def test_the_ramp_steps_users_up_to_its_limit_and_records_each_step(tmp_path, tr
     # Short steps and no warm-up: two steps of one second each, then the user limit ends the ramp.
     monkeypatch.setenv("LOADTEST_RAMP_SETTLE_S", "0.5")
     monkeypatch.setenv("LOADTEST_RAMP_WARMUP_S", "0")
-    finished, report = run_loadtest(tmp_path, triton, gateway, "--ramp", "--ramp-step-users", "1",
-                                    "--ramp-step-s", "1", "--ramp-max-users", "2", "--p99-budget-ms", "60000",
-                                    "--duration", "30s", "--fail-ratio", "0")
+    finished, report = run_loadtest(
+        tmp_path,
+        triton,
+        gateway,
+        "--ramp",
+        "--ramp-step-users",
+        "1",
+        "--ramp-step-s",
+        "1",
+        "--ramp-max-users",
+        "2",
+        "--p99-budget-ms",
+        "60000",
+        "--duration",
+        "30s",
+        "--fail-ratio",
+        "0",
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     ramp = json.loads((report / "ramp.json").read_text())
     assert [step["users"] for step in ramp["steps"]] == [1, 2]

@@ -13,9 +13,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from client import classify
-from stack.launcher import TritonServer, free_port
 from server.settings import Settings
 from server.shared_memory import SHM_DIRECTORY
+from stack.launcher import TritonServer, free_port
 
 from .conftest import MODEL, PIXEL_MODEL, gateway_regions, metric, start_gateway
 from .test_failures import wait_for
@@ -29,8 +29,9 @@ def inputs_sent(url: str, transport: dict) -> float:
 
 @pytest.fixture(scope="module")
 def bytes_gateway(triton, tmp_path_factory):
-    process = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("bytes") / "gateway.log",
-                            GATEWAY_SHARED_MEMORY_SLOTS="0")
+    process = start_gateway(
+        triton.grpc_url, tmp_path_factory.mktemp("bytes") / "gateway.log", GATEWAY_SHARED_MEMORY_SLOTS="0"
+    )
     yield process
     process.stop()
 
@@ -52,8 +53,12 @@ def test_every_slot_is_free_again_after_good_and_bad_requests(gateway, photos):
     total = metric(gateway.url, "gateway_shared_memory_free_slots")
     assert total == Settings.model_fields["shared_memory_slots"].default
     classify(photos[:2], model=MODEL, url=gateway.url)
-    broken = httpx.post(f"{gateway.url}/v1/models/{MODEL}/classify", content=photos[0].read_bytes()[:600],
-                        headers={"Content-Type": "image/jpeg"}, timeout=30)
+    broken = httpx.post(
+        f"{gateway.url}/v1/models/{MODEL}/classify",
+        content=photos[0].read_bytes()[:600],
+        headers={"Content-Type": "image/jpeg"},
+        timeout=30,
+    )
     assert broken.status_code == 400
     assert metric(gateway.url, "gateway_shared_memory_free_slots") == total
 
@@ -78,8 +83,13 @@ def test_a_triton_that_cannot_open_the_region_is_sent_bytes(repository, photos, 
         # host: Triton, started now, cannot open the key the gateway registers.
         (region,) = Path(SHM_DIRECTORY).glob(f"gateway-{gateway.pid}-*")
         region.unlink()
-        with TritonServer(model_repository=repository, http_port=free_port(), grpc_port=grpc_port,
-                          metrics_port=free_port(), cache_dir=tmp_path / "cache"):
+        with TritonServer(
+            model_repository=repository,
+            http_port=free_port(),
+            grpc_port=grpc_port,
+            metrics_port=free_port(),
+            cache_dir=tmp_path / "cache",
+        ):
             # The next probe finds Triton back and offers the region, which Triton refuses.
             assert wait_for(lambda: "cannot use shared memory region" in gateway.log_path.read_text())
             answer = classify(photos[:2], model=MODEL, url=gateway.url)

@@ -53,8 +53,11 @@ def test_each_instance_runs_onnx_runtime_on_its_share_of_the_cores(triton):
     log = triton.log_path.read_text(errors="replace")
     for model, instances in ((MODEL, 2), (PIXEL_MODEL, 1)):
         # Every (re)load of the model logs one line per instance.
-        lines = re.findall(rf"({re.escape(model)}_\d+_\d+): ONNX Runtime on (\d+) intra-op thread\(s\) "
-                           rf"\((\d+) instance\(s\), (\d+) usable core\(s\)\)", log)
+        lines = re.findall(
+            rf"({re.escape(model)}_\d+_\d+): ONNX Runtime on (\d+) intra-op thread\(s\) "
+            rf"\((\d+) instance\(s\), (\d+) usable core\(s\)\)",
+            log,
+        )
         assert len({name for name, *_ in lines}) == instances, (model, lines)
         for _, threads, counted, usable in lines:
             assert int(counted) == instances and int(usable) <= cores
@@ -62,8 +65,12 @@ def test_each_instance_runs_onnx_runtime_on_its_share_of_the_cores(triton):
 
 
 def test_raw_image_body_is_classified(gateway, photos):
-    response = httpx.post(f"{gateway.url}/v1/models/{MODEL}/classify?top_k=3",
-                          content=photos[0].read_bytes(), headers={"Content-Type": "image/jpeg"}, timeout=30)
+    response = httpx.post(
+        f"{gateway.url}/v1/models/{MODEL}/classify?top_k=3",
+        content=photos[0].read_bytes(),
+        headers={"Content-Type": "image/jpeg"},
+        timeout=30,
+    )
     assert response.status_code == 200
     assert [len(r["predictions"]) for r in response.json()["results"]] == [3]
 
@@ -101,15 +108,21 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("request_kwargs, status, code", [
-    ({"content": b"not an image", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
-    ({"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
-    ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
-    ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
-    ({"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400,
-     "bad_request"),
-    ({"files": [("other", ("a.png", _png(), "image/png"))]}, 400, "bad_request"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs, status, code",
+    [
+        ({"content": b"not an image", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
+        ({"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
+        ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+        ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+        (
+            {"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
+            400,
+            "bad_request",
+        ),
+        ({"files": [("other", ("a.png", _png(), "image/png"))]}, 400, "bad_request"),
+    ],
+)
 def test_bad_input_gets_a_4xx_with_a_json_error(gateway, request_kwargs, status, code):
     response = httpx.post(f"{gateway.url}/v1/models/{MODEL}/classify", timeout=30, **request_kwargs)
     assert response.status_code == status
@@ -117,12 +130,17 @@ def test_bad_input_gets_a_4xx_with_a_json_error(gateway, request_kwargs, status,
 
 
 def test_unknown_model_is_404(gateway):
-    response = httpx.post(f"{gateway.url}/v1/models/nope/classify", content=_png(),
-                          headers={"Content-Type": "image/png"}, timeout=30)
+    response = httpx.post(
+        f"{gateway.url}/v1/models/nope/classify", content=_png(), headers={"Content-Type": "image/png"}, timeout=30
+    )
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
 
 
 def test_non_numeric_top_k_is_a_4xx(gateway):
-    response = httpx.post(f"{gateway.url}/v1/models/{MODEL}/classify?top_k=five", content=_png(),
-                          headers={"Content-Type": "image/png"}, timeout=30)
+    response = httpx.post(
+        f"{gateway.url}/v1/models/{MODEL}/classify?top_k=five",
+        content=_png(),
+        headers={"Content-Type": "image/png"},
+        timeout=30,
+    )
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"

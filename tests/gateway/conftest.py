@@ -20,10 +20,14 @@ from server.triton import Inference, ModelInfo
 
 MODEL = "digits"
 CLASSES = 10
-INFO = ModelInfo(name=MODEL, spec=PreprocessSpec(image_size=8, resize_size=8, mean=(0.5,), std=(0.25,),
-                                                 color_mode="L"),
-                 labels=tuple(str(i) for i in range(CLASSES)), input_name="input", output_name="logits",
-                 max_batch_size=8)
+INFO = ModelInfo(
+    name=MODEL,
+    spec=PreprocessSpec(image_size=8, resize_size=8, mean=(0.5,), std=(0.25,), color_mode="L"),
+    labels=tuple(str(i) for i in range(CLASSES)),
+    input_name="input",
+    output_name="logits",
+    max_batch_size=8,
+)
 
 
 class ServedReplicas:
@@ -54,8 +58,15 @@ class ServedReplicas:
 
 
 def gateway_settings(**overrides) -> Settings:
-    return Settings(triton_grpc_url="127.0.0.1:9", triton_http_url="127.0.0.1:9", triton_timeout_s=1,
-                    shared_memory_slots=0, log_json=False, preprocess_threads=2, **overrides)
+    return Settings(
+        triton_grpc_url="127.0.0.1:9",
+        triton_http_url="127.0.0.1:9",
+        triton_timeout_s=1,
+        shared_memory_slots=0,
+        log_json=False,
+        preprocess_threads=2,
+        **overrides,
+    )
 
 
 def client_of(settings: Settings, replicas=None, **client_options) -> TestClient:

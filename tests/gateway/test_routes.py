@@ -35,19 +35,30 @@ def test_the_default_top_k_is_capped_by_the_classes_a_model_has():
         assert answer.status_code == 200 and len(answer.json()["results"][0]["predictions"]) == CLASSES
 
 
-@pytest.mark.parametrize("path, kwargs, status, code", [
-    ("/v1/models/nope/classify", {"content": png(), "headers": {"Content-Type": "image/png"}}, 404,
-     "model_not_found"),
-    (CLASSIFY, {"content": b"junk", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
-    (CLASSIFY, {"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
-    (CLASSIFY, {"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
-    (CLASSIFY + "?top_k=0", {"content": png(), "headers": {"Content-Type": "image/png"}}, 422, "invalid_request"),
-    (CLASSIFY + "?version=x", {"content": png(), "headers": {"Content-Type": "image/png"}}, 422,
-     "invalid_request"),
-    ("/v1/models/bad name!/classify", {"content": png(), "headers": {"Content-Type": "image/png"}}, 422,
-     "invalid_request"),
-    ("/v1/nowhere", {"content": b""}, 404, "not_found"),
-], ids=["unknown model", "not an image", "empty body", "text", "top_k 0", "bad version", "bad name", "no route"])
+@pytest.mark.parametrize(
+    "path, kwargs, status, code",
+    [
+        (
+            "/v1/models/nope/classify",
+            {"content": png(), "headers": {"Content-Type": "image/png"}},
+            404,
+            "model_not_found",
+        ),
+        (CLASSIFY, {"content": b"junk", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
+        (CLASSIFY, {"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "invalid_image"),
+        (CLASSIFY, {"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+        (CLASSIFY + "?top_k=0", {"content": png(), "headers": {"Content-Type": "image/png"}}, 422, "invalid_request"),
+        (CLASSIFY + "?version=x", {"content": png(), "headers": {"Content-Type": "image/png"}}, 422, "invalid_request"),
+        (
+            "/v1/models/bad name!/classify",
+            {"content": png(), "headers": {"Content-Type": "image/png"}},
+            422,
+            "invalid_request",
+        ),
+        ("/v1/nowhere", {"content": b""}, 404, "not_found"),
+    ],
+    ids=["unknown model", "not an image", "empty body", "text", "top_k 0", "bad version", "bad name", "no route"],
+)
 def test_bad_requests_get_a_4xx_with_the_error_body_and_are_counted(gateway, path, kwargs, status, code):
     before = rejections(gateway, code)
     assert error_of(gateway.post(path, **kwargs)) == (status, code)
@@ -78,14 +89,16 @@ def test_an_unexpected_error_is_a_json_500_and_counted():
         assert answer.json() == {"error": {"code": "internal_error", "message": "internal error; see the gateway log"}}
         assert rejections(client, "internal_error") == 1
         requests = client.app.state.metrics.registry.get_sample_value(
-            "gateway_requests_total", {"model": "unknown", "status": "500"})
+            "gateway_requests_total", {"model": "unknown", "status": "500"}
+        )
         assert requests == 1
 
 
 def test_kserve_requests_the_gateway_refuses_are_counted_and_answered_as_kserve_errors(gateway):
     before = rejections(gateway, "bad_request")
-    answer = gateway.post(f"/v2/models/{MODEL}/infer", content=b"{not json",
-                          headers={"Content-Type": "application/json"})
+    answer = gateway.post(
+        f"/v2/models/{MODEL}/infer", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert answer.status_code == 400 and "not JSON" in answer.json()["error"]
     assert rejections(gateway, "bad_request") == before + 1
 

@@ -48,16 +48,21 @@ def test_report_states_both_targets_against_the_ceiling():
 
 
 def test_report_leaves_out_target_lines_without_their_runs():
-    results = [summarize(CEILING, 1, [Run(800, 6.0, [0.06] * 100)]),
-               summarize(TRITON, 4, [Run(90, 1.0, [0.04] * 90)]), summarize(GATEWAY, 4, [Run(70, 1.0, [0.05] * 70)])]
+    results = [
+        summarize(CEILING, 1, [Run(800, 6.0, [0.06] * 100)]),
+        summarize(TRITON, 4, [Run(90, 1.0, [0.04] * 90)]),
+        summarize(GATEWAY, 4, [Run(70, 1.0, [0.05] * 70)]),
+    ]
     out = io.StringIO()
     report(results, Console(file=out, width=200))
     assert "target" not in out.getvalue()
 
 
 def test_cpu_per_image_sums_over_rounds():
-    runs = [Run(100, 1.0, [0.01] * 100, {"Triton": 1.6, "gateway": 0.3}),
-            Run(50, 1.0, [0.02] * 50, {"Triton": 0.8, "gateway": 0.2})]
+    runs = [
+        Run(100, 1.0, [0.01] * 100, {"Triton": 1.6, "gateway": 0.3}),
+        Run(50, 1.0, [0.02] * 50, {"Triton": 0.8, "gateway": 0.2}),
+    ]
     result = summarize(GATEWAY, 16, runs)
     assert result.cpu_ms_per_image == pytest.approx({"Triton": 16.0, "gateway": 10 / 3})
 
@@ -65,11 +70,18 @@ def test_cpu_per_image_sums_over_rounds():
 @pytest.mark.spawns
 def test_process_tree_cpu_counts_children():
     # The parent only sleeps; its child burns 0.3 s of CPU, which the tree's total must include.
-    parent = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.process_time()\\n"
-        "while time.process_time() - t < 0.3: pass\\ntime.sleep(30)'])\n"
-        "time.sleep(30)\n")])
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import subprocess, sys, time\n"
+                "child = subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.process_time()\\n"
+                "while time.process_time() - t < 0.3: pass\\ntime.sleep(30)'])\n"
+                "time.sleep(30)\n"
+            ),
+        ]
+    )
     try:
         deadline = time.monotonic() + 20
         while process_tree_cpu_s(parent.pid) < 0.3 and time.monotonic() < deadline:

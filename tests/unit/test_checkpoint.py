@@ -28,7 +28,7 @@ def test_a_meta_with_only_what_rebuilding_needs_loads_and_saves_as_it_was():
     assert meta.preprocess is None and meta.classes == () and meta.input_shape == (1, 8, 8)
     assert meta.to_dict() == {**minimal, "config": {}, "recipe": {}}
     with pytest.raises(CheckpointError, match="no preprocessing spec"):
-        meta.spec
+        _ = meta.spec
 
 
 def test_a_meta_without_a_required_key_is_a_checkpoint_error():

@@ -16,33 +16,79 @@ from builder.train_config import TrainConfig
 
 # (command, flag, settings dataclass, field) for every flag that sets a dataclass field.
 DATACLASS_FLAGS = [
-    *[("prune", flag, PruneConfig, field) for flag, field in (
-        ("--target", "target"), ("--keep-ratio", "keep_ratio"), ("--importance", "importance"),
-        ("--scope", "scope"), ("--steps", "steps"), ("--finetune-epochs", "finetune_epochs"),
-        ("--round-to", "round_to"))],
-    *[("quantize", flag, QuantizeConfig, field) for flag, field in (
-        ("--target", "target"), ("--calibration-images", "calibration_images"),
-        ("--calibration-method", "method"), ("--full-range-weights", "reduce_range"))],
+    *[
+        ("prune", flag, PruneConfig, field)
+        for flag, field in (
+            ("--target", "target"),
+            ("--keep-ratio", "keep_ratio"),
+            ("--importance", "importance"),
+            ("--scope", "scope"),
+            ("--steps", "steps"),
+            ("--finetune-epochs", "finetune_epochs"),
+            ("--round-to", "round_to"),
+        )
+    ],
+    *[
+        ("quantize", flag, QuantizeConfig, field)
+        for flag, field in (
+            ("--target", "target"),
+            ("--calibration-images", "calibration_images"),
+            ("--calibration-method", "method"),
+            ("--full-range-weights", "reduce_range"),
+        )
+    ],
     ("quantize", "--qat-epochs", QATConfig, "epochs"),
     ("quantize", "--qat-lr", QATConfig, "lr"),
-    *[("engine", flag, EngineConfig, field) for flag, field in (
-        ("--precision", "precision"), ("--min-batch", "min_batch"), ("--opt-batch", "opt_batch"),
-        ("--max-batch", "max_batch"), ("--calibration-images", "calibration_images"))],
-    *[("publish", flag, PublishSettings, field) for flag, field in (
-        ("--max-batch-size", "max_batch_size"), ("--instances", "instance_count"),
-        ("--intra-op-threads", "intra_op_threads"), ("--max-queue-delay-us", "max_queue_delay_us"),
-        ("--max-queue-size", "max_queue_size"), ("--intra-op-spinning", "intra_op_spinning"),
-        ("--no-dynamic-batching", "dynamic_batching"), ("--target", "target"), ("--pixel-input", "pixel_input"),
-        ("--keep", "keep"), ("--version-policy", "version_policy"), ("--latest-versions", "latest_versions"),
-        ("--triton-url", "triton_url"), ("--trt-cache-path", "trt_cache_path"), ("--no-cuda-graphs", "cuda_graphs"),
-        ("--compute-capability", "compute_capability"), ("--preferred-batch-sizes", "preferred_batch_sizes"))],
-    *[(command, "--" + field.name.replace("_", "-"), TrainConfig, field.name)
-      for command in ("train", "tune") for field in dataclasses.fields(TrainConfig)
-      if field.name != "out_dir" and (command == "train" or field.name not in ("resume", "tensorboard"))],
+    *[
+        ("engine", flag, EngineConfig, field)
+        for flag, field in (
+            ("--precision", "precision"),
+            ("--min-batch", "min_batch"),
+            ("--opt-batch", "opt_batch"),
+            ("--max-batch", "max_batch"),
+            ("--calibration-images", "calibration_images"),
+        )
+    ],
+    *[
+        ("publish", flag, PublishSettings, field)
+        for flag, field in (
+            ("--max-batch-size", "max_batch_size"),
+            ("--instances", "instance_count"),
+            ("--intra-op-threads", "intra_op_threads"),
+            ("--max-queue-delay-us", "max_queue_delay_us"),
+            ("--max-queue-size", "max_queue_size"),
+            ("--intra-op-spinning", "intra_op_spinning"),
+            ("--no-dynamic-batching", "dynamic_batching"),
+            ("--target", "target"),
+            ("--pixel-input", "pixel_input"),
+            ("--keep", "keep"),
+            ("--version-policy", "version_policy"),
+            ("--latest-versions", "latest_versions"),
+            ("--triton-url", "triton_url"),
+            ("--trt-cache-path", "trt_cache_path"),
+            ("--no-cuda-graphs", "cuda_graphs"),
+            ("--compute-capability", "compute_capability"),
+            ("--preferred-batch-sizes", "preferred_batch_sizes"),
+        )
+    ],
+    *[
+        (command, "--" + field.name.replace("_", "-"), TrainConfig, field.name)
+        for command in ("train", "tune")
+        for field in dataclasses.fields(TrainConfig)
+        if field.name != "out_dir" and (command == "train" or field.name not in ("resume", "tensorboard"))
+    ],
 ]
 # Options of the command line itself, whose defaults belong to no settings dataclass.
-CLI_DEFAULTS = {("tune", "out"), ("tune", "trials"), ("tune", "sampler"), ("export", "parity_images"),
-                ("publish", "repository"), ("evaluate", "out"), ("quantize", "method"), ("quantize", "precision")}
+CLI_DEFAULTS = {
+    ("tune", "out"),
+    ("tune", "trials"),
+    ("tune", "sampler"),
+    ("export", "parity_images"),
+    ("publish", "repository"),
+    ("evaluate", "out"),
+    ("quantize", "method"),
+    ("quantize", "precision"),
+}
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -67,15 +113,21 @@ def _field_default(config_type, name):
 
 
 def test_no_flag_hard_codes_a_default():
-    hard_coded = [f"{command} {action.option_strings[0]}={action.default!r}"
-                  for command, parser in _commands().items() for action in parser._actions
-                  if action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
-                  and action.dest != "help" and (command, action.dest) not in CLI_DEFAULTS]
+    hard_coded = [
+        f"{command} {action.option_strings[0]}={action.default!r}"
+        for command, parser in _commands().items()
+        for action in parser._actions
+        if action.option_strings
+        and action.default not in (None, False, argparse.SUPPRESS)
+        and action.dest != "help"
+        and (command, action.dest) not in CLI_DEFAULTS
+    ]
     assert hard_coded == []
 
 
-@pytest.mark.parametrize("command, flag, config_type, name", DATACLASS_FLAGS,
-                         ids=[f"{c}{f}" for c, f, _, _ in DATACLASS_FLAGS])
+@pytest.mark.parametrize(
+    "command, flag, config_type, name", DATACLASS_FLAGS, ids=[f"{c}{f}" for c, f, _, _ in DATACLASS_FLAGS]
+)
 def test_a_flag_not_given_leaves_the_dataclass_default_and_help_shows_it(command, flag, config_type, name):
     action = _action(command, flag)
     assert action.default in (None, argparse.SUPPRESS) or (action.nargs == 0 and action.default is False)

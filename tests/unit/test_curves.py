@@ -21,8 +21,18 @@ def saved_figures(monkeypatch):
 
 
 def test_the_loss_axis_is_logarithmic_so_a_spike_does_not_flatten_it(tmp_path, saved_figures):
-    history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 3640.0 if e == 1 else 1.5 / e, "train_accuracy": 0.5,
-                "val_accuracy": 0.5, "val_macro_recall": 0.5, "lr": 1e-3} for e in range(1, 6)]
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 2.0 / e,
+            "val_loss": 3640.0 if e == 1 else 1.5 / e,
+            "train_accuracy": 0.5,
+            "val_accuracy": 0.5,
+            "val_macro_recall": 0.5,
+            "lr": 1e-3,
+        }
+        for e in range(1, 6)
+    ]
     plot_curves(history, tmp_path / "curves.png")
     loss_axes = next(a for a in saved_figures[-1].axes if a.get_title() == "loss")
     assert loss_axes.get_yscale() == "log"

@@ -37,11 +37,14 @@ def test_image_folder_dataset_is_split_and_checked(tmp_path, photos):
     assert dataset.train.image(0, "RGB").mode == "RGB"
 
 
-@pytest.mark.parametrize("layout, message", [
-    ("missing", "neither a built-in"),
-    ("empty", "no class subfolders"),
-    ("empty_class", "has no images"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("missing", "neither a built-in"),
+        ("empty", "no class subfolders"),
+        ("empty_class", "has no images"),
+    ],
+)
 def test_bad_dataset_folders_are_named(tmp_path, layout, message):
     root = tmp_path / "data"
     if layout != "missing":

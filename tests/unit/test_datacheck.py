@@ -18,7 +18,8 @@ def test_data_check_finds_unreadable_blank_and_duplicate_images(tmp_path, caplog
             folder.mkdir(parents=True)
             for i in range(3):
                 shapes.train.images[(i * 2 + label.startswith("s")) + (6 if split == "val" else 0)].save(
-                    folder / f"{i}.png")
+                    folder / f"{i}.png"
+                )
     shapes.train.images[0].save(tmp_path / "val" / "circle" / "copy.png")  # = train/circle/0.png
     Image.new("RGB", (16, 16), (40, 40, 40)).save(tmp_path / "train" / "square" / "blank.png")
     (tmp_path / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -29,8 +30,9 @@ def test_data_check_finds_unreadable_blank_and_duplicate_images(tmp_path, caplog
     report = check_dataset(dataset)
     assert report.unreadable == [str(tmp_path / "train" / "circle" / "broken.png")]
     assert report.blank == [str(tmp_path / "train" / "square" / "blank.png")]
-    assert report.duplicates == [(str(tmp_path / "train" / "circle" / "0.png"),
-                                  str(tmp_path / "val" / "circle" / "copy.png"))]
+    assert report.duplicates == [
+        (str(tmp_path / "train" / "circle" / "0.png"), str(tmp_path / "val" / "circle" / "copy.png"))
+    ]
     assert report.train_counts == [3, 4] and report.imbalance_ratio == pytest.approx(4 / 3)
     assert not report.ok
     written = json.loads(report.write(tmp_path / "datacheck.json").read_text())

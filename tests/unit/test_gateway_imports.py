@@ -51,6 +51,7 @@ def test_no_gateway_module_names_a_package_outside_its_image_even_where_it_impor
                 names = [node.module or ""]
             else:
                 continue
-            found += [f"{path.name}:{node.lineno} {name}" for name in names
-                      if name.split(".")[0] in ABSENT_FROM_THE_IMAGE]
+            found += [
+                f"{path.name}:{node.lineno} {name}" for name in names if name.split(".")[0] in ABSENT_FROM_THE_IMAGE
+            ]
     assert found == []

@@ -40,8 +40,9 @@ def test_the_gateway_runs_with_its_connection_limit(monkeypatch, tmp_path):
     monkeypatch.delenv("GATEWAY_MAX_CONNECTIONS", raising=False)
     command = _command_of(GatewayProcess(log_path=tmp_path / "gateway.log"), monkeypatch)
     assert command[command.index("--limit-concurrency") + 1] == "1024"
-    command = _command_of(GatewayProcess(env={"GATEWAY_MAX_CONNECTIONS": "7"}, log_path=tmp_path / "g.log"),
-                          monkeypatch)
+    command = _command_of(
+        GatewayProcess(env={"GATEWAY_MAX_CONNECTIONS": "7"}, log_path=tmp_path / "g.log"), monkeypatch
+    )
     assert command[command.index("--limit-concurrency") + 1] == "7"
     with pytest.raises(LaunchError, match="GATEWAY_MAX_CONNECTIONS"):
         _command_of(GatewayProcess(env={"GATEWAY_MAX_CONNECTIONS": "0"}, log_path=tmp_path / "g.log"), monkeypatch)
@@ -109,8 +110,11 @@ def test_stop_ends_a_well_behaved_child_with_sigterm(tmp_path):
 
 @pytest.mark.spawns
 def test_a_child_that_exits_before_it_is_ready_is_a_launch_error_with_its_last_lines(tmp_path):
-    child = PythonChild(tmp_path / "child.log", "import sys; print('no model repository', flush=True); sys.exit(3)",
-                        url=f"http://127.0.0.1:{free_port()}/ready")
+    child = PythonChild(
+        tmp_path / "child.log",
+        "import sys; print('no model repository', flush=True); sys.exit(3)",
+        url=f"http://127.0.0.1:{free_port()}/ready",
+    )
     with pytest.raises(LaunchError, match="child exited with code 3 before it was ready") as error:
         child.start()
     assert "no model repository" in str(error.value)
@@ -119,8 +123,12 @@ def test_a_child_that_exits_before_it_is_ready_is_a_launch_error_with_its_last_l
 
 @pytest.mark.spawns
 def test_a_child_that_is_not_ready_in_time_is_a_launch_error_and_stopped(tmp_path):
-    child = PythonChild(tmp_path / "child.log", "import time; time.sleep(60)",
-                        url=f"http://127.0.0.1:{free_port()}/ready", startup_timeout_s=1)
+    child = PythonChild(
+        tmp_path / "child.log",
+        "import time; time.sleep(60)",
+        url=f"http://127.0.0.1:{free_port()}/ready",
+        startup_timeout_s=1,
+    )
     with pytest.raises(LaunchError, match=r"child was not ready at http://127\.0\.0\.1:\d+/ready within 1 s"):
         child.start()
     assert not child.running()
@@ -149,8 +157,9 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.spawns
 def test_a_child_dies_with_its_parent_even_when_the_parent_is_killed(tmp_path):
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "child.log")], stdout=subprocess.PIPE,
-                              text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tmp_path / "child.log")], stdout=subprocess.PIPE, text=True
+    )
     child_pid = None
     try:
         child_pid = int(parent.stdout.readline())

@@ -27,7 +27,7 @@ def builder_imports(path: Path) -> set[str]:
             found.update(parts[1] for parts in names if parts[0] == "builder" and len(parts) > 1)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
                 parts = base + (node.module.split(".") if node.module else [])
             elif node.module and node.module.split(".")[0] == "builder":
                 parts = node.module.split(".")[1:]
@@ -69,7 +69,7 @@ def test_no_two_builder_modules_import_each_other_in_a_cycle() -> None:
 
     def visit(node: str, path: list[str]) -> None:
         if node in path:
-            cycle = path[path.index(node):] + [node]
+            cycle = path[path.index(node) :] + [node]
             raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
         if node in done:
             return

@@ -11,10 +11,18 @@ import pytest
 from loadtests.ramp import step_percentile
 from loadtests.render import batch_size_ranges, plot_latency, render_markdown
 from loadtests.report import (
-    Thresholds, build_summary, check_thresholds, counter_delta, histogram_quantile, parse_samples, read_history,
-    saturation_step, triton_loads,
+    Thresholds,
+    build_summary,
+    check_thresholds,
+    counter_delta,
+    histogram_quantile,
+    parse_samples,
+    read_history,
+    saturation_step,
+    triton_loads,
 )
-from loadtests.run import main as run_main, parser as run_parser
+from loadtests.run import main as run_main
+from loadtests.run import parser as run_parser
 from loadtests.targets import TargetRefused, require_loopback
 
 # Triton exposes its counters without the _total suffix; the text is as its /metrics answers.
@@ -36,10 +44,13 @@ nv_inference_compute_infer_duration_us{model="digits",version="1"} 500000
 nv_inference_compute_output_duration_us{model="digits",version="1"} 9000
 """
 # 400 more requests carrying 1200 images in 300 executions; 2 s more queueing, 4 s more compute.
-TRITON_AFTER = (TRITON_BEFORE.replace("} 100\n# TYPE nv_inference_count", "} 500\n# TYPE nv_inference_count")
-                .replace("} 150\n", "} 1350\n").replace("exec_count{model=\"digits\",version=\"1\"} 100",
-                                                         "exec_count{model=\"digits\",version=\"1\"} 400")
-                .replace("} 100000\n", "} 2100000\n").replace("} 500000\n", "} 4490000\n"))
+TRITON_AFTER = (
+    TRITON_BEFORE.replace("} 100\n# TYPE nv_inference_count", "} 500\n# TYPE nv_inference_count")
+    .replace("} 150\n", "} 1350\n")
+    .replace('exec_count{model="digits",version="1"} 100', 'exec_count{model="digits",version="1"} 400')
+    .replace("} 100000\n", "} 2100000\n")
+    .replace("} 500000\n", "} 4490000\n")
+)
 
 GATEWAY_TEXT = """\
 # TYPE gateway_requests_total counter
@@ -56,35 +67,57 @@ gateway_stage_seconds_sum{{stage="total"}} {seconds}
 
 def triton_stats(executions_by_size: dict[int, int]) -> dict:
     """Triton's statistics-extension answer for one model, reduced to what the report reads."""
-    return {"model_stats": [{"name": "digits", "version": "1", "batch_stats": [
-        {"batch_size": size, "compute_infer": {"count": count, "ns": 1000 * count}}
-        for size, count in executions_by_size.items()]}]}
+    return {
+        "model_stats": [
+            {
+                "name": "digits",
+                "version": "1",
+                "batch_stats": [
+                    {"batch_size": size, "compute_infer": {"count": count, "ns": 1000 * count}}
+                    for size, count in executions_by_size.items()
+                ],
+            }
+        ]
+    }
 
 
-HISTORY_HEADER = ("Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,"
-                  "99.99%,100%,Total Request Count,Total Failure Count,Total Median Response Time,"
-                  "Total Average Response Time,Total Min Response Time,Total Max Response Time,"
-                  "Total Average Content Size\n")
-STATS_HEADER = ("Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,"
-                "Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,"
-                "90%,95%,98%,99%,99.9%,99.99%,100%\n")
+HISTORY_HEADER = (
+    "Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,"
+    "99.99%,100%,Total Request Count,Total Failure Count,Total Median Response Time,"
+    "Total Average Response Time,Total Min Response Time,Total Max Response Time,"
+    "Total Average Content Size\n"
+)
+STATS_HEADER = (
+    "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,"
+    "Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,"
+    "90%,95%,98%,99%,99.9%,99.99%,100%\n"
+)
 
 
 def history_row(timestamp: int, users: int, p50: str, p99: str, total: int, failed: int) -> str:
-    return (f"{timestamp},{users},,Aggregated,0.0,0.0,{p50},{p50},{p50},{p50},{p99},{p99},{p99},{p99},{p99},{p99},"
-            f"{p99},{total},{failed},0,0.0,0,0,0\n")
+    return (
+        f"{timestamp},{users},,Aggregated,0.0,0.0,{p50},{p50},{p50},{p50},{p99},{p99},{p99},{p99},{p99},{p99},"
+        f"{p99},{total},{failed},0,0.0,0,0,0\n"
+    )
+
+
+# The columns between the failure count and p99: median, mean, min, max, size, rps, fails/s, p50 ... p98.
+STATS_MIDDLE = "20,25.0,5,300,120,40.0,0.2,20,22,24,25,30,60,90"
 
 
 def write_report_dir(folder: Path, *, requests: int = 400, failures: int = 2, p99_ms: int = 120) -> Path:
     """A report folder as a run leaves it: locust's CSVs and the metrics before and after."""
     (folder / "locust_stats.csv").write_text(
         STATS_HEADER
-        + f"POST,classify raw,{requests},{failures},20,25.0,5,300,120,40.0,0.2,20,22,24,25,30,60,90,{p99_ms},300,300,300\n"
-        + f",Aggregated,{requests},{failures},20,25.0,5,300,120,40.0,0.2,20,22,24,25,30,60,90,{p99_ms},300,300,300\n"
+        + f"POST,classify raw,{requests},{failures},{STATS_MIDDLE},{p99_ms},300,300,300\n"
+        + f",Aggregated,{requests},{failures},{STATS_MIDDLE},{p99_ms},300,300,300\n"
     )
     (folder / "locust_stats_history.csv").write_text(
-        HISTORY_HEADER + history_row(1000, 0, "N/A", "N/A", 0, 0) + history_row(1001, 4, "20", "100", 30, 0)
-        + history_row(1003, 4, "21", "110", 110, 2) + history_row(1010, 4, "20", "120", requests, failures)
+        HISTORY_HEADER
+        + history_row(1000, 0, "N/A", "N/A", 0, 0)
+        + history_row(1001, 4, "20", "100", 30, 0)
+        + history_row(1003, 4, "21", "110", 110, 2)
+        + history_row(1010, 4, "20", "120", requests, failures)
     )
     for name, gateway, triton, stats in (
         ("metrics-before", dict(ok=10, busy=0, fast=5, all=10, seconds=0.5), TRITON_BEFORE, {1: 100}),
@@ -116,7 +149,7 @@ def test_histogram_quantile_in_the_overflow_bucket_is_the_last_finite_bound():
 
 def test_triton_load_gives_the_mean_batch_and_queue_against_compute_time_per_request_of_this_run_only():
     delta = counter_delta(parse_samples(TRITON_BEFORE), parse_samples(TRITON_AFTER))
-    load, = triton_loads(delta, triton_stats({1: 100}), triton_stats({1: 150, 4: 250}))
+    (load,) = triton_loads(delta, triton_stats({1: 100}), triton_stats({1: 150, 4: 250}))
     assert (load.requests, load.inferences, load.executions) == (400, 1200, 300)
     assert load.mean_batch == pytest.approx(4.0)
     assert load.queue_ms == pytest.approx(5.0)  # 2 s of queueing over 400 requests
@@ -136,7 +169,7 @@ def test_summary_says_how_much_was_served_and_where_the_time_went(tmp_path):
     summary = build_summary(write_report_dir(tmp_path), target="gateway", settings={"users": "4"})
     assert summary.total.requests == 400 and summary.total.failures == 2
     assert summary.gateway_statuses == {"200": 398, "429": 2}
-    total_stage, = summary.stages
+    (total_stage,) = summary.stages
     assert total_stage.count == 400 and total_stage.mean_ms == pytest.approx(30.0)
     text = render_markdown(summary, [])
     assert "40.0 requests/s" in text and "p99 120.0 ms" in text
@@ -179,9 +212,14 @@ def test_ramp_step_percentile_counts_only_the_responses_of_that_step():
 
 
 def test_saturation_is_the_fastest_step_within_the_budget():
-    ramp = {"budget_ms": 100, "steps": [
-        {"users": 2, "rps": 50.0, "within_budget": True}, {"users": 4, "rps": 80.0, "within_budget": True},
-        {"users": 6, "rps": 85.0, "within_budget": False}]}
+    ramp = {
+        "budget_ms": 100,
+        "steps": [
+            {"users": 2, "rps": 50.0, "within_budget": True},
+            {"users": 4, "rps": 80.0, "within_budget": True},
+            {"users": 6, "rps": 85.0, "within_budget": False},
+        ],
+    }
     assert saturation_step(ramp)["users"] == 4
     assert saturation_step({"steps": [{"users": 2, "rps": 5.0, "within_budget": False}]}) is None
 
@@ -218,9 +256,16 @@ def test_a_duration_locust_would_not_understand_is_refused(capsys):
 def test_a_ramp_that_never_crossed_the_budget_does_not_claim_saturation():
     from loadtests.render import _ramp_section
 
-    capped = {"budget_ms": 100, "steps": [{"users": 2, "rps": 5.0, "p50_ms": 10, "p99_ms": 20, "failures": 0,
-                                           "within_budget": True}]}
+    capped = {
+        "budget_ms": 100,
+        "steps": [{"users": 2, "rps": 5.0, "p50_ms": 10, "p99_ms": 20, "failures": 0, "within_budget": True}],
+    }
     assert "saturation is above **5.0 requests/s**" in "\n".join(_ramp_section(capped))
-    crossed = {"budget_ms": 100, "steps": [*capped["steps"], {"users": 4, "rps": 6.0, "p50_ms": 90, "p99_ms": 200,
-                                                              "failures": 0, "within_budget": False}]}
+    crossed = {
+        "budget_ms": 100,
+        "steps": [
+            *capped["steps"],
+            {"users": 4, "rps": 6.0, "p50_ms": 90, "p99_ms": 200, "failures": 0, "within_budget": False},
+        ],
+    }
     assert "Saturation: **5.0 requests/s at 2 users**" in "\n".join(_ramp_section(crossed))

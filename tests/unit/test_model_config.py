@@ -9,8 +9,7 @@ def sample_config(**overrides) -> mc.ModelConfig:
         inputs=(mc.TensorSpec("input", (1, 32, 32)),),
         outputs=(mc.TensorSpec("logits", (10,), label_filename="labels.txt"),),
         max_batch_size=16,
-        dynamic_batching=mc.DynamicBatching(preferred_batch_sizes=(4, 8), max_queue_delay_us=500,
-                                            max_queue_size=32),
+        dynamic_batching=mc.DynamicBatching(preferred_batch_sizes=(4, 8), max_queue_delay_us=500, max_queue_size=32),
         instance_count=2,
         parameters={"preprocess.image_size": "32", "labels": '["a", "b"]'},
     )
@@ -24,9 +23,16 @@ def test_render_then_parse_gives_back_the_same_config():
 
 def test_rendered_config_has_the_sections_triton_reads():
     text = mc.render(sample_config())
-    for fragment in ('backend: "python"', "max_batch_size: 16", "max_queue_delay_microseconds: 500",
-                     "max_queue_size: 32", "kind: KIND_CPU", "count: 2", 'label_filename: "labels.txt"',
-                     "num_versions: 1"):
+    for fragment in (
+        'backend: "python"',
+        "max_batch_size: 16",
+        "max_queue_delay_microseconds: 500",
+        "max_queue_size: 32",
+        "kind: KIND_CPU",
+        "count: 2",
+        'label_filename: "labels.txt"',
+        "num_versions: 1",
+    ):
         assert fragment in text
 
 
@@ -48,28 +54,44 @@ def test_dynamic_batching_needs_batching_enabled():
 
 
 def test_a_model_without_batching_keeps_the_bounded_queue():
-    config = sample_config(max_batch_size=0, inputs=(mc.TensorSpec("input", (1, 1, 32, 32)),),
-                           dynamic_batching=mc.DynamicBatching(preferred_batch_sizes=(), max_queue_delay_us=0))
+    config = sample_config(
+        max_batch_size=0,
+        inputs=(mc.TensorSpec("input", (1, 1, 32, 32)),),
+        dynamic_batching=mc.DynamicBatching(preferred_batch_sizes=(), max_queue_delay_us=0),
+    )
     assert mc.parse(mc.render(config)) == config
     assert "max_queue_size: 64" in mc.render(config)
 
 
 def test_gpu_onnx_runtime_config_with_tensorrt_accelerator_round_trips():
-    accelerator = mc.ExecutionAccelerator("tensorrt", {"precision_mode": "FP16", "trt_engine_cache_enable": "true",
-                                                       "trt_engine_cache_path": "/cache/digits"})
-    config = sample_config(backend="onnxruntime", platform="onnxruntime_onnx", instance_kind="KIND_GPU",
-                           gpu_accelerators=(accelerator,))
+    accelerator = mc.ExecutionAccelerator(
+        "tensorrt",
+        {"precision_mode": "FP16", "trt_engine_cache_enable": "true", "trt_engine_cache_path": "/cache/digits"},
+    )
+    config = sample_config(
+        backend="onnxruntime", platform="onnxruntime_onnx", instance_kind="KIND_GPU", gpu_accelerators=(accelerator,)
+    )
     text = mc.render(config)
     assert mc.parse(text) == config
-    for fragment in ('platform: "onnxruntime_onnx"', "gpu_execution_accelerator", 'name: "tensorrt"',
-                     'key: "precision_mode"', 'value: "FP16"', "kind: KIND_GPU"):
+    for fragment in (
+        'platform: "onnxruntime_onnx"',
+        "gpu_execution_accelerator",
+        'name: "tensorrt"',
+        'key: "precision_mode"',
+        'value: "FP16"',
+        "kind: KIND_GPU",
+    ):
         assert fragment in text
 
 
-@pytest.mark.parametrize("policy, extra, fragment", [
-    ("all", {}, "all {"), ("specific", {"specific_versions": (2, 3)}, "versions: 2"),
-    ("latest", {"latest_versions": 2}, "num_versions: 2"),
-])
+@pytest.mark.parametrize(
+    "policy, extra, fragment",
+    [
+        ("all", {}, "all {"),
+        ("specific", {"specific_versions": (2, 3)}, "versions: 2"),
+        ("latest", {"latest_versions": 2}, "num_versions: 2"),
+    ],
+)
 def test_version_policies_round_trip(policy, extra, fragment):
     config = sample_config(version_policy=policy, **extra)
     assert fragment in mc.render(config)

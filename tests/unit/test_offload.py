@@ -36,8 +36,13 @@ def parsed_on_loop(monkeypatch) -> list[tuple[int, bool]]:
 @pytest.fixture
 def client(unused_ports):
     grpc, http = unused_ports
-    settings = Settings(triton_grpc_url=f"127.0.0.1:{grpc}", triton_http_url=f"127.0.0.1:{http}", log_json=False,
-                        shared_memory_slots=0, triton_timeout_s=1)
+    settings = Settings(
+        triton_grpc_url=f"127.0.0.1:{grpc}",
+        triton_http_url=f"127.0.0.1:{http}",
+        log_json=False,
+        shared_memory_slots=0,
+        triton_timeout_s=1,
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -50,8 +55,9 @@ def unused_ports() -> tuple[int, int]:
 
 
 def v2_body(values: int) -> bytes:
-    return json.dumps({"inputs": [{"name": "input", "shape": [values], "datatype": "FP32",
-                                   "data": [0] * values}]}).encode()
+    return json.dumps(
+        {"inputs": [{"name": "input", "shape": [values], "datatype": "FP32", "data": [0] * values}]}
+    ).encode()
 
 
 def test_a_large_v2_body_is_parsed_and_counted_off_the_event_loop(client, parsed_on_loop):

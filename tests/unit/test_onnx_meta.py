@@ -31,8 +31,9 @@ def test_model_meta_round_trips_through_onnx_metadata(tmp_path):
     assert read.with_dataset("shapes").dataset_recipe == {**meta.dataset_recipe, "source": "shapes"}
 
 
-@pytest.mark.parametrize("props", [{"preprocess": "{not json"}, {"preprocess": "{}"}, {"labels": "3"},
-                                   {"dataset": "[1, 2]"}])
+@pytest.mark.parametrize(
+    "props", [{"preprocess": "{not json"}, {"preprocess": "{}"}, {"labels": "3"}, {"dataset": "[1, 2]"}]
+)
 def test_malformed_onnx_metadata_is_one_onnx_file_error(props):
     with pytest.raises(OnnxFileError, match="model.onnx: its metadata .* is malformed"):
         OnnxMeta.from_props(props, source="model.onnx")

@@ -13,13 +13,33 @@ from builder.train_config import TrainConfig, TrainError
 def best_json(tmp_path):
     """A best.json as `builder tune --dataset FOLDER --image-size 32 --arch mobilenet_v3_small --epochs 3` writes it."""
     folder = tmp_path / "photos"
-    base = TrainConfig(dataset=str(folder), image_size=32, arch="mobilenet_v3_small", epochs=3, equalize=True,
-                       out_dir=tmp_path / "tune")
+    base = TrainConfig(
+        dataset=str(folder),
+        image_size=32,
+        arch="mobilenet_v3_small",
+        epochs=3,
+        equalize=True,
+        out_dir=tmp_path / "tune",
+    )
     path = tmp_path / "tune" / "best.json"
     path.parent.mkdir()
-    path.write_text(json.dumps({"params": {"lr": 0.0042, "weight_decay": 0.001, "batch_size": 32, "augment": "none",
-                                           "label_smoothing": 0.05},
-                                "val_accuracy": 0.9, "trial": 3, "study": "tune-tune", "base": base.to_dict()}))
+    path.write_text(
+        json.dumps(
+            {
+                "params": {
+                    "lr": 0.0042,
+                    "weight_decay": 0.001,
+                    "batch_size": 32,
+                    "augment": "none",
+                    "label_smoothing": 0.05,
+                },
+                "val_accuracy": 0.9,
+                "trial": 3,
+                "study": "tune-tune",
+                "base": base.to_dict(),
+            }
+        )
+    )
     return path, folder
 
 
@@ -31,7 +51,12 @@ def test_the_recorded_base_applies_without_flags(best_json, capsys):
     path, folder = best_json
     config = _config("--params", str(path))
     assert (config.dataset, config.image_size, config.arch, config.epochs, config.equalize) == (
-        str(folder), 32, "mobilenet_v3_small", 3, True)
+        str(folder),
+        32,
+        "mobilenet_v3_small",
+        3,
+        True,
+    )
     assert (config.lr, config.batch_size, config.augment, config.label_smoothing) == (0.0042, 32, "none", 0.05)
     # Where the tuning study kept its trials is no place for this run.
     assert config.out_dir == TrainConfig().out_dir and config.resume is False
@@ -42,8 +67,20 @@ def test_the_recorded_base_applies_without_flags(best_json, capsys):
 
 def test_explicit_flags_win_over_base_and_params(best_json, capsys):
     path, _ = best_json
-    config = _config("--params", str(path), "--dataset", "digits", "--image-size", "16", "--arch", "resnet18",
-                     "--lr", "0.1", "--out", "runs/final")
+    config = _config(
+        "--params",
+        str(path),
+        "--dataset",
+        "digits",
+        "--image-size",
+        "16",
+        "--arch",
+        "resnet18",
+        "--lr",
+        "0.1",
+        "--out",
+        "runs/final",
+    )
     assert (config.dataset, config.image_size, config.arch, config.lr) == ("digits", 16, "resnet18", 0.1)
     assert (config.epochs, config.batch_size, config.equalize) == (3, 32, True)  # the rest as recorded
     assert str(config.out_dir) == "runs/final"

@@ -7,8 +7,15 @@ from PIL import Image
 from torchvision import transforms
 
 from builder.data import load_dataset
+from server.errors import InvalidImage
 from server.preprocess import (
-    ImageTooLargeError, InvalidImageError, PreprocessSpec, decode_image, model_pixels, normalize, preprocess,
+    ImageTooLargeError,
+    InvalidImageError,
+    PreprocessSpec,
+    decode_image,
+    model_pixels,
+    normalize,
+    preprocess,
     preprocess_bytes,
 )
 
@@ -16,12 +23,14 @@ IMAGENET = PreprocessSpec(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def reference_transform(spec: PreprocessSpec):
-    return transforms.Compose([
-        transforms.Resize(spec.resize_size, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(spec.image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(spec.resize_size, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(spec.image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(spec.mean, spec.std),
+        ]
+    )
 
 
 @pytest.mark.parametrize("spec", [IMAGENET, PreprocessSpec(64, 73, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
@@ -42,12 +51,19 @@ def test_cropped_resize_equals_resize_then_crop_on_odd_sizes_and_upscaling(photo
     # The gateway resizes only the region the crop keeps; torchvision resizes the whole image first.
     image = decode_image(photos[0].read_bytes()).convert("RGB").resize(size)
     mode = transforms.InterpolationMode.BICUBIC if interpolation == "bicubic" else transforms.InterpolationMode.BILINEAR
-    for spec in (PreprocessSpec(24, 32, (0.5,) * 3, (0.25,) * 3, interpolation=interpolation),
-                 PreprocessSpec(224, 256, (0.5,) * 3, (0.25,) * 3, interpolation=interpolation),
-                 PreprocessSpec(20, 20, (0.5,), (0.25,), color_mode="L", interpolation=interpolation)):
-        reference = transforms.Compose([transforms.Resize(spec.resize_size, interpolation=mode),
-                                        transforms.CenterCrop(spec.image_size), transforms.ToTensor(),
-                                        transforms.Normalize(spec.mean, spec.std)])
+    for spec in (
+        PreprocessSpec(24, 32, (0.5,) * 3, (0.25,) * 3, interpolation=interpolation),
+        PreprocessSpec(224, 256, (0.5,) * 3, (0.25,) * 3, interpolation=interpolation),
+        PreprocessSpec(20, 20, (0.5,), (0.25,), color_mode="L", interpolation=interpolation),
+    ):
+        reference = transforms.Compose(
+            [
+                transforms.Resize(spec.resize_size, interpolation=mode),
+                transforms.CenterCrop(spec.image_size),
+                transforms.ToTensor(),
+                transforms.Normalize(spec.mean, spec.std),
+            ]
+        )
         expected = reference(image.convert(spec.color_mode)).numpy()
         ours = preprocess(image, spec)
         assert ours.shape == expected.shape
@@ -57,8 +73,9 @@ def test_cropped_resize_equals_resize_then_crop_on_odd_sizes_and_upscaling(photo
 @pytest.mark.parametrize("color_mode", ["RGB", "BGR", "L"])
 def test_normalize_maps_every_level_of_every_channel_as_the_formula_does(color_mode):
     channels = 1 if color_mode == "L" else 3
-    spec = PreprocessSpec(16, 16, (0.485, 0.456, 0.406)[:channels], (0.229, 0.224, 0.225)[:channels],
-                          color_mode=color_mode)
+    spec = PreprocessSpec(
+        16, 16, (0.485, 0.456, 0.406)[:channels], (0.229, 0.224, 0.225)[:channels], color_mode=color_mode
+    )
     # 16 x 16 pixels hold all 256 levels; each channel gets them in a different order.
     levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
     pixels = np.stack([np.roll(levels, 37 * c) for c in range(channels)], axis=2)
@@ -101,17 +118,21 @@ def test_spec_round_trips_through_triton_parameters():
 
 def test_spec_from_parameters_names_missing_keys():
     with pytest.raises(KeyError, match="mean"):
-        PreprocessSpec.from_parameters({"preprocess.image_size": "8", "preprocess.resize_size": "8",
-                                        "preprocess.std": "[1]"})
+        PreprocessSpec.from_parameters(
+            {"preprocess.image_size": "8", "preprocess.resize_size": "8", "preprocess.std": "[1]"}
+        )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"color_mode": "CMYK"}, "color_mode"),
-    ({"interpolation": "lanczos9"}, "interpolation"),
-    ({"image_size": 300}, "resize_size"),
-    ({"mean": (0.5,)}, "mean and std"),
-    ({"std": (0.2, 0.0, 0.2)}, "positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"color_mode": "CMYK"}, "color_mode"),
+        ({"interpolation": "lanczos9"}, "interpolation"),
+        ({"image_size": 300}, "resize_size"),
+        ({"mean": (0.5,)}, "mean and std"),
+        ({"std": (0.2, 0.0, 0.2)}, "positive"),
+    ],
+)
 def test_spec_rejects_invalid_values_with_a_message(kwargs, message):
     values = {"image_size": 224, "resize_size": 256, "mean": (0.5,) * 3, "std": (0.2,) * 3, **kwargs}
     with pytest.raises(ValueError, match=message):
@@ -264,6 +285,7 @@ def test_quick_to_preprocess_is_false_for_a_decompression_bomb(monkeypatch, phot
 
 # ---- large images: reduced before conversion, bounded per request and at once, memory handed back ----
 
+
 def full_resolution_pixels(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     """The preprocessing before large images were reduced first: composite and convert every pixel, then
     resize (the crop box only). The reference the reduced path is held to."""
@@ -303,9 +325,12 @@ def reduce_any_size(monkeypatch):
 
     monkeypatch.setattr(server.preprocess, "REDUCE_MIN_PIXELS", 0)
 
-SMALL_SPECS = [PreprocessSpec(32, 36, (0.5,) * 3, (0.25,) * 3),
-               PreprocessSpec(24, 24, (0.5,) * 3, (0.25,) * 3, interpolation="bicubic"),
-               PreprocessSpec(24, 28, (0.5,), (0.25,), color_mode="L")]
+
+SMALL_SPECS = [
+    PreprocessSpec(32, 36, (0.5,) * 3, (0.25,) * 3),
+    PreprocessSpec(24, 24, (0.5,) * 3, (0.25,) * 3, interpolation="bicubic"),
+    PreprocessSpec(24, 28, (0.5,), (0.25,), color_mode="L"),
+]
 
 
 @pytest.mark.parametrize("spec", SMALL_SPECS)
@@ -319,8 +344,14 @@ def test_photos_reduced_before_resizing_stay_within_the_stated_tolerance(photos,
         assert difference.mean() <= MEAN_LEVELS and difference.max() <= MAX_LEVELS, (path.name, spec)
 
 
-@pytest.mark.parametrize("spec", [IMAGENET, PreprocessSpec(64, 73, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
-                                  PreprocessSpec(20, 20, (0.5,), (0.25,), color_mode="L")])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        IMAGENET,
+        PreprocessSpec(64, 73, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+        PreprocessSpec(20, 20, (0.5,), (0.25,), color_mode="L"),
+    ],
+)
 def test_pixels_are_exactly_the_full_resolution_ones_where_no_reduction_applies(photos, spec):
     from server.preprocess import reduction_factor, to_model_pixels
 
@@ -329,8 +360,11 @@ def test_pixels_are_exactly_the_full_resolution_ones_where_no_reduction_applies(
         image = decode_image(path.read_bytes())
         # Below REDUCE_MIN_PIXELS, which every sample photo is, nothing is reduced at any model size.
         if reduction_factor(image.size, spec) == (1, 1):
-            np.testing.assert_array_equal(np.asarray(to_model_pixels(image, spec)),
-                                          np.asarray(full_resolution_pixels(image, spec)), err_msg=path.name)
+            np.testing.assert_array_equal(
+                np.asarray(to_model_pixels(image, spec)),
+                np.asarray(full_resolution_pixels(image, spec)),
+                err_msg=path.name,
+            )
             checked += 1
     assert checked == len(photos)
 
@@ -349,7 +383,7 @@ def with_transparency(photo: Image.Image, mode: str, size: tuple[int, int]) -> I
     indices = np.asarray(palette) + 1
     indices[np.asarray(alpha) < 128] = 0
     image = Image.fromarray(indices.astype(np.uint8), "P")
-    image.putpalette([255, 0, 255] + palette.getpalette()[:255 * 3])
+    image.putpalette([255, 0, 255] + palette.getpalette()[: 255 * 3])
     image.info["transparency"] = 0
     return image
 
@@ -394,7 +428,8 @@ print(peak_rss() - before)
 
 @pytest.mark.spawns
 def test_preprocessing_a_40_megapixel_transparent_png_peaks_below_twice_its_decoded_size(
-        huge_transparent_png, tmp_path):
+    huge_transparent_png, tmp_path
+):
     import os
     import subprocess
     import sys
@@ -402,8 +437,14 @@ def test_preprocessing_a_40_megapixel_transparent_png_peaks_below_twice_its_deco
     # A fresh process, so that the peak RSS is this image's alone.
     path = tmp_path / "huge.png"
     path.write_bytes(huge_transparent_png)
-    run = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=120, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        timeout=120,
+        check=True,
+    )
     decoded_bytes = 6324 * 6324 * 4
     peak = int(run.stdout.split()[-1])
     assert peak < 2 * decoded_bytes, f"peak RSS grew by {peak / 2**20:.0f} MiB"
@@ -452,8 +493,7 @@ def test_decode_budget_bounds_large_decodes_by_count_and_pixels_and_lets_small_o
 
 def test_prepare_batch_refuses_large_images_when_the_budget_is_taken_and_gives_it_back():
     from server.errors import TooManyRequests
-    from server.preprocess import DecodeBudget
-    from server.preprocess import prepare_batch
+    from server.preprocess import DecodeBudget, prepare_batch
 
     budget = DecodeBudget(pixels=3_000_000, large_image_pixels=1_000_000, decodes=1)
     large, small = png_of((1200, 1000)), png_of((300, 200))
@@ -462,7 +502,7 @@ def test_prepare_batch_refuses_large_images_when_the_budget_is_taken_and_gives_i
         with pytest.raises(TooManyRequests, match="retry") as refused:
             prepare_batch([small, large], IMAGENET, max_pixels=10**8, budget=budget)
         assert refused.value.retry_after_s
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidImage):
         prepare_batch([large, b"not an image"], IMAGENET, max_pixels=10**8, budget=budget)
     assert budget.held_pixels == budget.held_decodes == 0
     prepare_batch([large, large], IMAGENET, max_pixels=10**8, budget=budget)
@@ -498,16 +538,21 @@ def test_release_memory_hands_a_large_decode_back_to_the_system(tmp_path):
     path = tmp_path / "large.png"
     path.write_bytes(png_of((4000, 3000), "RGBA"))
     # With the gateway's allocator settings, under which the freed pixels stayed with the process.
-    run = subprocess.run([sys.executable, "-c", RSS_AFTER_TRIM_SCRIPT, str(path)], capture_output=True, text=True,
-                         env={**os.environ, **GATEWAY_MALLOC_ENV, "PYTHONPATH": os.getcwd()}, timeout=120, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", RSS_AFTER_TRIM_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **GATEWAY_MALLOC_ENV, "PYTHONPATH": os.getcwd()},
+        timeout=120,
+        check=True,
+    )
     kept, trimmed = map(int, run.stdout.split())
     assert kept - trimmed > 24 * 2**20, f"RSS {kept / 2**20:.0f} MiB before malloc_trim, {trimmed / 2**20:.0f} after"
 
 
 def test_prepare_batch_counts_a_requests_pixels_in_all_against_the_large_decode_budget():
     from server.errors import TooManyRequests
-    from server.preprocess import DecodeBudget
-    from server.preprocess import prepare_batch
+    from server.preprocess import DecodeBudget, prepare_batch
 
     # No image is large on its own (600x600 against 1 million), three of them are.
     budget = DecodeBudget(pixels=1_500_000, large_image_pixels=1_000_000, decodes=1)

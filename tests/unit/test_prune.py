@@ -7,10 +7,15 @@ from builder.errors import CheckpointError
 from builder.prune import PruneConfig, PruneError
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"keep_ratio": 1.5}, "between 0 and 1"), ({"importance": "l3"}, "l1, l2"),
-    ({"scope": "local"}, "global, uniform"), ({"target": "flops"}, "macs, params"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"keep_ratio": 1.5}, "between 0 and 1"),
+        ({"importance": "l3"}, "l1, l2"),
+        ({"scope": "local"}, "global, uniform"),
+        ({"target": "flops"}, "macs, params"),
+    ],
+)
 def test_bad_prune_settings_name_the_valid_choices(settings, message):
     with pytest.raises(PruneError, match=message):
         PruneConfig(**settings)

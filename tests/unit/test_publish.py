@@ -12,8 +12,13 @@ from server.preprocess import PreprocessSpec
 
 def _classifier() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                               torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 3),
+    ).eval()
 
 
 def test_a_plain_torch_onnx_export_is_published_self_contained(tmp_path, capsys):
@@ -25,8 +30,26 @@ def test_a_plain_torch_onnx_export_is_published_self_contained(tmp_path, capsys)
     torch.onnx.export(model, (example,), str(exported))
     (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
     repository = tmp_path / "repo"
-    assert main(["publish", "--onnx", str(exported), "--name", "mine", "--labels", str(tmp_path / "labels.txt"),
-                 "--resize", "32", "--crop", "32", "--repository", str(repository)]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "publish",
+                "--onnx",
+                str(exported),
+                "--name",
+                "mine",
+                "--labels",
+                str(tmp_path / "labels.txt"),
+                "--resize",
+                "32",
+                "--crop",
+                "32",
+                "--repository",
+                str(repository),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     version = repository / "mine" / "1"
     # Triton's backend gets model.onnx alone: the weights must be inside it.
     assert sorted(p.name for p in version.iterdir()) == ["build.json", "model.onnx", "model.py"]
@@ -45,8 +68,13 @@ def test_a_named_batch_axis_serves_several_images_at_once(tmp_path):
     model = _classifier()
     exported = tmp_path / "model.onnx"
     torch.onnx.export(model, (torch.rand(1, 3, 32, 32),), str(exported), dynamic_shapes=({0: "batch"},))
-    published = publish(exported, tmp_path / "repo", "mine", labels=["cat", "dog", "bird"],
-                        spec=PreprocessSpec(32, 32, (0.5,) * 3, (0.25,) * 3))
+    published = publish(
+        exported,
+        tmp_path / "repo",
+        "mine",
+        labels=["cat", "dog", "bird"],
+        spec=PreprocessSpec(32, 32, (0.5,) * 3, (0.25,) * 3),
+    )
     session = ort.InferenceSession(str(published.version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     batch = torch.rand(5, 3, 32, 32)
     (served,) = session.run(None, {session.get_inputs()[0].name: batch.numpy()})

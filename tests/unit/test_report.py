@@ -9,14 +9,25 @@ from builder.report import Report, StageMetrics, to_markdown, write_report
 
 
 def metrics(stage, top1, throughput, size, macs=100):
-    return StageMetrics(stage=stage, artifact=f"{stage}.onnx", parameters=10, macs=macs, file_bytes=size,
-                        top1=top1, latency_b1_ms=1000 / throughput, throughput_b8=throughput)
+    return StageMetrics(
+        stage=stage,
+        artifact=f"{stage}.onnx",
+        parameters=10,
+        macs=macs,
+        file_bytes=size,
+        top1=top1,
+        latency_b1_ms=1000 / throughput,
+        throughput_b8=throughput,
+    )
 
 
 def test_changes_are_against_the_previous_stage_and_drops_against_the_first():
     report = Report()
-    for m in (metrics("fp32", 0.95, 100, 4000), metrics("pruned", 0.945, 200, 2000, 50),
-              metrics("int8", 0.94, 600, 500, 50)):
+    for m in (
+        metrics("fp32", 0.95, 100, 4000),
+        metrics("pruned", 0.945, 200, 2000, 50),
+        metrics("int8", 0.94, 600, 500, 50),
+    ):
         report.add(m)
     fp32, pruned, int8 = report.rows()
     assert "change" not in fp32
@@ -49,8 +60,11 @@ def test_markdown_has_one_row_per_stage():
 
 def three_stages():
     report = Report()
-    for m in (metrics("fp32", 0.95, 100, 4000), metrics("pruned", 0.945, 200, 2000, 50),
-              metrics("int8", 0.94, 600, 500, 50)):
+    for m in (
+        metrics("fp32", 0.95, 100, 4000),
+        metrics("pruned", 0.945, 200, 2000, 50),
+        metrics("int8", 0.94, 600, 500, 50),
+    ):
         report.add(m)
     return report
 

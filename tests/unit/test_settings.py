@@ -26,8 +26,11 @@ def test_docs_and_metrics_need_the_key_by_default_and_required_models_are_a_list
 API_KEY_VARIABLES = ("GATEWAY_API_KEYS", "GATEWAY_API_KEYS_FILE")
 
 
-@pytest.mark.parametrize("keys, file_text", [(" , ", None), (None, ""), (None, "\n  \n"), ("", None)],
-                         ids=["blanks", "an empty file", "a file of blank lines", "an empty variable"])
+@pytest.mark.parametrize(
+    "keys, file_text",
+    [(" , ", None), (None, ""), (None, "\n  \n"), ("", None)],
+    ids=["blanks", "an empty file", "a file of blank lines", "an empty variable"],
+)
 def test_a_key_source_without_keys_stops_the_gateway_from_starting(monkeypatch, tmp_path, keys, file_text):
     for name in API_KEY_VARIABLES:
         monkeypatch.delenv(name, raising=False)

@@ -29,7 +29,7 @@ def test_slots_are_aligned_disjoint_and_hold_what_is_written(region):
         array[...] = value
     for value, (slot, array) in enumerate(held):
         assert (array == value).all()
-        assert (region.view[slot.offset:slot.offset + array.nbytes].view(np.float32) == value).all()
+        assert (region.view[slot.offset : slot.offset + array.nbytes].view(np.float32) == value).all()
 
 
 def test_no_slot_when_all_are_held_or_the_batch_is_too_big(region):

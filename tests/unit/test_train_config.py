@@ -19,12 +19,15 @@ def test_params_file_is_validated(tmp_path):
         load_params(tmp_path / "none.json")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"augment": "medium"}, "augment 'medium' is not one of none, light, strong"),
-    ({"dropout": 1.5}, "dropout"),
-    ({"accum_steps": 0}, "accum_steps"),
-    ({"schedule": "linear"}, "schedule"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"augment": "medium"}, "augment 'medium' is not one of none, light, strong"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"accum_steps": 0}, "accum_steps"),
+        ({"schedule": "linear"}, "schedule"),
+    ],
+)
 def test_bad_settings_name_the_setting(kwargs, message):
     with pytest.raises(TrainError, match=message):
         TrainConfig(**kwargs)

@@ -9,9 +9,8 @@ from builder.data import load_dataset, resolve_spec
 @pytest.mark.parametrize("source", ["digits", "shapes:per_class=4,size=20"])
 @pytest.mark.parametrize("equalize", [False, True])
 def test_gateway_preprocessing_equals_the_training_eval_transform(source, equalize):
-    from server.preprocess import PreprocessSpec, preprocess
-
     from builder.transforms import eval_transform
+    from server.preprocess import PreprocessSpec, preprocess
 
     dataset = load_dataset(source)
     spec = resolve_spec(dataset, image_size=16, equalize=equalize)

@@ -71,11 +71,13 @@ def region():
 
 def run(region, scenario, **recording):
     """`scenario(client, triton)` on a TritonClient whose tritonclient is a RecordingClient."""
+
     async def main():
         client = TritonClient("127.0.0.1:1", region=region)
         await client._client.close()
         client._client = RecordingClient(**recording)
         return await scenario(client, client._client)
+
     return asyncio.run(main())
 
 
@@ -100,10 +102,13 @@ def test_a_triton_that_cannot_open_the_key_refuses_until_it_was_seen_down(region
     assert "cannot use shared memory" in caplog.text
 
 
-@pytest.mark.parametrize("message, status", [
-    ("failed to connect to all addresses", "StatusCode.UNAVAILABLE"),
-    ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED"),
-])
+@pytest.mark.parametrize(
+    "message, status",
+    [
+        ("failed to connect to all addresses", "StatusCode.UNAVAILABLE"),
+        ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED"),
+    ],
+)
 def test_an_unreachable_or_slow_triton_is_asked_again(region, message, status):
     async def scenario(client, triton):
         await client.register_region()
@@ -115,8 +120,9 @@ def test_an_unreachable_or_slow_triton_is_asked_again(region, message, status):
 
 
 def test_a_registration_whose_answer_was_lost_counts_as_made(region):
-    already = InferenceServerException(f"shared memory region '{region.name}' already in manager",
-                                       "StatusCode.ALREADY_EXISTS")
+    already = InferenceServerException(
+        f"shared memory region '{region.name}' already in manager", "StatusCode.ALREADY_EXISTS"
+    )
 
     async def scenario(client, triton):
         await client.register_region()
@@ -134,8 +140,11 @@ def test_regions_of_killed_gateways_are_unregistered_and_live_ones_kept(region):
         assert set(triton.regions) == {region.name, alive.name, "someone-else"}
 
     try:
-        run(region, scenario, regions=[("gateway-1-dead", "/gateway-1-dead"), (alive.name, alive.key),
-                                       ("someone-else", "/gone")])
+        run(
+            region,
+            scenario,
+            regions=[("gateway-1-dead", "/gateway-1-dead"), (alive.name, alive.key), ("someone-else", "/gone")],
+        )
     finally:
         alive.close()
 
@@ -151,8 +160,10 @@ def test_chunks_go_at_their_own_offsets_in_the_slot(region):
         return triton.inputs
 
     inputs = run(region, scenario)
-    placed = [(t.parameters["shared_memory_offset"].int64_param, t.parameters["shared_memory_byte_size"].int64_param)
-              for t in inputs]
+    placed = [
+        (t.parameters["shared_memory_offset"].int64_param, t.parameters["shared_memory_byte_size"].int64_param)
+        for t in inputs
+    ]
     image = 4 * 4  # one 1x2x2 float image
     assert placed == [(slot.offset, 2 * image), (slot.offset + 2 * image, 2 * image), (slot.offset + 4 * image, image)]
     assert all(t.parameters["shared_memory_region"].string_param == region.name for t in inputs)
@@ -172,8 +183,9 @@ def test_a_lost_registration_is_made_again_and_the_call_sent_as_bytes(region):
 
 
 def test_other_shared_memory_errors_are_not_taken_for_a_lost_registration(region):
-    wrong = InferenceServerException(f"Invalid offset + byte size for shared memory region: '{region.name}'",
-                                     "StatusCode.INVALID_ARGUMENT")
+    wrong = InferenceServerException(
+        f"Invalid offset + byte size for shared memory region: '{region.name}'", "StatusCode.INVALID_ARGUMENT"
+    )
     slot, batch = region.acquire((1, 1, 2, 2), np.float32)
 
     async def scenario(client, triton):
@@ -205,29 +217,40 @@ def test_closing_unregisters_even_without_a_known_registration(region):
 
 
 def _config(max_batch_size: int, dims: list) -> dict:
-    parameters = {key: {"string_value": value}
-                  for key, value in PreprocessSpec(8, 8, (0.5,), (0.5,), color_mode="L").to_parameters().items()}
-    return {"max_batch_size": max_batch_size, "parameters": parameters,
-            "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": dims}],
-            "output": [{"name": "logits", "dims": ["10"]}]}
+    parameters = {
+        key: {"string_value": value}
+        for key, value in PreprocessSpec(8, 8, (0.5,), (0.5,), color_mode="L").to_parameters().items()
+    }
+    return {
+        "max_batch_size": max_batch_size,
+        "parameters": parameters,
+        "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": dims}],
+        "output": [{"name": "logits", "dims": ["10"]}],
+    }
 
 
-@pytest.mark.parametrize(("max_batch_size", "dims", "per_call"), [
-    (32, ["1", "8", "8"], 32),
-    (0, ["1", "1", "8", "8"], 1),       # a fixed batch of 1: one image per call (gRPC's JSON has strings)
-    (0, [1, 1, 8, 8], 1),               # HTTP's has numbers
-    (0, ["-1", "1", "8", "8"], None),   # no batching but a dynamic first axis: all at once
-])
+@pytest.mark.parametrize(
+    ("max_batch_size", "dims", "per_call"),
+    [
+        (32, ["1", "8", "8"], 32),
+        (0, ["1", "1", "8", "8"], 1),  # a fixed batch of 1: one image per call (gRPC's JSON has strings)
+        (0, [1, 1, 8, 8], 1),  # HTTP's has numbers
+        (0, ["-1", "1", "8", "8"], None),  # no batching but a dynamic first axis: all at once
+    ],
+)
 def test_images_per_call_follow_the_batch_axis(max_batch_size, dims, per_call):
     assert model_info_from_config("m", _config(max_batch_size, dims)).images_per_call == per_call
 
 
-@pytest.mark.parametrize(("status", "message", "error"), [
-    ("StatusCode.INVALID_ARGUMENT", "input of shape [2, 1, 8, 8], the model takes [1, 1, 8, 8]", BadRequest),
-    ("400", "unexpected shape for input 'input' for model 'm'", BadRequest),
-    ("400", "Request for unknown model: 'm' is not found", ModelNotFound),
-    ("StatusCode.INTERNAL", "inference failed: out of memory", TritonFailed),
-])
+@pytest.mark.parametrize(
+    ("status", "message", "error"),
+    [
+        ("StatusCode.INVALID_ARGUMENT", "input of shape [2, 1, 8, 8], the model takes [1, 1, 8, 8]", BadRequest),
+        ("400", "unexpected shape for input 'input' for model 'm'", BadRequest),
+        ("400", "Request for unknown model: 'm' is not found", ModelNotFound),
+        ("StatusCode.INTERNAL", "inference failed: out of memory", TritonFailed),
+    ],
+)
 def test_a_refused_input_is_the_clients_error_and_a_failure_is_tritons(status, message, error):
     translated = translate_error(InferenceServerException(message, status=status), "m")
     assert type(translated) is error

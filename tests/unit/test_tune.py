@@ -8,8 +8,11 @@ from builder.tune import TuneConfig, TuneError, plot_study
 
 def test_the_plot_handles_a_single_completed_trial(tmp_path):
     study = optuna.create_study(direction="maximize")
-    study.add_trial(optuna.trial.create_trial(params={"lr": 0.01}, value=0.5,
-                                              distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1)}))
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"lr": 0.01}, value=0.5, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1)}
+        )
+    )
     assert plot_study(study, tmp_path / "tune.png").is_file()
 
 
@@ -20,12 +23,17 @@ def test_unknown_sampler_is_refused():
 
 def _study_with(completed: int):
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    distributions = {"lr": optuna.distributions.FloatDistribution(1e-4, 1, log=True),
-                     "label_smoothing": optuna.distributions.FloatDistribution(0, 0.2)}
+    distributions = {
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1, log=True),
+        "label_smoothing": optuna.distributions.FloatDistribution(0, 0.2),
+    }
     for number in range(completed):
         lr, smoothing = 10 ** (-1 - 3 * number / max(completed, 2)), 0.02 * (number % 5)
-        study.add_trial(optuna.trial.create_trial(params={"lr": lr, "label_smoothing": smoothing},
-                                                  value=0.5 + 0.4 * lr, distributions=distributions))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lr": lr, "label_smoothing": smoothing}, value=0.5 + 0.4 * lr, distributions=distributions
+            )
+        )
     return study
 
 

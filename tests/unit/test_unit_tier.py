@@ -29,5 +29,7 @@ def test_starting_a_process_is_refused():
 
 @pytest.mark.spawns
 def test_a_test_marked_spawns_may_start_a_small_python_child():
-    assert subprocess.run([sys.executable, "-c", "print('child')"], capture_output=True, text=True,
-                          check=True).stdout == "child\n"
+    assert (
+        subprocess.run([sys.executable, "-c", "print('child')"], capture_output=True, text=True, check=True).stdout
+        == "child\n"
+    )
