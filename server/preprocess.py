@@ -31,6 +31,8 @@ from .errors import RETRY_AFTER_S, InvalidImage, PayloadTooLarge, TooManyRequest
 log = logging.getLogger(__name__)
 
 COLOR_MODES = ("RGB", "BGR", "L")
+# libjpeg-turbo's djpeg offers -maxscans for the same reason; 100 is far above what encoders write.
+MAX_JPEG_SCANS = 100
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # Triton's config.pbtxt parameters are a flat string map; these keys hold the spec there.
 PARAMETER_PREFIX = "preprocess."
@@ -146,7 +148,15 @@ def open_image(
         width, height = image.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLargeError(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
-        return image
+    if image.format == "JPEG":
+        # Each scan of a progressive JPEG is a pass over the whole image at decode time, and a scan can
+        # take a dozen bytes: a small file of thousands of them holds a thread for minutes. Encoders
+        # write about ten; 0xFFDA (start of scan) cannot occur inside entropy-coded data (0xFF is
+        # stuffed there), so counting it counts scans (plus one per embedded EXIF thumbnail).
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise InvalidImageError(f"a JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are decoded")
+    return image
 
 
 def load_image(image: Image.Image, *, draft_size: int | None = None) -> Image.Image:

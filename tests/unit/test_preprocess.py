@@ -600,3 +600,18 @@ def test_equalization_changes_the_input_and_is_off_for_old_specs():
     assert plain.equalize is False
     equalized = PreprocessSpec(16, 16, (0.5,) * 3, (0.25,) * 3, equalize=True)
     assert not np.array_equal(preprocess(image, plain), preprocess(image, equalized))
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
+    from server.preprocess import MAX_JPEG_SCANS, open_image
+
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(buffer, "JPEG", progressive=True, quality=90)
+    progressive = buffer.getvalue()
+    assert open_image(progressive).format == "JPEG"  # a real progressive JPEG has about ten scans
+    # Repeating a scan costs a few bytes each and a full pass over the image each at decode: a 1 MB file
+    # of them once held a preprocessing thread for minutes.
+    last_scan = progressive[progressive.rfind(b"\xff\xda") : -2]
+    crafted = progressive[:-2] + last_scan * MAX_JPEG_SCANS + b"\xff\xd9"
+    with pytest.raises(InvalidImageError, match="scans"):
+        open_image(crafted)
