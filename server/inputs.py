@@ -106,7 +106,7 @@ class BufferedBodies:
                 self.on_large_release()
 
 
-def _reserve(request: Request, size: int) -> None:
+def reserve_body_bytes(request: Request, size: int) -> None:
     """Counts `size` more bytes of this request's body against the gateway's BufferedBodies; the request's
     middleware gives them all back when the request ends, whichever way it ends."""
     bodies: BufferedBodies | None = getattr(request.app.state, "bodies", None)
@@ -120,10 +120,10 @@ def _reserve(request: Request, size: int) -> None:
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole body, refused as soon as it passes `limit` bytes whatever its framing (chunked uploads
     included), or once it has taken more than `timeout_s` to arrive (408). Its bytes are reserved against
-    the gateway's buffered total first (by Content-Length, or as chunks come); past it 429."""
+    the gateway's buffered total as they arrive, not by Content-Length: a client that announces a large
+    body and sends little holds little; past the total 429."""
     refuse_repeated_framing_headers(request)
-    reserved = _declared_length(request, limit)
-    _reserve(request, reserved)
+    _declared_length(request, limit)  # a declared length over the limit is refused before any byte comes
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
@@ -131,9 +131,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", close_connection=True)
-                if size > reserved:
-                    _reserve(request, size - reserved)
-                    reserved = size
+                reserve_body_bytes(request, len(chunk))
                 chunks.append(chunk)
         return b"".join(chunks)
     except TimeoutError:

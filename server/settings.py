@@ -110,9 +110,9 @@ class Settings(BaseSettings):
     def triton_url(self) -> str:
         return self.triton_grpc_url if self.triton_protocol == "grpc" else self.triton_http_url
 
-    # Bytes of request bodies held in memory at once, across all requests: reserved by a body's
-    # Content-Length before it is read (as it arrives when chunked) and kept until its request is answered;
-    # past it 429 with Retry-After. Default: 4 x max_body_bytes.
+    # Bytes of request bodies held in memory at once, across all requests (a compressed /v2 body's unpacked
+    # bytes included): reserved as they arrive and kept until the request is answered; past it 429 with
+    # Retry-After. Default: 4 x max_body_bytes.
     max_buffered_body_bytes: int | None = Field(None, gt=0)
     # Open connections (idle ones included) or requests at once before uvicorn answers 503 (its
     # limit_concurrency, passed where the gateway process starts). uvicorn has no deadline for headers.
