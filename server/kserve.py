@@ -3,11 +3,11 @@ Triton's HTTP endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 import zlib
-from functools import partial
 from typing import Any
 
 import httpx
@@ -26,7 +26,7 @@ from .errors import (
     TritonUnavailable,
     UnsupportedMediaType,
 )
-from .inputs import decimal_header, read_body, refuse_repeated_framing_headers
+from .inputs import decimal_header, read_body, refuse_repeated_framing_headers, reserve_body_bytes
 from .offload import parse_json_body
 from .settings import Settings
 
@@ -71,23 +71,48 @@ def forwarded_headers(request: Request) -> dict[str, str]:
     return headers
 
 
-def inference_header(body: bytes, headers: dict[str, str], limit: int) -> dict[str, Any]:
-    """The JSON header of a KServe v2 request read as Triton will read it: gzip or deflate undone, the
-    binary extension's header length applied, no repeated keys to read two ways."""
-    encoding = headers.get("content-encoding")
-    if encoding:
-        unpacker = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-        try:
-            body = unpacker.decompress(body, limit + 1)
-        except zlib.error as e:
-            raise BadRequest(f"cannot decompress the {encoding} body: {e}") from e
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the body unpacks to more than {limit} bytes")
+INFLATE_STEP_BYTES = 1 << 20  # unpacked per step: about a millisecond of the event loop
+
+
+async def inflated(request: Request, body: bytes, encoding: str, limit: int) -> bytes:
+    """The body with its gzip or deflate undone, a step at a time on the event loop, each step's bytes
+    reserved against the gateway's buffered bodies as they are unpacked (a 20 KB body may unpack to 20 MB;
+    counting only what came over the wire let a few such bodies take gigabytes). 413 past `limit`."""
+    unpacker = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    pieces, size, pending = [], 0, body
+    try:
+        while True:
+            try:
+                piece = unpacker.decompress(pending, INFLATE_STEP_BYTES)
+            except zlib.error as e:
+                raise BadRequest(f"cannot decompress the {encoding} body: {e}") from e
+            size += len(piece)
+            if size > limit:
+                raise PayloadTooLarge(f"the body unpacks to more than {limit} bytes")
+            reserve_body_bytes(request, len(piece))
+            pieces.append(piece)
+            pending = unpacker.unconsumed_tail
+            if not pending and len(piece) < INFLATE_STEP_BYTES:
+                return b"".join(pieces)
+            await asyncio.sleep(0)  # other requests (health probes included) between steps
+    finally:
+        pieces.clear()
+
+
+def json_header_of(body: bytes, headers: dict[str, str]) -> bytes:
+    """The JSON part of an uncompressed body: all of it, or its first inference-header-content-length bytes
+    when binary tensors follow."""
     length = headers.get("inference-header-content-length")
-    if length is not None:
-        if not 0 < int(length) <= len(body):
-            raise BadRequest(f"the inference header length {length} is not within the body's {len(body)} bytes")
-        body = body[: int(length)]
+    if length is None:
+        return body
+    if not 0 < int(length) <= len(body):
+        raise BadRequest(f"the inference header length {length} is not within the body's {len(body)} bytes")
+    return body[: int(length)]
+
+
+def inference_header(body: bytes) -> dict[str, Any]:
+    """A KServe v2 request's JSON header (uncompressed, binary tensors cut off) read as Triton will read it:
+    strict UTF-8, no repeated keys to read two ways."""
     try:
         # Strict UTF-8 as Triton reads it: json.loads would also take UTF-16 and UTF-32 bytes.
         text = body.decode("utf-8")
@@ -178,9 +203,9 @@ def refuse_data_that_does_not_fill_its_shape(parsed: dict[str, Any]) -> None:
             )
 
 
-def checked_inference_header(body: bytes, headers: dict[str, str], limit: int) -> dict[str, Any]:
+def checked_inference_header(body: bytes) -> dict[str, Any]:
     """The inference header, refused (4xx) where Triton must not see it."""
-    parsed = inference_header(body, headers, limit)
+    parsed = inference_header(body)
     refuse_shared_memory_parameters(parsed)
     refuse_data_that_does_not_fill_its_shape(parsed)
     return parsed
@@ -241,10 +266,8 @@ async def read_checked_request(request: Request, settings: Settings) -> tuple[by
     Triton will read them; refused (4xx) where Triton must not see it."""
     headers = forwarded_headers(request)
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-    # A compressed body is unpacked first, to any size up to the limit: never inline.
-    await parse_json_body(
-        body,
-        partial(checked_inference_header, headers=headers, limit=settings.max_body_bytes),
-        inline="content-encoding" not in headers,
-    )
+    encoding = headers.get("content-encoding")
+    unpacked = await inflated(request, body, encoding, settings.max_body_bytes) if encoding else body
+    # Triton gets the body as it came; the unpacked copy is only read here.
+    await parse_json_body(json_header_of(unpacked, headers), checked_inference_header)
     return body, headers

@@ -186,6 +186,49 @@ def test_a_gzip_body_that_inflates_past_the_limit_is_413_without_inflating_it(sm
     assert infer(small_gateway.url, tensor_request()).status_code == 503
 
 
+def nested_lists_bomb(inflated_bytes: int) -> bytes:
+    """A gzip JSON header whose data is `[],[],...`: about 1/1000 of inflated_bytes packed, and some 25
+    times inflated_bytes once parsed into Python lists."""
+    head = b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": ['
+    count = (inflated_bytes - len(head) - 8) // 3
+    return zlib.compress(head + b"[]," * count + b"[]]}]}", 9, wbits=31)
+
+
+# Defect: the buffered-body budget counted only the compressed bytes, and any number of large JSON parses
+# ran at once: six 20 KB bodies took the gateway from 170 MB to 2.87 GB and /healthz up to 43 s.
+def test_small_gzip_bodies_that_parse_into_gigabytes_are_bounded(triton, tmp_path):
+    limit = 20 << 20
+    bomb = nested_lists_bomb(limit)
+    assert len(bomb) < 64 << 10
+    gateway = start_gateway(
+        triton.grpc_url, tmp_path / "gateway.log", f"127.0.0.1:{free_port()}", GATEWAY_MAX_BODY_BYTES=str(limit)
+    )
+    try:
+        peak_before = peak_memory_bytes(gateway.pid)
+        answers: list[int] = []
+
+        def send() -> None:
+            response = httpx.post(
+                f"{gateway.url}{V2_INFER}",
+                content=bomb,
+                timeout=120,
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
+            answers.append(response.status_code)
+
+        senders = [threading.Thread(target=send) for _ in range(6)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        grown = peak_memory_bytes(gateway.pid) - peak_before
+        # Refused past the budget or the parse queue (429), or parsed and refused for its shape (400).
+        assert sorted(set(answers)) in ([400], [429], [400, 429]), answers
+        assert grown < 1 << 30, f"peak RSS grew by {grown >> 20} MiB"
+    finally:
+        gateway.stop()
+
+
 def send_chunked(url: str, path: str, content_type: str, first: bytes, total: int) -> tuple[dict, int]:
     """A chunked upload of `first` and then zeros up to `total` bytes, stopped once the gateway answers."""
     chunk = b"\0" * 64 * 1024
