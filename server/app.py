@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -158,8 +159,10 @@ class RequestContextMiddleware:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
-    # Pillow's own decompression-bomb guard, set explicitly; the gateway also checks before decoding.
+    # Pillow's own decompression-bomb guard, set explicitly; the gateway also checks before decoding and
+    # answers 413 itself, so Pillow's warning for images past the limit would only be a stray log line.
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

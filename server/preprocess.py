@@ -208,7 +208,8 @@ def _decoding_errors(formats: tuple[str, ...]) -> Iterator[None]:
     except ImageTooLargeError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(str(e)) from e
+        # Pillow refuses at twice its limit, in its own words; the answer names the limit that was set.
+        raise ImageTooLargeError(f"image has more than twice the limit of {Image.MAX_IMAGE_PIXELS} pixels") from e
     except Image.UnidentifiedImageError as e:
         raise InvalidImageError(f"not an image in an accepted format ({', '.join(formats)})") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's ways of saying "broken image"

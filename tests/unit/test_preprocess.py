@@ -615,3 +615,14 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
     crafted = progressive[:-2] + last_scan * MAX_JPEG_SCANS + b"\xff\xd9"
     with pytest.raises(InvalidImageError, match="scans"):
         open_image(crafted)
+
+
+def test_an_image_past_pillows_own_guard_is_refused_with_the_limit_that_was_set(monkeypatch):
+    from server.preprocess import ImageTooLargeError, open_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buffer, "PNG")  # 10,000 pixels: past twice Pillow's limit
+    with pytest.raises(ImageTooLargeError) as refused:
+        open_image(buffer.getvalue(), max_pixels=1000)
+    assert "1000" in str(refused.value) and "decompression bomb" not in str(refused.value)
