@@ -63,7 +63,7 @@ class QATSection(QATConfig):
         if isinstance(self.mode, bool):  # YAML reads `mode: yes` / `mode: no` as booleans
             object.__setattr__(self, "mode", "always" if self.mode else "never")
         if self.mode not in QAT_MODES:
-            raise BuilderError(f"qat {self.mode!r} is not one of {', '.join(QAT_MODES)}")
+            raise BuilderError(f"qat: mode {self.mode!r} is not one of {', '.join(QAT_MODES)}")
         super().__post_init__()
 
     def training(self) -> QATConfig:
@@ -273,11 +273,14 @@ class BuildResult:
 def _section(config_type, values: Mapping[str, Any], stage: str):
     if not isinstance(values, Mapping):
         raise BuilderError(f"{stage}: {values!r} is not a mapping of settings")
+    fields = [f.name for f in dataclasses.fields(config_type) if f.init]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise BuilderError(f"unknown {stage} settings {', '.join(unknown)}; valid: {', '.join(fields)}")
     try:
         return config_type(**values)
-    except TypeError as e:
-        valid = ", ".join(f.name for f in dataclasses.fields(config_type) if f.init)
-        raise BuilderError(f"bad {stage} settings ({e}); valid: {valid}") from e
+    except TypeError as e:  # a value of a kind the settings cannot take
+        raise BuilderError(f"bad {stage} settings ({e}); valid: {', '.join(fields)}") from e
 
 
 def _train(config: BuildConfig) -> Path:

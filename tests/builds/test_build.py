@@ -202,7 +202,7 @@ def test_build_with_qat_never_fails_at_the_static_int8_stage(tiny_run, tmp_path,
 @pytest.mark.parametrize(
     "quantize, message",
     [
-        ({"qat": "sometimes"}, "qat 'sometimes' is not one of auto, always, never"),
+        ({"qat": "sometimes"}, "qat: mode 'sometimes' is not one of auto, always, never"),
         ({"qat_epoch": 1}, "quantize: qat_epoch: QAT settings are a section of their own now, qat:"),
         ({"qat_epochs": 0}, "quantize: qat_epochs: QAT settings are a section of their own now, qat:"),
     ],
@@ -220,12 +220,13 @@ def test_bad_qat_build_settings_are_one_line_cli_errors(quantize, message, tmp_p
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"qat": {"mode": "sometimes"}}, "qat 'sometimes' is not one of auto, always, never"),
-        ({"qat": {"epoch": 1}}, "bad qat settings (.*'epoch'.*); valid: epochs, lr, .*mode"),
+        ({"qat": {"mode": "sometimes"}}, "qat: mode 'sometimes' is not one of auto, always, never"),
+        ({"qat": {"epoch": 1}}, "unknown qat settings epoch; valid: epochs, lr, .*mode"),
         ({"qat": {"epochs": 0}}, "QAT epochs must be more than 0"),
-        ({"qat": "sometimes"}, "qat 'sometimes' is not one of auto, always, never"),
+        ({"qat": "sometimes"}, "qat: mode 'sometimes' is not one of auto, always, never"),
         ({"qat_epochs": 1}, "qat_epochs: QAT settings are the qat: section"),
         ({"train": 5}, "train: 5 is not a mapping of settings"),
+        ({"train": {"image_sise": 16}}, "unknown train settings image_sise; valid: .*image_size"),
         ({"publish": [1]}, r"publish: \[1\] is not a mapping of settings"),
     ],
 )
