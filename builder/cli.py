@@ -491,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="builder", description="Train, export and publish image classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.set_defaults(command_parsers=commands.choices)
 
     train = commands.add_parser("train", help="train a classifier")
     _add_recipe_arguments(train)
@@ -798,7 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # a mistake exits here, with 2 and one line
+    args, unknown = build_parser().parse_known_args(argv)  # a mistake exits here, with 2 and one line
+    if unknown:  # named by the subcommand they were given to, which lists its own flags
+        args.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

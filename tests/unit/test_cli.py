@@ -157,3 +157,14 @@ def test_a_model_without_a_spec_of_its_own_is_published_with_imagenets():
     carried = {"image_size": 32, "resize_size": 32, "mean": [0.5], "std": [0.2], "color_mode": "L"}
     assert serving_preprocess(carried) is None  # the model's own spec stands
     assert serving_preprocess(carried, resize=40).mean == (0.5,)
+
+
+def test_an_unknown_flag_is_blamed_on_its_subcommand(capsys):
+    from builder.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--epoch", "1"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "builder train: error: unrecognized arguments: --epoch 1 (see `builder train --help`)"
+    )
