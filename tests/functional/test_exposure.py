@@ -236,7 +236,7 @@ def test_make_serve_binds_the_gateway_to_loopback_by_default(repository, tmp_pat
         GATEWAY_PORT=str(gateway_port),
     )
     serve = subprocess.Popen(
-        [sys.executable, "-m", "server", "--repository", str(repository)],
+        [sys.executable, "-m", "stack", "--repository", str(repository)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -148,7 +148,7 @@ def test_serve_stops_triton_and_the_gateway_on_ctrl_c_with_no_orphans(repository
         "GATEWAY_HOST": "127.0.0.1",
     }
     serve = subprocess.Popen(
-        [sys.executable, "-m", "server", "--repository", str(repository)],
+        [sys.executable, "-m", "stack", "--repository", str(repository)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
