@@ -556,6 +556,9 @@ def test_a_request_triton_holds_past_the_timeout_is_504_over_either_protocol(slo
         GATEWAY_TRITON_TIMEOUT_S="0.3",
     )
     try:
+        # The queue holds one request: an earlier test's, abandoned by its gateway but still held by
+        # Triton, would make this one a 429 (queue full) instead.
+        assert wait_for(lambda: triton_pending(server) == 0, 30)
         # The batcher holds a lone request for three seconds, ten times the timeout.
         response = post(
             gateway.url, "/v1/models/slow/classify", content=encoded("L", "PNG"), headers={"Content-Type": "image/png"}

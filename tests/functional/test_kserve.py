@@ -224,7 +224,9 @@ def test_small_gzip_bodies_that_parse_into_gigabytes_are_bounded(triton, tmp_pat
         grown = peak_memory_bytes(gateway.pid) - peak_before
         # Refused past the budget or the parse queue (429), or parsed and refused for its shape (400).
         assert sorted(set(answers)) in ([400], [429], [400, 429]), answers
-        assert grown < 1 << 30, f"peak RSS grew by {grown >> 20} MiB"
+        # One parse of such a body takes about 525 MiB; parses run one at a time, but one request can still
+        # hold its parsed body while the next is parsed: two at most. Unbounded, six at once took 3.3 GiB.
+        assert grown < 3 << 29, f"peak RSS grew by {grown >> 20} MiB"
     finally:
         gateway.stop()
 
