@@ -446,14 +446,16 @@ def test_api_keys_guard_models_but_not_health_and_are_never_logged(limited_gatew
 
 @pytest.fixture(scope="module")
 def slow_stack(tiny_run, tmp_path_factory):
-    """A model whose batcher holds requests for three seconds in a queue of one: full queues on demand."""
+    """A model whose batcher holds requests for six seconds in a queue of one: full queues on demand. Six,
+    not fewer: a test sees the first request held, then sends the next, and on two loaded cores that can take
+    seconds; the first must still be queued (a gateway waits 10 s for it, so not more)."""
     folder = tmp_path_factory.mktemp("slow")
     publish(
         tiny_run / "model.onnx",
         folder / "repo",
         "slow",
         settings=PublishSettings(
-            max_batch_size=32, preferred_batch_sizes=(32,), max_queue_delay_us=3_000_000, max_queue_size=1
+            max_batch_size=32, preferred_batch_sizes=(32,), max_queue_delay_us=6_000_000, max_queue_size=1
         ),
     )
     server = start_triton(folder / "repo", folder / "cache")
@@ -474,6 +476,8 @@ def held_by_triton(gateway_url: str, server):
     """One classification sent in a thread and held in the slow model's queue: Triton's own gauge says
     when it is there, so no timing is guessed. Yields the thread's response list (filled once answered)."""
     answered: list[httpx.Response] = []
+    # An earlier test's request, abandoned by its gateway, can still be in Triton's queue of one.
+    assert wait_for(lambda: triton_pending(server) == 0, 30)
     sender = threading.Thread(
         target=lambda: answered.append(
             post(
@@ -533,7 +537,8 @@ def test_gateway_in_flight_limit_is_429_and_triton_timeout_is_504(slow_stack):
         server.grpc_url, folder / "gateway-timeout.log", GATEWAY_MAX_IN_FLIGHT="1", GATEWAY_TRITON_TIMEOUT_S="0.3"
     )
     try:
-        # The batcher holds a lone request for three seconds, ten times the timeout.
+        assert wait_for(lambda: triton_pending(server) == 0, 30)
+        # The batcher holds a lone request for six seconds, twenty times the timeout.
         late = post(
             impatient.url,
             "/v1/models/slow/classify",
@@ -559,7 +564,7 @@ def test_a_request_triton_holds_past_the_timeout_is_504_over_either_protocol(slo
         # The queue holds one request: an earlier test's, abandoned by its gateway but still held by
         # Triton, would make this one a 429 (queue full) instead.
         assert wait_for(lambda: triton_pending(server) == 0, 30)
-        # The batcher holds a lone request for three seconds, ten times the timeout.
+        # The batcher holds a lone request for six seconds, twenty times the timeout.
         response = post(
             gateway.url, "/v1/models/slow/classify", content=encoded("L", "PNG"), headers={"Content-Type": "image/png"}
         )
