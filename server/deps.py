@@ -61,39 +61,39 @@ class Admission:
             self.slots.taken -= 1
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> GatewayMetrics:
+async def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
 
-def get_replicas(request: Request) -> ReplicaPool:
+async def get_replicas(request: Request) -> ReplicaPool:
     return request.app.state.replicas
 
 
-def get_triton_proxy(request: Request) -> httpx.AsyncClient:
+async def get_triton_proxy(request: Request) -> httpx.AsyncClient:
     return request.app.state.triton_proxy
 
 
-def get_preprocess_executor(request: Request) -> ThreadPoolExecutor:
+async def get_preprocess_executor(request: Request) -> ThreadPoolExecutor:
     return request.app.state.preprocess_executor
 
 
-def get_input_region(request: Request) -> InputRegion | None:
+async def get_input_region(request: Request) -> InputRegion | None:
     return request.app.state.input_region
 
 
-def get_decode_budget(request: Request) -> DecodeBudget:
+async def get_decode_budget(request: Request) -> DecodeBudget:
     return request.app.state.decode_budget
 
 
-def get_inference_slots(request: Request) -> InferenceSlots:
+async def get_inference_slots(request: Request) -> InferenceSlots:
     return request.app.state.inference_slots
 
 
-def get_request_context(request: Request) -> dict[str, Any]:
+async def get_request_context(request: Request) -> dict[str, Any]:
     """The request's entry in the middleware's bookkeeping: model, stages, error code (for metrics and logs)."""
     return request.state.context
 
