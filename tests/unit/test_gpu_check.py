@@ -3,6 +3,7 @@ turns a raising check into a failed row and exit 1; `make gpu-check` installs no
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,12 +19,14 @@ from builder.gpu_check import FAIL, PASS, SKIPPED, CheckFailed, Kit, Skip, check
 ROOT = Path(__file__).resolve().parents[2]
 
 
+TRT_RUNTIME_PRESENT = importlib.util.find_spec("builder.trt_runtime") is not None
+
+
 @pytest.fixture
 def bare_machine(monkeypatch, tmp_path):
-    """No GPU, no TensorRT, no builder.trt_runtime, no tritonserver: whatever this machine has."""
+    """No GPU, no TensorRT, no tritonserver: whatever this machine has."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ModuleNotFoundError
-    monkeypatch.setitem(sys.modules, "builder.trt_runtime", None)
     monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
 
 
@@ -37,10 +40,23 @@ def test_without_a_gpu_every_check_skips_naming_what_is_missing(bare_machine) ->
         assert "built without CUDA" in result.detail or "no NVIDIA GPU is visible" in result.detail
     for title in ("3 FP16 TensorRT engine", "4 INT8 TensorRT engine (ModelOpt)", "5 Engine caches follow the weights"):
         assert "TensorRT is not installed" in results[title].detail
-        assert "builder.trt_runtime missing" in results[title].detail
+        assert ("builder.trt_runtime missing" in results[title].detail) is not TRT_RUNTIME_PRESENT
     assert "tritonserver is not on PATH" in results["6 Triton: plan and ORT+TensorRT models"].detail
     # What to install for TensorRT is the engine stage's line: the release Triton loads.
     assert any("pip install 'tensorrt==10.5.*'" in hint for hint in results["3 FP16 TensorRT engine"].hints)
+
+
+def test_without_builder_trt_runtime_the_engine_checks_say_so(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "builder.trt_runtime", None)  # importing it raises ModuleNotFoundError
+
+    def imports_it(kit: Kit) -> str:
+        from builder.trt_runtime import EngineRunner  # noqa: F401
+
+        return "ran"
+
+    assert gpu_check.need_trt_runtime() == ("builder.trt_runtime missing", None)
+    (row,) = gpu_check.run_checks([imports_it])
+    assert (row.status, row.detail) == (SKIPPED, "builder.trt_runtime missing")
 
 
 def test_without_a_gpu_main_prints_the_table_and_exits_0(bare_machine, capsys) -> None:
