@@ -71,3 +71,9 @@ TARGET ?= gateway
 loadtest: install
 	$(PY) -m loadtests.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --target $(TARGET) \
 	  --model $(MODEL) --repository $(REPOSITORY) $(LOADTEST_ARGS)
+
+# The GPU acceptance kit (README, "GPU check"): every GPU path on this machine's GPU, one table. No install
+# step: it runs from a bare copy of the source tree with the venv's Python where there is one, else $(PYTHON).
+.PHONY: gpu-check
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m builder.gpu_check
