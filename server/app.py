@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .deps import InferenceSlots
+from .drain import Drain, drain_on_sigterm
 from .errors import GatewayError
 from .inputs import BufferedBodies
 from .metrics import GatewayMetrics
@@ -196,6 +197,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.preprocess_threads, thread_name_prefix="preprocess"
             )
             made.callback(executor.shutdown, wait=False, cancel_futures=True)
+            # Last, once the gateway can serve: a SIGTERM before this stops uvicorn at once.
+            hand_back = drain_on_sigterm(app.state.drain, settings)
+            if hand_back:
+                made.callback(hand_back)
             yield
 
     app = FastAPI(
@@ -210,7 +215,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     metrics = GatewayMetrics()
     app.state.settings, app.state.metrics = settings, metrics
-    app.state.inference_slots = InferenceSlots(settings.max_in_flight, metrics)
+    app.state.drain = drain = Drain()
+    app.state.inference_slots = InferenceSlots(settings.max_in_flight, metrics, drain)
     app.state.decode_budget = DecodeBudget(
         settings.decode_pixel_budget, settings.large_image_pixels, settings.max_large_decodes
     )

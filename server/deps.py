@@ -9,7 +9,8 @@ from typing import Annotated, Any
 import httpx
 from fastapi import Depends, Request
 
-from .errors import RETRY_AFTER_S, TooManyRequests
+from .drain import Drain
+from .errors import RETRY_AFTER_S, Draining, TooManyRequests
 from .metrics import GatewayMetrics
 from .preprocess import DecodeBudget
 from .replicas import ReplicaPool
@@ -21,15 +22,22 @@ class InferenceSlots:
     """Inference requests in the gateway. One counts as in flight from its start (the gauge, and whether a
     request is alone), and holds one of `limit` slots from `take()` on, called once its body is in: a
     client that sends its body slowly holds a connection, never capacity. Past the limit, `take()` refuses
-    the request with 429 at once."""
+    the request with 429 at once. While the gateway drains, new requests are refused with 503 before their
+    body is read."""
 
-    def __init__(self, limit: int, metrics: GatewayMetrics) -> None:
+    def __init__(self, limit: int, metrics: GatewayMetrics, drain: Drain | None = None) -> None:
         self.limit, self.metrics = limit, metrics
+        self.drain = drain or Drain()
         self.in_flight = 0
         self.taken = 0
 
     def admit(self, context: dict[str, Any]) -> Admission:
         context["inference"] = True
+        if self.drain.active:
+            # The connection is closed with the answer: the client's next try goes to another replica.
+            raise Draining(
+                "the gateway is shutting down; retry shortly", retry_after_s=RETRY_AFTER_S, close_connection=True
+            )
         return Admission(self)
 
 
@@ -93,6 +101,10 @@ async def get_inference_slots(request: Request) -> InferenceSlots:
     return request.app.state.inference_slots
 
 
+async def get_drain(request: Request) -> Drain:
+    return request.app.state.drain
+
+
 async def get_request_context(request: Request) -> dict[str, Any]:
     """The request's entry in the middleware's bookkeeping: model, stages, error code (for metrics and logs)."""
     return request.state.context
@@ -106,4 +118,5 @@ PreprocessExecutorDep = Annotated[ThreadPoolExecutor, Depends(get_preprocess_exe
 InputRegionDep = Annotated[InputRegion | None, Depends(get_input_region)]
 DecodeBudgetDep = Annotated[DecodeBudget, Depends(get_decode_budget)]
 InferenceSlotsDep = Annotated[InferenceSlots, Depends(get_inference_slots)]
+DrainDep = Annotated[Drain, Depends(get_drain)]
 RequestContextDep = Annotated[dict[str, Any], Depends(get_request_context)]

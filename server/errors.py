@@ -65,6 +65,12 @@ class TritonUnavailable(GatewayError):
     status, code = 503, "triton_unavailable"
 
 
+class Draining(GatewayError):
+    """The gateway is shutting down: another replica (or this one, restarted) takes the request."""
+
+    status, code = 503, "draining"
+
+
 class TritonTimeout(GatewayError):
     status, code = 504, "triton_timeout"
 

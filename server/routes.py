@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from .deps import (
     DecodeBudgetDep,
+    DrainDep,
     InferenceSlotsDep,
     InputRegionDep,
     MetricsDep,
@@ -103,7 +104,7 @@ ERROR_EXAMPLES: dict[int, tuple[type[GatewayError], str, str]] = {
     502: (TritonFailed, "Triton failed the request", "Triton error: failed to run the model"),
     503: (
         TritonUnavailable,
-        "Triton or the model is not available; see Retry-After",
+        "Triton or the model is not available, or the gateway is shutting down; see Retry-After",
         "Triton or model 'digits' is unavailable",
     ),
     504: (TritonTimeout, "Triton did not answer in time; see Retry-After", "Triton did not answer in time"),
@@ -211,8 +212,8 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     summary="Triton is ready and so is every model the gateway must serve",
     description="The models of GATEWAY_REQUIRED_MODELS, or else every model in the repository but those "
-    "that failed to load. Open without a key; per-model states and load errors are on "
-    "/v1/models.",
+    "that failed to load. 503 from SIGTERM on, while the gateway drains. Open without a key; per-model "
+    "states and load errors are on /v1/models.",
     responses={
         200: {"content": {"application/json": {"example": {"status": "ready"}}}},
         503: {
@@ -223,7 +224,9 @@ async def healthz() -> dict[str, str]:
         },
     },
 )
-async def readyz(triton: ReplicasDep, settings: SettingsDep) -> JSONResponse:
+async def readyz(triton: ReplicasDep, settings: SettingsDep, drain: DrainDep) -> JSONResponse:
+    if drain.active:
+        return _not_ready("the gateway is shutting down")
     if not await triton.server_ready():
         return _not_ready("Triton is not ready or unreachable")
     try:

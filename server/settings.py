@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     # Open connections (idle ones included) or requests at once before uvicorn answers 503 (its
     # limit_concurrency, passed where the gateway process starts). uvicorn has no deadline for headers.
     max_connections: int = Field(1024, gt=0)
+    # After SIGTERM: /readyz answers 503 at once and new inference requests 503 with Retry-After for this
+    # long, while requests already in flight complete; then the process stops (server/drain.py).
+    drain_s: float = Field(5.0, ge=0, description="after SIGTERM, refuse new inference this long, then exit")
 
     def buffered_body_limit(self) -> int:
         return self.max_buffered_body_bytes or 4 * self.max_body_bytes

@@ -21,6 +21,7 @@ import tomllib
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
+from server.drain import longest_request_s
 from server.metrics import STAGES, GatewayMetrics
 from server.replicas import parse_endpoints
 from server.settings import Settings
@@ -190,6 +191,21 @@ def used_labels(expr: str) -> set[str]:
     return labels
 
 
+def duration_s(text: str) -> float:
+    """A compose duration (`90s`, `1m30s`, `500ms`) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def gateway_settings(env: dict[str, str], monkeypatch) -> Settings:
+    """The gateway's settings with these GATEWAY_* variables set, as the process would read them."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
 def compose_command() -> list[str] | None:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
@@ -289,6 +305,15 @@ def test_gateway_healthcheck_runs_python_against_readyz(services):
     assert check[:3] == ["CMD", "python", "-c"]  # python:3.11-slim has no curl
     compile(check[3], "healthcheck", "exec")
     assert "http://127.0.0.1:8080/readyz" in check[3]
+
+
+def test_compose_lets_the_gateway_drain_before_it_is_killed(services, monkeypatch):
+    gateway = services["gateway"]
+    settings = gateway_settings(environment(gateway), monkeypatch)
+    # Without it, compose kills the container 10 s after SIGTERM, whatever is still in flight.
+    assert "stop_grace_period" in gateway, "compose's default of 10 s cuts the drain short"
+    assert duration_s(gateway["stop_grace_period"]) > settings.drain_s + longest_request_s(settings)
+    assert gateway.get("stop_signal", "SIGTERM") == "SIGTERM"  # the signal that starts the drain
 
 
 def test_gateway_waits_for_a_healthy_triton(services):
@@ -643,6 +668,8 @@ def test_k8s_manifests_have_the_expected_objects(k8s):
         ("Deployment", "gateway"),
         ("Service", "gateway"),
         ("HorizontalPodAutoscaler", "gateway"),
+        ("ConfigMap", "prometheus-gateway-scrape"),
+        ("ConfigMap", "prometheus-adapter-gateway"),
     }
 
 
@@ -698,18 +725,129 @@ def test_k8s_gateway_probes_resources_and_user(k8s):
     assert [p["targetPort"] for p in service["spec"]["ports"]] == [8080]
 
 
-def test_k8s_hpa_scales_the_gateway_on_cpu(k8s):
+def gateway_env(k8s) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container(k8s[("Deployment", "gateway")])["env"] if "value" in e}
+
+
+def test_k8s_gateway_drains_within_its_grace_period(k8s, monkeypatch):
+    pod = k8s[("Deployment", "gateway")]["spec"]["template"]["spec"]
+    gateway = container(k8s[("Deployment", "gateway")])
+    settings = gateway_settings(gateway_env(k8s), monkeypatch)
+    # preStop runs first, while the Service and ingresses drop the pod; SIGTERM (the drain) comes after it.
+    command = gateway["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2
+    pre_stop_s = float(command[1])
+    assert pre_stop_s > 0
+    # The kubelet kills the container at the end of the grace period (default 30 s), preStop included.
+    grace_s = pod.get("terminationGracePeriodSeconds", 30)
+    assert grace_s > pre_stop_s + settings.drain_s + longest_request_s(settings), grace_s
+    # The readiness probe takes the pod out of the Service within the drain; liveness stays on /healthz,
+    # which answers 200 throughout, so a draining pod is not restarted.
+    readiness = gateway["readinessProbe"]
+    assert readiness["httpGet"]["path"] == "/readyz"
+    assert readiness.get("periodSeconds", 10) * readiness.get("failureThreshold", 3) <= settings.drain_s
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def adapter_rules(k8s) -> list[dict]:
+    return yaml.safe_load(k8s[("ConfigMap", "prometheus-adapter-gateway")]["data"]["config.yaml"])["rules"]
+
+
+def gateway_scrape_job(k8s) -> dict:
+    [job] = yaml.safe_load(k8s[("ConfigMap", "prometheus-gateway-scrape")]["data"]["gateway-scrape.yml"])[
+        "scrape_configs"
+    ]
+    return job
+
+
+def test_k8s_hpa_scales_the_gateway_on_requests_in_flight_per_pod_and_on_cpu(k8s, monkeypatch):
     hpa = k8s[("HorizontalPodAutoscaler", "gateway")]
     assert hpa["apiVersion"] == "autoscaling/v2"
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) in k8s
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
-    [metric] = hpa["spec"]["metrics"]
-    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
-    assert metric["resource"]["target"]["type"] == "Utilization"
-    assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100
-    # Utilization is relative to the request: without one the HPA cannot act.
+    pods, cpu = hpa["spec"]["metrics"]
+    # Requests in flight, per pod: the gateway's own gauge.
+    assert pods["type"] == "Pods"
+    name = pods["pods"]["metric"]["name"]
+    assert name == GatewayMetrics().in_flight._name == "gateway_in_flight_requests"
+    assert GatewayMetrics().in_flight._type == "gauge"
+    assert pods["pods"]["target"]["type"] == "AverageValue"
+    # Scaled out well before the gateway turns requests away with 429.
+    settings = gateway_settings(gateway_env(k8s), monkeypatch)
+    assert 0 < float(pods["pods"]["target"]["averageValue"]) < settings.max_in_flight
+    # CPU as the second signal: utilization is relative to the request, without which the HPA cannot act.
+    assert cpu["type"] == "Resource" and cpu["resource"]["name"] == "cpu"
+    assert cpu["resource"]["target"]["type"] == "Utilization"
+    assert 0 < cpu["resource"]["target"]["averageUtilization"] <= 100
     assert "cpu" in container(k8s[(target["kind"], target["name"])])["resources"]["requests"]
+
+
+def test_k8s_adapter_serves_the_hpa_metric_per_pod_from_the_gateway_series(k8s):
+    hpa_metric = k8s[("HorizontalPodAutoscaler", "gateway")]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    [rule] = [r for r in adapter_rules(k8s) if r["name"]["as"] == hpa_metric]
+    assert metric_names(rule["seriesQuery"]) == {hpa_metric}
+    assert re.fullmatch(rule["name"]["matches"], hpa_metric)
+    # The series' namespace and pod labels are the pod the HPA asks about.
+    overrides = rule["resources"]["overrides"]
+    assert overrides == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert {"namespace", "pod"} <= used_labels(rule["seriesQuery"])
+    for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        assert placeholder in rule["metricsQuery"]
+
+
+def test_k8s_prometheus_job_labels_each_gateway_pod_with_its_namespace_and_pod(k8s):
+    job = gateway_scrape_job(k8s)
+    deployment = k8s[("Deployment", "gateway")]
+    assert [sd["role"] for sd in job["kubernetes_sd_configs"]] == ["pod"]
+    keep, *relabels = job["relabel_configs"]
+    assert keep["action"] == "keep"
+    # The kept pods are the gateway's, on its http port.
+    pod_values = {
+        "__meta_kubernetes_pod_label_app": deployment["spec"]["template"]["metadata"]["labels"]["app"],
+        "__meta_kubernetes_pod_container_port_name": container(deployment)["ports"][0]["name"],
+    }
+    assert re.fullmatch(keep["regex"], ";".join(pod_values[label] for label in keep["source_labels"]))
+    targets = {r["target_label"]: r["source_labels"] for r in relabels}
+    assert targets["namespace"] == ["__meta_kubernetes_namespace"]
+    assert targets["pod"] == ["__meta_kubernetes_pod_name"]
+    assert job["metrics_path"] == "/metrics" and job["authorization"]["credentials_file"]
+
+
+def promtool_check(kind: str, path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["promtool", "check", kind, str(path)], capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+def test_k8s_adapter_query_passes_promtool(k8s, tmp_path):
+    if not shutil.which("promtool"):
+        pytest.skip("promtool is not installed (`make system-tools`, or Debian: apt-get install prometheus)")
+    [rule] = adapter_rules(k8s)
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", "gateway_in_flight_requests")
+        .replace("<<.LabelMatchers>>", 'namespace="default",pod=~"gateway-.*"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    rules = tmp_path / "rules.yml"
+    group = {"name": "adapter", "rules": [{"record": "adapter:in_flight", "expr": query}]}
+    rules.write_text(yaml.safe_dump({"groups": [group]}))
+    result = promtool_check("rules", rules)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_k8s_prometheus_job_passes_promtool(k8s, tmp_path):
+    if not shutil.which("promtool"):
+        pytest.skip("promtool is not installed (`make system-tools`, or Debian: apt-get install prometheus)")
+    job = gateway_scrape_job(k8s)
+    key = tmp_path / "key"  # promtool checks that the credentials file exists
+    key.write_text("k")
+    job["authorization"]["credentials_file"] = str(key)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({"scrape_configs": [job]}))
+    result = promtool_check("config", config)
+    if "field kubernetes_sd_configs not found" in result.stdout + result.stderr:
+        pytest.skip("this promtool is built without Kubernetes service discovery (as Debian's is)")
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_k8s_images_are_the_ones_compose_builds(k8s, services):

@@ -1,0 +1,86 @@
+"""SIGTERM to the gateway under uvicorn: it drains, then exits 0, and no accepted request is lost.
+
+A request is held in flight by the slow model's batcher (six seconds in its queue), not by sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import httpx
+
+from server.drain import longest_request_s
+from server.settings import Settings
+
+from .conftest import metric, start_gateway
+from .test_failures import wait_for
+from .test_gateway import encoded, held_by_triton, post, slow_stack  # noqa: F401  (slow_stack: a fixture)
+
+# Shorter than the slow model's hold (six seconds): the held request is still in flight when the drain
+# ends, and the gateway waits for it before it exits.
+DRAIN_S = 4
+TRITON_TIMEOUT_S = 10
+
+
+def status_of(url: str) -> int | None:
+    """The status of a GET, or None when nothing answers (the gateway has stopped listening)."""
+    try:
+        return httpx.get(url, timeout=10).status_code
+    except httpx.TransportError:
+        return None
+
+
+def exit_code(gateway, timeout_s: float) -> int | None:
+    """The gateway's exit status once it has exited on its own within `timeout_s`, else None."""
+    process = gateway._process
+    return process.returncode if wait_for(lambda: process.poll() is not None, timeout_s) else None
+
+
+def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(slow_stack):  # noqa: F811
+    server, folder = slow_stack
+    gateway = start_gateway(
+        server.grpc_url,
+        folder / "gateway-drain.log",
+        server.http_url,
+        GATEWAY_DRAIN_S=str(DRAIN_S),
+        GATEWAY_TRITON_TIMEOUT_S=str(TRITON_TIMEOUT_S),
+    )
+    try:
+        assert status_of(f"{gateway.url}/readyz") == 200
+        with held_by_triton(gateway.url, server) as held:
+            os.kill(gateway.pid, signal.SIGTERM)
+            assert wait_for(lambda: status_of(f"{gateway.url}/readyz") == 503, DRAIN_S), gateway.log_tail()
+            refused = post(
+                gateway.url,
+                "/v1/models/slow/classify",
+                content=encoded("L", "PNG"),
+                headers={"Content-Type": "image/png"},
+            )
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "draining" and refused.headers["Retry-After"]
+            assert refused.headers["Connection"] == "close"
+            tensor = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
+            refused_v2 = post(gateway.url, "/v2/models/slow/infer", json=tensor)
+            assert refused_v2.status_code == 503 and refused_v2.headers["Retry-After"], refused_v2.text
+            assert isinstance(refused_v2.json()["error"], str)  # KServe's shape on /v2
+            assert status_of(f"{gateway.url}/healthz") == 200  # alive: no liveness restart mid-drain
+            assert metric(gateway.url, "gateway_rejections_total", reason="draining") == 2
+            assert metric(gateway.url, "gateway_in_flight_requests") == 1  # the held one, still going
+        assert held and held[0].status_code == 200, held[0].text if held else "no answer"
+        bound = DRAIN_S + longest_request_s(Settings(triton_timeout_s=TRITON_TIMEOUT_S))
+        assert exit_code(gateway, bound) == 0, gateway.log_tail()
+    finally:
+        gateway.stop()
+
+
+def test_an_idle_gateway_exits_0_after_its_drain_and_a_second_sigterm_changes_nothing(slow_stack):  # noqa: F811
+    server, folder = slow_stack
+    gateway = start_gateway(server.grpc_url, folder / "gateway-idle-drain.log", GATEWAY_DRAIN_S="1")
+    try:
+        os.kill(gateway.pid, signal.SIGTERM)
+        assert wait_for(lambda: status_of(f"{gateway.url}/readyz") == 503, 10), gateway.log_tail()
+        os.kill(gateway.pid, signal.SIGTERM)
+        assert exit_code(gateway, 30) == 0, gateway.log_tail()
+    finally:
+        gateway.stop()
