@@ -1,6 +1,6 @@
 """SIGTERM to the gateway under uvicorn: it drains, then exits 0, and no accepted request is lost.
 
-A request is held in flight by the slow model's batcher (six seconds in its queue), not by sleeping.
+A request is held in flight by the slow model's batcher (20 s in its queue), not by sleeping.
 """
 
 from __future__ import annotations
@@ -9,18 +9,39 @@ import os
 import signal
 
 import httpx
+import pytest
 
+from builder.publish import PublishSettings, publish
 from server.drain import longest_request_s
 from server.settings import Settings
 
-from .conftest import metric, start_gateway
+from .conftest import metric, start_gateway, start_triton
 from .test_failures import wait_for
-from .test_gateway import encoded, held_by_triton, post, slow_stack  # noqa: F401  (slow_stack: a fixture)
+from .test_gateway import encoded, held_by_triton, post
 
-# Shorter than the slow model's hold (six seconds): the held request is still in flight when the drain
+# The model holds a request 20 s in its batcher's queue; the drain lasts 12 s, long enough for the checks
+# below on two loaded cores and shorter than the hold: the held request is still in flight when the drain
 # ends, and the gateway waits for it before it exits.
-DRAIN_S = 4
-TRITON_TIMEOUT_S = 10
+HOLD_S = 20
+DRAIN_S = 12
+TRITON_TIMEOUT_S = 30
+
+
+@pytest.fixture(scope="module")
+def slow_stack(tiny_run, tmp_path_factory):
+    """Triton with a model named `slow` (as `held_by_triton` expects) whose queue of one holds 20 s."""
+    folder = tmp_path_factory.mktemp("drain")
+    publish(
+        tiny_run / "model.onnx",
+        folder / "repo",
+        "slow",
+        settings=PublishSettings(
+            max_batch_size=32, preferred_batch_sizes=(32,), max_queue_delay_us=HOLD_S * 1_000_000, max_queue_size=1
+        ),
+    )
+    server = start_triton(folder / "repo", folder / "cache")
+    yield server, folder
+    server.stop()
 
 
 def status_of(url: str) -> int | None:
@@ -37,7 +58,7 @@ def exit_code(gateway, timeout_s: float) -> int | None:
     return process.returncode if wait_for(lambda: process.poll() is not None, timeout_s) else None
 
 
-def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(slow_stack):  # noqa: F811
+def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(slow_stack):
     server, folder = slow_stack
     gateway = start_gateway(
         server.grpc_url,
@@ -74,7 +95,7 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(slow_sta
         gateway.stop()
 
 
-def test_an_idle_gateway_exits_0_after_its_drain_and_a_second_sigterm_changes_nothing(slow_stack):  # noqa: F811
+def test_an_idle_gateway_exits_0_after_its_drain_and_a_second_sigterm_changes_nothing(slow_stack):
     server, folder = slow_stack
     gateway = start_gateway(server.grpc_url, folder / "gateway-idle-drain.log", GATEWAY_DRAIN_S="1")
     try:
