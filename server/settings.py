@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     # limit_concurrency, passed where the gateway process starts). uvicorn has no deadline for headers.
     max_connections: int = Field(1024, gt=0)
 
+    # OpenTelemetry traces, one per request, sent with OTLP over HTTP to OTEL_EXPORTER_OTLP_ENDPOINT (the SDK's
+    # own OTEL_* variables set the endpoint, service name and sampler; see server/tracing.py). Off: no spans,
+    # no exporter thread.
+    tracing: bool = False
+
     def buffered_body_limit(self) -> int:
         return self.max_buffered_body_bytes or 4 * self.max_body_bytes
 
