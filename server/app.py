@@ -29,6 +29,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from . import tracing
 from .deps import InferenceSlots
 from .drain import Drain, drain_on_sigterm
 from .errors import GatewayError
@@ -170,6 +171,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         key = settings.triton_repository_key.get_secret_value() if settings.triton_repository_key else ""
         # Whatever was made is undone, last first, even when a later step fails.
         async with AsyncExitStack() as made:
+            if tracer_provider is not None:
+                made.callback(tracer_provider.shutdown)  # undone last: the spans of the last requests go out
             app.state.input_region = region = input_region(
                 settings.shared_memory_slots, settings.shared_memory_slot_bytes
             )
@@ -183,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 info_ttl_s=settings.model_info_ttl_s,
                 repository_key=key or None,
                 region=region,
+                tracer=app.state.tracer,
             )
             made.push_async_callback(replicas.close)
             await replicas.start()
@@ -203,6 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 made.callback(hand_back)
             yield
 
+    tracer_provider = tracing.tracer_provider(settings)
     app = FastAPI(
         title="Image classification gateway",
         description="Classifies images with models served by Triton Inference Server.",
@@ -212,7 +217,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        telemetry=tracing.fastapi_telemetry(tracer_provider),
     )
+    app.state.tracer_provider, app.state.tracer = tracer_provider, tracing.tracer_of(tracer_provider)
     metrics = GatewayMetrics()
     app.state.settings, app.state.metrics = settings, metrics
     app.state.drain = drain = Drain()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
+from opentelemetry.trace import Tracer
 
 from .errors import TritonUnavailable
 from .shared_memory import InputRegion, Slot
@@ -61,6 +62,7 @@ class ReplicaPool:
         repository_key: str | None = None,
         probe_interval_s: float = 2.0,
         region: InputRegion | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._new_client = partial(
             TritonClient,
@@ -69,6 +71,7 @@ class ReplicaPool:
             info_ttl_s=info_ttl_s,
             repository_key=repository_key,
             region=region,
+            tracer=tracer,
         )
         self.probe_interval_s = probe_interval_s
         endpoints, self.dns_name = parse_endpoints(spec)

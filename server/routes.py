@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
+from . import tracing
 from .deps import (
     DecodeBudgetDep,
     DrainDep,
@@ -374,8 +375,10 @@ async def classify(
     ] = None,
     version: Annotated[str, Query(pattern=r"^[0-9]{0,18}$", description="pinned version; default newest")] = "",
 ) -> JSONResponse:
+    tracer = request.app.state.tracer  # None: tracing is off
     async with slots.admit(context) as admission:
-        images = await read_images(request, settings)
+        with tracing.span(tracer, "read"):
+            images = await read_images(request, settings)
         admission.take()
         metrics.images_per_request.observe(len(images))
         info = await triton.model_info(name)
@@ -400,15 +403,17 @@ async def classify(
                 max_request_pixels=settings.max_request_pixels,
                 budget=budget,
             )
-            if slots.in_flight == 1 and quick_to_preprocess(
-                images, settings.inline_preprocess_max_pixels, settings.inline_preprocess_max_bytes
-            ):
-                metrics.preprocessing.labels("event_loop").inc()
-                _, decode_s, preprocess_s = work()
-            else:
-                metrics.preprocessing.labels("thread_pool").inc()
-                job = executor.submit(work)
-                _, decode_s, preprocess_s = await result_within(job, settings.preprocess_wait_s)
+            with tracing.stage_spans(tracer, len(images)) as stages:
+                if slots.in_flight == 1 and quick_to_preprocess(
+                    images, settings.inline_preprocess_max_pixels, settings.inline_preprocess_max_bytes
+                ):
+                    metrics.preprocessing.labels("event_loop").inc()
+                    _, decode_s, preprocess_s = work()
+                else:
+                    metrics.preprocessing.labels("thread_pool").inc()
+                    job = executor.submit(work)
+                    _, decode_s, preprocess_s = await result_within(job, settings.preprocess_wait_s)
+                stages.record(decode_s, preprocess_s)
             context["stages"].update(decode=decode_s, preprocess=preprocess_s)
             await refuse_if_gone(request)
             started = time.perf_counter()
@@ -450,7 +455,11 @@ async def _infer(
     async with slots.admit(context) as admission:
         body, headers = await read_checked_request(request, settings)
         admission.take()
-        return await forward(proxy, context, "POST", path, body, headers, model=name)
+        tracer = request.app.state.tracer  # None: tracing is off
+        if tracer is None:
+            return await forward(proxy, context, "POST", path, body, headers, model=name)
+        with tracing.client_span(tracer, "triton.infer", {"triton.model.name": name, "triton.protocol": "http"}):
+            return await forward(proxy, context, "POST", path, body, tracing.with_trace_context(headers), model=name)
 
 
 @kserve.get(

@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     # long, while requests already in flight complete; then the process stops (server/drain.py).
     drain_s: float = Field(5.0, ge=0, description="after SIGTERM, refuse new inference this long, then exit")
 
+    # OpenTelemetry traces, one per request, sent with OTLP over HTTP to OTEL_EXPORTER_OTLP_ENDPOINT (the SDK's
+    # own OTEL_* variables set the endpoint, service name and sampler; see server/tracing.py). Off: no spans,
+    # no exporter thread.
+    tracing: bool = False
+
     def buffered_body_limit(self) -> int:
         return self.max_buffered_body_bytes or 4 * self.max_body_bytes
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
+from opentelemetry.trace import Tracer
 from tritonclient.utils import InferenceServerException
 
 from .errors import (
@@ -29,6 +30,7 @@ from .errors import (
 )
 from .preprocess import PIXEL_DATATYPE, PreprocessSpec
 from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
+from .tracing import client_span, with_trace_context
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -146,6 +148,7 @@ class TritonClient:
         info_ttl_s: float = 5.0,
         repository_key: str | None = None,
         region: InputRegion | None = None,
+        tracer: Tracer | None = None,
     ):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
@@ -167,6 +170,7 @@ class TritonClient:
             self._client = client_module.InferenceServerClient(url, conn_timeout=timeout_s)
             self._timeout = {}
         self._module = client_module
+        self.tracer = tracer  # None: tracing is off
         self._info: dict[str, tuple[float, ModelInfo]] = {}
         self.region = region
         # Registered: inputs in the region can be sent by reference. Refused: this Triton cannot map it
@@ -339,6 +343,28 @@ class TritonClient:
         return Inference(np.concatenate([r.logits for r in results]), results[0].version, transport)
 
     async def _infer_one(self, info: ModelInfo, batch: np.ndarray, version: str, offset: int | None) -> Inference:
+        if self.tracer is None:
+            return await self._send(info, batch, version, offset, self._restricted_headers)
+        attributes = {
+            "triton.model.name": info.name,
+            "triton.model.version": version,
+            "triton.batch_size": len(batch),
+            "triton.input": "bytes" if offset is None else "shared_memory",
+            "triton.protocol": self.protocol,
+            "triton.url": self.url,
+        }
+        with client_span(self.tracer, "triton.infer", attributes) as span:
+            # Triton continues the trace from the W3C traceparent in a call's headers (gRPC metadata or HTTP
+            # headers), when started with --trace-config mode=opentelemetry: docs/user_guide/trace.md in
+            # triton-inference-server/server, "OpenTelemetry Context Propagation".
+            headers = with_trace_context(self._restricted_headers)
+            inference = await self._send(info, batch, version, offset, headers)
+            span.set_attribute("triton.model.version", inference.version)
+            return inference
+
+    async def _send(
+        self, info: ModelInfo, batch: np.ndarray, version: str, offset: int | None, headers: dict[str, str] | None
+    ) -> Inference:
         # An offset is only given while the region is registered, so the region is there too.
         region = self.region if offset is not None else None
         tensor = self._module.InferInput(info.input_name, list(batch.shape), info.input_datatype)
@@ -358,7 +384,7 @@ class TritonClient:
                 [tensor],
                 model_version=version,
                 outputs=[output],
-                headers=self._restricted_headers,
+                headers=headers,
                 **self._timeout,
             )
         except Exception as e:
