@@ -15,6 +15,14 @@ cpu is ONNX Runtime's (stage `int8`); gpu is NVIDIA Model Optimizer's zero-point
 (stage `int8-gpu`, file `int8-gpu.onnx`, the build's final ONNX for the engine), measured with ONNX
 Runtime on the CPU and gated like every stage. QAT writes ONNX Runtime's uint8 form, which TensorRT's
 parser refuses, so a gpu target has no QAT fallback.
+
+A build for a GPU (quantize or publish target gpu) adds TensorRT engine stages where an NVIDIA GPU and the
+TensorRT release of the target Triton are present: `engine-fp16` from the build's final float ONNX and
+`engine-int8` from `int8-gpu.onnx` (explicit quantization), each measured through TensorRT. The report says
+which engine is published (`report.choose_engine`: the fastest within the accuracy budget; an engine over
+the budget is not published, and the build fails only when no engine is within it), and `publish` writes
+that plan as the tensorrt_plan model. Elsewhere the report lists both stages as not run, with the reason,
+and the build publishes the ONNX model as before.
 """
 
 from __future__ import annotations
@@ -31,16 +39,28 @@ import yaml
 
 from .checkpoint import load_model
 from .data import load_run_dataset
+from .engine import EngineConfig, build_engine
 from .errors import BudgetError, BuilderError, error_line
 from .evaluate import validation_data
 from .export import export_model, parity_batch
 from .models import count_macs_and_params
 from .prune import PruneConfig, prune
-from .publish import PublishedVersion, PublishSettings, publish
+from .publish import PublishedVersion, PublishSettings, publish, publish_plan
 from .qat import QATConfig, quantization_aware_train
 from .quantize import QuantizeConfig, quantize_int8
-from .report import Report, StageMetrics, measure_stage, write_report
+from .report import (
+    ENGINE_STAGES,
+    EngineChoice,
+    NotRun,
+    Report,
+    StageMetrics,
+    choose_engine,
+    measure_engine_stage,
+    measure_stage,
+    write_report,
+)
 from .train_config import TrainConfig
+from .trt_runtime import tensorrt_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +288,7 @@ class BuildResult:
     report_paths: dict[str, Path]
     final_onnx: Path
     published: PublishedVersion | None
+    published_engine: str | None = None  # the engine stage whose plan was published, if one was
 
 
 def _section(config_type, values: Mapping[str, Any], stage: str):
@@ -302,6 +323,8 @@ def build(config: BuildConfig) -> BuildResult:
     )
     # TensorRT's parser refuses QAT's uint8 Q/DQ: a gpu target has no QAT fallback.
     qat_mode = "never" if quantize_config is None or quantize_config.target == "gpu" else config.qat.mode
+    gpu_int8 = quantize_config is not None and quantize_config.target == "gpu"
+    for_gpu = gpu_int8 or (settings is not None and settings.target == "gpu")
     qat_config = config.qat.training() if qat_mode != "never" else None
 
     checkpoint = config.checkpoint or _train(config)
@@ -350,6 +373,52 @@ def build(config: BuildConfig) -> BuildResult:
         )
         return result.onnx_path
 
+    def engine_stages(float_onnx: Path, int8_onnx: Path | None, macs: int, params: int) -> dict[str, tuple[Path, Path]]:
+        """engine-fp16 and engine-int8 (plan, and the ONNX it was built from) where TensorRT can run, measured
+        and chosen between; each stage that cannot run is listed with the reason."""
+        unavailable = tensorrt_unavailable()
+        built: dict[str, tuple[Path, Path]] = {}
+        for name, source in zip(ENGINE_STAGES, (float_onnx, int8_onnx)):
+            if unavailable or source is None:
+                reason = unavailable or "no int8-gpu.onnx to build it from: the build has no quantize stage"
+                report.not_run.append(NotRun(name, reason))
+                continue
+            plan = build_engine(source, out / f"{name}.plan", EngineConfig(precision=name.removeprefix("engine-")))
+            metrics = measure_engine_stage(
+                name,
+                plan,
+                data,
+                macs=macs,
+                parameters=params,
+                confusion_png=out / f"confusion-{name}.png",
+                notes=f"built from {source.name}",
+                benchmark_seconds=config.benchmark_seconds,
+            )
+            report.add(metrics)
+            log.info("stage %s: top-1 %.4f, %.0f images/s at batch 8", name, metrics.top1, metrics.throughput_b8)
+            built[name] = (plan, source)
+        if not built:
+            fallback = (
+                "; publish writes the float ONNX model, whose TensorRT engine Triton's ONNX Runtime builds"
+                if settings is not None and settings.target == "gpu"
+                else ""
+            )
+            report.engine_choice = EngineChoice(None, f"no engine stage ran here (see the stages not run){fallback}")
+            return built
+        measured = [m for m in report.stages if m.stage in built]
+        report.engine_choice = choose_engine(measured, report.stages[0], config.max_accuracy_drop)
+        for metrics in measured:  # over the budget: kept in the report, never published
+            drop = report.accuracy_drop(metrics)
+            if drop > config.max_accuracy_drop:
+                note = f"over the budget ({drop:.2f} points lost > {config.max_accuracy_drop:g}); not published"
+                report.stages[report.stages.index(metrics)] = dataclasses.replace(
+                    metrics, notes=f"{metrics.notes}; {note}"
+                )
+        if report.engine_choice.stage is None:  # the gate: no engine within the budget stops the build
+            report.check_budget(min(measured, key=report.accuracy_drop))
+        return built
+
+    engines: dict[str, tuple[Path, Path]] = {}
     try:
         fp32 = export_model(model, meta, out / "fp32.onnx", parity=parity, source=checkpoint).onnx_path
         macs, params = count_macs_and_params(model, input_shape)
@@ -387,19 +456,40 @@ def build(config: BuildConfig) -> BuildResult:
                 report.stages[-1] = dataclasses.replace(metrics, notes=note, superseded=True)
                 log.warning("static INT8 lost %.2f points of top-1; trying quantization-aware training", drop)
                 latest = qat_stage(latest_checkpoint, macs, params, notes=f"static int8 lost {drop:.2f} points; ")
+        if for_gpu:
+            engines = engine_stages(serving_fp32, latest if gpu_int8 else None, macs, params)
     except BuilderError as e:  # the stages measured so far are still worth a report
         if not isinstance(e, BudgetError):
             report.failure = f"build stopped: {e}"
         write_report(report, out)
         raise
+    choice = report.engine_choice
+    chosen = engines.get(choice.stage) if choice is not None and choice.stage is not None else None
+    if chosen is not None and settings is not None and settings.pixel_input:
+        report.engine_choice = dataclasses.replace(
+            choice,
+            reason=f"{choice.reason}; publish asks for --pixel-input, which a plan cannot take: the ONNX model"
+            " is published instead",
+        )
+        chosen = None
     paths = write_report(report, out)
-    published = None
-    if settings is not None:
-        # GPU targets get FP32 ONNX: TensorRT in Triton builds its own FP16 engine from it. The GPU INT8
-        # (`latest`, int8-gpu.onnx) is for an engine built with explicit quantization (`builder engine`).
+    published, published_engine = None, None
+    if settings is not None and chosen is not None:
+        published_engine = report.engine_choice.stage if report.engine_choice else None
+        published = publish_plan(chosen[0], chosen[1], repository, config.name, settings=settings)
+    elif settings is not None:
+        # Without an engine, GPU targets get FP32 ONNX: TensorRT in Triton builds its own FP16 engine from it.
         served = serving_fp32 if settings.target == "gpu" else latest
         published = publish(served, repository, config.name, settings=settings)
+    if published is not None:
         (out / "published.json").write_text(
-            json.dumps({"model": config.name, "version": published.version, "path": str(published.version_dir)})
+            json.dumps(
+                {
+                    "model": config.name,
+                    "version": published.version,
+                    "path": str(published.version_dir),
+                    "engine": published_engine,
+                }
+            )
         )
-    return BuildResult(report, paths, latest, published)
+    return BuildResult(report, paths, latest, published, published_engine)

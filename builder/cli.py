@@ -730,7 +730,6 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(engine, "--min-batch", ENGINE, "min_batch", type=_positive_int)
     _setting(engine, "--opt-batch", ENGINE, "opt_batch", type=_positive_int)
     _setting(engine, "--max-batch", ENGINE, "max_batch", type=_positive_int)
-    _setting(engine, "--calibration-images", ENGINE, "calibration_images", type=_positive_int)
     engine.set_defaults(func=_engine)
 
     build = commands.add_parser("build", help="train, prune, quantize, publish; report what each stage cost")

@@ -4,6 +4,11 @@ Writes `model.plan` and, beside it, `model.plan.json` with the TensorRT version,
 capability, and the SHA-256 of the source ONNX model and of the plan: an engine only loads in the
 TensorRT release, and on the GPU generation, it was built for, and `publish --plan` checks all of it.
 Only the TensorRT release of the target Triton (10.5 for 24.10) is accepted here, before anything is built.
+
+INT8 is explicit quantization only: the engine is built from a Q/DQ model in TensorRT's form (INT8, zero
+point 0), which `builder quantize --target gpu` writes with NVIDIA Model Optimizer. TensorRT's implicit
+calibration (IInt8EntropyCalibrator2 and the calibration cache) is deprecated since TensorRT 10.1,
+"superseded by explicit quantization" (TensorRT C++ API, deprecated list), and removed in TensorRT 11.
 """
 
 from __future__ import annotations
@@ -16,14 +21,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .data import load_run_dataset
 from .errors import EngineError
-from .model_config import DEFAULT_TRITON_RELEASE, TRITON_TENSORRT
-from .onnx_meta import read_onnx_meta
 from .plans import engine_info_path, file_sha256, onnx_sha256, read_engine_info  # noqa: F401  (public here)
-from .transforms import calibration_images
+from .tensorrt_onnx import check_explicit_int8
+from .trt_runtime import check_tensorrt_version, import_tensorrt  # noqa: F401  (public here)
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ class EngineConfig:
     min_batch: int = 1
     opt_batch: int = 8
     max_batch: int = 32
-    calibration_images: int = 256  # int8 only: the same images as ONNX Runtime's calibration
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -47,77 +46,6 @@ class EngineConfig:
             raise EngineError(
                 f"need 1 <= min batch <= opt batch <= max batch, got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
             )
-
-
-def _wanted_tensorrt() -> tuple[str, str]:
-    """(Triton release, TensorRT major.minor it loads) for the default target."""
-    return DEFAULT_TRITON_RELEASE, TRITON_TENSORRT[DEFAULT_TRITON_RELEASE]
-
-
-def check_tensorrt_version(version: str) -> None:
-    """Refuse a TensorRT whose plans the target Triton cannot load, saying in one line what to install."""
-    release, wanted = _wanted_tensorrt()
-    installed = ".".join(str(version).split(".")[:2])
-    if installed == wanted:
-        return
-    problem = f"TensorRT {version} is installed"
-    if installed.split(".")[0] != wanted.split(".")[0]:
-        # TensorRT 11 dropped the implicit INT8 calibration API (IInt8EntropyCalibrator2) this builder uses.
-        problem += ", whose major release lacks APIs this builder uses,"
-    raise EngineError(
-        f"{problem} and Triton {release} loads TensorRT {wanted} plans only: pip install "
-        f"'tensorrt=={wanted}.*' (or build inside nvcr.io/nvidia/tensorrt:{release}-py3)"
-    )
-
-
-def _import_tensorrt():
-    """TensorRT of the release the target Triton loads, and a CUDA device, or an EngineError saying what is missing."""
-    release, wanted = _wanted_tensorrt()
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise EngineError(
-            f"TensorRT is not installed: pip install 'tensorrt=={wanted}.*' (what Triton {release} "
-            "loads), on a machine with an NVIDIA GPU; or publish the ONNX model with --target gpu "
-            "to build the engine in Triton"
-        ) from e
-    check_tensorrt_version(getattr(trt, "__version__", "unknown"))
-    import torch
-
-    if not torch.cuda.is_available():
-        raise EngineError(
-            "no NVIDIA GPU is visible (torch.cuda.is_available() is False); an engine must be "
-            "built on a GPU; or publish the ONNX model with --target gpu"
-        )
-    return trt
-
-
-def calibration_key(onnx_digest: str, images: np.ndarray, batch_size: int) -> str:
-    """What an INT8 calibration cache is valid for: this model's weights, these images, this batch size."""
-    images = np.ascontiguousarray(images)
-    digest = hashlib.sha256(f"{onnx_digest}|{images.dtype.str}|{images.shape}|{batch_size}|".encode())
-    digest.update(images.tobytes())
-    return digest.hexdigest()
-
-
-def read_calibration_cache(cache_path: Path, key: str) -> bytes | None:
-    """The cached scales if they were computed for `key` (see calibration_key), else None."""
-    try:
-        stored = json.loads(cache_path.with_name(cache_path.name + ".json").read_text())
-        cache = cache_path.read_bytes()
-    except (OSError, ValueError):
-        return None
-    if stored.get("key") != key or stored.get("sha256") != hashlib.sha256(cache).hexdigest():
-        return None  # another model, other images, or a cache written halfway
-    return cache
-
-
-def write_calibration_cache(cache_path: Path, key: str, cache: bytes) -> None:
-    _write_atomic(cache_path, cache)
-    _write_atomic(
-        cache_path.with_name(cache_path.name + ".json"),
-        json.dumps({"key": key, "sha256": hashlib.sha256(cache).hexdigest()}).encode(),
-    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -131,42 +59,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _calibrator(trt, images: np.ndarray, batch_size: int, cache_path: Path, key: str):
-    import torch
+def build_engine(onnx_path: Path, output: Path, config: EngineConfig = EngineConfig()) -> Path:
+    """Parse the ONNX model, build a serialized engine with one optimization profile, write plan + record.
 
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            super().__init__()
-            self.position = 0
-            self.device_batch = None  # allocated on the first batch: a cache hit needs no GPU memory
-
-        def get_batch_size(self) -> int:
-            return batch_size
-
-        def get_batch(self, names):
-            if self.position + batch_size > len(images):
-                return None
-            if self.device_batch is None:
-                self.device_batch = torch.empty((batch_size, *images.shape[1:]), dtype=torch.float32, device="cuda")
-            chunk = torch.from_numpy(images[self.position : self.position + batch_size])
-            self.device_batch.copy_(chunk)
-            self.position += batch_size
-            return [int(self.device_batch.data_ptr())]
-
-        def read_calibration_cache(self):
-            return read_calibration_cache(cache_path, key)
-
-        def write_calibration_cache(self, cache) -> None:
-            write_calibration_cache(cache_path, key, bytes(cache))
-
-    return EntropyCalibrator()
-
-
-def build_engine(
-    onnx_path: Path, output: Path, config: EngineConfig = EngineConfig(), calibration: np.ndarray | None = None
-) -> Path:
-    """Parse the ONNX model, build a serialized engine with one optimization profile, write plan + record."""
-    trt = _import_tensorrt()
+    INT8 needs a Q/DQ model in TensorRT's form (checked first, before TensorRT is even imported)."""
+    if config.precision == "int8":
+        check_explicit_int8(Path(onnx_path))
+    trt = import_tensorrt()
     import torch
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -181,7 +80,9 @@ def build_engine(
         raise EngineError(f"TensorRT cannot parse {onnx_path}: {errors}")
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    builder_config.set_flag(trt.BuilderFlag.FP16)  # INT8 engines fall back to FP16, not FP32
+    # FP16 for every layer the model leaves in float: all of an fp16 engine, and in an INT8 one the layers
+    # ModelOpt kept out of Q/DQ (its high_precision_dtype is fp32, leaving this choice to the engine build).
+    builder_config.set_flag(trt.BuilderFlag.FP16)
     input_tensor = network.get_input(0)
     sample = tuple(input_tensor.shape)[1:]
     profile = builder.create_optimization_profile()
@@ -190,17 +91,10 @@ def build_engine(
     )
     builder_config.add_optimization_profile(profile)
     if config.precision == "int8":
-        if calibration is None:
-            raise EngineError("an INT8 engine needs calibration images")
+        # Explicit quantization: the scales are the model's Q/DQ, so no calibrator. In a weakly typed network
+        # (this one: create_network(0)) the INT8 flag lets TensorRT run the Q/DQ-fenced layers in INT8
+        # (TensorRT 10 developer guide, "Explicit Quantization").
         builder_config.set_flag(trt.BuilderFlag.INT8)
-        builder_config.set_calibration_profile(profile)
-        cache = Path(output).with_name(Path(output).name + ".calibration")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        batch_size = min(config.opt_batch, len(calibration))
-        # Reused only for the same weights and images: a retrained model gets scales of its own.
-        builder_config.int8_calibrator = _calibrator(
-            trt, calibration, batch_size, cache, calibration_key(onnx_digest, calibration, batch_size)
-        )
     serialized = builder.build_serialized_network(network, builder_config)
     if serialized is None:
         raise EngineError(f"TensorRT failed to build an engine from {onnx_path}; see its log above")
@@ -241,13 +135,5 @@ def _place_plan(output: Path, plan_bytes: bytes, info: dict) -> None:
 
 
 def engine_from_onnx(onnx_path: Path, output: Path, config: EngineConfig = EngineConfig()) -> Path:
-    """`builder engine`: calibration images (INT8) come from the run recorded in the ONNX metadata."""
-    calibration = None
-    if config.precision == "int8":
-        _import_tensorrt()  # fail on a machine without GPU before loading data
-        meta = read_onnx_meta(Path(onnx_path))
-        if meta.preprocess is None or not meta.has_dataset:
-            raise EngineError(f"{onnx_path} carries no preprocessing spec or dataset; export it with `builder export`")
-        dataset = load_run_dataset(meta.dataset_recipe)
-        calibration = calibration_images(dataset, meta.preprocess, config.calibration_images, seed=config.seed)
-    return build_engine(onnx_path, output, config, calibration)
+    """`builder engine`: FP16 from a float model, INT8 from the explicit-quantized one."""
+    return build_engine(onnx_path, output, config)

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .data import ImageDataset, load_run_dataset
 from .errors import QuantizeError
 from .onnx_meta import OnnxMeta, load_onnx, metadata_of, set_metadata
+from .tensorrt_onnx import tensorrt_parser_problems
 from .transforms import calibration_images
 
 log = logging.getLogger(__name__)
@@ -42,28 +42,6 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("cpu", "gpu")
 # ModelOpt's INT8 calibrators (its quantize() docstring: 'entropy' or 'max'), under this module's names.
 MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}
-
-# What TensorRT's ONNX parser accepts, from onnx-tensorrt's docs/operators.md (TensorRT 10.x): operators
-# in the inclusive opset range 9 to 20; Q/DQ only as INT8 (or FP8/INT4) with a zero point of 0; and the
-# operators the support matrix marks supported (the whole list, so a graph surgery that adds one is covered).
-TENSORRT_OPSETS = range(9, 21)
-TENSORRT_ONNX_OPS = frozenset(
-    """
-    Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike
-    Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace
-    DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor GRU Gather
-    GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual
-    GridSample GroupNormalization HardSigmoid HardSwish Hardmax Identity If ImageScaler
-    InstanceNormalization IsInf IsNaN LRN LSTM LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax
-    Loop LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg
-    NonMaxSuppression NonZero Not OneHot Or PRelu Pad ParametricSoftplus Pow QuantizeLinear RNN
-    RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2
-    ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu
-    Reshape Resize ReverseSequence RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu
-    Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze
-    Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split()
-)
 
 
 @dataclass(frozen=True)
@@ -255,37 +233,6 @@ def _modelopt_int8(
     if problems:
         raise QuantizeError(f"the GPU INT8 of {onnx_path} would not load in TensorRT: {'; '.join(problems[:3])}")
     return proto, {"weight_bits": "8", "quantizer": f"nvidia-modelopt {modelopt_version}"}
-
-
-def tensorrt_parser_problems(proto: onnx.ModelProto) -> list[str]:
-    """Where a QDQ graph breaks TensorRT's ONNX parser rules (onnx-tensorrt docs/operators.md); [] if nowhere."""
-    problems = []
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset not in TENSORRT_OPSETS:
-        problems.append(f"opset {opset} is outside {TENSORRT_OPSETS.start}..{TENSORRT_OPSETS.stop - 1}")
-    unsupported = sorted(
-        {
-            f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-            for n in proto.graph.node
-            if n.domain not in ("", "ai.onnx") or n.op_type not in TENSORRT_ONNX_OPS
-        }
-    )
-    if unsupported:
-        problems.append(f"operators TensorRT does not parse: {', '.join(unsupported)}")
-    initializers = {i.name: i for i in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        # Without a zero point ONNX means uint8; TensorRT takes INT8 with zero point 0 only.
-        zero_point = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if zero_point is None:
-            problems.append(f"{node.op_type} {node.name or node.output[0]} has no int8 zero point initializer")
-        elif zero_point.data_type != onnx.TensorProto.INT8:
-            kind = onnx.TensorProto.DataType.Name(zero_point.data_type).lower()
-            problems.append(f"{node.op_type} {node.name or node.output[0]} is {kind}, not int8")
-        elif np.any(numpy_helper.to_array(zero_point)):
-            problems.append(f"{node.op_type} {node.name or node.output[0]} has a non-zero zero point")
-    return problems
 
 
 def convert_fp16(onnx_path: Path, output: Path) -> Path:

@@ -1,20 +1,35 @@
 """What each stage cost and bought: a table in the terminal, report.md, report.json and report.png.
 
 Every stage is measured the same way on this machine: the ONNX file it produced, scored by
-`evaluate()` on the validation split and timed by `measure_speed()`.
+`evaluate()` on the validation split and timed by `measure_speed()`; a TensorRT engine stage
+(`measure_engine_stage`) the same way through `EngineRunner` on the GPU. Stages that could not run here
+are listed with the reason, and `choose_engine` says which engine the build publishes, and why.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from .errors import BudgetError
-from .evaluate import ValidationData, evaluate, measure_speed
+from .evaluate import (
+    LATENCY_BATCH,
+    THROUGHPUT_BATCH,
+    Evaluation,
+    ValidationData,
+    _median_seconds,
+    confusion_matrix,
+    evaluate,
+    measure_speed,
+    per_class_scores,
+    plot_confusion,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +44,28 @@ class StageMetrics:
     throughput_b8: float  # images per second
     notes: str = ""
     superseded: bool = False  # measured, then replaced by a later stage (e.g. static INT8 by QAT)
+    runtime: str = "ONNX Runtime (CPU)"
+    max_batch: int | None = None  # an engine's: the top of its optimization profile
+    throughput_max_batch: float | None = None  # images per second at max_batch
+
+
+ENGINE_STAGES = ("engine-fp16", "engine-int8")
+
+
+@dataclass(frozen=True)
+class NotRun:
+    """A stage the build would have run, and why it did not run here."""
+
+    stage: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine stage the build publishes (None: none), and why."""
+
+    stage: str | None
+    reason: str
 
 
 def measure_stage(
@@ -57,12 +94,115 @@ def measure_stage(
     )
 
 
+def _evaluate_with(
+    predict: Callable[[np.ndarray], np.ndarray], data: ValidationData, batch_size: int, confusion_png: Path | None
+) -> Evaluation:
+    """`evaluate()`'s scores for a predictor other than ONNX Runtime or PyTorch (a TensorRT engine)."""
+    predictions, labels = [], []
+    for images, batch_labels in data.batches(batch_size):
+        predictions.append(predict(images).argmax(axis=1))
+        labels.append(batch_labels)
+    predicted, truth = np.concatenate(predictions), np.concatenate(labels)
+    confusion = confusion_matrix(truth, predicted, len(data.classes))
+    evaluation = Evaluation(
+        top1=float((predicted == truth).mean()) if len(truth) else 0.0,
+        images=len(truth),
+        per_class=per_class_scores(confusion, data.classes),
+        confusion=confusion,
+        predictions=predicted,
+    )
+    if confusion_png is not None:
+        plot_confusion(confusion, data.classes, confusion_png, title=f"top-1 {evaluation.top1:.2%}")
+    return evaluation
+
+
+def measure_engine_stage(
+    stage: str,
+    plan_path: Path,
+    data: ValidationData,
+    *,
+    macs: int,
+    parameters: int,
+    confusion_png: Path | None = None,
+    notes: str = "",
+    benchmark_seconds: float = 1.5,
+) -> StageMetrics:
+    """A TensorRT plan measured like an ONNX stage, through `EngineRunner` on this machine's GPU: top-1 on the
+    validation split, latency at batch 1, throughput at batch 8 and at the profile's max batch."""
+    from .trt_runtime import EngineRunner
+
+    runner = EngineRunner(Path(plan_path))
+    low, _, high = runner.profile
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        if len(images) >= low:
+            return runner.infer(images)
+        padded = np.concatenate([images, np.zeros((low - len(images), *images.shape[1:]), images.dtype)])
+        return runner.infer(padded)[: len(images)]  # a last batch below the profile's min, padded up to it
+
+    evaluation = _evaluate_with(predict, data, high, confusion_png)
+    # Batch 1 and 8 as for the ONNX stages, moved into the profile if it excludes them, and its max.
+    latency_batch, throughput_batch = max(LATENCY_BATCH, low), min(max(THROUGHPUT_BATCH, low), high)
+    rng = np.random.default_rng(0)
+    seconds = {}
+    for batch in sorted({latency_batch, throughput_batch, high}):
+        images = rng.standard_normal((batch, *runner.sample_shape)).astype(np.float32)
+        # The same timing as the ONNX stages: median run after warm-up, host arrays in and out.
+        seconds[batch] = _median_seconds(
+            lambda images=images: runner.infer(images), min_seconds=benchmark_seconds, min_runs=10, warmup=3
+        )
+    import torch
+
+    return StageMetrics(
+        stage=stage,
+        artifact=str(plan_path),
+        parameters=parameters,
+        macs=macs,
+        file_bytes=Path(plan_path).stat().st_size,
+        top1=evaluation.top1,
+        latency_b1_ms=seconds[latency_batch] * 1000.0,
+        throughput_b8=throughput_batch / seconds[throughput_batch],
+        notes=notes,
+        runtime=f"TensorRT ({torch.cuda.get_device_name()})",
+        max_batch=high,
+        throughput_max_batch=high / seconds[high],
+    )
+
+
+def choose_engine(engines: Sequence[StageMetrics], baseline: StageMetrics, max_accuracy_drop: float) -> EngineChoice:
+    """The engine to publish: the fastest (throughput at batch 8; the smaller file on a tie) of those within
+    `max_accuracy_drop` top-1 points of `baseline`; none when no engine is within it."""
+    if not engines:
+        return EngineChoice(None, "no engine stage ran")
+    drops = {m.stage: 100.0 * (baseline.top1 - m.top1) for m in engines}
+    within = [m for m in engines if drops[m.stage] <= max_accuracy_drop]
+    budget = f"the accuracy budget of {max_accuracy_drop:g} points"
+    if not within:
+        lost = ", ".join(f"{m.stage} lost {drops[m.stage]:.2f}" for m in engines)
+        return EngineChoice(None, f"no engine is within {budget} ({lost})")
+    best = max(within, key=lambda m: (m.throughput_b8, -m.file_bytes))
+    reason = (
+        f"the fastest engine within {budget}: {best.throughput_b8:.0f} img/s at batch 8, "
+        f"{drops[best.stage]:.2f} points of top-1 lost"
+    )
+    others = [
+        f"{m.stage} {m.throughput_b8:.0f} img/s"
+        if drops[m.stage] <= max_accuracy_drop
+        else f"{m.stage} lost {drops[m.stage]:.2f} points, over the budget"
+        for m in engines
+        if m is not best
+    ]
+    return EngineChoice(best.stage, reason + (f" ({'; '.join(others)})" if others else ""))
+
+
 @dataclass
 class Report:
     stages: list[StageMetrics] = field(default_factory=list)
     max_accuracy_drop: float = 1.0  # percentage points below the first stage
     failed_stage: str | None = None
     failure: str | None = None
+    not_run: list[NotRun] = field(default_factory=list)
+    engine_choice: EngineChoice | None = None  # builds for a GPU: which engine is published, and why
 
     def add(self, metrics: StageMetrics) -> None:
         self.stages.append(metrics)
@@ -104,6 +244,8 @@ class Report:
             "failed_stage": self.failed_stage,
             "failure": self.failure,
             "stages": self.rows(),
+            "not_run": [asdict(n) for n in self.not_run],
+            "engine_choice": asdict(self.engine_choice) if self.engine_choice else None,
         }
 
 
@@ -165,7 +307,9 @@ def _cells(row: dict) -> list[str]:
 
 
 def rich_table(report: Report) -> Table:
-    table = Table(title="What each stage cost and bought (validation split, ONNX Runtime on this machine)")
+    table = Table(
+        title="What each stage cost and bought (validation split; ONNX Runtime, engines TensorRT, on this machine)"
+    )
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "stage" else "right")
     for row in report.rows():
@@ -174,16 +318,32 @@ def rich_table(report: Report) -> Table:
     return table
 
 
+def _note(metrics: StageMetrics) -> str:
+    if metrics.throughput_max_batch is None:
+        return metrics.notes
+    engine = (
+        f"{metrics.runtime}; {metrics.throughput_max_batch:.0f} img/s at batch {metrics.max_batch}, the profile's max"
+    )
+    return f"{engine}. {metrics.notes}" if metrics.notes else engine
+
+
 def notes_lines(report: Report) -> list[str]:
-    noted = [m for m in report.stages if m.notes]
-    return ["", "Notes:", *(f"- `{m.stage}`: {m.notes}" for m in noted)] if noted else []
+    noted = [m for m in report.stages if _note(m)]
+    lines = ["", "Notes:", *(f"- `{m.stage}`: {_note(m)}" for m in noted)] if noted else []
+    if report.not_run:
+        lines += ["", "Not run here:", *(f"- `{n.stage}`: {n.reason}" for n in report.not_run)]
+    if report.engine_choice is not None:
+        stage = f"`{report.engine_choice.stage}`" if report.engine_choice.stage else "none"
+        lines += ["", f"Engine to publish: {stage}: {report.engine_choice.reason}"]
+    return lines
 
 
 def to_markdown(report: Report) -> str:
     lines = [
         "# Build report",
         "",
-        "Measured on the validation split with ONNX Runtime (CPU) on the build machine. Speed-ups "
+        "Measured on the validation split with ONNX Runtime (CPU) on the build machine, the `engine-*` "
+        "stages with TensorRT on its GPU. Speed-ups "
         "(throughput at batch 8) and sizes (file bytes, new / old) are given against the previous stage "
         "and against fp32, the trained model; Δtop-1 is against the previous stage. A stage a later "
         "one replaced is not the previous stage of the next.",
@@ -227,7 +387,7 @@ def plot(report: Report, path: Path) -> Path:
             ha="right" if right else "left",
             fontsize=8,
         )
-    axes.set_xlabel("ONNX Runtime throughput at batch 8 (images/s)")
+    axes.set_xlabel("throughput at batch 8 (images/s; ONNX Runtime, engines TensorRT)")
     axes.set_ylabel("top-1 accuracy (%)")
     axes.set_title("accuracy against throughput, one point per stage")
     axes.grid(alpha=0.3)

@@ -27,3 +27,34 @@ def retrained(source: Path, target: Path) -> Path:
             initializer.CopyFrom(numpy_helper.from_array(weights * np.float32(1.01), initializer.name))
     onnx.save(model, str(target))
     return target
+
+
+def conv_classifier(path: Path, qdq_zero_point=None) -> Path:
+    """A hand-built classifier, input (N, 1, 4, 4) -> Conv -> logits (N, 2). With `qdq_zero_point` (a numpy
+    scalar), Q/DQ on the input and the weight with that zero point: int8 0 is TensorRT's form, uint8 128 that
+    of ONNX Runtime's activations."""
+    from onnx import TensorProto, helper
+
+    initializers = [numpy_helper.from_array(np.ones((2, 1, 4, 4), np.float32), "weight")]
+    nodes, conv_inputs = [], ["input", "weight"]
+    if qdq_zero_point is not None:
+        initializers += [
+            numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+            numpy_helper.from_array(np.array(qdq_zero_point), "zero_point"),
+        ]
+        for name in ("input", "weight"):
+            nodes += [
+                helper.make_node("QuantizeLinear", [name, "scale", "zero_point"], [f"{name}_q"], name=f"q_{name}"),
+                helper.make_node("DequantizeLinear", [f"{name}_q", "scale", "zero_point"], [f"{name}_dq"]),
+            ]
+        conv_inputs = ["input_dq", "weight_dq"]
+    nodes += [helper.make_node("Conv", conv_inputs, ["conv"]), helper.make_node("Flatten", ["conv"], ["logits"])]
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        initializers,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return Path(path)

@@ -320,7 +320,6 @@ def test_build_for_a_gpu_target_measures_and_gates_the_tensorrt_int8(tiny_run, t
     )
     result = build(config)
     report = json.loads((tmp_path / "build" / "report.json").read_text())
-    assert [s["stage"] for s in report["stages"]] == ["fp32", "int8-gpu"]
     assert report["stages"][1]["accuracy_drop_points"] <= 5.0 and report["failed_stage"] is None
     assert result.final_onnx == tmp_path / "build" / "int8-gpu.onnx"
     assert not (tmp_path / "build" / "int8.onnx").exists()
@@ -328,9 +327,29 @@ def test_build_for_a_gpu_target_measures_and_gates_the_tensorrt_int8(tiny_run, t
 
     from builder.onnx_meta import read_metadata
     from builder.quantize import tensorrt_parser_problems
+    from builder.trt_runtime import tensorrt_unavailable
 
     assert tensorrt_parser_problems(onnx.load(str(result.final_onnx))) == []
     assert read_metadata(result.final_onnx)["target"] == "gpu"
+    markdown = (tmp_path / "build" / "report.md").read_text()
+    published = model_config.parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text())
+    reason = tensorrt_unavailable()
+    if reason is None:  # a GPU with TensorRT 10.5: both engines measured, the chosen plan published
+        stages = [s["stage"] for s in report["stages"]]
+        assert stages == ["fp32", "int8-gpu", "engine-fp16", "engine-int8"] and report["not_run"] == []
+        assert report["engine_choice"]["stage"] == result.published_engine in ("engine-fp16", "engine-int8")
+        assert all(s["max_batch"] == 32 and s["throughput_max_batch"] > 0 for s in report["stages"][2:])
+        assert published.platform == "tensorrt_plan"
+        return
+    # Here (no GPU, or no TensorRT 10.5): both engine stages listed as not run, with the reason and what to install.
+    assert [s["stage"] for s in report["stages"]] == ["fp32", "int8-gpu"]
+    assert report["not_run"] == [{"stage": "engine-fp16", "reason": reason}, {"stage": "engine-int8", "reason": reason}]
+    assert "pip install 'tensorrt==10.5.*'" in reason or "no CUDA device" in reason
+    assert f"- `engine-fp16`: {reason}" in markdown and f"- `engine-int8`: {reason}" in markdown
+    assert report["engine_choice"]["stage"] is None and "no engine stage ran here" in markdown
+    # ... and the build still publishes what it did before: the float ONNX for TensorRT in Triton.
+    assert result.published_engine is None and published.platform != "tensorrt_plan"
+    assert json.loads((tmp_path / "build" / "published.json").read_text())["engine"] is None
 
 
 def _negate_classifier_weight(onnx_path):

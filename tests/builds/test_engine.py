@@ -16,7 +16,8 @@ from builder.cli import main
 from builder.engine import EngineConfig, EngineError, build_engine, engine_info_path, read_engine_info
 from builder.errors import PublishError
 from builder.publish import PublishSettings, publish_plan
-from tests.onnx_variants import retrained
+from builder.trt_runtime import tensorrt_unavailable
+from tests.onnx_variants import conv_classifier, retrained
 
 
 def _gpu_and_tensorrt() -> bool:
@@ -34,62 +35,53 @@ def test_engine_without_gpu_or_tensorrt_is_a_one_line_error(tiny_run, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def _validation_images(run_dir: Path, count: int) -> np.ndarray:
-    from builder.data import load_run_dataset
+def _validation_images(run_dir: Path) -> np.ndarray:
+    from builder.evaluate import validation_data
     from builder.onnx_meta import read_onnx_meta
-    from builder.transforms import calibration_images
 
-    meta = read_onnx_meta(run_dir / "model.onnx")
-    return calibration_images(load_run_dataset(meta.dataset_recipe), meta.preprocess, count, seed=1)
+    return np.concatenate([images for images, _ in validation_data(read_onnx_meta(run_dir / "model.onnx")).batches()])
 
 
-def _run_engine(plan: Path, info: dict, images: np.ndarray) -> np.ndarray:
-    """The plan deserialized by TensorRT's runtime and run once on `images` (TensorRT 10 tensor API)."""
-    import tensorrt as trt
-    import torch
-
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
-    assert engine is not None, f"{plan} does not deserialize"
-    context = engine.create_execution_context()
-    inputs = torch.from_numpy(np.ascontiguousarray(images)).cuda()
-    context.set_input_shape(info["input"], tuple(inputs.shape))
-    dtype = {trt.float32: torch.float32, trt.float16: torch.float16}[engine.get_tensor_dtype(info["output"])]
-    outputs = torch.empty(tuple(context.get_tensor_shape(info["output"])), dtype=dtype, device="cuda")
-    context.set_tensor_address(info["input"], inputs.data_ptr())
-    context.set_tensor_address(info["output"], outputs.data_ptr())
-    stream = torch.cuda.current_stream()  # the one the input copy was queued on
-    assert context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    return outputs.float().cpu().numpy()
+UNAVAILABLE = tensorrt_unavailable()
 
 
-@pytest.mark.skipif(not _gpu_and_tensorrt(), reason="needs an NVIDIA GPU and the tensorrt package")
+@pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no engine can be built here: {UNAVAILABLE}")
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_a_built_engine_deserializes_and_answers_like_onnx_runtime(tiny_run, tmp_path, precision):
+    """Through EngineRunner at the profile's min, opt and max batch, against ONNX Runtime on the CPU running the
+    model the engine was built from: FP16 logits within 1e-2 of the logits' scale, INT8 top-1 agreement >= 95%
+    over the validation split."""
     import onnxruntime as ort
 
     from builder.engine import engine_from_onnx
+    from builder.quantize import QuantizeConfig, quantize_int8
+    from builder.trt_runtime import EngineRunner
 
-    plan = engine_from_onnx(
-        tiny_run / "model.onnx",
-        tmp_path / "model.plan",
-        EngineConfig(precision=precision, calibration_images=32, opt_batch=8, max_batch=16),
-    )
+    source = tiny_run / "model.onnx"
+    if precision == "int8":
+        gpu_int8 = QuantizeConfig(calibration_images=64, target="gpu")
+        source = quantize_int8(source, tmp_path / "int8-gpu.onnx", gpu_int8).onnx_path
+    config = EngineConfig(precision=precision, opt_batch=8, max_batch=16)
+    plan = engine_from_onnx(source, tmp_path / "model.plan", config)
     info = read_engine_info(plan)
     assert info["precision"] == precision and "." in info["compute_capability"]
     assert info["tensorrt_version"].startswith("10.5.")
-    images = _validation_images(tiny_run, 16)
-    session = ort.InferenceSession(str(tiny_run / "model.onnx"), providers=["CPUExecutionProvider"])
-    agree = total = 0
-    for batch in (1, 16):  # both ends of the optimization profile
-        expected = session.run(None, {info["input"]: images[:batch]})[0]
-        answered = _run_engine(plan, info, images[:batch])
+    runner = EngineRunner(plan)
+    assert (runner.profile, runner.input_name, runner.output_name) == ((1, 8, 16), info["input"], info["output"])
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    images = _validation_images(tiny_run)
+    for batch in runner.profile:
+        expected = session.run(None, {runner.input_name: images[:batch]})[0]
+        answered = runner.infer(images[:batch])
         assert answered.shape == expected.shape and np.isfinite(answered).all()
         if precision == "fp16":
-            np.testing.assert_allclose(answered, expected, rtol=2e-2, atol=2e-2 * float(np.abs(expected).max()))
-        agree += int((answered.argmax(1) == expected.argmax(1)).sum())
-        total += batch
-    assert agree >= (total if precision == "fp16" else int(0.9 * total)), f"top-1 agreement {agree}/{total}"
+            assert np.abs(answered - expected).max() <= 1e-2 * np.abs(expected).max()
+    agree = 0
+    for start in range(0, len(images), 16):
+        chunk = images[start : start + 16]
+        expected = session.run(None, {runner.input_name: chunk})[0]
+        agree += int((runner.infer(chunk).argmax(1) == expected.argmax(1)).sum())
+    assert agree >= 0.95 * len(images), f"top-1 agreement {agree}/{len(images)}"
 
 
 def _fake_plan(folder, version):
@@ -158,14 +150,14 @@ def test_the_cli_publishes_a_plan_for_the_gpu_without_being_told(tiny_run, tmp_p
 #
 # What engine.py asks of the `tensorrt` module (10.x Python API), answered without a GPU: the parser reads the
 # ONNX graph the way TensorRT's does (bytes alone cannot reach external weights; a path can), and the builder
-# consults the INT8 calibrator's cache the way TensorRT does (read first; calibrate and write only on a miss).
+# keeps each configuration it was given. It has no calibrator API: INT8 is explicit quantization only.
 
 
 class _FakeTensorRT(types.ModuleType):
     def __init__(self, version: str = "10.5.0.18") -> None:
         super().__init__("tensorrt")
         self.__version__ = version
-        self.calibration_reads: list[bytes | None] = []
+        self.built_configs: list = []
         fake = self
 
         class Logger:
@@ -225,19 +217,17 @@ class _FakeTensorRT(types.ModuleType):
                 self.shapes = {name: (minimum, optimum, maximum)}
 
         class BuilderConfig:
-            int8_calibrator = None
+            def __init__(self) -> None:
+                self.flags: set[str] = set()
 
             def set_memory_pool_limit(self, pool, size) -> None:
                 pass
 
             def set_flag(self, flag) -> None:
-                pass
+                self.flags.add(flag)
 
             def add_optimization_profile(self, profile) -> int:
                 return 0
-
-            def set_calibration_profile(self, profile) -> None:
-                pass
 
         class Builder:
             def __init__(self, logger) -> None:
@@ -253,20 +243,40 @@ class _FakeTensorRT(types.ModuleType):
                 return Profile()
 
             def build_serialized_network(self, network, config):
-                calibrator = config.int8_calibrator
-                if calibrator is not None:
-                    cached = calibrator.read_calibration_cache()
-                    fake.calibration_reads.append(None if cached is None else bytes(cached))
-                    if cached is None:
-                        calibrator.write_calibration_cache(f"scales of build {len(fake.calibration_reads)}".encode())
+                fake.built_configs.append(config)
                 return b"serialized engine for " + network.get_input(0).name.encode()
 
-        class IInt8EntropyCalibrator2:
-            def __init__(self) -> None:
+        self.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+        self.DataType = types.SimpleNamespace(FLOAT="float", HALF="half")
+
+        class Engine:
+            """A deserialized classifier engine: input (N, 1, 8, 8), profile batch 1 / 8 / 32."""
+
+            num_io_tensors = 2
+
+            def get_tensor_name(self, index):
+                return ("input", "logits")[index]
+
+            def get_tensor_mode(self, name):
+                return fake.TensorIOMode.INPUT if name == "input" else fake.TensorIOMode.OUTPUT
+
+            def get_tensor_profile_shape(self, name, profile_index):
+                return [(1, 1, 8, 8), (8, 1, 8, 8), (32, 1, 8, 8)]
+
+            def get_tensor_dtype(self, name):
+                return fake.DataType.FLOAT
+
+            def create_execution_context(self):
+                return object()
+
+        class Runtime:
+            def __init__(self, logger) -> None:
                 pass
 
-        self.Logger, self.OnnxParser, self.Builder = Logger, OnnxParser, Builder
-        self.IInt8EntropyCalibrator2 = IInt8EntropyCalibrator2
+            def deserialize_cuda_engine(self, plan):
+                return Engine() if bytes(plan).startswith(b"serialized engine") else None
+
+        self.Logger, self.OnnxParser, self.Builder, self.Runtime = Logger, OnnxParser, Builder, Runtime
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
         self.BuilderFlag = types.SimpleNamespace(FP16="fp16", INT8="int8")
 
@@ -324,18 +334,45 @@ def test_onnx_weights_stored_beside_the_model_are_read(tiny_run, tmp_path, fake_
     assert read_engine_info(plan)["input"] == "input"
 
 
-def test_a_calibration_cache_is_reused_only_for_the_same_model_and_images(tiny_run, tmp_path, fake_gpu):
-    images = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
-    config = EngineConfig(precision="int8", opt_batch=8)
+def test_an_int8_engine_is_built_from_the_qdq_model_with_explicit_quantization(tmp_path, fake_gpu):
+    model = conv_classifier(tmp_path / "model-int8-gpu.onnx", np.int8(0))
+    plan = build_engine(model, tmp_path / "out" / "model.plan", EngineConfig(precision="int8"))
+    (config,) = fake_gpu.built_configs
+    # The scales are the model's Q/DQ: no calibrator, no calibration images, no calibration cache.
+    assert config.flags == {"int8", "fp16"} and not hasattr(config, "int8_calibrator")
+    assert sorted(p.name for p in plan.parent.iterdir()) == ["model.plan", "model.plan.json"]
+    assert read_engine_info(plan)["precision"] == "int8"
+
+
+def test_the_runner_reads_names_and_profile_from_the_plan_and_refuses_batches_outside_it(
+    tmp_path, fake_gpu, monkeypatch
+):
+    import torch
+
+    from builder.trt_runtime import EngineRunner
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: None)  # nothing here runs on a device
     plan = tmp_path / "model.plan"
-    build_engine(tiny_run / "model.onnx", plan, config, images)
-    build_engine(tiny_run / "model.onnx", plan, config, images)
-    assert fake_gpu.calibration_reads == [None, b"scales of build 1"]  # the same model and data: reused
-    other_weights = retrained(tiny_run / "model.onnx", tmp_path / "other_weights.onnx")
-    build_engine(other_weights, plan, config, images)
-    assert fake_gpu.calibration_reads[-1] is None  # retrained: calibrated anew, not the old model's scales
-    build_engine(other_weights, plan, config, images[::-1].copy())
-    assert fake_gpu.calibration_reads[-1] is None  # other calibration images: calibrated anew
+    plan.write_bytes(b"serialized engine")
+    runner = EngineRunner(plan)
+    assert (runner.input_name, runner.output_name, runner.profile) == ("input", "logits", (1, 8, 32))
+    assert runner.sample_shape == (1, 8, 8)
+    with pytest.raises(EngineError, match=r"batch 33 is outside model.plan's optimization profile \(1 to 32\)"):
+        runner.infer(np.zeros((33, 1, 8, 8), np.float32))
+    with pytest.raises(EngineError, match=r"takes batches of shape \(N, 1, 8, 8\), got \(2, 3, 8, 8\)"):
+        runner.infer(np.zeros((2, 3, 8, 8), np.float32))
+    plan.write_bytes(b"another release's plan")
+    with pytest.raises(EngineError, match=r"TensorRT 10\.5\.0\.18 cannot deserialize .*rebuild it here"):
+        EngineRunner(plan)
+
+
+def test_with_a_gpu_too_a_float_model_is_refused_for_int8_before_tensorrt_builds(tmp_path, fake_gpu, capsys):
+    model = conv_classifier(tmp_path / "model.onnx")
+    output = tmp_path / "out" / "model.plan"
+    assert main(["engine", "--onnx", str(model), "--precision", "int8", "--output", str(output)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "a float model" in line and "`builder quantize --target gpu`" in line
+    assert fake_gpu.built_configs == [] and not output.parent.exists()
 
 
 def test_the_record_never_describes_a_plan_that_is_not_in_place(tiny_run, tmp_path, fake_gpu, monkeypatch):

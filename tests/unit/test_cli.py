@@ -46,7 +46,6 @@ DATACLASS_FLAGS = [
             ("--min-batch", "min_batch"),
             ("--opt-batch", "opt_batch"),
             ("--max-batch", "max_batch"),
-            ("--calibration-images", "calibration_images"),
         )
     ],
     *[

@@ -1,10 +1,77 @@
-"""The TensorRT engine stage's settings."""
+"""The TensorRT engine stage's settings, the INT8 source it accepts, and what it says when TensorRT cannot run.
 
+The ONNX models here are built by hand (a convolution, with and without Q/DQ): no training."""
+
+import sys
+import types
+
+import numpy as np
 import pytest
+import torch
 
-from builder.engine import EngineConfig, EngineError
+from builder.cli import main
+from builder.engine import EngineConfig, EngineError, build_engine
+from builder.trt_runtime import EngineRunner, tensorrt_unavailable
+from tests.onnx_variants import conv_classifier
 
 
 def test_bad_batch_profile_is_refused():
     with pytest.raises(EngineError, match="min batch <= opt batch <= max batch"):
         EngineConfig(min_batch=8, opt_batch=4)
+
+
+@pytest.mark.parametrize(
+    ("zero_point", "problem"),
+    [
+        (None, "has no QuantizeLinear/DequantizeLinear: a float model"),
+        (np.uint8(128), "QuantizeLinear q_input is uint8, not int8"),
+        (np.int8(3), "has a non-zero zero point"),
+    ],
+)
+def test_int8_engine_from_a_model_not_in_tensorrts_qdq_form_is_one_line_naming_what_to_run(
+    tmp_path, capsys, zero_point, problem
+):
+    model = conv_classifier(tmp_path / "model.onnx", zero_point)
+    output = tmp_path / "out" / "model.plan"
+    assert main(["engine", "--onnx", str(model), "--precision", "int8", "--output", str(output)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert problem in line and "`builder quantize --target gpu`" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no plan, no record, no folder
+
+
+def test_an_int8_zero_point_0_model_passes_the_check_and_goes_on_to_tensorrt(tmp_path, monkeypatch):
+    model = conv_classifier(tmp_path / "model.onnx", np.int8(0))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    with pytest.raises(EngineError, match=r"TensorRT is not installed: pip install 'tensorrt==10\.5\.\*'"):
+        build_engine(model, tmp_path / "model.plan", EngineConfig(precision="int8"))
+
+
+def test_fp16_takes_a_float_model_as_before(tmp_path, monkeypatch):
+    model = conv_classifier(tmp_path / "model.onnx")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(EngineError, match="TensorRT is not installed"):
+        build_engine(model, tmp_path / "model.plan", EngineConfig(precision="fp16"))
+
+
+def test_the_runner_without_tensorrt_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(EngineError, match=r"pip install 'tensorrt==10\.5\.\*' \(what Triton 24\.10 loads\)"):
+        EngineRunner(tmp_path / "model.plan")
+
+
+def test_why_engines_cannot_run_names_every_missing_piece(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    reason = tensorrt_unavailable()
+    assert reason is not None and "tensorrt is not installed: pip install 'tensorrt==10.5.*'" in reason
+    assert "no CUDA device" in reason
+    wrong = types.ModuleType("tensorrt")
+    wrong.__version__ = "10.7.0.23"
+    monkeypatch.setitem(sys.modules, "tensorrt", wrong)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert tensorrt_unavailable() == (
+        "TensorRT 10.7.0.23 is installed and Triton 24.10 loads TensorRT 10.5 plans only: pip install "
+        "'tensorrt==10.5.*' (or build inside nvcr.io/nvidia/tensorrt:24.10-py3)"
+    )
+    wrong.__version__ = "10.5.0.18"
+    assert tensorrt_unavailable() is None
