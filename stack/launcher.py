@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +28,8 @@ from typing import Annotated
 from pydantic import TypeAdapter, ValidationError
 
 from server.settings import GATEWAY_MALLOC_ENV, Settings
+from server.shared_memory import REGION_PREFIX as GATEWAY_REGION_PREFIX
+from server.shared_memory import SHM_DIRECTORY
 from server.triton import REPOSITORY_KEY_HEADER
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,9 @@ log = logging.getLogger(__name__)
 # from it and outputs written into it. Logging and trace: they change files the server writes.
 # Health, metadata, model config and statistics stay open.
 RESTRICTED_APIS = ("model-repository", "shared-memory", "inference", "logging", "trace")
+
+# The Python backend's own name for its regions; each start of ours adds a unique part (see TritonServer).
+PYTHON_BACKEND_REGION_PREFIX = "triton_python_backend_shm_region_"
 
 
 class LaunchError(RuntimeError):
@@ -57,6 +63,19 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def remove_regions(prefix: str) -> int:
+    """Unlink every /dev/shm file whose name starts with `prefix`; the bytes they held."""
+    freed = 0
+    for path in Path(SHM_DIRECTORY).glob(f"{prefix}*"):
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        freed += size
+    return freed
+
+
 def _http_ok(url: str, timeout_s: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
@@ -66,9 +85,13 @@ def _http_ok(url: str, timeout_s: float = 1.0) -> bool:
 
 
 class _ManagedProcess:
-    """A child process in its own session, stopped with SIGTERM and then SIGKILL."""
+    """A child process in its own session, stopped with SIGTERM and then SIGKILL.
+
+    `launch` spawns it and returns at once, `ready` says whether it serves yet; `start` does both, waiting.
+    """
 
     name = "process"
+    startup_timeout_s: float = 60.0
 
     def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
@@ -94,8 +117,20 @@ class _ManagedProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def returncode(self) -> int | None:
+        return self._process.poll() if self._process else None
+
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def ready_url(self) -> str:
+        """The URL that answers 200 once the process serves; empty: ready once running."""
+        return ""
+
+    def ready(self) -> bool:
+        return self.running() and (not self.ready_url or _http_ok(self.ready_url, timeout_s=0.5))
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -108,7 +143,7 @@ class _ManagedProcess:
         while time.monotonic() < deadline:
             if not self.running():
                 raise LaunchError(
-                    f"{self.name} exited with code {self._process.returncode} before it was ready; "
+                    f"{self.name} exited with code {self.returncode} before it was ready; "
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 )
             if _http_ok(url):
@@ -117,18 +152,36 @@ class _ManagedProcess:
         self.stop()
         raise LaunchError(f"{self.name} was not ready at {url} within {timeout_s:.0f} s; see {self.log_path}")
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM to the whole process group, then SIGKILL if it has not exited in time."""
+    @property
+    def stop_timeout_s(self) -> float:
+        """How long `stop` waits after SIGTERM before it sends SIGKILL."""
+        return 15.0
+
+    def stop(self, timeout_s: float | None = None, *, force: Callable[[], bool] | None = None) -> None:
+        """SIGTERM to the whole process group, then SIGKILL once `timeout_s` (default `stop_timeout_s`) has
+        passed or as soon as `force()` is true; then whatever the process left behind is removed."""
         process = self._process
+        timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
         if process is not None and process.poll() is None:
             log.info("stopping %s (pid %d)", self.name, process.pid)
             try:
                 os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    try:
+                        # Short waits, so that a forced stop does not wait out the whole timeout.
+                        process.wait(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+                        break
+                    except subprocess.TimeoutExpired:
+                        if force is not None and force():
+                            log.warning("stopping %s now: killing it", self.name)
+                        elif time.monotonic() < deadline:
+                            continue
+                        else:
+                            log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
+                        os.killpg(process.pid, signal.SIGKILL)
+                        process.wait()
+                        break
             except ProcessLookupError:
                 pass
         if process is not None:
@@ -137,9 +190,14 @@ class _ManagedProcess:
                 os.killpg(process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            process.wait()
+            self._clean_up(process.pid)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+    def _clean_up(self, pid: int) -> None:
+        """Remove what the process `pid`, now gone, may have left behind."""
 
     def __enter__(self):
         self.start()
@@ -148,8 +206,14 @@ class _ManagedProcess:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def start(self) -> None:  # pragma: no cover - defined by subclasses
+    def launch(self) -> None:  # pragma: no cover - defined by subclasses
         raise NotImplementedError
+
+    def start(self) -> None:
+        """Launch the process and wait until it is ready; LaunchError if it exits first or is late."""
+        self.launch()
+        if self.ready_url:
+            self._wait_until(self.ready_url, self.startup_timeout_s)
 
 
 def pytriton_home() -> Path:
@@ -214,6 +278,14 @@ class TritonServer(_ManagedProcess):
         if self.model_control_mode not in ("none", "poll", "explicit"):
             raise ValueError("model_control_mode must be one of none, poll, explicit")
         super().__init__(Path(self.log_path))
+        self.shm_region_prefix = self._new_region_prefix()
+
+    @staticmethod
+    def _new_region_prefix() -> str:
+        # The Python backend never frees its regions when the server dies unstopped; a prefix of this start's
+        # own ("shm-region-prefix-name", python_backend README, "Running Multiple Instances of Triton
+        # Server") names exactly the files that are ours to remove once it is gone, whatever else runs here.
+        return f"{PYTHON_BACKEND_REGION_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
 
     @property
     def http_url(self) -> str:
@@ -245,6 +317,7 @@ class TritonServer(_ManagedProcess):
             # Readiness of each model is the gateway's business; the server is ready once it serves.
             "--strict-readiness=false",
             f"--model-control-mode={self.model_control_mode}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_region_prefix}",
         ]
         if self.model_control_mode == "poll":
             command.append(f"--repository-poll-secs={self.repository_poll_s}")
@@ -268,14 +341,26 @@ class TritonServer(_ManagedProcess):
             env["VIRTUAL_ENV"] = sys.prefix
         return env
 
-    def start(self) -> None:
+    @property
+    def ready_url(self) -> str:
+        return f"http://{self.http_url}/v2/health/ready"
+
+    def launch(self) -> None:
         if not self.model_repository.is_dir():
             raise LaunchError(f"model repository {self.model_repository} is not a directory")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         backends = prepare_backends(self.cache_dir)
+        self.shm_region_prefix = self._new_region_prefix()
         self._spawn(self.command(backends), self.environment())
-        self._wait_until(f"http://{self.http_url}/v2/health/ready", self.startup_timeout_s)
+
+    def start(self) -> None:
+        super().start()
         log.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
+
+    def _clean_up(self, pid: int) -> None:
+        freed = remove_regions(self.shm_region_prefix)
+        if freed:
+            log.info("removed %.1f MB of shared memory that tritonserver (pid %d) left", freed / 1e6, pid)
 
 
 @dataclass
@@ -297,6 +382,40 @@ class GatewayProcess(_ManagedProcess):
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def ready_url(self) -> str:
+        return f"{self.url}/healthz"
+
+    def drain_s(self) -> float:
+        """GATEWAY_DRAIN_S as the gateway reads it: how long it keeps answering after SIGTERM; 0 where the
+        gateway has no such setting."""
+        field = Settings.model_fields.get("drain_s")
+        if field is None:
+            return 0.0
+        value = {k.upper(): v for k, v in self.environment().items()}.get("GATEWAY_DRAIN_S")
+        if value is None:
+            return float(field.get_default(call_default_factory=True))
+        try:
+            return float(TypeAdapter(Annotated[float, field]).validate_python(value))
+        except ValidationError as e:
+            raise LaunchError(f"GATEWAY_DRAIN_S={value!r}: {e.errors()[0]['msg']}") from None
+
+    @property
+    def stop_timeout_s(self) -> float:
+        # The drain period, then time for the requests still in flight to be answered. A drain setting the
+        # gateway cannot read has kept it from starting at all.
+        try:
+            return self.drain_s() + 10.0
+        except LaunchError:
+            return 10.0
+
+    def _clean_up(self, pid: int) -> None:
+        # A gateway killed before it could unlink its region leaves it, reserved in full, in /dev/shm; gone
+        # from there, a later gateway also has Triton drop its registration (server/triton.py).
+        freed = remove_regions(f"{GATEWAY_REGION_PREFIX}{pid}-")
+        if freed:
+            log.info("removed %.1f MB of shared memory that the gateway (pid %d) left", freed / 1e6, pid)
+
     def environment(self) -> dict[str, str]:
         """This process's environment plus `env`, over the gateway's allocator defaults."""
         return {**GATEWAY_MALLOC_ENV, **os.environ, **self.env}
@@ -312,7 +431,7 @@ class GatewayProcess(_ManagedProcess):
         except ValidationError as e:
             raise LaunchError(f"GATEWAY_MAX_CONNECTIONS={value!r}: {e.errors()[0]['msg']}") from None
 
-    def start(self) -> None:
+    def launch(self) -> None:
         # The stock asyncio loop: grpc.aio, which carries every Triton call, does not support uvloop.
         # Past --limit-concurrency connections (or requests) uvicorn answers 503.
         command = [
@@ -333,4 +452,3 @@ class GatewayProcess(_ManagedProcess):
             str(self.max_connections()),
         ]
         self._spawn(command, self.environment())
-        self._wait_until(f"{self.url}/healthz", self.startup_timeout_s)

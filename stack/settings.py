@@ -24,3 +24,21 @@ class TritonSettings(BaseSettings):
     # Load/unload through Triton's repository API needs this header value; unset, the stack makes one
     # and keeps it in <cache_dir>/repository-api-key for `builder publish`.
     repository_api_key: SecretStr | None = None
+
+
+class StackSettings(BaseSettings):
+    """How `python -m stack` (make serve) supervises its processes, STACK_* variables."""
+
+    model_config = SettingsConfigDict(env_prefix="STACK_", env_file=None, extra="ignore")
+
+    # A process that exits unexpectedly is started again after restart_backoff_s, doubled for each earlier
+    # crash within restart_window_s, at most restart_backoff_max_s; its max_crashes-th crash within the
+    # window stops the stack with an error instead.
+    restart_backoff_s: float = Field(1.0, gt=0)
+    restart_backoff_max_s: float = Field(30.0, gt=0)
+    max_crashes: int = Field(5, ge=1)
+    restart_window_s: float = Field(120.0, gt=0)
+    # stack_process_restarts_total{process=...} in Prometheus's format at http://<host>:<port>/metrics;
+    # port 0: not served.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(8003, ge=0, le=65535)

@@ -1,4 +1,8 @@
-"""The local stack: the embedded Triton server and the gateway in front of it, started and stopped together."""
+"""The local stack: the embedded Triton server and the gateway in front of it, started and stopped together.
+
+`python -m stack` runs them under a `Supervisor`: a process that exits unexpectedly is started again after
+a back-off (`RestartPolicy`), and stopping is driven by `StopSignals`, whose handler takes no lock.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,20 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+import select
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
-from .launcher import GatewayProcess, TritonServer
-from .settings import TritonSettings
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+from .launcher import GatewayProcess, LaunchError, TritonServer, _ManagedProcess
+from .settings import StackSettings, TritonSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +51,10 @@ def triton_api_key(settings: TritonSettings) -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def local_stack(
-    triton_settings: TritonSettings,
-    *,
-    gateway_host: str = "127.0.0.1",
-    gateway_port: int = 8080,
-) -> Iterator[tuple[TritonServer, GatewayProcess]]:
-    """Triton on the repository, then the gateway pointed at its gRPC port; both stopped on exit."""
+def stack_processes(
+    triton_settings: TritonSettings, *, gateway_host: str = "127.0.0.1", gateway_port: int = 8080
+) -> tuple[TritonServer, GatewayProcess]:
+    """Triton on the repository, and the gateway pointed at its gRPC port; neither started yet."""
     cache_dir = Path(triton_settings.cache_dir)
     key = triton_settings.repository_api_key
     triton = TritonServer(
@@ -70,5 +79,284 @@ def local_stack(
         },
         log_path=cache_dir / "gateway.log",
     )
+    return triton, gateway
+
+
+@contextlib.contextmanager
+def local_stack(
+    triton_settings: TritonSettings,
+    *,
+    gateway_host: str = "127.0.0.1",
+    gateway_port: int = 8080,
+) -> Iterator[tuple[TritonServer, GatewayProcess]]:
+    """Triton, then the gateway, each ready; on exit the gateway is stopped (drained) first, then Triton."""
+    triton, gateway = stack_processes(triton_settings, gateway_host=gateway_host, gateway_port=gateway_port)
     with triton, gateway:
         yield triton, gateway
+
+
+class RestartPolicy:
+    """When a process that crashed is started again, if at all.
+
+    Each crash waits `backoff_s` doubled for every other crash within the last `window_s`, at most
+    `backoff_max_s` (1, 2, 4, 8 s...); the `max_crashes`-th crash within the window gets None: the process
+    keeps failing, and restarting it again would only hide that. A process that stays up longer than the
+    window starts again from `backoff_s`.
+    """
+
+    def __init__(
+        self,
+        *,
+        backoff_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+        max_crashes: int = 5,
+        window_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self.max_crashes, self.window_s = max_crashes, window_s
+        self.clock = clock
+        self._crashes: deque[float] = deque()
+
+    @classmethod
+    def from_settings(cls, settings: StackSettings, clock: Callable[[], float] = time.monotonic) -> RestartPolicy:
+        return cls(
+            backoff_s=settings.restart_backoff_s,
+            backoff_max_s=settings.restart_backoff_max_s,
+            max_crashes=settings.max_crashes,
+            window_s=settings.restart_window_s,
+            clock=clock,
+        )
+
+    @property
+    def recent_crashes(self) -> int:
+        self._forget_old(self.clock())
+        return len(self._crashes)
+
+    def _forget_old(self, now: float) -> None:
+        while self._crashes and now - self._crashes[0] > self.window_s:
+            self._crashes.popleft()
+
+    def crashed(self) -> float | None:
+        """Record a crash now: seconds to wait before the restart, or None to give up."""
+        now = self.clock()
+        self._crashes.append(now)
+        self._forget_old(now)
+        if len(self._crashes) >= self.max_crashes:
+            return None
+        return min(self.backoff_max_s, self.backoff_s * 2 ** (len(self._crashes) - 1))
+
+
+class StopSignals:
+    """SIGINT and SIGTERM, counted for a loop that waits on them.
+
+    The handler only adds one to an int: a handler runs in the main thread between two bytecodes, which
+    may be inside the very lock it would take. `threading.Event.set()` there deadlocked once, when the
+    signal landed while the main thread held the event's condition lock in `Event.wait()`, and every
+    later signal queued behind the same lock. `signal.set_wakeup_fd` writes a byte for each signal at C
+    level, which ends a `wait` at once rather than at its timeout.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received += 1
+
+    def __enter__(self) -> StopSignals:
+        self._reader, self._writer = socket.socketpair()
+        for end in (self._reader, self._writer):
+            end.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        self._reader.close()
+        self._writer.close()
+
+    @property
+    def stop(self) -> bool:
+        return self.received > 0
+
+    @property
+    def force(self) -> bool:
+        """A second signal: stop without waiting for anything."""
+        return self.received > 1
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep `timeout_s`, or less if a signal comes."""
+        select.select([self._reader], [], [], max(0.0, timeout_s))
+        try:
+            while self._reader.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+
+class GaveUp(RuntimeError):
+    """A process crashed too often in too short a time to be started again."""
+
+
+class RestartCounter:
+    """stack_process_restarts_total{process=...}, served on its own loopback port when the port is not 0."""
+
+    def __init__(self, processes: Sequence[str], host: str = "127.0.0.1", port: int = 0) -> None:
+        self.registry = CollectorRegistry()
+        self.counter = Counter(
+            "stack_process_restarts",
+            "Processes of the local stack started again after they exited unexpectedly",
+            ["process"],
+            registry=self.registry,
+        )
+        for name in processes:
+            self.counter.labels(name)  # exported as 0 before the first restart
+        self._server = None
+        if port:
+            try:
+                self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+            except OSError as e:
+                raise LaunchError(f"cannot serve the stack's metrics on {host}:{port}: {e}") from e
+            log.info("restart counts on http://%s:%d/metrics", host, port)
+
+    def inc(self, name: str) -> None:
+        self.counter.labels(name).inc()
+
+    def value(self, name: str) -> float:
+        return self.registry.get_sample_value("stack_process_restarts_total", {"process": name}) or 0.0
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _how_it_ended(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited unexpectedly with code {code}"
+
+
+@dataclass
+class _Child:
+    process: _ManagedProcess
+    policy: RestartPolicy
+    state: str = "stopped"  # starting, running, waiting (to restart)
+    at: float = 0.0  # starting: when it must be ready by; waiting: when to start it again
+
+
+POLL_S = 0.5
+
+
+class Supervisor:
+    """Starts processes in order, each ready before the next, restarts any that exits unexpectedly, and
+    stops them in the reverse order.
+
+    `signals` says when to stop (and when to stop at once) and does the waiting between checks.
+    """
+
+    def __init__(
+        self,
+        processes: Sequence[_ManagedProcess],
+        signals: StopSignals,
+        *,
+        policy: Callable[[], RestartPolicy] = RestartPolicy,
+        restarts: RestartCounter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.children = [_Child(process, policy()) for process in processes]
+        self.signals = signals
+        self.restarts = restarts or RestartCounter([p.name for p in processes])
+        self.clock = clock
+
+    def start(self) -> bool:
+        """Start every process in order, each ready before the next; False when a signal came first.
+        LaunchError when one exits before it is ready or is not ready in time: the setup is wrong."""
+        for child in self.children:
+            self._launch(child)
+            while child.state == "starting":
+                if self.signals.stop:
+                    return False
+                if not child.process.running():
+                    raise LaunchError(
+                        f"{child.process.name} exited with code {child.process.returncode} before it was ready; "
+                        f"last lines of {child.process.log_path}:\n{child.process.log_tail()}"
+                    )
+                if child.process.ready():
+                    child.state = "running"
+                elif self.clock() > child.at:
+                    raise LaunchError(
+                        f"{child.process.name} was not ready within {child.process.startup_timeout_s:.0f} s; "
+                        f"see {child.process.log_path}"
+                    )
+                else:
+                    self.signals.wait(0.2)
+        return True
+
+    def _launch(self, child: _Child) -> None:
+        child.process.launch()
+        child.state, child.at = "starting", self.clock() + child.process.startup_timeout_s
+
+    def check(self) -> None:
+        """One round: notice processes that exited, and start again those whose back-off is over."""
+        for child in self.children:
+            process = child.process
+            if child.state == "waiting":
+                if self.clock() >= child.at:
+                    self.restarts.inc(process.name)
+                    log.info("starting %s again", process.name)
+                    try:
+                        self._launch(child)
+                    except LaunchError as e:
+                        self._crashed(child, f"could not be started again: {e}")
+            elif not process.running():
+                self._crashed(child, _how_it_ended(process.returncode))
+            elif child.state == "starting":
+                if process.ready():
+                    child.state = "running"
+                    log.info("%s is back (pid %s)", process.name, process.pid)
+                elif self.clock() > child.at:
+                    self._crashed(child, f"was not ready within {process.startup_timeout_s:.0f} s")
+
+    def _crashed(self, child: _Child, what: str) -> None:
+        process = child.process
+        process.stop(timeout_s=0)  # what is left of it: stub processes, shared memory, the log file
+        delay = child.policy.crashed()
+        if delay is None:
+            raise GaveUp(
+                f"{process.name} {what}: {child.policy.max_crashes} crashes within "
+                f"{child.policy.window_s:.0f} s, so it is not started again; see {process.log_path}"
+            )
+        log.warning("%s %s; starting it again in %g s (see %s)", process.name, what, delay, process.log_path)
+        child.state, child.at = "waiting", self.clock() + delay
+
+    def stop(self) -> None:
+        """Stop every process, the last started first, each given its own stop timeout unless a second
+        signal says to stop at once."""
+        for child in reversed(self.children):
+            child.process.stop(force=lambda: self.signals.force)
+            child.state = "stopped"
+
+    def run(self, on_ready: Callable[[], None] = lambda: None) -> int:
+        """Start, supervise until a signal, stop every process: 0 after a signal, 1 when a process crashed
+        too often; LaunchError when the stack could not start."""
+        try:
+            if self.start():
+                on_ready()
+                while not self.signals.stop:
+                    self.check()
+                    self.signals.wait(POLL_S)
+        except GaveUp as e:
+            log.error("%s", e)
+            return 1
+        finally:
+            self.stop()
+            self.restarts.close()
+        log.info("stopped")
+        return 0

@@ -190,3 +190,97 @@ def test_the_repository_key_is_masked_in_the_logged_command_line(tmp_path, monke
     assert key not in line
     assert "--http-restricted-api=***" in line and "--grpc-restricted-protocol=***" in line
     assert f"--model-repository={tmp_path}" in line
+
+
+# --------------------------------------------------------------------- what a dead server leaves behind
+
+
+def test_every_triton_start_names_its_own_python_backend_regions(tmp_path, monkeypatch):
+    server = TritonServer(model_repository=tmp_path, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(launcher, "prepare_backends", lambda cache_dir: tmp_path / "backends")
+    monkeypatch.setattr(launcher, "pytriton_home", lambda: tmp_path)
+    commands = []
+    monkeypatch.setattr(server, "_spawn", lambda command, env: commands.append(command))
+    server.launch()
+    server.launch()
+    prefixes = [
+        part.split("shm-region-prefix-name=", 1)[1]
+        for command in commands
+        for part in command
+        if part.startswith("--backend-config=python,shm-region-prefix-name=")
+    ]
+    assert len(prefixes) == 2 and prefixes[0] != prefixes[1]
+    assert all(p.startswith(launcher.PYTHON_BACKEND_REGION_PREFIX) for p in prefixes)
+    assert server.shm_region_prefix == prefixes[1]
+
+
+LEAVES_A_REGION = """
+import os, sys, time
+open("/dev/shm/" + sys.argv[1].format(pid=os.getpid()), "wb").write(b"x" * 4096)
+print("made it", flush=True)
+time.sleep(60)
+"""
+
+
+def _spawn_leaving(process, name: str) -> None:
+    process._spawn([sys.executable, "-c", LEAVES_A_REGION, name], dict(os.environ))
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while "made it" not in process.log_tail():
+        assert time.monotonic() < deadline, process.log_tail()
+        time.sleep(0.02)
+
+
+@pytest.mark.spawns
+def test_a_killed_tritons_regions_are_removed_and_no_one_elses(tmp_path):
+    server = TritonServer(model_repository=tmp_path, cache_dir=tmp_path / "cache")
+    other = Path("/dev/shm") / f"{launcher.PYTHON_BACKEND_REGION_PREFIX}{os.getpid()}_other_1"
+    other.write_bytes(b"another server's")
+    try:
+        _spawn_leaving(server, f"{server.shm_region_prefix}1")
+        os.kill(server.pid, signal.SIGKILL)  # no chance to free anything
+        server._process.wait()
+        assert (Path("/dev/shm") / f"{server.shm_region_prefix}1").exists()
+        server.stop()
+        assert not list(Path("/dev/shm").glob(f"{server.shm_region_prefix}*"))
+        assert other.exists()
+    finally:
+        other.unlink()
+        server.stop(timeout_s=0)
+
+
+@pytest.mark.spawns
+def test_a_killed_gateways_region_is_removed(tmp_path):
+    gateway = GatewayProcess(log_path=tmp_path / "gateway.log")
+    _spawn_leaving(gateway, "gateway-{pid}-feedfacecafe")  # named with the child's pid, as the gateway does
+    region = Path("/dev/shm") / f"gateway-{gateway.pid}-feedfacecafe"
+    try:
+        os.kill(gateway.pid, signal.SIGKILL)
+        gateway._process.wait()
+        gateway.stop()
+        assert not region.exists()
+    finally:
+        region.unlink(missing_ok=True)
+        gateway.stop(timeout_s=0)
+
+
+@pytest.mark.spawns
+def test_a_forced_stop_does_not_wait_for_the_timeout(tmp_path, caplog):
+    child = PythonChild(tmp_path / "child.log", IGNORES_SIGTERM)
+    child.start()
+    try:
+        child.wait_for_line("ignoring SIGTERM")
+        with caplog.at_level(logging.INFO, logger="stack.launcher"):
+            child.stop(timeout_s=3600, force=lambda: True)
+        assert child._process.returncode == -signal.SIGKILL
+        assert "stopping child now: killing it" in caplog.text
+    finally:
+        child.stop(timeout_s=0)
+
+
+def test_the_gateway_is_given_its_drain_period_and_ten_seconds_to_stop(tmp_path, monkeypatch):
+    from server.settings import Settings
+
+    monkeypatch.setenv("GATEWAY_DRAIN_S", "3")
+    gateway = GatewayProcess(log_path=tmp_path / "gateway.log")
+    # The drain setting is read only where the gateway has it; without it the gateway stops at once.
+    assert gateway.stop_timeout_s == (13.0 if "drain_s" in Settings.model_fields else 10.0)

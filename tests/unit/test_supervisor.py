@@ -1,0 +1,287 @@
+"""The local stack's supervisor: the restart policy on a clock of the test's own, restarts and stops of
+stand-in processes, and the signals that stop it."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+from pathlib import Path
+
+import pytest
+
+from stack.launcher import LaunchError
+from stack.settings import StackSettings
+from stack.supervisor import GaveUp, RestartCounter, RestartPolicy, StopSignals, Supervisor
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ------------------------------------------------------------------------------------- the policy
+
+
+def test_the_back_off_doubles_up_to_its_cap_and_the_fifth_crash_within_the_window_gives_up():
+    clock = Clock()
+    policy = RestartPolicy(backoff_s=1, backoff_max_s=5, max_crashes=5, window_s=120, clock=clock)
+    delays = []
+    for _ in range(4):
+        delays.append(policy.crashed())
+        clock.now += 10
+    assert delays == [1, 2, 4, 5]
+    assert policy.crashed() is None
+
+
+def test_crashes_older_than_the_window_are_forgotten():
+    clock = Clock()
+    policy = RestartPolicy(backoff_s=1, backoff_max_s=30, max_crashes=5, window_s=120, clock=clock)
+    for _ in range(4):
+        policy.crashed()
+        clock.now += 10
+    clock.now += 120  # the last crash was 130 s ago
+    assert policy.recent_crashes == 0
+    assert policy.crashed() == 1
+    # A crash every 31 s keeps at most four in any 120 s: restarted every time, never given up.
+    for _ in range(20):
+        clock.now += 31
+        assert policy.crashed() is not None
+
+
+def test_the_policy_comes_from_the_stack_settings(monkeypatch):
+    monkeypatch.setenv("STACK_RESTART_BACKOFF_S", "0.5")
+    monkeypatch.setenv("STACK_MAX_CRASHES", "2")
+    policy = RestartPolicy.from_settings(StackSettings(), clock=Clock())
+    assert policy.crashed() == 0.5
+    assert policy.crashed() is None
+
+
+# ------------------------------------------------------------------------------ the supervisor
+
+
+class FakeSignals:
+    """Waiting moves the test's clock on; a signal 'arrives' after a given number of waits."""
+
+    def __init__(self, clock: Clock, signal_after_waits: int | None = None) -> None:
+        self.clock, self.received, self.waits, self.signal_after_waits = clock, 0, 0, signal_after_waits
+
+    @property
+    def stop(self) -> bool:
+        return self.received > 0
+
+    @property
+    def force(self) -> bool:
+        return self.received > 1
+
+    def wait(self, timeout_s: float) -> None:
+        self.clock.now += timeout_s
+        self.waits += 1
+        if self.waits == self.signal_after_waits:
+            self.received += 1
+
+
+class FakeProcess:
+    """A process that is ready `ready_after_s` after its launch, and exits when the test kills it."""
+
+    startup_timeout_s = 30.0
+
+    def __init__(self, name: str, clock: Clock, events: list[str], ready_after_s: float = 2.0) -> None:
+        self.name, self.clock, self.events, self.ready_after_s = name, clock, events, ready_after_s
+        self.log_path = Path(f"{name}.log")
+        self.alive, self.launched_at, self.pid = False, 0.0, 0
+        self.forced: list[bool] = []
+
+    def launch(self) -> None:
+        self.alive, self.launched_at, self.pid = True, self.clock(), self.pid + 1
+        self.events.append(f"launch {self.name}")
+
+    def running(self) -> bool:
+        return self.alive
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.alive else -signal.SIGKILL
+
+    def ready(self) -> bool:
+        return self.alive and self.clock() - self.launched_at >= self.ready_after_s
+
+    def kill(self) -> None:
+        self.alive = False
+
+    def stop(self, timeout_s: float | None = None, *, force=None) -> None:
+        self.alive = False
+        self.forced.append(bool(force and force()))
+        self.events.append(f"stop {self.name}")
+
+    def log_tail(self) -> str:
+        return ""
+
+
+def _stack(signal_after_waits: int | None = None, **policy):
+    clock, events = Clock(), []
+    triton, gateway = FakeProcess("tritonserver", clock, events), FakeProcess("gateway", clock, events, 0.5)
+    signals = FakeSignals(clock, signal_after_waits)
+    supervisor = Supervisor(
+        [triton, gateway],  # type: ignore[list-item]
+        signals,  # type: ignore[arg-type]
+        policy=lambda: RestartPolicy(clock=clock, **policy),
+        clock=clock,
+    )
+    return supervisor, triton, gateway, clock, events
+
+
+def test_each_process_is_ready_before_the_next_starts():
+    supervisor, triton, gateway, clock, events = _stack()
+    assert supervisor.start()
+    assert events == ["launch tritonserver", "launch gateway"]
+    assert gateway.launched_at - triton.launched_at >= triton.ready_after_s
+
+
+def test_a_process_that_exits_is_started_again_after_its_back_off_and_counted():
+    supervisor, triton, gateway, clock, events = _stack(backoff_s=1.0)
+    supervisor.start()
+    events.clear()
+    triton.kill()
+    supervisor.check()
+    assert events == ["stop tritonserver"]  # what it left behind is cleaned up at once
+    clock.now += 0.9
+    supervisor.check()
+    assert events == ["stop tritonserver"] and supervisor.restarts.value("tritonserver") == 0
+    clock.now += 0.1
+    supervisor.check()
+    assert events == ["stop tritonserver", "launch tritonserver"] and triton.pid == 2
+    assert supervisor.restarts.value("tritonserver") == 1 and supervisor.restarts.value("gateway") == 0
+    assert gateway.alive  # the gateway stays up meanwhile
+    # A second crash waits twice as long.
+    clock.now += 5
+    supervisor.check()
+    triton.kill()
+    supervisor.check()
+    clock.now += 1.5
+    supervisor.check()
+    assert triton.pid == 2
+    clock.now += 0.5
+    supervisor.check()
+    assert triton.pid == 3 and supervisor.restarts.value("tritonserver") == 2
+
+
+def test_the_gateway_is_supervised_too():
+    supervisor, triton, gateway, clock, events = _stack()
+    supervisor.start()
+    gateway.kill()
+    supervisor.check()
+    clock.now += 1
+    supervisor.check()
+    assert gateway.alive and gateway.pid == 2 and supervisor.restarts.value("gateway") == 1
+
+
+def test_a_restart_that_is_never_ready_counts_as_a_crash():
+    supervisor, triton, gateway, clock, events = _stack()
+    supervisor.start()
+    triton.kill()
+    supervisor.check()
+    triton.ready_after_s = 1e9
+    clock.now += 1
+    supervisor.check()  # started again
+    clock.now += triton.startup_timeout_s + 1
+    supervisor.check()
+    assert not triton.alive and events[-1] == "stop tritonserver"
+    assert supervisor.children[0].policy.recent_crashes == 2
+
+
+def test_repeated_crashes_give_up_with_one_error_and_exit_1(caplog):
+    supervisor, triton, gateway, clock, events = _stack(max_crashes=3, backoff_s=1.0)
+    supervisor.start()
+    triton.kill()
+    supervisor.check()
+    clock.now += 1
+    supervisor.check()
+    triton.kill()
+    supervisor.check()
+    clock.now += 2
+    supervisor.check()
+    triton.kill()
+    with pytest.raises(GaveUp, match=r"tritonserver was killed by SIGKILL: 3 crashes within 120 s"):
+        supervisor.check()
+
+
+def test_run_exits_1_after_giving_up_and_stops_the_gateway_first(caplog):
+    supervisor, triton, gateway, clock, events = _stack(max_crashes=2)
+    original_wait = supervisor.signals.wait
+
+    def wait_then_crash(timeout_s: float) -> None:
+        original_wait(timeout_s)
+        if clock.now > 1010:
+            triton.kill()  # every time it is up again
+
+    supervisor.signals.wait = wait_then_crash  # type: ignore[method-assign]
+    with caplog.at_level("ERROR", logger="stack.supervisor"):
+        assert supervisor.run() == 1
+    assert events[-2:] == ["stop gateway", "stop tritonserver"]
+    (error,) = [r.getMessage() for r in caplog.records]
+    assert "tritonserver was killed by SIGKILL: 2 crashes within 120 s" in error
+
+
+def test_a_signal_stops_the_gateway_then_triton_and_run_exits_0():
+    supervisor, triton, gateway, clock, events = _stack(signal_after_waits=20)
+    assert supervisor.run() == 0
+    assert events == ["launch tritonserver", "launch gateway", "stop gateway", "stop tritonserver"]
+    assert gateway.forced == [False] and triton.forced == [False]
+
+
+def test_a_second_signal_forces_the_stop():
+    supervisor, triton, gateway, clock, events = _stack(signal_after_waits=20)
+    supervisor.signals.received = 2  # type: ignore[attr-defined]
+    supervisor.stop()
+    assert gateway.forced == [True] and triton.forced == [True]
+
+
+def test_a_signal_while_starting_stops_what_was_started():
+    supervisor, triton, gateway, clock, events = _stack(signal_after_waits=3)
+    assert supervisor.run() == 0
+    assert events == ["launch tritonserver", "stop gateway", "stop tritonserver"]
+
+
+def test_a_process_that_exits_before_it_is_first_ready_is_a_launch_error():
+    supervisor, triton, gateway, clock, events = _stack()
+    original_launch = triton.launch
+
+    def launch_and_die() -> None:
+        original_launch()
+        triton.kill()
+
+    triton.launch = launch_and_die  # type: ignore[method-assign]
+    with pytest.raises(LaunchError, match="tritonserver exited with code -9 before it was ready"):
+        supervisor.run()
+    assert events[-2:] == ["stop gateway", "stop tritonserver"]
+
+
+def test_the_restart_counter_starts_at_zero_for_each_process():
+    counter = RestartCounter(["tritonserver", "gateway"])
+    assert counter.value("tritonserver") == 0 and counter.value("gateway") == 0
+    counter.inc("gateway")
+    assert counter.value("gateway") == 1
+    counter.close()
+
+
+# ---------------------------------------------------------------------------------- the signals
+
+
+def test_a_signal_is_counted_and_wakes_the_waiter_without_a_lock_in_the_handler():
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as signals:
+        assert not signals.stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        # The C-level handler has written to the wakeup socket already: a waiter wakes at once.
+        readable, _, _ = select.select([signals._reader], [], [], 0)
+        assert readable
+        signals.wait(60)
+        assert signals.stop and not signals.force
+        os.kill(os.getpid(), signal.SIGINT)
+        signals.wait(60)
+        assert signals.force
+    assert signal.getsignal(signal.SIGTERM) is previous
