@@ -136,6 +136,29 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
         raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e
 
 
+# gRPC waits up to 120 s between attempts to reconnect to a server that went away (its connection
+# back-off spec); Triton restarted by the local stack or Kubernetes is back in seconds, and the gateway
+# should be too. Attempts to a down Triton every 2 s cost nothing worth saving.
+MAX_RECONNECT_BACKOFF_MS = 2000
+
+
+def grpc_channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's own channel options (message sizes, keepalive), plus a short reconnect back-off.
+    tritonclient drops its defaults when given any channel arguments, so they are restated from its API."""
+    from tritonclient.grpc.aio import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
+
+
 class TritonClient:
     """Async access to one Triton server, with model configs cached for `info_ttl_s`."""
 
@@ -162,7 +185,7 @@ class TritonClient:
         if protocol == "grpc":
             import tritonclient.grpc.aio as client_module
 
-            self._client = client_module.InferenceServerClient(url)
+            self._client = client_module.InferenceServerClient(url, channel_args=grpc_channel_args())
             self._timeout: dict[str, float] = {"client_timeout": timeout_s}
         else:
             import tritonclient.http.aio as client_module

@@ -255,3 +255,26 @@ def test_a_refused_input_is_the_clients_error_and_a_failure_is_tritons(status, m
     translated = translate_error(InferenceServerException(message, status=status), "m")
     assert type(translated) is error
     assert translated.status == {BadRequest: 400, ModelNotFound: 404, TritonFailed: 502}[error]
+
+
+def test_the_grpc_channel_reconnects_within_seconds_and_keeps_tritonclients_defaults(monkeypatch):
+    import grpc
+    import tritonclient.grpc.aio as grpc_client
+
+    from server.triton import MAX_RECONNECT_BACKOFF_MS, TritonClient
+
+    seen: list[dict] = []
+    real_channel = grpc.aio.insecure_channel
+    monkeypatch.setattr(
+        grpc.aio, "insecure_channel", lambda url, options=None: seen.append(dict(options or [])) or real_channel(url)
+    )
+
+    async def open_and_close() -> None:
+        await TritonClient("127.0.0.1:1", protocol="grpc").close()
+
+    asyncio.run(open_and_close())
+    options = seen[-1]
+    # gRPC's default is 120 s between reconnect attempts: a restarted Triton would go unnoticed that long.
+    assert options["grpc.max_reconnect_backoff_ms"] == MAX_RECONNECT_BACKOFF_MS <= 5000
+    assert options["grpc.max_receive_message_length"] == grpc_client.MAX_GRPC_MESSAGE_SIZE
+    assert options["grpc.keepalive_time_ms"] == grpc_client.KeepAliveOptions().keepalive_time_ms
