@@ -130,6 +130,17 @@ def evaluate(
 ) -> Evaluation:
     """Score a PyTorch model or an ONNX file on the validation split; optionally draw the confusion matrix."""
     predict = _torch_predictor(model) if isinstance(model, nn.Module) else _onnx_predictor(Path(model))
+    return evaluate_predictor(predict, data, confusion_png=confusion_png, batch_size=batch_size)
+
+
+def evaluate_predictor(
+    predict: Callable[[np.ndarray], np.ndarray],
+    data: ValidationData,
+    *,
+    confusion_png: Path | None = None,
+    batch_size: int = 64,
+) -> Evaluation:
+    """Score any function from a batch of images to logits (a TensorRT engine's, say) like `evaluate`."""
     predictions, labels = [], []
     for images, batch_labels in data.batches(batch_size):
         predictions.append(predict(images).argmax(axis=1))

@@ -9,7 +9,7 @@ are listed with the reason, and `choose_engine` says which engine the build publ
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,14 +21,11 @@ from .errors import BudgetError
 from .evaluate import (
     LATENCY_BATCH,
     THROUGHPUT_BATCH,
-    Evaluation,
     ValidationData,
     _median_seconds,
-    confusion_matrix,
     evaluate,
+    evaluate_predictor,
     measure_speed,
-    per_class_scores,
-    plot_confusion,
 )
 
 
@@ -94,28 +91,6 @@ def measure_stage(
     )
 
 
-def _evaluate_with(
-    predict: Callable[[np.ndarray], np.ndarray], data: ValidationData, batch_size: int, confusion_png: Path | None
-) -> Evaluation:
-    """`evaluate()`'s scores for a predictor other than ONNX Runtime or PyTorch (a TensorRT engine)."""
-    predictions, labels = [], []
-    for images, batch_labels in data.batches(batch_size):
-        predictions.append(predict(images).argmax(axis=1))
-        labels.append(batch_labels)
-    predicted, truth = np.concatenate(predictions), np.concatenate(labels)
-    confusion = confusion_matrix(truth, predicted, len(data.classes))
-    evaluation = Evaluation(
-        top1=float((predicted == truth).mean()) if len(truth) else 0.0,
-        images=len(truth),
-        per_class=per_class_scores(confusion, data.classes),
-        confusion=confusion,
-        predictions=predicted,
-    )
-    if confusion_png is not None:
-        plot_confusion(confusion, data.classes, confusion_png, title=f"top-1 {evaluation.top1:.2%}")
-    return evaluation
-
-
 def measure_engine_stage(
     stage: str,
     plan_path: Path,
@@ -140,7 +115,7 @@ def measure_engine_stage(
         padded = np.concatenate([images, np.zeros((low - len(images), *images.shape[1:]), images.dtype)])
         return runner.infer(padded)[: len(images)]  # a last batch below the profile's min, padded up to it
 
-    evaluation = _evaluate_with(predict, data, high, confusion_png)
+    evaluation = evaluate_predictor(predict, data, confusion_png=confusion_png, batch_size=high)
     # Batch 1 and 8 as for the ONNX stages, moved into the profile if it excludes them, and its max.
     latency_batch, throughput_batch = max(LATENCY_BATCH, low), min(max(THROUGHPUT_BATCH, low), high)
     rng = np.random.default_rng(0)
