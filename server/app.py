@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import time
 import uuid
 import warnings
@@ -39,7 +40,7 @@ from .preprocess import DecodeBudget, release_memory
 from .replicas import ReplicaPool
 from .routes import health, kserve, models
 from .security import require_key_for_docs
-from .settings import NoApiKeys, Settings, get_settings
+from .settings import NoApiKeys, Settings, SettingsError, get_settings
 from .shared_memory import input_region
 from .triton import REPOSITORY_KEY_HEADER
 
@@ -159,7 +160,13 @@ class RequestContextMiddleware:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    if settings is None:
+        try:
+            settings = get_settings()
+        except SettingsError as e:
+            # One line and exit status 2 before anything listens, as for a bad command-line flag.
+            print(f"gateway: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     configure_logging(settings)
     # Pillow's own decompression-bomb guard, set explicitly; the gateway also checks before decoding and
     # answers 413 itself, so Pillow's warning for images past the limit would only be a stray log line.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, TypeVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Every request allocates and frees several 600 KB buffers (the normalized image, the batch, the gRPC
@@ -17,6 +17,24 @@ GATEWAY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRE
 
 class NoApiKeys(ValueError):
     """An API key source is set but yields no key."""
+
+
+class SettingsError(ValueError):
+    """A setting's environment variable holds a value its field refuses; the message is one line naming it."""
+
+
+def load_settings(settings_type: type[SettingsT], **values) -> SettingsT:
+    """`settings_type(**values)`, with pydantic's multi-line report turned into one line that names the
+    environment variable a user set (GATEWAY_DRAIN_S, not drain_s) and the value it held."""
+    try:
+        return settings_type(**values)
+    except ValidationError as e:
+        errors = e.errors()
+        first = errors[0]
+        prefix = settings_type.model_config.get("env_prefix", "")
+        name = prefix + "_".join(str(part) for part in first["loc"]).upper()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise SettingsError(f"{name}={first.get('input')!r}: {first['msg']}{more}") from None
 
 
 class Settings(BaseSettings):
@@ -130,6 +148,9 @@ class Settings(BaseSettings):
         return self.max_buffered_body_bytes or 4 * self.max_body_bytes
 
 
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings(Settings)

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from server.settings import Settings
+from server.settings import Settings, SettingsError, load_settings
 
 from .launcher import LaunchError
 from .settings import StackSettings, TritonSettings
@@ -25,9 +25,15 @@ def main() -> int:
     parser.add_argument("--repository", help="model repository (default: $TRITON_MODEL_REPOSITORY or model_repository)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    triton_settings = TritonSettings(**({"model_repository": args.repository} if args.repository else {}))
-    gateway_settings = Settings()
-    stack_settings = StackSettings()
+    try:
+        triton_settings = load_settings(
+            TritonSettings, **({"model_repository": args.repository} if args.repository else {})
+        )
+        gateway_settings = load_settings(Settings)
+        stack_settings = load_settings(StackSettings)
+    except SettingsError as e:
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 2
     if gateway_settings.host not in ("127.0.0.1", "localhost", "::1") and not (
         gateway_settings.api_keys or gateway_settings.api_keys_file
     ):

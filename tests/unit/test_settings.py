@@ -65,3 +65,40 @@ def test_buffered_bodies_default_to_four_bodies_of_the_limit(monkeypatch):
     assert Settings().buffered_body_limit() == 4 * Settings().max_body_bytes
     monkeypatch.setenv("GATEWAY_MAX_BUFFERED_BODY_BYTES", "1000")
     assert Settings().buffered_body_limit() == 1000
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("GATEWAY_DRAIN_S", "-1", "greater than or equal to 0"),
+        ("GATEWAY_TRACING", "maybe", "valid boolean"),
+        ("GATEWAY_PORT", "http", "valid integer"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_its_variable_and_exit_2(monkeypatch, capsys, variable, value, message):
+    from server.app import create_app
+    from server.settings import get_settings
+
+    monkeypatch.setenv(variable, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            create_app()
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"gateway: error: {variable}={value!r}: ") and message in error
+
+
+@pytest.mark.parametrize(
+    "variable, value", [("STACK_MAX_CRASHES", "0"), ("TRITON_GRPC_PORT", "abc"), ("GATEWAY_DRAIN_S", "-1")]
+)
+def test_the_stack_refuses_a_bad_setting_in_one_line_before_starting_anything(monkeypatch, capsys, variable, value):
+    from stack.__main__ import main
+
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setattr("sys.argv", ["python -m stack", "--repository", "/nonexistent"])
+    assert main() == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"serve: error: {variable}={value!r}: ")
