@@ -30,12 +30,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from .checkpoint import load_model
 from .data import load_run_dataset
@@ -289,6 +291,7 @@ class BuildResult:
     final_onnx: Path
     published: PublishedVersion | None
     published_engine: str | None = None  # the engine stage whose plan was published, if one was
+    published_from: Path | None = None  # the ONNX file or plan that was published
 
 
 def _section(config_type, values: Mapping[str, Any], stage: str):
@@ -298,10 +301,24 @@ def _section(config_type, values: Mapping[str, Any], stage: str):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise BuilderError(f"unknown {stage} settings {', '.join(unknown)}; valid: {', '.join(fields)}")
+    values = {name: _checked_value(config_type, stage, name, value) for name, value in values.items()}
     try:
         return config_type(**values)
     except TypeError as e:  # a value of a kind the settings cannot take
         raise BuilderError(f"bad {stage} settings ({e}); valid: {', '.join(fields)}") from e
+
+
+def _checked_value(config_type, stage: str, name: str, value: Any) -> Any:
+    """`value` as the field's annotation takes it (YAML's "3" for an int is 3), or one line naming the setting:
+    `train: epochs='many': Input should be a valid integer`, not a comparison error from deep inside."""
+    try:
+        adapter = TypeAdapter(typing.get_type_hints(config_type)[name])
+    except Exception:  # an annotation that cannot be resolved or checked: the dataclass's own checks apply
+        return value
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as e:
+        raise BuilderError(f"{stage}: {name}={value!r}: {e.errors()[0]['msg']}") from None
 
 
 def _train(config: BuildConfig) -> Path:
@@ -473,14 +490,15 @@ def build(config: BuildConfig) -> BuildResult:
         )
         chosen = None
     paths = write_report(report, out)
-    published, published_engine = None, None
+    published, published_engine, published_from = None, None, None
     if settings is not None and chosen is not None:
         published_engine = report.engine_choice.stage if report.engine_choice else None
         published = publish_plan(chosen[0], chosen[1], repository, config.name, settings=settings)
+        published_from = chosen[0]
     elif settings is not None:
         # Without an engine, GPU targets get FP32 ONNX: TensorRT in Triton builds its own FP16 engine from it.
-        served = serving_fp32 if settings.target == "gpu" else latest
-        published = publish(served, repository, config.name, settings=settings)
+        published_from = serving_fp32 if settings.target == "gpu" else latest
+        published = publish(published_from, repository, config.name, settings=settings)
     if published is not None:
         (out / "published.json").write_text(
             json.dumps(
@@ -492,4 +510,4 @@ def build(config: BuildConfig) -> BuildResult:
                 }
             )
         )
-    return BuildResult(report, paths, latest, published, published_engine)
+    return BuildResult(report, paths, latest, published, published_engine, published_from)

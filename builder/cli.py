@@ -306,6 +306,7 @@ def _build(args: argparse.Namespace) -> None:
                 "report": str(result.report_paths["md"]),
                 "onnx": str(result.final_onnx),
                 "published_version": result.published.version if result.published else None,
+                "published_from": str(result.published_from) if result.published_from else None,
             }
         )
     )

@@ -45,7 +45,8 @@ def test_build_from_a_yaml_file_prunes_quantizes_publishes_and_reports_every_sta
         json.loads((tmp_path / "repo" / "digits" / "1" / "build.json").read_text())["onnx_metadata"]["precision"]
         == "int8"
     )
-    assert json.loads(capsys.readouterr().out)["published_version"] == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["published_version"] == 1 and summary["published_from"] == str(out / "int8.onnx")
 
 
 @pytest.mark.slow
@@ -349,6 +350,7 @@ def test_build_for_a_gpu_target_measures_and_gates_the_tensorrt_int8(tiny_run, t
     assert report["engine_choice"]["stage"] is None and "no engine stage ran here" in markdown
     # ... and the build still publishes what it did before: the float ONNX for TensorRT in Triton.
     assert result.published_engine is None and published.platform != "tensorrt_plan"
+    assert result.published_from == tmp_path / "build" / "fp32.onnx"
     assert json.loads((tmp_path / "build" / "published.json").read_text())["engine"] is None
 
 

@@ -24,3 +24,24 @@ def test_example_build_file_names_only_known_settings(path):
 
 def test_there_is_an_example():
     assert EXAMPLES
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"train": {"epochs": "many"}}, "train: epochs='many': Input should be a valid integer"),
+        ({"prune": {"keep_ratio": "half"}}, "prune: keep_ratio='half': Input should be a valid number"),
+        ({"publish": {"max_batch_size": [8]}}, "publish: max_batch_size=[8]: Input should be a valid integer"),
+    ],
+)
+def test_a_setting_of_the_wrong_kind_is_named_in_one_line(section, message):
+    from builder.errors import BuilderError
+
+    with pytest.raises(BuilderError) as refused:
+        BuildConfig.from_mapping(section)
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+
+
+def test_yaml_strings_for_numbers_are_taken_as_numbers():
+    config = BuildConfig.from_mapping({"train": {"epochs": "3"}, "prune": {"keep_ratio": "0.5"}})
+    assert config.train.epochs == 3 and config.prune.keep_ratio == 0.5
