@@ -607,17 +607,22 @@ def run_scenarios(
 
 
 def render_table(result: Result) -> str:
-    head = "| scenario | window s | sent | 2xx | 429 | 503 | 504 | other 5xx | other | refused | lost | recovered s |"
+    head = (
+        "| scenario | window s | sent | 2xx | 429 | 503 | 504 | other 5xx | other | refused | lost "
+        "| first non-2xx s | recovered s |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for window in result.windows:
         requests = window_requests(result, window)
         counts = Counter(r.outcome for r in requests)
         recover = time_to_recover(requests, window)
+        failures = [r.end for r in requests if r.kind == "steady" and r.outcome != "2xx" and r.end >= window.start]
         cells = [
             window.scenario,
             f"{window.end - window.start:.1f}",
             str(len(requests)),
             *(str(counts.get(o, 0)) for o in OUTCOMES),
+            f"{min(failures) - window.start:.2f}" if failures else "-",
             "-" if recover is None else f"{recover:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -628,7 +633,7 @@ def render_table(result: Result) -> str:
         + str(len(outside))
         + " | "
         + " | ".join(str(counts.get(o, 0)) for o in OUTCOMES)
-        + " | |"
+        + " | | |"
     )
     return "\n".join(lines)
 
@@ -686,8 +691,9 @@ drain_s={DRAIN_S:g}.
 
 A window runs from the fault until {RECOVERED_RUN} answers in a row were 2xx; a request counts in a window
 when its lifetime overlaps it. "other": a status outside 2xx/429/5xx (408 for slow bodies); "refused": the
-connection was refused (never reached a server); "lost": no answer after the request was sent. Recovered:
-seconds from the fault to the first 2xx after its last non-2xx.
+connection was refused (never reached a server); "lost": no answer after the request was sent. First
+non-2xx: seconds from the fault to the first steady client's failed answer; recovered: seconds from the
+fault to the first 2xx after its last non-2xx.
 
 {render_table(result)}
 
