@@ -72,6 +72,12 @@ loadtest: install
 	$(PY) -m loadtests.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --target $(TARGET) \
 	  --model $(MODEL) --repository $(REPOSITORY) $(LOADTEST_ARGS)
 
+# Faults under steady load against a stack of its own (README, "Benchmarks and load tests"); exit 1 when an
+# invariant breaks. Report in loadtests/reports/<timestamp>/chaos.md. More options: CHAOS_ARGS='--duration 10'.
+.PHONY: chaos
+chaos: install
+	$(PY) -m loadtests.chaos $(CHAOS_ARGS)
+
 # The GPU acceptance kit (README, "GPU check"): every GPU path on this machine's GPU, one table. No install
 # step: it runs from a bare copy of the source tree with the venv's Python where there is one, else $(PYTHON).
 .PHONY: gpu-check
