@@ -23,10 +23,11 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from server.drain import longest_request_s
 from server.settings import GATEWAY_MALLOC_ENV, Settings
 from server.shared_memory import REGION_PREFIX as GATEWAY_REGION_PREFIX
 from server.shared_memory import SHM_DIRECTORY
@@ -386,26 +387,30 @@ class GatewayProcess(_ManagedProcess):
     def ready_url(self) -> str:
         return f"{self.url}/healthz"
 
-    def drain_s(self) -> float:
-        """GATEWAY_DRAIN_S as the gateway reads it: how long it keeps answering after SIGTERM; 0 where the
-        gateway has no such setting."""
-        field = Settings.model_fields.get("drain_s")
-        if field is None:
-            return 0.0
-        value = {k.upper(): v for k, v in self.environment().items()}.get("GATEWAY_DRAIN_S")
+    def setting(self, name: str) -> Any:
+        """GATEWAY_<NAME> as the gateway will read it from its environment (the field's default when unset)."""
+        field = Settings.model_fields[name]
+        value = {k.upper(): v for k, v in self.environment().items()}.get(f"GATEWAY_{name.upper()}")
         if value is None:
-            return float(field.get_default(call_default_factory=True))
+            return field.get_default(call_default_factory=True)
         try:
-            return float(TypeAdapter(Annotated[float, field]).validate_python(value))
+            return TypeAdapter(Annotated[field.annotation, field]).validate_python(value)
         except ValidationError as e:
-            raise LaunchError(f"GATEWAY_DRAIN_S={value!r}: {e.errors()[0]['msg']}") from None
+            raise LaunchError(f"GATEWAY_{name.upper()}={value!r}: {e.errors()[0]['msg']}") from None
+
+    def drain_s(self) -> float:
+        """How long the gateway keeps answering after SIGTERM (GATEWAY_DRAIN_S)."""
+        return float(self.setting("drain_s"))
 
     @property
     def stop_timeout_s(self) -> float:
-        # The drain period, then time for the requests still in flight to be answered. A drain setting the
-        # gateway cannot read has kept it from starting at all.
+        # The drain period, then as long as the gateway lets a request it accepted take (a body still
+        # arriving, a Triton call tried on a second replica), and a little more: an accepted request is
+        # answered before the process is killed. A setting the gateway cannot read has kept it from starting.
         try:
-            return self.drain_s() + 10.0
+            timeouts = ("body_timeout_s", "preprocess_wait_s", "triton_timeout_s")
+            in_flight = longest_request_s(Settings.model_construct(**{name: self.setting(name) for name in timeouts}))
+            return self.drain_s() + in_flight + 5.0
         except LaunchError:
             return 10.0
 

@@ -277,10 +277,14 @@ def test_a_forced_stop_does_not_wait_for_the_timeout(tmp_path, caplog):
         child.stop(timeout_s=0)
 
 
-def test_the_gateway_is_given_its_drain_period_and_ten_seconds_to_stop(tmp_path, monkeypatch):
-    from server.settings import Settings
-
+def test_the_gateway_is_given_its_drain_and_its_longest_request_to_stop(tmp_path, monkeypatch):
+    # An upload accepted just before SIGTERM may take the whole body timeout, then the Triton calls:
+    # the stack must not kill the gateway before the gateway itself gives up on that request.
     monkeypatch.setenv("GATEWAY_DRAIN_S", "3")
-    gateway = GatewayProcess(log_path=tmp_path / "gateway.log")
-    # The drain setting is read only where the gateway has it; without it the gateway stops at once.
-    assert gateway.stop_timeout_s == (13.0 if "drain_s" in Settings.model_fields else 10.0)
+    gateway = GatewayProcess(
+        log_path=tmp_path / "gateway.log",
+        env={"GATEWAY_BODY_TIMEOUT_S": "20", "GATEWAY_PREPROCESS_WAIT_S": "1", "GATEWAY_TRITON_TIMEOUT_S": "4"},
+    )
+    assert gateway.stop_timeout_s == 3 + (20 + 1 + 3 * 4) + 5
+    # A value the gateway would refuse has kept it from starting: nothing to drain.
+    assert GatewayProcess(log_path=tmp_path / "g.log", env={"GATEWAY_DRAIN_S": "-1"}).stop_timeout_s == 10.0
