@@ -79,6 +79,10 @@ def configure_logging(settings: Settings) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    # The OpenTelemetry SDK logs its export failures itself: in the same JSON lines, not plain text between them.
+    otel = logging.getLogger("opentelemetry")
+    otel.addHandler(handler)
+    otel.propagate = False
 
 
 class RequestContextMiddleware:
@@ -179,7 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Whatever was made is undone, last first, even when a later step fails.
         async with AsyncExitStack() as made:
             if tracer_provider is not None:
-                made.callback(tracer_provider.shutdown)  # undone last: the spans of the last requests go out
+                made.callback(tracing.shut_down, tracer_provider)  # undone last: the last spans go out, within 2 s
             app.state.input_region = region = input_region(
                 settings.shared_memory_slots, settings.shared_memory_slot_bytes
             )

@@ -13,6 +13,8 @@ request, and the code on a request's path checks one `tracer is None` before doi
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Mapping, MutableMapping
 from contextlib import AbstractContextManager, nullcontext
@@ -20,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import propagate
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+
+log = logging.getLogger("server.tracing")
 
 if TYPE_CHECKING:
     from fastapi.telemetry import TelemetryConfig
@@ -73,6 +77,20 @@ def tracer_provider(settings: Settings) -> TracerProvider | None:
     provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER, parent-based by default
     provider.add_span_processor(BatchSpanProcessor(span_exporter()))
     return provider
+
+
+# At shutdown the last spans get this long to go out: a collector that hangs or is gone must not hold the
+# gateway past its stop deadline (the SDK's exporter retries for up to its own 10 s timeout, several times).
+SHUTDOWN_FLUSH_S = 2.0
+
+
+def shut_down(provider: TracerProvider, timeout_s: float = SHUTDOWN_FLUSH_S) -> None:
+    """Flush and stop `provider`, waiting at most `timeout_s`; spans not out by then are dropped."""
+    stopping = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
+    stopping.start()
+    stopping.join(timeout_s)
+    if stopping.is_alive():
+        log.warning("tracing: spans not exported within %.0f s of shutdown were dropped", timeout_s)
 
 
 def fastapi_telemetry(provider: TracerProvider | None) -> TelemetryConfig:
