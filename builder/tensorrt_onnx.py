@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
-from .errors import EngineError
+from .errors import EngineError, OnnxFileError, error_line
 from .onnx_meta import load_onnx
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -83,7 +83,10 @@ def check_explicit_int8(onnx_path: Path) -> None:
     a float model (no Q/DQ), or Q/DQ other than INT8 with zero point 0 (ONNX Runtime's uint8 QDQ)."""
     proto = load_onnx(Path(onnx_path))
     if any(uses_external_data(t) for t in proto.graph.initializer):  # zero points may be stored beside it
-        load_external_data_for_model(proto, str(Path(onnx_path).parent))
+        try:
+            load_external_data_for_model(proto, str(Path(onnx_path).parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
+            raise OnnxFileError(f"{onnx_path}: its weights stored beside it cannot be read: {error_line(e)}") from None
     remedy = (
         "run `builder quantize --target gpu` on the float model and build the engine from the file it writes "
         "(<model>-int8-gpu.onnx; int8-gpu.onnx in a build)"

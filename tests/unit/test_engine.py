@@ -75,3 +75,21 @@ def test_why_engines_cannot_run_names_every_missing_piece(monkeypatch):
     )
     wrong.__version__ = "10.5.0.18"
     assert tensorrt_unavailable() is None
+
+
+def test_an_int8_model_whose_weights_beside_it_are_missing_is_one_line_and_exit_2(tmp_path, capsys):
+    import onnx
+
+    model = onnx.load(conv_classifier(tmp_path / "source.onnx", qdq_zero_point=np.int8(0)))
+    folder = tmp_path / "external"
+    folder.mkdir()
+    onnx.save_model(
+        model, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0
+    )
+    (folder / "model.onnx.data").unlink()
+    code = main(
+        ["engine", "--onnx", str(folder / "model.onnx"), "--precision", "int8", "--output", str(tmp_path / "m.plan")]
+    )
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "weights stored beside it cannot be read" in error, error
+    assert not (tmp_path / "m.plan").exists()
