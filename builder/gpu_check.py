@@ -23,11 +23,13 @@ import argparse
 import contextlib
 import copy
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import math
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -72,7 +74,6 @@ TRITON_LOAD_TIMEOUT_S = 240
 PIP_NAMES = {
     "sklearn": "scikit-learn",
     "PIL": "pillow",
-    "modelopt": "'nvidia-modelopt[onnx]'",
     "tritonclient": "'tritonclient[grpc]'",
     "google": "protobuf",
     "grpc": "grpcio",
@@ -126,6 +127,61 @@ def title_of(function: CheckFunction) -> str:
 Need = Callable[[], "tuple[str, str | None] | None"]
 
 
+# The kernel module's version file, present wherever an NVIDIA driver is loaded.
+NVIDIA_DRIVER_VERSION_FILE = Path("/proc/driver/nvidia/version")
+
+
+@dataclass(frozen=True)
+class NvidiaDriver:
+    version: str | None  # "560.35.03"
+    cuda: str | None  # the newest CUDA it supports, as nvidia-smi prints it ("12.6")
+
+
+def nvidia_driver() -> NvidiaDriver | None:
+    """The NVIDIA driver on this machine, from nvidia-smi or the kernel module's version file; None if none."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None and not NVIDIA_DRIVER_VERSION_FILE.exists():
+        return None
+    smi_text = module_text = ""
+    if smi is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            smi_text = subprocess.run([smi], capture_output=True, text=True, timeout=20).stdout
+    with contextlib.suppress(OSError):
+        module_text = NVIDIA_DRIVER_VERSION_FILE.read_text()
+    return read_nvidia_driver(smi_text, module_text)
+
+
+def read_nvidia_driver(smi_text: str, module_text: str) -> NvidiaDriver:
+    """The driver's version and CUDA from nvidia-smi's table, else the version from the kernel module's file."""
+    version = _first(r"Driver Version:\s*([\d.]+)", smi_text) or _first(r"Kernel Module\s+([\d.]+)", module_text)
+    return NvidiaDriver(version, _first(r"CUDA Version:\s*([\d.]+)", smi_text))
+
+
+def _first(pattern: str, text: str) -> str | None:
+    found = re.search(pattern, text)
+    return found.group(1) if found else None
+
+
+def cuda_unavailable(torch_version: str, torch_cuda: str, driver: NvidiaDriver | None) -> tuple[str, str | None]:
+    """Why torch sees no GPU, and what to install: with a driver present, the usual cause is a torch built
+    for a newer CUDA than the driver supports (CUDA's minor version compatibility stops at the major)."""
+    if driver is None:
+        return "no NVIDIA GPU is visible (torch.cuda.is_available() is False)", None
+    driver_text = f"NVIDIA driver {driver.version or '(version unread)'}"
+    if driver.cuda:
+        driver_text += f", which supports CUDA up to {driver.cuda},"
+    reason = (
+        f"torch {torch_version} is built for CUDA {torch_cuda} and torch.cuda.is_available() is False although "
+        f"{driver_text} is present"
+    )
+    wanted = f"CUDA {driver.cuda} or older" if driver.cuda else "the CUDA the driver supports (nvidia-smi says)"
+    hint = (
+        f"install a torch built for {wanted} (https://pytorch.org/get-started/locally/, e.g. the cu126 index "
+        f"the builder image uses), or a driver for CUDA {torch_cuda}"
+    )
+    return reason, hint
+
+
 def need_cuda() -> tuple[str, str | None] | None:
     if importlib.util.find_spec("torch") is None:
         return "torch is not installed", "pip install torch (a CUDA build)"
@@ -137,7 +193,7 @@ def need_cuda() -> tuple[str, str | None] | None:
             "install a CUDA build of torch (https://pytorch.org/get-started/locally/)",
         )
     if not torch.cuda.is_available():
-        return "no NVIDIA GPU is visible (torch.cuda.is_available() is False)", None
+        return cuda_unavailable(torch.__version__, torch.version.cuda, nvidia_driver())
     return None
 
 
@@ -171,16 +227,32 @@ def need_trt_runtime() -> tuple[str, str | None] | None:
         if e.name == "builder.trt_runtime":
             return "builder.trt_runtime missing", None
         top = (e.name or "").split(".")[0]
-        return f"builder.trt_runtime needs {top}, which is not installed", f"pip install {PIP_NAMES.get(top, top)}"
+        return f"builder.trt_runtime needs {top}, which is not installed", install_hint(top)
     return None
+
+
+def modelopt_install_hint() -> str:
+    """pip's line for the ModelOpt the builder extra pins, without extras: its `onnx` extra would bring
+    numpy 2, onnxruntime-gpu and cupy into a venv whose Triton Python backend stub needs numpy<2."""
+    requirement = "nvidia-modelopt"
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        for line in importlib.metadata.requires("triton-image-builder") or []:
+            if re.match(r"nvidia-modelopt\b", line):
+                requirement = line.split(";")[0].strip()
+    return (
+        f"pip install '{requirement}' (the builder extra's pin, without the [onnx] extra, which would bring "
+        f"numpy 2, onnxruntime-gpu and cupy)"
+    )
+
+
+def install_hint(module: str) -> str:
+    """What to install for a missing top-level module."""
+    return modelopt_install_hint() if module == "modelopt" else f"pip install {PIP_NAMES.get(module, module)}"
 
 
 def need_modelopt() -> tuple[str, str | None] | None:
     if importlib.util.find_spec("modelopt") is None:
-        return (
-            "NVIDIA Model Optimizer is not installed",
-            "pip install 'nvidia-modelopt[onnx]' (the release pyproject.toml's builder extra pins)",
-        )
+        return "NVIDIA Model Optimizer is not installed", modelopt_install_hint()
     return None
 
 
@@ -709,13 +781,8 @@ def run_check(function: CheckFunction, kit: Kit) -> CheckResult:
         if e.name == "builder.trt_runtime":  # being written beside this kit; what imports it waits for it
             return CheckResult(title_of(function), SKIPPED, "builder.trt_runtime missing", time.monotonic() - started)
         if top and top not in ("builder", "server"):
-            pip = PIP_NAMES.get(top, top)
             return CheckResult(
-                title_of(function),
-                SKIPPED,
-                f"{top} is not installed",
-                time.monotonic() - started,
-                (f"pip install {pip}",),
+                title_of(function), SKIPPED, f"{top} is not installed", time.monotonic() - started, (install_hint(top),)
             )
         return CheckResult(title_of(function), FAIL, describe_error(e), time.monotonic() - started)
     except Exception as e:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
-from onnx.external_data_helper import uses_external_data
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec
 
@@ -43,6 +43,7 @@ from .model_config import DEFAULT_TRITON_RELEASE, DEFAULT_TRT_CACHE_ROOT, TRITON
 from .onnx_meta import OnnxMeta, load_onnx, metadata_of
 from .pixel_input import add_pixel_input
 from .plans import file_sha256, onnx_sha256, read_engine_info
+from .tensorrt_onnx import QDQ_OPS, qdq_problems
 
 BACKEND_MODEL = Path(__file__).parent / "backend" / "model.py"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -211,8 +212,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def build_config(
-    name: str, model: OnnxClassifier, spec: PreprocessSpec, labels: Sequence[str], settings: PublishSettings
+    name: str,
+    model: OnnxClassifier,
+    spec: PreprocessSpec,
+    labels: Sequence[str],
+    settings: PublishSettings,
+    int8: bool = False,
 ) -> model_config.ModelConfig:
+    """The model's config; `int8` (GPU target): the model is INT8 Q/DQ in TensorRT's form."""
     parameters = {**spec.to_parameters(), LABELS_PARAMETER: json.dumps(list(labels))}
     if settings.target == "cpu":
         parameters["onnxruntime.intra_op_threads"] = str(settings.intra_op_threads)
@@ -252,12 +259,16 @@ def build_config(
         version_policy=settings.version_policy,
         latest_versions=settings.latest_versions,
         parameters=parameters,
-        gpu_accelerators=(tensorrt_accelerator(name, settings, model_input),) if gpu else (),
+        gpu_accelerators=(tensorrt_accelerator(name, settings, model_input, batching, int8),) if gpu else (),
     )
 
 
 def tensorrt_accelerator(
-    name: str, settings: PublishSettings, model_input: model_config.TensorSpec
+    name: str,
+    settings: PublishSettings,
+    model_input: model_config.TensorSpec,
+    batching: bool = True,
+    int8: bool = False,
 ) -> model_config.ExecutionAccelerator:
     """ONNX Runtime's TensorRT provider: the engine is built on the serving GPU at load time, then cached.
 
@@ -266,13 +277,20 @@ def tensorrt_accelerator(
     model, not here: config.pbtxt is one for all versions, and a trt_engine_cache_prefix would replace
     the graph name in the engine's file name.
     """
+    # The backend turns precision_mode into exactly one of trt_fp16_enable or trt_int8_enable (r24.10
+    # src/onnxruntime.cc), so an INT8 model gets no FP16 fallback: layers outside its Q/DQ run in FP32. Q/DQ
+    # models take no calibration table (its README: with one, ONNX Runtime refuses to create the session).
+    precision = "INT8" if int8 else "FP16" if settings.trt_fp16 else "FP32"
     parameters = {
-        "precision_mode": "FP16" if settings.trt_fp16 else "FP32",
+        "precision_mode": precision,
         "trt_engine_cache_enable": "true",
         # ONNX Runtime creates only this last folder: the root must exist where Triton runs (a mounted volume).
         "trt_engine_cache_path": settings.trt_cache_path or f"{DEFAULT_TRT_CACHE_ROOT}/{name}",
     }
-    if settings.max_batch_size > 0:
+    # Without batching every dimension of the input is fixed (the batch of 1 is in its dims): there is no
+    # range for a profile to give, and ONNX Runtime builds the engine for that one shape when the session
+    # is created. A profile here would name a shape of the wrong rank.
+    if batching and settings.max_batch_size > 0:
         # One explicit profile, so the engine is built while the model loads, for every batch Triton may
         # send, instead of at the first request and again each time a larger batch arrives.
         # Format "name:DxDxD" (several inputs would be comma-separated).
@@ -321,7 +339,8 @@ def publish(
     """Write `onnx_path` as the next version of `name`; spec and labels default to the file's metadata."""
     _check_name(name)
     model, spec, labels = resolve_interface(onnx_path, spec, labels)
-    config = build_config(name, model, spec, labels, settings)
+    int8 = settings.target == "gpu" and _is_tensorrt_int8(Path(onnx_path))
+    config = build_config(name, model, spec, labels, settings, int8)
     lineage = {
         "source_onnx": str(Path(onnx_path).resolve()),
         "onnx_metadata": model.metadata,
@@ -339,6 +358,23 @@ def publish(
         if settings.target == "cpu":
             files["model.py"] = BACKEND_MODEL
         return _publish_files(files, Path(repository), name, config, labels, lineage, settings)
+
+
+def _is_tensorrt_int8(onnx_path: Path) -> bool:
+    """Whether a model for the GPU is INT8 Q/DQ (explicit quantization); PublishError for Q/DQ that TensorRT
+    cannot parse (ONNX Runtime's uint8 QDQ for the CPU)."""
+    proto = load_onnx(onnx_path)
+    if not any(node.op_type in QDQ_OPS for node in proto.graph.node):
+        return False
+    if any(uses_external_data(t) for t in proto.graph.initializer):  # zero points may be stored beside it
+        load_external_data_for_model(proto, str(onnx_path.parent))
+    problems = qdq_problems(proto)
+    if problems:
+        raise PublishError(
+            f"{onnx_path} is not INT8 Q/DQ in TensorRT's form (int8, zero point 0): {problems[0]}; publish it "
+            f"with --target cpu, or for the GPU quantize the float model with `builder quantize --target gpu`"
+        )
+    return True
 
 
 def name_graph_after_weights(onnx_path: Path, output: Path) -> Path:

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from .data import ImageDataset, load_run_dataset
-from .errors import QuantizeError
+from .errors import QuantizeError, error_line
 from .onnx_meta import OnnxMeta, load_onnx, metadata_of, set_metadata
 from .tensorrt_onnx import tensorrt_parser_problems
 from .transforms import calibration_images
@@ -189,6 +189,17 @@ def _onnxruntime_int8(
     return proto, {"weight_bits": "7" if config.reduce_range else "8"}
 
 
+def _write_self_contained(onnx_path: Path, output: Path) -> None:
+    """`onnx_path` as one file, weights inside: a copy of the .onnx alone loses weights stored beside it
+    (torch.onnx.export's default writes them to a separate file), and ModelOpt works on the copy."""
+    try:
+        proto = onnx.load(str(onnx_path))  # reads external data from beside the file
+        onnx.save(proto, str(output))
+    # onnx's ValidationError for a weight file that is not there, ValueError past protobuf's 2 GB, OSError.
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:
+        raise QuantizeError(f"could not read {onnx_path} with its weights into one file: {error_line(e)}") from e
+
+
 def _modelopt_int8(
     onnx_path: Path, output: Path, images: np.ndarray, config: QuantizeConfig
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
@@ -207,7 +218,7 @@ def _modelopt_int8(
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         source, quantized, calibration = work / "source.onnx", work / "quantized.onnx", work / "images.npy"
-        shutil.copyfile(onnx_path, source)
+        _write_self_contained(onnx_path, source)
         np.save(calibration, images)
         command = [
             sys.executable,

@@ -166,10 +166,18 @@ class EngineRunner:
                 raise EngineError(f"TensorRT refused input shape {tuple(inputs.shape)} for {self.plan_path.name}")
             shape = tuple(self._context.get_tensor_shape(self.output_name))
             outputs = torch.empty(shape, dtype=self._output_dtype, device="cuda")
-            self._context.set_tensor_address(self.input_name, inputs.data_ptr())
-            self._context.set_tensor_address(self.output_name, outputs.data_ptr())
+            self._bind(self.input_name, inputs.data_ptr())
+            self._bind(self.output_name, outputs.data_ptr())
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise EngineError(f"TensorRT failed to run {self.plan_path.name}; see its log above")
             answer = outputs.float().cpu()
         self._stream.synchronize()
         return answer.numpy()
+
+    def _bind(self, tensor: str, address: int) -> None:
+        """Point the context's `tensor` at device memory; TensorRT says False (and logs why) for a name the
+        engine does not have or an address it cannot use (IExecutionContext.set_tensor_address)."""
+        if not self._context.set_tensor_address(tensor, address):
+            raise EngineError(
+                f"TensorRT refused the device address for tensor {tensor!r} of {self.plan_path.name}; see its log above"
+            )

@@ -7,12 +7,14 @@ COPY pyproject.toml ./
 COPY builder/ builder/
 COPY server/ server/
 COPY stack/ stack/
-# torch and torchvision held to CUDA 12.6 builds (why: the constraints file); the base image's TensorRT stays.
+# torch and torchvision held to CUDA 12.6 builds (why: the constraints file), which PyTorch's cu126 index
+# serves; the base image's TensorRT stays.
 COPY docker/builder-constraints.txt docker/builder-constraints.txt
 RUN python3 -m pip install --no-cache-dir ".[builder]" --constraint docker/builder-constraints.txt \
+        --extra-index-url https://download.pytorch.org/whl/cu126 \
     && python3 -c "import tensorrt, torch; \
 assert tensorrt.__version__.startswith('10.5.'), tensorrt.__version__; \
-assert torch.version.cuda.startswith('12.'), torch.version.cuda; \
+assert torch.version.cuda == '12.6', torch.version.cuda; \
 print('TensorRT', tensorrt.__version__, 'torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 # The repository is mounted here: datasets, runs and model_repository stay on the host.

@@ -221,3 +221,25 @@ def test_gpu_int8_refuses_a_calibration_method_modelopt_lacks(tiny_run, tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("builder quantize: error:") and "\n" not in err and "minmax, entropy" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_int8_of_a_model_with_its_weights_in_a_separate_file(tiny_run, small_digits, tmp_path):
+    # torch.onnx.export's default writes the weights beside the .onnx; ModelOpt must get them too.
+    source = tmp_path / "export" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(onnx.load(str(tiny_run / "model.onnx")), str(source), save_as_external_data=True, location="w.data")
+    assert (source.parent / "w.data").stat().st_size > source.stat().st_size
+    output = tmp_path / "int8-gpu.onnx"
+    quantize_int8(source, output, QuantizeConfig(calibration_images=32, target="gpu"), dataset=small_digits)
+    from builder.quantize import tensorrt_parser_problems
+
+    assert tensorrt_parser_problems(onnx.load(str(output))) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "int8-gpu.onnx"]
+
+    # The weight file gone: one line that names the model, nothing written.
+    (source.parent / "w.data").unlink()
+    with pytest.raises(QuantizeError, match=r"could not read .*model\.onnx with its weights"):
+        quantize_int8(
+            source, tmp_path / "again.onnx", QuantizeConfig(calibration_images=32, target="gpu"), dataset=small_digits
+        )
+    assert not (tmp_path / "again.onnx").exists()

@@ -7,6 +7,7 @@ No container is started. Where the real validators are installed (`docker-compos
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import os
 import re
@@ -19,6 +20,10 @@ from pathlib import Path
 import pytest
 import tomllib
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 from prometheus_client.metrics import MetricWrapperBase
 
 from server.drain import longest_request_s
@@ -437,10 +442,8 @@ def test_triton_has_time_to_build_tensorrt_engines_before_its_health_counts(serv
     assert compose_seconds(check["start_period"]) >= ENGINE_BUILD_BUDGET_S
 
 
-def test_builder_image_holds_torch_to_a_cuda_12_build():
-    # PyPI's torch 2.7.1 wheels depend on nvidia-cuda-runtime-cu12 12.6.77 and cuDNN 9.5, the CUDA 12.6 of the
-    # 24.10 containers; the newest torch brings CUDA 13 libraries, which the drivers 24.10 runs on may not load.
-    cuda_of_torch_on_pypi = {"2.7.1": "12.6"}
+def builder_image_pins() -> tuple[dict[str, str], str]:
+    """The builder image's constraints (name -> version) and its pip install instruction."""
     instructions = dockerfile_instructions(DOCKER / "builder.Dockerfile")
     install = next(args for word, args in instructions if word == "RUN" and '".[builder]"' in args)
     constraints_file = re.search(r"--constraint (\S+)", install).group(1)
@@ -450,11 +453,63 @@ def test_builder_image_holds_torch_to_a_cuda_12_build():
         for line in (ROOT / constraints_file).read_text().splitlines()
         if line.strip() and not line.startswith("#")
     )
+    return pins, install
+
+
+def test_builder_image_holds_torch_to_a_cuda_12_build():
+    # PyTorch's cu126 index builds torch against CUDA 12.6 (nvidia-cuda-runtime-cu12 12.6.77), the CUDA of the
+    # 24.10 containers; the newest torch brings CUDA 13 libraries, which the drivers 24.10 runs on may not load.
+    pins, install = builder_image_pins()
     assert {"torch", "torchvision"} <= set(pins)
-    assert cuda_of_torch_on_pypi[pins["torch"]].startswith("12.")
+    assert pins["torch"].endswith("+cu126") and pins["torchvision"].endswith("+cu126")
+    assert "--extra-index-url https://download.pytorch.org/whl/cu126" in install
     assert "tensorrt" not in pins  # the base image's TensorRT 10.5 stays
     # The image refuses to build with anything else.
-    assert "tensorrt.__version__.startswith('10.5.')" in install and "torch.version.cuda.startswith('12.')" in install
+    assert "tensorrt.__version__.startswith('10.5.')" in install and "torch.version.cuda == '12.6'" in install
+
+
+def builder_requirements_on(package: str) -> dict[str, SpecifierSet]:
+    """Every requirement on `package` in the dependency tree of `.[builder]`: pyproject's own, then each
+    installed dependency's declared one (its metadata, markers evaluated with the extras asked for)."""
+    found: dict[str, SpecifierSet] = {}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    queue = [
+        (project["name"], Requirement(r)) for r in project["dependencies"] + project["optional-dependencies"]["builder"]
+    ]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while queue:
+        parent, requirement = queue.pop()
+        name = canonicalize_name(requirement.name)
+        if name == package:
+            found[parent] = found.get(parent, SpecifierSet()) & requirement.specifier
+        # torchvision's metadata is that of the installed release, not the pinned one (checked on its own).
+        if name in (package, "torchvision") or (name, frozenset(requirement.extras)) in seen:
+            continue
+        seen.add((name, frozenset(requirement.extras)))
+        try:
+            declared = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in declared:
+            child = Requirement(line)
+            environments = [{"extra": extra} for extra in requirement.extras] or [{"extra": ""}]
+            if child.marker is None or any(child.marker.evaluate(env) for env in environments):
+                queue.append((name, child))
+    return found
+
+
+def test_builder_image_torch_satisfies_every_dependency():
+    # nvidia-modelopt 0.47.0 declares torch>=2.8: a pin below it made the image's pip install fail.
+    pins, _ = builder_image_pins()
+    torch_version = Version(pins["torch"])
+    requirements = builder_requirements_on("torch")
+    assert "nvidia-modelopt" in requirements  # the walk reached the dependency that broke the image
+    unmet = {parent: str(spec) for parent, spec in requirements.items() if torch_version not in spec}
+    assert not unmet, f"torch {torch_version} in docker/builder-constraints.txt does not satisfy {unmet}"
+    # Each torchvision release requires exactly one torch: 0.N pairs with 2.(N - 15) since torch 2.0.
+    vision = Version(pins["torchvision"])
+    assert (vision.major, vision.minor - 15) == (torch_version.major - 2, torch_version.minor)
+    assert vision.local == torch_version.local
 
 
 def test_monitoring_mounts_existing_files(services):

@@ -2,6 +2,7 @@
 
 The ONNX models here are built by hand (a convolution, with and without Q/DQ): no training."""
 
+import contextlib
 import sys
 import types
 
@@ -93,3 +94,47 @@ def test_an_int8_model_whose_weights_beside_it_are_missing_is_one_line_and_exit_
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1 and "weights stored beside it cannot be read" in error, error
     assert not (tmp_path / "m.plan").exists()
+
+
+class _RefusingContext:
+    """An execution context (TensorRT's IExecutionContext API) that takes every call but refuses `refused`'s
+    device address, as TensorRT does for a name the engine lacks or an address it cannot use."""
+
+    def __init__(self, refused: str) -> None:
+        self.refused = refused
+        self.executed = False
+
+    def set_input_shape(self, name, shape):
+        self.shape = shape
+        return True
+
+    def get_tensor_shape(self, name):
+        return (self.shape[0], 2)
+
+    def set_tensor_address(self, name, address):
+        return name != self.refused
+
+    def execute_async_v3(self, stream):
+        self.executed = True
+        return True
+
+
+def test_a_refused_tensor_address_is_an_engine_error_naming_the_tensor(tmp_path):
+    # The runner's CUDA calls, on host memory: what is checked is what it does with TensorRT's answers.
+    host_torch = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(stream=lambda stream: contextlib.nullcontext()),
+        from_numpy=lambda array: types.SimpleNamespace(
+            to=lambda device, dtype: torch.from_numpy(array).to(dtype=dtype)
+        ),
+        empty=lambda shape, dtype, device: torch.empty(shape, dtype=dtype),
+    )
+    for refused in ("input", "logits"):
+        runner = object.__new__(EngineRunner)
+        runner.plan_path, runner.input_name, runner.output_name = tmp_path / "model.plan", "input", "logits"
+        runner.profile, runner.sample_shape = (1, 1, 4), (1, 4, 4)
+        runner._torch, runner._input_dtype, runner._output_dtype = host_torch, torch.float32, torch.float32
+        runner._stream = types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None)
+        runner._context = _RefusingContext(refused)
+        with pytest.raises(EngineError, match=f"tensor '{refused}' of model.plan"):
+            runner.infer(np.zeros((2, 1, 4, 4), np.float32))
+        assert not runner._context.executed  # nothing runs on memory TensorRT did not take

@@ -11,12 +11,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from builder import gpu_check
 from builder.gpu_check import FAIL, PASS, SKIPPED, CheckFailed, Kit, Skip, check
 
 ROOT = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 TRT_RUNTIME_PRESENT = importlib.util.find_spec("builder.trt_runtime") is not None
@@ -28,6 +30,7 @@ def bare_machine(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ModuleNotFoundError
     monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+    monkeypatch.setattr(gpu_check, "NVIDIA_DRIVER_VERSION_FILE", tmp_path / "no-driver", raising=False)
 
 
 def test_without_a_gpu_every_check_skips_naming_what_is_missing(bare_machine) -> None:
@@ -192,3 +195,49 @@ def test_make_gpu_check_runs_the_kit_without_installing() -> None:
 
     assert with_venv.strip() == ".venv/bin/python -m builder.gpu_check"
     assert without_venv.strip() == "python3 -m builder.gpu_check"
+
+
+def test_a_torch_for_a_newer_cuda_than_the_driver_says_so_and_what_to_install(monkeypatch) -> None:
+    # torch has CUDA, torch.cuda.is_available() is False, and a driver is there: the facts go in the reason.
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu130")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu_check, "nvidia_driver", lambda: gpu_check.NvidiaDriver("535.104.05", "12.2"), raising=False)
+
+    reason, hint = gpu_check.need_cuda()
+
+    assert "CUDA 13.0" in reason and "2.9.1+cu130" in reason and "535.104.05" in reason and "12.2" in reason
+    assert "install a torch built for CUDA 12.2 or older" in hint
+
+
+def test_the_driver_is_read_from_nvidia_smi_or_the_kernel_module(monkeypatch, tmp_path) -> None:
+    smi = "| NVIDIA-SMI 560.35.03     Driver Version: 560.35.03     CUDA Version: 12.6     |"
+    module = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024"
+    assert gpu_check.read_nvidia_driver(smi, module) == gpu_check.NvidiaDriver("560.35.03", "12.6")
+    assert gpu_check.read_nvidia_driver("", module) == gpu_check.NvidiaDriver("550.54.15", None)
+
+    # No nvidia-smi on PATH: the kernel module's file alone says a driver is there.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+    version_file = tmp_path / "version"
+    version_file.write_text(module + "\n")
+    monkeypatch.setattr(gpu_check, "NVIDIA_DRIVER_VERSION_FILE", version_file)
+    reason, hint = gpu_check.cuda_unavailable("2.8.0+cu128", "12.8", gpu_check.nvidia_driver())
+    assert "550.54.15" in reason and "CUDA 12.8" in reason and "install a torch built for" in hint
+
+    version_file.unlink()
+    assert gpu_check.nvidia_driver() is None
+    assert gpu_check.cuda_unavailable("2.8.0", "12.8", None)[0].startswith("no NVIDIA GPU is visible")
+
+
+def test_the_modelopt_hint_installs_the_pinned_release_without_extras(monkeypatch) -> None:
+    # Its onnx extra brings numpy 2, onnxruntime-gpu and cupy, which the serving venv must not get.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "modelopt" else object())
+    reason, hint = gpu_check.need_modelopt()
+    pin = next(line for line in PYPROJECT["project"]["optional-dependencies"]["builder"] if "modelopt" in line)
+    assert f"pip install '{pin}'" in hint and "[onnx]'" not in hint
+
+    def needs_modelopt(kit: Kit) -> str:
+        raise ModuleNotFoundError("No module named 'modelopt'", name="modelopt")
+
+    (result,) = gpu_check.run_checks([needs_modelopt])
+    assert result.status == SKIPPED and result.hints[0].startswith(f"pip install '{pin}'")
