@@ -88,8 +88,8 @@ def configure_logging(settings: Settings) -> None:
 class RequestContextMiddleware:
     """Request id (accepted or made, always echoed), per-request metrics, and one JSON log line."""
 
-    def __init__(self, app, metrics: GatewayMetrics, bodies: BufferedBodies) -> None:
-        self.app, self.metrics, self.bodies = app, metrics, bodies
+    def __init__(self, app, metrics: GatewayMetrics, bodies: BufferedBodies, drain: Drain) -> None:
+        self.app, self.metrics, self.bodies, self.drain = app, metrics, bodies, drain
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -112,7 +112,12 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                answer_headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if self.drain.active:
+                    # The connection ends with this answer: the client's next request opens a new one,
+                    # which the stopping gateway refuses cleanly instead of cutting it off (server/drain.py).
+                    answer_headers.append((b"connection", b"close"))
+                message["headers"] = answer_headers
             elif message["type"] == "http.response.body":
                 sizes["response"] += len(message.get("body", b""))
             await send(message)
@@ -248,7 +253,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models)
     app.include_router(kserve)
     _install_docs(app)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, bodies=bodies)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, bodies=bodies, drain=drain)
     _install_error_handlers(app)
     return app
 

@@ -34,10 +34,8 @@ class InferenceSlots:
     def admit(self, context: dict[str, Any]) -> Admission:
         context["inference"] = True
         if self.drain.active:
-            # The connection is closed with the answer: the client's next try goes to another replica.
-            raise Draining(
-                "the gateway is shutting down; retry shortly", retry_after_s=RETRY_AFTER_S, close_connection=True
-            )
+            # Every answer while draining closes its connection (server/app.py): the next try goes elsewhere.
+            raise Draining("the gateway is shutting down; retry shortly", retry_after_s=RETRY_AFTER_S)
         return Admission(self)
 
 

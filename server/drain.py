@@ -7,8 +7,10 @@ uvicorn, the gateway takes SIGTERM over once it has started: the signal only sch
 event loop (asyncio's signal handling: the C-level handler writes to a wake-up pipe, no Python code that
 could take a lock runs in the handler), and `begin` marks the gateway as draining. For `drain_s` seconds
 /readyz answers 503 and new inference requests 503 with Retry-After; requests already in flight go on.
-Then uvicorn is told to stop as it would have been (`should_exit`), which finishes in-flight requests and
-exits 0. SIGINT (Ctrl+C) is left to uvicorn.
+Every answer given while draining carries `Connection: close` (server/app.py), so a client's next request
+opens a new connection: after the drain period the listeners close, and such a request is refused before it
+is sent, never sent and then cut off. Then uvicorn is told to stop as it would have been (`should_exit`),
+which finishes in-flight requests and exits 0. SIGINT (Ctrl+C) is left to uvicorn.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ import uvicorn
 from .settings import Settings
 
 log = logging.getLogger("server")
+
+# After the drain period, how long connections still open are served (each answer closing its
+# connection) with the listeners already closed, before uvicorn's own shutdown.
+LISTENERS_CLOSED_S = 1.0
 
 
 class Drain:
@@ -60,6 +66,15 @@ def drain_on_sigterm(drain: Drain, settings: Settings) -> Callable[[], None] | N
         if server.config.timeout_graceful_shutdown is None:
             server.config.timeout_graceful_shutdown = round(longest_request_s(settings))
         log.info("drained; stopping", extra={"fields": {"in_flight_connections": len(server.server_state.connections)}})
+        # uvicorn's shutdown closes the listeners and, in the same step, every connection between two
+        # requests: a request a client sends on such a connection at that moment gets no answer. So the
+        # listeners close first; connections still open then are answered (503, Connection: close, which
+        # ends them) for LISTENERS_CLOSED_S before uvicorn's shutdown closes what is left.
+        for listener in server.servers:
+            listener.close()
+        loop.call_later(LISTENERS_CLOSED_S, exit_uvicorn)
+
+    def exit_uvicorn() -> None:
         server.should_exit = True
 
     def begin() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import time
 
 import httpx
 import pytest
@@ -102,6 +104,38 @@ def test_an_idle_gateway_exits_0_after_its_drain_and_a_second_sigterm_changes_no
         os.kill(gateway.pid, signal.SIGTERM)
         assert wait_for(lambda: status_of(f"{gateway.url}/readyz") == 503, 10), gateway.log_tail()
         os.kill(gateway.pid, signal.SIGTERM)
+        assert exit_code(gateway, 30) == 0, gateway.log_tail()
+    finally:
+        gateway.stop()
+
+
+def refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_a_connection_opened_before_the_listeners_close_is_still_answered(slow_stack):
+    """uvicorn's shutdown closes the listeners and every connection between two requests at once, so a
+    request sent on such a connection then would get no answer. The gateway closes its listeners first
+    and answers what comes on the open connections (closing each) before uvicorn's shutdown."""
+    server, folder = slow_stack
+    gateway = start_gateway(server.grpc_url, folder / "gateway-listeners.log", GATEWAY_DRAIN_S="1")
+    try:
+        idle = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+        os.kill(gateway.pid, signal.SIGTERM)
+        # The drain period is over once a new connection is refused; the one opened before is still open.
+        deadline = time.monotonic() + 30
+        while not refused("127.0.0.1", gateway.port) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert refused("127.0.0.1", gateway.port), gateway.log_tail()
+        idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        answer = idle.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert b"connection: close" in answer.lower()
+        idle.close()
         assert exit_code(gateway, 30) == 0, gateway.log_tail()
     finally:
         gateway.stop()
