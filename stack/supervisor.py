@@ -204,18 +204,24 @@ class GaveUp(RuntimeError):
 
 
 class RestartCounter:
-    """stack_process_restarts_total{process=...}, served on its own loopback port when the port is not 0."""
+    """stack_process_restarts_total{process=..., reason="crashed"|"exited"}, served on its own loopback port
+    when the port is not 0. "exited": the process ended by itself with code 0, as a gateway does once it
+    has drained after a SIGTERM sent to it alone; "crashed": anything else (a signal, a failure code, not
+    ready in time)."""
+
+    REASONS = ("crashed", "exited")
 
     def __init__(self, processes: Sequence[str], host: str = "127.0.0.1", port: int = 0) -> None:
         self.registry = CollectorRegistry()
         self.counter = Counter(
             "stack_process_restarts",
             "Processes of the local stack started again after they exited unexpectedly",
-            ["process"],
+            ["process", "reason"],
             registry=self.registry,
         )
         for name in processes:
-            self.counter.labels(name)  # exported as 0 before the first restart
+            for reason in self.REASONS:
+                self.counter.labels(name, reason)  # exported as 0 before the first restart
         self._server = None
         if port:
             try:
@@ -224,11 +230,15 @@ class RestartCounter:
                 raise LaunchError(f"cannot serve the stack's metrics on {host}:{port}: {e}") from e
             log.info("restart counts on http://%s:%d/metrics", host, port)
 
-    def inc(self, name: str) -> None:
-        self.counter.labels(name).inc()
+    def inc(self, name: str, reason: str = "crashed") -> None:
+        self.counter.labels(name, reason).inc()
 
-    def value(self, name: str) -> float:
-        return self.registry.get_sample_value("stack_process_restarts_total", {"process": name}) or 0.0
+    def value(self, name: str, reason: str | None = None) -> float:
+        """Restarts of `name` for `reason`, or for any reason."""
+        return sum(
+            self.registry.get_sample_value("stack_process_restarts_total", {"process": name, "reason": r}) or 0.0
+            for r in ((reason,) if reason else self.REASONS)
+        )
 
     def close(self) -> None:
         if self._server is not None:
@@ -249,6 +259,8 @@ class _Child:
     policy: RestartPolicy
     state: str = "stopped"  # starting, running, waiting (to restart)
     at: float = 0.0  # starting: when it must be ready by; waiting: when to start it again
+    was_ready: bool = False  # ready at least once since the stack started
+    restart_reason: str = "crashed"  # waiting: why it is started again
 
 
 POLL_S = 0.5
@@ -277,25 +289,18 @@ class Supervisor:
 
     def start(self) -> bool:
         """Start every process in order, each ready before the next; False when a signal came first.
-        LaunchError when one exits before it is ready or is not ready in time: the setup is wrong."""
+
+        LaunchError when one exits with a failure code before it was ever ready, or is not ready in time:
+        its setup is wrong (a port taken, a bad setting, a missing repository), and starting it again would
+        fail the same way. One killed by a signal, or ending with code 0, is started again as in `check`.
+        """
         for child in self.children:
             self._launch(child)
-            while child.state == "starting":
+            while child.state != "running":
                 if self.signals.stop:
                     return False
-                if not child.process.running():
-                    raise LaunchError(
-                        f"{child.process.name} exited with code {child.process.returncode} before it was ready; "
-                        f"last lines of {child.process.log_path}:\n{child.process.log_tail()}"
-                    )
-                if child.process.ready():
-                    child.state = "running"
-                elif self.clock() > child.at:
-                    raise LaunchError(
-                        f"{child.process.name} was not ready within {child.process.startup_timeout_s:.0f} s; "
-                        f"see {child.process.log_path}"
-                    )
-                else:
+                self._step(child)
+                if child.state != "running":
                     self.signals.wait(0.2)
         return True
 
@@ -306,23 +311,43 @@ class Supervisor:
     def check(self) -> None:
         """One round: notice processes that exited, and start again those whose back-off is over."""
         for child in self.children:
-            process = child.process
-            if child.state == "waiting":
-                if self.clock() >= child.at:
-                    self.restarts.inc(process.name)
-                    log.info("starting %s again", process.name)
-                    try:
-                        self._launch(child)
-                    except LaunchError as e:
-                        self._crashed(child, f"could not be started again: {e}")
-            elif not process.running():
-                self._crashed(child, _how_it_ended(process.returncode))
-            elif child.state == "starting":
-                if process.ready():
-                    child.state = "running"
+            self._step(child)
+
+    def _step(self, child: _Child) -> None:
+        process = child.process
+        if child.state == "waiting":
+            if self.clock() >= child.at:
+                self.restarts.inc(process.name, child.restart_reason)
+                log.info("starting %s again", process.name)
+                try:
+                    self._launch(child)
+                except LaunchError as e:
+                    self._crashed(child, f"could not be started again: {e}")
+        elif not process.running():
+            code = process.returncode
+            if code == 0:
+                self._exited(child)
+            elif code is not None and code > 0 and not child.was_ready:
+                process.stop(timeout_s=0)
+                raise LaunchError(
+                    f"{process.name} exited with code {code} before it was ever ready, so its setup is wrong "
+                    f"and it is not started again; last lines of {process.log_path}:\n{process.log_tail()}"
+                )
+            else:
+                self._crashed(child, _how_it_ended(code))
+        elif child.state == "starting":
+            if process.ready():
+                child.state = "running"
+                if child.was_ready:
                     log.info("%s is back (pid %s)", process.name, process.pid)
-                elif self.clock() > child.at:
-                    self._crashed(child, f"was not ready within {process.startup_timeout_s:.0f} s")
+                child.was_ready = True
+            elif self.clock() > child.at:
+                if not child.was_ready:
+                    raise LaunchError(
+                        f"{process.name} was not ready within {process.startup_timeout_s:.0f} s of its first "
+                        f"start; see {process.log_path}"
+                    )
+                self._crashed(child, f"was not ready within {process.startup_timeout_s:.0f} s")
 
     def _crashed(self, child: _Child, what: str) -> None:
         process = child.process
@@ -334,7 +359,16 @@ class Supervisor:
                 f"{child.policy.window_s:.0f} s, so it is not started again; see {process.log_path}"
             )
         log.warning("%s %s; starting it again in %g s (see %s)", process.name, what, delay, process.log_path)
-        child.state, child.at = "waiting", self.clock() + delay
+        child.state, child.at, child.restart_reason = "waiting", self.clock() + delay, "crashed"
+
+    def _exited(self, child: _Child) -> None:
+        # Code 0: the process stopped as asked (a SIGTERM sent to it alone, and a gateway drains first).
+        # Not a crash: it is started again after the first back-off step and never makes the stack give up.
+        process = child.process
+        process.stop(timeout_s=0)
+        delay = child.policy.backoff_s
+        log.info("%s exited with code 0 (stopped from outside); starting it again in %g s", process.name, delay)
+        child.state, child.at, child.restart_reason = "waiting", self.clock() + delay, "exited"
 
     def stop(self) -> None:
         """Stop every process, the last started first, each given its own stop timeout unless a second

@@ -118,8 +118,9 @@ class Stack:
         except httpx.HTTPError:
             return False
 
-    def restarts(self, process: str) -> float | None:
-        return metric(f"http://127.0.0.1:{self.metrics_port}", "stack_process_restarts_total", process=process)
+    def restarts(self, process: str, reason: str = "crashed") -> float | None:
+        url = f"http://127.0.0.1:{self.metrics_port}"
+        return metric(url, "stack_process_restarts_total", process=process, reason=reason)
 
     def close(self) -> None:
         """Stop the stack whatever state it is in, and remove whatever it left."""
