@@ -2,6 +2,7 @@
 
 `python -m stack` runs them under a `Supervisor`: a process that exits unexpectedly is started again after
 a back-off (`RestartPolicy`), and stopping is driven by `StopSignals`, whose handler takes no lock.
+`local_stack` (make demo, make loadtest, the benchmarks) runs the same supervisor from a thread.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import secrets
 import select
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
@@ -88,11 +91,43 @@ def local_stack(
     *,
     gateway_host: str = "127.0.0.1",
     gateway_port: int = 8080,
+    policy: Callable[[], RestartPolicy] | None = None,
+    restarts: RestartCounter | None = None,
 ) -> Iterator[tuple[TritonServer, GatewayProcess]]:
-    """Triton, then the gateway, each ready; on exit the gateway is stopped (drained) first, then Triton."""
+    """Triton, then the gateway, each ready, supervised as `python -m stack` supervises them (restarts with
+    back-off, a dead Triton's leftovers removed, restarts counted) from a thread of its own while the
+    caller works; on exit the gateway is stopped (drained) first, then Triton.
+
+    LaunchError when the stack cannot start; GaveUp on exit when a process crashed too often meanwhile
+    (and stayed down), unless the caller's own exception is on its way.
+    """
     triton, gateway = stack_processes(triton_settings, gateway_host=gateway_host, gateway_port=gateway_port)
-    with triton, gateway:
+    stopping = ThreadStop()
+    supervisor = Supervisor([triton, gateway], stopping, policy=policy or RestartPolicy, restarts=restarts)
+    gave_up: list[GaveUp] = []
+
+    def supervise() -> None:
+        try:
+            while not stopping.stop:
+                supervisor.check()
+                stopping.wait(POLL_S)
+        except GaveUp as e:
+            log.error("%s", e)
+            gave_up.append(e)
+
+    watcher = threading.Thread(target=supervise, name="local-stack-supervisor", daemon=True)
+    try:
+        supervisor.start()
+        watcher.start()
         yield triton, gateway
+    finally:
+        stopping.set()
+        if watcher.is_alive():
+            watcher.join()
+        supervisor.stop()
+        supervisor.restarts.close()
+    if gave_up:
+        raise gave_up[0]
 
 
 class RestartPolicy:
@@ -199,7 +234,39 @@ class StopSignals:
             pass
 
 
-class GaveUp(RuntimeError):
+class ThreadStop:
+    """Says when a supervisor running in a thread stops: once the thread that owns the stack calls `set`.
+    Never forced: signals stay with that thread (KeyboardInterrupt)."""
+
+    force = False
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    @property
+    def stop(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout_s: float) -> None:
+        self._event.wait(max(0.0, timeout_s))
+
+
+class Stopper(Protocol):
+    """When a supervisor stops (`stop`), when it stops without waiting (`force`), and the wait between checks."""
+
+    @property
+    def stop(self) -> bool: ...
+
+    @property
+    def force(self) -> bool: ...
+
+    def wait(self, timeout_s: float) -> None: ...
+
+
+class GaveUp(LaunchError):
     """A process crashed too often in too short a time to be started again."""
 
 
@@ -276,7 +343,7 @@ class Supervisor:
     def __init__(
         self,
         processes: Sequence[_ManagedProcess],
-        signals: StopSignals,
+        signals: Stopper,
         *,
         policy: Callable[[], RestartPolicy] = RestartPolicy,
         restarts: RestartCounter | None = None,

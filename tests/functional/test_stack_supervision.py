@@ -15,9 +15,11 @@ import pytest
 
 from server.shared_memory import SHM_DIRECTORY
 from stack.launcher import _die_with_parent, free_port, remove_regions
+from stack.settings import TritonSettings
+from stack.supervisor import RestartCounter, RestartPolicy, local_stack
 
 from .conftest import MODEL, metric
-from .test_failures import wait_for
+from .test_failures import post_png, wait_for
 
 # Bounds for a loaded machine, never asserted as timings: how long a stack may take to be ready again.
 READY_TIMEOUT_S = 240.0
@@ -238,3 +240,32 @@ def test_sigterm_stops_the_stack_at_any_moment_and_leaves_nothing_behind(reposit
                 assert not list(Path(SHM_DIRECTORY).glob(f"gateway-{gateway_pid}-*"))
         finally:
             stack.close()
+
+
+def test_the_stack_of_make_demo_and_make_loadtest_restarts_a_killed_triton(repository, stack_cache):
+    settings = TritonSettings(
+        model_repository=str(repository),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        cache_dir=str(stack_cache),
+        repository_poll_s=1,
+    )
+    restarts = RestartCounter(["tritonserver", "gateway"])
+    with local_stack(
+        settings, gateway_port=free_port(), policy=lambda: RestartPolicy(backoff_s=0.2), restarts=restarts
+    ) as (triton, gateway):
+        assert post_png(gateway.url).status_code == 200
+        killed = triton.pid
+        assert killed is not None
+        prefix, env_dir = triton.shm_region_prefix, triton.python_env_dir
+        # The Python backend's folder of this server, told apart from any other server's.
+        assert env_dir is not None and env_dir.is_dir() and env_dir.name.startswith("python_env_")
+        os.killpg(killed, signal.SIGKILL)
+        assert wait_for(lambda: triton.pid != killed and post_png(gateway.url).status_code == 200, READY_TIMEOUT_S), (
+            triton.log_tail()
+        )
+        assert restarts.value("tritonserver", "crashed") == 1 and restarts.value("gateway") == 0
+        assert not group_members(killed) and not regions(prefix)
+        assert not env_dir.exists(), "the killed server's Python backend folder was left in /tmp"
+        assert triton.python_env_dir not in (None, env_dir) and triton.python_env_dir.is_dir()
