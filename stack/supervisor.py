@@ -25,7 +25,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from .launcher import GatewayProcess, LaunchError, TritonServer, _ManagedProcess
+from .launcher import GatewayProcess, LaunchError, TritonServer, _ManagedProcess, free_port
 from .settings import StackSettings, TritonSettings
 
 log = logging.getLogger(__name__)
@@ -58,31 +58,48 @@ def stack_processes(
     triton_settings: TritonSettings, *, gateway_host: str = "127.0.0.1", gateway_port: int = 8080
 ) -> tuple[TritonServer, GatewayProcess]:
     """Triton on the repository, and the gateway pointed at its gRPC port; neither started yet."""
+    (triton,), gateway = replica_processes(triton_settings, gateway_host=gateway_host, gateway_port=gateway_port)
+    return triton, gateway
+
+
+def replica_processes(
+    triton_settings: TritonSettings, *, replicas: int = 1, gateway_host: str = "127.0.0.1", gateway_port: int = 8080
+) -> tuple[list[TritonServer], GatewayProcess]:
+    """`replicas` Triton servers on the repository, the first on the configured ports and the others on free
+    ones, and the gateway routing over all of them (server/replicas.py); none started yet."""
     cache_dir = Path(triton_settings.cache_dir)
     key = triton_settings.repository_api_key
-    triton = TritonServer(
-        model_repository=Path(triton_settings.model_repository),
-        host=triton_settings.host,
-        http_port=triton_settings.http_port,
-        grpc_port=triton_settings.grpc_port,
-        metrics_port=triton_settings.metrics_port,
-        model_control_mode=triton_settings.model_control_mode,
-        repository_poll_s=triton_settings.repository_poll_s,
-        cache_dir=cache_dir,
-        repository_api_key=key.get_secret_value() if key else repository_api_key(cache_dir),
-    )
+    host = triton_settings.host
+    tritons = []
+    for number in range(1, replicas + 1):
+        first = number == 1
+        triton = TritonServer(
+            model_repository=Path(triton_settings.model_repository),
+            host=host,
+            http_port=triton_settings.http_port if first else free_port(host),
+            grpc_port=triton_settings.grpc_port if first else free_port(host),
+            metrics_port=triton_settings.metrics_port if first else free_port(host),
+            model_control_mode=triton_settings.model_control_mode,
+            repository_poll_s=triton_settings.repository_poll_s,
+            cache_dir=cache_dir,
+            log_path=(cache_dir / ("tritonserver.log" if first else f"tritonserver-{number}.log")).resolve(),
+            repository_api_key=key.get_secret_value() if key else repository_api_key(cache_dir),
+        )
+        if not first:
+            triton.name = f"tritonserver-{number}"  # its restarts are counted, and logged, apart
+        tritons.append(triton)
     gateway = GatewayProcess(
         host=gateway_host,
         port=gateway_port,
         env={
             "GATEWAY_TRITON_PROTOCOL": "grpc",
-            "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
-            "GATEWAY_TRITON_HTTP_URL": triton.http_url,
-            "GATEWAY_TRITON_REPOSITORY_KEY": triton.repository_api_key or "",
+            "GATEWAY_TRITON_GRPC_URL": ",".join(t.grpc_url for t in tritons),
+            "GATEWAY_TRITON_HTTP_URL": tritons[0].http_url,
+            "GATEWAY_TRITON_REPOSITORY_KEY": tritons[0].repository_api_key or "",
         },
         log_path=cache_dir / "gateway.log",
     )
-    return triton, gateway
+    return tritons, gateway
 
 
 @contextlib.contextmanager

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from stack.launcher import LaunchError
-from stack.settings import StackSettings
-from stack.supervisor import GaveUp, RestartCounter, RestartPolicy, StopSignals, Supervisor
+from stack.settings import StackSettings, TritonSettings
+from stack.supervisor import GaveUp, RestartCounter, RestartPolicy, StopSignals, Supervisor, replica_processes
 
 
 class Clock:
@@ -341,3 +341,20 @@ def test_a_signal_is_counted_and_wakes_the_waiter_without_a_lock_in_the_handler(
         signals.wait(60)
         assert signals.force
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# ------------------------------------------------------------------------------------ the replicas
+
+
+def test_replicas_each_get_ports_a_log_and_a_name_of_their_own_and_the_gateway_routes_over_all(tmp_path, monkeypatch):
+    monkeypatch.setenv("STACK_TRITON_REPLICAS", "2")
+    settings = TritonSettings(
+        model_repository=str(tmp_path), http_port=18000, grpc_port=18001, metrics_port=18002, cache_dir=str(tmp_path)
+    )
+    tritons, gateway = replica_processes(settings, replicas=StackSettings().triton_replicas)
+    first, second = tritons
+    assert (first.name, first.grpc_port) == ("tritonserver", 18001) and second.name == "tritonserver-2"
+    assert len({first.http_port, first.grpc_port, first.metrics_port, second.http_port, second.grpc_port}) == 5
+    assert first.log_path != second.log_path
+    assert first.repository_api_key == second.repository_api_key  # one key for the gateway to send to both
+    assert gateway.env["GATEWAY_TRITON_GRPC_URL"] == f"{first.grpc_url},{second.grpc_url}"
