@@ -206,6 +206,15 @@ def test_killed_processes_are_started_again_and_the_gateway_serves_meanwhile(rep
         assert classify(stack.url, jpeg).status_code == 200
         assert stack.restarts("gateway") == 1 and stack.restarts("tritonserver") == 1
         assert not list(Path(SHM_DIRECTORY).glob(f"gateway-{gateway_pid}-*"))
+
+        # SIGTERM to the gateway alone: it drains and exits with code 0, is started again, and counted as
+        # having exited, not as a crash.
+        gateway_pid = stack.child("gateway")
+        assert gateway_pid is not None
+        os.kill(gateway_pid, signal.SIGTERM)
+        assert wait_for(lambda: stack.child("gateway") not in (None, gateway_pid) and stack.ready(), READY_TIMEOUT_S)
+        assert classify(stack.url, jpeg).status_code == 200
+        assert stack.restarts("gateway", "exited") == 1 and stack.restarts("gateway") == 1, stack.log_tail()
     finally:
         stack.close()
 
