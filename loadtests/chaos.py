@@ -13,6 +13,9 @@ chaos.png, and exits 1 when an invariant breaks:
 - 429 only in the flood, refused connections only while the gateway process itself restarts, and no
   non-2xx at all while a version (good or broken) is published or while slow clients trickle bodies.
 
+Scenarios that need two Triton replicas behind the gateway (replica-sigkill) run on a stack of their own,
+started after the others.
+
 A fault window lasts from the fault until the stack serves again: RECOVERED_RUN answers in a row that
 started after the fault was over.
 """
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import io
+import itertools
 import logging
 import os
 import shutil
@@ -162,10 +166,11 @@ def sample_image() -> bytes:
 
 
 class ChaosStack:
-    """`python -m stack` on free loopback ports with the gateway's limits set low; stopped with all it
-    started by `close`, whatever state its processes are in (a stopped Triton is continued first)."""
+    """`python -m stack` on free loopback ports with the gateway's limits set low, with `replicas` Triton
+    servers behind its gateway; stopped with all it started by `close`, whatever state its processes are in
+    (a stopped Triton is continued first)."""
 
-    def __init__(self, repository: Path, work_dir: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, repository: Path, work_dir: Path, host: str = "127.0.0.1", replicas: int = 1) -> None:
         from stack.launcher import _die_with_parent, free_port
 
         require_loopback(host)
@@ -194,6 +199,7 @@ class ChaosStack:
             "GATEWAY_MODEL_INFO_TTL_S": "0.5",
             "STACK_METRICS_PORT": "0",
             "STACK_RESTART_BACKOFF_S": "0.5",
+            "STACK_TRITON_REPLICAS": str(replicas),
         }
         for name in [n for n in env if n.startswith(("LOADTEST_", "GATEWAY_API_KEYS"))]:
             env.pop(name)
@@ -221,11 +227,17 @@ class ChaosStack:
             raise ChaosError(f"the stack exited with {self.process.returncode}:\n{self.log_tail()}")
 
     def child(self, name: str) -> int | None:
-        """The pid of the stack's live tritonserver or gateway process."""
+        """The pid of a live tritonserver or gateway process of the stack."""
+        pids = self.children(name)
+        return pids[0] if pids else None
+
+    def children(self, name: str) -> list[int]:
+        """The pids of the stack's live tritonserver (one per replica) or gateway processes."""
         try:
             children = psutil.Process(self.process.pid).children()
         except psutil.NoSuchProcess:
-            return None
+            return []
+        pids = []
         for child in children:
             try:
                 command = child.cmdline()
@@ -237,8 +249,8 @@ class ChaosStack:
                 name == "gateway" and "uvicorn" in command
             ):
                 self.seen.add(child.pid)
-                return child.pid
-        return None
+                pids.append(child.pid)
+        return pids
 
     def ready(self) -> bool:
         self.alive()
@@ -393,6 +405,7 @@ class Scenario:
     description: str
     inject: Callable[[Context], Awaitable[None]]  # returns when the fault itself is over
     allowed: frozenset[str]  # outcomes allowed inside the window besides 2xx
+    replicas: int = 1  # Triton servers behind the gateway of the stack it runs on
 
 
 async def _in_thread(function: Callable, *args):
@@ -423,6 +436,17 @@ async def gateway_sigterm(ctx: Context) -> None:
     pid = _pid(ctx, "gateway")
     os.kill(pid, signal.SIGTERM)
     while ctx.stack.child("gateway") in (None, pid):  # the drained gateway exits; the supervisor starts another
+        ctx.stack.alive()
+        await asyncio.sleep(0.1)
+
+
+async def replica_sigkill(ctx: Context) -> None:
+    # One of the two replicas, killed mid-request: the gateway retries what the dead one held on the other.
+    # The fault lasts its duration and until the supervisor has started the replica again.
+    pid = _pid(ctx, "tritonserver")
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.sleep(ctx.duration_s)
+    while len(pids := ctx.stack.children("tritonserver")) < 2 or pid in pids:
         ctx.stack.alive()
         await asyncio.sleep(0.1)
 
@@ -482,6 +506,14 @@ SCENARIOS = {
             "flood", f"{MAX_IN_FLIGHT * 4} more clients, above max_in_flight={MAX_IN_FLIGHT}", flood, frozenset({"429"})
         ),
         Scenario("slow-bodies", "3 clients trickling bodies a byte per 0.25 s", slow_bodies, frozenset({"other"})),
+        # Last: it runs on a stack of its own, with two Triton replicas behind the gateway.
+        Scenario(
+            "replica-sigkill",
+            "one of two Triton replicas behind the gateway killed (SIGKILL)",
+            replica_sigkill,
+            frozenset({"503", "504"}),
+            replicas=2,
+        ),
     )
 }
 
@@ -582,7 +614,10 @@ def run_scenarios(
     onnx_path: Path | None = None,
     recovery_timeout_s: float = RECOVERY_TIMEOUT_S,
 ) -> Result:
-    """Publish the model, start the stack, run the named scenarios under load, stop everything."""
+    """Publish the model, start a stack for each run of scenarios that need as many Triton replicas, run
+    the named scenarios under load, stop everything."""
+    if not names:
+        raise ChaosError(f"no scenario given; choose from {', '.join(SCENARIOS)}")
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise ChaosError(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
@@ -591,14 +626,26 @@ def run_scenarios(
     repository.mkdir(parents=True, exist_ok=True)
     onnx_path = onnx_path or export_untrained(work_dir / "model.onnx")
     publish_version(onnx_path, repository)
-    stack = ChaosStack(repository, work_dir, host)
-    try:
-        wait_until(stack.ready, READY_TIMEOUT_S, "the stack's first start")
-        load = Load(stack.url, sample_image())
-        ctx = Context(stack, load, onnx_path, repository, duration_s)
-        result = asyncio.run(_drive(ctx, [SCENARIOS[n] for n in names], quiet_s, clients, recovery_timeout_s))
-    finally:
-        stack.close()
+    result: Result | None = None
+    # Scenarios in a row that need the same number of Triton replicas share one stack.
+    for replicas, group in itertools.groupby(names, key=lambda n: SCENARIOS[n].replicas):
+        stack = ChaosStack(repository, work_dir, host, replicas=replicas)
+        try:
+            wait_until(stack.ready, READY_TIMEOUT_S, f"the start of the stack with {replicas} Triton replica(s)")
+            load = Load(stack.url, sample_image())
+            ctx = Context(stack, load, onnx_path, repository, duration_s)
+            part = asyncio.run(_drive(ctx, [SCENARIOS[n] for n in group], quiet_s, clients, recovery_timeout_s))
+        finally:
+            stack.close()
+        if result is None:
+            result = part
+        else:
+            result.requests += part.requests
+            result.windows += part.windows
+            result.violations += part.violations
+        if part.violations:
+            break  # a fault not recovered from: the later ones would measure it
+    assert result is not None  # names is not empty
     result.violations = check(result)
     return result
 

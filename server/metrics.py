@@ -6,6 +6,8 @@ gateway's own error codes; never raw user strings.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STAGES = ("decode", "preprocess", "inference", "total")
@@ -65,6 +67,24 @@ class GatewayMetrics:
         self.triton_errors = Counter(
             "gateway_triton_errors", "Failed Triton calls, by the gateway's error code", ["code"], registry=r
         )
+
+        self.model_versions_unavailable = Gauge(
+            "gateway_model_versions_unavailable",
+            "Versions of a model that Triton tried to load and could not, as of the gateway's last read of "
+            "Triton's model index (every /readyz and /v1/models); their reasons are on /v1/models",
+            ["model"],
+            registry=r,
+        )
+        self._indexed_models: set[str] = set()
+
+    def observe_failed_versions(self, failed: Mapping[str, Iterable[object]]) -> None:
+        """Set the unavailable-version gauge from one read of the index: model name -> versions that failed
+        to load; a model gone from the index is dropped from the gauge."""
+        for name in self._indexed_models - failed.keys():
+            self.model_versions_unavailable.remove(name)
+        for name, versions in failed.items():
+            self.model_versions_unavailable.labels(name).set(len(list(versions)))
+        self._indexed_models = set(failed)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(seconds)

@@ -44,9 +44,11 @@ from .errors import (
 )
 from .inputs import read_images
 from .kserve import forward, read_checked_request
+from .metrics import GatewayMetrics
 from .offload import result_within
 from .postprocess import top_k
 from .preprocess import batch_layout, input_batch, prepare_batch, quick_to_preprocess
+from .replicas import ReplicaPool
 from .security import Unauthorized, require_api_key, require_key_for_metrics
 
 ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["digits"])]
@@ -189,15 +191,26 @@ def _not_ready(reason: str) -> JSONResponse:
     return JSONResponse({"status": "not ready", "reason": reason}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def _load_failed(version: dict[str, Any]) -> bool:
+    """Triton tried to load the version and could not: unavailable with an error (an explicit unload leaves
+    the reason "unloaded", a version still loading has none)."""
+    return version["state"] == "UNAVAILABLE" and version.get("reason", "unloaded") != "unloaded"
+
+
 def _failed(model: dict[str, Any]) -> bool:
-    """Triton tried to load the model and could not: no version ready, each one unavailable with an error
-    (an explicit unload leaves the reason "unloaded", a model still loading has none)."""
+    """Triton tried to load the model and could not: no version ready, and each one failed to load."""
     versions = model["versions"]
-    return (
-        not model["ready"]
-        and bool(versions)
-        and all(v["state"] == "UNAVAILABLE" and v.get("reason", "unloaded") != "unloaded" for v in versions)
+    return not model["ready"] and bool(versions) and all(_load_failed(v) for v in versions)
+
+
+async def _served_models(triton: ReplicaPool, metrics: GatewayMetrics) -> list[dict[str, Any]]:
+    """Triton's model index, grouped per model; counts each model's versions that failed to load on the way.
+    A version that fails to load leaves the one before it serving, so only this count and /v1/models show it."""
+    served = _group_versions(await triton.repository_index())
+    metrics.observe_failed_versions(
+        {m["name"]: [v["version"] for v in m["versions"] if _load_failed(v)] for m in served}
     )
+    return served
 
 
 @health.get(
@@ -225,13 +238,13 @@ async def healthz() -> dict[str, str]:
         },
     },
 )
-async def readyz(triton: ReplicasDep, settings: SettingsDep, drain: DrainDep) -> JSONResponse:
+async def readyz(triton: ReplicasDep, settings: SettingsDep, drain: DrainDep, metrics: MetricsDep) -> JSONResponse:
     if drain.active:
         return _not_ready("the gateway is shutting down")
     if not await triton.server_ready():
         return _not_ready("Triton is not ready or unreachable")
     try:
-        served = _group_versions(await triton.repository_index())
+        served = await _served_models(triton, metrics)
     except GatewayError:
         return _not_ready("Triton's model index is unavailable")
     required = settings.required_model_names()
@@ -296,8 +309,8 @@ async def prometheus_metrics(metrics: MetricsDep) -> Response:
         **_error_responses(401, 503),
     },
 )
-async def list_models(triton: ReplicasDep) -> dict[str, Any]:
-    served = _group_versions(await triton.repository_index())
+async def list_models(triton: ReplicasDep, metrics: MetricsDep) -> dict[str, Any]:
+    served = await _served_models(triton, metrics)
     for model in served:
         try:
             model["preprocessing"] = (await triton.model_info(model["name"])).spec.to_dict()
@@ -311,8 +324,8 @@ async def list_models(triton: ReplicasDep) -> dict[str, Any]:
     summary="One model: versions, preprocessing, labels and Triton's statistics",
     responses={**_answer(MODEL_DETAILS_EXAMPLE), **_error_responses(401, 404, 422, 503)},
 )
-async def model_details(name: ModelName, triton: ReplicasDep) -> dict[str, Any]:
-    served = [m for m in _group_versions(await triton.repository_index()) if m["name"] == name]
+async def model_details(name: ModelName, triton: ReplicasDep, metrics: MetricsDep) -> dict[str, Any]:
+    served = [m for m in await _served_models(triton, metrics) if m["name"] == name]
     if not served:
         raise ModelNotFound(f"model {name!r} is not in the repository")
     details = served[0]

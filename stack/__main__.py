@@ -15,7 +15,7 @@ from server.settings import Settings, SettingsError, load_settings
 
 from .launcher import LaunchError
 from .settings import StackSettings, TritonSettings
-from .supervisor import RestartCounter, RestartPolicy, StopSignals, Supervisor, stack_processes
+from .supervisor import RestartCounter, RestartPolicy, StopSignals, Supervisor, replica_processes
 
 
 def main() -> int:
@@ -42,27 +42,30 @@ def main() -> int:
             "set GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE",
             gateway_settings.host,
         )
-    triton, gateway = stack_processes(
-        triton_settings, gateway_host=gateway_settings.host, gateway_port=gateway_settings.port
+    tritons, gateway = replica_processes(
+        triton_settings,
+        replicas=stack_settings.triton_replicas,
+        gateway_host=gateway_settings.host,
+        gateway_port=gateway_settings.port,
     )
 
     def serving() -> None:
         logging.info(
-            "serving %s: gateway %s, Triton http %s grpc %s metrics %s; Ctrl-C stops",
-            triton.model_repository,
+            "serving %s: gateway %s, %s; Ctrl-C stops",
+            tritons[0].model_repository,
             gateway.url,
-            triton.http_url,
-            triton.grpc_url,
-            triton.metrics_url,
+            "; ".join(f"{t.name} http {t.http_url} grpc {t.grpc_url} metrics {t.metrics_url}" for t in tritons),
         )
 
     with StopSignals() as signals:
         try:
             restarts = RestartCounter(
-                [triton.name, gateway.name], host=stack_settings.metrics_host, port=stack_settings.metrics_port
+                [t.name for t in [*tritons, gateway]],
+                host=stack_settings.metrics_host,
+                port=stack_settings.metrics_port,
             )
             supervisor = Supervisor(
-                [triton, gateway],
+                [*tritons, gateway],
                 signals,
                 policy=lambda: RestartPolicy.from_settings(stack_settings),
                 restarts=restarts,

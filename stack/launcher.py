@@ -46,6 +46,17 @@ RESTRICTED_APIS = ("model-repository", "shared-memory", "inference", "logging", 
 PYTHON_BACKEND_REGION_PREFIX = "triton_python_backend_shm_region_"
 
 
+# The Python backend makes one folder for its execution environments when it starts, mkdtemp on a template
+# it hard-codes (python_backend src/pb_env.cc, EnvironmentManager), and removes it only when the server
+# stops cleanly: a killed server leaves it.
+PYTHON_ENV_DIRECTORY = Path("/tmp")
+PYTHON_ENV_PREFIX = "python_env_"
+
+
+def python_env_dirs() -> set[Path]:
+    return set(PYTHON_ENV_DIRECTORY.glob(f"{PYTHON_ENV_PREFIX}*"))
+
+
 class LaunchError(RuntimeError):
     """A server process did not start, or did not become ready in time."""
 
@@ -280,6 +291,9 @@ class TritonServer(_ManagedProcess):
             raise ValueError("model_control_mode must be one of none, poll, explicit")
         super().__init__(Path(self.log_path))
         self.shm_region_prefix = self._new_region_prefix()
+        # The Python backend's folder of this start (see python_env_dirs); None when it cannot be told apart.
+        self.python_env_dir: Path | None = None
+        self._env_dirs_at_launch: set[Path] | None = None
 
     @staticmethod
     def _new_region_prefix() -> str:
@@ -352,16 +366,45 @@ class TritonServer(_ManagedProcess):
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         backends = prepare_backends(self.cache_dir)
         self.shm_region_prefix = self._new_region_prefix()
+        self.python_env_dir, self._env_dirs_at_launch = None, python_env_dirs()
         self._spawn(self.command(backends), self.environment())
+
+    def ready(self) -> bool:
+        ready = super().ready()
+        if ready:
+            self._claim_python_env_dir()
+        return ready
 
     def start(self) -> None:
         super().start()
+        self._claim_python_env_dir()
         log.info("tritonserver ready: http %s, grpc %s", self.http_url, self.grpc_url)
+
+    def _claim_python_env_dir(self) -> None:
+        """Once ready, note which Python-backend folder is this start's, to remove it if the server is killed.
+
+        Nothing in the folder names its server, so it is told by time: the one folder that appeared between
+        this launch and this readiness, and only when the backend is known to have started in this server
+        (its shared memory is under this start's prefix). Two or more new folders (another server started
+        meanwhile) cannot be told apart, and are left alone.
+        """
+        before, self._env_dirs_at_launch = self._env_dirs_at_launch, None
+        if before is None or not any(Path(SHM_DIRECTORY).glob(f"{self.shm_region_prefix}*")):
+            return
+        new = python_env_dirs() - before
+        if len(new) == 1:
+            self.python_env_dir = new.pop()
+        elif new:
+            log.debug("%d Python backend folders appeared while tritonserver started; none is claimed", len(new))
 
     def _clean_up(self, pid: int) -> None:
         freed = remove_regions(self.shm_region_prefix)
         if freed:
             log.info("removed %.1f MB of shared memory that tritonserver (pid %d) left", freed / 1e6, pid)
+        if self.python_env_dir is not None and self.python_env_dir.exists():
+            shutil.rmtree(self.python_env_dir, ignore_errors=True)
+            log.info("removed %s, which tritonserver (pid %d) left", self.python_env_dir, pid)
+        self.python_env_dir = None
 
 
 @dataclass

@@ -38,6 +38,9 @@ class StackSettings(BaseSettings):
     restart_backoff_max_s: float = Field(30.0, gt=0)
     max_crashes: int = Field(5, ge=1)
     restart_window_s: float = Field(120.0, gt=0)
+    # Triton servers on the repository, the gateway routing over them; the first on TRITON_*_PORT, the others
+    # on free ports, each supervised on its own.
+    triton_replicas: int = Field(1, ge=1, le=8)
     # stack_process_restarts_total{process=...} in Prometheus's format at http://<host>:<port>/metrics;
     # port 0: not served.
     metrics_host: str = "127.0.0.1"

@@ -2,6 +2,7 @@
 
 `python -m stack` runs them under a `Supervisor`: a process that exits unexpectedly is started again after
 a back-off (`RestartPolicy`), and stopping is driven by `StopSignals`, whose handler takes no lock.
+`local_stack` (make demo, make loadtest, the benchmarks) runs the same supervisor from a thread.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ import secrets
 import select
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from .launcher import GatewayProcess, LaunchError, TritonServer, _ManagedProcess
+from .launcher import GatewayProcess, LaunchError, TritonServer, _ManagedProcess, free_port
 from .settings import StackSettings, TritonSettings
 
 log = logging.getLogger(__name__)
@@ -55,31 +58,48 @@ def stack_processes(
     triton_settings: TritonSettings, *, gateway_host: str = "127.0.0.1", gateway_port: int = 8080
 ) -> tuple[TritonServer, GatewayProcess]:
     """Triton on the repository, and the gateway pointed at its gRPC port; neither started yet."""
+    (triton,), gateway = replica_processes(triton_settings, gateway_host=gateway_host, gateway_port=gateway_port)
+    return triton, gateway
+
+
+def replica_processes(
+    triton_settings: TritonSettings, *, replicas: int = 1, gateway_host: str = "127.0.0.1", gateway_port: int = 8080
+) -> tuple[list[TritonServer], GatewayProcess]:
+    """`replicas` Triton servers on the repository, the first on the configured ports and the others on free
+    ones, and the gateway routing over all of them (server/replicas.py); none started yet."""
     cache_dir = Path(triton_settings.cache_dir)
     key = triton_settings.repository_api_key
-    triton = TritonServer(
-        model_repository=Path(triton_settings.model_repository),
-        host=triton_settings.host,
-        http_port=triton_settings.http_port,
-        grpc_port=triton_settings.grpc_port,
-        metrics_port=triton_settings.metrics_port,
-        model_control_mode=triton_settings.model_control_mode,
-        repository_poll_s=triton_settings.repository_poll_s,
-        cache_dir=cache_dir,
-        repository_api_key=key.get_secret_value() if key else repository_api_key(cache_dir),
-    )
+    host = triton_settings.host
+    tritons = []
+    for number in range(1, replicas + 1):
+        first = number == 1
+        triton = TritonServer(
+            model_repository=Path(triton_settings.model_repository),
+            host=host,
+            http_port=triton_settings.http_port if first else free_port(host),
+            grpc_port=triton_settings.grpc_port if first else free_port(host),
+            metrics_port=triton_settings.metrics_port if first else free_port(host),
+            model_control_mode=triton_settings.model_control_mode,
+            repository_poll_s=triton_settings.repository_poll_s,
+            cache_dir=cache_dir,
+            log_path=(cache_dir / ("tritonserver.log" if first else f"tritonserver-{number}.log")).resolve(),
+            repository_api_key=key.get_secret_value() if key else repository_api_key(cache_dir),
+        )
+        if not first:
+            triton.name = f"tritonserver-{number}"  # its restarts are counted, and logged, apart
+        tritons.append(triton)
     gateway = GatewayProcess(
         host=gateway_host,
         port=gateway_port,
         env={
             "GATEWAY_TRITON_PROTOCOL": "grpc",
-            "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
-            "GATEWAY_TRITON_HTTP_URL": triton.http_url,
-            "GATEWAY_TRITON_REPOSITORY_KEY": triton.repository_api_key or "",
+            "GATEWAY_TRITON_GRPC_URL": ",".join(t.grpc_url for t in tritons),
+            "GATEWAY_TRITON_HTTP_URL": tritons[0].http_url,
+            "GATEWAY_TRITON_REPOSITORY_KEY": tritons[0].repository_api_key or "",
         },
         log_path=cache_dir / "gateway.log",
     )
-    return triton, gateway
+    return tritons, gateway
 
 
 @contextlib.contextmanager
@@ -88,11 +108,43 @@ def local_stack(
     *,
     gateway_host: str = "127.0.0.1",
     gateway_port: int = 8080,
+    policy: Callable[[], RestartPolicy] | None = None,
+    restarts: RestartCounter | None = None,
 ) -> Iterator[tuple[TritonServer, GatewayProcess]]:
-    """Triton, then the gateway, each ready; on exit the gateway is stopped (drained) first, then Triton."""
+    """Triton, then the gateway, each ready, supervised as `python -m stack` supervises them (restarts with
+    back-off, a dead Triton's leftovers removed, restarts counted) from a thread of its own while the
+    caller works; on exit the gateway is stopped (drained) first, then Triton.
+
+    LaunchError when the stack cannot start; GaveUp on exit when a process crashed too often meanwhile
+    (and stayed down), unless the caller's own exception is on its way.
+    """
     triton, gateway = stack_processes(triton_settings, gateway_host=gateway_host, gateway_port=gateway_port)
-    with triton, gateway:
+    stopping = ThreadStop()
+    supervisor = Supervisor([triton, gateway], stopping, policy=policy or RestartPolicy, restarts=restarts)
+    gave_up: list[GaveUp] = []
+
+    def supervise() -> None:
+        try:
+            while not stopping.stop:
+                supervisor.check()
+                stopping.wait(POLL_S)
+        except GaveUp as e:
+            log.error("%s", e)
+            gave_up.append(e)
+
+    watcher = threading.Thread(target=supervise, name="local-stack-supervisor", daemon=True)
+    try:
+        supervisor.start()
+        watcher.start()
         yield triton, gateway
+    finally:
+        stopping.set()
+        if watcher.is_alive():
+            watcher.join()
+        supervisor.stop()
+        supervisor.restarts.close()
+    if gave_up:
+        raise gave_up[0]
 
 
 class RestartPolicy:
@@ -199,23 +251,61 @@ class StopSignals:
             pass
 
 
-class GaveUp(RuntimeError):
+class ThreadStop:
+    """Says when a supervisor running in a thread stops: once the thread that owns the stack calls `set`.
+    Never forced: signals stay with that thread (KeyboardInterrupt)."""
+
+    force = False
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    @property
+    def stop(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout_s: float) -> None:
+        self._event.wait(max(0.0, timeout_s))
+
+
+class Stopper(Protocol):
+    """When a supervisor stops (`stop`), when it stops without waiting (`force`), and the wait between checks."""
+
+    @property
+    def stop(self) -> bool: ...
+
+    @property
+    def force(self) -> bool: ...
+
+    def wait(self, timeout_s: float) -> None: ...
+
+
+class GaveUp(LaunchError):
     """A process crashed too often in too short a time to be started again."""
 
 
 class RestartCounter:
-    """stack_process_restarts_total{process=...}, served on its own loopback port when the port is not 0."""
+    """stack_process_restarts_total{process=..., reason="crashed"|"exited"}, served on its own loopback port
+    when the port is not 0. "exited": the process ended by itself with code 0, as a gateway does once it
+    has drained after a SIGTERM sent to it alone; "crashed": anything else (a signal, a failure code, not
+    ready in time)."""
+
+    REASONS = ("crashed", "exited")
 
     def __init__(self, processes: Sequence[str], host: str = "127.0.0.1", port: int = 0) -> None:
         self.registry = CollectorRegistry()
         self.counter = Counter(
             "stack_process_restarts",
             "Processes of the local stack started again after they exited unexpectedly",
-            ["process"],
+            ["process", "reason"],
             registry=self.registry,
         )
         for name in processes:
-            self.counter.labels(name)  # exported as 0 before the first restart
+            for reason in self.REASONS:
+                self.counter.labels(name, reason)  # exported as 0 before the first restart
         self._server = None
         if port:
             try:
@@ -224,11 +314,15 @@ class RestartCounter:
                 raise LaunchError(f"cannot serve the stack's metrics on {host}:{port}: {e}") from e
             log.info("restart counts on http://%s:%d/metrics", host, port)
 
-    def inc(self, name: str) -> None:
-        self.counter.labels(name).inc()
+    def inc(self, name: str, reason: str = "crashed") -> None:
+        self.counter.labels(name, reason).inc()
 
-    def value(self, name: str) -> float:
-        return self.registry.get_sample_value("stack_process_restarts_total", {"process": name}) or 0.0
+    def value(self, name: str, reason: str | None = None) -> float:
+        """Restarts of `name` for `reason`, or for any reason."""
+        return sum(
+            self.registry.get_sample_value("stack_process_restarts_total", {"process": name, "reason": r}) or 0.0
+            for r in ((reason,) if reason else self.REASONS)
+        )
 
     def close(self) -> None:
         if self._server is not None:
@@ -249,6 +343,8 @@ class _Child:
     policy: RestartPolicy
     state: str = "stopped"  # starting, running, waiting (to restart)
     at: float = 0.0  # starting: when it must be ready by; waiting: when to start it again
+    was_ready: bool = False  # ready at least once since the stack started
+    restart_reason: str = "crashed"  # waiting: why it is started again
 
 
 POLL_S = 0.5
@@ -264,7 +360,7 @@ class Supervisor:
     def __init__(
         self,
         processes: Sequence[_ManagedProcess],
-        signals: StopSignals,
+        signals: Stopper,
         *,
         policy: Callable[[], RestartPolicy] = RestartPolicy,
         restarts: RestartCounter | None = None,
@@ -277,25 +373,18 @@ class Supervisor:
 
     def start(self) -> bool:
         """Start every process in order, each ready before the next; False when a signal came first.
-        LaunchError when one exits before it is ready or is not ready in time: the setup is wrong."""
+
+        LaunchError when one exits with a failure code before it was ever ready, or is not ready in time:
+        its setup is wrong (a port taken, a bad setting, a missing repository), and starting it again would
+        fail the same way. One killed by a signal, or ending with code 0, is started again as in `check`.
+        """
         for child in self.children:
             self._launch(child)
-            while child.state == "starting":
+            while child.state != "running":
                 if self.signals.stop:
                     return False
-                if not child.process.running():
-                    raise LaunchError(
-                        f"{child.process.name} exited with code {child.process.returncode} before it was ready; "
-                        f"last lines of {child.process.log_path}:\n{child.process.log_tail()}"
-                    )
-                if child.process.ready():
-                    child.state = "running"
-                elif self.clock() > child.at:
-                    raise LaunchError(
-                        f"{child.process.name} was not ready within {child.process.startup_timeout_s:.0f} s; "
-                        f"see {child.process.log_path}"
-                    )
-                else:
+                self._step(child)
+                if child.state != "running":
                     self.signals.wait(0.2)
         return True
 
@@ -306,23 +395,43 @@ class Supervisor:
     def check(self) -> None:
         """One round: notice processes that exited, and start again those whose back-off is over."""
         for child in self.children:
-            process = child.process
-            if child.state == "waiting":
-                if self.clock() >= child.at:
-                    self.restarts.inc(process.name)
-                    log.info("starting %s again", process.name)
-                    try:
-                        self._launch(child)
-                    except LaunchError as e:
-                        self._crashed(child, f"could not be started again: {e}")
-            elif not process.running():
-                self._crashed(child, _how_it_ended(process.returncode))
-            elif child.state == "starting":
-                if process.ready():
-                    child.state = "running"
+            self._step(child)
+
+    def _step(self, child: _Child) -> None:
+        process = child.process
+        if child.state == "waiting":
+            if self.clock() >= child.at:
+                self.restarts.inc(process.name, child.restart_reason)
+                log.info("starting %s again", process.name)
+                try:
+                    self._launch(child)
+                except LaunchError as e:
+                    self._crashed(child, f"could not be started again: {e}")
+        elif not process.running():
+            code = process.returncode
+            if code == 0:
+                self._exited(child)
+            elif code is not None and code > 0 and not child.was_ready:
+                process.stop(timeout_s=0)
+                raise LaunchError(
+                    f"{process.name} exited with code {code} before it was ever ready, so its setup is wrong "
+                    f"and it is not started again; last lines of {process.log_path}:\n{process.log_tail()}"
+                )
+            else:
+                self._crashed(child, _how_it_ended(code))
+        elif child.state == "starting":
+            if process.ready():
+                child.state = "running"
+                if child.was_ready:
                     log.info("%s is back (pid %s)", process.name, process.pid)
-                elif self.clock() > child.at:
-                    self._crashed(child, f"was not ready within {process.startup_timeout_s:.0f} s")
+                child.was_ready = True
+            elif self.clock() > child.at:
+                if not child.was_ready:
+                    raise LaunchError(
+                        f"{process.name} was not ready within {process.startup_timeout_s:.0f} s of its first "
+                        f"start; see {process.log_path}"
+                    )
+                self._crashed(child, f"was not ready within {process.startup_timeout_s:.0f} s")
 
     def _crashed(self, child: _Child, what: str) -> None:
         process = child.process
@@ -334,7 +443,16 @@ class Supervisor:
                 f"{child.policy.window_s:.0f} s, so it is not started again; see {process.log_path}"
             )
         log.warning("%s %s; starting it again in %g s (see %s)", process.name, what, delay, process.log_path)
-        child.state, child.at = "waiting", self.clock() + delay
+        child.state, child.at, child.restart_reason = "waiting", self.clock() + delay, "crashed"
+
+    def _exited(self, child: _Child) -> None:
+        # Code 0: the process stopped as asked (a SIGTERM sent to it alone, and a gateway drains first).
+        # Not a crash: it is started again after the first back-off step and never makes the stack give up.
+        process = child.process
+        process.stop(timeout_s=0)
+        delay = child.policy.backoff_s
+        log.info("%s exited with code 0 (stopped from outside); starting it again in %g s", process.name, delay)
+        child.state, child.at, child.restart_reason = "waiting", self.clock() + delay, "exited"
 
     def stop(self) -> None:
         """Stop every process, the last started first, each given its own stop timeout unless a second

@@ -107,6 +107,35 @@ def test_a_version_published_while_triton_polls_is_served_without_restart(tiny_r
         triton.stop()
 
 
+def test_a_version_that_fails_to_load_leaves_the_previous_one_serving_and_is_reported(tiny_run, tmp_path):
+    repository = tmp_path / "repo"
+    publish(tiny_run / "model.onnx", repository, MODEL)
+    triton = start_triton(repository, tmp_path / "cache")
+    gateway = start_gateway(triton.grpc_url, tmp_path / "gateway.log", triton.http_url)
+    try:
+        assert post_png(gateway.url).json()["version"] == "1"
+        # Version 2 whole at once, as the builder publishes, with a model file Triton cannot load.
+        staging = repository / MODEL / ".staging-2"
+        shutil.copytree(repository / MODEL / "1", staging)
+        (staging / "model.onnx").write_bytes(b"not an ONNX model")
+        staging.rename(repository / MODEL / "2")
+
+        def version_2() -> dict:
+            (model,) = httpx.get(f"{gateway.url}/v1/models", timeout=10).json()["models"]
+            return next((v for v in model["versions"] if v["version"] == "2"), {})
+
+        assert wait_for(lambda: version_2().get("state") == "UNAVAILABLE" and version_2().get("reason"), 90), (
+            triton.log_tail()
+        )
+        assert post_png(gateway.url).json()["version"] == "1"
+        # Counted from the index that /v1/models just read. Triton goes on listing the failed version, with
+        # its reason, after it is removed from the repository; the gauge follows the index.
+        assert metric(gateway.url, "gateway_model_versions_unavailable", model=MODEL) == 1
+    finally:
+        gateway.stop()
+        triton.stop()
+
+
 def test_launcher_refuses_a_missing_repository(tmp_path):
     with pytest.raises(LaunchError, match="not a directory"):
         TritonServer(model_repository=tmp_path / "missing", cache_dir=tmp_path).start()

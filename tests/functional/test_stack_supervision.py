@@ -15,9 +15,11 @@ import pytest
 
 from server.shared_memory import SHM_DIRECTORY
 from stack.launcher import _die_with_parent, free_port, remove_regions
+from stack.settings import TritonSettings
+from stack.supervisor import RestartCounter, RestartPolicy, local_stack
 
 from .conftest import MODEL, metric
-from .test_failures import wait_for
+from .test_failures import post_png, wait_for
 
 # Bounds for a loaded machine, never asserted as timings: how long a stack may take to be ready again.
 READY_TIMEOUT_S = 240.0
@@ -118,8 +120,9 @@ class Stack:
         except httpx.HTTPError:
             return False
 
-    def restarts(self, process: str) -> float | None:
-        return metric(f"http://127.0.0.1:{self.metrics_port}", "stack_process_restarts_total", process=process)
+    def restarts(self, process: str, reason: str = "crashed") -> float | None:
+        url = f"http://127.0.0.1:{self.metrics_port}"
+        return metric(url, "stack_process_restarts_total", process=process, reason=reason)
 
     def close(self) -> None:
         """Stop the stack whatever state it is in, and remove whatever it left."""
@@ -203,6 +206,15 @@ def test_killed_processes_are_started_again_and_the_gateway_serves_meanwhile(rep
         assert classify(stack.url, jpeg).status_code == 200
         assert stack.restarts("gateway") == 1 and stack.restarts("tritonserver") == 1
         assert not list(Path(SHM_DIRECTORY).glob(f"gateway-{gateway_pid}-*"))
+
+        # SIGTERM to the gateway alone: it drains and exits with code 0, is started again, and counted as
+        # having exited, not as a crash.
+        gateway_pid = stack.child("gateway")
+        assert gateway_pid is not None
+        os.kill(gateway_pid, signal.SIGTERM)
+        assert wait_for(lambda: stack.child("gateway") not in (None, gateway_pid) and stack.ready(), READY_TIMEOUT_S)
+        assert classify(stack.url, jpeg).status_code == 200
+        assert stack.restarts("gateway", "exited") == 1 and stack.restarts("gateway") == 1, stack.log_tail()
     finally:
         stack.close()
 
@@ -237,3 +249,32 @@ def test_sigterm_stops_the_stack_at_any_moment_and_leaves_nothing_behind(reposit
                 assert not list(Path(SHM_DIRECTORY).glob(f"gateway-{gateway_pid}-*"))
         finally:
             stack.close()
+
+
+def test_the_stack_of_make_demo_and_make_loadtest_restarts_a_killed_triton(repository, stack_cache):
+    settings = TritonSettings(
+        model_repository=str(repository),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        cache_dir=str(stack_cache),
+        repository_poll_s=1,
+    )
+    restarts = RestartCounter(["tritonserver", "gateway"])
+    with local_stack(
+        settings, gateway_port=free_port(), policy=lambda: RestartPolicy(backoff_s=0.2), restarts=restarts
+    ) as (triton, gateway):
+        assert post_png(gateway.url).status_code == 200
+        killed = triton.pid
+        assert killed is not None
+        prefix, env_dir = triton.shm_region_prefix, triton.python_env_dir
+        # The Python backend's folder of this server, told apart from any other server's.
+        assert env_dir is not None and env_dir.is_dir() and env_dir.name.startswith("python_env_")
+        os.killpg(killed, signal.SIGKILL)
+        assert wait_for(lambda: triton.pid != killed and post_png(gateway.url).status_code == 200, READY_TIMEOUT_S), (
+            triton.log_tail()
+        )
+        assert restarts.value("tritonserver", "crashed") == 1 and restarts.value("gateway") == 0
+        assert not group_members(killed) and not regions(prefix)
+        assert not env_dir.exists(), "the killed server's Python backend folder was left in /tmp"
+        assert triton.python_env_dir not in (None, env_dir) and triton.python_env_dir.is_dir()

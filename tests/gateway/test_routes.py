@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from fastapi.testclient import TestClient
 
-from .conftest import CLASSES, MODEL, client_of, gateway_settings, png, rejections
+from .conftest import CLASSES, MODEL, ServedReplicas, client_of, gateway_settings, png, rejections
 
 CLASSIFY = f"/v1/models/{MODEL}/classify"
 
@@ -112,3 +113,41 @@ def test_kserve_requests_when_triton_is_unreachable_are_503_and_counted(gateway)
 
 def test_the_repository_api_is_not_routed(gateway):
     assert gateway.post("/v2/repository/index", json={}).status_code == 404
+
+
+class IndexedReplicas(ServedReplicas):
+    """Serves the model, with the repository index the test sets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index: list[dict[str, str]] = []
+
+    async def repository_index(self) -> list[dict[str, str]]:
+        return self.index
+
+
+def test_versions_that_failed_to_load_are_counted_per_model_from_each_read_of_the_index():
+    replicas = IndexedReplicas()
+    failed = {"name": MODEL, "version": "2", "state": "UNAVAILABLE", "reason": "failed to load 'digits' version 2"}
+    replicas.index = [
+        {"name": MODEL, "version": "1", "state": "READY", "reason": ""},
+        failed,
+        {"name": "other", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"},
+    ]
+
+    def unavailable(client: TestClient, model: str) -> float | None:
+        registry = client.app.state.metrics.registry
+        return registry.get_sample_value("gateway_model_versions_unavailable", {"model": model})
+
+    with client_of(gateway_settings(), replicas) as client:
+        listed = client.get("/v1/models").json()["models"]
+        # The previous version serves on; the failed one is listed with Triton's reason.
+        assert listed[0]["ready"] and listed[0]["versions"][1] == {
+            "version": "2",
+            "state": "UNAVAILABLE",
+            "reason": failed["reason"],
+        }
+        assert unavailable(client, MODEL) == 1 and unavailable(client, "other") == 0  # unloaded is no failure
+        replicas.index = [{"name": MODEL, "version": "1", "state": "READY", "reason": ""}]
+        assert client.get("/readyz").status_code == 200
+        assert unavailable(client, MODEL) == 0 and unavailable(client, "other") is None

@@ -13,7 +13,7 @@ import pytest
 
 from server.settings import GATEWAY_MALLOC_ENV
 from stack import launcher
-from stack.launcher import GatewayProcess, LaunchError, TritonServer, _ManagedProcess, free_port
+from stack.launcher import GatewayProcess, LaunchError, TritonServer, _ManagedProcess, free_port, remove_regions
 
 
 def test_gateway_environment_has_the_allocator_defaults_and_lets_the_caller_override_them(monkeypatch, tmp_path):
@@ -288,3 +288,51 @@ def test_the_gateway_is_given_its_drain_and_its_longest_request_to_stop(tmp_path
     assert gateway.stop_timeout_s == 3 + (20 + 1 + 3 * 4) + 5
     # A value the gateway would refuse has kept it from starting: nothing to drain.
     assert GatewayProcess(log_path=tmp_path / "g.log", env={"GATEWAY_DRAIN_S": "-1"}).stop_timeout_s == 10.0
+
+
+LEAVES_A_REGION_AND_AN_ENV_FOLDER = """
+import os, sys, tempfile, time
+open("/dev/shm/" + sys.argv[1], "wb").write(b"x" * 4096)
+for _ in range(int(sys.argv[3])):
+    tempfile.mkdtemp(prefix="python_env_", dir=sys.argv[2])  # as the Python backend does in /tmp
+print("made it", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.spawns
+@pytest.mark.parametrize("folders", [1, 2])
+def test_a_killed_tritons_python_backend_folder_is_removed_and_no_one_elses(tmp_path, monkeypatch, folders):
+    envs = tmp_path / "tmp"
+    envs.mkdir()
+    monkeypatch.setattr(launcher, "PYTHON_ENV_DIRECTORY", envs)
+    others = (envs / "python_env_before", envs / "python_env_meanwhile")
+    others[0].mkdir()
+    server = TritonServer(model_repository=tmp_path, cache_dir=tmp_path / "cache")
+    server._env_dirs_at_launch = launcher.python_env_dirs()  # as launch() notes them
+    others[1].mkdir()  # another server's, made while this one started
+    try:
+        server._spawn(
+            [sys.executable, "-c", LEAVES_A_REGION_AND_AN_ENV_FOLDER, f"{server.shm_region_prefix}1", str(envs), "1"],
+            dict(os.environ),
+        )
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while "made it" not in server.log_tail():
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.02)
+        if folders == 1:
+            others[1].rmdir()  # only this server's folder is new
+        server._claim_python_env_dir()
+        os.kill(server.pid, signal.SIGKILL)
+        server._process.wait()
+        server.stop()
+        left = sorted(p.name for p in envs.iterdir())
+        if folders == 1:
+            # The one folder that appeared while it started is its own: removed, the older one kept.
+            assert left == ["python_env_before"]
+        else:
+            # Two appeared: which is whose cannot be told, so neither is touched.
+            assert len(left) == 3 and server.python_env_dir is None
+    finally:
+        remove_regions(server.shm_region_prefix)
+        server.stop(timeout_s=0)

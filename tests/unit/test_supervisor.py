@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from stack.launcher import LaunchError
-from stack.settings import StackSettings
-from stack.supervisor import GaveUp, RestartCounter, RestartPolicy, StopSignals, Supervisor
+from stack.settings import StackSettings, TritonSettings
+from stack.supervisor import GaveUp, RestartCounter, RestartPolicy, StopSignals, Supervisor, replica_processes
 
 
 class Clock:
@@ -92,7 +92,7 @@ class FakeProcess:
     def __init__(self, name: str, clock: Clock, events: list[str], ready_after_s: float = 2.0) -> None:
         self.name, self.clock, self.events, self.ready_after_s = name, clock, events, ready_after_s
         self.log_path = Path(f"{name}.log")
-        self.alive, self.launched_at, self.pid = False, 0.0, 0
+        self.alive, self.launched_at, self.pid, self.code = False, 0.0, 0, 0
         self.forced: list[bool] = []
 
     def launch(self) -> None:
@@ -104,16 +104,18 @@ class FakeProcess:
 
     @property
     def returncode(self) -> int | None:
-        return None if self.alive else -signal.SIGKILL
+        return None if self.alive else self.code
 
     def ready(self) -> bool:
         return self.alive and self.clock() - self.launched_at >= self.ready_after_s
 
-    def kill(self) -> None:
-        self.alive = False
+    def kill(self, code: int = -signal.SIGKILL) -> None:
+        """Ends it as if it exited with `code` (by itself) or was killed by signal -`code`."""
+        self.alive, self.code = False, code
 
     def stop(self, timeout_s: float | None = None, *, force=None) -> None:
-        self.alive = False
+        if self.alive:
+            self.alive, self.code = False, -signal.SIGTERM
         self.forced.append(bool(force and force()))
         self.events.append(f"stop {self.name}")
 
@@ -246,25 +248,79 @@ def test_a_signal_while_starting_stops_what_was_started():
     assert events == ["launch tritonserver", "stop gateway", "stop tritonserver"]
 
 
-def test_a_process_that_exits_before_it_is_first_ready_is_a_launch_error():
+def test_a_process_that_exits_with_a_failure_code_before_it_is_first_ready_is_a_launch_error():
     supervisor, triton, gateway, clock, events = _stack()
-    original_launch = triton.launch
+    original_launch = gateway.launch
 
-    def launch_and_die() -> None:
+    def launch_and_fail() -> None:
         original_launch()
-        triton.kill()
+        gateway.kill(code=1)  # as uvicorn does when its port is taken or a setting is bad
 
-    triton.launch = launch_and_die  # type: ignore[method-assign]
-    with pytest.raises(LaunchError, match="tritonserver exited with code -9 before it was ready"):
+    gateway.launch = launch_and_fail  # type: ignore[method-assign]
+    with pytest.raises(LaunchError, match="gateway exited with code 1 before it was ever ready, so its setup is wrong"):
         supervisor.run()
-    assert events[-2:] == ["stop gateway", "stop tritonserver"]
+    assert events == ["launch tritonserver", "launch gateway", "stop gateway", "stop gateway", "stop tritonserver"]
+
+
+def test_a_process_killed_before_it_is_first_ready_is_started_again():
+    # Killed from outside (a user, the OOM killer) a moment after its start, before the first health check
+    # answered: no sign of a wrong setup, so it is a crash like any other, not the end of the stack.
+    supervisor, triton, gateway, clock, events = _stack(backoff_s=1.0, signal_after_waits=40)
+    original_launch = gateway.launch
+    launches = 0
+
+    def launch_and_die_the_first_time() -> None:
+        nonlocal launches
+        launches += 1
+        original_launch()
+        if launches == 1:
+            gateway.kill()
+
+    gateway.launch = launch_and_die_the_first_time  # type: ignore[method-assign]
+    assert supervisor.run() == 0
+    assert events[:4] == ["launch tritonserver", "launch gateway", "stop gateway", "launch gateway"]
+    assert gateway.pid == 2 and supervisor.restarts.value("gateway", "crashed") == 1
+    assert supervisor.children[1].policy.recent_crashes == 1
+
+
+def test_a_process_not_ready_in_time_at_its_first_start_is_a_launch_error():
+    supervisor, triton, gateway, clock, events = _stack()
+    gateway.ready_after_s = 1e9
+    with pytest.raises(LaunchError, match="gateway was not ready within 30 s of its first start"):
+        supervisor.run()
+
+
+def test_a_clean_exit_is_restarted_and_counted_as_exited_never_as_a_crash():
+    # A gateway sent SIGTERM on its own drains and exits 0: started again, but no step towards giving up.
+    supervisor, triton, gateway, clock, events = _stack(backoff_s=1.0, max_crashes=2)
+    supervisor.start()
+    for round in range(1, 6):
+        gateway.kill(code=0)
+        supervisor.check()
+        clock.now += 1.0
+        supervisor.check()  # started again after the first back-off step, every time
+        clock.now += gateway.ready_after_s
+        supervisor.check()
+        assert gateway.alive and gateway.pid == round + 1
+    assert supervisor.restarts.value("gateway", "exited") == 5
+    assert supervisor.restarts.value("gateway", "crashed") == 0
+    assert supervisor.children[1].policy.recent_crashes == 0
+    gateway.kill()  # a crash after all those exits is the first one
+    supervisor.check()
+    assert supervisor.children[1].policy.recent_crashes == 1
 
 
 def test_the_restart_counter_starts_at_zero_for_each_process():
     counter = RestartCounter(["tritonserver", "gateway"])
     assert counter.value("tritonserver") == 0 and counter.value("gateway") == 0
+    assert (
+        counter.registry.get_sample_value("stack_process_restarts_total", {"process": "gateway", "reason": "exited"})
+        == 0
+    )
     counter.inc("gateway")
-    assert counter.value("gateway") == 1
+    counter.inc("gateway", "exited")
+    assert counter.value("gateway") == 2
+    assert counter.value("gateway", "crashed") == 1 and counter.value("gateway", "exited") == 1
     counter.close()
 
 
@@ -285,3 +341,20 @@ def test_a_signal_is_counted_and_wakes_the_waiter_without_a_lock_in_the_handler(
         signals.wait(60)
         assert signals.force
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# ------------------------------------------------------------------------------------ the replicas
+
+
+def test_replicas_each_get_ports_a_log_and_a_name_of_their_own_and_the_gateway_routes_over_all(tmp_path, monkeypatch):
+    monkeypatch.setenv("STACK_TRITON_REPLICAS", "2")
+    settings = TritonSettings(
+        model_repository=str(tmp_path), http_port=18000, grpc_port=18001, metrics_port=18002, cache_dir=str(tmp_path)
+    )
+    tritons, gateway = replica_processes(settings, replicas=StackSettings().triton_replicas)
+    first, second = tritons
+    assert (first.name, first.grpc_port) == ("tritonserver", 18001) and second.name == "tritonserver-2"
+    assert len({first.http_port, first.grpc_port, first.metrics_port, second.http_port, second.grpc_port}) == 5
+    assert first.log_path != second.log_path
+    assert first.repository_api_key == second.repository_api_key  # one key for the gateway to send to both
+    assert gateway.env["GATEWAY_TRITON_GRPC_URL"] == f"{first.grpc_url},{second.grpc_url}"
