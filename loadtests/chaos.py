@@ -589,12 +589,17 @@ def check(result: Result) -> list[str]:
     violations = list(result.violations)  # faults not recovered from
     for window in result.windows:
         scenario = SCENARIOS[window.scenario]
-        counts = Counter(r.outcome for r in window_requests(result, window))
+        requests = window_requests(result, window)
+        counts = Counter(r.outcome for r in requests)
         for outcome, count in counts.items():
             if outcome == "lost":
                 violations.append(f"{window.scenario}: {count} request(s) lost")
             elif outcome != "2xx" and outcome not in scenario.allowed:
-                violations.append(f"{window.scenario}: {count} answer(s) {outcome} during the fault")
+                # "other" and "other 5xx" name the statuses too: which one it was is the first question.
+                statuses = Counter(r.status for r in requests if r.outcome == outcome)
+                named = ", ".join(f"{status} x{n}" for status, n in sorted(statuses.items(), key=str))
+                what = f"{outcome} ({named})" if outcome.startswith("other") else outcome
+                violations.append(f"{window.scenario}: {count} answer(s) {what} during the fault")
     outside = Counter(
         r.outcome for r in result.requests if r.outcome != "2xx" and not any(_overlaps(r, w) for w in result.windows)
     )

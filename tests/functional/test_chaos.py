@@ -45,7 +45,7 @@ def test_the_invariants_catch_a_lost_request_a_500_and_a_failure_outside_the_fau
 
     assert check(result) == [
         "triton-sigkill: 1 request(s) lost",
-        "triton-sigkill: 1 answer(s) other 5xx during the fault",
+        "triton-sigkill: 1 answer(s) other 5xx (500 x1) during the fault",
         "publish: 1 answer(s) 503 during the fault",
         "outside the fault windows: 1 request(s) 429",
     ]
