@@ -145,12 +145,17 @@ def _cifar(name: str) -> ImageDataset:
     """CIFAR-10 or CIFAR-100 through torchvision's class, which checks every file's MD5 and downloads (with a
     progress bar) what is missing or corrupt. The official test set is the validation split."""
     from torchvision import datasets
+    from torchvision.datasets.utils import check_integrity
 
     root = datasets_root() / name
     cls = getattr(datasets, CIFAR[name])
     try:
         splits = [cls(str(root), train=train, download=True) for train in (True, False)]
     except OSError as e:  # no network (URLError is an OSError), an unwritable folder, a truncated archive
+        # torchvision opens the archive's file before it connects: an empty or partial one would stay behind.
+        archive = root / cls.filename
+        if archive.is_file() and not check_integrity(str(archive), cls.tgz_md5):
+            archive.unlink()
         reason = getattr(e, "reason", None) or e.strerror or e
         raise DatasetError(
             f"{name}: cannot download {cls.url} ({reason}); without network access, extract that archive "
