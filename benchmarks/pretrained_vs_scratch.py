@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -30,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="shapes:per_class=20", help="the fine-tuning dataset (seed 0)")
     parser.add_argument("--val-fraction", type=float, default=0.9, help="shapes: a large, balanced val split")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64, help="every run's")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch_home = Path(tempfile.mkdtemp(prefix="torch-home-"))
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset=args.pretrain,
             arch=args.arch,
             epochs=args.pretrain_epochs,
+            batch_size=args.batch_size,
             image_size=args.image_size,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                     epochs=args.epochs,
                     image_size=args.image_size,
                     val_fraction=args.val_fraction,
+                    batch_size=args.batch_size,
                     seed=seed,
                     pretrained=pretrained,
                     out_dir=out / name,
