@@ -187,7 +187,8 @@ def fetch_pretrained(weights) -> dict[str, torch.Tensor]:
     naming the file to place in the cache."""
     cached = weights_cache_file(weights)
     try:
-        state = weights.get_state_dict(progress=True, check_hash=True)
+        # weights_only: a file in the cache is only ever tensors; anything else is refused, not run.
+        state = weights.get_state_dict(progress=True, check_hash=True, map_location="cpu", weights_only=True)
     except (URLError, OSError) as e:  # no network (URLError is an OSError), refused, or an unwritable cache
         reason = getattr(e, "reason", None) or e.strerror or e
         raise BuilderError(

@@ -212,3 +212,17 @@ def test_offline_without_the_file_is_one_line_naming_where_to_put_it(tmp_path):
     assert last.endswith(f"place that file at {expected}") and "Traceback" not in result.stderr
     assert not out.exists() and not expected.exists()
     assert MobileNet_V3_Small_Weights.IMAGENET1K_V1.url in last
+
+
+@pytest.mark.parametrize("content", [b"not a weights file", "pickled object"])
+def test_a_cached_file_that_is_not_a_state_dict_is_one_line(torch_home, tmp_path, content):
+    weights = pretrained_weights("resnet18")
+    path = weights_cache_file(weights)
+    path.parent.mkdir(parents=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:  # code in a pickle is refused, not run
+        torch.save({"model": torch.nn.Identity()}, path)
+    with pytest.raises(BuilderError, match=f"--pretrained: .*{path.name}") as caught:
+        fetch_pretrained(weights)
+    assert "\n" not in str(caught.value)
