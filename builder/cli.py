@@ -414,15 +414,28 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         name = flag.lstrip("-").replace("-", "_")
         _setting(parser, flag, TRAIN, name, help, dest=name, **kwargs)
 
-    add("--dataset", "digits, shapes[:per_class=N,imbalance=R,size=S] or a folder of class subfolders")
+    add(
+        "--dataset",
+        "digits, shapes[:per_class=N,imbalance=R,size=S], cifar10, cifar100 or a folder of class subfolders",
+    )
     add(
         "--image-size",
         "model input side in pixels (default: the dataset's: 32 for digits and shapes, 224 for folders)",
         type=_positive_int,
     )
     add("--val-fraction", "validation share of the data", type=float)
-    add("--mean", "per-channel mean (default: measured on the training split)", type=float, nargs="+")
-    add("--std", "per-channel std (default: measured on the training split)", type=float, nargs="+")
+    add(
+        "--mean",
+        "per-channel mean (default: measured on the training split; --pretrained: the weights')",
+        type=float,
+        nargs="+",
+    )
+    add(
+        "--std",
+        "per-channel std (default: measured on the training split; --pretrained: the weights')",
+        type=float,
+        nargs="+",
+    )
     add("--equalize", "histogram-equalize every image (also in the gateway)", action="store_true")
     for flag, kind, text in (
         ("--shapes-per-class", _positive_int, "shapes: training images of the largest class"),
@@ -434,6 +447,20 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dropout", "dropout before the classifier (default: 0 for ResNets, 0.2 for MobileNetV3)", type=float)
     add("--init", "start from the weights of this builder checkpoint (mismatched layers are skipped)")
     add("--freeze-backbone", "train the classifier only", action="store_true")
+    add(
+        "--pretrained",
+        "start from torchvision's published ImageNet weights (DEFAULT, or a name such as IMAGENET1K_V1), "
+        "with their input size and normalization unless given",
+        nargs="?",
+        const="DEFAULT",
+        metavar="WEIGHTS",
+    )
+    add(
+        "--freeze-epochs",
+        "first epochs with the backbone frozen (default: 1 with --pretrained)",
+        type=_non_negative_int,
+    )
+    add("--backbone-lr-scale", "backbone lr / classifier lr (default: 0.1 with --pretrained)", type=float)
     add("--augment", "augmentation preset", choices=AUGMENT_PRESETS)
     add("--cutmix", "CutMix alpha, 0 = off (strong preset: 1.0)", type=_alphas)
     add("--mixup", "MixUp alpha, 0 = off (strong preset: 0.2)", type=_alphas)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,11 @@ from .train_config import CROP_FRACTION
 
 log = logging.getLogger(__name__)
 
-BUILTIN_DATASETS = ("digits", "shapes")
+BUILTIN_DATASETS = ("digits", "shapes", "cifar10", "cifar100")
+# torchvision's dataset classes, downloaded into DATASETS_ENV's folder (default DEFAULT_DATASETS_ROOT).
+CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+DATASETS_ENV = "BUILDER_DATASETS"
+DEFAULT_DATASETS_ROOT = Path("~/.cache/builder/datasets")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -62,10 +67,13 @@ class ImageDataset:
 
 
 def load_dataset(source: str, *, val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
-    """`digits` (scikit-learn's bundled 8x8 digits), `shapes[:options]` (builder/shapes.py, generated) or a
-    folder of class subfolders (ImageFolder; unreadable images are skipped with a warning)."""
+    """`digits` (scikit-learn's bundled 8x8 digits), `shapes[:options]` (builder/shapes.py, generated),
+    `cifar10`/`cifar100` (torchvision's classes; their own test set is the validation split) or a folder of
+    class subfolders (ImageFolder; unreadable images are skipped with a warning)."""
     if source == "digits":
         return _digits(val_fraction, seed)
+    if source in CIFAR:
+        return _cifar(source)
     if is_shapes(source):
         shapes = load_shapes(source, val_fraction=val_fraction, seed=seed)
         return ImageDataset(
@@ -112,6 +120,57 @@ def _digits(val_fraction: float, seed: int) -> ImageDataset:
         train=Split([images[i] for i in train], [labels[i] for i in train]),
         val=Split([images[i] for i in val], [labels[i] for i in val]),
         flip_invariant=False,
+    )
+
+
+def datasets_root() -> Path:
+    """Where downloaded datasets are kept: $BUILDER_DATASETS, or ~/.cache/builder/datasets."""
+    return Path(os.environ.get(DATASETS_ENV) or DEFAULT_DATASETS_ROOT).expanduser()
+
+
+class ArrayImages(Sequence):
+    """N x H x W (x C) uint8 pixels as PIL images, each made when it is read: 60,000 CIFAR images stay one array."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index):  # type: ignore[override]  # slices are not needed by any caller
+        return Image.fromarray(self.pixels[index])
+
+
+def _cifar(name: str) -> ImageDataset:
+    """CIFAR-10 or CIFAR-100 through torchvision's class, which checks every file's MD5 and downloads (with a
+    progress bar) what is missing or corrupt. The official test set is the validation split."""
+    from torchvision import datasets
+    from torchvision.datasets.utils import check_integrity
+
+    root = datasets_root() / name
+    cls = getattr(datasets, CIFAR[name])
+    try:
+        splits = [cls(str(root), train=train, download=True) for train in (True, False)]
+    except OSError as e:  # no network (URLError is an OSError), an unwritable folder, a truncated archive
+        # torchvision opens the archive's file before it connects: an empty or partial one would stay behind.
+        archive = root / cls.filename
+        if archive.is_file() and not check_integrity(str(archive), cls.tgz_md5):
+            archive.unlink()
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise DatasetError(
+            f"{name}: cannot download {cls.url} ({reason}); without network access, extract that archive "
+            f"into {root} (or set {DATASETS_ENV} to a folder holding {name}/{cls.base_folder})"
+        ) from e
+    except RuntimeError as e:  # torchvision: files present but failing their MD5 check after the download
+        raise DatasetError(f"{name}: {root}: {' '.join(str(e).split())}") from e
+    train, val = splits
+    return ImageDataset(
+        name=name,
+        classes=list(train.classes),
+        color_mode="RGB",
+        default_image_size=32,
+        train=Split(ArrayImages(train.data), [int(t) for t in train.targets]),
+        val=Split(ArrayImages(val.data), [int(t) for t in val.targets]),
     )
 
 
@@ -197,12 +256,14 @@ def resolve_spec(
     std: Sequence[float] | None = None,
     equalize: bool = False,
     max_images: int = 2000,
+    crop_fraction: float = CROP_FRACTION,
 ) -> PreprocessSpec:
     """The eval preprocessing for this dataset: size, crop, equalization and mean/std (given, or measured on
-    the training split after the same geometry and equalization)."""
+    the training split after the same geometry and equalization). `crop_fraction`: crop / resize for inputs
+    above 64 pixels (pretrained weights bring their own, e.g. 224 / 256)."""
     size = image_size or dataset.default_image_size
     # Images no larger than the input (digits) are resized straight to it; photos get the usual crop margin.
-    resize = size if size <= 64 else int(round(size / CROP_FRACTION))
+    resize = size if size <= 64 else int(round(size / crop_fraction))
     channels = 1 if dataset.color_mode == "L" else 3
     for name, values in (("mean", mean), ("std", std)):
         if values is not None and len(values) != channels:

@@ -39,8 +39,11 @@ def load_onnx(path: Path) -> onnx.ModelProto:
 
 
 def onnx_metadata(meta: ModelMeta, source: Path | None) -> dict[str, str]:
-    """The metadata_props an export of the checkpoint `source` (with `meta`) carries."""
+    """The metadata_props an export of the checkpoint `source` (with `meta`) carries; `pretrained`, the
+    published weights its training started from, only where there were some."""
+    pretrained = (meta.recipe.get("pretrained_weights") or {}).get("weights")
     return {
+        **({"pretrained": pretrained} if pretrained else {}),
         "preprocess": json.dumps(meta.spec.to_dict()),
         "labels": json.dumps(list(meta.classes)),
         "dataset": json.dumps(meta.dataset_recipe),

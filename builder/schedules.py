@@ -62,7 +62,9 @@ def create_scheduler(
         )
     if name == "onecycle":
         pct_start = min(0.9, warmup_steps / total_steps) if warmup_steps else 0.3
+        # One peak per parameter group (a pretrained backbone's is lower than its classifier's); `lr` is the first.
+        peaks = [lr * group["lr"] / optimizer.param_groups[0]["lr"] for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=total_steps, pct_start=max(pct_start, 1.0 / total_steps)
+            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=max(pct_start, 1.0 / total_steps)
         )
     raise BuilderError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")

@@ -33,7 +33,20 @@ from .datacheck import check_once, log_report
 from .errors import CheckpointError, TrainError, error_line
 from .loop import deterministic, evaluate_loader, seed_everything, train_one_epoch
 from .losses import create_loss, resolve_class_weights
-from .models import create_model, default_dropout, freeze_backbone, recalibrate_batchnorm
+from .models import (
+    create_model,
+    default_dropout,
+    fetch_pretrained,
+    freeze_backbone,
+    load_pretrained,
+    parameter_groups,
+    pretrained_weights,
+    recalibrate_batchnorm,
+    set_backbone_trainable,
+    weights_cache_file,
+    weights_name,
+    weights_preprocess,
+)
 from .progress import console, progress_bar
 from .schedules import create_scheduler
 from .train_config import OPTIMIZERS, TrainConfig
@@ -143,16 +156,34 @@ def _calibration_loader(dataset: ImageDataset, spec: PreprocessSpec, batch_size:
     return DataLoader(images, batch_size=min(2 * batch_size, count), drop_last=True)
 
 
+def _spec_settings(config: TrainConfig, dataset: ImageDataset, weights) -> dict:
+    """resolve_spec's settings: the flags, and for pretrained weights their own eval preprocessing where the
+    flags say nothing (their input size, crop ratio, mean and std, not statistics measured on the data)."""
+    settings = {"image_size": config.image_size, "mean": config.mean, "std": config.std, "equalize": config.equalize}
+    if weights is not None:
+        crop, resize, mean, std = weights_preprocess(weights)
+        if dataset.color_mode == "L":  # one channel: the average of the three
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        settings.update(
+            image_size=config.image_size or crop,
+            crop_fraction=crop / resize,
+            mean=config.mean or mean,
+            std=config.std or std,
+        )
+    return settings
+
+
 def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
     device, amp = _device(config)
     if config.init and not Path(config.init).is_file():
         raise CheckpointError(f"--init checkpoint {config.init} does not exist")
     if config.tensorboard:
         _tensorboard_writer(None)  # fail before the work starts if the package is missing
+    # Fetched first: offline and not cached, the run stops here, before anything is written.
+    published = pretrained_weights(config.arch, config.pretrained) if config.pretrained else None
+    published_state = fetch_pretrained(published) if published is not None else None
     dataset = dataset or load_dataset(config.dataset, val_fraction=config.val_fraction, seed=config.seed)
-    spec = resolve_spec(
-        dataset, image_size=config.image_size, mean=config.mean, std=config.std, equalize=config.equalize
-    )
+    spec = resolve_spec(dataset, **_spec_settings(config, dataset, published))
     num_classes = len(dataset.classes)
     train_counts = np.bincount(dataset.train.labels, minlength=num_classes).tolist()
     weights = resolve_class_weights(config.class_weights, train_counts)
@@ -161,7 +192,21 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
         config.arch, num_classes=num_classes, in_channels=spec.channels, image_size=spec.image_size, dropout=dropout
     )
     init = load_init_weights(model, Path(config.init)).to_dict() if config.init else None
-    parameters = freeze_backbone(model) if config.freeze_backbone else list(model.parameters())
+    pretrained = None
+    if published is not None and published_state is not None:
+        loaded = load_pretrained(model, published, published_state)
+        pretrained = {
+            "weights": weights_name(published),
+            "file": str(weights_cache_file(published)),
+            **loaded.to_dict(),
+        }
+    freeze_epochs, backbone_lr_scale = config.fine_tuning()
+    if config.freeze_backbone:
+        parameters = freeze_backbone(model)
+    elif backbone_lr_scale != 1.0:
+        parameters = parameter_groups(model, lr=config.lr, backbone_scale=backbone_lr_scale)
+    else:
+        parameters = list(model.parameters())
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     # num_workers=0: augmentation draws from the process's torch RNG, which is seeded and checkpointed.
@@ -212,6 +257,9 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
             "steps_per_epoch": steps_per_epoch,
             "train_counts": train_counts,
             "init": init,
+            "pretrained_weights": pretrained,
+            "freeze_epochs": freeze_epochs,
+            "backbone_lr_scale": backbone_lr_scale,
             "batchnorm_calibration_images": len(calibration.dataset) if calibration is not None else 0,
         },
     )
@@ -362,6 +410,7 @@ def _epochs(
 ) -> bool:
     """Epochs `start_epoch + 1 .. config.epochs`; returns whether early stopping ended them."""
     config = run.config
+    freeze_epochs = config.fine_tuning()[0]
     for epoch in range(start_epoch + 1, config.epochs + 1):
         if config.patience and epoch - 1 - best[1] >= config.patience:
             log.info(
@@ -372,6 +421,9 @@ def _epochs(
             )
             return True
         started = time.monotonic()
+        frozen = config.freeze_backbone or epoch <= freeze_epochs
+        if freeze_epochs and not config.freeze_backbone:
+            set_backbone_trainable(run.model, not frozen)
         # Both losses keep their weights in a `weight` buffer; None is plain (unweighted) averaging.
         run.criterion.weight = run.class_weights if epoch >= config.class_weights_start else None
         # Counted in images, batch by batch: a few large batches are still a moving count.
@@ -387,10 +439,10 @@ def _epochs(
                 mixer=run.mixer,
                 device=run.device,
                 scaler=run.scaler,
-                frozen_backbone=config.freeze_backbone,
+                frozen_backbone=frozen,
                 advance=advance,
             )
-        if run.calibration_loader is not None:
+        if run.calibration_loader is not None and not frozen:
             # Validation, checkpoints and the exported model all normalize with these statistics.
             recalibrate_batchnorm(run.model, run.calibration_loader, run.device)
         with progress_bar(

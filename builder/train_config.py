@@ -26,6 +26,11 @@ AMP_MODES = ("auto", "on", "off")
 # `strong` turns batch mixing on unless --cutmix/--mixup say otherwise (timm's usual alphas).
 STRONG_CUTMIX_ALPHA = 1.0
 STRONG_MIXUP_ALPHA = 0.2
+# The fine-tuning recipe of --pretrained: the new classifier is trained alone for the first epoch (random
+# head gradients would otherwise disturb the pretrained features), then everything trains, the backbone
+# at a tenth of the classifier's learning rate.
+PRETRAINED_FREEZE_EPOCHS = 1
+PRETRAINED_BACKBONE_LR_SCALE = 0.1
 
 
 @dataclass
@@ -46,6 +51,12 @@ class TrainConfig:
     dropout: float | None = None  # before the classifier; None: the architecture's default
     init: str | None = None  # checkpoint of this builder to start from
     freeze_backbone: bool = False  # train the classifier only
+    # torchvision's published weights to start from: DEFAULT or a member of the architecture's weights
+    # enum (IMAGENET1K_V1...). Also makes the weights' eval preprocessing the default (input size, resize,
+    # mean and std) and turns on the fine-tuning recipe below.
+    pretrained: str | None = None
+    freeze_epochs: int | None = None  # first epochs with the backbone frozen; None: 1 if pretrained, else 0
+    backbone_lr_scale: float | None = None  # backbone lr / classifier lr; None: 0.1 if pretrained, else 1
     # preprocessing (recorded in the PreprocessSpec the gateway applies)
     mean: tuple[float, ...] | None = None  # None: measured on the training split
     std: tuple[float, ...] | None = None
@@ -114,6 +125,9 @@ class TrainConfig:
             (self.patience is None or self.patience >= 1, "patience must be at least 1"),
             (self.class_weights_start >= 1, "class_weights_start must be at least 1"),
             (self.image_size is None or self.image_size >= 1, "image_size must be at least 1"),
+            (self.freeze_epochs is None or self.freeze_epochs >= 0, "freeze_epochs must be >= 0"),
+            (self.backbone_lr_scale is None or self.backbone_lr_scale > 0, "backbone_lr_scale must be positive"),
+            (not (self.pretrained and self.init), "pretrained and init both choose the starting weights: give one"),
         ]
         for ok, message in problems:
             if not ok:
@@ -123,6 +137,20 @@ class TrainConfig:
         data = asdict(self)
         data["out_dir"] = str(self.out_dir)
         return data
+
+    def fine_tuning(self) -> tuple[int, float]:
+        """(epochs with the backbone frozen, backbone lr / classifier lr), the pretrained defaults filled in."""
+        freeze = (
+            self.freeze_epochs
+            if self.freeze_epochs is not None
+            else (PRETRAINED_FREEZE_EPOCHS if self.pretrained else 0)
+        )
+        scale = (
+            self.backbone_lr_scale
+            if self.backbone_lr_scale is not None
+            else (PRETRAINED_BACKBONE_LR_SCALE if self.pretrained else 1.0)
+        )
+        return freeze, scale
 
     def mixing_alphas(self) -> tuple[float, float]:
         """(CutMix alpha, MixUp alpha), the preset's defaults filled in."""
