@@ -49,6 +49,7 @@ MAX_REQUESTS = 200_000  # the bound on one run's count; --max-seconds bounds its
 SETTLE_TIMEOUT_S = 30.0  # for the gateway's descriptors to stop changing once the clients are gone
 SETTLE_STEADY_READS = 5  # equal readings in a row, SETTLE_POLL_S apart, that count as settled
 SETTLE_POLL_S = 0.2
+PROGRESS_EVERY_S = 30.0  # a log line of the latest sample
 
 
 # --- the requests ---------------------------------------------------------------------------------------------
@@ -301,10 +302,22 @@ async def _phase(
         asyncio.create_task(_client(gateway.stack.url, kinds, random.Random(rng.random()), quota, outcomes))
         for _ in range(clients)
     ]
+    logged = time.monotonic()
     try:
         while not all(task.done() for task in tasks):
             await asyncio.wait(tasks, timeout=sample_every_s)
-            samples.append(await asyncio.to_thread(gateway.sample, name, outcomes.answered))
+            samples.append(sample := await asyncio.to_thread(gateway.sample, name, outcomes.answered))
+            if time.monotonic() >= logged + PROGRESS_EVERY_S:
+                logged = time.monotonic()
+                log.info(
+                    "%s: %d answered; gateway RSS %.1f MiB, %d fds, %d threads, %s free slots",
+                    name,
+                    sample.requests,
+                    sample.rss_bytes / 2**20,
+                    sample.fds,
+                    sample.threads,
+                    sample.free_slots,
+                )
             if time.monotonic() > deadline:
                 quota[0] = 0  # the time bound: the clients stop after the request they are in
     finally:
