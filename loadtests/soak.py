@@ -200,6 +200,14 @@ class Sample:
     fds: int
     threads: int
     free_slots: float | None  # the gateway's shared-memory free slots; None when /metrics did not say
+    # Of `fds`, the KServe pass-through's idle keep-alive connections to Triton's HTTP port: its pool keeps
+    # as many as requests overlapped (up to httpx's limit), so at rest they count requests, not leaks.
+    pooled: int = 0
+
+    @property
+    def own_fds(self) -> int:
+        """Open file descriptors other than the pass-through's pooled connections."""
+        return self.fds - self.pooled
 
 
 def free_slots(client: httpx.Client) -> float | None:
@@ -227,7 +235,13 @@ class Gateway:
             raise ChaosError(f"the gateway process {self.pid} was replaced during the run:\n{self.stack.log_tail()}")
         with self.process.oneshot():
             rss, fds, threads = self.process.memory_info().rss, self.process.num_fds(), self.process.num_threads()
-        return Sample(time.monotonic() - self.origin, phase, requests, rss, fds, threads, free_slots(self.metrics))
+            pooled = sum(
+                1
+                for c in self.process.net_connections(kind="tcp")
+                if c.raddr and c.raddr.port == self.stack.triton_http_port and c.status == psutil.CONN_ESTABLISHED
+            )
+        slots = free_slots(self.metrics)
+        return Sample(time.monotonic() - self.origin, phase, requests, rss, fds, threads, slots, pooled)
 
     def at_rest(self, phase: str, requests: int) -> Sample:
         """A sample once no client is connected and the descriptors have stopped changing."""
@@ -354,8 +368,10 @@ def check(result: SoakResult, max_rss_growth: float) -> list[str]:
     if result.soaked < result.requested:
         violations.append(f"only {result.soaked} of {result.requested} requests within the time limit")
     base, end = result.baseline, result.end
-    if end.fds != base.fds:
-        violations.append(f"open file descriptors at rest went from {base.fds} to {end.fds}")
+    if end.own_fds != base.own_fds:
+        violations.append(f"open file descriptors at rest (less pooled ones) went from {base.own_fds} to {end.own_fds}")
+    if end.pooled > result.clients:
+        violations.append(f"{end.pooled} pooled connections to Triton at rest, more than the {result.clients} clients")
     if end.threads != base.threads:
         violations.append(f"threads at rest went from {base.threads} to {end.threads}")
     if end.free_slots != base.free_slots:
@@ -441,7 +457,22 @@ def render_tables(result: SoakResult, max_rss_growth: float) -> str:
             f"<= {max_rss_growth:.0%}",
             result.rss_growth <= max_rss_growth,
         ),
-        row("open fds", str(base.fds), str(end.fds), f"{end.fds - base.fds:+d}", "0", end.fds == base.fds),
+        row(
+            "open fds, less pooled",
+            str(base.own_fds),
+            str(end.own_fds),
+            f"{end.own_fds - base.own_fds:+d}",
+            "0",
+            end.own_fds == base.own_fds,
+        ),
+        row(
+            "pooled connections to Triton HTTP",
+            str(base.pooled),
+            str(end.pooled),
+            f"{end.pooled - base.pooled:+d}",
+            f"<= {result.clients} (clients)",
+            end.pooled <= result.clients,
+        ),
         row(
             "threads",
             str(base.threads),
@@ -491,10 +522,10 @@ def render_tables(result: SoakResult, max_rss_growth: float) -> str:
 def write_samples(samples: Sequence[Sample], path: Path) -> None:
     with path.open("w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(["elapsed_s", "phase", "requests", "rss_bytes", "fds", "threads", "shm_free_slots"])
+        writer.writerow(["elapsed_s", "phase", "requests", "rss_bytes", "fds", "pooled", "threads", "shm_free_slots"])
         for s in samples:
             free = "" if s.free_slots is None else f"{s.free_slots:g}"
-            writer.writerow([f"{s.elapsed_s:.2f}", s.phase, s.requests, s.rss_bytes, s.fds, s.threads, free])
+            writer.writerow([f"{s.elapsed_s:.2f}", s.phase, s.requests, s.rss_bytes, s.fds, s.pooled, s.threads, free])
 
 
 def plot(result: SoakResult, path: Path) -> None:
@@ -539,7 +570,8 @@ def write_report(result: SoakResult, folder: Path, *, command: str, max_rss_grow
 `{command}`: {result.warmup} warm-up requests, then {result.soaked} in the soak, {result.clients} closed-loop
 clients, {result.seconds:.0f} s in all ({rate:.0f} requests/s). The gateway with
 max_in_flight={MAX_IN_FLIGHT} and its default shared-memory region. "At rest": no client connected and the
-gateway's descriptors and threads steady for {SETTLE_STEADY_READS} readings {SETTLE_POLL_S:g} s apart.
+gateway's descriptors and threads steady for {SETTLE_STEADY_READS} readings {SETTLE_POLL_S:g} s apart. "Pooled":
+the KServe pass-through's idle keep-alive connections to Triton, as many as its requests ever overlapped.
 Every sample: soak-samples.csv.
 
 {render_tables(result, max_rss_growth)}
