@@ -24,6 +24,8 @@ from server.preprocess import DecodeBudget, PreprocessSpec, prepare_batch
 
 from .conftest import MODEL, client_of, gateway_settings
 
+# Pillow warns on opening a header that declares between its pixel limit and twice that; refused all the same.
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 MAX_PIXELS = 1_000_000
 GRAY = PreprocessSpec(image_size=8, resize_size=8, mean=(0.5,), std=(0.25,), color_mode="L")
