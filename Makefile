@@ -78,6 +78,13 @@ loadtest: install
 chaos: install
 	$(PY) -m loadtests.chaos $(CHAOS_ARGS)
 
+# Leak hunt against a stack of its own: 20,000 mixed requests (some bad) after a warm-up, the gateway's RSS, fds,
+# threads and shared-memory slots sampled; exit 1 when they do not come back. Report in loadtests/reports/<timestamp>/
+# soak.md. More options: SOAK_ARGS='--requests 50000 --max-rss-growth 0.05'.
+.PHONY: soak
+soak: install
+	$(PY) -m loadtests.soak $(SOAK_ARGS)
+
 # The GPU acceptance kit (README, "GPU check"): every GPU path on this machine's GPU, one table. No install
 # step: it runs from a bare copy of the source tree with the venv's Python where there is one, else $(PYTHON).
 .PHONY: gpu-check
