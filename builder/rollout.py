@@ -74,7 +74,8 @@ def start(
     With a rollout under way, changes its percentage (and sticky header) instead.
     """
     _check_percent(percent)
-    if sticky_header is not None and (not sticky_header or set(sticky_header.lower()) - set(HEADER_NAME)):
+    # "" turns a sticky rollout back into one drawn per request.
+    if sticky_header and set(sticky_header.lower()) - set(HEADER_NAME):
         raise RolloutError(f"--sticky-header {sticky_header!r} is not an HTTP header name")
     model_dir, config, present = _model_dir(repository, name)
     current = model_config.rollout_of(config)

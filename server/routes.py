@@ -473,10 +473,13 @@ async def _infer_version(
 
 
 def routed_version(info: ModelInfo, headers: Mapping[str, str]) -> str:
-    """The version a model's canary rollout sends this request to; "" where there is no rollout."""
+    """The version a model's canary rollout sends this request to; without a rollout, the newest its config
+    names; "" (Triton's choice) where it names none."""
     rollout = info.rollout
     if rollout is None:
-        return ""
+        # While Triton reloads a model for a new config it serves with the old one, whose newest version
+        # may be the canary an abort just removed: the config's own version is asked for by name.
+        return str(max(info.specific_versions)) if info.specific_versions else ""
     sticky = headers.get(rollout.sticky_header) if rollout.sticky_header else None
     return str(rollout.choose(sticky))
 

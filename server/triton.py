@@ -65,6 +65,9 @@ class ModelInfo:
     fixed_batch: int = 0
     # A canary rollout under way (`builder rollout`): which versions share the requests, and how.
     rollout: Rollout | None = None
+    # The versions a `specific` version policy names (what a promoted or aborted rollout leaves); empty for
+    # the other policies.
+    specific_versions: tuple[int, ...] = ()
 
     @property
     def images_per_call(self) -> int | None:
@@ -137,6 +140,10 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             response_cache=bool(config.get("response_cache", {}).get("enable", False)),
             fixed_batch=_fixed_batch(config),
             rollout=_rollout(name, parameters),
+            # Protobuf's JSON writes int64 as strings.
+            specific_versions=tuple(
+                int(v) for v in config.get("version_policy", {}).get("specific", {}).get("versions", [])
+            ),
         )
     except (KeyError, ValueError, IndexError) as e:
         raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e

@@ -39,7 +39,7 @@ class RolloutReplicas(ServedReplicas):
 
     def promote(self, version: int) -> None:
         """The repository serves `version` alone; Triton has unloaded the other, the gateway's cache is stale."""
-        self.fresh_info = dataclasses.replace(INFO, rollout=None)
+        self.fresh_info = dataclasses.replace(INFO, rollout=None, specific_versions=(version,))
         self.unloaded = {str(v) for v in self.info.rollout.versions if v != version}
         self.served_alone = str(version)
 
@@ -101,8 +101,8 @@ def test_a_version_unloaded_by_a_promote_is_routed_again_from_the_fresh_config()
         assert _classify(client) == "1"
         replicas.promote(2)  # Triton serves version 2 alone; the gateway still holds the rollout
         assert _classify(client) == "2"
-    # Asked for the stable version, then (the config read again, no rollout in it) for Triton's own choice.
-    assert replicas.asked == ["1", "1", ""]
+    # Asked for the stable version, then (the config read again, no rollout in it) for the one it names.
+    assert replicas.asked == ["1", "1", "2"]
 
 
 def test_a_pinned_version_that_is_gone_is_not_routed_elsewhere():
@@ -117,3 +117,16 @@ def test_a_pinned_version_that_is_gone_is_not_routed_elsewhere():
         )
     assert answer.status_code == 503 and answer.json()["error"]["code"]
     assert replicas.asked == ["2"] and none == 1
+
+
+def test_without_a_rollout_the_version_the_config_names_is_asked_for_by_name():
+    """After an abort Triton serves on with the old config (the canary the newest) until the new one has
+    loaded: the gateway asks for the version the new config names rather than for Triton's newest."""
+    replicas = RolloutReplicas(Rollout(stable=1, canary=2, canary_percent=50))
+    replicas.info = dataclasses.replace(INFO, specific_versions=(1,))
+    with client_of(gateway_settings(), replicas) as client:
+        assert {_classify(client) for _ in range(10)} == {"1"}
+    replicas = RolloutReplicas(Rollout(stable=1, canary=2, canary_percent=50))
+    replicas.info = INFO  # a `latest` policy: Triton chooses
+    with client_of(gateway_settings(), replicas) as client:
+        assert _classify(client) == "2" and replicas.asked == [""]

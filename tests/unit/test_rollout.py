@@ -83,10 +83,11 @@ def test_the_gateway_reads_the_rollout_from_the_config_triton_returns() -> None:
         "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [1, 4, 4]}],
         "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [2]}],
         "max_batch_size": 32,
+        "version_policy": {"specific": {"versions": ["3", "4"]}},
         "parameters": {k: {"string_value": v} for k, v in config.parameters.items()},
     }
     info = model_info_from_config(MODEL, triton_json)
-    assert info.rollout == Rollout(3, 4, 12.5, "x-client-id")
+    assert info.rollout == Rollout(3, 4, 12.5, "x-client-id") and info.specific_versions == (3, 4)
     assert config.version_policy == "specific" and config.specific_versions == (3, 4)
     # A rollout the gateway cannot read (edited by hand) is ignored: Triton's own choice serves.
     triton_json["parameters"]["rollout.canary"] = {"string_value": "three"}
