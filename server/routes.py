@@ -138,7 +138,7 @@ def _answer(example: dict[str, Any]) -> dict[int | str, dict]:
 MODEL_DETAILS_EXAMPLE = {
     "name": "digits",
     "ready": True,
-    "versions": [{"version": "1", "state": "READY"}],
+    "versions": [{"version": "1", "state": "READY"}, {"version": "2", "state": "READY"}],
     "preprocessing": {
         "image_size": 8,
         "resize_size": 8,
@@ -154,6 +154,7 @@ MODEL_DETAILS_EXAMPLE = {
     "input_datatype": "FP32",
     "output": "logits",
     "max_batch_size": 32,
+    "rollout": {"stable": 1, "canary": 2, "canary_percent": 10.0, "sticky_header": ""},
     "statistics": {"model_stats": [{"name": "digits", "version": "1", "inference_count": "12"}]},
 }
 V2_METADATA_EXAMPLE = {

@@ -103,15 +103,17 @@ def gateway_follows(gateway, triton, rollout_state: dict | None, ready: set[str]
 
 
 @contextmanager
-def steady_load(url: str) -> Iterator[list[httpx.Response]]:
-    """Classifications from LOAD_CLIENTS threads, back to back, until the block ends (at most LOAD_MAX_REQUESTS)."""
-    answers: list[httpx.Response] = []
+def steady_load(url: str) -> Iterator[list[tuple[float, httpx.Response]]]:
+    """Classifications from LOAD_CLIENTS threads, back to back, until the block ends (at most
+    LOAD_MAX_REQUESTS): (when each was sent, its answer)."""
+    answers: list[tuple[float, httpx.Response]] = []
     stop = threading.Event()
 
     def client_loop() -> None:
         with httpx.Client() as client:
             while not stop.is_set() and len(answers) < LOAD_MAX_REQUESTS:
-                answers.append(classify(client, url))
+                sent = time.monotonic()
+                answers.append((sent, classify(client, url)))
 
     threads = [threading.Thread(target=client_loop) for _ in range(LOAD_CLIENTS)]
     for thread in threads:
@@ -124,7 +126,8 @@ def steady_load(url: str) -> Iterator[list[httpx.Response]]:
             thread.join()
 
 
-def _summary(answers: list[httpx.Response]) -> dict:
+def _summary(sent_answers: list[tuple[float, httpx.Response]]) -> dict:
+    answers = [a for _, a in sent_answers]
     failed = [a for a in answers if a.status_code != 200]
     return {
         "requests": len(answers),
@@ -184,13 +187,13 @@ def test_promote_and_abort_under_steady_load_fail_no_request(stack, tiny_run, tm
         started = time.monotonic()
         assert rollout.promote(repository, MODEL) == 2
         gateway_follows(gateway, triton, None, {"2"})
-        followed = len(answers)
-        followed_s = time.monotonic() - started
+        followed, followed_at = len(answers), time.monotonic()
         wait_for(lambda: len(answers) >= followed + 100, "100 more requests")
     promoted = _summary(answers)
-    print(f"\npromote under load: {promoted}, gateway followed after {followed} requests, {followed_s:.1f} s")
+    print(f"\npromote under load: {promoted}, followed after {followed} requests, {followed_at - started:.1f} s")
     assert promoted["failed"] == 0, promoted
-    assert {a.json()["version"] for a in answers[followed + 2 * LOAD_CLIENTS :]} == {"2"}
+    # Every request sent once the gateway had read the new config went to the promoted version.
+    assert {a.json()["version"] for sent, a in answers if sent > followed_at} == {"2"}
 
     # Version 3 published as a canary beside version 2, then aborted.
     third = retrained(tiny_run / "model.onnx", tmp_path / "third.onnx")
@@ -202,13 +205,12 @@ def test_promote_and_abort_under_steady_load_fail_no_request(stack, tiny_run, tm
         started = time.monotonic()
         assert rollout.abort(repository, MODEL) == 2
         gateway_follows(gateway, triton, None, {"2"})
-        followed = len(answers)
-        followed_s = time.monotonic() - started
+        followed, followed_at = len(answers), time.monotonic()
         wait_for(lambda: len(answers) >= followed + 100, "100 more requests")
     aborted = _summary(answers)
-    print(f"abort under load: {aborted}, gateway followed after {followed} requests, {followed_s:.1f} s")
+    print(f"abort under load: {aborted}, followed after {followed} requests, {followed_at - started:.1f} s")
     assert aborted["failed"] == 0, aborted
-    assert {a.json()["version"] for a in answers[followed + 2 * LOAD_CLIENTS :]} == {"2"}
+    assert {a.json()["version"] for sent, a in answers if sent > followed_at} == {"2"}
 
     # --status reads this gateway's per-version figures.
     report = rollout.status(repository, MODEL, gateway.url)
