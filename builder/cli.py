@@ -145,6 +145,33 @@ def _publish(args: argparse.Namespace) -> None:
     print(json.dumps({"model": args.name, "version": published.version, "path": str(published.version_dir)}))
 
 
+def _rollout(args: argparse.Namespace) -> None:
+    from . import rollout
+
+    repository = Path(args.repository)
+    if args.canary is None and (args.version is not None or args.sticky_header is not None):
+        raise BuilderError("--version and --sticky-header go with --canary")
+    if args.canary is not None:
+        started = rollout.start(repository, args.name, args.canary, args.version, args.sticky_header)
+        print(json.dumps({"model": args.name, "rollout": dataclasses.asdict(started)}))
+    elif args.promote or args.abort:
+        kept = rollout.promote(repository, args.name) if args.promote else rollout.abort(repository, args.name)
+        print(json.dumps({"model": args.name, "serving": kept}))
+    else:
+        key = args.api_key or os.environ.get("GATEWAY_API_KEY") or None
+        print(json.dumps(rollout.status(repository, args.name, args.gateway_url, key), indent=2))
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 100:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value:g} is not a percentage from 0 to 100")
+    return value
+
+
 def _publish_interface(args: argparse.Namespace):
     """Preprocessing and labels for a model exported elsewhere: flags win over the ONNX metadata."""
     from .errors import PublishError
@@ -684,7 +711,47 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--mean", type=float, nargs="+", help="per channel (default ImageNet's)")
     publish.add_argument("--std", type=float, nargs="+", help="per channel (default ImageNet's)")
     publish.add_argument("--color-mode", choices=("RGB", "BGR", "L"), help="default RGB")
+    _setting(
+        publish,
+        "--canary",
+        PUBLISH,
+        "canary_percent",
+        type=_percent,
+        metavar="PERCENT",
+        help="start a canary rollout: the new version serves PERCENT of requests, the version served until "
+        "now the rest (see `builder rollout`)",
+    )
     publish.set_defaults(func=_publish)
+
+    rollout = commands.add_parser(
+        "rollout",
+        help="canary rollout of a published version: start, promote, abort, status",
+        description="The rollout lives in the model's config.pbtxt; gateways follow it within "
+        "GATEWAY_MODEL_INFO_TTL_S of Triton reloading the model.",
+    )
+    rollout.add_argument("name", help="model name in the repository")
+    rollout.add_argument("--repository", default="model_repository")
+    action = rollout.add_mutually_exclusive_group(required=True)
+    action.add_argument(
+        "--canary",
+        type=_percent,
+        metavar="PERCENT",
+        help="serve the new version to PERCENT of requests beside the one served now (again: a new percentage)",
+    )
+    action.add_argument("--promote", action="store_true", help="serve the new version alone")
+    action.add_argument("--abort", action="store_true", help="serve the stable version alone")
+    action.add_argument(
+        "--status", action="store_true", help="the rollout, and per version requests, errors, p50/p99 (gateway)"
+    )
+    rollout.add_argument("--version", type=_positive_int, help="version to roll out (default: the newest)")
+    rollout.add_argument(
+        "--sticky-header",
+        metavar="HEADER",
+        help="route by a hash of this request header (e.g. X-Client-ID): one client, one version",
+    )
+    rollout.add_argument("--gateway-url", default="http://127.0.0.1:8080", help="--status: the gateway to ask")
+    rollout.add_argument("--api-key", help="--status: the gateway's API key (default: $GATEWAY_API_KEY)")
+    rollout.set_defaults(func=_rollout)
 
     evaluate = commands.add_parser("evaluate", help="top-1, per-class precision/recall and confusion matrix")
     source = evaluate.add_mutually_exclusive_group(required=True)

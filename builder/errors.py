@@ -56,6 +56,10 @@ class PublishError(BuilderError):
     """The model cannot be published into the repository."""
 
 
+class RolloutError(BuilderError):
+    """A rollout cannot start or move on as asked."""
+
+
 class BudgetError(BuilderError):
     """A stage lost more accuracy than the budget allows."""
 

@@ -5,11 +5,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
+
+from server.rollout import PARAMETER_PREFIX as ROLLOUT_PREFIX
+from server.rollout import Rollout
+
+from .errors import RolloutError
 
 DTYPES = {
     "FP32": pb.TYPE_FP32,
@@ -200,3 +209,86 @@ def parse(text: str) -> ModelConfig:
         gpu_accelerators=accelerators,
         cuda_graphs=message.optimization.cuda.graphs,
     )
+
+
+# A model folder in the repository: its config, its versions, and the rollout the config describes.
+
+
+def present_versions(model_dir: Path) -> list[int]:
+    """The version folders of a model (what Triton can load), oldest first."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit())
+
+
+def served_versions(config: ModelConfig, present: list[int]) -> list[int]:
+    """The versions Triton serves under `config`'s version policy, of those `present`."""
+    if config.version_policy == "all":
+        return list(present)
+    if config.version_policy == "specific":
+        return [v for v in present if v in config.specific_versions]
+    return present[-config.latest_versions :]
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / "config.pbtxt"
+    try:
+        return parse(path.read_text())
+    except FileNotFoundError:
+        raise RolloutError(f"model {model_dir.name!r} is not in repository {model_dir.parent}") from None
+    except (OSError, text_format.ParseError, ValueError) as e:
+        raise RolloutError(f"{path} cannot be read: {e}") from e
+
+
+def write_config(model_dir: Path, config: ModelConfig) -> None:
+    """Staged beside config.pbtxt and renamed over it: a polling Triton reads the old one or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=".config.pbtxt.", dir=model_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(render(config))
+        os.replace(tmp, model_dir / "config.pbtxt")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rollout_of(config: ModelConfig) -> Rollout | None:
+    try:
+        return Rollout.from_parameters(config.parameters)
+    except (KeyError, ValueError) as e:
+        raise RolloutError(f"model {config.name!r} has rollout parameters that cannot be read: {e}") from e
+
+
+def with_rollout(config: ModelConfig, rollout: Rollout) -> ModelConfig:
+    """`config` serving the rollout's two versions (and no other), with the split in its parameters."""
+    kept = {k: v for k, v in config.parameters.items() if not k.startswith(ROLLOUT_PREFIX)}
+    return dataclasses.replace(
+        config,
+        version_policy="specific",
+        specific_versions=tuple(sorted(rollout.versions)),
+        parameters={**kept, **rollout.to_parameters()},
+    )
+
+
+def serving_only(config: ModelConfig, version: int) -> ModelConfig:
+    """`config` serving `version` alone, without a rollout."""
+    return dataclasses.replace(
+        config,
+        version_policy="specific",
+        specific_versions=(version,),
+        parameters={k: v for k, v in config.parameters.items() if not k.startswith(ROLLOUT_PREFIX)},
+    )
+
+
+def pin_served_version(model_dir: Path) -> int:
+    """Before a new version lands beside it: the config written to serve the version it serves now (the
+    newest served), so that the new version is not served by a `latest` policy before its rollout starts."""
+    config = read_config(model_dir)
+    if rollout_of(config) is not None:
+        raise RolloutError(f"model {model_dir.name!r} has a rollout under way: promote or abort it first")
+    served = served_versions(config, present_versions(model_dir))
+    if not served:
+        raise RolloutError(f"model {model_dir.name!r} serves no version to keep as the stable one")
+    if config.version_policy != "specific" or config.specific_versions != (served[-1],):
+        write_config(model_dir, serving_only(config, served[-1]))
+    return served[-1]

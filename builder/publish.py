@@ -36,6 +36,7 @@ import onnx
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec
+from server.rollout import Rollout
 
 from . import model_config
 from .errors import PublishError, error_line
@@ -90,6 +91,9 @@ class PublishSettings:
     pixel_input: bool = False
     # TensorRT plans: the serving GPUs' compute capability ("8.9"); None: this machine's GPU.
     compute_capability: str | None = None
+    # Start a canary rollout of the new version with this share of requests (builder rollout); None: serve
+    # it as the version policy says.
+    canary_percent: float | None = None
     # Whether the preferred batch sizes are the target's defaults (fitted to the max batch) or were asked for.
     preferred_batch_sizes_given: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -98,6 +102,10 @@ class PublishSettings:
             raise PublishError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
         if self.keep is not None and self.keep < 1:
             raise PublishError(f"--keep {self.keep}: keep at least 1 version")
+        if self.canary_percent is not None and not 0 <= self.canary_percent <= 100:
+            raise PublishError(f"--canary {self.canary_percent}: a percentage from 0 to 100")
+        if self.canary_percent is not None and self.keep is not None and self.keep < 2:
+            raise PublishError(f"--keep {self.keep} with --canary would remove the stable version: keep 2 or more")
         object.__setattr__(self, "preferred_batch_sizes_given", self.preferred_batch_sizes is not None)
         for key, value in TARGET_DEFAULTS[self.target].items():
             if getattr(self, key) is None:
@@ -545,10 +553,16 @@ def _publish_files(
     lineage: dict,
     settings: PublishSettings,
 ) -> PublishedVersion:
-    _check_shared_interface(Path(repository) / name, config)
+    canary = None
+    if settings.canary_percent is not None:
+        # Both versions are served with this config: they must agree on preprocessing and labels.
+        _check_shared_interface(Path(repository) / name, dataclasses.replace(config, version_policy="all"))
+        canary = (model_config.pin_served_version(Path(repository) / name), settings.canary_percent)
+    else:
+        _check_shared_interface(Path(repository) / name, config)
     try:
         repository.mkdir(parents=True, exist_ok=True)
-        published = _write_version(files, repository, name, config, labels, lineage)
+        published = _write_version(files, repository, name, config, labels, lineage, canary)
         if settings.keep:
             remove_old_versions(published.model_dir, settings.keep)
     except OSError as e:
@@ -618,7 +632,9 @@ def _write_version(
     config: model_config.ModelConfig,
     labels: Sequence[str],
     lineage: dict,
+    canary: tuple[int, float] | None = None,
 ) -> PublishedVersion:
+    """`canary`: (stable version, percent) to start a rollout of the new version with."""
     model_dir = repository / name
     version = _next_version(model_dir)
     lineage = {
@@ -649,6 +665,8 @@ def _write_version(
             (staging / "build.json").write_text(json.dumps(lineage, indent=2, default=str))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if canary:
+        config_text = model_config.render(model_config.with_rollout(config, Rollout(canary[0], version, canary[1])))
     _write_atomic(model_dir / "labels.txt", labels_text)
     _write_atomic(model_dir / "config.pbtxt", config_text)
     return PublishedVersion(model_dir, version)

@@ -139,6 +139,10 @@ class RequestContextMiddleware:
         metrics, model = self.metrics, context["model"] or "unknown"
         if context["inference"]:
             metrics.requests.labels(model, str(status)).inc()
+            if scope["path"].endswith("/classify"):
+                version = context.get("version") or "none"
+                metrics.version_requests.labels(model, version, str(status)).inc()
+                metrics.version_seconds.labels(model, version).observe(total)
             metrics.observe_stage("total", total)
             for stage, seconds in context["stages"].items():
                 metrics.observe_stage(stage, seconds)
@@ -160,6 +164,7 @@ class RequestContextMiddleware:
                     "path": scope["path"],
                     "status": status,
                     "model": context["model"],
+                    **({"version": context["version"]} if context.get("version") else {}),
                     "duration_ms": round(total * 1000, 3),
                     "stages_ms": {k: round(v * 1000, 3) for k, v in context["stages"].items()},
                     **({"error": code} if code else {}),

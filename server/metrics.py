@@ -1,7 +1,7 @@
 """Prometheus metrics of the gateway.
 
-Label values are bounded: model names Triton serves (or "unknown"), HTTP statuses, stage names and the
-gateway's own error codes; never raw user strings.
+Label values are bounded: model names Triton serves (or "unknown"), versions Triton answered with or a
+model's config names, HTTP statuses, stage names and the gateway's own error codes; never raw user strings.
 """
 
 from __future__ import annotations
@@ -23,6 +23,21 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "gateway_requests", "Inference requests by model and HTTP status", ["model", "status"], registry=r
+        )
+        # Per served version (a canary rollout compares them): the version that answered, else the one the
+        # model's rollout chose, else "none"; only versions named by Triton or the model's config.
+        self.version_requests = Counter(
+            "gateway_version_requests",
+            "Classifications by model, version and HTTP status",
+            ["model", "version", "status"],
+            registry=r,
+        )
+        self.version_seconds = Histogram(
+            "gateway_version_request_seconds",
+            "Classification time in the gateway, by model and version",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.stage_seconds = Histogram(
             "gateway_stage_seconds",

@@ -175,6 +175,10 @@ class ReplicaPool:
     async def model_info(self, name: str) -> ModelInfo:
         return await self._on_one("model_info", name)
 
+    def forget_model_info(self, name: str) -> None:
+        for replica in self.replicas.values():
+            replica.client.forget_model_info(name)
+
     async def statistics(self, name: str) -> dict:
         return await self._on_one("statistics", name)
 

@@ -8,9 +8,11 @@ call -> softmax and top-k -> JSON. What a route needs from the app comes in thro
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from functools import partial
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -50,6 +52,8 @@ from .postprocess import top_k
 from .preprocess import batch_layout, input_batch, prepare_batch, quick_to_preprocess
 from .replicas import ReplicaPool
 from .security import Unauthorized, require_api_key, require_key_for_metrics
+from .shared_memory import Slot
+from .triton import Inference, ModelInfo
 
 ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["digits"])]
 VersionPath = Annotated[str, Path(pattern=r"^[0-9]{1,18}$", examples=["1"])]
@@ -136,7 +140,7 @@ def _answer(example: dict[str, Any]) -> dict[int | str, dict]:
 MODEL_DETAILS_EXAMPLE = {
     "name": "digits",
     "ready": True,
-    "versions": [{"version": "1", "state": "READY"}],
+    "versions": [{"version": "1", "state": "READY"}, {"version": "2", "state": "READY"}],
     "preprocessing": {
         "image_size": 8,
         "resize_size": 8,
@@ -152,6 +156,7 @@ MODEL_DETAILS_EXAMPLE = {
     "input_datatype": "FP32",
     "output": "logits",
     "max_batch_size": 32,
+    "rollout": {"stable": 1, "canary": 2, "canary_percent": 10.0, "sticky_header": ""},
     "statistics": {"model_stats": [{"name": "digits", "version": "1", "inference_count": "12"}]},
 }
 V2_METADATA_EXAMPLE = {
@@ -386,7 +391,10 @@ async def classify(
         int | None,
         Query(alias="top_k", ge=1, le=1000, description="classes per image; default GATEWAY_DEFAULT_TOP_K (5)"),
     ] = None,
-    version: Annotated[str, Query(pattern=r"^[0-9]{0,18}$", description="pinned version; default newest")] = "",
+    version: Annotated[
+        str,
+        Query(pattern=r"^[0-9]{0,18}$", description="pinned version; default: the model's rollout, else the newest"),
+    ] = "",
 ) -> JSONResponse:
     tracer = request.app.state.tracer  # None: tracing is off
     async with slots.admit(context) as admission:
@@ -430,7 +438,7 @@ async def classify(
             context["stages"].update(decode=decode_s, preprocess=preprocess_s)
             await refuse_if_gone(request)
             started = time.perf_counter()
-            inference = await triton.infer(info, batch, version, slot)
+            inference = await _infer_version(triton, info, batch, version, slot, request, context)
             context["stages"]["inference"] = time.perf_counter() - started
         finally:
             if slot and region and job:
@@ -438,6 +446,7 @@ async def classify(
                 job.add_done_callback(lambda _: region.release(slot))
             elif slot and region:
                 region.release(slot)
+        context["version"] = inference.version
         metrics.images.labels(name).inc(len(images))
         metrics.triton_inputs.labels(inference.transport).inc()
         return JSONResponse(
@@ -447,6 +456,46 @@ async def classify(
                 "results": top_k(inference.logits, top_k_ or settings.default_top_k, info.labels),
             }
         )
+
+
+async def _infer_version(
+    triton: ReplicasDep,
+    info: ModelInfo,
+    batch: np.ndarray,
+    pinned: str,
+    slot: Slot | None,
+    request: Request,
+    context: dict[str, Any],
+) -> Inference:
+    """The version the client pinned, else the one the model's rollout picks, else Triton's own choice."""
+    chosen = pinned or routed_version(info, request.headers)
+    # Bounded: a version named in the model's config, never the client's string.
+    context["version"] = "" if pinned else chosen
+    try:
+        return await triton.infer(info, batch, chosen, slot)
+    except (ModelNotFound, TritonUnavailable):
+        if pinned or not chosen:
+            raise
+    # The rollout was promoted or aborted and Triton has unloaded this version before the cached config
+    # expired: read the config again and route once more. The batch was made for `info`, which a rollout
+    # does not change (its versions share one config).
+    triton.forget_model_info(info.name)
+    again = routed_version(await triton.model_info(info.name), request.headers)
+    chosen = again if again != chosen else ""
+    context["version"] = chosen
+    return await triton.infer(info, batch, chosen, slot)
+
+
+def routed_version(info: ModelInfo, headers: Mapping[str, str]) -> str:
+    """The version a model's canary rollout sends this request to; without a rollout, the newest its config
+    names; "" (Triton's choice) where it names none."""
+    rollout = info.rollout
+    if rollout is None:
+        # While Triton reloads a model for a new config it serves with the old one, whose newest version
+        # may be the canary an abort just removed: the config's own version is asked for by name.
+        return str(max(info.specific_versions)) if info.specific_versions else ""
+    sticky = headers.get(rollout.sticky_header) if rollout.sticky_header else None
+    return str(rollout.choose(sticky))
 
 
 async def refuse_if_gone(request: Request) -> None:

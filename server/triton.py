@@ -7,6 +7,7 @@ gateway's own (`server.errors`), so routes never see a foreign exception.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from .errors import (
     TritonUnavailable,
 )
 from .preprocess import PIXEL_DATATYPE, PreprocessSpec
+from .rollout import Rollout
 from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
 from .tracing import client_span, with_trace_context
 
@@ -61,6 +63,11 @@ class ModelInfo:
     response_cache: bool = False
     # A model without batching (max_batch_size 0) whose input dims fix the batch axis: images per call.
     fixed_batch: int = 0
+    # A canary rollout under way (`builder rollout`): which versions share the requests, and how.
+    rollout: Rollout | None = None
+    # The versions a `specific` version policy names (what a promoted or aborted rollout leaves); empty for
+    # the other policies.
+    specific_versions: tuple[int, ...] = ()
 
     @property
     def images_per_call(self) -> int | None:
@@ -79,6 +86,7 @@ class ModelInfo:
             "input_datatype": self.input_datatype,
             "output": self.output_name,
             "max_batch_size": self.max_batch_size,
+            "rollout": dataclasses.asdict(self.rollout) if self.rollout else None,
         }
 
 
@@ -131,9 +139,24 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             pixel_input=config["input"][0].get("data_type") == f"TYPE_{PIXEL_DATATYPE}",
             response_cache=bool(config.get("response_cache", {}).get("enable", False)),
             fixed_batch=_fixed_batch(config),
+            rollout=_rollout(name, parameters),
+            # Protobuf's JSON writes int64 as strings.
+            specific_versions=tuple(
+                int(v) for v in config.get("version_policy", {}).get("specific", {}).get("versions", [])
+            ),
         )
     except (KeyError, ValueError, IndexError) as e:
         raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e
+
+
+def _rollout(name: str, parameters: dict[str, str]) -> Rollout | None:
+    try:
+        return Rollout.from_parameters(parameters)
+    except (KeyError, ValueError) as e:
+        # A hand-edited rollout the gateway cannot follow: Triton's own choice (its newest loaded version)
+        # keeps the model serving.
+        log.warning("model %r: ignoring its rollout parameters: %s", name, e)
+        return None
 
 
 # gRPC waits up to 120 s between attempts to reconnect to a server that went away (its connection
@@ -328,6 +351,10 @@ class TritonClient:
             return TritonUnavailable("Triton is not ready", retry_after_s=RETRY_AFTER_S)
         what = f"version {version} of model {name!r}" if version else f"model {name!r}"
         return ModelNotFound(f"{what} is not served")
+
+    def forget_model_info(self, name: str) -> None:
+        """Read the model's config again on its next use (its rollout may have moved on)."""
+        self._info.pop(name, None)
 
     async def model_info(self, name: str) -> ModelInfo:
         cached = self._info.get(name)

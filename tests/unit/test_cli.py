@@ -84,6 +84,8 @@ CLI_DEFAULTS = {
     ("tune", "sampler"),
     ("export", "parity_images"),
     ("publish", "repository"),
+    ("rollout", "repository"),
+    ("rollout", "gateway_url"),
     ("evaluate", "out"),
     ("quantize", "method"),
     ("quantize", "precision"),

@@ -1,0 +1,277 @@
+"""Canary rollouts: the routing function, the rollout written into config.pbtxt by `builder rollout` and
+`builder publish --canary`, its refusals, and the per-version figures `--status` reads from /metrics."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from builder import model_config, rollout
+from builder.cli import main
+from server.preprocess import PreprocessSpec
+from server.rollout import Rollout
+from server.triton import model_info_from_config
+from tests.onnx_variants import conv_classifier
+
+MODEL = "digits"
+SPEC = PreprocessSpec(image_size=4, resize_size=4, mean=(0.5,), std=(0.25,), color_mode="L")
+
+
+def _config(**overrides) -> model_config.ModelConfig:
+    return model_config.ModelConfig(
+        name=MODEL,
+        inputs=(model_config.TensorSpec("input", (1, 4, 4)),),
+        outputs=(model_config.TensorSpec("logits", (2,), label_filename="labels.txt"),),
+        parameters={**SPEC.to_parameters(), "labels": json.dumps(["a", "b"])},
+        **overrides,
+    )
+
+
+def _repository(tmp_path: Path, versions: int = 2, **overrides) -> Path:
+    """A model folder as publish leaves it (version folders with their build.json, one config)."""
+    config = _config(**overrides)
+    model_dir = tmp_path / "repo" / MODEL
+    for version in range(1, versions + 1):
+        (model_dir / str(version)).mkdir(parents=True)
+        record = {"config": {"parameters": dict(config.parameters)}}
+        (model_dir / str(version) / "build.json").write_text(json.dumps(record))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(model_config.render(config))
+    return tmp_path / "repo"
+
+
+def _served(repository: Path) -> model_config.ModelConfig:
+    return model_config.parse((repository / MODEL / "config.pbtxt").read_text())
+
+
+# The routing function
+
+
+def test_a_ten_percent_canary_gets_ten_percent_of_2000_requests() -> None:
+    canary = Rollout(stable=1, canary=2, canary_percent=10)
+    draw = random.Random(0).random
+    chosen = [canary.choose(draw=draw) for _ in range(2000)]
+    share = chosen.count(2) / len(chosen)
+    assert set(chosen) == {1, 2}
+    assert 0.08 <= share <= 0.12, share
+
+
+def test_a_sticky_rollout_gives_one_client_one_version_and_splits_clients_by_the_percentage() -> None:
+    sticky = Rollout(stable=1, canary=2, canary_percent=10, sticky_header="x-client-id")
+    clients = [f"client-{i}" for i in range(2000)]
+    first = {c: sticky.choose(c, draw=lambda: 0.0) for c in clients}
+    # The draw is ignored for a client that names itself: every request of a client lands on one version.
+    assert all(sticky.choose(c, draw=lambda: 0.999) == v for c, v in first.items())
+    assert 0.08 <= list(first.values()).count(2) / len(clients) <= 0.12
+    # Without the header, the request is drawn like any other.
+    assert sticky.choose(None, draw=lambda: 0.0) == 2 and sticky.choose("", draw=lambda: 0.5) == 1
+
+
+def test_zero_and_a_hundred_percent_send_everything_one_way() -> None:
+    draws = [i / 1000 for i in range(1000)]
+    assert {Rollout(1, 2, 0).choose(draw=lambda d=d: d) for d in draws} == {1}
+    assert {Rollout(1, 2, 100).choose(draw=lambda d=d: d) for d in draws} == {2}
+
+
+def test_the_gateway_reads_the_rollout_from_the_config_triton_returns() -> None:
+    config = model_config.with_rollout(_config(), Rollout(3, 4, 12.5, "x-client-id"))
+    # Triton's model-config API in JSON: parameters as {"key": {"string_value": ...}}.
+    triton_json = {
+        "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [1, 4, 4]}],
+        "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [2]}],
+        "max_batch_size": 32,
+        "version_policy": {"specific": {"versions": ["3", "4"]}},
+        "parameters": {k: {"string_value": v} for k, v in config.parameters.items()},
+    }
+    info = model_info_from_config(MODEL, triton_json)
+    assert info.rollout == Rollout(3, 4, 12.5, "x-client-id") and info.specific_versions == (3, 4)
+    assert config.version_policy == "specific" and config.specific_versions == (3, 4)
+    # A rollout the gateway cannot read (edited by hand) is ignored: Triton's own choice serves.
+    triton_json["parameters"]["rollout.canary"] = {"string_value": "three"}
+    assert model_info_from_config(MODEL, triton_json).rollout is None
+
+
+# builder rollout
+
+
+def test_a_rollout_starts_beside_the_served_version_and_is_promoted(tmp_path) -> None:
+    repository = _repository(tmp_path, versions=2, version_policy="specific", specific_versions=(1,))
+    started = rollout.start(repository, MODEL, 10)
+    assert started == Rollout(stable=1, canary=2, canary_percent=10)
+    config = _served(repository)
+    assert config.specific_versions == (1, 2) and config.parameters["rollout.canary_percent"] == "10"
+    assert model_config.parse(model_config.render(config)).parameters == config.parameters
+    # A new percentage keeps the versions.
+    assert rollout.start(repository, MODEL, 50, sticky_header="X-Client-ID") == Rollout(1, 2, 50, "x-client-id")
+    assert rollout.promote(repository, MODEL) == 2
+    promoted = _served(repository)
+    assert promoted.specific_versions == (2,)
+    assert not any(k.startswith("rollout.") for k in promoted.parameters)
+    # Everything else in the config is as it was.
+    assert promoted.parameters == _config().parameters and promoted.inputs == _config().inputs
+
+
+def test_an_aborted_rollout_serves_the_stable_version_alone(tmp_path) -> None:
+    # After a plain publish under the `latest` policy the newest is served alone: the one before is stable.
+    repository = _repository(tmp_path, versions=3)
+    assert rollout.start(repository, MODEL, 5) == Rollout(stable=2, canary=3, canary_percent=5)
+    assert rollout.abort(repository, MODEL) == 2
+    assert _served(repository).specific_versions == (2,)
+    assert rollout.state(repository, MODEL) == {"model": MODEL, "served": [2], "rollout": None}
+
+
+def _refused(capsys, *argv: str) -> str:
+    try:
+        code = main(["rollout", *argv])
+    except SystemExit as e:  # a flag argparse refuses
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["elsewhere", "--canary", "10"], "not in repository"),
+        ([MODEL, "--canary", "10", "--version", "7"], "version 7"),
+        ([MODEL, "--canary", "101"], "percentage"),
+        ([MODEL, "--canary", "-1"], "percentage"),
+        ([MODEL, "--canary", "nan"], "percentage"),
+        ([MODEL, "--promote", "--abort"], "not allowed with"),
+        ([MODEL, "--canary", "10", "--promote"], "not allowed with"),
+        ([MODEL, "--promote"], "no rollout under way"),
+        ([MODEL, "--abort"], "no rollout under way"),
+        ([MODEL, "--promote", "--version", "2"], "go with --canary"),
+        ([MODEL], "one of the arguments"),
+        ([MODEL, "--canary", "10", "--sticky-header", "x client"], "not an HTTP header name"),
+    ],
+)
+def test_bad_rollout_commands_leave_the_repository_unchanged(tmp_path, capsys, argv, message) -> None:
+    repository = _repository(tmp_path, versions=2)
+    before = (repository / MODEL / "config.pbtxt").read_bytes()
+    assert message in _refused(capsys, *argv, "--repository", str(repository))
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+    assert sorted(p.name for p in (repository / MODEL).iterdir()) == ["1", "2", "config.pbtxt"]
+
+
+def test_a_model_with_one_version_has_nothing_to_roll_out(tmp_path, capsys) -> None:
+    repository = _repository(tmp_path, versions=1)
+    before = (repository / MODEL / "config.pbtxt").read_bytes()
+    assert "only one version" in _refused(capsys, MODEL, "--canary", "10", "--repository", str(repository))
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+
+
+def test_another_version_waits_for_the_rollout_under_way(tmp_path, capsys) -> None:
+    repository = _repository(tmp_path, versions=3)
+    rollout.start(repository, MODEL, 10, version=2)
+    before = (repository / MODEL / "config.pbtxt").read_bytes()
+    err = _refused(capsys, MODEL, "--canary", "10", "--version", "3", "--repository", str(repository))
+    assert "promote or abort" in err
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+
+
+def test_versions_published_with_other_labels_are_not_served_side_by_side(tmp_path, capsys) -> None:
+    repository = _repository(tmp_path, versions=2)
+    record = {"config": {"parameters": {**_config().parameters, "labels": json.dumps(["x", "y"])}}}
+    (repository / MODEL / "1" / "build.json").write_text(json.dumps(record))
+    before = (repository / MODEL / "config.pbtxt").read_bytes()
+    assert "other preprocessing or labels" in _refused(capsys, MODEL, "--canary", "10", "--repository", str(repository))
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+
+
+def test_the_cli_starts_and_promotes_a_rollout(tmp_path, capsys) -> None:
+    repository = _repository(tmp_path, versions=2)
+    assert main(["rollout", MODEL, "--canary", "10", "--repository", str(repository)]) == 0
+    assert json.loads(capsys.readouterr().out)["rollout"] == {
+        "stable": 1,
+        "canary": 2,
+        "canary_percent": 10.0,
+        "sticky_header": "",
+    }
+    assert main(["rollout", MODEL, "--promote", "--repository", str(repository)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"model": MODEL, "serving": 2}
+
+
+# builder publish --canary
+
+
+def _publish(tmp_path: Path, repository: Path, *extra: str) -> int:
+    onnx_path = conv_classifier(tmp_path / "model.onnx")
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    flags = ["--resize", "4", "--crop", "4", "--color-mode", "L", "--mean", "0.5", "--std", "0.25"]
+    try:
+        return main(
+            ["publish", "--onnx", str(onnx_path), "--name", MODEL, "--repository", str(repository)]
+            + ["--labels", str(tmp_path / "labels.txt"), *flags, *extra]
+        )
+    except SystemExit as e:  # a flag argparse refuses
+        return int(e.code or 0)
+
+
+def test_publish_with_a_canary_keeps_the_served_version_stable(tmp_path, capsys) -> None:
+    repository = tmp_path / "repo"
+    assert _publish(tmp_path, repository) == 0
+    assert _publish(tmp_path, repository) == 0  # a plain publish: version 2 alone, as before
+    assert model_config.served_versions(_served(repository), [1, 2]) == [2]
+    assert _publish(tmp_path, repository, "--canary", "10") == 0, capsys.readouterr().err
+    config = _served(repository)
+    assert config.specific_versions == (2, 3)
+    assert model_config.rollout_of(config) == Rollout(stable=2, canary=3, canary_percent=10)
+
+
+def test_publish_with_a_canary_refuses_a_new_model_and_a_bad_percentage(tmp_path, capsys) -> None:
+    repository = tmp_path / "repo"
+    assert _publish(tmp_path, repository, "--canary", "10") == 2
+    assert "not in repository" in capsys.readouterr().err and not (repository / MODEL).exists()
+    assert _publish(tmp_path, repository) == 0
+    before = (repository / MODEL / "config.pbtxt").read_bytes()
+    assert _publish(tmp_path, repository, "--canary", "250") == 2
+    assert "percentage" in capsys.readouterr().err
+    assert _publish(tmp_path, repository, "--canary", "10", "--keep", "1") == 2
+    assert "stable version" in capsys.readouterr().err
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+    assert model_config.present_versions(repository / MODEL) == [1]
+
+
+# --status
+
+
+METRICS = """\
+# TYPE gateway_version_requests_total counter
+gateway_version_requests_total{model="digits",status="200",version="1"} 90.0
+gateway_version_requests_total{model="digits",status="503",version="1"} 2.0
+gateway_version_requests_total{model="digits",status="200",version="2"} 10.0
+gateway_version_requests_total{model="other",status="200",version="1"} 5.0
+# TYPE gateway_version_request_seconds histogram
+gateway_version_request_seconds_bucket{le="0.01",model="digits",version="1"} 50.0
+gateway_version_request_seconds_bucket{le="0.1",model="digits",version="1"} 92.0
+gateway_version_request_seconds_bucket{le="+Inf",model="digits",version="1"} 92.0
+gateway_version_request_seconds_count{model="digits",version="1"} 92.0
+gateway_version_request_seconds_sum{model="digits",version="1"} 1.0
+gateway_version_request_seconds_bucket{le="0.01",model="digits",version="2"} 10.0
+gateway_version_request_seconds_bucket{le="0.1",model="digits",version="2"} 10.0
+gateway_version_request_seconds_bucket{le="+Inf",model="digits",version="2"} 10.0
+gateway_version_request_seconds_count{model="digits",version="2"} 10.0
+gateway_version_request_seconds_sum{model="digits",version="2"} 0.05
+"""
+
+
+def test_status_reads_requests_errors_and_quantiles_per_version_from_the_gateways_metrics() -> None:
+    figures = rollout.traffic(METRICS, MODEL)
+    assert figures["1"]["requests"] == 92 and figures["1"]["errors"] == 2
+    assert figures["2"] == {"requests": 10, "errors": 0, "p50_ms": 5.0, "p99_ms": 9.9}
+    # 46 of 92 observations are at most 0.01 s; the median interpolates within the first bucket.
+    assert figures["1"]["p50_ms"] == pytest.approx(9.2)
+    assert figures["1"]["p99_ms"] == pytest.approx(10 + 90 * (91.08 - 50) / 42, abs=0.01)
+    assert set(figures) == {"1", "2"}
+
+
+def test_status_without_a_gateway_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+    repository = _repository(tmp_path, versions=2)
+    argv = ["--status", "--gateway-url", "http://127.0.0.1:9", "--repository", str(repository)]
+    assert "cannot read the gateway's metrics" in _refused(capsys, MODEL, *argv)
