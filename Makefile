@@ -52,8 +52,9 @@ test: install
 	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# More options: BENCH_ARGS='--model near-free --workers 1 2 --concurrency 8 32' (one gateway per worker count).
 bench: install
-	$(PY) -m benchmarks.gateway --duration $(or $(BENCH_SECONDS),6) --rounds $(or $(BENCH_ROUNDS),3)
+	$(PY) -m benchmarks.gateway --duration $(or $(BENCH_SECONDS),6) --rounds $(or $(BENCH_ROUNDS),3) $(BENCH_ARGS)
 
 # Triton and the gateway on 127.0.0.1; GATEWAY_HOST=0.0.0.0 with GATEWAY_API_KEYS to serve other hosts.
 serve: install

@@ -14,12 +14,20 @@ spent per image. Prints the table and writes JSON. With --pixel-input the model 
 8-bit pixels, and the ceiling runs that same published file. The gateway hands its tensors to Triton
 through shared memory, as it does whenever Triton shares its host (--no-shared-memory: as bytes); the
 last line says which way they went.
+
+What one gateway core does: the gateway's CPU per image is split into decoding and resizing plus
+normalizing (measured on the bench's photos in this process, one thread) and the rest (HTTP, routing,
+the Triton call, metrics and the log line), and turned into images per second per gateway core. With
+--workers 1 2 one gateway per worker count serves the same Triton, measured in turn at each concurrency;
+--model near-free serves a mean over the pixels and one linear layer, so that the gateway's share stands
+out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -38,7 +46,7 @@ from rich.table import Table
 
 from builder.models import create_model
 from builder.publish import PublishSettings, publish
-from server.preprocess import PreprocessSpec, preprocess_bytes
+from server.preprocess import PreprocessSpec, decode_image, model_input, preprocess_bytes
 from stack.launcher import GatewayProcess, TritonServer, free_port
 from stack.settings import TritonSettings
 from stack.supervisor import local_stack
@@ -136,9 +144,23 @@ def sample_jpegs() -> list[bytes]:
     return encoded
 
 
-def build_model(folder: Path) -> Path:
-    model = create_model("resnet18", num_classes=1000, in_channels=3, image_size=224).eval()
-    path = folder / "resnet18.onnx"
+class NearFree(torch.nn.Module):
+    """A mean over the pixels and one linear layer: 1000 classes for almost no work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+def build_model(folder: Path, kind: str = "resnet18") -> Path:
+    if kind == "near-free":
+        model: torch.nn.Module = NearFree().eval()
+    else:
+        model = create_model("resnet18", num_classes=1000, in_channels=3, image_size=224).eval()
+    path = folder / f"{kind}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -235,16 +257,27 @@ async def gateway_end_to_end(url: str, jpegs: list[bytes], concurrency: int, dur
 CEILING, TRITON, GATEWAY = "model only (ORT, batch 8)", "Triton gRPC (tensors)", "gateway (JPEG in, top-5 out)"
 
 
+def gateway_path(workers: int | None) -> str:
+    """The table's name for the gateway with this many workers; None: the gateway as started by default."""
+    if workers is None:
+        return GATEWAY
+    return f"gateway, {workers} worker{'s' if workers > 1 else ''}"
+
+
 async def measure(
     session: ort.InferenceSession,
     triton: TritonServer,
-    gateway: GatewayProcess,
+    gateways: dict[str, GatewayProcess],
     tensors: list[np.ndarray],
     jpegs: list[bytes],
     args: argparse.Namespace,
     console: Console,
 ) -> list[Result]:
-    processes = {"Triton": triton.pid, "gateway": gateway.pid}
+    def cpu_of(gateway: GatewayProcess) -> dict[str, int]:
+        assert triton.pid is not None and gateway.pid is not None  # both started
+        return {"Triton": triton.pid, "gateway": gateway.pid}
+
+    first = next(iter(gateways.values()))
     runs: dict[tuple[str, int], list[Run]] = {}
     for round_ in range(args.rounds):
         console.print(
@@ -257,19 +290,60 @@ async def measure(
             sides = [
                 (
                     TRITON,
+                    cpu_of(first),
                     lambda concurrency=concurrency: triton_direct(
                         triton.grpc_url, tensors, concurrency, args.duration, triton.repository_api_key
                     ),
                 ),
+            ] + [
                 (
-                    GATEWAY,
-                    lambda concurrency=concurrency: gateway_end_to_end(gateway.url, jpegs, concurrency, args.duration),
-                ),
+                    path,
+                    cpu_of(gateway),
+                    lambda concurrency=concurrency, gateway=gateway: gateway_end_to_end(
+                        gateway.url, jpegs, concurrency, args.duration
+                    ),
+                )
+                for path, gateway in gateways.items()
             ]
-            for path, run in sides if round_ % 2 == 0 else reversed(sides):
+            for path, processes, run in sides if round_ % 2 == 0 else reversed(sides):
                 runs.setdefault((path, concurrency), []).append(await with_cpu(processes, run()))
-    order = [(CEILING, 1)] + [(path, c) for c in args.concurrency for path in (TRITON, GATEWAY)]
+    order = [(CEILING, 1)] + [(path, c) for c in args.concurrency for path in (TRITON, *gateways)]
     return [summarize(path, concurrency, runs[(path, concurrency)]) for path, concurrency in order]
+
+
+def stage_cpu_ms(jpegs: list[bytes], spec: PreprocessSpec, pixel_input: bool, repeats: int = 20) -> dict[str, float]:
+    """CPU milliseconds per image that the gateway's preprocessing takes on these photos, by stage: decoding,
+    then resizing and normalizing into the batch; one thread, the median over `repeats` passes."""
+    passes: dict[str, list[float]] = {"decode": [], "resize and normalize": []}
+    for _ in range(repeats):
+        decode_s = rest_s = 0.0
+        for data in jpegs:
+            started = time.thread_time()
+            image = decode_image(data)
+            decoded = time.thread_time()
+            model_input(image, spec, pixel_input=pixel_input)
+            rest_s += time.thread_time() - decoded
+            decode_s += decoded - started
+        passes["decode"].append(1e3 * decode_s / len(jpegs))
+        passes["resize and normalize"].append(1e3 * rest_s / len(jpegs))
+    return {stage: float(np.median(values)) for stage, values in passes.items()}
+
+
+def per_core_lines(results: list[Result], stages: dict[str, float]) -> list[str]:
+    """For each gateway measurement: its CPU per image by stage, and the images per second that makes
+    per gateway core (1000 ms over its CPU ms per image)."""
+    lines = []
+    for r in results:
+        total = r.cpu_ms_per_image.get("gateway")
+        if r.path in (CEILING, TRITON) or not total:
+            continue
+        rest = total - sum(stages.values())
+        split = ", ".join(f"{stage} {ms:.2f}" for stage, ms in stages.items())
+        lines.append(
+            f"{r.path} at concurrency {r.concurrency}: gateway CPU {total:.2f} ms/image ({split}, "
+            f"HTTP, routing, the Triton call, metrics and log {rest:.2f}): {1e3 / total:.0f} images/s per gateway core"
+        )
+    return lines
 
 
 def report(results: list[Result], console: Console) -> None:
@@ -357,6 +431,18 @@ def main() -> int:
         help="publish the model with an 8-bit pixel input that it normalizes itself",
     )
     parser.add_argument(
+        "--model",
+        choices=("resnet18", "near-free"),
+        default="resnet18",
+        help="ResNet-18, or a mean over the pixels and one linear layer (the gateway's share stands out)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        help="one gateway per worker count, on the same Triton (default: one gateway, GATEWAY_WORKERS or one per core)",
+    )
+    parser.add_argument(
         "--no-shared-memory",
         action="store_true",
         help="have the gateway send input tensors to Triton as bytes, not through /dev/shm",
@@ -368,9 +454,11 @@ def main() -> int:
         or min(args.concurrency) < 1
         or (args.instances is not None and args.instances < 1)
         or args.intra_op_threads < 0
+        or (args.workers is not None and min(args.workers) < 1)
     ):
         parser.error(
-            "--duration, --rounds, --concurrency and --instances must be positive, --intra-op-threads 0 or more"
+            "--duration, --rounds, --concurrency, --instances and --workers must be positive, "
+            "--intra-op-threads 0 or more"
         )
     if args.jpeg_draft:
         os.environ["GATEWAY_JPEG_DRAFT"] = "true"  # the gateway process inherits the environment
@@ -382,7 +470,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         folder = Path(tmp)
         published = publish(
-            build_model(folder),
+            build_model(folder, args.model),
             folder / "repo",
             MODEL,
             spec=IMAGENET,
@@ -404,17 +492,35 @@ def main() -> int:
             cache_dir=str(folder / "cache"),
         )
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        with local_stack(settings, gateway_port=free_port()) as (triton, gateway):
+        with local_stack(settings, gateway_port=free_port()) as (triton, gateway), contextlib.ExitStack() as more:
+            gateways = {GATEWAY: gateway}
+            if args.workers:
+                gateways = {}  # the stack's own gateway idles meanwhile
+                for workers in dict.fromkeys(args.workers):
+                    extra = GatewayProcess(
+                        port=free_port(),
+                        env={**gateway.env, "GATEWAY_WORKERS": str(workers)},
+                        log_path=folder / f"gateway-{workers}.log",
+                    )
+                    gateways[gateway_path(workers)] = more.enter_context(extra)
             # One event loop for every measurement: grpc.aio is bound to the loop it first ran on.
-            results = asyncio.run(measure(session, triton, gateway, tensors, jpegs, args, console))
-            transports = input_transports(gateway.url)
+            results = asyncio.run(measure(session, triton, gateways, tensors, jpegs, args, console))
+            transports: dict[str, float] = {}
+            for served in gateways.values():
+                for name, count in input_transports(served.url).items():
+                    transports[name] = transports.get(name, 0.0) + count
     report(results, console)
+    stages = stage_cpu_ms(jpegs, IMAGENET, args.pixel_input)
+    for line in per_core_lines(results, stages):
+        console.print(line)
     console.print(
         "the gateway's input tensors reached Triton: "
         + ", ".join(f"{count:.0f} times as {name.replace('_', ' ')}" for name, count in transports.items())
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    args.output.write_text(
+        json.dumps({"results": [asdict(r) for r in results], "gateway_cpu_ms_per_image_by_stage": stages}, indent=2)
+    )
     console.print(f"written {args.output}")
     return 0
 

@@ -9,7 +9,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MALLOC_MMAP_THRESHOLD_=16777216 \
     MALLOC_TRIM_THRESHOLD_=67108864 \
-    GATEWAY_SHARED_MEMORY_SLOTS=0
+    GATEWAY_SHARED_MEMORY_SLOTS=0 \
+    GATEWAY_HOST=0.0.0.0 \
+    GATEWAY_PORT=8080
 
 # Numeric uid, so Kubernetes' runAsNonRoot can verify it.
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin gateway
@@ -22,7 +24,8 @@ RUN pip install --no-cache-dir . && rm -rf build *.egg-info
 USER 10001:10001
 EXPOSE 8080
 # Every interface, unlike the local default (127.0.0.1): a container is reached from outside it, so
-# set GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE. The stock asyncio loop: grpc.aio, which carries every
-# Triton call, does not support uvloop. Past GATEWAY_MAX_CONNECTIONS connections uvicorn answers 503
-# (1024 unset, as in server/settings.py); a shell reads it, exec leaves uvicorn as PID 1.
-CMD ["sh", "-c", "exec uvicorn server.app:create_app --factory --host 0.0.0.0 --port 8080 --loop asyncio --limit-concurrency \"${GATEWAY_MAX_CONNECTIONS:-1024}\""]
+# set GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE. server/serve.py starts uvicorn with GATEWAY_WORKERS
+# worker processes (default: one per core the container may run on; a CPU limit does not narrow that, so
+# set it to the limit) and every other option from the GATEWAY_* settings. Python is PID 1: SIGTERM
+# reaches the supervisor, which passes it on to every worker, and each drains.
+CMD ["python", "-m", "server"]

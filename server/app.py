@@ -199,7 +199,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             if region:
                 made.callback(region.close)
-            metrics.shared_memory_free_slots.set_function(lambda: region.free_slots if region else 0)
+            if region:
+                region.on_change = metrics.shared_memory_free_slots.set
+                metrics.shared_memory_free_slots.set(region.free_slots)
             app.state.replicas = replicas = ReplicaPool(
                 settings.triton_url,
                 protocol=settings.triton_protocol,

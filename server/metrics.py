@@ -2,13 +2,20 @@
 
 Label values are bounded: model names Triton serves (or "unknown"), versions Triton answered with or a
 model's config names, HTTP statuses, stage names and the gateway's own error codes; never raw user strings.
+
+With several worker processes (server/serve.py), prometheus-client's multiprocess mode is on
+(PROMETHEUS_MULTIPROC_DIR, set by the supervisor before any worker starts): each worker writes its values
+to files of its own there and /metrics, whichever worker answers it, sums them all. Gauges say how:
+"livesum" adds the values of the workers alive (a dead one's are dropped, see server/serve.py).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 STAGES = ("decode", "preprocess", "inference", "total")
 # Milliseconds to seconds: preprocessing of a small image takes ~1 ms, a CPU batch can take a second.
@@ -21,6 +28,11 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # What /metrics serves: this process's own metrics, or every worker's, summed, in multiprocess mode.
+        self.exposed = r
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)
         self.requests = Counter(
             "gateway_requests", "Inference requests by model and HTTP status", ["model", "status"], registry=r
         )
@@ -58,6 +70,7 @@ class GatewayMetrics:
             "gateway_in_flight_requests",
             "Inference requests in the gateway, from the start of their body to the answer",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.rejections = Counter(
             "gateway_rejections", "Requests refused, by reason (the error code)", ["reason"], registry=r
@@ -76,8 +89,9 @@ class GatewayMetrics:
         )
         self.shared_memory_free_slots = Gauge(
             "gateway_shared_memory_free_slots",
-            "Free slots of the shared-memory region for input tensors (0 also when there is no region)",
+            "Free slots of the shared-memory regions for input tensors (0 also when there is no region)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.triton_errors = Counter(
             "gateway_triton_errors", "Failed Triton calls, by the gateway's error code", ["code"], registry=r
@@ -89,6 +103,8 @@ class GatewayMetrics:
             "Triton's model index (every /readyz and /v1/models); their reasons are on /v1/models",
             ["model"],
             registry=r,
+            # Every worker reads the same index: the latest read is the answer, never a sum over workers.
+            multiprocess_mode="livemostrecent",
         )
         self._indexed_models: set[str] = set()
 
@@ -103,3 +119,7 @@ class GatewayMetrics:
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(seconds)
+
+    def latest(self) -> bytes:
+        """The text exposition format of every metric, summed over the workers in multiprocess mode."""
+        return generate_latest(self.exposed)

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
@@ -280,7 +280,7 @@ async def readyz(triton: ReplicasDep, settings: SettingsDep, drain: DrainDep, me
     },
 )
 async def prometheus_metrics(metrics: MetricsDep) -> Response:
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 @models.get(

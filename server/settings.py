@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # faster at reduced scale, with pixels ~0.6/255 off on average (docs/results.md).
     jpeg_draft: bool = False
     default_top_k: int = Field(5, ge=1)
+    # Worker processes on the one port (server/serve.py); unset: one per core this process may run on, at most
+    # 8. Each worker has its own Triton connections, shared-memory region and threads, and every limit
+    # below (in flight, connections, buffered bytes, decodes) applies to each worker on its own.
+    workers: int | None = Field(None, ge=1, le=64)
     max_in_flight: int = Field(64, gt=0, description="inference requests at once; past it 429 with Retry-After")
     preprocess_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
     # A request alone in the gateway whose images are baseline JPEGs of at most these pixels and bytes

@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
@@ -54,8 +56,10 @@ class InputRegion:
         # Aligned slots keep every float tensor aligned for the backends that read it.
         self.slot_bytes = -(-slot_bytes // 64) * 64
         self.size = slots * self.slot_bytes
-        # Unique per process and start: a Triton that can register this key sees this very region.
-        self.name = f"{REGION_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        # Unique per process and start: a Triton that can register this key sees this very region. The
+        # process group leads: a supervisor's worker processes share it, so whoever started the gateway can
+        # remove what any of them left (stack/launcher.py); the pid keeps two workers' names apart.
+        self.name = f"{REGION_PREFIX}{os.getpgrp()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.key = f"/{self.name}"
         if not os.path.isdir(SHM_DIRECTORY):
             raise SharedMemoryUnavailable(f"{SHM_DIRECTORY} does not exist on this host")
@@ -80,8 +84,12 @@ class InputRegion:
         # frombuffer holds a buffer export on the mapping: close() cannot unmap it while an array over it
         # lives, so no array ever points at unmapped memory.
         self.view: np.ndarray | None = np.frombuffer(self._mapping, np.uint8)
-        # deque's append and popleft are atomic: a preprocessing thread may free a slot (see routes).
+        # A preprocessing thread may free a slot (see routes).
         self._free: deque[Slot] = deque(Slot(i * self.slot_bytes) for i in range(slots))
+        # Told the free slots after each change (a gauge in multiprocess mode cannot ask for them); the lock
+        # keeps the values told in the order of the changes.
+        self.on_change: Callable[[int], None] | None = None
+        self._changing = threading.Lock()
 
     @property
     def free_slots(self) -> int:
@@ -93,14 +101,22 @@ class InputRegion:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if nbytes > self.slot_bytes or self.view is None:
             return None
-        try:
-            slot = self._free.popleft()
-        except IndexError:
-            return None
+        with self._changing:
+            try:
+                slot = self._free.popleft()
+            except IndexError:
+                return None
+            self._changed()
         return slot, self.view[slot.offset : slot.offset + nbytes].view(dtype).reshape(shape)
 
     def release(self, slot: Slot) -> None:
-        self._free.append(slot)
+        with self._changing:
+            self._free.append(slot)
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(len(self._free))
 
     def close(self) -> None:
         """Unlink the region and unmap it (Triton keeps its own mapping until it unregisters it)."""

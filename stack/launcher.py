@@ -28,6 +28,7 @@ from typing import Annotated, Any
 from pydantic import TypeAdapter, ValidationError
 
 from server.drain import longest_request_s
+from server.serve import remove_metrics_dirs
 from server.settings import GATEWAY_MALLOC_ENV, Settings
 from server.shared_memory import REGION_PREFIX as GATEWAY_REGION_PREFIX
 from server.shared_memory import SHM_DIRECTORY
@@ -460,7 +461,9 @@ class GatewayProcess(_ManagedProcess):
     def _clean_up(self, pid: int) -> None:
         # A gateway killed before it could unlink its region leaves it, reserved in full, in /dev/shm; gone
         # from there, a later gateway also has Triton drop its registration (server/triton.py).
+        # Its workers' regions too: they are named after the process group, which the gateway leads.
         freed = remove_regions(f"{GATEWAY_REGION_PREFIX}{pid}-")
+        remove_metrics_dirs(pid)
         if freed:
             log.info("removed %.1f MB of shared memory that the gateway (pid %d) left", freed / 1e6, pid)
 
@@ -468,35 +471,8 @@ class GatewayProcess(_ManagedProcess):
         """This process's environment plus `env`, over the gateway's allocator defaults."""
         return {**GATEWAY_MALLOC_ENV, **os.environ, **self.env}
 
-    def max_connections(self) -> int:
-        """GATEWAY_MAX_CONNECTIONS as the gateway's settings read it: uvicorn's own option, so read here."""
-        field = Settings.model_fields["max_connections"]
-        value = {k.upper(): v for k, v in self.environment().items()}.get("GATEWAY_MAX_CONNECTIONS")
-        if value is None:
-            return field.default
-        try:
-            return TypeAdapter(Annotated[int, field]).validate_python(value)
-        except ValidationError as e:
-            raise LaunchError(f"GATEWAY_MAX_CONNECTIONS={value!r}: {e.errors()[0]['msg']}") from None
-
     def launch(self) -> None:
-        # The stock asyncio loop: grpc.aio, which carries every Triton call, does not support uvloop.
-        # Past --limit-concurrency connections (or requests) uvicorn answers 503.
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "server.app:create_app",
-            "--factory",
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-            "--loop",
-            "asyncio",
-            "--limit-concurrency",
-            str(self.max_connections()),
-        ]
-        self._spawn(command, self.environment())
+        # server/serve.py: uvicorn with GATEWAY_WORKERS worker processes (default one per core), every
+        # option read from the gateway's settings, here given this process's host and port.
+        env = {**self.environment(), "GATEWAY_HOST": self.host, "GATEWAY_PORT": str(self.port)}
+        self._spawn([sys.executable, "-m", "server"], env)

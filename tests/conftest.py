@@ -3,6 +3,7 @@ Fixtures that train live in tests/fixtures.py, imported by the tiers that need t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import skimage
 from PIL import Image
 
 PHOTO_DIR = Path(skimage.__file__).parent / "data"
+
+# A gateway that a test starts runs in one worker process unless the test says otherwise: the limits
+# tests check (in flight, connections, buffered bytes) hold per worker, and several workers would share
+# a test's connections between them.
+os.environ.setdefault("GATEWAY_WORKERS", "1")
 
 
 @pytest.fixture(scope="session")

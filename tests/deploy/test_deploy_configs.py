@@ -566,21 +566,11 @@ def test_gateway_image_runs_the_app_factory_as_non_root(services):
     user = [args for word, args in instructions if word == "USER"][-1]
     assert user.split(":")[0].isdigit() and int(user.split(":")[0]) > 0, "numeric uid for runAsNonRoot"
     cmd = json.loads([args for word, args in instructions if word == "CMD"][-1])
-    assert cmd[:2] == ["sh", "-c"]
-    assert shlex.split(cmd[2]) == [
-        "exec",
-        "uvicorn",
-        "server.app:create_app",
-        "--factory",
-        "--host",
-        "0.0.0.0",
-        "--port",
-        "8080",
-        "--loop",
-        "asyncio",  # grpc.aio does not support uvloop
-        "--limit-concurrency",
-        f"${{GATEWAY_MAX_CONNECTIONS:-{Settings.model_fields['max_connections'].default}}}",
-    ]
+    # Exec form: python is PID 1 and gets the SIGTERM; server/serve.py reads every uvicorn option.
+    assert cmd == ["python", "-m", "server"]
+    env = dict(pair.split("=", 1) for word, args in instructions if word == "ENV" for pair in shlex.split(args))
+    assert (env["GATEWAY_HOST"], env["GATEWAY_PORT"]) == ("0.0.0.0", "8080")
+    assert "GATEWAY_WORKERS" not in env  # one per core unless the deployment says
     from server.app import create_app
 
     assert callable(create_app)
@@ -778,6 +768,12 @@ def test_k8s_gateway_probes_resources_and_user(k8s):
     service = k8s[("Service", "gateway")]
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert [p["targetPort"] for p in service["spec"]["ports"]] == [8080]
+
+
+def test_k8s_gateway_runs_one_worker_per_core_of_its_cpu_limit(k8s):
+    # The default worker count follows the CPU affinity, which a CPU limit (a CFS quota) leaves at the node's.
+    gateway = container(k8s[("Deployment", "gateway")])
+    assert int(gateway_env(k8s)["GATEWAY_WORKERS"]) == int(gateway["resources"]["limits"]["cpu"])
 
 
 def gateway_env(k8s) -> dict[str, str]:

@@ -11,7 +11,18 @@ import time
 import pytest
 from rich.console import Console
 
-from benchmarks.gateway import CEILING, GATEWAY, TRITON, Run, process_tree_cpu_s, report, summarize
+from benchmarks.gateway import (
+    CEILING,
+    GATEWAY,
+    TRITON,
+    Run,
+    gateway_path,
+    per_core_lines,
+    process_tree_cpu_s,
+    report,
+    stage_cpu_ms,
+    summarize,
+)
 
 
 def test_summary_takes_the_median_rate_and_pools_latencies_over_rounds():
@@ -107,3 +118,22 @@ def test_the_load_generator_counts_its_own_cpu():
 
     run = asyncio.run(with_cpu({}, busy_measurement()))
     assert 0.2 <= run.cpu_s[CLIENT] < 1.0
+
+
+def test_per_core_lines_split_the_gateways_cpu_by_stage_and_give_images_per_second_per_core():
+    results = [
+        summarize(TRITON, 8, [Run(100, 1.0, [0.01] * 100, {"Triton": 1.0, "gateway": 0.0})]),
+        summarize(gateway_path(2), 8, [Run(100, 1.0, [0.01] * 100, {"Triton": 1.0, "gateway": 0.5})]),
+    ]
+    (line,) = per_core_lines(results, {"decode": 1.5, "resize and normalize": 1.0})
+    assert line.startswith("gateway, 2 workers at concurrency 8: gateway CPU 5.00 ms/image")
+    assert "decode 1.50, resize and normalize 1.00, HTTP, routing, the Triton call, metrics and log 2.50" in line
+    assert line.endswith("200 images/s per gateway core")
+    assert gateway_path(None) == GATEWAY and gateway_path(1) == "gateway, 1 worker"
+
+
+def test_stage_cpu_is_measured_on_real_photos(photos):
+    from benchmarks.gateway import IMAGENET
+
+    stages = stage_cpu_ms([photos[0].read_bytes()], IMAGENET, pixel_input=False, repeats=2)
+    assert set(stages) == {"decode", "resize and normalize"} and all(ms > 0 for ms in stages.values())

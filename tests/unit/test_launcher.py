@@ -28,24 +28,15 @@ def test_gateway_environment_has_the_allocator_defaults_and_lets_the_caller_over
     assert explicit.environment()["MALLOC_MMAP_THRESHOLD_"] == "131072"
 
 
-def _command_of(gateway: GatewayProcess, monkeypatch) -> list[str]:
+def test_the_gateway_runs_under_its_own_entry_point_on_the_launchers_host_and_port(monkeypatch, tmp_path):
     spawned = {}
-    monkeypatch.setattr(gateway, "_spawn", lambda command, env: spawned.update(command=command))
+    gateway = GatewayProcess(host="127.0.0.1", port=8123, env={"GATEWAY_PORT": "9"}, log_path=tmp_path / "g.log")
+    monkeypatch.setattr(gateway, "_spawn", lambda command, env: spawned.update(command=command, env=env))
     monkeypatch.setattr(gateway, "_wait_until", lambda url, timeout_s: None)
     gateway.start()
-    return spawned["command"]
-
-
-def test_the_gateway_runs_with_its_connection_limit(monkeypatch, tmp_path):
-    monkeypatch.delenv("GATEWAY_MAX_CONNECTIONS", raising=False)
-    command = _command_of(GatewayProcess(log_path=tmp_path / "gateway.log"), monkeypatch)
-    assert command[command.index("--limit-concurrency") + 1] == "1024"
-    command = _command_of(
-        GatewayProcess(env={"GATEWAY_MAX_CONNECTIONS": "7"}, log_path=tmp_path / "g.log"), monkeypatch
-    )
-    assert command[command.index("--limit-concurrency") + 1] == "7"
-    with pytest.raises(LaunchError, match="GATEWAY_MAX_CONNECTIONS"):
-        _command_of(GatewayProcess(env={"GATEWAY_MAX_CONNECTIONS": "0"}, log_path=tmp_path / "g.log"), monkeypatch)
+    # server/serve.py reads every uvicorn option (workers, connection limit) from the gateway's settings.
+    assert spawned["command"] == [sys.executable, "-m", "server"]
+    assert (spawned["env"]["GATEWAY_HOST"], spawned["env"]["GATEWAY_PORT"]) == ("127.0.0.1", "8123")
 
 
 # ------------------------------------------------------------------------- the managed child process
