@@ -193,6 +193,9 @@ class ChaosStack:
             "GATEWAY_HOST": host,
             "GATEWAY_PORT": str(self.gateway_port),
             "GATEWAY_TRITON_TIMEOUT_S": str(TRITON_TIMEOUT_S),
+            # One gateway process: the flood's 429 threshold is per worker, and the soak watches this
+            # process's memory, descriptors and threads.
+            "GATEWAY_WORKERS": "1",
             "GATEWAY_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
             "GATEWAY_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
             "GATEWAY_DRAIN_S": str(DRAIN_S),
