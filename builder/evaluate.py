@@ -143,7 +143,13 @@ def evaluate_predictor(
     """Score any function from a batch of images to logits (a TensorRT engine's, say) like `evaluate`."""
     predictions, labels = [], []
     for images, batch_labels in data.batches(batch_size):
-        predictions.append(predict(images).argmax(axis=1))
+        scores = predict(images)
+        if scores.ndim != 2 or scores.shape[1] != len(data.classes):
+            raise BuilderError(
+                f"the model gives {' x '.join(map(str, scores.shape[1:]))} scores per image but the dataset has "
+                f"{len(data.classes)} classes; give the labelled images of the classes it was trained on"
+            )
+        predictions.append(scores.argmax(axis=1))
         labels.append(batch_labels)
     predicted, truth = np.concatenate(predictions), np.concatenate(labels)
     confusion = confusion_matrix(truth, predicted, len(data.classes))
