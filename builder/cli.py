@@ -798,8 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         TRAIN,
         "dataset",
-        help="training data; with --onnx, the labelled images (one sub-folder per class) to calibrate and "
-        "evaluate on",
+        help="training data; with --onnx, the labelled images (one sub-folder per class) to calibrate and evaluate on",
         dest="dataset",
         default=None,
     )
