@@ -180,6 +180,10 @@ def _interface_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, key) for key in _INTERFACE_FLAGS}
 
 
+def _interface_given(args: argparse.Namespace) -> bool:
+    return bool(args.labels) or any(value is not None for value in _interface_flags(args).values())
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, measure_speed, validation_data, write_evaluation
 
@@ -187,10 +191,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.checkpoint:
         from .checkpoint import load_model
 
+        if _interface_given(args):
+            raise BuilderError("the preprocessing and labels flags are for a model exported elsewhere (--onnx)")
         model, meta = load_model(Path(args.checkpoint))
         target = model
-        if args.labels or any(v is not None for v in _interface_flags(args).values()):
-            raise BuilderError("the preprocessing and labels flags are for a model exported elsewhere (--onnx)")
         if args.dataset:
             meta = meta.with_dataset(args.dataset)
     else:
@@ -245,8 +249,8 @@ def _quantize(args: argparse.Namespace) -> None:
     onnx_path = Path(args.onnx)
     if args.precision == "fp16":
         output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + "-fp16.onnx")
-        given = args.labels or any(v is not None for v in _interface_flags(args).values())
-        meta = _onnx_interface(args, args.calibration_data) if given or args.calibration_data else None
+        given = _interface_given(args) or args.calibration_data
+        meta = _onnx_interface(args, args.calibration_data) if given else None
         print(json.dumps({"onnx": str(convert_fp16(onnx_path, output, meta))}))
         return
     config = QuantizeConfig(**_given(args, QUANTIZE))
@@ -275,7 +279,7 @@ def _quantize_aware(args: argparse.Namespace) -> None:
         raise BuilderError(
             "--method qat fine-tunes a PyTorch model: give --checkpoint (a trained or pruned .pt), not --onnx"
         )
-    if args.calibration_data or args.labels or any(v is not None for v in _interface_flags(args).values()):
+    if args.calibration_data or _interface_given(args):
         raise BuilderError("--method qat takes its data and preprocessing from --checkpoint, not from flags")
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(checkpoint.stem + "-int8-qat.onnx")

@@ -199,3 +199,24 @@ def test_macs_and_parameters_are_counted_on_the_graph(model, tmp_path):
 
     # One Conv, weight 2 x 1 x 4 x 4, output 2 x 1 x 1 per image: 32 products, 32 weights.
     assert onnx_macs_and_params(onnx.load(str(model))) == (32, 32)
+
+
+def test_fp16_of_a_model_exported_elsewhere_carries_the_flags(model, capsys):
+    assert main(["quantize", "--precision", "fp16", "--onnx", str(model), *FLAGS]) == 0
+    meta = read_onnx_meta(Path(json.loads(capsys.readouterr().out)["onnx"]))
+    assert (meta.preprocess, meta.props["precision"]) == (SPEC, "fp16")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["quantize", "--method", "qat", "--checkpoint", "run/best.pt", "--crop", "4"],
+        ["quantize", "--method", "qat", "--checkpoint", "run/best.pt", "--calibration-data", "images"],
+        ["evaluate", "--checkpoint", "run/best.pt", "--labels", "labels.txt"],
+    ],
+)
+def test_interface_flags_with_a_checkpoint_are_refused_in_one_line(args, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "not from flags" in err or "are for a model exported elsewhere (--onnx)" in err
+    assert len(err.strip().splitlines()) == 1
