@@ -29,6 +29,8 @@ from .transforms import eval_transform
 
 LATENCY_BATCH = 1
 THROUGHPUT_BATCH = 8
+MAX_CONFUSION_INCHES = 20.0
+MAX_LABELLED_CLASSES = 40
 
 
 @dataclass(frozen=True)
@@ -188,12 +190,15 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path, *,
     matplotlib.use("Agg")  # no display on build machines
     import matplotlib.pyplot as plt
 
-    size = max(4.0, 0.45 * len(classes) + 2)
+    # Grows with the classes up to a bound: at 120 dpi, ImageNet's 1000 would otherwise ask for a
+    # 54,000-pixel square (about 12 GB of pixels).
+    size = min(max(4.0, 0.45 * len(classes) + 2), MAX_CONFUSION_INCHES)
     figure, axes = plt.subplots(figsize=(size, size))
     axes.imshow(confusion, cmap="Blues")
-    ticks = range(len(classes))
-    axes.set_xticks(ticks, labels=classes, rotation=90 if len(classes) > 12 else 0)
-    axes.set_yticks(ticks, labels=classes)
+    if len(classes) <= MAX_LABELLED_CLASSES:  # beyond, the labels would overlap: the axes count classes
+        ticks = range(len(classes))
+        axes.set_xticks(ticks, labels=classes, rotation=90 if len(classes) > 12 else 0)
+        axes.set_yticks(ticks, labels=classes)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     axes.set_title(title)

@@ -220,3 +220,12 @@ def test_interface_flags_with_a_checkpoint_are_refused_in_one_line(args, capsys)
     err = capsys.readouterr().err
     assert "not from flags" in err or "are for a model exported elsewhere (--onnx)" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_confusion_matrix_of_many_classes_stays_a_bounded_picture(tmp_path):
+    from builder.evaluate import plot_confusion
+
+    # 100 classes asked for a 5,640-pixel square; ImageNet's 1000 for 54,000 (the build was killed for memory).
+    path = plot_confusion(np.eye(100, dtype=np.int64), [f"n{i:03d}" for i in range(100)], tmp_path / "confusion.png")
+    with Image.open(path) as image:
+        assert max(image.size) <= 2400
