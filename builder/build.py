@@ -40,12 +40,14 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from .checkpoint import load_model
-from .data import load_run_dataset
+from .data import ImageDataset, load_run_dataset
 from .engine import EngineConfig, build_engine
-from .errors import BudgetError, BuilderError, error_line
-from .evaluate import validation_data
+from .errors import BudgetError, BuilderError, QuantizeError, error_line
+from .evaluate import ValidationData, validation_data
 from .export import export_model, parity_batch
 from .models import count_macs_and_params
+from .onnx_graph import onnx_macs_and_params
+from .onnx_meta import OnnxMeta, classifier_dims, load_onnx, model_interface, read_labels, save_with_metadata
 from .prune import PruneConfig, prune
 from .publish import PublishedVersion, PublishSettings, publish, publish_plan
 from .qat import QATConfig, quantization_aware_train
@@ -67,6 +69,7 @@ from .trt_runtime import tensorrt_unavailable
 log = logging.getLogger(__name__)
 
 SECTIONS = ("train", "prune", "quantize", "qat", "publish")
+PREPROCESS_KEYS = ("resize", "crop", "mean", "std", "color_mode")  # `serving_preprocess`'s, publish's flags
 QAT_MODES = ("auto", "always", "never")
 DEFAULT_REPOSITORY = Path("model_repository")
 
@@ -101,8 +104,15 @@ class BuildOverrides:
     name: str | None = None
     out_dir: Path | None = None
     checkpoint: Path | None = None
+    onnx: Path | None = None
+    labels: Path | None = None  # with onnx
+    resize: int | None = None  # with onnx: its preprocessing (publish's flags)
+    crop: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    color_mode: str | None = None
     max_accuracy_drop: float | None = None
-    dataset: str | None = None  # train
+    dataset: str | None = None  # train; with onnx, the build's own
     arch: str | None = None
     epochs: int | None = None
     image_size: int | None = None
@@ -120,10 +130,17 @@ class BuildOverrides:
         values.update(
             {
                 key: getattr(self, key)
-                for key in ("name", "out_dir", "checkpoint", "max_accuracy_drop")
+                for key in ("name", "out_dir", "checkpoint", "onnx", "labels", "max_accuracy_drop")
                 if getattr(self, key) is not None
             }
         )
+        preprocess = {key: getattr(self, key) for key in PREPROCESS_KEYS if getattr(self, key) is not None}
+        if preprocess:
+            current = values.get("preprocess") or {}
+            values["preprocess"] = {**current, **preprocess} if isinstance(current, Mapping) else current
+        onnx_start = values.get("onnx") is not None
+        if onnx_start and self.dataset is not None:
+            values["dataset"] = self.dataset
 
         def merged(section: str, **changes) -> Any:
             current = values.get(section) or {}
@@ -132,7 +149,11 @@ class BuildOverrides:
             return {**current, **{k: v for k, v in changes.items() if v is not None}}
 
         values["train"] = merged(
-            "train", dataset=self.dataset, arch=self.arch, epochs=self.epochs, image_size=self.image_size
+            "train",
+            dataset=None if onnx_start else self.dataset,
+            arch=self.arch,
+            epochs=self.epochs,
+            image_size=self.image_size,
         )
         if self.no_prune:
             values["prune"] = None
@@ -157,6 +178,13 @@ class BuildConfig:
     name: str = "model"
     out_dir: Path = Path("runs/build")
     checkpoint: Path | None = None  # start from a trained checkpoint instead of training
+    # Or from an ONNX classifier (one exported elsewhere, or by `builder export`): no training, pruning or QAT,
+    # which need a PyTorch model. Its preprocessing (publish's flags by name: resize, crop, mean, std,
+    # color_mode) and labels file where it carries none, and the labelled folder to calibrate and evaluate on.
+    onnx: Path | None = None
+    dataset: str | None = None
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    labels: Path | None = None
     # The sections' defaults are empty mappings, typed with every default (and the quantize target, when
     # not given, from the publish section's target, else cpu) once the config is made.
     train: TrainConfig = field(default_factory=dict)  # its out_dir is the build's: <out_dir>/train
@@ -172,6 +200,18 @@ class BuildConfig:
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         self.checkpoint = Path(self.checkpoint) if self.checkpoint is not None else None
+        self.onnx = Path(self.onnx) if self.onnx is not None else None
+        self.labels = Path(self.labels) if self.labels is not None else None
+        if self.onnx is not None and self.checkpoint is not None:
+            raise BuilderError("a build starts from a checkpoint or from an ONNX model: give --checkpoint or --onnx")
+        if not isinstance(self.preprocess, Mapping):
+            raise BuilderError(f"preprocess: {self.preprocess!r} is not a mapping of settings")
+        unknown = sorted(set(self.preprocess) - set(PREPROCESS_KEYS))
+        if unknown:
+            raise BuilderError(f"unknown preprocess settings {', '.join(unknown)}; valid: {', '.join(PREPROCESS_KEYS)}")
+        if self.onnx is None and (self.preprocess or self.labels is not None or self.dataset is not None):
+            raise BuilderError("preprocess, labels and dataset are for a build from an ONNX model (--onnx)")
+        self.preprocess = dict(self.preprocess)
         if self.publish is not None and not isinstance(self.publish, PublishSettings):
             publish = dict(self.publish) if isinstance(self.publish, Mapping) else self.publish
             if isinstance(publish, dict):
@@ -255,6 +295,8 @@ class BuildConfig:
                 return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
             if isinstance(value, Path):
                 return str(value)
+            if isinstance(value, Mapping):
+                return {k: plain(v) for k, v in value.items()}
             if isinstance(value, (list, tuple)):
                 return [plain(v) for v in value]
             return value
@@ -265,6 +307,8 @@ class BuildConfig:
             for f in dataclasses.fields(self)
         }
         del data["train"]["out_dir"]  # the build's own
+        if self.onnx is not None:  # nothing is trained
+            del data["train"]
         return data
 
 
@@ -327,9 +371,43 @@ def _train(config: BuildConfig) -> Path:
     return train(dataclasses.replace(config.train, out_dir=config.out_dir / "train")).best_checkpoint
 
 
+@dataclass(frozen=True)
+class _OnnxStart:
+    """A build's starting ONNX model with what the stages need of it, checked before anything is written."""
+
+    meta: OnnxMeta
+    dataset: ImageDataset
+    data: ValidationData
+
+
+def _onnx_start(config: BuildConfig) -> _OnnxStart:
+    assert config.onnx is not None
+    labels = read_labels(config.labels) if config.labels is not None else None
+    meta = model_interface(config.onnx, preprocess=config.preprocess, labels=labels, dataset=config.dataset)
+    if not meta.has_dataset:
+        raise BuilderError(f"{config.onnx} names no dataset: give --dataset (a folder of class sub-folders)")
+    dataset = load_run_dataset(meta.dataset_recipe)
+    num_classes = classifier_dims(load_onnx(config.onnx))[1]
+    if num_classes != len(dataset.classes):
+        raise BuilderError(
+            f"{config.onnx} has {num_classes} outputs but dataset {dataset.name!r} has {len(dataset.classes)} "
+            "classes: give the labelled images of the classes it was trained on (one sub-folder per class)"
+        )
+    meta = meta.with_dataset_labels(dataset.classes, num_classes)
+    wanted = config.quantize.calibration_images if config.quantize is not None else 0
+    if wanted > len(dataset.train):
+        raise QuantizeError(
+            f"asked for {wanted} calibration images but the training split of {dataset.name!r} has only "
+            f"{len(dataset.train)}; lower --calibration-images"
+        )
+    return _OnnxStart(meta, dataset, validation_data(meta, dataset))
+
+
 def build(config: BuildConfig) -> BuildResult:
     """Run every configured stage; write report.md/json/png into `out_dir` even when a stage fails."""
     out = Path(config.out_dir)
+    # A model exported elsewhere is checked with its data first: a mistake there leaves nothing behind.
+    onnx_start = _onnx_start(config) if config.onnx is not None else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     prune_config, quantize_config, settings, repository = (
@@ -340,17 +418,26 @@ def build(config: BuildConfig) -> BuildResult:
     )
     # TensorRT's parser refuses QAT's uint8 Q/DQ: a gpu target has no QAT fallback.
     qat_mode = "never" if quantize_config is None or quantize_config.target == "gpu" else config.qat.mode
+    report = Report(max_accuracy_drop=config.max_accuracy_drop)
+    if onnx_start is not None:  # pruning and QAT change a PyTorch model, which an ONNX start does not have
+        reason = "needs a PyTorch checkpoint; the build starts from an ONNX model"
+        if prune_config is not None:
+            report.not_run.append(NotRun("pruned", reason))
+        if qat_mode == "always":
+            report.not_run.append(NotRun("int8-qat", reason))
+        prune_config, qat_mode = None, "never"
     gpu_int8 = quantize_config is not None and quantize_config.target == "gpu"
     for_gpu = gpu_int8 or (settings is not None and settings.target == "gpu")
     qat_config = config.qat.training() if qat_mode != "never" else None
 
-    checkpoint = config.checkpoint or _train(config)
-    model, meta = load_model(checkpoint)
-    dataset = load_run_dataset(meta.dataset_recipe)
-    data = validation_data(meta, dataset)
-    input_shape = meta.input_shape
-    parity = parity_batch(meta, config.parity_images, dataset)
-    report = Report(max_accuracy_drop=config.max_accuracy_drop)
+    if onnx_start is None:
+        checkpoint: Path | None = config.checkpoint or _train(config)
+        model, meta = load_model(checkpoint)
+        dataset = load_run_dataset(meta.dataset_recipe)
+        data = validation_data(meta, dataset)
+        parity = parity_batch(meta, config.parity_images, dataset)
+    else:
+        checkpoint, dataset, data = None, onnx_start.dataset, onnx_start.data
 
     def stage(
         name: str,
@@ -437,12 +524,19 @@ def build(config: BuildConfig) -> BuildResult:
 
     engines: dict[str, tuple[Path, Path]] = {}
     try:
-        fp32 = export_model(model, meta, out / "fp32.onnx", parity=parity, source=checkpoint).onnx_path
-        macs, params = count_macs_and_params(model, input_shape)
-        stage("fp32", fp32, macs, params)
+        if checkpoint is not None:
+            fp32 = export_model(model, meta, out / "fp32.onnx", parity=parity, source=checkpoint).onnx_path
+            macs, params = count_macs_and_params(model, meta.input_shape)
+            notes = ""
+        else:  # the model as given, with the preprocessing, labels and dataset it goes on with
+            assert config.onnx is not None and onnx_start is not None
+            fp32 = save_with_metadata(config.onnx, out / "fp32.onnx", onnx_start.meta)
+            macs, params = onnx_macs_and_params(load_onnx(fp32))
+            notes = f"from {config.onnx}"
+        stage("fp32", fp32, macs, params, notes=notes)
         serving_fp32 = latest = fp32
         latest_checkpoint = checkpoint
-        if prune_config is not None:
+        if prune_config is not None and checkpoint is not None:
             pruned = prune(checkpoint, out / "pruned.pt", prune_config, dataset)
             pruned_model, pruned_meta = load_model(pruned.checkpoint)
             latest = serving_fp32 = export_model(

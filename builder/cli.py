@@ -174,26 +174,41 @@ def _percent(text: str) -> float:
 
 def _publish_interface(args: argparse.Namespace):
     """Preprocessing and labels for a model exported elsewhere: flags win over the ONNX metadata."""
-    from .errors import PublishError
     from .publish import inspect_onnx
+
+    embedded = inspect_onnx(Path(args.onnx)).metadata.get("preprocess")
+    return _interface_spec(args, embedded), _interface_labels(args)
+
+
+def _interface_spec(args: argparse.Namespace, carried: str | None):
+    """The preprocessing flags (`_add_interface_arguments`) over the spec an ONNX file carries (its JSON);
+    None where no flag is given and the file carries one."""
     from .train_config import serving_preprocess
 
-    labels = None
-    if args.labels:
-        try:
-            labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise PublishError(f"labels file {args.labels} cannot be read: {e.strerror or e}") from e
-    embedded = inspect_onnx(Path(args.onnx)).metadata.get("preprocess")
-    spec = serving_preprocess(
-        json.loads(embedded) if embedded else None,
-        resize=args.resize,
-        crop=args.crop,
-        mean=args.mean,
-        std=args.std,
-        color_mode=args.color_mode,
+    return serving_preprocess(json.loads(carried) if carried else None, **_interface_flags(args))
+
+
+def _interface_labels(args: argparse.Namespace) -> list[str] | None:
+    from .onnx_meta import read_labels
+
+    return read_labels(Path(args.labels)) if args.labels else None
+
+
+def _onnx_interface(args: argparse.Namespace, dataset: str | None):
+    """The OnnxMeta of `--onnx` with the interface flags and `dataset` put in, checked against the graph."""
+    from .onnx_meta import model_interface
+
+    return model_interface(
+        Path(args.onnx), preprocess=_interface_flags(args), labels=_interface_labels(args), dataset=dataset
     )
-    return spec, labels
+
+
+def _interface_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in _INTERFACE_FLAGS}
+
+
+def _interface_given(args: argparse.Namespace) -> bool:
+    return bool(args.labels) or any(value is not None for value in _interface_flags(args).values())
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -203,17 +218,17 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.checkpoint:
         from .checkpoint import load_model
 
+        if _interface_given(args):
+            raise BuilderError("the preprocessing and labels flags are for a model exported elsewhere (--onnx)")
         model, meta = load_model(Path(args.checkpoint))
         target = model
+        if args.dataset:
+            meta = meta.with_dataset(args.dataset)
     else:
-        from .onnx_meta import read_onnx_meta
-
-        meta = read_onnx_meta(Path(args.onnx))
-        if meta.preprocess is None:
-            raise BuilderError(f"{args.onnx} carries no preprocessing spec; export it with `builder export`")
+        meta = _onnx_interface(args, args.dataset)
+        if not meta.has_dataset:
+            raise BuilderError(f"{args.onnx} names no dataset: give --dataset (a folder of class sub-folders)")
         target = Path(args.onnx)
-    if args.dataset:
-        meta = meta.with_dataset(args.dataset)
     evaluation = evaluate(target, validation_data(meta), confusion_png=out / "confusion.png")
     write_evaluation(evaluation, out / "evaluation.json")
     summary = {
@@ -261,12 +276,15 @@ def _quantize(args: argparse.Namespace) -> None:
     onnx_path = Path(args.onnx)
     if args.precision == "fp16":
         output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + "-fp16.onnx")
-        print(json.dumps({"onnx": str(convert_fp16(onnx_path, output))}))
+        given = _interface_given(args) or args.calibration_data
+        meta = _onnx_interface(args, args.calibration_data) if given else None
+        print(json.dumps({"onnx": str(convert_fp16(onnx_path, output, meta))}))
         return
     config = QuantizeConfig(**_given(args, QUANTIZE))
     suffix = "-int8-gpu.onnx" if config.target == "gpu" else "-int8.onnx"
     output = Path(args.output) if args.output else onnx_path.with_name(onnx_path.stem + suffix)
-    result = quantize_int8(onnx_path, output, config)
+    meta = _onnx_interface(args, args.calibration_data)
+    result = quantize_int8(onnx_path, output, config, meta=meta)
     print(
         json.dumps(
             {
@@ -288,6 +306,8 @@ def _quantize_aware(args: argparse.Namespace) -> None:
         raise BuilderError(
             "--method qat fine-tunes a PyTorch model: give --checkpoint (a trained or pruned .pt), not --onnx"
         )
+    if args.calibration_data or _interface_given(args):
+        raise BuilderError("--method qat takes its data and preprocessing from --checkpoint, not from flags")
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(checkpoint.stem + "-int8-qat.onnx")
     if checkpoint.is_file():  # a missing one is the stage's to report, in its words
@@ -431,6 +451,24 @@ def _given(args: argparse.Namespace, config: tuple[str, str]) -> dict[str, Any]:
 
 # TrainConfig fields that are flags of the same name; the run folder is --out.
 _RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "out_dir")
+
+
+# The preprocessing flags of a model exported elsewhere, named as `serving_preprocess` takes them.
+_INTERFACE_FLAGS = ("resize", "crop", "mean", "std", "color_mode")
+
+
+def _add_interface_arguments(parser: argparse.ArgumentParser, labels_default: str) -> None:
+    """The preprocessing and labels of a model exported elsewhere (publish, quantize, evaluate, build). Given
+    ones win over what the ONNX file carries; a file that carries no spec takes ImageNet's for those not given."""
+    group = parser.add_argument_group(
+        "a model exported elsewhere", "its preprocessing and labels; given flags win over the ONNX metadata"
+    )
+    group.add_argument("--labels", help=f"text file, one label per line ({labels_default})")
+    group.add_argument("--resize", type=_positive_int, help="shorter side before the crop (default 256)")
+    group.add_argument("--crop", type=_positive_int, help="center crop = model input side (default 224)")
+    group.add_argument("--mean", type=float, nargs="+", help="per channel (default ImageNet's)")
+    group.add_argument("--std", type=float, nargs="+", help="per channel (default ImageNet's)")
+    group.add_argument("--color-mode", choices=("RGB", "BGR", "L"), help="default RGB")
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -705,12 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch sizes Triton waits to form (default: none on the CPU; 4 and 8 on a GPU, "
         "those that fit the max batch)",
     )
-    publish.add_argument("--labels", help="text file, one label per line (default: ONNX metadata, else class index)")
-    publish.add_argument("--resize", type=_positive_int, help="shorter side before the crop (default 256)")
-    publish.add_argument("--crop", type=_positive_int, help="center crop = model input side (default 224)")
-    publish.add_argument("--mean", type=float, nargs="+", help="per channel (default ImageNet's)")
-    publish.add_argument("--std", type=float, nargs="+", help="per channel (default ImageNet's)")
-    publish.add_argument("--color-mode", choices=("RGB", "BGR", "L"), help="default RGB")
+    _add_interface_arguments(publish, "default: ONNX metadata, else class index")
     _setting(
         publish,
         "--canary",
@@ -757,7 +790,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint")
     source.add_argument("--onnx")
-    evaluate.add_argument("--dataset", help="override the dataset recorded in the model")
+    evaluate.add_argument(
+        "--dataset", help="override the dataset recorded in the model (a folder of class sub-folders, or a built-in)"
+    )
+    _add_interface_arguments(evaluate, "default: ONNX metadata, else the dataset's class folders")
     evaluate.add_argument("--out", default="runs/evaluate", help="folder for evaluation.json and confusion.png")
     evaluate.set_defaults(func=_evaluate)
 
@@ -794,6 +830,13 @@ def build_parser() -> argparse.ArgumentParser:
         "quantization (PyTorch), export INT8 QDQ ONNX; for when static INT8 loses too much",
     )
     quantize.add_argument("--precision", choices=("int8", "fp16"), default="int8")
+    quantize.add_argument(
+        "--calibration-data",
+        metavar="FOLDER",
+        help="static INT8: labelled images (one sub-folder per class) to calibrate on, from their training split "
+        "(default: the dataset the model was exported with)",
+    )
+    _add_interface_arguments(quantize, "default: ONNX metadata, else the calibration data's class folders")
     _setting(
         quantize,
         "--target",
@@ -841,8 +884,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="OUT",
     )
-    build.add_argument("--checkpoint", help="start from this trained checkpoint instead of training")
-    _setting(build, "--dataset", TRAIN, "dataset", dest="dataset", default=None)
+    start = build.add_mutually_exclusive_group()
+    start.add_argument("--checkpoint", help="start from this trained checkpoint instead of training")
+    start.add_argument(
+        "--onnx",
+        help="start from this ONNX classifier (exported elsewhere: give its preprocessing flags and --dataset); "
+        "no training, pruning or QAT",
+    )
+    _setting(
+        build,
+        "--dataset",
+        TRAIN,
+        "dataset",
+        help="training data; with --onnx, the labelled images (one sub-folder per class) to calibrate and evaluate on",
+        dest="dataset",
+        default=None,
+    )
     _setting(build, "--arch", TRAIN, "arch", choices=ARCHITECTURES, dest="arch", default=None)
     _setting(build, "--epochs", TRAIN, "epochs", type=_positive_int, dest="epochs", default=None)
     _setting(build, "--image-size", TRAIN, "image_size", type=_positive_int, dest="image_size", default=None)
@@ -885,6 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="max_accuracy_drop",
         default=None,
     )
+    _add_interface_arguments(build, "with --onnx; default: ONNX metadata, else the dataset's class folders")
     build.add_argument("--no-prune", action="store_true")
     build.add_argument("--no-quantize", action="store_true")
     build.add_argument("--no-publish", action="store_true")

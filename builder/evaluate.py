@@ -29,6 +29,8 @@ from .transforms import eval_transform
 
 LATENCY_BATCH = 1
 THROUGHPUT_BATCH = 8
+MAX_CONFUSION_INCHES = 20.0
+MAX_LABELLED_CLASSES = 40
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,13 @@ def evaluate_predictor(
     """Score any function from a batch of images to logits (a TensorRT engine's, say) like `evaluate`."""
     predictions, labels = [], []
     for images, batch_labels in data.batches(batch_size):
-        predictions.append(predict(images).argmax(axis=1))
+        scores = predict(images)
+        if scores.ndim != 2 or scores.shape[1] != len(data.classes):
+            raise BuilderError(
+                f"the model gives {' x '.join(map(str, scores.shape[1:]))} scores per image but the dataset has "
+                f"{len(data.classes)} classes; give the labelled images of the classes it was trained on"
+            )
+        predictions.append(scores.argmax(axis=1))
         labels.append(batch_labels)
     predicted, truth = np.concatenate(predictions), np.concatenate(labels)
     confusion = confusion_matrix(truth, predicted, len(data.classes))
@@ -182,12 +190,15 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path, *,
     matplotlib.use("Agg")  # no display on build machines
     import matplotlib.pyplot as plt
 
-    size = max(4.0, 0.45 * len(classes) + 2)
+    # Grows with the classes up to a bound: at 120 dpi, ImageNet's 1000 would otherwise ask for a
+    # 54,000-pixel square (about 12 GB of pixels).
+    size = min(max(4.0, 0.45 * len(classes) + 2), MAX_CONFUSION_INCHES)
     figure, axes = plt.subplots(figsize=(size, size))
     axes.imshow(confusion, cmap="Blues")
-    ticks = range(len(classes))
-    axes.set_xticks(ticks, labels=classes, rotation=90 if len(classes) > 12 else 0)
-    axes.set_yticks(ticks, labels=classes)
+    if len(classes) <= MAX_LABELLED_CLASSES:  # beyond, the labels would overlap: the axes count classes
+        ticks = range(len(classes))
+        axes.set_xticks(ticks, labels=classes, rotation=90 if len(classes) > 12 else 0)
+        axes.set_yticks(ticks, labels=classes)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     axes.set_title(title)

@@ -7,17 +7,17 @@ of the checkpoint; quantization adds its own keys. Every later stage reads them 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
 from server.preprocess import PreprocessSpec
 
 from .errors import OnnxFileError, error_line
-from .train_config import dataset_recipe
+from .train_config import dataset_recipe, serving_preprocess
 
 if TYPE_CHECKING:  # checkpoint imports torch, which publishing an ONNX file does without
     from .checkpoint import ModelMeta
@@ -109,6 +109,105 @@ class OnnxMeta:
     def with_dataset(self, source: str) -> OnnxMeta:
         return replace(self, dataset_recipe={**self.dataset_recipe, "source": source})
 
+    def with_interface(
+        self,
+        *,
+        spec: PreprocessSpec | None = None,
+        labels: Sequence[str] | None = None,
+        dataset: str | None = None,
+    ) -> OnnxMeta:
+        """This metadata with the preprocessing, labels or dataset given for a model exported elsewhere, in
+        its props too, so that the stages write them on exactly as `builder export` writes its own."""
+        props = dict(self.props)
+        if spec is not None:
+            props["preprocess"] = json.dumps(spec.to_dict())
+        if labels is not None:
+            props["labels"] = json.dumps([str(label) for label in labels])
+        if dataset is not None:
+            props["dataset"] = json.dumps({**self.dataset_recipe, "source": str(dataset)})
+        return OnnxMeta.from_props(props)
+
+    def with_dataset_labels(self, classes: Sequence[str], num_classes: int | None) -> OnnxMeta:
+        """Labels from the dataset's class folders (ImageFolder order: output i is folder i), where the model
+        carries none and has one output per folder."""
+        if "labels" in self.props or num_classes != len(classes):
+            return self
+        return self.with_interface(labels=classes)
+
+
+def classifier_dims(proto: onnx.ModelProto) -> tuple[tuple[int | None, ...], int | None]:
+    """The graph's input dims without the batch axis, and its number of classes (None where not fixed)."""
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+
+    def dims(value) -> tuple[int | None, ...]:
+        return tuple(d.dim_value or None for d in value.type.tensor_type.shape.dim)
+
+    input_dims = dims(inputs[0])[1:] if inputs else ()
+    output_dims = dims(proto.graph.output[0]) if proto.graph.output else ()
+    return input_dims, output_dims[1] if len(output_dims) == 2 else None
+
+
+def model_interface(
+    path: Path,
+    *,
+    preprocess: Mapping[str, Any] | None = None,
+    labels: Sequence[str] | None = None,
+    dataset: str | None = None,
+) -> OnnxMeta:
+    """What the stages need of the ONNX file `path`: its metadata with the given preprocessing (publish's
+    flags by name, resize, crop, mean, std, color_mode: `serving_preprocess` over the carried spec), labels
+    and dataset put in. OnnxFileError when it has no preprocessing either way, or when they do not fit the
+    graph."""
+    path = Path(path)
+    proto = load_onnx(path)
+    meta = OnnxMeta.from_props(metadata_of(proto), source=path)
+    given = {key: value for key, value in (preprocess or {}).items() if value is not None}
+    spec = serving_preprocess(meta.preprocess.to_dict() if meta.preprocess else None, **given) if given else None
+    meta = meta.with_interface(spec=spec, labels=labels, dataset=dataset)
+    if meta.preprocess is None:
+        raise OnnxFileError(
+            f"{path} carries no preprocessing spec: give the preprocessing it was trained with "
+            "(--resize, --crop, --mean, --std, --color-mode), or export it with `builder export`"
+        )
+    input_dims, num_classes = classifier_dims(proto)
+    expected = meta.preprocess.input_shape
+    if tuple(input_dims) != expected:
+        shown = " x ".join("?" if d is None else str(d) for d in input_dims) or "no input"
+        raise OnnxFileError(
+            f"the preprocessing makes {' x '.join(map(str, expected))} inputs ({meta.preprocess.color_mode}, "
+            f"crop {meta.preprocess.image_size}) but {path} takes {shown}"
+        )
+    if "labels" in meta.props and num_classes is not None and len(meta.classes) != num_classes:
+        raise OnnxFileError(f"{len(meta.classes)} labels for {path}, which has {num_classes} outputs")
+    return meta
+
+
+def read_labels(path: Path) -> list[str]:
+    """A labels file, one label per line (blank lines skipped)."""
+    try:
+        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
+        raise OnnxFileError(f"labels file {path} cannot be read: {reason}") from e
+
 
 def read_onnx_meta(path: Path) -> OnnxMeta:
     return OnnxMeta.from_props(read_metadata(path), source=path)
+
+
+def save_with_metadata(source: Path, output: Path, meta: OnnxMeta) -> Path:
+    """`source` with `meta`'s props, as one file (weights stored beside it are read in)."""
+    try:
+        proto = onnx.load(str(source))
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:  # weights beside it missing or unreadable
+        raise OnnxFileError(f"could not read {source} with its weights: {error_line(e)}") from e
+    set_metadata(proto, meta.props)
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        onnx.save(proto, str(tmp))
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output

@@ -32,7 +32,7 @@ import onnx
 
 from .data import ImageDataset, load_run_dataset
 from .errors import QuantizeError, error_line
-from .onnx_meta import OnnxMeta, load_onnx, metadata_of, set_metadata
+from .onnx_meta import OnnxMeta, classifier_dims, load_onnx, metadata_of, set_metadata
 from .tensorrt_onnx import tensorrt_parser_problems
 from .transforms import calibration_images
 
@@ -111,17 +111,32 @@ def _calibrate_method(name: str):
 
 
 def quantize_int8(
-    onnx_path: Path, output: Path, config: QuantizeConfig = QuantizeConfig(), dataset: ImageDataset | None = None
+    onnx_path: Path,
+    output: Path,
+    config: QuantizeConfig = QuantizeConfig(),
+    dataset: ImageDataset | None = None,
+    meta: OnnxMeta | None = None,
 ) -> QuantizeResult:
-    """Static INT8 calibrated on training images: for ONNX Runtime (`config.target` cpu) or TensorRT (gpu)."""
+    """Static INT8 calibrated on training images: for ONNX Runtime (`config.target` cpu) or TensorRT (gpu).
+
+    `meta`: the model's preprocessing, labels and dataset where the file does not carry them (a model exported
+    elsewhere, `onnx_meta.model_interface`); they are written into the INT8 file as export writes them."""
     started = time.monotonic()
     onnx_path, output = Path(onnx_path), Path(output)
     source = load_onnx(onnx_path)
-    metadata = metadata_of(source)
-    meta = OnnxMeta.from_props(metadata, source=onnx_path)
-    if meta.preprocess is None or not meta.has_dataset:
-        raise QuantizeError(f"{onnx_path} carries no preprocessing spec or dataset; export it with `builder export`")
+    meta = meta or OnnxMeta.from_props(metadata_of(source), source=onnx_path)
+    if meta.preprocess is None:
+        raise QuantizeError(
+            f"{onnx_path} carries no preprocessing spec: give the preprocessing flags (--resize, --crop, --mean, "
+            "--std, --color-mode), or export it with `builder export`"
+        )
+    if not meta.has_dataset and dataset is None:
+        raise QuantizeError(
+            f"{onnx_path} names no dataset to calibrate on: give --calibration-data (a folder of class sub-folders)"
+        )
     dataset = dataset or load_run_dataset(meta.dataset_recipe)
+    meta = meta.with_dataset_labels(dataset.classes, classifier_dims(source)[1])
+    metadata = dict(meta.props)
     images = calibration_images(dataset, meta.preprocess, config.calibration_images, seed=config.seed)
     input_name = source.graph.input[0].name
 
@@ -246,8 +261,8 @@ def _modelopt_int8(
     return proto, {"weight_bits": "8", "quantizer": f"nvidia-modelopt {modelopt_version}"}
 
 
-def convert_fp16(onnx_path: Path, output: Path) -> Path:
-    """FP16 for GPU targets; the graph keeps FP32 inputs and outputs."""
+def convert_fp16(onnx_path: Path, output: Path, meta: OnnxMeta | None = None) -> Path:
+    """FP16 for GPU targets; the graph keeps FP32 inputs and outputs. `meta`: as for `quantize_int8`."""
     from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -255,7 +270,7 @@ def convert_fp16(onnx_path: Path, output: Path) -> Path:
     load_external_data_for_model(proto, str(Path(onnx_path).parent))
     metadata: Mapping[str, str] = metadata_of(proto)
     half = convert_float_to_float16(proto, keep_io_types=True)
-    set_metadata(half, {**metadata, "precision": "fp16"})
+    set_metadata(half, {**metadata, **(meta.props if meta is not None else {}), "precision": "fp16"})
     output = Path(output)
     tmp = output.with_name(f".{output.name}.tmp")
     onnx.save(half, str(tmp))
