@@ -63,11 +63,14 @@ def _train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .distributed import environment_rank
     from .train import train
 
     config = _train_config(args)
     check_writable(config.out_dir, "run folder")
     result = train(config)
+    if environment_rank() != 0:  # under torchrun, rank 0 prints the one result line
+        return
     print(
         json.dumps(
             {
