@@ -82,6 +82,7 @@ def _json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_two_processes_at_batch_b_follow_one_process_at_batch_2b(tmp_path):
     # Frozen backbone: BatchNorm uses its fixed statistics, so a process's half batch normalizes as the whole
     # batch would, and the two runs take the same steps up to float rounding. Each step averages gradients
