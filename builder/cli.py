@@ -63,11 +63,14 @@ def _train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .distributed import environment_rank
     from .train import train
 
     config = _train_config(args)
     check_writable(config.out_dir, "run folder")
     result = train(config)
+    if environment_rank() != 0:  # under torchrun, rank 0 prints the one result line
+        return
     print(
         json.dumps(
             {
@@ -89,7 +92,13 @@ def _tune(args: argparse.Namespace) -> None:
     base = _train_config(args)
     check_writable(Path(args.out), "study folder")
     config = TuneConfig(
-        trials=args.trials, timeout_s=args.timeout, sampler=args.sampler, seed=base.seed, out_dir=Path(args.out)
+        trials=args.trials,
+        timeout_s=args.timeout,
+        sampler=args.sampler,
+        seed=base.seed,
+        out_dir=Path(args.out),
+        storage=args.storage,
+        study=args.study,
     )
     result = tune(base, config)
     print(
@@ -615,6 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=_positive_int, default=20, help="trials to add to the study")
     tune.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
     tune.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
+    tune.add_argument(
+        "--storage",
+        help="a study shared by workers on many machines: an RDB URL (sqlite:///x.db, postgresql://...) or "
+        "journal://PATH, a journal file on a shared filesystem (default: study.db in --out)",
+    )
+    tune.add_argument("--study", help="the study's name in --storage (default: tune-<--out folder name>)")
     tune.set_defaults(func=_tune)
 
     export = commands.add_parser("export", help="export a checkpoint to ONNX, parity-checked")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .distributed import no_sync, sum_across, unwrap
 from .models import backbone_eval
 from .progress import progress_bar
 from .schedules import warmup_cosine
@@ -49,9 +50,12 @@ def evaluate_loader(
     num_classes: int | None = None,
     device: str = "cpu",
     advance: Callable[..., None] | None = None,
+    *,
+    sharded: bool = False,
 ) -> dict:
     """Validation loss (plain cross-entropy: comparable across loss settings), accuracy and macro recall.
-    `advance(steps=n)` is told of every batch of n images."""
+    `advance(steps=n)` is told of every batch of n images. `sharded`: `loader` holds this process's share of
+    the set, and the figures are of all the processes' shares together (every process gets them)."""
     model.eval()
     loss_sum = 0.0
     hits: torch.Tensor | None = None
@@ -67,6 +71,12 @@ def evaluate_loader(
         support += torch.bincount(labels, minlength=classes)
         if advance is not None:
             advance(steps=labels.numel())
+    if sharded:
+        if (hits is None or support is None) and num_classes:  # a share can be empty
+            hits, support = torch.zeros(num_classes), torch.zeros(num_classes)
+        if hits is not None and support is not None:
+            total_sums = sum_across(torch.cat([torch.tensor([loss_sum]), hits, support]))
+            loss_sum, hits, support = float(total_sums[0]), *total_sums[1:].float().chunk(2)
     if hits is None or support is None:
         return {"val_loss": 0.0, "val_accuracy": 0.0, "val_macro_recall": 0.0}
     total = max(int(support.sum()), 1)
@@ -99,9 +109,14 @@ def train_one_epoch(
     advance: Callable[..., None] | None = None,
 ) -> dict:
     """One pass over `loader`. Gradients of `accum_steps` micro-batches (each loss divided by their count)
-    add up to one optimizer step, and the scheduler steps with the optimizer."""
+    add up to one optimizer step, and the scheduler steps with the optimizer.
+
+    `model` may be a DistributedDataParallel: `loader` is then this process's share of the epoch, gradients
+    are averaged across the processes at each optimizer step, and the loss and accuracy returned are of
+    every process's images together."""
     if frozen_backbone:
-        backbone_eval(model)
+        model.train()
+        backbone_eval(unwrap(model))
     else:
         model.train()
     amp = scaler is not None and scaler.is_enabled()
@@ -114,13 +129,16 @@ def train_one_epoch(
         targets = labels
         if mixer is not None:
             images, targets = mixer(images, labels)
-        with torch.autocast("cuda", enabled=amp):
-            logits = model(images)
-            loss = criterion(logits, targets)
-        # The last group of an epoch can be short: divide by its real size so every step averages the same way.
-        group = min(accum_steps, batches - (index // accum_steps) * accum_steps)
-        scaler.scale(loss / group).backward()
-        if (index + 1) % accum_steps == 0 or index + 1 == batches:
+        stepping = (index + 1) % accum_steps == 0 or index + 1 == batches
+        # Processes exchange gradients once per optimizer step, not after every micro-batch.
+        with contextlib.nullcontext() if stepping else no_sync(model):
+            with torch.autocast("cuda", enabled=amp):
+                logits = model(images)
+                loss = criterion(logits, targets)
+            # The last group of an epoch can be short: divide by its real size so every step averages the same way.
+            group = min(accum_steps, batches - (index // accum_steps) * accum_steps)
+            scaler.scale(loss / group).backward()
+        if stepping:
             if clip_grad:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
@@ -136,6 +154,8 @@ def train_one_epoch(
         seen += count
         if advance is not None:
             advance(f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}", steps=count)
+    if unwrap(model) is not model:  # each process saw its share: report the whole epoch's figures
+        loss_sum, correct, seen = sum_across(torch.tensor([loss_sum, correct, seen], dtype=torch.float64)).tolist()
     # lr: what the epoch's last optimizer step used.
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), "lr": last_lr}
 

@@ -5,10 +5,14 @@ Its settings are `TrainConfig` (`builder.train_config`).
 A run folder (`out_dir`) holds `best.pt` (by val accuracy), `last.pt` (with the state `--resume` needs),
 `metrics.json` (one record per epoch), `config.json` (the resolved config), `datacheck.json` and
 `curves.png`, and with `tensorboard=True` the event files under `tensorboard/`.
+
+Started by torchrun, a run trains in every process it starts (`builder.distributed`): each process takes its
+share of every epoch with `batch_size` images per step, and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +30,7 @@ from torchvision.transforms import v2
 
 from server.preprocess import PreprocessSpec
 
+from . import distributed
 from .checkpoint import ModelMeta, load_init_weights, read_checkpoint, save_model
 from .curves import plot_curves
 from .data import ImageDataset, TorchSplit, load_dataset, resolve_spec
@@ -144,6 +149,8 @@ class _Run:
     meta: ModelMeta
     # None: the running statistics stay as training left them (a frozen backbone keeps its --init ones).
     calibration_loader: DataLoader | None = None
+    group: distributed.Group = distributed.ALONE
+    trainer: nn.Module | None = None  # what trains: `model`, or DistributedDataParallel around it
 
 
 def _calibration_loader(dataset: ImageDataset, spec: PreprocessSpec, batch_size: int, seed: int) -> DataLoader:
@@ -173,8 +180,9 @@ def _spec_settings(config: TrainConfig, dataset: ImageDataset, weights) -> dict:
     return settings
 
 
-def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
+def _prepare(config: TrainConfig, dataset: ImageDataset | None, group: distributed.Group = distributed.ALONE) -> _Run:
     device, amp = _device(config)
+    device = group.device if group.active else device
     if config.init and not Path(config.init).is_file():
         raise CheckpointError(f"--init checkpoint {config.init} does not exist")
     if config.tensorboard:
@@ -210,17 +218,21 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
     model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     # num_workers=0: augmentation draws from the process's torch RNG, which is seeded and checkpointed.
+    train_split = TorchSplit(
+        dataset.train, dataset.color_mode, train_transform(spec, config.augment, flip=dataset.flip_invariant)
+    )
+    sampler = distributed.train_sampler(train_split, group, seed=config.seed)
     train_loader = DataLoader(
-        TorchSplit(
-            dataset.train, dataset.color_mode, train_transform(spec, config.augment, flip=dataset.flip_invariant)
-        ),
+        train_split,
         batch_size=config.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         generator=generator,
         num_workers=0,
     )
     val_loader = DataLoader(
-        TorchSplit(dataset.val, dataset.color_mode, eval_transform(spec)), batch_size=2 * config.batch_size
+        distributed.shard(TorchSplit(dataset.val, dataset.color_mode, eval_transform(spec)), group),
+        batch_size=2 * config.batch_size,
     )
     optimizer = create_optimizer(parameters, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_loader) // config.accum_steps)
@@ -261,6 +273,7 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
             "freeze_epochs": freeze_epochs,
             "backbone_lr_scale": backbone_lr_scale,
             "batchnorm_calibration_images": len(calibration.dataset) if calibration is not None else 0,
+            **({"distributed": distributed.describe(group)} if group.active else {}),
         },
     )
     return _Run(
@@ -280,6 +293,8 @@ def _prepare(config: TrainConfig, dataset: ImageDataset | None) -> _Run:
         device,
         meta,
         calibration,
+        group,
+        distributed.wrap(model, group),
     )
 
 
@@ -293,16 +308,21 @@ def _tensorboard_writer(log_dir: Path | None):
 
 def _restore(run: _Run, path: Path) -> tuple[int, list[dict], float, int]:
     """Load last.pt's model, optimizer, scheduler and RNG state; returns (epoch, history, best acc, best epoch)."""
-    if not path.is_file():
-        raise TrainError(f"--resume: {path} does not exist (nothing to resume in {path.parent})")
-    payload = read_checkpoint(path, flag="--resume:")
+
+    def read() -> dict:
+        if not path.is_file():
+            raise TrainError(f"--resume: {path} does not exist (nothing to resume in {path.parent})")
+        return read_checkpoint(path, flag="--resume:")
+
+    # Rank 0 reads the file and hands it to the others: it need not be on every machine.
+    payload = distributed.from_main(read, run.group)
     try:
         state = payload["resume"]
         run.model.load_state_dict(payload["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         run.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], run.generator)
+        _set_rng_state(_own_rng_state(state, run.group), run.generator)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise TrainError(
             f"--resume: {path} cannot continue this run (other settings, or not written by "
@@ -315,8 +335,24 @@ def _restore(run: _Run, path: Path) -> tuple[int, list[dict], float, int]:
     return state["epoch"], list(state["history"]), state["best_accuracy"], state["best_epoch"]
 
 
-def _resume_state(run: _Run, epoch: int, history: list[dict], best: tuple[float, int]) -> dict:
-    """What --resume needs, in last.pt only (loaders of trained models read "model" and "meta")."""
+def _own_rng_state(state: dict, group: distributed.Group) -> dict:
+    """This process's random state from a resume state: its rank's own when the run had as many processes."""
+    by_rank = state.get("rng_by_rank") or [state["rng"]]
+    if len(by_rank) == group.world_size:
+        return by_rank[group.rank]
+    log.warning(
+        "resuming with %d processes after %d: augmentation draws differ from an uninterrupted run",
+        group.world_size,
+        len(by_rank),
+    )
+    return state["rng"]
+
+
+def _resume_state(
+    run: _Run, epoch: int, history: list[dict], best: tuple[float, int], rng_by_rank: list[dict] | None = None
+) -> dict:
+    """What --resume needs, in last.pt only (loaders of trained models read "model" and "meta"). `rng_by_rank`:
+    every process's random state, when several trained."""
     return {
         "epoch": epoch,
         "optimizer": run.optimizer.state_dict(),
@@ -326,6 +362,7 @@ def _resume_state(run: _Run, epoch: int, history: list[dict], best: tuple[float,
         "best_accuracy": best[0],
         "best_epoch": best[1],
         "rng": _rng_state(run.generator),
+        **({"rng_by_rank": rng_by_rank} if rng_by_rank and len(rng_by_rank) > 1 else {}),
     }
 
 
@@ -341,24 +378,58 @@ def train(
 
     `on_epoch(record)` is called after each epoch's checkpoints are written, with that epoch's metrics;
     an exception it raises (e.g. optuna.TrialPruned) ends the run and propagates.
+
+    Under torchrun every process calls this; rank 0 writes the files, logs and prints, and all of them return
+    the same result.
     """
-    seed_everything(config.seed)
+    with distributed.process_group() as group, _quiet_unless(group.is_main):
+        try:
+            return _train(config, dataset, on_epoch, group)
+        except RuntimeError as e:
+            failure = distributed.peer_failure(e, group)
+            if failure is None:
+                raise
+            raise failure from e
+
+
+@contextlib.contextmanager
+def _quiet_unless(main: bool):
+    """No progress bars, summaries or info logs from the processes other than rank 0 (they would repeat it)."""
+    if main:
+        yield
+        return
+    logger, quiet = logging.getLogger("builder"), console.quiet
+    level, console.quiet = logger.level, True
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        console.quiet = quiet
+
+
+def _train(
+    config: TrainConfig, dataset: ImageDataset | None, on_epoch: Callable[[dict], None] | None, group: distributed.Group
+) -> TrainResult:
+    # Each process draws its own augmentation; the model's initial weights are rank 0's (DDP copies them).
+    seed_everything(config.seed + group.rank)
     run_dir = Path(config.out_dir)
     with deterministic():
-        run = _prepare(config, dataset)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(
-            json.dumps({**config.to_dict(), **run.meta.recipe, "preprocess": run.spec.to_dict()}, indent=2)
-        )
+        run = _prepare(config, dataset, group)
         report, new = check_once(run.dataset)
-        if new:  # once per dataset, not once per tune trial
-            log_report(report)
-        report.write(run_dir / "datacheck.json")
+        if group.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(
+                json.dumps({**config.to_dict(), **run.meta.recipe, "preprocess": run.spec.to_dict()}, indent=2)
+            )
+            if new:  # once per dataset, not once per tune trial
+                log_report(report)
+            report.write(run_dir / "datacheck.json")
         start_epoch, history, best_accuracy, best_epoch = 0, [], -1.0, 0
         if config.resume:
             start_epoch, history, best_accuracy, best_epoch = _restore(run, run_dir / "last.pt")
             log.info("resuming %s after epoch %d (best val accuracy %.4f)", run_dir, start_epoch, best_accuracy)
-        writer = _tensorboard_writer(run_dir / "tensorboard") if config.tensorboard else None
+        writer = _tensorboard_writer(run_dir / "tensorboard") if config.tensorboard and group.is_main else None
         started = time.monotonic()
         try:
             stopped_early = _epochs(run, run_dir, start_epoch, history, [best_accuracy, best_epoch], writer, on_epoch)
@@ -409,8 +480,9 @@ def _epochs(
     on_epoch: Callable[[dict], None] | None,
 ) -> bool:
     """Epochs `start_epoch + 1 .. config.epochs`; returns whether early stopping ended them."""
-    config = run.config
+    config, group = run.config, run.group
     freeze_epochs = config.fine_tuning()[0]
+    backbone_frozen: bool | None = None  # as the trainer was last wrapped
     for epoch in range(start_epoch + 1, config.epochs + 1):
         if config.patience and epoch - 1 - best[1] >= config.patience:
             log.info(
@@ -421,15 +493,23 @@ def _epochs(
             )
             return True
         started = time.monotonic()
+        distributed.set_epoch(run.train_loader.sampler, epoch)
         frozen = config.freeze_backbone or epoch <= freeze_epochs
-        if freeze_epochs and not config.freeze_backbone:
+        if freeze_epochs and not config.freeze_backbone and frozen != backbone_frozen:
             set_backbone_trainable(run.model, not frozen)
+            if group.active:
+                # DistributedDataParallel averages the gradients of the parameters that required them when it
+                # was made: wrapped anew whenever the trainable set changes, none is left unsynchronized.
+                run.trainer = distributed.wrap(run.model, group)
+            backbone_frozen = frozen
         # Both losses keep their weights in a `weight` buffer; None is plain (unweighted) averaging.
         run.criterion.weight = run.class_weights if epoch >= config.class_weights_start else None
         # Counted in images, batch by batch: a few large batches are still a moving count.
-        with progress_bar(f"epoch {epoch}/{config.epochs}", total=len(run.dataset.train), unit="images") as advance:
+        # Counted per process: each trains on its share.
+        shown = len(run.train_loader.sampler)  # type: ignore[arg-type]
+        with progress_bar(f"epoch {epoch}/{config.epochs}", total=shown, unit="images") as advance:
             record = train_one_epoch(
-                run.model,
+                run.trainer or run.model,
                 run.train_loader,
                 run.optimizer,
                 run.scheduler,
@@ -445,10 +525,13 @@ def _epochs(
         if run.calibration_loader is not None and not frozen:
             # Validation, checkpoints and the exported model all normalize with these statistics.
             recalibrate_batchnorm(run.model, run.calibration_loader, run.device)
+            distributed.broadcast_buffers(run.model, group)
         with progress_bar(
-            f"epoch {epoch}/{config.epochs} val", total=len(run.dataset.val), unit="images", transient=True
+            f"epoch {epoch}/{config.epochs} val", total=len(run.val_loader.dataset), unit="images", transient=True
         ) as advance:
-            validation = evaluate_loader(run.model, run.val_loader, len(run.dataset.classes), run.device, advance)
+            validation = evaluate_loader(
+                run.model, run.val_loader, len(run.dataset.classes), run.device, advance, sharded=group.active
+            )
         record = {"epoch": epoch, **record, **validation, "seconds": round(time.monotonic() - started, 2)}
         history.append(record)
         log.info(
@@ -461,11 +544,14 @@ def _epochs(
         improved = record["val_accuracy"] > best[0]
         if improved:
             best[:] = [record["val_accuracy"], epoch]
-        meta = run.meta.replace(epoch=epoch, val_accuracy=record["val_accuracy"])
-        save_model(run.model, meta, run_dir / "last.pt", resume=_resume_state(run, epoch, history, (best[0], best[1])))
-        if improved:
-            save_model(run.model, meta, run_dir / "best.pt")
-        _write_records(run_dir, history)
+        rng_by_rank = distributed.gather(_rng_state(run.generator), group) if group.active else None
+        if group.is_main:
+            meta = run.meta.replace(epoch=epoch, val_accuracy=record["val_accuracy"])
+            resume = _resume_state(run, epoch, history, (best[0], best[1]), rng_by_rank)
+            save_model(run.model, meta, run_dir / "last.pt", resume=resume)
+            if improved:
+                save_model(run.model, meta, run_dir / "best.pt")
+            _write_records(run_dir, history)
         if writer is not None:
             for key, value in record.items():
                 if key != "epoch":

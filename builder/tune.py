@@ -5,23 +5,32 @@ to a MedianPruner, which stops trials that fall behind the median of earlier one
 The study lives in `<out>/study.db` (SQLite) under a name fixed by the folder, so running the same
 command again adds trials to the same study. `best.json` holds the best trial's parameters in the form
 `builder train --params` reads; `tune.png` shows the optimization history and parameter importances.
+
+`storage` shares one study among workers on many machines, through Optuna's own storages: an RDB URL
+(`sqlite:///path.db`, `postgresql://...`, `mysql://...`, opened with SQLAlchemy) or `journal://PATH`, an
+append-only journal file on a shared filesystem (optuna.storages.JournalStorage with JournalFileBackend,
+which locks the file for each write; `journal:///abs/path.log` for an absolute path). Each worker runs
+its own `trials`, numbered by the storage, so none is lost or run twice.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .data import ImageDataset, load_dataset
-from .errors import TuneError
+from .errors import TuneError, error_line
 from .train import train
 from .train_config import AUGMENT_PRESETS, TrainConfig
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "grid")
+JOURNAL_SCHEME = "journal://"
+SCHEMA_ATTEMPTS = 3
 # fANOVA fits a random forest to the completed trials: with a handful, its ranking of the parameters is noise.
 MIN_TRIALS_FOR_IMPORTANCE = 10
 BATCH_SIZES = (32, 64, 128)
@@ -42,6 +51,8 @@ class TuneConfig:
     sampler: str = "tpe"
     seed: int = 0
     out_dir: Path = field(default_factory=lambda: Path("runs/tune"))
+    storage: str | None = None  # a study shared among workers (see the module's text); None: <out>/study.db
+    study: str | None = None  # its name; None: tune-<out folder name>
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -76,7 +87,7 @@ def suggest(trial) -> dict:
     }
 
 
-def _sampler(name: str, seed: int):
+def _sampler(name: str, seed: int | None):
     import optuna
 
     if name == "tpe":
@@ -90,18 +101,61 @@ def storage_url(out_dir: Path) -> str:
     return f"sqlite:///{(Path(out_dir) / 'study.db').resolve()}"
 
 
-def create_study(config: TuneConfig):
-    """The run folder's study, created or reopened (`load_if_exists`)."""
+def _shown(url: str) -> str:
+    """`url` without its password, for messages."""
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+
+
+def open_storage(url: str):
+    """The Optuna storage `url` names, reached now: a URL that cannot be used fails here, before any file
+    of the run is written. `journal://PATH` is a journal file (its folder must exist), anything else an RDB URL."""
     import optuna
 
+    if url.startswith(JOURNAL_SCHEME):
+        path = Path(url[len(JOURNAL_SCHEME) :])
+        if not path.name:
+            raise TuneError(f"storage {url}: give the journal file, e.g. journal:///shared/tune/study.log")
+        if not path.parent.is_dir():
+            raise TuneError(f"storage {url}: folder {path.parent} does not exist (the journal file is made in it)")
+        from optuna.storages.journal import JournalFileBackend
+
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as e:
+            raise TuneError(f"storage {url}: cannot use {path}: {e.strerror or e}") from e
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as e:  # SQLAlchemy's and the database drivers' errors share no base class worth naming
+            # Workers starting together on a new database race to create its tables: the losers' insert
+            # of the schema version fails, and the tables are there when they try again.
+            if type(e).__name__ == "IntegrityError" and attempt + 1 < SCHEMA_ATTEMPTS:
+                log.info("storage %s: tables created by another worker meanwhile; opening again", _shown(url))
+                continue
+            raise TuneError(f"storage {_shown(url)} cannot be opened: {error_line(e)}") from e
+    raise AssertionError("unreachable")
+
+
+def study_name(config: TuneConfig) -> str:
+    return config.study or f"tune-{Path(config.out_dir).resolve().name}"
+
+
+def create_study(config: TuneConfig):
+    """The study, created or reopened (`load_if_exists`): in the run folder's file, or in `config.storage`.
+
+    Workers sharing a storage draw with seeds of their own (the same seed would have them all suggest the
+    same parameters)."""
+    import optuna
+
+    storage = open_storage(config.storage) if config.storage else storage_url(Path(config.out_dir))
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return optuna.create_study(
-        study_name=f"tune-{out.resolve().name}",
-        storage=storage_url(out),
+        study_name=study_name(config),
+        storage=storage,
         direction="maximize",
         load_if_exists=True,
-        sampler=_sampler(config.sampler, config.seed),
+        sampler=_sampler(config.sampler, None if config.storage else config.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
 
@@ -128,8 +182,8 @@ def tune(base: TrainConfig, config: TuneConfig, dataset: ImageDataset | None = N
     import optuna
 
     out = Path(config.out_dir)
+    study = create_study(config)  # first: a storage that cannot be reached fails before anything is written
     dataset = dataset or load_dataset(base.dataset, val_fraction=base.val_fraction, seed=base.seed)
-    study = create_study(config)
     (out / "config.json").write_text(
         json.dumps(
             {
@@ -139,6 +193,7 @@ def tune(base: TrainConfig, config: TuneConfig, dataset: ImageDataset | None = N
                 "sampler": config.sampler,
                 "seed": config.seed,
                 "study": study.study_name,
+                "storage": _shown(config.storage) if config.storage else storage_url(out),
             },
             indent=2,
         )
@@ -165,7 +220,7 @@ def tune(base: TrainConfig, config: TuneConfig, dataset: ImageDataset | None = N
     plot = plot_study(study, out / "tune.png")
     return TuneResult(
         study.study_name,
-        storage_url(out),
+        config.storage or storage_url(out),
         len(study.trials),
         completed,
         states.count(optuna.trial.TrialState.PRUNED),

@@ -43,3 +43,40 @@ def test_grid_sampler_draws_from_the_small_explicit_grid(tmp_path, small_digits)
         small_digits,
     )
     assert all(result.best_params[key] in values for key, values in GRID.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["journal", "sqlite"])
+def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(tmp_path, scheme):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from builder.tune import open_storage
+
+    url = f"journal://{tmp_path / 'study.log'}" if scheme == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
+    command = [sys.executable, "-m", "builder", "tune", "--dataset", "shapes:per_class=16,size=8", "--image-size"]
+    command += ["8", "--epochs", "1", "--batch-size", "16", "--trials", "2", "--sampler", "random"]
+    command += ["--storage", url, "--study", "shared"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen([*command, "--out", str(tmp_path / name)], env=env, stdout=subprocess.PIPE, text=True)
+        for name in ("a", "b")
+    ]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0]
+
+    study = optuna.load_study(study_name="shared", storage=open_storage(url))
+    trials = study.trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # 2 trials asked of each worker
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # no parameters drawn twice
+    ran = sorted(p.name for name in ("a", "b") for p in (tmp_path / name).glob("trial-*"))
+    assert ran == [f"trial-{n:03d}" for n in range(4)]  # each trial trained by exactly one worker
+    # Each worker's best.json is the study's best when it finished: the later one holds the study's record.
+    best = max((json.loads((tmp_path / n / "best.json").read_text()) for n in "ab"), key=lambda b: b["val_accuracy"])
+    assert (best["trial"], best["val_accuracy"]) == (study.best_trial.number, study.best_value)
+    assert best["params"] == study.best_trial.params
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    assert {r["trials"] for r in results} <= {3, 4} and max(r["trials"] for r in results) == 4

@@ -10,7 +10,7 @@ import pytest
 
 BUILDER = Path(__file__).resolve().parents[2] / "builder"
 STAGES = {"train", "prune", "quantize", "qat", "export", "engine", "evaluate", "publish", "rollout"}
-COMPOSERS = {"build", "cli", "report", "tune", "gpu_check"}
+COMPOSERS = {"build", "cli", "report", "tune", "gpu_check", "__main__"}
 
 
 def _module_name(path: Path) -> str:

@@ -67,3 +67,50 @@ def test_importances_are_shown_once_enough_trials_completed(tmp_path, saved_figu
     plot_study(_study_with(MIN_TRIALS_FOR_IMPORTANCE), tmp_path / "tune.png")
     importance = saved_figures[-1].axes[1]
     assert len(importance.patches) == 2
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("postgresql://tuner:hunter2@127.0.0.1:1/studies", "storage postgresql://tuner:***@127.0.0.1:1/studies"),
+        ("sqlite:////no/such/folder/study.db", "unable to open database file"),
+        ("journal:///no/such/folder/study.log", "folder /no/such/folder does not exist"),
+        ("nosuchdatabase://host/db", "cannot be opened"),
+    ],
+)
+def test_a_storage_that_cannot_be_used_is_one_line_and_writes_nothing(capsys, tmp_path, url, message):
+    from builder.cli import main
+
+    out = tmp_path / "study"
+    assert main(["tune", "--dataset", "digits", "--storage", url, "--out", str(out), "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("builder tune: error: storage "), err
+    assert message in err and "hunter2" not in err
+    assert not out.exists()
+
+
+def test_a_journal_file_holds_a_study_that_every_worker_reopens(tmp_path):
+    from builder.tune import create_study
+
+    log = tmp_path / "shared" / "study.log"
+    log.parent.mkdir()
+    url = f"journal://{log}"
+    first = create_study(TuneConfig(storage=url, study="shared", out_dir=tmp_path / "a"))
+    first.add_trial(
+        optuna.trial.create_trial(
+            params={"lr": 0.01}, value=0.5, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1)}
+        )
+    )
+    second = create_study(TuneConfig(storage=url, study="shared", out_dir=tmp_path / "b"))
+    assert log.is_file() and [t.value for t in second.trials] == [0.5]
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_workers_on_one_storage_do_not_draw_the_same_parameters(tmp_path, sampler):
+    # Two workers started with the same --seed: seeded alike they would suggest the same trials.
+    from builder.tune import create_study, suggest
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    workers = [create_study(TuneConfig(storage=url, study="s", sampler=sampler, out_dir=tmp_path / w)) for w in "ab"]
+    drawn = [suggest(worker.ask()) for worker in workers]
+    assert drawn[0] != drawn[1]
