@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -343,6 +344,16 @@ def _non_negative_int(text: str) -> int:
     return _whole_number(text, 0, "0 or more")
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number, 0 or more")
+    return value
+
+
 def _alphas(text: str) -> float:
     try:
         value = float(text)
@@ -650,6 +661,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="batch sizes Triton waits to form (default: none on the CPU; 4 and 8 on a GPU, "
         "those that fit the max batch)",
+    )
+    _setting(
+        publish,
+        "--max-accuracy-drop",
+        PUBLISH,
+        "max_accuracy_drop",
+        type=_non_negative_float,
+        help="refuse a model whose recorded top-1 is more points below the serving version's",
+    )
+    _setting(
+        publish,
+        "--force",
+        PUBLISH,
+        "force",
+        action="store_true",
+        help="publish even over the --max-accuracy-drop budget",
+    )
+    _setting(
+        publish,
+        "--no-warmup",
+        PUBLISH,
+        "warmup",
+        action="store_false",
+        help="no model_warmup: Triton reports the version READY before any image has run through it",
     )
     publish.add_argument("--labels", help="text file, one label per line (default: ONNX metadata, else class index)")
     publish.add_argument("--resize", type=_positive_int, help="shorter side before the crop (default 256)")
