@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -399,6 +400,16 @@ def _non_negative_int(text: str) -> int:
     return _whole_number(text, 0, "0 or more")
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number, 0 or more")
+    return value
+
+
 def _alphas(text: str) -> float:
     try:
         value = float(text)
@@ -768,6 +779,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PERCENT",
         help="start a canary rollout: the new version serves PERCENT of requests, the version served until "
         "now the rest (see `builder rollout`)",
+    )
+    _setting(
+        publish,
+        "--max-accuracy-drop",
+        PUBLISH,
+        "max_accuracy_drop",
+        type=_non_negative_float,
+        help="refuse a model whose recorded top-1 is more points below the serving version's",
+    )
+    _setting(
+        publish,
+        "--force",
+        PUBLISH,
+        "force",
+        action="store_true",
+        help="publish even over the --max-accuracy-drop budget",
+    )
+    _setting(
+        publish,
+        "--no-warmup",
+        PUBLISH,
+        "warmup",
+        action="store_false",
+        help="no model_warmup: Triton reports the version READY before any image has run through it",
     )
     publish.set_defaults(func=_publish)
 

@@ -58,6 +58,32 @@ class ExecutionAccelerator:
     parameters: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WarmupInput:
+    """One input of a warmup sample (model_config.proto's ModelWarmup.Input): its data comes from a file
+    in the model folder's `warmup/` directory (raw bytes of one image, row-major), or is zeros or random."""
+
+    data_type: str
+    dims: tuple[int, ...]  # one request's dims, without the batch axis where the model batches
+    data_file: str | None = None
+    synthetic: str = "zero_data"  # without a file: "zero_data" or "random_data"
+
+    def __post_init__(self) -> None:
+        if self.data_file is None and self.synthetic not in ("zero_data", "random_data"):
+            raise ValueError(f"warmup data {self.synthetic!r} is not zero_data or random_data")
+
+
+@dataclass(frozen=True)
+class WarmupSample:
+    """A `model_warmup` entry: Triton runs `batch_size` requests of it together on every instance, `count`
+    times, before the version reports READY."""
+
+    name: str
+    batch_size: int
+    inputs: Mapping[str, WarmupInput]
+    count: int = 1
+
+
 VERSION_POLICIES = ("latest", "all", "specific")
 
 
@@ -78,6 +104,7 @@ class ModelConfig:
     parameters: Mapping[str, str] = field(default_factory=dict)
     gpu_accelerators: tuple[ExecutionAccelerator, ...] = ()
     cuda_graphs: bool = False  # honoured by the TensorRT backend
+    warmup: tuple[WarmupSample, ...] = ()
 
     def __post_init__(self) -> None:
         if self.version_policy not in VERSION_POLICIES:
@@ -104,6 +131,10 @@ class ModelConfig:
                 raise ValueError(f"preferred batch sizes {too_big} exceed max_batch_size {self.max_batch_size}")
         if self.instance_count < 1:
             raise ValueError("instance_count must be >= 1")
+        for sample in self.warmup:
+            # Triton skips a sample of batch 0, and runs several requests as one batch only where it batches.
+            if not 1 <= sample.batch_size <= max(self.max_batch_size, 1):
+                raise ValueError(f"warmup sample {sample.name!r}: batch {sample.batch_size} outside 1..max batch")
 
 
 def _tensor(spec: TensorSpec, message) -> None:
@@ -128,7 +159,21 @@ def to_protobuf(config: ModelConfig) -> pb.ModelConfig:
     _set_optimization(config, message)
     for key, value in sorted(config.parameters.items()):
         message.parameters[key].string_value = value
+    _set_warmup(config, message)
     return message
+
+
+def _set_warmup(config: ModelConfig, message: pb.ModelConfig) -> None:
+    for sample in config.warmup:
+        entry = message.model_warmup.add(name=sample.name, batch_size=sample.batch_size, count=sample.count)
+        for name, spec in sample.inputs.items():
+            warmup_input = entry.inputs[name]
+            warmup_input.data_type = DTYPES[spec.data_type]
+            warmup_input.dims.extend(spec.dims)
+            if spec.data_file is not None:
+                warmup_input.input_data_file = spec.data_file
+            else:
+                setattr(warmup_input, spec.synthetic, True)
 
 
 def _set_version_policy(config: ModelConfig, message: pb.ModelConfig) -> None:
@@ -177,6 +222,22 @@ def _tensor_from(message) -> TensorSpec:
     )
 
 
+def _warmup_from(message: pb.ModelConfig) -> tuple[WarmupSample, ...]:
+    samples = []
+    for entry in message.model_warmup:
+        inputs = {}
+        for name, warmup_input in entry.inputs.items():
+            source = warmup_input.WhichOneof("input_data_type")
+            inputs[name] = WarmupInput(
+                data_type=pb.DataType.Name(warmup_input.data_type).removeprefix("TYPE_"),
+                dims=tuple(warmup_input.dims),
+                data_file=warmup_input.input_data_file if source == "input_data_file" else None,
+                synthetic=source if source in ("zero_data", "random_data") else "zero_data",
+            )
+        samples.append(WarmupSample(entry.name, entry.batch_size, inputs, entry.count))
+    return tuple(samples)
+
+
 def parse(text: str) -> ModelConfig:
     message = text_format.Parse(text, pb.ModelConfig())
     batching = None
@@ -208,6 +269,7 @@ def parse(text: str) -> ModelConfig:
         parameters={key: value.string_value for key, value in message.parameters.items()},
         gpu_accelerators=accelerators,
         cuda_graphs=message.optimization.cuda.graphs,
+        warmup=_warmup_from(message),
     )
 
 

@@ -23,23 +23,27 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import errno
+import hashlib
 import json
+import logging
+import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
-from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec
+from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec, model_input
 from server.rollout import Rollout
 
 from . import model_config
-from .errors import PublishError, error_line
+from .errors import BuilderError, PublishError, error_line
 from .model_config import DEFAULT_TRITON_RELEASE, DEFAULT_TRT_CACHE_ROOT, TRITON_TENSORRT
 from .onnx_meta import OnnxMeta, load_onnx, metadata_of
 from .pixel_input import add_pixel_input
@@ -49,6 +53,14 @@ from .tensorrt_onnx import QDQ_OPS, qdq_problems
 BACKEND_MODEL = Path(__file__).parent / "backend" / "model.py"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LABELS_PARAMETER = "labels"
+# Top-1 points a new version may be below the serving one; the same default as a build's stage budget.
+DEFAULT_MAX_ACCURACY_DROP = 1.0
+# Triton reads a warmup sample's input_data_file from this folder of the model's directory (the one holding
+# config.pbtxt, not a version folder: model_config.proto's ModelWarmup.Input; r24.10 backend_model_instance.cc).
+WARMUP_DIR = "warmup"
+WARMUP_IMAGES = 3
+
+log = logging.getLogger(__name__)
 
 
 TARGETS = ("cpu", "gpu")
@@ -94,6 +106,11 @@ class PublishSettings:
     # Start a canary rollout of the new version with this share of requests (builder rollout); None: serve
     # it as the version policy says.
     canary_percent: float | None = None
+    # Triton runs a few of the model's validation images through every instance before READY (model_warmup).
+    warmup: bool = True
+    # Refuse a version whose recorded top-1 is this many points below the serving version's, unless `force`.
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
+    force: bool = False
     # Whether the preferred batch sizes are the target's defaults (fitted to the max batch) or were asked for.
     preferred_batch_sizes_given: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -123,6 +140,10 @@ class PublishSettings:
             raise PublishError(f"intra_op_threads {self.intra_op_threads}: 0 (share the cores) or more")
         if self.triton_release not in TRITON_TENSORRT:
             raise PublishError(f"Triton release {self.triton_release!r} is not one of {', '.join(TRITON_TENSORRT)}")
+        if not (isinstance(self.max_accuracy_drop, (int, float)) and math.isfinite(self.max_accuracy_drop)) or (
+            self.max_accuracy_drop < 0
+        ):
+            raise PublishError(f"max_accuracy_drop {self.max_accuracy_drop!r}: top-1 points, 0 or more")
 
 
 def fit_preferred_batch_sizes(sizes, max_batch: int, given: bool, limit: str) -> tuple[int, ...]:
@@ -349,9 +370,12 @@ def publish(
     model, spec, labels = resolve_interface(onnx_path, spec, labels)
     int8 = settings.target == "gpu" and _is_tensorrt_int8(Path(onnx_path))
     config = build_config(name, model, spec, labels, settings, int8)
+    config, warmup_files, warmup_data = with_warmup(config, model.metadata, spec, settings)
     lineage = {
         "source_onnx": str(Path(onnx_path).resolve()),
         "onnx_metadata": model.metadata,
+        "val_accuracy": recorded_accuracy(model.metadata),
+        "warmup": warmup_data,
         "target": settings.target,
         "pixel_input": settings.pixel_input,
     }
@@ -365,7 +389,7 @@ def publish(
         files = {"model.onnx": Path(onnx_path)}
         if settings.target == "cpu":
             files["model.py"] = BACKEND_MODEL
-        return _publish_files(files, Path(repository), name, config, labels, lineage, settings)
+        return _publish_files(files, Path(repository), name, config, labels, lineage, settings, warmup_files)
 
 
 def _is_tensorrt_int8(onnx_path: Path) -> bool:
@@ -509,8 +533,154 @@ def publish_plan(
         dynamic_batching=batching,
         cuda_graphs=settings.cuda_graphs,
     )
-    lineage = {"source_onnx": str(Path(onnx_path).resolve()), "engine": info, "target": "gpu"}
-    return _publish_files({"model.plan": Path(plan_path)}, Path(repository), name, config, labels, lineage, settings)
+    config, warmup_files, warmup_data = with_warmup(config, model.metadata, spec, settings)
+    lineage = {
+        "source_onnx": str(Path(onnx_path).resolve()),
+        "engine": info,
+        "val_accuracy": recorded_accuracy(model.metadata),
+        "warmup": warmup_data,
+        "target": "gpu",
+    }
+    return _publish_files(
+        {"model.plan": Path(plan_path)}, Path(repository), name, config, labels, lineage, settings, warmup_files
+    )
+
+
+def recorded_accuracy(metadata: Mapping[str, str]) -> float | None:
+    """Top-1 on the run's validation split as an exported file records it (a fraction): QAT's measurement of
+    the fake-quantized model where there is one, else the checkpoint's. None when the file records none."""
+    candidates = []
+    try:
+        candidates.append(json.loads(metadata.get("qat") or "{}").get("val_accuracy"))
+    except (ValueError, AttributeError):
+        pass
+    candidates.append(metadata.get("val_accuracy"))
+    for value in candidates:
+        try:
+            accuracy = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if 0.0 <= accuracy <= 1.0:
+            return accuracy
+    return None
+
+
+def _serving_version(model_dir: Path) -> int | None:
+    """The version Triton serves as the model's newest: the highest one, or the highest of a specific policy."""
+    existing = versions(model_dir)
+    try:
+        pinned = model_config.parse((model_dir / "config.pbtxt").read_text()).specific_versions
+    except Exception:  # no config, or one that cannot be read: the newest folder is what Triton would load
+        pinned = ()
+    chosen = [v for v in existing if v in pinned] or existing
+    return chosen[-1] if chosen else None
+
+
+def _version_accuracy(version_dir: Path) -> float | None:
+    try:
+        lineage = json.loads((version_dir / "build.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(lineage, dict):
+        return None
+    if "val_accuracy" in lineage:
+        value = lineage["val_accuracy"]
+        return float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else None
+    # Published before the accuracy was recorded beside the metadata.
+    metadata = lineage.get("onnx_metadata")
+    return recorded_accuracy(metadata) if isinstance(metadata, dict) else None
+
+
+def check_accuracy(model_dir: Path, new_accuracy: float | None, settings: PublishSettings) -> None:
+    """Refuse a version whose recorded top-1 is more than the budget below the serving version's."""
+    serving = _serving_version(model_dir)
+    if serving is None:
+        return
+    old_accuracy = _version_accuracy(model_dir / str(serving))
+    if new_accuracy is None or old_accuracy is None:
+        which = "this model" if new_accuracy is None else f"version {serving} of {model_dir.name}"
+        log.warning(
+            "%s records no validation accuracy (exported elsewhere?): publishing without comparing it "
+            "with the serving version",
+            which,
+        )
+        return
+    drop = 100 * (old_accuracy - new_accuracy)
+    if drop <= settings.max_accuracy_drop:
+        return
+    what = (
+        f"this model's recorded top-1 is {100 * new_accuracy:.2f}%, {drop:.2f} points below the "
+        f"{100 * old_accuracy:.2f}% of version {serving} of {model_dir.name}"
+    )
+    if settings.force:
+        log.warning("%s; publishing it anyway (--force)", what)
+        return
+    raise PublishError(
+        f"{what}, over the budget of {settings.max_accuracy_drop:g} (--max-accuracy-drop): nothing was "
+        "published; give --force to replace it anyway"
+    )
+
+
+def warmup_images(metadata: Mapping[str, str], spec: PreprocessSpec, pixel_input: bool) -> tuple[list, str]:
+    """Up to WARMUP_IMAGES validation images of the model's dataset, as the gateway sends them to the model,
+    and where they came from; no images and why where the dataset is not at hand."""
+    props = OnnxMeta.from_props(metadata)
+    if not props.has_dataset:
+        return [], "the model names no dataset (exported elsewhere?)"
+    try:
+        from .data import load_run_dataset  # torch, which publishing does without otherwise
+
+        dataset = load_run_dataset(props.dataset_recipe)
+        count = min(WARMUP_IMAGES, len(dataset.val))
+        images = [
+            model_input(dataset.val.image(i, dataset.color_mode), spec, pixel_input=pixel_input) for i in range(count)
+        ]
+    except (BuilderError, OSError, ImportError) as e:
+        return [], f"its dataset {props.dataset_recipe['source']!r} is not at hand: {error_line(e)}"
+    if not images:
+        return [], f"its dataset {props.dataset_recipe['source']!r} has no validation images"
+    return images, f"{len(images)} validation images of {props.dataset_recipe['source']!r}"
+
+
+def with_warmup(
+    config: model_config.ModelConfig, metadata: Mapping[str, str], spec: PreprocessSpec, settings: PublishSettings
+) -> tuple[model_config.ModelConfig, dict[str, bytes], str]:
+    """The config with `model_warmup` samples, the raw files they read, and what the data is.
+
+    Each image is a sample of batch 1, and the first is also run at the largest preferred batch (Triton runs
+    a sample's `batch_size` requests as one batch), so the sizes the batcher forms are warm before READY.
+    """
+    if not settings.warmup:
+        return config, {}, "none"
+    tensor = config.inputs[0]
+    images, source = warmup_images(metadata, spec, settings.pixel_input)
+    batches = [1]
+    if config.max_batch_size > 0 and config.dynamic_batching and config.dynamic_batching.preferred_batch_sizes:
+        batches.append(max(config.dynamic_batching.preferred_batch_sizes))
+    files: dict[str, bytes] = {}
+    inputs = []
+    for image in images:
+        data = np.ascontiguousarray(image, dtype=np.uint8 if tensor.data_type == "UINT8" else np.float32).tobytes()
+        file_name = f"{hashlib.sha256(data).hexdigest()[:32]}.raw"
+        files[file_name] = data
+        inputs.append(model_config.WarmupInput(tensor.data_type, tensor.dims, data_file=file_name))
+    if not inputs:
+        # Random bytes as floats may be NaN or huge, which some kernels take slow paths for; zeros are the
+        # dataset's mean color once normalized.
+        synthetic = "random_data" if tensor.data_type == "UINT8" else "zero_data"
+        log.warning("no images to warm %s up with (%s): Triton warms it with %s", config.name, source, synthetic)
+        source = f"{synthetic}: {source}"
+        inputs.append(model_config.WarmupInput(tensor.data_type, tensor.dims, synthetic=synthetic))
+    samples = [
+        model_config.WarmupSample(f"image{i}_batch1", 1, {tensor.name: warmup_input})
+        for i, warmup_input in enumerate(inputs)
+    ]
+    samples += [
+        model_config.WarmupSample(f"image0_batch{batch}", batch, {tensor.name: inputs[0]})
+        for batch in sorted(set(batches))
+        if batch > 1
+    ]
+    return dataclasses.replace(config, warmup=tuple(samples)), files, source
 
 
 def _interface_parameters(config: model_config.ModelConfig) -> dict[str, str]:
@@ -552,17 +722,20 @@ def _publish_files(
     labels: Sequence[str],
     lineage: dict,
     settings: PublishSettings,
+    warmup_files: Mapping[str, bytes] | None = None,
 ) -> PublishedVersion:
     canary = None
     if settings.canary_percent is not None:
-        # Both versions are served with this config: they must agree on preprocessing and labels.
+        # Both versions are served with this config: they must agree on preprocessing and labels. A canary
+        # replaces nothing, so the accuracy guard is for plain publishes (a rollout compares the two live).
         _check_shared_interface(Path(repository) / name, dataclasses.replace(config, version_policy="all"))
         canary = (model_config.pin_served_version(Path(repository) / name), settings.canary_percent)
     else:
         _check_shared_interface(Path(repository) / name, config)
+        check_accuracy(Path(repository) / name, lineage.get("val_accuracy"), settings)
     try:
         repository.mkdir(parents=True, exist_ok=True)
-        published = _write_version(files, repository, name, config, labels, lineage, canary)
+        published = _write_version(files, repository, name, config, labels, lineage, warmup_files or {}, canary)
         if settings.keep:
             remove_old_versions(published.model_dir, settings.keep)
     except OSError as e:
@@ -618,6 +791,22 @@ def load_in_triton(url: str, name: str, version: int) -> None:
         raise PublishError(f"version {version} of {name} is published, but Triton at {url} is unreachable") from e
 
 
+def _write_warmup_files(model_dir: Path, warmup_files: Mapping[str, bytes]) -> None:
+    """The raw inputs the config's warmup samples name. Named after their bytes, so that the files an older
+    config names stay as they are while Triton may still load with it."""
+    if not warmup_files:
+        return
+    folder = model_dir / WARMUP_DIR
+    folder.mkdir(exist_ok=True)
+    for file_name, data in warmup_files.items():
+        if (folder / file_name).is_file():
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, folder / file_name)
+
+
 def _stage_version(version_dir: Path, files: dict[str, Path], lineage: dict) -> None:
     version_dir.mkdir(exist_ok=True)
     for target, source in files.items():
@@ -632,6 +821,7 @@ def _write_version(
     config: model_config.ModelConfig,
     labels: Sequence[str],
     lineage: dict,
+    warmup_files: Mapping[str, bytes],
     canary: tuple[int, float] | None = None,
 ) -> PublishedVersion:
     """`canary`: (stable version, percent) to start a rollout of the new version with."""
@@ -645,7 +835,9 @@ def _write_version(
         "config": asdict(config),
     }
     config_text, labels_text = model_config.render(config), "\n".join(labels) + "\n"
-    if not model_dir.exists() and _publish_new_model(model_dir, version, files, lineage, config_text, labels_text):
+    if not model_dir.exists() and _publish_new_model(
+        model_dir, version, files, lineage, config_text, labels_text, warmup_files
+    ):
         return PublishedVersion(model_dir, version)
     # Triton ignores version folders whose names are not numbers, so a new version is staged in a
     # hidden folder of the model and renamed into place complete.
@@ -665,6 +857,8 @@ def _write_version(
             (staging / "build.json").write_text(json.dumps(lineage, indent=2, default=str))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    # Before the config that names them.
+    _write_warmup_files(model_dir, warmup_files)
     if canary:
         config_text = model_config.render(model_config.with_rollout(config, Rollout(canary[0], version, canary[1])))
     _write_atomic(model_dir / "labels.txt", labels_text)
@@ -673,7 +867,13 @@ def _write_version(
 
 
 def _publish_new_model(
-    model_dir: Path, version: int, files: dict[str, Path], lineage: dict, config_text: str, labels_text: str
+    model_dir: Path,
+    version: int,
+    files: dict[str, Path],
+    lineage: dict,
+    config_text: str,
+    labels_text: str,
+    warmup_files: Mapping[str, bytes],
 ) -> bool:
     """Stage a whole new model beside the repository and rename it in; False where that cannot be done.
 
@@ -686,6 +886,7 @@ def _publish_new_model(
         return False
     try:
         _stage_version(staging / str(version), files, lineage)
+        _write_warmup_files(staging, warmup_files)
         (staging / "labels.txt").write_text(labels_text)
         (staging / "config.pbtxt").write_text(config_text)
         os.rename(staging, model_dir)

@@ -58,3 +58,15 @@ def conv_classifier(path: Path, qdq_zero_point=None) -> Path:
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return Path(path)
+
+
+def with_metadata(source: Path, output: Path, **props: str | None) -> Path:
+    """`source` with metadata entries set to the given values, or removed where the value is None."""
+    model = onnx.load(str(source))
+    kept = {p.key: p.value for p in model.metadata_props if p.key not in props}
+    kept.update({key: value for key, value in props.items() if value is not None})
+    del model.metadata_props[:]
+    for key, value in kept.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(output))
+    return output

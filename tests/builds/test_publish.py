@@ -9,7 +9,7 @@ from builder import model_config
 from builder.errors import OnnxFileError, PublishError
 from builder.publish import PublishSettings, inspect_onnx, publish
 from server.preprocess import PreprocessSpec
-from tests.onnx_variants import retrained
+from tests.onnx_variants import retrained, with_metadata
 
 
 def test_publish_writes_a_complete_version_with_spec_and_labels_in_the_config(tiny_run, tmp_path):
@@ -42,7 +42,13 @@ def test_publishing_again_adds_the_next_version_and_leaves_no_staging_folders(ti
     )
     assert second.version == 2
     assert {f.name: (f.stat().st_ino, f.read_bytes()) for f in first.version_dir.iterdir()} == before
-    assert sorted(p.name for p in (repository / "digits").iterdir()) == ["1", "2", "config.pbtxt", "labels.txt"]
+    assert sorted(p.name for p in (repository / "digits").iterdir()) == [
+        "1",
+        "2",
+        "config.pbtxt",
+        "labels.txt",
+        "warmup",
+    ]
     assert [p.name for p in repository.iterdir()] == ["digits"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert model_config.parse((repository / "digits" / "config.pbtxt").read_text()).max_batch_size == 8
@@ -101,7 +107,13 @@ def test_keep_removes_all_but_the_newest_versions(tiny_run, tmp_path):
     for _ in range(3):
         published = publish(tiny_run / "model.onnx", repository, "digits", settings=PublishSettings(keep=2))
     assert published.version == 3
-    assert sorted(p.name for p in (repository / "digits").iterdir()) == ["2", "3", "config.pbtxt", "labels.txt"]
+    assert sorted(p.name for p in (repository / "digits").iterdir()) == [
+        "2",
+        "3",
+        "config.pbtxt",
+        "labels.txt",
+        "warmup",
+    ]
 
 
 def test_gpu_target_publishes_onnx_for_the_onnx_runtime_backend_with_tensorrt(tiny_run, tmp_path):
@@ -604,8 +616,118 @@ def test_two_publishes_racing_for_one_version_number_both_land_whole(tiny_run, t
     assert all(not isinstance(o, Exception) for o in outcomes), outcomes
     assert sorted(o.version for o in outcomes) == [2, 3]
     model_dir = repository / "digits"
-    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "3", "config.pbtxt", "labels.txt"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "3", "config.pbtxt", "labels.txt", "warmup"]
     for published in outcomes:
         assert sorted(p.name for p in published.version_dir.iterdir()) == ["build.json", "model.onnx", "model.py"]
         lineage = json.loads((published.version_dir / "build.json").read_text())
         assert lineage["version"] == published.version
+
+
+def _listing(repository: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repository)): p.read_bytes() for p in sorted(repository.rglob("*")) if p.is_file()}
+
+
+def _scored(tiny_run, tmp_path, accuracy: str | None, name: str) -> Path:
+    return with_metadata(tiny_run / "model.onnx", tmp_path / f"{name}.onnx", val_accuracy=accuracy)
+
+
+def test_a_model_recorded_worse_than_the_serving_one_is_refused_unless_forced(tiny_run, tmp_path, caplog):
+    repository = tmp_path / "repo"
+    publish(_scored(tiny_run, tmp_path, "1.0", "good"), repository, "digits")
+    before = _listing(repository)
+    worse = _scored(tiny_run, tmp_path, "0.1", "chance")
+    with pytest.raises(PublishError, match=r"10.00%, 90.00 points below the 100.00% of version 1 of digits.*--force"):
+        publish(worse, repository, "digits")
+    assert _listing(repository) == before
+    # Within the budget it goes ahead; forced, it goes ahead with a warning.
+    assert publish(worse, repository, "digits", settings=PublishSettings(max_accuracy_drop=90)).version == 2
+    publish(_scored(tiny_run, tmp_path, "1.0", "good"), repository, "digits")
+    with caplog.at_level("WARNING", logger="builder.publish"):
+        assert publish(worse, repository, "digits", settings=PublishSettings(force=True)).version == 4
+    assert "publishing it anyway (--force)" in caplog.text
+    assert json.loads((repository / "digits" / "4" / "build.json").read_text())["val_accuracy"] == 0.1
+
+
+def test_a_model_without_a_recorded_accuracy_is_published_with_one_warning(tiny_run, tmp_path, caplog):
+    repository = tmp_path / "repo"
+    publish(tiny_run / "model.onnx", repository, "digits")
+    with caplog.at_level("WARNING", logger="builder.publish"):
+        assert publish(_scored(tiny_run, tmp_path, None, "elsewhere"), repository, "digits").version == 2
+    warnings = [r.getMessage() for r in caplog.records if "accuracy" in r.getMessage()]
+    assert len(warnings) == 1 and "this model records no validation accuracy" in warnings[0]
+
+
+def _cli_publish(onnx_path: Path, repository: Path, *flags: str) -> int:
+    """`builder publish`'s exit status (argparse exits on a bad flag; main returns on a refused model)."""
+    from builder.cli import main
+
+    argv = ["publish", "--onnx", str(onnx_path), "--name", "digits", "--repository", str(repository), *flags]
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ((), "points below the 100.00% of version 1 of digits"),
+        (("--max-accuracy-drop", "-1"), "--max-accuracy-drop: '-1' must be a finite number, 0 or more"),
+        (("--max-accuracy-drop", "nan"), "--max-accuracy-drop: 'nan' must be a finite number"),
+        (("--max-accuracy-drop", "ten"), "--max-accuracy-drop: 'ten' is not a number"),
+        (("--force=yes",), "--force: ignored explicit argument 'yes'"),
+    ],
+)
+def test_the_cli_refuses_a_worse_model_or_a_bad_budget_in_one_line_and_writes_nothing(
+    tiny_run, tmp_path, capsys, flags, message
+):
+    repository = tmp_path / "repo"
+    publish(_scored(tiny_run, tmp_path, "1.0", "good"), repository, "digits")
+    before = _listing(repository)
+    assert (_cli_publish(_scored(tiny_run, tmp_path, "0.5", "worse"), repository, *flags)) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert _listing(repository) == before
+    assert _cli_publish(tmp_path / "worse.onnx", repository, "--force") == 0
+
+
+def test_versions_are_warmed_with_validation_images_as_the_gateway_sends_them(tiny_run, tmp_path):
+    from builder.data import load_dataset
+    from server.preprocess import model_input
+
+    repository = tmp_path / "repo"
+    settings = PublishSettings(max_batch_size=8, preferred_batch_sizes=(2, 4), pixel_input=True)
+    publish(tiny_run / "model.onnx", repository, "digits", settings=settings)
+    config = model_config.parse((repository / "digits" / "config.pbtxt").read_text())
+    assert [(s.name, s.batch_size) for s in config.warmup] == [
+        ("image0_batch1", 1),
+        ("image1_batch1", 1),
+        ("image2_batch1", 1),
+        ("image0_batch4", 4),
+    ]
+    spec = PreprocessSpec.from_parameters(config.parameters)
+    digits = load_dataset("digits")
+    for i, sample in enumerate(config.warmup[:3]):
+        (warmup_input,) = sample.inputs.values()
+        assert warmup_input.data_type == "UINT8" and warmup_input.dims == (8, 8, 1)
+        expected = model_input(digits.val.image(i, "L"), spec, pixel_input=True).tobytes()
+        assert (repository / "digits" / "warmup" / warmup_input.data_file).read_bytes() == expected
+
+
+def test_without_a_dataset_versions_are_warmed_with_synthetic_data_and_a_warning(tiny_run, tmp_path, caplog):
+    repository = tmp_path / "repo"
+    elsewhere = with_metadata(tiny_run / "model.onnx", tmp_path / "elsewhere.onnx", dataset=None)
+    with caplog.at_level("WARNING", logger="builder.publish"):
+        published = publish(elsewhere, repository, "digits")
+    assert "no images to warm digits up with (the model names no dataset" in caplog.text
+    config = model_config.parse((repository / "digits" / "config.pbtxt").read_text())
+    assert [s.name for s in config.warmup] == ["image0_batch1"]
+    assert config.warmup[0].inputs["input"] == model_config.WarmupInput("FP32", (1, 8, 8), synthetic="zero_data")
+    assert json.loads((published.version_dir / "build.json").read_text())["warmup"].startswith("zero_data")
+    assert not (repository / "digits" / "warmup").exists()
+
+
+def test_no_warmup_writes_no_samples(tiny_run, tmp_path):
+    assert _cli_publish(tiny_run / "model.onnx", tmp_path / "repo", "--no-warmup") == 0
+    assert model_config.parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text()).warmup == ()
+    assert not (tmp_path / "repo" / "digits" / "warmup").exists()

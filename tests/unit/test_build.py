@@ -45,3 +45,9 @@ def test_a_setting_of_the_wrong_kind_is_named_in_one_line(section, message):
 def test_yaml_strings_for_numbers_are_taken_as_numbers():
     config = BuildConfig.from_mapping({"train": {"epochs": "3"}, "prune": {"keep_ratio": "0.5"}})
     assert config.train.epochs == 3 and config.prune.keep_ratio == 0.5
+
+
+def test_publish_refuses_worse_models_with_the_same_budget_a_build_gives_its_stages():
+    from builder.publish import DEFAULT_MAX_ACCURACY_DROP, PublishSettings
+
+    assert PublishSettings().max_accuracy_drop == DEFAULT_MAX_ACCURACY_DROP == BuildConfig().max_accuracy_drop

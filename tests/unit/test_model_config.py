@@ -106,3 +106,23 @@ def test_cuda_graphs_round_trip():
 def test_unknown_version_policy_is_rejected():
     with pytest.raises(ValueError, match="latest, all, specific"):
         sample_config(version_policy="newest")
+
+
+def test_warmup_samples_round_trip_with_file_and_synthetic_inputs():
+    from_file = mc.WarmupInput("FP32", (1, 32, 32), data_file="image.raw")
+    zeros = mc.WarmupInput("UINT8", (32, 32, 1), synthetic="random_data")
+    config = sample_config(
+        warmup=(
+            mc.WarmupSample("image0_batch1", 1, {"input": from_file}),
+            mc.WarmupSample("image0_batch8", 8, {"input": zeros}),
+        )
+    )
+    text = mc.render(config)
+    assert 'input_data_file: "image.raw"' in text and "random_data: true" in text and "batch_size: 8" in text
+    assert mc.parse(text) == config
+
+
+def test_a_warmup_batch_the_model_cannot_take_is_rejected():
+    sample = mc.WarmupSample("big", 32, {"input": mc.WarmupInput("FP32", (1, 32, 32))})
+    with pytest.raises(ValueError, match="batch 32 outside 1..max batch"):
+        sample_config(warmup=(sample,))
