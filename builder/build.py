@@ -416,6 +416,10 @@ def build(config: BuildConfig) -> BuildResult:
         config.publish,
         config.repository,
     )
+    if settings is not None:
+        # One budget for the whole build: its stages against the trained model, and what it publishes
+        # against the version served now.
+        settings = dataclasses.replace(settings, max_accuracy_drop=config.max_accuracy_drop)
     # TensorRT's parser refuses QAT's uint8 Q/DQ: a gpu target has no QAT fallback.
     qat_mode = "never" if quantize_config is None or quantize_config.target == "gpu" else config.qat.mode
     report = Report(max_accuracy_drop=config.max_accuracy_drop)

@@ -411,3 +411,29 @@ def test_gpu_int8_build_settings_that_cannot_work_are_one_line_cli_errors(settin
     assert main(["build", "--config", str(tmp_path / "build.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("builder build: error:") and "\n" not in err and message in err
+
+
+def test_what_a_build_publishes_is_held_to_the_builds_own_accuracy_budget(tiny_run, tmp_path, monkeypatch):
+    import builder.build as build_module
+
+    budgets = []
+
+    def publish(onnx_path, repository, name, *, settings):
+        budgets.append(settings.max_accuracy_drop)
+        raise BuilderError("stopped here: the budget is what this test reads")
+
+    monkeypatch.setattr(build_module, "publish", publish)
+    config = BuildConfig(
+        name="digits",
+        out_dir=tmp_path / "build",
+        checkpoint=tiny_run / "best.pt",
+        prune=None,
+        quantize=None,
+        publish={"repository": str(tmp_path / "repo")},
+        max_accuracy_drop=7.5,
+        benchmark_seconds=0.05,
+        parity_images=8,
+    )
+    with pytest.raises(BuilderError, match="stopped here"):
+        build(config)
+    assert budgets == [7.5]
