@@ -392,6 +392,12 @@ def _whole_number(text: str, minimum: int, wording: str) -> int:
     return value
 
 
+def _storage_url(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty URL names no storage (leave --storage out for study.db in --out)")
+    return text
+
+
 def _positive_int(text: str) -> int:
     return _whole_number(text, 1, "at least 1")
 
@@ -637,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
     tune.add_argument(
         "--storage",
+        type=_storage_url,
         help="a study shared by workers on many machines: an RDB URL (sqlite:///x.db, postgresql://...) or "
         "journal://PATH, a journal file on a shared filesystem (default: study.db in --out)",
     )

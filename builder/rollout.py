@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from server.preprocess import PARAMETER_PREFIX as PREPROCESS_PREFIX
-from server.rollout import Rollout
+from server.rollout import MAX_HEADER_NAME, Rollout
 
 from . import model_config
 from .errors import RolloutError
@@ -56,6 +56,15 @@ def _check_same_interface(model_dir: Path, config: ModelConfig, versions: tuple[
             )
 
 
+def _check_present(name: str, versions: tuple[int, ...], present: list[int], repository: Path) -> None:
+    missing = [v for v in versions if v not in present]
+    if missing:
+        listed = ", ".join(map(str, missing))
+        raise RolloutError(
+            f"the rollout of {name!r} names version {listed}, which has no folder in repository {repository}"
+        )
+
+
 def _model_dir(repository: Path, name: str) -> tuple[Path, ModelConfig, list[int]]:
     model_dir = Path(repository) / name
     config = model_config.read_config(model_dir)
@@ -77,6 +86,8 @@ def start(
     # "" turns a sticky rollout back into one drawn per request.
     if sticky_header and set(sticky_header.lower()) - set(HEADER_NAME):
         raise RolloutError(f"--sticky-header {sticky_header!r} is not an HTTP header name")
+    if sticky_header and len(sticky_header) > MAX_HEADER_NAME:
+        raise RolloutError(f"--sticky-header is {len(sticky_header)} characters long; at most {MAX_HEADER_NAME}")
     model_dir, config, present = _model_dir(repository, name)
     current = model_config.rollout_of(config)
     if current is not None:
@@ -85,6 +96,7 @@ def start(
                 f"version {current.canary} of {name!r} is being rolled out: promote or abort it before "
                 f"rolling out version {version}"
             )
+        _check_present(name, current.versions, present, repository)
         sticky = current.sticky_header if sticky_header is None else sticky_header.lower()
         rollout = dataclasses.replace(current, canary_percent=percent, sticky_header=sticky)
     else:
@@ -108,11 +120,13 @@ def start(
 
 
 def _finish(repository: Path, name: str, promote: bool) -> int:
-    model_dir, config, _ = _model_dir(repository, name)
+    model_dir, config, present = _model_dir(repository, name)
     rollout = model_config.rollout_of(config)
     if rollout is None:
         raise RolloutError(f"model {name!r} has no rollout under way")
     keep = rollout.canary if promote else rollout.stable
+    # Served alone, a version without its folder would leave the model with nothing to load.
+    _check_present(name, (keep,), present, repository)
     model_config.write_config(model_dir, model_config.serving_only(config, keep))
     return keep
 

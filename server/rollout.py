@@ -17,6 +17,10 @@ STABLE = "rollout.stable"
 CANARY = "rollout.canary"
 CANARY_PERCENT = "rollout.canary_percent"
 STICKY_HEADER = "rollout.sticky_header"
+# Triton reads a version as an int64; a larger number in a hand-edited config is not a version.
+MAX_VERSION = 2**63 - 1
+# Far beyond any header name in use, far below what proxies refuse.
+MAX_HEADER_NAME = 128
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,10 @@ class Rollout:
             raise ValueError(f"the canary and the stable version are both {self.stable}")
         if self.stable < 1 or self.canary < 1:
             raise ValueError("versions are positive integers")
+        if max(self.stable, self.canary) > MAX_VERSION:
+            raise ValueError(f"versions are at most {MAX_VERSION} (Triton's int64)")
+        if len(self.sticky_header) > MAX_HEADER_NAME:
+            raise ValueError(f"the sticky header's name is longer than {MAX_HEADER_NAME} characters")
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> Rollout | None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -149,6 +150,7 @@ def _refused(capsys, *argv: str) -> str:
         ([MODEL, "--promote", "--version", "2"], "go with --canary"),
         ([MODEL], "one of the arguments"),
         ([MODEL, "--canary", "10", "--sticky-header", "x client"], "not an HTTP header name"),
+        ([MODEL, "--canary", "10", "--sticky-header", "x" * 5000], "at most 128"),
     ],
 )
 def test_bad_rollout_commands_leave_the_repository_unchanged(tmp_path, capsys, argv, message) -> None:
@@ -275,3 +277,35 @@ def test_status_without_a_gateway_is_one_line_and_exit_2(tmp_path, capsys) -> No
     repository = _repository(tmp_path, versions=2)
     argv = ["--status", "--gateway-url", "http://127.0.0.1:9", "--repository", str(repository)]
     assert "cannot read the gateway's metrics" in _refused(capsys, MODEL, *argv)
+
+
+def _rollout_edited(repository: Path, **parameters: str) -> bytes:
+    """The rollout's parameters in config.pbtxt changed by hand; returns the file's bytes."""
+    config = _served(repository)
+    edited = model_config.with_rollout(config, model_config.rollout_of(config))
+    text = model_config.render(dataclasses.replace(edited, parameters={**edited.parameters, **parameters}))
+    (repository / MODEL / "config.pbtxt").write_text(text)
+    return text.encode()
+
+
+@pytest.mark.parametrize("command", [["--promote"], ["--abort"], ["--canary", "20"]])
+def test_a_rollout_naming_a_version_without_its_folder_is_refused(tmp_path, capsys, command) -> None:
+    repository = _repository(tmp_path, versions=2)
+    rollout.start(repository, MODEL, 10)
+    # Version 7 has no folder; served alone it would leave the model nothing to load at Triton's next start.
+    before = _rollout_edited(repository, **{"rollout.canary": "7", "rollout.stable": "9"})
+    err = _refused(capsys, MODEL, *command, "--repository", str(repository))
+    assert "has no folder" in err
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+
+
+def test_a_version_past_int64_in_the_config_is_a_one_line_refusal_and_no_rollout_for_the_gateway(
+    tmp_path, capsys
+) -> None:
+    repository = _repository(tmp_path, versions=2)
+    rollout.start(repository, MODEL, 10)
+    before = _rollout_edited(repository, **{"rollout.canary": "99999999999999999999"})
+    assert "cannot be read" in _refused(capsys, MODEL, "--promote", "--repository", str(repository))
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+    with pytest.raises(ValueError, match="int64"):
+        Rollout.from_parameters(_served(repository).parameters)

@@ -89,6 +89,19 @@ def test_a_storage_that_cannot_be_used_is_one_line_and_writes_nothing(capsys, tm
     assert not out.exists()
 
 
+@pytest.mark.parametrize("url", ["", "  "])
+def test_an_empty_storage_url_is_refused_not_taken_for_the_local_default(capsys, tmp_path, url):
+    from builder.cli import main
+
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as refused:
+        main(["tune", "--dataset", "digits", "--storage", url, "--out", str(out), "--trials", "1"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "--storage: an empty URL names no storage" in err
+    assert not out.exists()
+
+
 def test_a_journal_file_holds_a_study_that_every_worker_reopens(tmp_path):
     from builder.tune import create_study
 
