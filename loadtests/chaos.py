@@ -236,6 +236,8 @@ class ChaosStack:
 
     def children(self, name: str) -> list[int]:
         """The pids of the stack's live tritonserver (one per replica) or gateway processes."""
+        from stack.launcher import is_gateway_command
+
         try:
             children = psutil.Process(self.process.pid).children()
         except psutil.NoSuchProcess:
@@ -249,7 +251,7 @@ class ChaosStack:
             except psutil.NoSuchProcess:
                 continue
             if (name == "tritonserver" and command and command[0].endswith("tritonserver")) or (
-                name == "gateway" and "uvicorn" in command
+                name == "gateway" and is_gateway_command(command)
             ):
                 self.seen.add(child.pid)
                 pids.append(child.pid)

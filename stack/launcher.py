@@ -408,6 +408,15 @@ class TritonServer(_ManagedProcess):
         self.python_env_dir = None
 
 
+# How the stack starts the gateway (server/__main__.py): what tells its process among others.
+GATEWAY_MODULE = ("-m", "server")
+
+
+def is_gateway_command(command: list[str]) -> bool:
+    """Whether a process's command line is the gateway's, as the stack starts it."""
+    return tuple(command[1:3]) == GATEWAY_MODULE
+
+
 @dataclass
 class GatewayProcess(_ManagedProcess):
     """The gateway under uvicorn, in its own process, configured through the environment."""
@@ -475,4 +484,4 @@ class GatewayProcess(_ManagedProcess):
         # server/serve.py: uvicorn with GATEWAY_WORKERS worker processes (default one per core), every
         # option read from the gateway's settings, here given this process's host and port.
         env = {**self.environment(), "GATEWAY_HOST": self.host, "GATEWAY_PORT": str(self.port)}
-        self._spawn([sys.executable, "-m", "server"], env)
+        self._spawn([sys.executable, *GATEWAY_MODULE], env)

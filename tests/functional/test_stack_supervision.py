@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from server.shared_memory import SHM_DIRECTORY
-from stack.launcher import _die_with_parent, free_port, remove_regions
+from stack.launcher import _die_with_parent, free_port, is_gateway_command, remove_regions
 from stack.settings import TritonSettings
 from stack.supervisor import RestartCounter, RestartPolicy, local_stack
 
@@ -103,7 +103,7 @@ class Stack:
                 continue
             command = _cmdline(pid)
             if (name == "tritonserver" and command[0].endswith("/tritonserver")) or (
-                name == "gateway" and "uvicorn" in command
+                name == "gateway" and is_gateway_command(command)
             ):
                 self.seen[pid] = command
                 return pid
