@@ -161,6 +161,13 @@ def model_interface(
     graph."""
     path = Path(path)
     proto = load_onnx(path)
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        # An image classifier takes one batch of images; what else a graph wants, no flag can give it.
+        raise OnnxFileError(
+            f"{path} takes {len(inputs)} inputs ({', '.join(inputs) or 'none'}); an image classifier takes one"
+        )
     meta = OnnxMeta.from_props(metadata_of(proto), source=path)
     given = {key: value for key, value in (preprocess or {}).items() if value is not None}
     spec = serving_preprocess(meta.preprocess.to_dict() if meta.preprocess else None, **given) if given else None

@@ -115,6 +115,7 @@ def _command(command: str, model: Path, data: Path, tmp_path: Path) -> list[str]
         ("no preprocessing flags", "carries no preprocessing spec: give the preprocessing it was trained with"),
         ("flags against the input shape", "the preprocessing makes 3 x 8 x 8 inputs (RGB, crop 8) but"),
         ("labels against the outputs", "3 labels for"),
+        ("two inputs", "takes 2 inputs (input, extra); an image classifier takes one"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing_behind(
@@ -127,6 +128,13 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing_behind(
         flags = []
     elif case == "flags against the input shape":
         flags = ["--resize", "8", "--crop", "8"]
+    elif case == "two inputs":
+        proto = onnx.load(str(model))
+        extra = onnx.ValueInfoProto()
+        extra.CopyFrom(proto.graph.input[0])
+        extra.name = "extra"
+        proto.graph.input.append(extra)
+        onnx.save(proto, str(model))
     else:
         (tmp_path / "labels.txt").write_text("a\nb\nc\n")
         flags = [*FLAGS, "--labels", str(tmp_path / "labels.txt")]
