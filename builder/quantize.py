@@ -181,10 +181,14 @@ def _onnxruntime_int8(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    whole = output.with_name(f".{output.name}.whole")
     prepared = output.with_name(f".{output.name}.prepared")
     quantized = output.with_name(f".{output.name}.quantized")
     try:
-        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        # quant_pre_process copies the .onnx alone to a temporary folder: weights stored beside it (what
+        # torch.onnx.export writes by default) would be missing there.
+        _write_self_contained(onnx_path, whole)
+        quant_pre_process(str(whole), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(quantized),
@@ -199,7 +203,7 @@ def _onnxruntime_int8(
         )
         proto = onnx.load(str(quantized))
     finally:
-        for leftover in (prepared, quantized, *output.parent.glob(f".{output.name}.prepared*")):
+        for leftover in (whole, prepared, quantized, *output.parent.glob(f".{output.name}.prepared*")):
             Path(leftover).unlink(missing_ok=True)
     return proto, {"weight_bits": "7" if config.reduce_range else "8"}
 

@@ -56,6 +56,22 @@ def test_quantize_writes_the_flags_labels_and_folder_into_the_int8_model_as_expo
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(output)).graph.node)
 
 
+def test_quantize_reads_weights_stored_beside_the_model_as_torch_onnx_export_writes_them(
+    model, folder, tmp_path, capsys
+):
+    beside = tmp_path / "beside" / "model.onnx"
+    beside.parent.mkdir()
+    onnx.save(
+        onnx.load(str(model)), str(beside), save_as_external_data=True, location="model.onnx.data", size_threshold=0
+    )
+    assert (beside.parent / "model.onnx.data").exists()
+    args = ["quantize", "--onnx", str(beside), "--calibration-data", str(folder), "--calibration-images", "8", *FLAGS]
+    assert main(args) == 0, capsys.readouterr().err
+    output = Path(json.loads(capsys.readouterr().out)["onnx"])
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(output)).graph.node)
+    assert sorted(p.name for p in beside.parent.iterdir()) == ["model-int8.onnx", "model.onnx", "model.onnx.data"]
+
+
 def test_quantize_takes_a_labels_file_over_the_folder_names(model, folder, tmp_path, capsys):
     labels = tmp_path / "labels.txt"
     labels.write_text("tabby\nterrier\n")
