@@ -45,6 +45,9 @@ demo: install
 	$(VENV)/bin/builder publish --onnx $(RUN)/model.onnx --name $(MODEL) --repository $(REPOSITORY)
 	$(PY) -m stack.demo --model $(MODEL) --repository $(REPOSITORY)
 
+# The slowest tests are listed at the end of every run: where the suite's time goes.
+PYTEST_ARGS ?= --durations=25
+
 # Lint, format and type checks first (seconds), then the tests.
 test: install
 	$(VENV)/bin/ruff check .

@@ -591,6 +591,25 @@ def _version_accuracy(version_dir: Path) -> float | None:
     return recorded_accuracy(metadata) if isinstance(metadata, dict) else None
 
 
+def _warn_of_a_rollout_ended(model_dir: Path) -> None:
+    """A plain publish writes a config without the rollout under way: say which one it ends."""
+    if not (model_dir / "config.pbtxt").exists():
+        return
+    try:
+        rollout = model_config.rollout_of(model_config.read_config(model_dir))
+    except BuilderError:
+        return  # a config that cannot be read is replaced, as before
+    if rollout is not None:
+        log.warning(
+            "this publish ends the rollout of version %d (%g%%) beside version %d of %s: the new version "
+            "replaces both (publish --canary starts a rollout of it instead)",
+            rollout.canary,
+            rollout.canary_percent,
+            rollout.stable,
+            model_dir.name,
+        )
+
+
 def check_accuracy(model_dir: Path, new_accuracy: float | None, settings: PublishSettings) -> None:
     """Refuse a version whose recorded top-1 is more than the budget below the serving version's."""
     serving = _serving_version(model_dir)
@@ -614,6 +633,10 @@ def check_accuracy(model_dir: Path, new_accuracy: float | None, settings: Publis
     )
     if settings.force:
         log.warning("%s; publishing it anyway (--force)", what)
+        return
+    if settings.canary_percent is not None:
+        # A canary replaces nothing: it serves its share beside the better version, which stays.
+        log.warning("%s; publishing it as a %g%% canary beside it", what, settings.canary_percent)
         return
     raise PublishError(
         f"{what}, over the budget of {settings.max_accuracy_drop:g} (--max-accuracy-drop): nothing was "
@@ -727,12 +750,14 @@ def _publish_files(
     canary = None
     if settings.canary_percent is not None:
         # Both versions are served with this config: they must agree on preprocessing and labels. A canary
-        # replaces nothing, so the accuracy guard is for plain publishes (a rollout compares the two live).
+        # replaces nothing: a worse one is published with a warning (the rollout compares the two live).
         _check_shared_interface(Path(repository) / name, dataclasses.replace(config, version_policy="all"))
+        check_accuracy(Path(repository) / name, lineage.get("val_accuracy"), settings)
         canary = (model_config.pin_served_version(Path(repository) / name), settings.canary_percent)
     else:
         _check_shared_interface(Path(repository) / name, config)
         check_accuracy(Path(repository) / name, lineage.get("val_accuracy"), settings)
+        _warn_of_a_rollout_ended(Path(repository) / name)
     try:
         repository.mkdir(parents=True, exist_ok=True)
         published = _write_version(files, repository, name, config, labels, lineage, warmup_files or {}, canary)

@@ -648,6 +648,21 @@ def test_a_model_recorded_worse_than_the_serving_one_is_refused_unless_forced(ti
     assert json.loads((repository / "digits" / "4" / "build.json").read_text())["val_accuracy"] == 0.1
 
 
+def test_a_worse_canary_is_published_with_a_warning_and_a_plain_publish_says_it_ends_the_rollout(
+    tiny_run, tmp_path, caplog
+):
+    repository = tmp_path / "repo"
+    publish(_scored(tiny_run, tmp_path, "1.0", "good"), repository, "digits")
+    worse = _scored(tiny_run, tmp_path, "0.1", "chance")
+    with caplog.at_level("WARNING", logger="builder.publish"):
+        assert publish(worse, repository, "digits", settings=PublishSettings(canary_percent=10)).version == 2
+    assert "90.00 points below" in caplog.text and "publishing it as a 10% canary beside it" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="builder.publish"):
+        assert publish(_scored(tiny_run, tmp_path, "1.0", "good"), repository, "digits").version == 3
+    assert "ends the rollout of version 2 (10%) beside version 1 of digits" in caplog.text
+
+
 def test_a_model_without_a_recorded_accuracy_is_published_with_one_warning(tiny_run, tmp_path, caplog):
     repository = tmp_path / "repo"
     publish(tiny_run / "model.onnx", repository, "digits")
