@@ -95,6 +95,14 @@ class Workers(Multiprocess):
         super().__init__(config, sockets)
         self.metrics_dir = metrics_dir
 
+    def terminate_all(self) -> None:
+        super().terminate_all()  # SIGTERM to each worker: each drains, then closes its copy of the listener
+        # This process's copy would keep the socket listening after the workers close theirs: the kernel
+        # would go on completing connections that no worker accepts, reset when this process exits. With
+        # it closed here, the last worker's close ends the listening and new connections are refused.
+        for listener in self.sockets:
+            listener.close()
+
     def keep_subprocess_alive(self) -> None:
         before = list(self.processes)
         super().keep_subprocess_alive()
