@@ -45,8 +45,9 @@ demo: install
 	$(VENV)/bin/builder publish --onnx $(RUN)/model.onnx --name $(MODEL) --repository $(REPOSITORY)
 	$(PY) -m stack.demo --model $(MODEL) --repository $(REPOSITORY)
 
+# Two processes: the real-stack tests in one, in order, the rest beside them (tests/conftest.py says why).
 # The slowest tests are listed at the end of every run: where the suite's time goes.
-PYTEST_ARGS ?= --durations=25
+PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=25
 
 # Lint, format and type checks first (seconds), then the tests.
 test: install

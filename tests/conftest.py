@@ -11,11 +11,25 @@ import skimage
 from PIL import Image
 
 PHOTO_DIR = Path(skimage.__file__).parent / "data"
+FUNCTIONAL = Path(__file__).parent / "functional"
 
 # A gateway that a test starts runs in one worker process unless the test says otherwise: the limits
 # tests check (in flight, connections, buffered bytes) hold per worker, and several workers would share
 # a test's connections between them.
 os.environ.setdefault("GATEWAY_WORKERS", "1")
+# A gateway that a test stops refuses new requests for half a second before it exits, not the default 5 s:
+# the suite stops some 60 gateways, and the tests of the drain itself set their own period.
+os.environ.setdefault("GATEWAY_DRAIN_S", "0.5")
+
+
+def pytest_collection_modifyitems(config, items):
+    # `make test` runs the suite in two processes (pytest-xdist, --dist loadgroup). The tests of the real
+    # stack stay together, one after another in one of them: they start Triton servers, whose Python
+    # backends' scratch folders are told apart by when they appear, and they mostly wait on those servers,
+    # while the other process trains and checks models on the cores they leave idle.
+    for item in items:
+        if Path(str(item.path)).is_relative_to(FUNCTIONAL):
+            item.add_marker(pytest.mark.xdist_group("servers"))
 
 
 @pytest.fixture(scope="session")

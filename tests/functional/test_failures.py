@@ -17,7 +17,7 @@ from PIL import Image
 from builder.publish import publish
 from stack.launcher import LaunchError, TritonServer, free_port
 
-from .conftest import MODEL, gateway_regions, metric, start_gateway, start_triton
+from .conftest import MODEL, QuickStopTriton, gateway_regions, metric, start_gateway, start_triton
 
 
 def png() -> bytes:
@@ -52,7 +52,7 @@ def test_triton_down_gives_503_with_retry_after_and_the_gateway_recovers_when_it
         assert time.monotonic() - started < 10
         assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 503
 
-        triton = TritonServer(
+        triton = QuickStopTriton(
             model_repository=repository,
             http_port=free_port(),
             grpc_port=grpc_port,

@@ -22,9 +22,9 @@ from PIL import Image
 from builder.publish import PublishSettings, publish
 from client import classify, classify_grpc
 from server.settings import Settings
-from stack.launcher import TritonServer, free_port
+from stack.launcher import free_port
 
-from .conftest import MODEL, PIXEL_MODEL, metric, start_gateway, start_triton
+from .conftest import MODEL, PIXEL_MODEL, QuickStopTriton, metric, start_gateway, start_triton
 from .test_failures import wait_for
 
 
@@ -595,7 +595,7 @@ def test_a_request_triton_holds_past_the_timeout_is_504_over_either_protocol(slo
 
 
 def test_triton_repository_and_shared_memory_apis_need_the_key(repository, tmp_path, photos):
-    with TritonServer(
+    with QuickStopTriton(
         model_repository=repository,
         http_port=free_port(),
         grpc_port=free_port(),

@@ -15,9 +15,9 @@ import tritonclient.grpc as grpcclient
 from client import classify
 from server.settings import Settings
 from server.shared_memory import SHM_DIRECTORY
-from stack.launcher import TritonServer, free_port
+from stack.launcher import free_port
 
-from .conftest import MODEL, PIXEL_MODEL, gateway_regions, metric, start_gateway
+from .conftest import MODEL, PIXEL_MODEL, QuickStopTriton, gateway_regions, metric, start_gateway
 from .test_failures import wait_for
 
 SHARED, BYTES = {"transport": "shared_memory"}, {"transport": "bytes"}
@@ -83,7 +83,7 @@ def test_a_triton_that_cannot_open_the_region_is_sent_bytes(repository, photos, 
         # host: Triton, started now, cannot open the key the gateway registers.
         (region,) = Path(SHM_DIRECTORY).glob(f"gateway-{gateway.pid}-*")
         region.unlink()
-        with TritonServer(
+        with QuickStopTriton(
             model_repository=repository,
             http_port=free_port(),
             grpc_port=grpc_port,
