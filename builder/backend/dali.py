@@ -12,7 +12,8 @@ Self-contained (Triton runs it where neither the builder nor the gateway is inst
 definition the builder's tests run on the CPU (`decoder_device="cpu"`) against the gateway's Pillow path:
 
 - decode as RGB, BGR or grayscale (`fn.decoders.image`, "mixed": nvJPEG, with the hardware decoder where
-  the GPU has one);
+  the GPU has one), turned by the EXIF orientation as the gateway does (`adjust_orientation`, on by
+  default from DALI 1.39; not passed here, since the 1.35 the tests run has no such argument);
 - resize so the shorter side is `resize_size`, the longer one scaled and truncated as torchvision's
   Resize(int) and the gateway do (`fn.resize(resize_shorter=...)` would round it: one pixel more on some
   sizes, which moves the centre crop). The sizes come from the encoded header (`fn.peek_image_shape`);
