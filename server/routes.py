@@ -405,9 +405,16 @@ async def classify(
         info = await triton.model_info(name)
         context["model"] = name
         if info.encoded_input:
-            # Triton decodes (`builder publish --preprocess gpu`): only the headers are read here, for the limits.
+            # Triton decodes (`builder publish --preprocess gpu`): only the headers are read here, for the limits;
+            # in the thread pool unless they are quick to read (Pillow parses a JPEG's header in Python).
             started = time.perf_counter()
-            batch, _ = encoded_batch(images, settings.max_image_pixels, max_request_pixels=settings.max_request_pixels)
+            headers = partial(
+                encoded_batch, images, settings.max_image_pixels, max_request_pixels=settings.max_request_pixels
+            )
+            if quick_to_preprocess(images, settings.inline_preprocess_max_pixels, settings.inline_preprocess_max_bytes):
+                batch, _ = headers()
+            else:
+                batch, _ = await result_within(executor.submit(headers), settings.preprocess_wait_s)
             context["stages"]["preprocess"] = time.perf_counter() - started
             await refuse_if_gone(request)
             started = time.perf_counter()
