@@ -798,7 +798,13 @@ def check_dali_ensemble(kit: Kit) -> str:
     digits = kit.digits()
     spec = digits.spec
     repository = kit.dir / "dali-repository"
-    publish(onnx_path, repository, "gpu_check_dali", settings=PublishSettings(preprocess="gpu", warmup=False))
+    # The classifier on ONNX Runtime's backend, as in check 6: the container's Python has no onnxruntime for
+    # the Python backend's model.py.
+    (kit.dir / "dali-trt-cache").mkdir(parents=True)
+    settings = PublishSettings(
+        target="gpu", preprocess="gpu", warmup=False, trt_cache_path=str(kit.dir / "dali-trt-cache")
+    )
+    publish(onnx_path, repository, "gpu_check_dali", settings=settings)
     preprocess_name, ensemble_name = model_names("gpu_check_dali")
     images = []
     for i in range(DALI_IMAGES):
