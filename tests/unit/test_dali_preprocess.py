@@ -88,20 +88,25 @@ def test_preprocess_gpu_where_it_cannot_apply_is_refused_in_one_line(tmp_path, c
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
 
 
-def test_an_equalizing_spec_is_refused_with_nothing_written(tmp_path):
+@pytest.mark.parametrize("case", ["equalize", "fixed batch", "plan"])
+def test_what_the_gpu_path_cannot_serve_is_refused_with_nothing_written(tmp_path, case):
     from builder.errors import PublishError
-    from builder.publish import PublishSettings, publish
-    from tests.onnx_variants import conv_classifier
+    from builder.publish import PublishSettings, publish, publish_plan
+    from tests.onnx_variants import conv_classifier, with_fixed_batch
 
-    spec = PreprocessSpec(image_size=4, resize_size=4, mean=(0.5,), std=(0.5,), color_mode="L", equalize=True)
-    with pytest.raises(PublishError, match="equalizes histograms"):
-        publish(
-            conv_classifier(tmp_path / "model.onnx"),
-            tmp_path / "repo",
-            "m",
-            spec=spec,
-            settings=PublishSettings(preprocess="gpu", warmup=False),
-        )
+    onnx_path = conv_classifier(tmp_path / "model.onnx")
+    spec = PreprocessSpec(4, 4, (0.5,), (0.5,), color_mode="L", equalize=case == "equalize")
+    settings = PublishSettings(preprocess="gpu", warmup=False, target="gpu" if case == "plan" else "cpu")
+    with pytest.raises(
+        PublishError,
+        match={"equalize": "equalizes", "fixed batch": "dynamic batch axis", "plan": "for ONNX models"}[case],
+    ):
+        if case == "plan":
+            publish_plan(tmp_path / "model.plan", onnx_path, tmp_path / "repo", "m", spec=spec, settings=settings)
+        else:
+            if case == "fixed batch":
+                onnx_path = with_fixed_batch(onnx_path, tmp_path / "fixed.onnx", 1)
+            publish(onnx_path, tmp_path / "repo", "m", spec=spec, settings=settings)
     assert not (tmp_path / "repo").exists()
 
 
