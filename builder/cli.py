@@ -729,6 +729,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model takes N x H x W x C uint8 pixels and normalizes them itself: a quarter of the bytes "
         "per request, and no float arithmetic in the gateway",
     )
+    _setting(
+        publish,
+        "--preprocess",
+        PUBLISH,
+        "preprocess",
+        choices=("cpu", "gpu"),
+        help="gpu: also NAME-preprocess (Triton's DALI backend: nvJPEG decode, resize, crop, normalize) and "
+        "NAME-ensemble, which takes the encoded images: the gateway sends them undecoded",
+    )
     publish.add_argument("--plan", help="a TensorRT engine from `builder engine` (with --onnx it was built from)")
     _setting(publish, "--keep", PUBLISH, "keep", type=_positive_int, help="remove all but the newest N versions")
     _setting(publish, "--version-policy", PUBLISH, "version_policy", choices=("latest", "all"))

@@ -11,6 +11,8 @@ table with a row per check: pass, fail, or skipped with the reason.
    engine-cache identities, and their engines answer differently, each like its own weights.
 6. Where `tritonserver` is on PATH: the `tensorrt_plan` model and the ONNX Runtime + TensorRT model load in
    Triton and answer like ONNX Runtime.
+7. Where Triton has its DALI backend (NVIDIA's tritonserver container): `publish --preprocess gpu`'s ensemble
+   takes JPEG bytes, decodes them with nvJPEG, and answers like the gateway's Pillow path + ONNX Runtime.
 
 Every import a check needs happens inside it: a missing package or GPU skips the checks that need it, named
 with what to install, and the others still run. Nothing is installed. Everything is written under one
@@ -259,6 +261,20 @@ def need_modelopt() -> tuple[str, str | None] | None:
 def need_tritonserver() -> tuple[str, str | None] | None:
     if shutil.which("tritonserver") is None:
         return "tritonserver is not on PATH", None
+    return None
+
+
+# Where tritonserver looks for backends unless told otherwise (its --backend-directory default); NVIDIA's
+# container has dali/ there, the nvidia-pytriton wheel's server does not.
+TRITON_BACKENDS = Path("/opt/tritonserver/backends")
+
+
+def need_dali_backend() -> tuple[str, str | None] | None:
+    if not (TRITON_BACKENDS / "dali").is_dir():
+        return (
+            f"Triton's DALI backend is not installed ({TRITON_BACKENDS / 'dali'} is missing)",
+            "run in NVIDIA's tritonserver container (nvcr.io/nvidia/tritonserver:24.10-py3), which has it",
+        )
     return None
 
 
@@ -736,18 +752,86 @@ def _model_states(url: str) -> dict[str, tuple[str, str]]:
     }
 
 
-def _triton_infer(url: str, name: str, images):
+def _triton_infer(
+    url: str, name: str, images, datatype: str = "FP32", input_name: str | None = None, output_name: str | None = None
+):
     import numpy as np
 
     from .onnx_graph import INPUT_NAME
 
-    body = {
+    body: dict[str, Any] = {
         "inputs": [
-            {"name": INPUT_NAME, "shape": list(images.shape), "datatype": "FP32", "data": images.ravel().tolist()}
+            {
+                "name": input_name or INPUT_NAME,
+                "shape": list(images.shape),
+                "datatype": datatype,
+                "data": images.ravel().tolist(),
+            }
         ]
     }
+    if output_name:
+        body["outputs"] = [{"name": output_name}]
     (output,) = _http(f"{url}/v2/models/{name}/infer", body=body)["outputs"][:1]
     return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+
+
+# The GPU decode path against the gateway's: nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's, so
+# pixels may move by a few levels; what must hold is the classification.
+DALI_MIN_AGREEMENT = 0.95
+DALI_MAX_MEAN_LEVELS = 2.0
+DALI_IMAGES = 16
+
+
+@check("7 Triton: DALI preprocessing ensemble")
+def check_dali_ensemble(kit: Kit) -> str:
+    require(need_cuda, need_tritonserver, need_dali_backend)
+    import io
+
+    import numpy as np
+
+    from server.preprocess import encoded_batch, preprocess_bytes
+
+    from .dali_preprocess import OUTPUT_NAME, model_names
+    from .publish import PublishSettings, publish
+
+    onnx_path = kit.exported().onnx_path
+    digits = kit.digits()
+    spec = digits.spec
+    repository = kit.dir / "dali-repository"
+    # The classifier on ONNX Runtime's backend, as in check 6: the container's Python has no onnxruntime for
+    # the Python backend's model.py.
+    (kit.dir / "dali-trt-cache").mkdir(parents=True)
+    settings = PublishSettings(
+        target="gpu", preprocess="gpu", warmup=False, trt_cache_path=str(kit.dir / "dali-trt-cache")
+    )
+    publish(onnx_path, repository, "gpu_check_dali", settings=settings)
+    preprocess_name, ensemble_name = model_names("gpu_check_dali")
+    images = []
+    for i in range(DALI_IMAGES):
+        buffer = io.BytesIO()
+        digits.dataset.val.image(i, "RGB").resize((96, 96)).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    gateway_inputs = np.stack([preprocess_bytes(data, spec) for data in images])
+    expected = kit.ort_logits(onnx_path, gateway_inputs)
+    batch, _ = encoded_batch(images, max_pixels=10**8)
+    with _tritonserver(repository, kit.dir / "tritonserver-dali.log") as url:
+        states = _model_states(url)
+        for name in (preprocess_name, ensemble_name):
+            state, reason = states.get(name, ("MISSING", "not in the repository index"))
+            if state != "READY":
+                raise CheckFailed(f"{name} did not load in Triton ({state}): {(reason or state).splitlines()[0]}")
+        served_inputs = _triton_infer(url, preprocess_name, batch, "UINT8", "IMAGE_BYTES", OUTPUT_NAME)
+        served = _triton_infer(url, ensemble_name, batch, "UINT8", "IMAGE_BYTES")
+    levels = np.abs(served_inputs - gateway_inputs) * 255 * np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    agreement = float((served.argmax(axis=1) == expected.argmax(axis=1)).mean())
+    summary = (
+        f"{len(images)} JPEGs: inputs {levels.max():.1f} levels of 255 apart at most, {levels.mean():.2f} on average; "
+        f"top-1 agreement with the gateway + ONNX Runtime {agreement:.0%}, max |logits| difference "
+        f"{_max_abs(served, expected):.1e}"
+    )
+    if agreement < DALI_MIN_AGREEMENT or levels.mean() > DALI_MAX_MEAN_LEVELS:
+        raise CheckFailed(f"{summary} (needs >= {DALI_MIN_AGREEMENT:.0%}, mean <= {DALI_MAX_MEAN_LEVELS})")
+    return summary
 
 
 CHECKS: tuple[CheckFunction, ...] = (
@@ -757,6 +841,7 @@ CHECKS: tuple[CheckFunction, ...] = (
     check_int8_engine,
     check_engine_caches,
     check_triton,
+    check_dali_ensemble,
 )
 
 

@@ -40,6 +40,8 @@ class TensorSpec:
     dims: tuple[int, ...]  # without the batch dimension
     data_type: str = "FP32"
     label_filename: str | None = None
+    # Inputs only: requests of different shapes (encoded images of different lengths) batch together.
+    allow_ragged_batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,16 @@ class WarmupSample:
     count: int = 1
 
 
+@dataclass(frozen=True)
+class EnsembleStep:
+    """A step of `ensemble_scheduling`: which model runs, and its tensors mapped to the ensemble's."""
+
+    model_name: str
+    input_map: Mapping[str, str]  # the model's input -> the ensemble tensor it reads
+    output_map: Mapping[str, str]  # the model's output -> the ensemble tensor it writes
+    model_version: int = -1  # -1: the newest version the model serves
+
+
 VERSION_POLICIES = ("latest", "all", "specific")
 
 
@@ -105,6 +117,12 @@ class ModelConfig:
     gpu_accelerators: tuple[ExecutionAccelerator, ...] = ()
     cuda_graphs: bool = False  # honoured by the TensorRT backend
     warmup: tuple[WarmupSample, ...] = ()
+    # platform "ensemble": the models a request runs through, in order (Triton's ensemble scheduler).
+    ensemble_steps: tuple[EnsembleStep, ...] = ()
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.platform == "ensemble"
 
     def __post_init__(self) -> None:
         if self.version_policy not in VERSION_POLICIES:
@@ -131,6 +149,8 @@ class ModelConfig:
                 raise ValueError(f"preferred batch sizes {too_big} exceed max_batch_size {self.max_batch_size}")
         if self.instance_count < 1:
             raise ValueError("instance_count must be >= 1")
+        if self.is_ensemble != bool(self.ensemble_steps) or (self.is_ensemble and self.dynamic_batching):
+            raise ValueError("an ensemble, and only an ensemble, has steps; and it has no dynamic batching")
         for sample in self.warmup:
             # Triton skips a sample of batch 0, and runs several requests as one batch only where it batches.
             if not 1 <= sample.batch_size <= max(self.max_batch_size, 1):
@@ -143,6 +163,8 @@ def _tensor(spec: TensorSpec, message) -> None:
     message.dims.extend(spec.dims)
     if spec.label_filename:
         message.label_filename = spec.label_filename
+    if spec.allow_ragged_batch:
+        message.allow_ragged_batch = True
 
 
 def to_protobuf(config: ModelConfig) -> pb.ModelConfig:
@@ -154,7 +176,11 @@ def to_protobuf(config: ModelConfig) -> pb.ModelConfig:
     for spec in config.outputs:
         _tensor(spec, message.output.add())
     _set_batching(config, message)
-    _set_instance_group(config, message)
+    if config.is_ensemble:
+        # An ensemble runs no code of its own: no instances, no batcher (its steps' models have them).
+        _set_ensemble(config, message)
+    else:
+        _set_instance_group(config, message)
     _set_version_policy(config, message)
     _set_optimization(config, message)
     for key, value in sorted(config.parameters.items()):
@@ -174,6 +200,13 @@ def _set_warmup(config: ModelConfig, message: pb.ModelConfig) -> None:
                 warmup_input.input_data_file = spec.data_file
             else:
                 setattr(warmup_input, spec.synthetic, True)
+
+
+def _set_ensemble(config: ModelConfig, message: pb.ModelConfig) -> None:
+    for step in config.ensemble_steps:
+        entry = message.ensemble_scheduling.step.add(model_name=step.model_name, model_version=step.model_version)
+        entry.input_map.update(step.input_map)
+        entry.output_map.update(step.output_map)
 
 
 def _set_version_policy(config: ModelConfig, message: pb.ModelConfig) -> None:
@@ -219,6 +252,7 @@ def _tensor_from(message) -> TensorSpec:
         dims=tuple(message.dims),
         data_type=pb.DataType.Name(message.data_type).removeprefix("TYPE_"),
         label_filename=getattr(message, "label_filename", "") or None,  # outputs only
+        allow_ragged_batch=getattr(message, "allow_ragged_batch", False),  # inputs only
     )
 
 
@@ -270,6 +304,10 @@ def parse(text: str) -> ModelConfig:
         gpu_accelerators=accelerators,
         cuda_graphs=message.optimization.cuda.graphs,
         warmup=_warmup_from(message),
+        ensemble_steps=tuple(
+            EnsembleStep(step.model_name, dict(step.input_map), dict(step.output_map), step.model_version)
+            for step in message.ensemble_scheduling.step
+        ),
     )
 
 

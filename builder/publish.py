@@ -42,7 +42,7 @@ from onnx.external_data_helper import load_external_data_for_model, uses_externa
 from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec, model_input
 from server.rollout import Rollout
 
-from . import model_config
+from . import dali_preprocess, model_config
 from .errors import BuilderError, PublishError, error_line
 from .model_config import DEFAULT_TRITON_RELEASE, DEFAULT_TRT_CACHE_ROOT, TRITON_TENSORRT
 from .onnx_meta import OnnxMeta, load_onnx, metadata_of
@@ -111,6 +111,8 @@ class PublishSettings:
     # Refuse a version whose recorded top-1 is this many points below the serving version's, unless `force`.
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
     force: bool = False
+    # "gpu": also a DALI preprocessing model and an ensemble taking encoded images (builder.dali_preprocess).
+    preprocess: str = "cpu"
     # Whether the preferred batch sizes are the target's defaults (fitted to the max batch) or were asked for.
     preferred_batch_sizes_given: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -138,6 +140,8 @@ class PublishSettings:
             raise PublishError(f"instance_count {self.instance_count}: at least 1 instance")
         if self.intra_op_threads < 0:
             raise PublishError(f"intra_op_threads {self.intra_op_threads}: 0 (share the cores) or more")
+        if self.preprocess not in dali_preprocess.PREPROCESS_CHOICES:
+            raise PublishError(f"--preprocess {self.preprocess!r} is not one of cpu, gpu")
         if self.triton_release not in TRITON_TENSORRT:
             raise PublishError(f"Triton release {self.triton_release!r} is not one of {', '.join(TRITON_TENSORRT)}")
         if not (isinstance(self.max_accuracy_drop, (int, float)) and math.isfinite(self.max_accuracy_drop)) or (
@@ -370,6 +374,15 @@ def publish(
     model, spec, labels = resolve_interface(onnx_path, spec, labels)
     int8 = settings.target == "gpu" and _is_tensorrt_int8(Path(onnx_path))
     config = build_config(name, model, spec, labels, settings, int8)
+    if settings.preprocess == "gpu":
+        dali_preprocess.check_applicable(
+            spec,
+            pixel_input=settings.pixel_input,
+            batching=config.max_batch_size > 0,
+            canary=settings.canary_percent is not None,
+        )
+        for extra in dali_preprocess.model_names(name):
+            _check_name(extra)
     config, warmup_files, warmup_data = with_warmup(config, model.metadata, spec, settings)
     lineage = {
         "source_onnx": str(Path(onnx_path).resolve()),
@@ -389,7 +402,41 @@ def publish(
         files = {"model.onnx": Path(onnx_path)}
         if settings.target == "cpu":
             files["model.py"] = BACKEND_MODEL
-        return _publish_files(files, Path(repository), name, config, labels, lineage, settings, warmup_files)
+        published = _publish_files(files, Path(repository), name, config, labels, lineage, settings, warmup_files)
+        if settings.preprocess == "gpu":
+            _publish_gpu_preprocessing(Path(repository), config, spec, labels, lineage, settings, Path(tmp))
+        return published
+
+
+def _publish_gpu_preprocessing(
+    repository: Path,
+    classifier: model_config.ModelConfig,
+    spec: PreprocessSpec,
+    labels: Sequence[str],
+    lineage: dict,
+    settings: PublishSettings,
+    tmp: Path,
+) -> None:
+    """The DALI preprocessing model and the ensemble beside the classifier just published (builder.dali_preprocess)."""
+    preprocess_name, ensemble_name = dali_preprocess.model_names(classifier.name)
+    preprocess = dali_preprocess.preprocess_config(
+        preprocess_name, spec, classifier.max_batch_size, classifier.dynamic_batching
+    )
+    ensemble = dali_preprocess.ensemble_config(
+        ensemble_name, classifier, preprocess_name, spec, labels, _interface_parameters(classifier)
+    )
+    files = {
+        "dali.py": dali_preprocess.DALI_MODEL,
+        dali_preprocess.SPEC_FILE: dali_preprocess.write_spec(spec, tmp / dali_preprocess.SPEC_FILE),
+    }
+    lineage = {**lineage, "classifier": classifier.name}
+    try:
+        for model_name, config, model_files in ((preprocess_name, preprocess, files), (ensemble_name, ensemble, {})):
+            published = _write_version(model_files, repository, model_name, config, labels, lineage, {})
+            if settings.keep:
+                remove_old_versions(published.model_dir, settings.keep)
+    except OSError as e:
+        raise PublishError(f"cannot write to model repository {repository}: {e.strerror or e}") from e
 
 
 def _is_tensorrt_int8(onnx_path: Path) -> bool:
@@ -502,6 +549,8 @@ def publish_plan(
     _check_name(name)
     if settings.target != "gpu":
         raise PublishError("a TensorRT plan runs only on a GPU: publish it with --target gpu")
+    if settings.preprocess == "gpu":
+        raise PublishError("--preprocess gpu is for ONNX models: publish the plan without it, or the ONNX model")
     if settings.pixel_input:
         raise PublishError(
             "a TensorRT plan keeps the float input it was built with; publish it without "

@@ -38,6 +38,12 @@ INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
 PARAMETER_PREFIX = "preprocess."
 # Triton datatype of the input of a model that takes 8-bit pixels (`builder publish --pixel-input`).
 PIXEL_DATATYPE = "UINT8"
+# A UINT8 input of these dims (besides the batch axis) takes the encoded image bytes as they came, padded with
+# zeros to the longest of a batch, and decodes them itself (`builder publish --preprocess gpu`: DALI's nvJPEG).
+ENCODED_INPUT_DIMS = (-1,)
+# What DALI's image decoder reads of what the gateway accepts (fn.decoders.image: JPEG, PNG, BMP, WebP, ...;
+# no GIF).
+ENCODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 
 
 class InvalidImageError(ValueError):
@@ -558,3 +564,30 @@ def prepare_batch(
         if large:
             release_memory()
     return batch, decode_s, preprocess_s
+
+
+def encoded_batch(
+    images: list[bytes], max_pixels: int, *, max_request_pixels: int | None = None
+) -> tuple[np.ndarray, int]:
+    """The request to a model that decodes the images itself: N x L uint8, each image's bytes padded with zeros
+    to the longest (Triton takes one shape per batch; JPEG, PNG, BMP and WebP decoders stop at their end
+    marker or declared size, and the DALI backend's README suggests zero padding). Nothing is decoded here;
+    every header is read and checked against the same limits as a decode (413, 400) first. Returns the batch
+    and the images' pixels in all."""
+    sizes = []
+    for position, data in enumerate(images):
+        try:
+            with open_image(data, max_pixels=max_pixels, formats=ENCODED_FORMATS) as image:
+                sizes.append(image.width * image.height)
+        except ImageTooLargeError as e:
+            raise PayloadTooLarge(f"image {position}: {e}") from e
+        except InvalidImageError as e:
+            raise InvalidImage(f"image {position}: {e}") from e
+    if max_request_pixels is not None and sum(sizes) > max_request_pixels:
+        raise PayloadTooLarge(
+            f"the images have {sum(sizes)} pixels in all, more than the limit of {max_request_pixels} per request"
+        )
+    batch = np.zeros((len(images), max(len(data) for data in images)), dtype=np.uint8)
+    for row, data in zip(batch, images):
+        row[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return batch, sum(sizes)

@@ -49,7 +49,7 @@ from .kserve import forward, read_checked_request
 from .metrics import GatewayMetrics
 from .offload import result_within
 from .postprocess import top_k
-from .preprocess import batch_layout, input_batch, prepare_batch, quick_to_preprocess
+from .preprocess import batch_layout, encoded_batch, input_batch, prepare_batch, quick_to_preprocess
 from .replicas import ReplicaPool
 from .security import Unauthorized, require_api_key, require_key_for_metrics
 from .shared_memory import Slot
@@ -404,6 +404,23 @@ async def classify(
         metrics.images_per_request.observe(len(images))
         info = await triton.model_info(name)
         context["model"] = name
+        if info.encoded_input:
+            # Triton decodes (`builder publish --preprocess gpu`): only the headers are read here, for the limits;
+            # in the thread pool unless they are quick to read (Pillow parses a JPEG's header in Python).
+            started = time.perf_counter()
+            headers = partial(
+                encoded_batch, images, settings.max_image_pixels, max_request_pixels=settings.max_request_pixels
+            )
+            if quick_to_preprocess(images, settings.inline_preprocess_max_pixels, settings.inline_preprocess_max_bytes):
+                batch, _ = headers()
+            else:
+                batch, _ = await result_within(executor.submit(headers), settings.preprocess_wait_s)
+            context["stages"]["preprocess"] = time.perf_counter() - started
+            await refuse_if_gone(request)
+            started = time.perf_counter()
+            inference = await _infer_version(triton, info, batch, version, None, request, context)
+            context["stages"]["inference"] = time.perf_counter() - started
+            return _classified(name, inference, len(images), top_k_ or settings.default_top_k, info, metrics, context)
         held = (
             region.acquire(*batch_layout(len(images), info.spec, pixel_input=info.pixel_input))
             if region and not info.response_cache
@@ -446,16 +463,23 @@ async def classify(
                 job.add_done_callback(lambda _: region.release(slot))
             elif slot and region:
                 region.release(slot)
-        context["version"] = inference.version
-        metrics.images.labels(name).inc(len(images))
-        metrics.triton_inputs.labels(inference.transport).inc()
-        return JSONResponse(
-            {
-                "model": name,
-                "version": inference.version,
-                "results": top_k(inference.logits, top_k_ or settings.default_top_k, info.labels),
-            }
-        )
+        return _classified(name, inference, len(images), top_k_ or settings.default_top_k, info, metrics, context)
+
+
+def _classified(
+    name: str,
+    inference: Inference,
+    images: int,
+    k: int,
+    info: ModelInfo,
+    metrics: GatewayMetrics,
+    context: dict[str, Any],
+) -> JSONResponse:
+    context["version"] = inference.version
+    metrics.images.labels(name).inc(images)
+    metrics.triton_inputs.labels(inference.transport).inc()
+    results = top_k(inference.logits, k, info.labels)
+    return JSONResponse({"model": name, "version": inference.version, "results": results})
 
 
 async def _infer_version(

@@ -29,7 +29,7 @@ from .errors import (
     TritonTimeout,
     TritonUnavailable,
 )
-from .preprocess import PIXEL_DATATYPE, PreprocessSpec
+from .preprocess import ENCODED_INPUT_DIMS, PIXEL_DATATYPE, PreprocessSpec
 from .rollout import Rollout
 from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
 from .tracing import client_span, with_trace_context
@@ -59,6 +59,8 @@ class ModelInfo:
     max_batch_size: int
     # The model takes N x H x W x C uint8 pixels and normalizes them itself (`builder publish --pixel-input`).
     pixel_input: bool = False
+    # The model takes the encoded image bytes and decodes them itself (`builder publish --preprocess gpu`).
+    encoded_input: bool = False
     # Triton's response cache is on: inputs go as bytes (see server/shared_memory.py).
     response_cache: bool = False
     # A model without batching (max_batch_size 0) whose input dims fix the batch axis: images per call.
@@ -76,7 +78,7 @@ class ModelInfo:
 
     @property
     def input_datatype(self) -> str:
-        return PIXEL_DATATYPE if self.pixel_input else "FP32"
+        return PIXEL_DATATYPE if self.pixel_input or self.encoded_input else "FP32"
 
     def public(self) -> dict[str, Any]:
         return {
@@ -125,10 +127,17 @@ def _fixed_batch(config: dict) -> int:
     return max(int(dims[0]), 0) if dims else 0  # -1: a dynamic first axis, any number of images
 
 
+def _takes_encoded_images(tensor: dict) -> bool:
+    """A UINT8 input of dims [-1] (protobuf's JSON writes them as strings) takes encoded image bytes."""
+    dims = tuple(int(d) for d in tensor.get("dims", []))
+    return tensor.get("data_type") == f"TYPE_{PIXEL_DATATYPE}" and dims == ENCODED_INPUT_DIMS
+
+
 def model_info_from_config(name: str, config: dict) -> ModelInfo:
     """A model's config, as Triton's model-config API returns it in JSON, -> what serving it needs."""
     parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
     try:
+        encoded = _takes_encoded_images(config["input"][0])
         return ModelInfo(
             name=name,
             spec=PreprocessSpec.from_parameters(parameters),
@@ -136,7 +145,8 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             input_name=config["input"][0]["name"],
             output_name=config["output"][0]["name"],
             max_batch_size=int(config.get("max_batch_size", 0)),
-            pixel_input=config["input"][0].get("data_type") == f"TYPE_{PIXEL_DATATYPE}",
+            pixel_input=config["input"][0].get("data_type") == f"TYPE_{PIXEL_DATATYPE}" and not encoded,
+            encoded_input=encoded,
             response_cache=bool(config.get("response_cache", {}).get("enable", False)),
             fixed_batch=_fixed_batch(config),
             rollout=_rollout(name, parameters),

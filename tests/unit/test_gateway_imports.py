@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-ABSENT_FROM_THE_IMAGE = ("torch", "rich", "sklearn", "skimage", "builder", "stack", "client")
+# nvidia: DALI (nvidia.dali), which decodes in Triton for `publish --preprocess gpu`, never in the gateway.
+ABSENT_FROM_THE_IMAGE = ("torch", "rich", "sklearn", "skimage", "builder", "stack", "client", "nvidia")
 
 # The packages are hidden as the image lacks them: a library that uses one only if it is there (httpx's
 # command line uses rich) does without it, while a gateway module that needs one fails to import.

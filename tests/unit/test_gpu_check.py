@@ -31,12 +31,13 @@ def bare_machine(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ModuleNotFoundError
     monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
     monkeypatch.setattr(gpu_check, "NVIDIA_DRIVER_VERSION_FILE", tmp_path / "no-driver", raising=False)
+    monkeypatch.setattr(gpu_check, "TRITON_BACKENDS", tmp_path / "no-backends", raising=False)
 
 
 def test_without_a_gpu_every_check_skips_naming_what_is_missing(bare_machine) -> None:
     results = {r.name: r for r in gpu_check.run_checks()}
 
-    assert len(results) == len(gpu_check.CHECKS) == 6
+    assert len(results) == len(gpu_check.CHECKS) == 7
     assert {r.status for r in results.values()} == {SKIPPED}
     for result in results.values():
         # torch here is either a CPU-only build or a CUDA build that sees no GPU.
@@ -45,6 +46,8 @@ def test_without_a_gpu_every_check_skips_naming_what_is_missing(bare_machine) ->
         assert "TensorRT is not installed" in results[title].detail
         assert ("builder.trt_runtime missing" in results[title].detail) is not TRT_RUNTIME_PRESENT
     assert "tritonserver is not on PATH" in results["6 Triton: plan and ORT+TensorRT models"].detail
+    dali = results["7 Triton: DALI preprocessing ensemble"]
+    assert "DALI backend is not installed" in dali.detail and "tritonserver:24.10" in " ".join(dali.hints)
     # What to install for TensorRT is the engine stage's line: the release Triton loads.
     assert any("pip install 'tensorrt==10.5.*'" in hint for hint in results["3 FP16 TensorRT engine"].hints)
 
@@ -66,7 +69,7 @@ def test_without_a_gpu_main_prints_the_table_and_exits_0(bare_machine, capsys) -
     assert gpu_check.main([]) == 0
 
     out = capsys.readouterr().out
-    assert "0 passed, 0 failed, 6 skipped" in out
+    assert "0 passed, 0 failed, 7 skipped" in out
     # Said once, not per check: the engine stage's line, naming the release Triton loads.
     assert out.count("TensorRT is not installed: pip install 'tensorrt==10.5.*'") == 1
 

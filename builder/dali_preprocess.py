@@ -1,0 +1,126 @@
+"""`builder publish --preprocess gpu`: beside the classifier, a preprocessing model for Triton's DALI backend
+and an ensemble that chains the two, so that encoded images go to Triton as they came and are decoded
+there with nvJPEG.
+
+    model_repository/NAME/...                      the classifier, as publish writes it anyway
+    model_repository/NAME-preprocess/config.pbtxt  backend "dali": UINT8 [-1] bytes -> FP32 C x H x W
+    model_repository/NAME-preprocess/<v>/dali.py   the pipeline (builder/backend/dali.py), with
+    model_repository/NAME-preprocess/<v>/preprocess.json   the spec it reads
+    model_repository/NAME-ensemble/config.pbtxt    platform "ensemble": bytes -> logits, with the spec and
+                                                   labels parameters the gateway reads
+    model_repository/NAME-ensemble/<v>/            empty: Triton wants a version folder for an ensemble
+
+Configs as the DALI backend's README (r24.10) and its efficientnet ensemble example write them; Triton's
+ensemble docs (user_guide/architecture.md, "Ensemble Models"). The gateway sends a model whose input is
+UINT8 [-1] the encoded bytes (server/triton.py).
+
+No DALI import here: publishing checks and writes files; only tests and `make gpu-check` run the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from server.preprocess import ENCODED_INPUT_DIMS, PreprocessSpec
+
+from . import model_config
+from .errors import PublishError
+
+DALI_MODEL = Path(__file__).parent / "backend" / "dali.py"
+# As builder/backend/dali.py names them (that file imports DALI, so it is not imported here).
+INPUT_NAME = "IMAGE_BYTES"
+OUTPUT_NAME = "PREPROCESSED"
+SPEC_FILE = "preprocess.json"
+PREPROCESS_SUFFIX = "-preprocess"
+ENSEMBLE_SUFFIX = "-ensemble"
+# CPU threads of the pipeline (the parts that stay on the CPU: reading headers, the external source); the
+# DALI backend's `num_threads` model parameter (its docs/config.md).
+DALI_THREADS = 4
+PREPROCESS_CHOICES = ("cpu", "gpu")
+
+
+def model_names(name: str) -> tuple[str, str]:
+    """The preprocessing model's and the ensemble's names for classifier `name`."""
+    return f"{name}{PREPROCESS_SUFFIX}", f"{name}{ENSEMBLE_SUFFIX}"
+
+
+def check_applicable(spec: PreprocessSpec, *, pixel_input: bool, batching: bool, canary: bool) -> None:
+    """PublishError where the GPU path cannot make what the gateway would for this model."""
+    if pixel_input:
+        raise PublishError(
+            "--preprocess gpu makes the normalized float input itself; a --pixel-input model takes "
+            "uint8 pixels: publish it without one of the two"
+        )
+    if spec.equalize:
+        raise PublishError(
+            "--preprocess gpu: the model's preprocessing equalizes histograms, which the DALI pipeline "
+            "does not do as Pillow does; publish it with the gateway's preprocessing"
+        )
+    if not batching:
+        raise PublishError(
+            "--preprocess gpu needs a model with a dynamic batch axis (the DALI backend batches); export it with one"
+        )
+    if canary:
+        raise PublishError(
+            "--preprocess gpu with --canary: the ensemble runs the classifier's newest version, not a "
+            "rollout's split; publish the canary without --preprocess gpu"
+        )
+
+
+def preprocess_config(
+    name: str, spec: PreprocessSpec, max_batch_size: int, queue: model_config.DynamicBatching | None
+) -> model_config.ModelConfig:
+    """The DALI model: encoded images in (ragged: any lengths batch together), the classifier's input out."""
+    return model_config.ModelConfig(
+        name=name,
+        backend="dali",
+        inputs=(model_config.TensorSpec(INPUT_NAME, ENCODED_INPUT_DIMS, data_type="UINT8", allow_ragged_batch=True),),
+        outputs=(model_config.TensorSpec(OUTPUT_NAME, spec.input_shape),),
+        max_batch_size=max_batch_size,
+        dynamic_batching=queue,
+        # One instance: the backend's README (Known limitations) warns of DALI's memory use with more.
+        instance_count=1,
+        instance_kind="KIND_GPU",
+        parameters={"num_threads": str(DALI_THREADS)},
+    )
+
+
+def ensemble_config(
+    name: str,
+    classifier: model_config.ModelConfig,
+    preprocess_name: str,
+    spec: PreprocessSpec,
+    labels: Sequence[str],
+    interface_parameters: dict[str, str],
+) -> model_config.ModelConfig:
+    """Bytes -> the preprocessing model -> the classifier; its outputs are the classifier's."""
+    preprocessed = "preprocessed_image"
+    outputs = tuple(
+        model_config.TensorSpec(t.name, t.dims, t.data_type, label_filename=t.label_filename)
+        for t in classifier.outputs
+    )
+    return model_config.ModelConfig(
+        name=name,
+        platform="ensemble",
+        backend="",
+        inputs=(model_config.TensorSpec(INPUT_NAME, ENCODED_INPUT_DIMS, data_type="UINT8"),),
+        outputs=outputs,
+        max_batch_size=classifier.max_batch_size,
+        dynamic_batching=None,
+        parameters=interface_parameters,
+        ensemble_steps=(
+            model_config.EnsembleStep(preprocess_name, {INPUT_NAME: INPUT_NAME}, {OUTPUT_NAME: preprocessed}),
+            model_config.EnsembleStep(
+                classifier.name,
+                {classifier.inputs[0].name: preprocessed},
+                {t.name: t.name for t in classifier.outputs},
+            ),
+        ),
+    )
+
+
+def write_spec(spec: PreprocessSpec, path: Path) -> Path:
+    path.write_text(json.dumps(spec.to_dict(), indent=2))
+    return path
