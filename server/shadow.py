@@ -78,6 +78,8 @@ class Windows:
     canary_seconds: deque[float] = field(init=False)
     stable_seconds: deque[float] = field(init=False)
     agreement: deque[bool] = field(init=False)
+    # Canary times not yet matched with a stable one (see CanaryWatch.record).
+    stable_wanted: int = 0
 
     def __post_init__(self) -> None:
         self.canary_errors = deque(maxlen=self.size)
@@ -200,7 +202,14 @@ class CanaryWatch:
             windows.canary_errors.append(failed)
             if not failed:
                 windows.canary_seconds.append(seconds)
+                windows.stable_wanted += 1
         elif version == str(rollout.stable) and not failed:
+            # One stable time per canary time, the next one after it: both windows cover the same moments
+            # and hold as many samples, so the machine's own hiccups weigh the same in both p99s (at a 10%
+            # share, the last N stable times would span a tenth of the canary's period).
+            if not windows.stable_wanted:
+                return
+            windows.stable_wanted -= 1
             windows.stable_seconds.append(seconds)
         else:
             return

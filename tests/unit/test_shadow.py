@@ -192,3 +192,21 @@ def test_a_reference_model_with_other_preprocessing_is_skipped_and_said_once(cap
     asyncio.run(run())
     assert sample(metrics, "gateway_shadow_comparisons_total", version="1", against="reference") == 6
     assert sample(metrics, "gateway_shadow_agreements_total", version="1", against="reference") == 6
+
+
+def test_the_p99_rail_compares_stable_times_from_the_same_moments_as_the_canarys() -> None:
+    metrics = GatewayMetrics()
+    watch = CanaryWatch(metrics)
+    info = dataclasses.replace(INFO, rollout=dataclasses.replace(INFO.rollout, canary_percent=10))
+    # A slow spell of the machine for both versions, then a long normal one, where the stable version answers
+    # nine requests in ten.
+    for _ in range(10):
+        watch.record(info, "2", 0.010, failed=False)
+        watch.record(info, "1", 0.010, failed=False)
+    for _ in range(10):
+        watch.record(info, "2", 0.002, failed=False)
+        for _ in range(9):
+            watch.record(info, "1", 0.002, failed=False)
+    # The last 40 stable times alone would all be normal ones, against the canary's slow spell.
+    assert watch.halted(MODEL) is None
+    assert len(watch.watched[MODEL].windows.stable_seconds) == 20
