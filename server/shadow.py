@@ -246,20 +246,22 @@ class CanaryWatch:
                 if self.draw() * 100 < rollout.shadow_percent:
                     other = str(rollout.stable if served.version == str(rollout.canary) else rollout.canary)
         to_reference = reference is not None and reference.model != info.name and self.draw() * 100 < reference.percent
+        wanted = bool(other) + to_reference
+        room = max(self.concurrency - len(self.running), 0)
+        if wanted > room:
+            self.metrics.shadow_skipped.labels(info.name, "busy").inc(wanted - room)
+            # The comparison with the other version first: the guard rails need it.
+            other, to_reference = (other, False) if room else ("", False)
         if not other and not to_reference:
             return
         # The client's tensor may sit in a shared-memory slot that is reused once the answer is sent.
         tensor = np.array(batch, copy=True)
         if other:
-            self._start(info.name, self._against_version(triton, info, tensor, served, other))
+            self._start(self._against_version(triton, info, tensor, served, other))
         if to_reference:
-            self._start(info.name, self._against_reference(triton, info, tensor, served))
+            self._start(self._against_reference(triton, info, tensor, served))
 
-    def _start(self, name: str, comparison) -> None:
-        if len(self.running) >= self.concurrency:
-            comparison.close()
-            self.metrics.shadow_skipped.labels(name, "busy").inc()
-            return
+    def _start(self, comparison) -> None:
         task = asyncio.ensure_future(comparison)
         self.running.add(task)
         task.add_done_callback(self.running.discard)
