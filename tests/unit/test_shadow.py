@@ -210,3 +210,22 @@ def test_the_p99_rail_compares_stable_times_from_the_same_moments_as_the_canarys
     # The last 40 stable times alone would all be normal ones, against the canary's slow spell.
     assert watch.halted(MODEL) is None
     assert len(watch.watched[MODEL].windows.stable_seconds) == 20
+
+
+def test_a_failing_shadow_call_is_counted_and_changes_nothing_else() -> None:
+    metrics = GatewayMetrics()
+    watch = CanaryWatch(metrics, draw=lambda: 0.99)  # routed to the stable version, shadowed to the canary
+    rollout = dataclasses.replace(INFO.rollout, shadow_percent=100)
+    info = dataclasses.replace(INFO, rollout=rollout)
+    triton = Triton(failing=("2",))
+
+    async def run() -> Inference:
+        served = await watch.infer(triton, info, BATCH, watch.route(info, {}), None)
+        watch.shadow(triton, info, BATCH, served, routed=True)
+        await asyncio.gather(*watch.running)
+        return served
+
+    assert asyncio.run(run()).version == "1" and triton.asked == ["1", "2"]
+    assert sample(metrics, "gateway_shadow_skipped_total", reason="error") == 1
+    assert sample(metrics, "gateway_shadow_comparisons_total", version="2", against="stable") is None
+    assert watch.halted(MODEL) is None and not watch.watched[MODEL].windows.canary_errors
