@@ -881,7 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shadow-percent",
         type=_percent,
         metavar="PERCENT",
-        help="--canary: share of requests also sent to the other version to compare answers (default 20)",
+        help="--canary: share of the canary's requests also sent to the stable version to compare answers "
+        "(default 100)",
     )
     rails = rollout.add_argument_group(
         "guard rails (with --canary)",

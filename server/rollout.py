@@ -31,7 +31,8 @@ MIN_REQUESTS = "rollout.min_requests"
 # requests sent to it too; parameters of the model's own config, kept across rollouts.
 REFERENCE_MODEL = "reference.model"
 REFERENCE_PERCENT = "reference.shadow_percent"
-DEFAULT_SHADOW_PERCENT = 20.0
+# Every canary answer is checked by default: the stable version answers the canary's share once more.
+DEFAULT_SHADOW_PERCENT = 100.0
 DEFAULT_REFERENCE_PERCENT = 10.0
 # Triton reads a version as an int64; a larger number in a hand-edited config is not a version.
 MAX_VERSION = 2**63 - 1
@@ -135,7 +136,7 @@ class Rollout:
     # A request header (lower case) whose value decides the version, so one client sees one version;
     # empty: every request is drawn on its own.
     sticky_header: str = ""
-    # The share of routed classifications also sent to the other version, whose answers are compared.
+    # The share of the canary's routed classifications also sent to the stable version, to compare answers.
     shadow_percent: float = 0.0
     guard: Guard | None = field(default=None)
     id: str = ""

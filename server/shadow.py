@@ -1,7 +1,7 @@
 """Watching a canary on live traffic: shadow comparisons without labels, guard rails, automatic halt.
 
-A share of routed classifications (the rollout's `shadow_percent`) is also sent, in the background, to the
-other version of the rollout, and a share (`reference.shadow_percent`) to the model's reference model: the
+A share of the canary's answers (the rollout's `shadow_percent`) is checked by sending the same request, in
+the background, to the stable version, and a share (`reference.shadow_percent`) to the model's reference model: the
 two answers to the same preprocessed tensor are compared (top-1 agreement, and how far apart the scores
 for the served top-1 class are). A shadow call never delays nor fails the client's answer: it starts once
 the answer is in hand, runs on a copy of the tensor, and is dropped (and counted) when `concurrency` are
@@ -237,14 +237,16 @@ class CanaryWatch:
     # Shadow comparisons.
 
     def shadow(self, triton: Inferring, info: ModelInfo, batch: np.ndarray, served: Inference, routed: bool) -> None:
-        """Compare `served` in the background with the rollout's other version (routed requests only) and
-        with the model's reference, each on its share of requests."""
+        """Compare `served` in the background with the stable version (the canary's routed answers only)
+        and with the model's reference, each on its share of requests."""
         rollout, reference = info.rollout, info.reference
         other = ""
-        if routed and rollout is not None and rollout.shadow_percent and not self.halted(info.name):
-            if served.version in (str(rollout.stable), str(rollout.canary)):
-                if self.draw() * 100 < rollout.shadow_percent:
-                    other = str(rollout.stable if served.version == str(rollout.canary) else rollout.canary)
+        # Only the canary's answers are checked, against the stable version: shadow calls to the canary
+        # would queue before its own requests and slow it down (its p99 is judged), the stable version
+        # serves most requests anyway.
+        if routed and rollout is not None and served.version == str(rollout.canary) and not self.halted(info.name):
+            if self.draw() * 100 < rollout.shadow_percent:
+                other = str(rollout.stable)
         to_reference = reference is not None and reference.model != info.name and self.draw() * 100 < reference.percent
         wanted = bool(other) + to_reference
         room = max(self.concurrency - len(self.running), 0)
@@ -276,9 +278,7 @@ class CanaryWatch:
             return
         rollout = info.rollout
         assert rollout is not None
-        # Kept as the canary's against the stable version's, whichever of the two answered the client.
-        canary, stable = (served, answer) if served.version == str(rollout.canary) else (answer, served)
-        agree, difference = compare(canary.logits, stable.logits)
+        agree, difference = compare(served.logits, answer.logits)
         self._count(info.name, str(rollout.canary), "stable", agree, difference)
         state = self.watched.get(info.name)
         if state is not None and state.rollout == rollout:

@@ -251,7 +251,7 @@ def test_a_bad_canary_is_halted_with_no_request_failed_and_status_shows_why(stac
 
     answers: list[httpx.Response] = []
     with httpx.Client() as client:
-        # 20 comparisons, one per request, decide; shadow calls finish in the background, hence the margin.
+        # 20 comparisons, one per canary answer, decide; shadow calls finish in the background.
         while not halted() and len(answers) < 300:
             answers += [classify(client, gateway.url) for _ in range(5)]
         before = Counter(a.json()["version"] for a in answers if a.status_code == 200)

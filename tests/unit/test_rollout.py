@@ -338,7 +338,7 @@ def test_a_version_past_int64_in_the_config_is_a_one_line_refusal_and_no_rollout
 def test_a_rollout_carries_its_guard_rails_and_a_new_id_each_time_it_is_started(tmp_path) -> None:
     repository = _repository(tmp_path, versions=2)
     first = rollout.start(repository, MODEL, 10, guard={"min_agreement": 0.8, "min_requests": 20})
-    assert first.guard == Guard(min_agreement=0.8, min_requests=20) and first.shadow_percent == 20
+    assert first.guard == Guard(min_agreement=0.8, min_requests=20) and first.shadow_percent == 100
     parameters = _served(repository).parameters
     assert parameters["rollout.min_agreement"] == "0.8" and parameters["rollout.max_p99_ratio"] == "2"
     # What a gateway reads back from Triton's JSON of the config is the same rollout.

@@ -121,8 +121,9 @@ def test_a_canary_that_never_agrees_is_halted_with_one_log_line_and_a_metric(cap
     assert sample(metrics, "gateway_shadow_agreements_total", version="2", against="stable") == 0
     halts = [r for r in caplog.records if "halted" in r.getMessage()]
     assert len(halts) == 1 and "agreement with the stable version 0.000 < 0.9 over 10 images" in halts[0].getMessage()
-    # Halted, the canary gets no shadow requests either.
+    # Halted, nothing is compared any more; and a stable answer is never sent to the canary.
     triton.asked.clear()
+    watch.shadow(triton, INFO, BATCH, Inference(np.zeros((2, 4)), "2", "bytes"), routed=True)
     watch.shadow(triton, INFO, BATCH, Inference(np.zeros((2, 4)), "1", "bytes"), routed=True)
     assert not watch.running and triton.asked == []
 
@@ -157,7 +158,7 @@ def test_shadow_requests_past_the_concurrency_are_dropped_and_counted() -> None:
 
     async def run() -> None:
         triton.hold = asyncio.Event()  # shadow calls stay in flight until released
-        served = Inference(np.zeros((2, 4), np.float32), "1", "bytes")
+        served = Inference(np.zeros((2, 4), np.float32), "2", "bytes")
         for _ in range(5):
             watch.shadow(triton, INFO, BATCH, served, routed=True)
         await asyncio.sleep(0)
@@ -214,10 +215,9 @@ def test_the_p99_rail_compares_stable_times_from_the_same_moments_as_the_canarys
 
 def test_a_failing_shadow_call_is_counted_and_changes_nothing_else() -> None:
     metrics = GatewayMetrics()
-    watch = CanaryWatch(metrics, draw=lambda: 0.99)  # routed to the stable version, shadowed to the canary
-    rollout = dataclasses.replace(INFO.rollout, shadow_percent=100)
-    info = dataclasses.replace(INFO, rollout=rollout)
-    triton = Triton(failing=("2",))
+    watch = CanaryWatch(metrics, draw=lambda: 0.0)  # routed to the canary, shadowed to the stable version
+    info = INFO
+    triton = Triton(failing=("1",))
 
     async def run() -> Inference:
         served = await watch.infer(triton, info, BATCH, watch.route(info, {}), None)
@@ -225,7 +225,7 @@ def test_a_failing_shadow_call_is_counted_and_changes_nothing_else() -> None:
         await asyncio.gather(*watch.running)
         return served
 
-    assert asyncio.run(run()).version == "1" and triton.asked == ["1", "2"]
+    assert asyncio.run(run()).version == "2" and triton.asked == ["2", "1"]
     assert sample(metrics, "gateway_shadow_skipped_total", reason="error") == 1
     assert sample(metrics, "gateway_shadow_comparisons_total", version="2", against="stable") is None
-    assert watch.halted(MODEL) is None and not watch.watched[MODEL].windows.canary_errors
+    assert watch.halted(MODEL) is None and list(watch.watched[MODEL].windows.canary_errors) == [False]
