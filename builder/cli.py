@@ -159,17 +159,47 @@ def _rollout(args: argparse.Namespace) -> None:
     from . import rollout
 
     repository = Path(args.repository)
-    if args.canary is None and (args.version is not None or args.sticky_header is not None):
-        raise BuilderError("--version and --sticky-header go with --canary")
+    guard = {name: getattr(args, name) for name in GUARD_OPTIONS if getattr(args, name) is not None}
+    if args.canary is None and (
+        args.version is not None or args.sticky_header is not None or args.shadow_percent is not None or guard
+    ):
+        raise BuilderError("--version, --sticky-header, --shadow-percent and the guard rails go with --canary")
+    if args.reference is None and args.reference_percent is not None:
+        raise BuilderError("--reference-percent goes with --reference")
     if args.canary is not None:
-        started = rollout.start(repository, args.name, args.canary, args.version, args.sticky_header)
+        started = rollout.start(
+            repository, args.name, args.canary, args.version, args.sticky_header, args.shadow_percent, guard
+        )
         print(json.dumps({"model": args.name, "rollout": dataclasses.asdict(started)}))
+    elif args.reference is not None:
+        chosen = rollout.set_reference(repository, args.name, args.reference, args.reference_percent)
+        print(json.dumps({"model": args.name, "reference": dataclasses.asdict(chosen) if chosen else None}))
     elif args.promote or args.abort:
         kept = rollout.promote(repository, args.name) if args.promote else rollout.abort(repository, args.name)
         print(json.dumps({"model": args.name, "serving": kept}))
     else:
         key = args.api_key or os.environ.get("GATEWAY_API_KEY") or None
         print(json.dumps(rollout.status(repository, args.name, args.gateway_url, key), indent=2))
+
+
+GUARD_OPTIONS = ("max_error_rate", "max_p99_ratio", "min_agreement", "min_requests")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value:g} is not a fraction from 0 to 1")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = _non_negative_float(text)
+    if 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is neither 0 (off) nor a ratio of 1 or more")
+    return value
 
 
 def _percent(text: str) -> float:
@@ -840,13 +870,43 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--promote", action="store_true", help="serve the new version alone")
     action.add_argument("--abort", action="store_true", help="serve the stable version alone")
     action.add_argument(
-        "--status", action="store_true", help="the rollout, and per version requests, errors, p50/p99 (gateway)"
+        "--status",
+        action="store_true",
+        help="the rollout, and per version requests, errors, p50/p99, agreement, halt (gateway)",
+    )
+    action.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="compare every served version's answers with model MODEL's (same preprocessing), as shadow "
+        'requests ("": no reference)',
     )
     rollout.add_argument("--version", type=_positive_int, help="version to roll out (default: the newest)")
     rollout.add_argument(
         "--sticky-header",
         metavar="HEADER",
         help="route by a hash of this request header (e.g. X-Client-ID): one client, one version",
+    )
+    rollout.add_argument(
+        "--shadow-percent",
+        type=_percent,
+        metavar="PERCENT",
+        help="--canary: share of the canary's requests also sent to the stable version to compare answers "
+        "(default 100)",
+    )
+    rails = rollout.add_argument_group(
+        "guard rails (with --canary)",
+        "a gateway stops routing to a canary that breaks one, over its last requests; 0 turns a rail off",
+    )
+    rails.add_argument("--max-error-rate", type=_fraction, metavar="FRACTION", help="default 0.05")
+    rails.add_argument(
+        "--max-p99-ratio", type=_ratio, metavar="RATIO", help="p99 against the stable version's; default 2.0"
+    )
+    rails.add_argument(
+        "--min-agreement", type=_fraction, metavar="FRACTION", help="top-1 agreement with stable; default 0.9"
+    )
+    rails.add_argument("--min-requests", type=_positive_int, metavar="N", help="judged from N requests; default 50")
+    rollout.add_argument(
+        "--reference-percent", type=_percent, metavar="PERCENT", help="--reference: share of requests (default 10)"
     )
     rollout.add_argument("--gateway-url", default="http://127.0.0.1:8080", help="--status: the gateway to ask")
     rollout.add_argument("--api-key", help="--status: the gateway's API key (default: $GATEWAY_API_KEY)")

@@ -40,7 +40,7 @@ import onnx
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec, model_input
-from server.rollout import Rollout
+from server.rollout import new_rollout
 
 from . import dali_preprocess, model_config
 from .errors import BuilderError, PublishError, error_line
@@ -934,7 +934,7 @@ def _write_version(
     # Before the config that names them.
     _write_warmup_files(model_dir, warmup_files)
     if canary:
-        config_text = model_config.render(model_config.with_rollout(config, Rollout(canary[0], version, canary[1])))
+        config_text = model_config.render(model_config.with_rollout(config, new_rollout(canary[0], version, canary[1])))
     _write_atomic(model_dir / "labels.txt", labels_text)
     _write_atomic(model_dir / "config.pbtxt", config_text)
     return PublishedVersion(model_dir, version)

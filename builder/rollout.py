@@ -16,17 +16,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from server.preprocess import PARAMETER_PREFIX as PREPROCESS_PREFIX
-from server.rollout import MAX_HEADER_NAME, Rollout
+from server.rollout import (
+    DEFAULT_SHADOW_PERCENT,
+    MAX_HEADER_NAME,
+    REFERENCE_MODEL,
+    REFERENCE_PERCENT,
+    Guard,
+    Reference,
+    Rollout,
+    new_rollout_id,
+)
 
 from . import model_config
 from .errors import RolloutError
 from .model_config import ModelConfig
 
 LABELS_PARAMETER = "labels"
+MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # what the gateway's routes accept
 HEADER_NAME = "abcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
@@ -77,12 +88,18 @@ def start(
     percent: float,
     version: int | None = None,
     sticky_header: str | None = None,
+    shadow_percent: float | None = None,
+    guard: dict[str, float] | None = None,
 ) -> Rollout:
     """Serve `version` (default: the newest) to `percent` of requests beside the version served now.
 
-    With a rollout under way, changes its percentage (and sticky header) instead.
+    With a rollout under way, changes its percentage (and sticky header, shadow share, guard rails) instead.
+    Either way the rollout gets a new id: a canary a gateway halted is served again.
+    `guard`: rails to set (Guard's field names), the others from the rollout under way, else the defaults.
     """
     _check_percent(percent)
+    if shadow_percent is not None and not (math.isfinite(shadow_percent) and 0 <= shadow_percent <= 100):
+        raise RolloutError(f"shadow percentage {shadow_percent:g} is not between 0 and 100")
     # "" turns a sticky rollout back into one drawn per request.
     if sticky_header and set(sticky_header.lower()) - set(HEADER_NAME):
         raise RolloutError(f"--sticky-header {sticky_header!r} is not an HTTP header name")
@@ -98,7 +115,14 @@ def start(
             )
         _check_present(name, current.versions, present, repository)
         sticky = current.sticky_header if sticky_header is None else sticky_header.lower()
-        rollout = dataclasses.replace(current, canary_percent=percent, sticky_header=sticky)
+        rollout = dataclasses.replace(
+            current,
+            canary_percent=percent,
+            sticky_header=sticky,
+            shadow_percent=current.shadow_percent if shadow_percent is None else shadow_percent,
+            guard=_guard(current.guard, guard),
+            id=new_rollout_id(),
+        )
     else:
         if len(present) < 2:
             what = "only one version" if present else "no version"
@@ -113,10 +137,44 @@ def start(
         if not others and not older:
             raise RolloutError(f"model {name!r} has no version to keep serving beside version {canary}")
         stable = max(others) if others else max(older)
-        rollout = Rollout(stable, canary, percent, (sticky_header or "").lower())
+        rollout = Rollout(
+            stable,
+            canary,
+            percent,
+            (sticky_header or "").lower(),
+            shadow_percent=DEFAULT_SHADOW_PERCENT if shadow_percent is None else shadow_percent,
+            guard=_guard(None, guard),
+            id=new_rollout_id(),
+        )
         _check_same_interface(model_dir, config, rollout.versions)
     model_config.write_config(model_dir, model_config.with_rollout(config, rollout))
     return rollout
+
+
+def _guard(current: Guard | None, changes: dict[str, float] | None) -> Guard:
+    try:
+        return dataclasses.replace(current or Guard(), **(changes or {}))
+    except ValueError as e:
+        raise RolloutError(f"guard rail: {e}") from None
+
+
+def set_reference(repository: Path, name: str, reference: str, percent: float | None = None) -> Reference | None:
+    """Compare `name`'s answers with model `reference` on `percent` of classify requests ("": no more)."""
+    model_dir, config, _ = _model_dir(repository, name)
+    parameters = {k: v for k, v in config.parameters.items() if k not in (REFERENCE_MODEL, REFERENCE_PERCENT)}
+    chosen = None
+    if reference:
+        if reference == name:
+            raise RolloutError(f"model {name!r} cannot be its own reference")
+        if not re.fullmatch(MODEL_NAME, reference):
+            raise RolloutError(f"--reference {reference!r} is not a model name")
+        try:
+            chosen = Reference(reference) if percent is None else Reference(reference, percent)
+        except ValueError as e:
+            raise RolloutError(str(e)) from None
+        parameters.update(chosen.to_parameters())
+    model_config.write_config(model_dir, dataclasses.replace(config, parameters=parameters))
+    return chosen
 
 
 def _finish(repository: Path, name: str, promote: bool) -> int:
@@ -145,10 +203,15 @@ def state(repository: Path, name: str) -> dict[str, Any]:
     """What the repository says: the versions served and the rollout, if one is under way."""
     _, config, present = _model_dir(repository, name)
     rollout = model_config.rollout_of(config)
+    try:
+        reference = Reference.from_parameters(config.parameters)
+    except ValueError:
+        reference = None  # a hand-edited percentage the gateways ignore too
     return {
         "model": name,
         "served": model_config.served_versions(config, present),
         "rollout": dataclasses.asdict(rollout) if rollout else None,
+        "reference": dataclasses.asdict(reference) if reference else None,
     }
 
 
@@ -172,11 +235,18 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
 
 
 def traffic(metrics_text: str, name: str) -> dict[str, dict[str, Any]]:
-    """Per version of `name`, from a gateway's /metrics: requests, errors (5xx), p50 and p99 in ms."""
+    """Per version of `name`, from a gateway's /metrics: requests, errors (5xx), p50 and p99 in ms; where
+    shadow requests compared it, top-1 agreement per `against` ("stable", "reference"); where the gateway
+    halted it as a canary, the guard rail it broke ("halted")."""
     from prometheus_client.parser import text_string_to_metric_families
 
     versions: dict[str, dict[str, Any]] = {}
     buckets: dict[str, list[tuple[float, float]]] = {}
+    compared: dict[tuple[str, str], list[float]] = {}
+
+    def entry(version: str) -> dict[str, Any]:
+        return versions.setdefault(version, {"requests": 0, "errors": 0})
+
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             labels = sample.labels
@@ -184,16 +254,24 @@ def traffic(metrics_text: str, name: str) -> dict[str, dict[str, Any]]:
                 continue
             version = labels.get("version", "")
             if sample.name == "gateway_version_requests_total":
-                entry = versions.setdefault(version, {"requests": 0, "errors": 0})
-                entry["requests"] += int(sample.value)
+                entry(version)["requests"] += int(sample.value)
                 if labels.get("status", "").startswith("5"):
-                    entry["errors"] += int(sample.value)
+                    entry(version)["errors"] += int(sample.value)
             elif sample.name == "gateway_version_request_seconds_bucket":
                 buckets.setdefault(version, []).append((float(labels["le"]), sample.value))
-    for version, entry in versions.items():
+            elif sample.name in ("gateway_shadow_comparisons_total", "gateway_shadow_agreements_total"):
+                counts = compared.setdefault((version, labels.get("against", "")), [0.0, 0.0])
+                counts[sample.name == "gateway_shadow_agreements_total"] += sample.value
+            elif sample.name == "gateway_rollout_canary_halted" and sample.value >= 1:
+                entry(version)["halted"] = labels.get("reason", "")
+    for version, item in versions.items():
         for key, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
             value = quantile(buckets.get(version, []), q)
-            entry[key] = None if value is None else round(value * 1000, 2)
+            item[key] = None if value is None else round(value * 1000, 2)
+    for (version, against), (images, agreeing) in sorted(compared.items()):
+        if images:
+            agreement = entry(version).setdefault("agreement", {})
+            agreement[against] = {"images": int(images), "top1": round(agreeing / images, 4)}
     return versions
 
 

@@ -41,6 +41,7 @@ from .replicas import ReplicaPool
 from .routes import health, kserve, models
 from .security import require_key_for_docs
 from .settings import NoApiKeys, Settings, SettingsError, get_settings
+from .shadow import CanaryWatch
 from .shared_memory import input_region
 from .triton import REPOSITORY_KEY_HEADER
 
@@ -212,6 +213,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 tracer=app.state.tracer,
             )
             made.push_async_callback(replicas.close)
+            made.push_async_callback(app.state.canary_watch.close)  # shadow calls end before the replicas
             await replicas.start()
             # The KServe v2 pass-through carries Triton's key on every call, as the replicas' clients do.
             app.state.triton_proxy = proxy = httpx.AsyncClient(
@@ -246,6 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = GatewayMetrics()
     app.state.settings, app.state.metrics = settings, metrics
     app.state.drain = drain = Drain()
+    app.state.canary_watch = CanaryWatch(metrics, settings.shadow_concurrency)
     app.state.inference_slots = InferenceSlots(settings.max_in_flight, metrics, drain)
     app.state.decode_budget = DecodeBudget(
         settings.decode_pixel_budget, settings.large_image_pixels, settings.max_large_decodes

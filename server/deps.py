@@ -15,6 +15,7 @@ from .metrics import GatewayMetrics
 from .preprocess import DecodeBudget
 from .replicas import ReplicaPool
 from .settings import Settings
+from .shadow import CanaryWatch
 from .shared_memory import InputRegion
 
 
@@ -99,6 +100,10 @@ async def get_inference_slots(request: Request) -> InferenceSlots:
     return request.app.state.inference_slots
 
 
+async def get_canary_watch(request: Request) -> CanaryWatch:
+    return request.app.state.canary_watch
+
+
 async def get_drain(request: Request) -> Drain:
     return request.app.state.drain
 
@@ -117,4 +122,5 @@ InputRegionDep = Annotated[InputRegion | None, Depends(get_input_region)]
 DecodeBudgetDep = Annotated[DecodeBudget, Depends(get_decode_budget)]
 InferenceSlotsDep = Annotated[InferenceSlots, Depends(get_inference_slots)]
 DrainDep = Annotated[Drain, Depends(get_drain)]
+CanaryWatchDep = Annotated[CanaryWatch, Depends(get_canary_watch)]
 RequestContextDep = Annotated[dict[str, Any], Depends(get_request_context)]

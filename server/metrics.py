@@ -22,6 +22,8 @@ STAGES = ("decode", "preprocess", "inference", "total")
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BYTES_BUCKETS = (1e3, 1e4, 5e4, 1e5, 5e5, 1e6, 5e6, 2e7)
 IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Softmax scores lie in [0, 1]: their differences too.
+SCORE_DIFFERENCE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 
 
 class GatewayMetrics:
@@ -95,6 +97,46 @@ class GatewayMetrics:
         )
         self.triton_errors = Counter(
             "gateway_triton_errors", "Failed Triton calls, by the gateway's error code", ["code"], registry=r
+        )
+        # Canary rollouts watched by server/shadow.py. `against`: "stable" (the rollout's other version,
+        # counted under the canary) or "reference" (the model's reference model, under the version served).
+        self.shadow_comparisons = Counter(
+            "gateway_shadow_comparisons",
+            "Images whose answer was compared with another model's or version's (shadow requests)",
+            ["model", "version", "against"],
+            registry=r,
+        )
+        self.shadow_agreements = Counter(
+            "gateway_shadow_agreements",
+            "Compared images whose top-1 class was the same in both answers",
+            ["model", "version", "against"],
+            registry=r,
+        )
+        self.shadow_score_difference = Histogram(
+            "gateway_shadow_score_difference",
+            "|difference| of the two answers' scores for the compared version's top-1 class",
+            ["model", "version", "against"],
+            buckets=SCORE_DIFFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.shadow_skipped = Counter(
+            "gateway_shadow_skipped",
+            "Shadow requests not compared, by reason: busy (dropped), error, reference_mismatch",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.canary_halted = Gauge(
+            "gateway_rollout_canary_halted",
+            "1: this gateway stopped routing to the canary, by the guard rail it broke",
+            ["model", "version", "reason"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.canary_retries = Counter(
+            "gateway_rollout_canary_retries",
+            "Requests the canary failed (Triton errors) and the stable version answered",
+            ["model", "version"],
+            registry=r,
         )
 
         self.model_versions_unavailable = Gauge(

@@ -8,7 +8,6 @@ call -> softmax and top-k -> JSON. What a route needs from the app comes in thro
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from functools import partial
 from typing import Annotated, Any
 
@@ -21,6 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from . import tracing
 from .deps import (
+    CanaryWatchDep,
     DecodeBudgetDep,
     DrainDep,
     InferenceSlotsDep,
@@ -52,6 +52,7 @@ from .postprocess import top_k
 from .preprocess import batch_layout, encoded_batch, input_batch, prepare_batch, quick_to_preprocess
 from .replicas import ReplicaPool
 from .security import Unauthorized, require_api_key, require_key_for_metrics
+from .shadow import CanaryWatch
 from .shared_memory import Slot
 from .triton import Inference, ModelInfo
 
@@ -387,6 +388,7 @@ async def classify(
     executor: PreprocessExecutorDep,
     slots: InferenceSlotsDep,
     context: RequestContextDep,
+    watch: CanaryWatchDep,
     top_k_: Annotated[
         int | None,
         Query(alias="top_k", ge=1, le=1000, description="classes per image; default GATEWAY_DEFAULT_TOP_K (5)"),
@@ -455,7 +457,7 @@ async def classify(
             context["stages"].update(decode=decode_s, preprocess=preprocess_s)
             await refuse_if_gone(request)
             started = time.perf_counter()
-            inference = await _infer_version(triton, info, batch, version, slot, request, context)
+            inference = await _infer_version(triton, info, batch, version, slot, request, context, watch)
             context["stages"]["inference"] = time.perf_counter() - started
         finally:
             if slot and region and job:
@@ -490,13 +492,20 @@ async def _infer_version(
     slot: Slot | None,
     request: Request,
     context: dict[str, Any],
+    watch: CanaryWatch,
 ) -> Inference:
-    """The version the client pinned, else the one the model's rollout picks, else Triton's own choice."""
-    chosen = pinned or routed_version(info, request.headers)
+    """The version the client pinned, else the one the model's rollout picks (server/shadow.py: the stable
+    one once the canary is halted, and the stable one again for a request the canary failed), else Triton's
+    own choice. Shadow comparisons start once the answer is in."""
+    chosen = pinned or watch.route(info, request.headers)
     # Bounded: a version named in the model's config, never the client's string.
     context["version"] = "" if pinned else chosen
     try:
-        return await triton.infer(info, batch, chosen, slot)
+        inference = await (
+            triton.infer(info, batch, chosen, slot) if pinned else watch.infer(triton, info, batch, chosen, slot)
+        )
+        watch.shadow(triton, info, batch, inference, routed=not pinned)
+        return inference
     except (ModelNotFound, TritonUnavailable):
         if pinned or not chosen:
             raise
@@ -504,22 +513,10 @@ async def _infer_version(
     # expired: read the config again and route once more. The batch was made for `info`, which a rollout
     # does not change (its versions share one config).
     triton.forget_model_info(info.name)
-    again = routed_version(await triton.model_info(info.name), request.headers)
+    again = watch.route(await triton.model_info(info.name), request.headers)
     chosen = again if again != chosen else ""
     context["version"] = chosen
     return await triton.infer(info, batch, chosen, slot)
-
-
-def routed_version(info: ModelInfo, headers: Mapping[str, str]) -> str:
-    """The version a model's canary rollout sends this request to; without a rollout, the newest its config
-    names; "" (Triton's choice) where it names none."""
-    rollout = info.rollout
-    if rollout is None:
-        # While Triton reloads a model for a new config it serves with the old one, whose newest version
-        # may be the canary an abort just removed: the config's own version is asked for by name.
-        return str(max(info.specific_versions)) if info.specific_versions else ""
-    sticky = headers.get(rollout.sticky_header) if rollout.sticky_header else None
-    return str(rollout.choose(sticky))
 
 
 async def refuse_if_gone(request: Request) -> None:

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     # below (in flight, connections, buffered bytes, decodes) applies to each worker on its own.
     workers: int | None = Field(None, ge=1, le=64)
     max_in_flight: int = Field(64, gt=0, description="inference requests at once; past it 429 with Retry-After")
+    # Background comparisons of a canary or a reference model (server/shadow.py); more are dropped and counted.
+    shadow_concurrency: int = Field(4, ge=0, le=256, description="shadow requests at once per worker")
     preprocess_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
     # A request alone in the gateway whose images are baseline JPEGs of at most these pixels and bytes
     # in all (by their headers) is preprocessed on the event loop, which has nothing else to do: handing

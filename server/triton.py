@@ -30,7 +30,7 @@ from .errors import (
     TritonUnavailable,
 )
 from .preprocess import ENCODED_INPUT_DIMS, PIXEL_DATATYPE, PreprocessSpec
-from .rollout import Rollout
+from .rollout import Reference, Rollout
 from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
 from .tracing import client_span, with_trace_context
 
@@ -70,6 +70,8 @@ class ModelInfo:
     # The versions a `specific` version policy names (what a promoted or aborted rollout leaves); empty for
     # the other policies.
     specific_versions: tuple[int, ...] = ()
+    # A model to compare this one's answers with, on a share of requests (server/shadow.py).
+    reference: Reference | None = None
 
     @property
     def images_per_call(self) -> int | None:
@@ -150,6 +152,7 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             response_cache=bool(config.get("response_cache", {}).get("enable", False)),
             fixed_batch=_fixed_batch(config),
             rollout=_rollout(name, parameters),
+            reference=_reference(name, parameters),
             # Protobuf's JSON writes int64 as strings.
             specific_versions=tuple(
                 int(v) for v in config.get("version_policy", {}).get("specific", {}).get("versions", [])
@@ -166,6 +169,14 @@ def _rollout(name: str, parameters: dict[str, str]) -> Rollout | None:
         # A hand-edited rollout the gateway cannot follow: Triton's own choice (its newest loaded version)
         # keeps the model serving.
         log.warning("model %r: ignoring its rollout parameters: %s", name, e)
+        return None
+
+
+def _reference(name: str, parameters: dict[str, str]) -> Reference | None:
+    try:
+        return Reference.from_parameters(parameters)
+    except ValueError as e:
+        log.warning("model %r: ignoring its reference parameters: %s", name, e)
         return None
 
 

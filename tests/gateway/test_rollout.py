@@ -9,8 +9,8 @@ import logging
 
 import numpy as np
 
-from server.errors import TritonUnavailable
-from server.rollout import Rollout
+from server.errors import TritonFailed, TritonUnavailable
+from server.rollout import Guard, Rollout
 from server.triton import Inference, ModelInfo
 
 from .conftest import INFO, MODEL, ServedReplicas, client_of, gateway_settings, png
@@ -130,3 +130,27 @@ def test_without_a_rollout_the_version_the_config_names_is_asked_for_by_name():
     replicas.info = INFO  # a `latest` policy: Triton chooses
     with client_of(gateway_settings(), replicas) as client:
         assert _classify(client) == "2" and replicas.asked == [""]
+
+
+class FailingCanaryReplicas(RolloutReplicas):
+    """Triton fails every request for version 2 (its model breaks at run time)."""
+
+    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "", slot=None) -> Inference:
+        if version == "2":
+            self.asked.append(version)
+            raise TritonFailed("Triton error: failed to run the model")
+        return await super().infer(info, batch, version, slot)
+
+
+def test_what_a_failing_canary_gets_the_stable_version_answers_until_the_canary_is_halted() -> None:
+    replicas = FailingCanaryReplicas(Rollout(1, 2, 50, guard=Guard(min_requests=5), id="r1"))
+    with client_of(gateway_settings(), replicas) as client:
+        versions = [_classify(client) for _ in range(40)]  # each answered 200
+        registry = client.app.state.metrics.registry
+        retried = registry.get_sample_value("gateway_rollout_canary_retries_total", {"model": MODEL, "version": "2"})
+        halted = registry.get_sample_value(
+            "gateway_rollout_canary_halted", {"model": MODEL, "version": "2", "reason": "error_rate"}
+        )
+    assert set(versions) == {"1"}
+    # Five failures (min_requests) halt it: no request is sent to it after them.
+    assert replicas.asked.count("2") == 5 and retried == 5 and halted == 1

@@ -13,7 +13,7 @@ import pytest
 from builder import model_config, rollout
 from builder.cli import main
 from server.preprocess import PreprocessSpec
-from server.rollout import Rollout
+from server.rollout import DEFAULT_SHADOW_PERCENT, Guard, Rollout
 from server.triton import model_info_from_config
 from tests.onnx_variants import conv_classifier
 
@@ -42,6 +42,10 @@ def _repository(tmp_path: Path, versions: int = 2, **overrides) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(model_config.render(config))
     return tmp_path / "repo"
+
+
+def _split(started: Rollout) -> tuple[int, int, float, str]:
+    return started.stable, started.canary, started.canary_percent, started.sticky_header
 
 
 def _served(repository: Path) -> model_config.ModelConfig:
@@ -101,12 +105,12 @@ def test_the_gateway_reads_the_rollout_from_the_config_triton_returns() -> None:
 def test_a_rollout_starts_beside_the_served_version_and_is_promoted(tmp_path) -> None:
     repository = _repository(tmp_path, versions=2, version_policy="specific", specific_versions=(1,))
     started = rollout.start(repository, MODEL, 10)
-    assert started == Rollout(stable=1, canary=2, canary_percent=10)
+    assert _split(started) == (1, 2, 10, "")
     config = _served(repository)
     assert config.specific_versions == (1, 2) and config.parameters["rollout.canary_percent"] == "10"
     assert model_config.parse(model_config.render(config)).parameters == config.parameters
     # A new percentage keeps the versions.
-    assert rollout.start(repository, MODEL, 50, sticky_header="X-Client-ID") == Rollout(1, 2, 50, "x-client-id")
+    assert _split(rollout.start(repository, MODEL, 50, sticky_header="X-Client-ID")) == (1, 2, 50, "x-client-id")
     assert rollout.promote(repository, MODEL) == 2
     promoted = _served(repository)
     assert promoted.specific_versions == (2,)
@@ -118,10 +122,10 @@ def test_a_rollout_starts_beside_the_served_version_and_is_promoted(tmp_path) ->
 def test_an_aborted_rollout_serves_the_stable_version_alone(tmp_path) -> None:
     # After a plain publish under the `latest` policy the newest is served alone: the one before is stable.
     repository = _repository(tmp_path, versions=3)
-    assert rollout.start(repository, MODEL, 5) == Rollout(stable=2, canary=3, canary_percent=5)
+    assert _split(rollout.start(repository, MODEL, 5)) == (2, 3, 5, "")
     assert rollout.abort(repository, MODEL) == 2
     assert _served(repository).specific_versions == (2,)
-    assert rollout.state(repository, MODEL) == {"model": MODEL, "served": [2], "rollout": None}
+    assert rollout.state(repository, MODEL) == {"model": MODEL, "served": [2], "rollout": None, "reference": None}
 
 
 def _refused(capsys, *argv: str) -> str:
@@ -151,6 +155,19 @@ def _refused(capsys, *argv: str) -> str:
         ([MODEL], "one of the arguments"),
         ([MODEL, "--canary", "10", "--sticky-header", "x client"], "not an HTTP header name"),
         ([MODEL, "--canary", "10", "--sticky-header", "x" * 5000], "at most 128"),
+        ([MODEL, "--canary", "10", "--min-agreement", "1.5"], "fraction from 0 to 1"),
+        ([MODEL, "--canary", "10", "--max-error-rate", "-0.1"], "fraction from 0 to 1"),
+        ([MODEL, "--canary", "10", "--max-p99-ratio", "0.5"], "neither 0 (off)"),
+        ([MODEL, "--canary", "10", "--max-p99-ratio", "inf"], "finite"),
+        ([MODEL, "--canary", "10", "--min-requests", "0"], "at least 1"),
+        ([MODEL, "--canary", "10", "--min-requests", "1000001"], "min_requests"),
+        ([MODEL, "--canary", "10", "--shadow-percent", "150"], "percentage"),
+        ([MODEL, "--promote", "--min-agreement", "0.5"], "go with --canary"),
+        ([MODEL, "--status", "--shadow-percent", "5"], "go with --canary"),
+        ([MODEL, "--reference", MODEL], "its own reference"),
+        ([MODEL, "--reference", "no/such"], "not a model name"),
+        ([MODEL, "--promote", "--reference-percent", "5"], "goes with --reference"),
+        ([MODEL, "--reference", "other", "--reference-percent", "101"], "percentage"),
     ],
 )
 def test_bad_rollout_commands_leave_the_repository_unchanged(tmp_path, capsys, argv, message) -> None:
@@ -189,7 +206,8 @@ def test_versions_published_with_other_labels_are_not_served_side_by_side(tmp_pa
 def test_the_cli_starts_and_promotes_a_rollout(tmp_path, capsys) -> None:
     repository = _repository(tmp_path, versions=2)
     assert main(["rollout", MODEL, "--canary", "10", "--repository", str(repository)]) == 0
-    assert json.loads(capsys.readouterr().out)["rollout"] == {
+    started = json.loads(capsys.readouterr().out)["rollout"]
+    assert {k: started[k] for k in ("stable", "canary", "canary_percent", "sticky_header")} == {
         "stable": 1,
         "canary": 2,
         "canary_percent": 10.0,
@@ -223,7 +241,10 @@ def test_publish_with_a_canary_keeps_the_served_version_stable(tmp_path, capsys)
     assert _publish(tmp_path, repository, "--canary", "10") == 0, capsys.readouterr().err
     config = _served(repository)
     assert config.specific_versions == (2, 3)
-    assert model_config.rollout_of(config) == Rollout(stable=2, canary=3, canary_percent=10)
+    started = model_config.rollout_of(config)
+    assert started is not None and _split(started) == (2, 3, 10, "")
+    # publish --canary writes the default shadow share and guard rails, and an id of its own.
+    assert started.guard == Guard() and started.shadow_percent == DEFAULT_SHADOW_PERCENT and started.id
 
 
 def test_publish_with_a_canary_refuses_a_new_model_and_a_bad_percentage(tmp_path, capsys) -> None:
@@ -309,3 +330,66 @@ def test_a_version_past_int64_in_the_config_is_a_one_line_refusal_and_no_rollout
     assert (repository / MODEL / "config.pbtxt").read_bytes() == before
     with pytest.raises(ValueError, match="int64"):
         Rollout.from_parameters(_served(repository).parameters)
+
+
+# Guard rails, shadow share and reference, as the builder writes them and the gateway reads them
+
+
+def test_a_rollout_carries_its_guard_rails_and_a_new_id_each_time_it_is_started(tmp_path) -> None:
+    repository = _repository(tmp_path, versions=2)
+    first = rollout.start(repository, MODEL, 10, guard={"min_agreement": 0.8, "min_requests": 20})
+    assert first.guard == Guard(min_agreement=0.8, min_requests=20) and first.shadow_percent == 100
+    parameters = _served(repository).parameters
+    assert parameters["rollout.min_agreement"] == "0.8" and parameters["rollout.max_p99_ratio"] == "2"
+    # What a gateway reads back from Triton's JSON of the config is the same rollout.
+    triton_json = {
+        "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [1, 4, 4]}],
+        "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [2]}],
+        "parameters": {k: {"string_value": v} for k, v in parameters.items()},
+    }
+    assert model_info_from_config(MODEL, triton_json).rollout == first
+    # Another --canary keeps the rails it does not name, and is another rollout (a halted canary serves again).
+    second = rollout.start(repository, MODEL, 10, shadow_percent=50, guard={"max_error_rate": 0.2})
+    assert second.guard == Guard(max_error_rate=0.2, min_agreement=0.8, min_requests=20)
+    assert second.shadow_percent == 50 and second.id != first.id
+
+
+def test_a_rollout_written_before_guard_rails_has_none_and_no_shadow_share() -> None:
+    old = Rollout.from_parameters({"rollout.stable": "1", "rollout.canary": "2", "rollout.canary_percent": "10"})
+    assert old is not None and old.guard is None and old.shadow_percent == 0 and old.id == ""
+
+
+def test_the_reference_model_is_set_and_removed_in_the_config(tmp_path, capsys) -> None:
+    repository = _repository(tmp_path, versions=2)
+    argv = ["rollout", MODEL, "--repository", str(repository)]
+    assert main([*argv, "--reference", "digits-fp32", "--reference-percent", "25"]) == 0
+    assert json.loads(capsys.readouterr().out)["reference"] == {"model": "digits-fp32", "percent": 25.0}
+    parameters = _served(repository).parameters
+    assert parameters["reference.model"] == "digits-fp32" and parameters["reference.shadow_percent"] == "25"
+    # Kept across a rollout and its end.
+    rollout.start(repository, MODEL, 10)
+    rollout.promote(repository, MODEL)
+    assert rollout.state(repository, MODEL)["reference"] == {"model": "digits-fp32", "percent": 25.0}
+    assert main([*argv, "--reference", ""]) == 0
+    assert not any(k.startswith("reference.") for k in _served(repository).parameters)
+
+
+SHADOW_METRICS = """\
+# TYPE gateway_shadow_comparisons_total counter
+gateway_shadow_comparisons_total{against="stable",model="digits",version="2"} 40.0
+gateway_shadow_comparisons_total{against="reference",model="digits",version="1"} 10.0
+# TYPE gateway_shadow_agreements_total counter
+gateway_shadow_agreements_total{against="stable",model="digits",version="2"} 4.0
+gateway_shadow_agreements_total{against="reference",model="digits",version="1"} 10.0
+# TYPE gateway_rollout_canary_halted gauge
+gateway_rollout_canary_halted{model="digits",reason="agreement",version="2"} 1.0
+gateway_rollout_canary_halted{model="digits",reason="p99",version="3"} 0.0
+"""
+
+
+def test_status_reads_agreement_and_the_halt_from_the_gateways_metrics() -> None:
+    figures = rollout.traffic(METRICS + SHADOW_METRICS, MODEL)
+    assert figures["2"]["agreement"] == {"stable": {"images": 40, "top1": 0.1}}
+    assert figures["2"]["halted"] == "agreement"
+    assert figures["1"]["agreement"] == {"reference": {"images": 10, "top1": 1.0}}
+    assert "halted" not in figures["1"] and "3" not in figures
