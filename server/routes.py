@@ -420,7 +420,7 @@ async def classify(
             context["stages"]["preprocess"] = time.perf_counter() - started
             await refuse_if_gone(request)
             started = time.perf_counter()
-            inference = await _infer_version(triton, info, batch, version, None, request, context)
+            inference = await _infer_version(triton, info, batch, version, None, request, context, watch)
             context["stages"]["inference"] = time.perf_counter() - started
             return _classified(name, inference, len(images), top_k_ or settings.default_top_k, info, metrics, context)
         held = (
