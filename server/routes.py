@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from . import tracing
+from . import degrade, tracing
 from .deps import (
     DecodeBudgetDep,
     DrainDep,
@@ -404,6 +404,8 @@ async def classify(
         metrics.images_per_request.observe(len(images))
         info = await triton.model_info(name)
         context["model"] = name
+        # Under overload, possibly a faster model of the family (server/degrade.py); `name` is what was asked.
+        info = await degrade.answering_model(triton, info, version, admission, metrics, context)
         held = (
             region.acquire(*batch_layout(len(images), info.spec, pixel_input=info.pixel_input))
             if region and not info.response_cache
@@ -446,13 +448,15 @@ async def classify(
                 job.add_done_callback(lambda _: region.release(slot))
             elif slot and region:
                 region.release(slot)
-        context["version"] = inference.version
+        # A degraded answer is no version of `name`: kept out of its per-version metrics.
+        context["version"] = inference.version if info.name == name else "degraded"
         metrics.images.labels(name).inc(len(images))
         metrics.triton_inputs.labels(inference.transport).inc()
         return JSONResponse(
             {
                 "model": name,
                 "version": inference.version,
+                **degrade.answer_fields(name, info, inference.version),
                 "results": top_k(inference.logits, top_k_ or settings.default_top_k, info.labels),
             }
         )
