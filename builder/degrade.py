@@ -33,13 +33,15 @@ def _read(repository: Path, name: str) -> tuple[Path, ModelConfig]:
 
 
 def _interface(config: ModelConfig) -> dict[str, Any]:
-    """What a batch made for one model must agree with in the other: preprocessing, labels, input, batch."""
+    """What a batch made for one model must agree with in the other: preprocessing, labels and input (its
+    dims hold the batch axis where the model does not batch). The gateway splits a batch by the answering
+    model's own max batch size."""
     return {
         "parameters": {
             k: v for k, v in config.parameters.items() if k.startswith(PREPROCESS_PREFIX) or k == LABELS_PARAMETER
         },
         "inputs": [(t.data_type, t.dims) for t in config.inputs],
-        "max_batch_size": config.max_batch_size,
+        "batching": config.max_batch_size > 0,
     }
 
 

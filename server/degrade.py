@@ -118,7 +118,8 @@ def compatible(slow: ModelInfo, fast: ModelInfo) -> bool:
         fast.spec == slow.spec
         and fast.labels == slow.labels
         and fast.pixel_input == slow.pixel_input
-        and fast.images_per_call == slow.images_per_call
+        # The batch is split by the answering model's max batch size; a model without batching takes its own.
+        and fast.fixed_batch == slow.fixed_batch
     )
 
 

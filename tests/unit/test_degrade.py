@@ -62,12 +62,13 @@ def test_a_release_brings_the_count_back_below_the_threshold() -> None:
 # The setting in the config, as the gateway reads it from Triton
 
 
-def _config(name: str, spec: PreprocessSpec = SPEC, labels: tuple[str, ...] = ("a", "b")):
+def _config(name: str, spec: PreprocessSpec = SPEC, labels: tuple[str, ...] = ("a", "b"), **overrides):
     return model_config.ModelConfig(
         name=name,
         inputs=(model_config.TensorSpec("input", (1, 4, 4)),),
         outputs=(model_config.TensorSpec("logits", (2,), label_filename="labels.txt"),),
         parameters={**spec.to_parameters(), "labels": json.dumps(list(labels))},
+        **overrides,
     )
 
 
@@ -117,6 +118,13 @@ def _repository(tmp_path: Path, fast_spec: PreprocessSpec = SPEC, fast_labels=("
 
 def _parameters(repository: Path, name: str = SLOW) -> dict[str, str]:
     return dict(model_config.parse((repository / name / "config.pbtxt").read_text()).parameters)
+
+
+def test_the_faster_model_may_batch_differently(tmp_path) -> None:
+    repository = _repository(tmp_path)
+    smaller = _config(FAST, max_batch_size=2, dynamic_batching=model_config.DynamicBatching((2,), 100, 4))
+    (repository / FAST / "config.pbtxt").write_text(model_config.render(smaller))
+    assert degrade.enable(repository, SLOW, FAST, in_flight=2).to == FAST
 
 
 def test_degrade_is_written_with_the_accuracy_cost_and_cleared(tmp_path, capsys) -> None:
