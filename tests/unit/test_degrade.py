@@ -194,3 +194,16 @@ def test_a_new_version_keeps_the_models_degrade_setting(tmp_path, capsys) -> Non
     assert published == 0, capsys.readouterr().err
     assert (repository / SLOW / "2").is_dir()
     assert degrade.state(repository, SLOW)["degrade"]["in_flight"] == 3
+
+
+# python -m loadtests.degrade: what it counts
+
+
+def test_goodput_counts_answers_within_the_budget_and_saturation_is_a_median_past_it() -> None:
+    from loadtests.degrade import Round, saturated
+
+    step = Round("ramp", SLOW, rate=10, seconds=2, sent=20, ok_in_budget=15, degraded=5, statuses={"200": 20})
+    assert step.goodput() == 7.5 and step.degraded_share() == 0.25
+    assert not saturated(Round(**{**step.__dict__, "p50_ms": 240.0}), budget_s=0.25)
+    assert saturated(Round(**{**step.__dict__, "p50_ms": 260.0}), budget_s=0.25)
+    assert saturated(Round(**{**step.__dict__, "p50_ms": 20.0, "statuses": {"200": 19, "429": 1}}), budget_s=0.25)
