@@ -202,6 +202,23 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _degrade(args: argparse.Namespace) -> None:
+    from . import degrade
+
+    repository = Path(args.repository)
+    if args.off and (args.to is not None or args.in_flight is not None or args.to_in_flight is not None):
+        raise BuilderError("--off takes no other option")
+    if args.off:
+        degrade.disable(repository, args.name)
+    elif args.to is not None:
+        if args.in_flight is None:
+            raise BuilderError("--to needs --in-flight N: this model's requests in flight before the next degrades")
+        degrade.enable(repository, args.name, args.to, args.in_flight, args.to_in_flight)
+    elif args.in_flight is not None or args.to_in_flight is not None:
+        raise BuilderError("--in-flight and --to-in-flight go with --to")
+    print(json.dumps(degrade.state(repository, args.name)))
+
+
 def _percent(text: str) -> float:
     try:
         value = float(text)
@@ -911,6 +928,30 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--gateway-url", default="http://127.0.0.1:8080", help="--status: the gateway to ask")
     rollout.add_argument("--api-key", help="--status: the gateway's API key (default: $GATEWAY_API_KEY)")
     rollout.set_defaults(func=_rollout)
+
+    degrade = commands.add_parser(
+        "degrade",
+        help="under overload, answer a model's requests by a faster model of its family (or --off)",
+        description="Written into the model's config.pbtxt; gateways follow it within GATEWAY_MODEL_INFO_TTL_S "
+        "of Triton reloading the model. Without --to or --off: show the setting.",
+    )
+    degrade.add_argument("name", help="model name in the repository (the slower one)")
+    degrade.add_argument("--repository", default="model_repository")
+    degrade.add_argument("--to", metavar="FAST", help="the faster model: same preprocessing, labels and input")
+    degrade.add_argument(
+        "--in-flight",
+        type=_positive_int,
+        metavar="N",
+        help="with N of this model's requests in flight in a gateway worker, the next goes to FAST",
+    )
+    degrade.add_argument(
+        "--to-in-flight",
+        type=_positive_int,
+        metavar="M",
+        help="with M of FAST's requests in flight too, refuse with 429 (default: N)",
+    )
+    degrade.add_argument("--off", action="store_true", help="the model answers all its requests itself again")
+    degrade.set_defaults(func=_degrade)
 
     evaluate = commands.add_parser("evaluate", help="top-1, per-class precision/recall and confusion matrix")
     source = evaluate.add_mutually_exclusive_group(required=True)

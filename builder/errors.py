@@ -60,6 +60,10 @@ class RolloutError(BuilderError):
     """A rollout cannot start or move on as asked."""
 
 
+class DegradeError(BuilderError):
+    """A model's degradation to a faster one cannot be set as asked."""
+
+
 class BudgetError(BuilderError):
     """A stage lost more accuracy than the budget allows."""
 

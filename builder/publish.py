@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
+from server.degrade import PARAMETER_PREFIX as DEGRADE_PREFIX
 from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec, model_input
 from server.rollout import new_rollout
 
@@ -786,6 +787,16 @@ def _check_shared_interface(model_dir: Path, config: model_config.ModelConfig) -
         )
 
 
+def _keep_degrade(model_dir: Path, config: model_config.ModelConfig) -> model_config.ModelConfig:
+    """A new version keeps the model's degradation setting (`builder degrade`): it belongs to the model."""
+    try:
+        served = model_config.parse((model_dir / "config.pbtxt").read_text())
+    except Exception:  # no config yet, or one that cannot be read: nothing to keep
+        return config
+    kept = {k: v for k, v in served.parameters.items() if k.startswith(DEGRADE_PREFIX)}
+    return dataclasses.replace(config, parameters={**config.parameters, **kept}) if kept else config
+
+
 def _publish_files(
     files: dict[str, Path],
     repository: Path,
@@ -797,6 +808,7 @@ def _publish_files(
     warmup_files: Mapping[str, bytes] | None = None,
 ) -> PublishedVersion:
     canary = None
+    config = _keep_degrade(Path(repository) / name, config)
     if settings.canary_percent is not None:
         # Both versions are served with this config: they must agree on preprocessing and labels. A canary
         # replaces nothing: a worse one is published with a warning (the rollout compares the two live).

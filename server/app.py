@@ -166,6 +166,7 @@ class RequestContextMiddleware:
                     "status": status,
                     "model": context["model"],
                     **({"version": context["version"]} if context.get("version") else {}),
+                    **({"degraded_to": context["degraded_to"]} if context.get("degraded_to") else {}),
                     "duration_ms": round(total * 1000, 3),
                     "stages_ms": {k: round(v * 1000, 3) for k, v in context["stages"].items()},
                     **({"error": code} if code else {}),

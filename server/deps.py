@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import httpx
 from fastapi import Depends, Request
 
+from .degrade import ModelsInFlight
 from .drain import Drain
 from .errors import RETRY_AFTER_S, Draining, TooManyRequests
 from .metrics import GatewayMetrics
@@ -31,6 +32,8 @@ class InferenceSlots:
         self.drain = drain or Drain()
         self.in_flight = 0
         self.taken = 0
+        # Classifications per answering model (server/degrade.py compares them with its thresholds).
+        self.models = ModelsInFlight()
 
     def admit(self, context: dict[str, Any]) -> Admission:
         context["inference"] = True
@@ -46,6 +49,7 @@ class Admission:
     def __init__(self, slots: InferenceSlots) -> None:
         self.slots = slots
         self.holds_slot = False
+        self.model: str | None = None
 
     async def __aenter__(self) -> Admission:
         self.slots.in_flight += 1
@@ -61,11 +65,20 @@ class Admission:
         slots.taken += 1
         self.holds_slot = True
 
+    def hold_model(self, model: str) -> None:
+        """Counts this request in flight for `model`, the model that answers it, until it is answered."""
+        self.slots.models.counts[model] += 1
+        self.slots.metrics.model_in_flight.labels(model).inc()
+        self.model = model
+
     async def __aexit__(self, *exc_info) -> None:
         self.slots.in_flight -= 1
         self.slots.metrics.in_flight.dec()
         if self.holds_slot:
             self.slots.taken -= 1
+        if self.model is not None:
+            self.slots.models.release(self.model)
+            self.slots.metrics.model_in_flight.labels(self.model).dec()
 
 
 async def get_settings(request: Request) -> Settings:

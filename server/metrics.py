@@ -74,6 +74,20 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # Per model asked for and the faster model that answered instead (server/degrade.py).
+        self.degraded_requests = Counter(
+            "gateway_degraded_requests",
+            "Classifications answered by a faster model because the model asked for was past its threshold",
+            ["model", "to"],
+            registry=r,
+        )
+        self.model_in_flight = Gauge(
+            "gateway_model_in_flight_requests",
+            "Classifications in flight, by the model that answers them (what degradation thresholds compare)",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.rejections = Counter(
             "gateway_rejections", "Requests refused, by reason (the error code)", ["reason"], registry=r
         )

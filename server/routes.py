@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from . import tracing
+from . import degrade, tracing
 from .deps import (
     CanaryWatchDep,
     DecodeBudgetDep,
@@ -406,6 +406,8 @@ async def classify(
         metrics.images_per_request.observe(len(images))
         info = await triton.model_info(name)
         context["model"] = name
+        # Under overload, possibly a faster model of the family (server/degrade.py); `name` is what was asked.
+        info = await degrade.answering_model(triton, info, version, admission, metrics, context)
         if info.encoded_input:
             # Triton decodes (`builder publish --preprocess gpu`): only the headers are read here, for the limits;
             # in the thread pool unless they are quick to read (Pillow parses a JPEG's header in Python).
@@ -477,11 +479,18 @@ def _classified(
     metrics: GatewayMetrics,
     context: dict[str, Any],
 ) -> JSONResponse:
-    context["version"] = inference.version
+    # A degraded answer (`info` is the faster model's) is no version of `name`: kept out of its per-version metrics.
+    context["version"] = inference.version if info.name == name else "degraded"
     metrics.images.labels(name).inc(images)
     metrics.triton_inputs.labels(inference.transport).inc()
-    results = top_k(inference.logits, k, info.labels)
-    return JSONResponse({"model": name, "version": inference.version, "results": results})
+    return JSONResponse(
+        {
+            "model": name,
+            "version": inference.version,
+            **degrade.answer_fields(name, info, inference.version),
+            "results": top_k(inference.logits, k, info.labels),
+        }
+    )
 
 
 async def _infer_version(

@@ -19,6 +19,8 @@ import numpy as np
 from opentelemetry.trace import Tracer
 from tritonclient.utils import InferenceServerException
 
+from .degrade import Degrade
+from .degrade import parse as parse_degrade
 from .errors import (
     RETRY_AFTER_S,
     BadRequest,
@@ -72,6 +74,8 @@ class ModelInfo:
     specific_versions: tuple[int, ...] = ()
     # A model to compare this one's answers with, on a share of requests (server/shadow.py).
     reference: Reference | None = None
+    # Under overload, a faster model of the family answers (`builder degrade`; server/degrade.py).
+    degrade: Degrade | None = None
 
     @property
     def images_per_call(self) -> int | None:
@@ -91,6 +95,7 @@ class ModelInfo:
             "output": self.output_name,
             "max_batch_size": self.max_batch_size,
             "rollout": dataclasses.asdict(self.rollout) if self.rollout else None,
+            "degrade": dataclasses.asdict(self.degrade) if self.degrade else None,
         }
 
 
@@ -153,6 +158,7 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             fixed_batch=_fixed_batch(config),
             rollout=_rollout(name, parameters),
             reference=_reference(name, parameters),
+            degrade=parse_degrade(name, parameters),
             # Protobuf's JSON writes int64 as strings.
             specific_versions=tuple(
                 int(v) for v in config.get("version_policy", {}).get("specific", {}).get("versions", [])

@@ -85,6 +85,7 @@ CLI_DEFAULTS = {
     ("export", "parity_images"),
     ("publish", "repository"),
     ("rollout", "repository"),
+    ("degrade", "repository"),
     ("rollout", "gateway_url"),
     ("evaluate", "out"),
     ("quantize", "method"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 BUILDER = Path(__file__).resolve().parents[2] / "builder"
-STAGES = {"train", "prune", "quantize", "qat", "export", "engine", "evaluate", "publish", "rollout"}
+STAGES = {"train", "prune", "quantize", "qat", "export", "engine", "evaluate", "publish", "rollout", "degrade"}
 COMPOSERS = {"build", "cli", "report", "tune", "gpu_check", "__main__"}
 
 
