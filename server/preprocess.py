@@ -38,6 +38,9 @@ INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
 PARAMETER_PREFIX = "preprocess."
 # Triton datatype of the input of a model that takes 8-bit pixels (`builder publish --pixel-input`).
 PIXEL_DATATYPE = "UINT8"
+# Whether the model's measured top-1 allows JPEGs decoded at reduced scale (`builder evaluate
+# --gateway-decode` measures it, `builder publish` writes it with the two accuracies): "true" or "false".
+REDUCED_SCALE_PARAMETER = "decode.reduced_scale"
 
 
 class InvalidImageError(ValueError):
@@ -121,6 +124,11 @@ class PreprocessSpec:
         values["mean"] = json.loads(values["mean"])
         values["std"] = json.loads(values["std"])
         return cls.from_dict(values)
+
+
+def allows_reduced_scale(parameters: Mapping[str, str]) -> bool:
+    """Whether a model's config parameters allow decoding its JPEGs at reduced scale; absent: no."""
+    return parameters.get(REDUCED_SCALE_PARAMETER, "").strip().lower() == "true"
 
 
 def _flag(value) -> bool:

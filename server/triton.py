@@ -29,7 +29,7 @@ from .errors import (
     TritonTimeout,
     TritonUnavailable,
 )
-from .preprocess import PIXEL_DATATYPE, PreprocessSpec
+from .preprocess import PIXEL_DATATYPE, PreprocessSpec, allows_reduced_scale
 from .rollout import Rollout
 from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
 from .tracing import client_span, with_trace_context
@@ -68,6 +68,8 @@ class ModelInfo:
     # The versions a `specific` version policy names (what a promoted or aborted rollout leaves); empty for
     # the other policies.
     specific_versions: tuple[int, ...] = ()
+    # Its accuracy was measured with JPEGs decoded at reduced scale, and stayed within the budget.
+    reduced_scale_decode: bool = False
 
     @property
     def images_per_call(self) -> int | None:
@@ -140,6 +142,7 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             response_cache=bool(config.get("response_cache", {}).get("enable", False)),
             fixed_batch=_fixed_batch(config),
             rollout=_rollout(name, parameters),
+            reduced_scale_decode=allows_reduced_scale(parameters),
             # Protobuf's JSON writes int64 as strings.
             specific_versions=tuple(
                 int(v) for v in config.get("version_policy", {}).get("specific", {}).get("versions", [])
