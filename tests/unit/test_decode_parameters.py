@@ -94,3 +94,10 @@ def test_an_unknown_jpeg_draft_value_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("GATEWAY_JPEG_DRAFT", "sometimes")
     with pytest.raises(SettingsError, match=r"^GATEWAY_JPEG_DRAFT='sometimes': Input should be 'auto', 'off' or 'on'$"):
         load_settings(Settings)
+
+
+def test_a_drop_exactly_at_the_budget_is_within_it():
+    from builder.evaluate import DecodeComparison
+
+    at_budget = DecodeComparison(exact_top1=0.9, reduced_top1=0.89, images=100, jpeg_images=100, max_accuracy_drop=1.0)
+    assert at_budget.reduced_scale and not DecodeComparison(0.9, 0.88, 100, 100, 1.0).reduced_scale
