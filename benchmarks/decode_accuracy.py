@@ -1,15 +1,14 @@
 """What reduced-scale JPEG decoding costs a model in top-1: a labelled folder of large JPEGs, made reproducibly,
 scored by `builder evaluate --gateway-decode` with the gateway's exact and reduced-scale decoding.
 
-There is no labelled set of large photos at hand, so one is made: the `shapes` dataset drawn at --size
-pixels (default 32, by its own seeded generator), a ResNet-18 trained on its training split at that
-size, and its validation split written as JPEG files (quality 90) scaled up to a longer side of 400 to
-1400 pixels, at aspect ratios from 3:4 to 4:3. The folder keeps the model's class order (`0-circle`,
-`1-square`, ...), with one image per class under train/ (a folder dataset needs one) and every
-validation image under val/.
+There is no labelled set of large photos at hand, so one is made: a ResNet-18 trained on a small
+dataset (--dataset, default `digits`) at --size pixels, and that dataset's validation split written as
+JPEG files (quality 90) scaled up (bicubic) to a longer side of 400 to 1400 pixels, at aspect ratios
+from 3:4 to 4:3. The folder keeps the model's class order (`0-<class>`, `1-<class>`, ...), with one
+image per class under train/ (a folder dataset needs one) and every validation image under val/.
 A checkpoint already trained in --out is reused. Ends by running, and printing, the evaluate command.
 
-    .venv/bin/python -m benchmarks.decode_accuracy [--out runs/decode-accuracy] [--size 32] [--epochs 6]
+    .venv/bin/python -m benchmarks.decode_accuracy [--out DIR] [--dataset digits] [--size 16] [--epochs 4]
 """
 
 from __future__ import annotations
@@ -56,15 +55,16 @@ def write_jpeg_folder(source: str, folder: Path, min_side: int, max_side: int) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/decode-accuracy"))
-    parser.add_argument("--size", type=int, default=32, help="side the shapes are drawn at, and the model's input")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--dataset", default="digits", help="a built-in dataset held in memory (digits, shapes...)")
+    parser.add_argument("--size", type=int, default=16, help="the model's input side")
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--min-side", type=int, default=400, help="shortest longer side of the JPEG files")
     parser.add_argument("--max-side", type=int, default=1400, help="longest longer side of the JPEG files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not 0 < args.min_side <= args.max_side or args.size < 8 or args.epochs < 1:
         parser.error("need 0 < --min-side <= --max-side, --size of at least 8 and --epochs of at least 1")
-    source = f"shapes:size={args.size}"
+    source = args.dataset
     checkpoint = args.out / "train" / "best.pt"
     if not checkpoint.is_file():
         config = TrainConfig(dataset=source, image_size=args.size, epochs=args.epochs, out_dir=args.out / "train")
