@@ -129,7 +129,8 @@ async def with_cpu(processes: dict[str, int], measurement) -> Run:
     return run
 
 
-def sample_jpegs() -> list[bytes]:
+def sample_jpegs(longer_side: int | None = None) -> list[bytes]:
+    """The photos as JPEG files (quality 90); with `longer_side`, scaled to it first (bicubic)."""
     import io
 
     import skimage
@@ -139,7 +140,11 @@ def sample_jpegs() -> list[bytes]:
     encoded = []
     for name in PHOTOS:
         buffer = io.BytesIO()
-        Image.open(folder / name).convert("RGB").save(buffer, "JPEG", quality=90)
+        photo = Image.open(folder / name).convert("RGB")
+        if longer_side is not None:
+            scale = longer_side / max(photo.size)
+            photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.BICUBIC)
+        photo.save(buffer, "JPEG", quality=90)
         encoded.append(buffer.getvalue())
     return encoded
 
@@ -257,6 +262,11 @@ async def gateway_end_to_end(url: str, jpegs: list[bytes], concurrency: int, dur
 CEILING, TRITON, GATEWAY = "model only (ORT, batch 8)", "Triton gRPC (tensors)", "gateway (JPEG in, top-5 out)"
 
 
+def draft_path(draft: str) -> str:
+    """The table's name for the gateway with GATEWAY_JPEG_DRAFT=`draft` (--jpeg-draft compare)."""
+    return f"gateway, JPEG draft {draft}"
+
+
 def gateway_path(workers: int | None) -> str:
     """The table's name for the gateway with this many workers; None: the gateway as started by default."""
     if workers is None:
@@ -311,15 +321,18 @@ async def measure(
     return [summarize(path, concurrency, runs[(path, concurrency)]) for path, concurrency in order]
 
 
-def stage_cpu_ms(jpegs: list[bytes], spec: PreprocessSpec, pixel_input: bool, repeats: int = 20) -> dict[str, float]:
-    """CPU milliseconds per image that the gateway's preprocessing takes on these photos, by stage: decoding,
-    then resizing and normalizing into the batch; one thread, the median over `repeats` passes."""
+def stage_cpu_ms(
+    jpegs: list[bytes], spec: PreprocessSpec, pixel_input: bool, repeats: int = 20, *, reduced_scale: bool = False
+) -> dict[str, float]:
+    """CPU milliseconds per image that the gateway's preprocessing takes on these photos, by stage: decoding
+    (at reduced scale with `reduced_scale`), then resizing and normalizing into the batch; one thread, the
+    median over `repeats` passes."""
     passes: dict[str, list[float]] = {"decode": [], "resize and normalize": []}
     for _ in range(repeats):
         decode_s = rest_s = 0.0
         for data in jpegs:
             started = time.thread_time()
-            image = decode_image(data)
+            image = decode_image(data, draft_size=spec.resize_size if reduced_scale else None)
             decoded = time.thread_time()
             model_input(image, spec, pixel_input=pixel_input)
             rest_s += time.thread_time() - decoded
@@ -412,7 +425,19 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="times each measurement is repeated, interleaved")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/gateway.json"))
-    parser.add_argument("--jpeg-draft", action="store_true", help="let the gateway decode JPEGs at reduced scale")
+    parser.add_argument(
+        "--jpeg-draft",
+        nargs="?",
+        const="on",
+        choices=("auto", "off", "on", "compare"),
+        help="GATEWAY_JPEG_DRAFT for the gateway (alone: on, decode JPEGs at reduced scale); compare: one gateway "
+        "with it off and one with it on, on the same Triton, measured in turn",
+    )
+    parser.add_argument(
+        "--photo-side",
+        type=int,
+        help="scale the photos up to this longer side before encoding them (default: their own 300 to 740 pixels)",
+    )
     parser.add_argument(
         "--intra-op-spinning",
         action="store_true",
@@ -455,17 +480,20 @@ def main() -> int:
         or (args.instances is not None and args.instances < 1)
         or args.intra_op_threads < 0
         or (args.workers is not None and min(args.workers) < 1)
+        or (args.photo_side is not None and args.photo_side < 1)
     ):
         parser.error(
-            "--duration, --rounds, --concurrency, --instances and --workers must be positive, "
+            "--duration, --rounds, --concurrency, --instances, --workers and --photo-side must be positive, "
             "--intra-op-threads 0 or more"
         )
-    if args.jpeg_draft:
-        os.environ["GATEWAY_JPEG_DRAFT"] = "true"  # the gateway process inherits the environment
+    if args.workers and args.jpeg_draft == "compare":
+        parser.error("--jpeg-draft compare and --workers each start gateways of their own: give one of them")
+    if args.jpeg_draft and args.jpeg_draft != "compare":
+        os.environ["GATEWAY_JPEG_DRAFT"] = args.jpeg_draft  # the gateway process inherits the environment
     if args.no_shared_memory:
         os.environ["GATEWAY_SHARED_MEMORY_SLOTS"] = "0"
     console = Console(width=150)
-    jpegs = sample_jpegs()
+    jpegs = sample_jpegs(args.photo_side)
     tensors = [preprocess_bytes(j, IMAGENET, pixel_input=args.pixel_input) for j in jpegs]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         folder = Path(tmp)
@@ -493,16 +521,16 @@ def main() -> int:
         )
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         with local_stack(settings, gateway_port=free_port()) as (triton, gateway), contextlib.ExitStack() as more:
-            gateways = {GATEWAY: gateway}
-            if args.workers:
-                gateways = {}  # the stack's own gateway idles meanwhile
-                for workers in dict.fromkeys(args.workers):
-                    extra = GatewayProcess(
-                        port=free_port(),
-                        env={**gateway.env, "GATEWAY_WORKERS": str(workers)},
-                        log_path=folder / f"gateway-{workers}.log",
-                    )
-                    gateways[gateway_path(workers)] = more.enter_context(extra)
+            # The stack's own gateway idles while gateways of their own are measured.
+            extras = {gateway_path(workers): {"GATEWAY_WORKERS": str(workers)} for workers in args.workers or ()}
+            if args.jpeg_draft == "compare":
+                extras = {draft_path(draft): {"GATEWAY_JPEG_DRAFT": draft} for draft in ("off", "on")}
+            gateways = {GATEWAY: gateway} if not extras else {}
+            for number, (path, env) in enumerate(extras.items()):
+                extra = GatewayProcess(
+                    port=free_port(), env={**gateway.env, **env}, log_path=folder / f"gateway-{number}.log"
+                )
+                gateways[path] = more.enter_context(extra)
             # One event loop for every measurement: grpc.aio is bound to the loop it first ran on.
             results = asyncio.run(measure(session, triton, gateways, tensors, jpegs, args, console))
             transports: dict[str, float] = {}
@@ -510,8 +538,11 @@ def main() -> int:
                 for name, count in input_transports(served.url).items():
                     transports[name] = transports.get(name, 0.0) + count
     report(results, console)
-    stages = stage_cpu_ms(jpegs, IMAGENET, args.pixel_input)
-    for line in per_core_lines(results, stages):
+    stages = stage_cpu_ms(jpegs, IMAGENET, args.pixel_input, reduced_scale=args.jpeg_draft == "on")
+    reduced_stages = stage_cpu_ms(jpegs, IMAGENET, args.pixel_input, reduced_scale=True)
+    drafted = [r for r in results if r.path == draft_path("on")]
+    lines = per_core_lines([r for r in results if r not in drafted], stages) + per_core_lines(drafted, reduced_stages)
+    for line in lines:
         console.print(line)
     console.print(
         "the gateway's input tensors reached Triton: "
@@ -519,7 +550,14 @@ def main() -> int:
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
-        json.dumps({"results": [asdict(r) for r in results], "gateway_cpu_ms_per_image_by_stage": stages}, indent=2)
+        json.dumps(
+            {
+                "results": [asdict(r) for r in results],
+                "gateway_cpu_ms_per_image_by_stage": stages,
+                "gateway_cpu_ms_per_image_by_stage_reduced_scale": reduced_stages,
+            },
+            indent=2,
+        )
     )
     console.print(f"written {args.output}")
     return 0

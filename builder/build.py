@@ -43,11 +43,20 @@ from .checkpoint import load_model
 from .data import ImageDataset, load_run_dataset
 from .engine import EngineConfig, build_engine
 from .errors import BudgetError, BuilderError, QuantizeError, error_line
-from .evaluate import ValidationData, validation_data
+from .evaluate import ValidationData, compare_decodes, reduced_scale_not_applicable, validation_data
 from .export import export_model, parity_batch
 from .models import count_macs_and_params
 from .onnx_graph import onnx_macs_and_params
-from .onnx_meta import OnnxMeta, classifier_dims, load_onnx, model_interface, read_labels, save_with_metadata
+from .onnx_meta import (
+    DECODE_METADATA,
+    OnnxMeta,
+    classifier_dims,
+    load_onnx,
+    model_interface,
+    read_labels,
+    record_metadata,
+    save_with_metadata,
+)
 from .prune import PruneConfig, prune
 from .publish import PublishedVersion, PublishSettings, publish, publish_plan
 from .qat import QATConfig, quantization_aware_train
@@ -403,6 +412,23 @@ def _onnx_start(config: BuildConfig) -> _OnnxStart:
     return _OnnxStart(meta, dataset, validation_data(meta, dataset))
 
 
+def for_gpu_publish(settings: PublishSettings | None) -> bool:
+    return settings is not None and settings.target == "gpu"
+
+
+def measure_gateway_decode(onnx_path: Path, data: ValidationData, max_accuracy_drop: float) -> dict:
+    """Top-1 of the model to publish with the gateway's exact and reduced-scale JPEG decoding, recorded in
+    its ONNX metadata for publish; or, where the validation images are not JPEG files, why not."""
+    reason = reduced_scale_not_applicable(data)
+    if reason is not None:
+        log.info("%s", reason)
+        return {"applies": False, "reason": reason}
+    comparison = compare_decodes(onnx_path, data, max_accuracy_drop=max_accuracy_drop)
+    record_metadata(onnx_path, {DECODE_METADATA: json.dumps(comparison.to_dict())})
+    log.info("%s", comparison.summary())
+    return {"applies": True, "model": Path(onnx_path).name, **comparison.to_dict()}
+
+
 def build(config: BuildConfig) -> BuildResult:
     """Run every configured stage; write report.md/json/png into `out_dir` even when a stage fails."""
     out = Path(config.out_dir)
@@ -587,6 +613,9 @@ def build(config: BuildConfig) -> BuildResult:
             " is published instead",
         )
         chosen = None
+    # What publish reads its metadata from: the ONNX model, or the one the chosen engine was built from.
+    served_onnx = chosen[1] if chosen is not None else serving_fp32 if for_gpu_publish(settings) else latest
+    report.gateway_decode = measure_gateway_decode(served_onnx, data, config.max_accuracy_drop)
     paths = write_report(report, out)
     published, published_engine, published_from = None, None, None
     if settings is not None and chosen is not None:
@@ -595,7 +624,7 @@ def build(config: BuildConfig) -> BuildResult:
         published_from = chosen[0]
     elif settings is not None:
         # Without an engine, GPU targets get FP32 ONNX: TensorRT in Triton builds its own FP16 engine from it.
-        published_from = serving_fp32 if settings.target == "gpu" else latest
+        published_from = serving_fp32 if for_gpu_publish(settings) else latest
         published = publish(published_from, repository, config.name, settings=settings)
     if published is not None:
         (out / "published.json").write_text(

@@ -275,6 +275,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.checkpoint:
         from .checkpoint import load_model
 
+        if args.gateway_decode:
+            raise BuilderError("--gateway-decode scores an ONNX model with ONNX Runtime: give --onnx")
         if _interface_given(args):
             raise BuilderError("the preprocessing and labels flags are for a model exported elsewhere (--onnx)")
         model, meta = load_model(Path(args.checkpoint))
@@ -286,18 +288,37 @@ def _evaluate(args: argparse.Namespace) -> None:
         if not meta.has_dataset:
             raise BuilderError(f"{args.onnx} names no dataset: give --dataset (a folder of class sub-folders)")
         target = Path(args.onnx)
-    evaluation = evaluate(target, validation_data(meta), confusion_png=out / "confusion.png")
+    data = validation_data(meta)
+    evaluation = evaluate(target, data, confusion_png=out / "confusion.png")
     write_evaluation(evaluation, out / "evaluation.json")
-    summary = {
+    summary: dict[str, Any] = {
         "top1": round(evaluation.top1, 4),
         "macro_recall": round(evaluation.macro_recall, 4),
         "images": evaluation.images,
         "out": str(out),
     }
+    if args.gateway_decode:
+        summary["gateway_decode"] = _gateway_decode(Path(args.onnx), data, args.max_accuracy_drop)
     if args.onnx:
         speed = measure_speed(Path(args.onnx))
         summary.update(latency_b1_ms=round(speed.latency_b1_ms, 3), throughput_b8=round(speed.throughput_b8, 1))
     print(json.dumps(summary))
+
+
+def _gateway_decode(onnx_path: Path, data, max_accuracy_drop: float | None) -> dict[str, Any]:
+    """Top-1 with the gateway's exact and reduced-scale decoding, recorded in the ONNX file for publish."""
+    from .evaluate import DEFAULT_DECODE_BUDGET, compare_decodes, reduced_scale_not_applicable
+    from .onnx_meta import DECODE_METADATA, record_metadata
+
+    reason = reduced_scale_not_applicable(data)
+    if reason is not None:
+        print(reason, file=sys.stderr)
+        return {"applies": False, "reason": reason}
+    budget = DEFAULT_DECODE_BUDGET if max_accuracy_drop is None else max_accuracy_drop
+    comparison = compare_decodes(onnx_path, data, max_accuracy_drop=budget)
+    record_metadata(onnx_path, {DECODE_METADATA: json.dumps(comparison.to_dict())})
+    print(f"{comparison.summary()}; recorded in {onnx_path}", file=sys.stderr)
+    return {"applies": True, **comparison.to_dict(), "recorded_in": str(onnx_path)}
 
 
 def _prune(args: argparse.Namespace) -> None:
@@ -962,6 +983,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_interface_arguments(evaluate, "default: ONNX metadata, else the dataset's class folders")
     evaluate.add_argument("--out", default="runs/evaluate", help="folder for evaluation.json and confusion.png")
+    evaluate.add_argument(
+        "--gateway-decode",
+        action="store_true",
+        help="--onnx: also score the JPEG files as the gateway decodes them, exactly and at reduced scale, and "
+        "record in the ONNX file whether the gateway may decode at reduced scale for it (publish writes it)",
+    )
+    evaluate.add_argument(
+        "--max-accuracy-drop",
+        type=_non_negative_float,
+        help="--gateway-decode: top-1 points reduced-scale decoding may cost (default 1, as a build's stages)",
+    )
     evaluate.set_defaults(func=_evaluate)
 
     prune = commands.add_parser("prune", help="structured channel pruning with fine-tuning (Torch-Pruning)")

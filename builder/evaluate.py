@@ -3,7 +3,9 @@
 A PyTorch model and an ONNX file are scored the same way, on the validation split, through the
 real eval transform (`builder.transforms.eval_transform`), so the numbers of different stages compare.
 `measure_speed()` times an ONNX file with ONNX Runtime on this machine: latency at batch 1 and
-throughput at batch 8.
+throughput at batch 8. `compare_decodes()` scores an ONNX file on the validation split's JPEG files
+decoded by the gateway's own functions twice, exactly and at reduced scale (GATEWAY_JPEG_DRAFT), and
+says whether the model may be served the faster way.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from server.preprocess import PreprocessSpec
+from server.errors import GatewayError
+from server.preprocess import PreprocessSpec, open_image, prepare_batch
 
 from .checkpoint import ModelMeta
 from .data import ImageDataset, Split, load_run_dataset
@@ -31,6 +34,11 @@ LATENCY_BATCH = 1
 THROUGHPUT_BATCH = 8
 MAX_CONFUSION_INCHES = 20.0
 MAX_LABELLED_CLASSES = 40
+# Top-1 points reduced-scale decoding may cost and still be allowed; a build's own budget
+# (`max_accuracy_drop`) by default.
+DEFAULT_DECODE_BUDGET = 1.0
+# The gateway refuses images over GATEWAY_MAX_IMAGE_PIXELS; a validation image is scored whatever its size.
+VALIDATION_MAX_PIXELS = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -141,10 +149,12 @@ def evaluate_predictor(
     *,
     confusion_png: Path | None = None,
     batch_size: int = 64,
+    batches: Iterator[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Evaluation:
-    """Score any function from a batch of images to logits (a TensorRT engine's, say) like `evaluate`."""
+    """Score any function from a batch of images to logits (a TensorRT engine's, say) like `evaluate`;
+    `batches`: the model inputs and labels to score instead of the split through the eval transform."""
     predictions, labels = [], []
-    for images, batch_labels in data.batches(batch_size):
+    for images, batch_labels in batches if batches is not None else data.batches(batch_size):
         scores = predict(images)
         if scores.ndim != 2 or scores.shape[1] != len(data.classes):
             raise BuilderError(
@@ -165,6 +175,113 @@ def evaluate_predictor(
     if confusion_png is not None:
         plot_confusion(confusion, data.classes, confusion_png, title=f"top-1 {evaluation.top1:.2%}")
     return evaluation
+
+
+@dataclass(frozen=True)
+class DecodeComparison:
+    """Top-1 on the validation split's image files decoded as the gateway decodes them: exactly, and with
+    JPEGs at reduced scale (libjpeg's 1/2, 1/4, 1/8 DCT scaling, `server.preprocess.load_image`)."""
+
+    exact_top1: float
+    reduced_top1: float
+    images: int
+    jpeg_images: int  # the others decode the same both ways
+    max_accuracy_drop: float  # top-1 points
+
+    @property
+    def drop_points(self) -> float:
+        return 100.0 * (self.exact_top1 - self.reduced_top1)
+
+    @property
+    def reduced_scale(self) -> bool:
+        """Whether the model may be served with reduced-scale decoding: it costs at most the budget."""
+        # Rounded: 100 * (0.9 - 0.89) is 1.0000000000000009, and one point lost is within a budget of one.
+        return round(self.drop_points, 9) <= self.max_accuracy_drop
+
+    def to_dict(self) -> dict:
+        return {
+            "reduced_scale": self.reduced_scale,
+            "exact_top1": self.exact_top1,
+            "reduced_top1": self.reduced_top1,
+            "images": self.images,
+            "jpeg_images": self.jpeg_images,
+            "max_accuracy_drop": self.max_accuracy_drop,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DecodeComparison:
+        return cls(
+            exact_top1=float(data["exact_top1"]),
+            reduced_top1=float(data["reduced_top1"]),
+            images=int(data["images"]),
+            jpeg_images=int(data["jpeg_images"]),
+            max_accuracy_drop=float(data["max_accuracy_drop"]),
+        )
+
+    def summary(self) -> str:
+        verdict = "allowed" if self.reduced_scale else "not allowed"
+        return (
+            f"gateway decode: top-1 {100 * self.exact_top1:.2f}% exact, {100 * self.reduced_top1:.2f}% at reduced "
+            f"scale ({self.drop_points:.2f} points lost, budget {self.max_accuracy_drop:g}) on {self.images} images "
+            f"({self.jpeg_images} JPEG): reduced-scale decoding {verdict}"
+        )
+
+
+def reduced_scale_not_applicable(data: ValidationData) -> str | None:
+    """Why reduced-scale decoding cannot be measured on this validation split, or None when it can: it
+    applies to JPEG files, and the split's images are in memory (digits, shapes, CIFAR) or none is a JPEG."""
+    images = data.split.images
+    if not len(images) or not isinstance(images[0], Path):
+        return "reduced-scale decoding does not apply: the validation images are in-memory arrays, not JPEG files"
+    if not any(_is_jpeg(Path(path)) for path in images):
+        return f"reduced-scale decoding does not apply: none of the {len(images)} validation images is a JPEG file"
+    return None
+
+
+def _is_jpeg(path: Path) -> bool:
+    try:
+        with open_image(path.read_bytes()) as image:
+            return image.format == "JPEG"
+    except (OSError, ValueError):  # unreadable: the gateway-decode pass reports it
+        return False
+
+
+def gateway_batches(
+    data: ValidationData, *, reduced_scale: bool, batch_size: int = 32
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The validation split's files, read as bytes and turned into model inputs by the gateway's own
+    `prepare_batch` (EXIF orientation, alpha on white, its resize), with JPEGs at reduced scale or not."""
+    paths = [Path(path) for path in data.split.images]
+    for start in range(0, len(paths), batch_size):
+        chosen = range(start, min(start + batch_size, len(paths)))
+        try:
+            images, _, _ = prepare_batch(
+                [paths[i].read_bytes() for i in chosen], data.spec, VALIDATION_MAX_PIXELS, jpeg_draft=reduced_scale
+            )
+        except (OSError, GatewayError) as e:  # an unreadable file; the gateway's 4xx (one it cannot decode)
+            raise BuilderError(
+                f"validation images {paths[chosen[0]]} to {paths[chosen[-1]]}: the gateway would refuse one: {e}"
+            ) from e
+        yield images, np.asarray([data.split.labels[i] for i in chosen])
+
+
+def compare_decodes(
+    onnx_path: Path, data: ValidationData, *, max_accuracy_drop: float = DEFAULT_DECODE_BUDGET
+) -> DecodeComparison:
+    """Top-1 of the ONNX model (ONNX Runtime) on the validation files decoded as the gateway decodes them,
+    exactly and at reduced scale. The split must hold image files (`reduced_scale_not_applicable`)."""
+    predict = _onnx_predictor(Path(onnx_path))
+    exact, reduced = (
+        evaluate_predictor(predict, data, batches=gateway_batches(data, reduced_scale=reduced_scale))
+        for reduced_scale in (False, True)
+    )
+    return DecodeComparison(
+        exact_top1=exact.top1,
+        reduced_top1=reduced.top1,
+        images=exact.images,
+        jpeg_images=sum(_is_jpeg(Path(path)) for path in data.split.images),
+        max_accuracy_drop=max_accuracy_drop,
+    )
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:

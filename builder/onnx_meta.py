@@ -19,6 +19,10 @@ from server.preprocess import PreprocessSpec
 from .errors import OnnxFileError, error_line
 from .train_config import dataset_recipe, serving_preprocess
 
+# The key of `builder evaluate --gateway-decode`'s measurement (JSON: reduced_scale, exact_top1, reduced_top1,
+# images, jpeg_images, max_accuracy_drop), which `builder publish` writes into config.pbtxt.
+DECODE_METADATA = "decode"
+
 if TYPE_CHECKING:  # checkpoint imports torch, which publishing an ONNX file does without
     from .checkpoint import ModelMeta
 
@@ -201,6 +205,23 @@ def read_labels(path: Path) -> list[str]:
 
 def read_onnx_meta(path: Path) -> OnnxMeta:
     return OnnxMeta.from_props(read_metadata(path), source=path)
+
+
+def record_metadata(path: Path, metadata: Mapping[str, str]) -> Path:
+    """Add or overwrite metadata_props entries of the ONNX file `path` in place, replaced in one rename.
+    Weights stored beside it stay where they are: the graph still names them by their relative paths."""
+    path = Path(path)
+    proto = load_onnx(path)
+    set_metadata(proto, metadata)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        onnx.save(proto, str(tmp))
+        tmp.replace(path)
+    except OSError as e:
+        raise OnnxFileError(f"cannot record in {path}: {e.strerror or error_line(e)}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def save_with_metadata(source: Path, output: Path, meta: OnnxMeta) -> Path:

@@ -40,13 +40,13 @@ import onnx
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from server.degrade import PARAMETER_PREFIX as DEGRADE_PREFIX
-from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, PreprocessSpec, model_input
+from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, REDUCED_SCALE_PARAMETER, PreprocessSpec, model_input
 from server.rollout import new_rollout
 
 from . import dali_preprocess, model_config
 from .errors import BuilderError, PublishError, error_line
 from .model_config import DEFAULT_TRITON_RELEASE, DEFAULT_TRT_CACHE_ROOT, TRITON_TENSORRT
-from .onnx_meta import OnnxMeta, load_onnx, metadata_of
+from .onnx_meta import DECODE_METADATA, OnnxMeta, load_onnx, metadata_of
 from .pixel_input import add_pixel_input
 from .plans import file_sha256, onnx_sha256, read_engine_info
 from .tensorrt_onnx import QDQ_OPS, qdq_problems
@@ -254,7 +254,11 @@ def build_config(
     int8: bool = False,
 ) -> model_config.ModelConfig:
     """The model's config; `int8` (GPU target): the model is INT8 Q/DQ in TensorRT's form."""
-    parameters = {**spec.to_parameters(), LABELS_PARAMETER: json.dumps(list(labels))}
+    parameters = {
+        **spec.to_parameters(),
+        LABELS_PARAMETER: json.dumps(list(labels)),
+        **decode_parameters(model.metadata),
+    }
     if settings.target == "cpu":
         parameters["onnxruntime.intra_op_threads"] = str(settings.intra_op_threads)
         parameters["onnxruntime.allow_spinning"] = "1" if settings.intra_op_spinning else "0"
@@ -295,6 +299,30 @@ def build_config(
         parameters=parameters,
         gpu_accelerators=(tensorrt_accelerator(name, settings, model_input, batching, int8),) if gpu else (),
     )
+
+
+def decode_parameters(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The gateway's decoding of the model's JPEGs, from `builder evaluate --gateway-decode`'s measurement
+    in the ONNX metadata: whether reduced scale is allowed (top-1 within the budget), and the two top-1s.
+    Nothing for a model never measured so: the gateway then decodes it exactly."""
+    if DECODE_METADATA not in metadata:
+        return {}
+    try:
+        recorded = json.loads(metadata[DECODE_METADATA])
+        allowed = recorded["reduced_scale"]
+        if not isinstance(allowed, bool):
+            raise ValueError(f"reduced_scale is {allowed!r}, not true or false")
+        exact, reduced = float(recorded["exact_top1"]), float(recorded["reduced_top1"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise PublishError(
+            f"the model's {DECODE_METADATA!r} metadata is malformed ({error_line(e)}); "
+            "measure it again with `builder evaluate --gateway-decode`"
+        ) from e
+    return {
+        REDUCED_SCALE_PARAMETER: "true" if allowed else "false",
+        "decode.exact_top1": f"{exact:.4f}",
+        "decode.reduced_top1": f"{reduced:.4f}",
+    }
 
 
 def tensorrt_accelerator(

@@ -178,6 +178,9 @@ class Report:
     failure: str | None = None
     not_run: list[NotRun] = field(default_factory=list)
     engine_choice: EngineChoice | None = None  # builds for a GPU: which engine is published, and why
+    # Top-1 with the gateway's exact and reduced-scale JPEG decoding (`evaluate.DecodeComparison.to_dict`,
+    # with "applies" and "model"), or why it does not apply ("applies": false, "reason"); None: not measured.
+    gateway_decode: dict | None = None
 
     def add(self, metrics: StageMetrics) -> None:
         self.stages.append(metrics)
@@ -221,6 +224,7 @@ class Report:
             "stages": self.rows(),
             "not_run": [asdict(n) for n in self.not_run],
             "engine_choice": asdict(self.engine_choice) if self.engine_choice else None,
+            "gateway_decode": self.gateway_decode,
         }
 
 
@@ -310,7 +314,22 @@ def notes_lines(report: Report) -> list[str]:
     if report.engine_choice is not None:
         stage = f"`{report.engine_choice.stage}`" if report.engine_choice.stage else "none"
         lines += ["", f"Engine to publish: {stage}: {report.engine_choice.reason}"]
+    if report.gateway_decode is not None:
+        lines += ["", f"Gateway decode: {gateway_decode_line(report.gateway_decode)}"]
     return lines
+
+
+def gateway_decode_line(decode: dict) -> str:
+    """One line on the gateway's reduced-scale JPEG decoding for the published model."""
+    if not decode.get("applies"):
+        return str(decode.get("reason", "not measured"))
+    drop = 100 * (decode["exact_top1"] - decode["reduced_top1"])
+    verdict = "allowed" if decode["reduced_scale"] else "not allowed"
+    return (
+        f"`{decode['model']}` top-1 {100 * decode['exact_top1']:.2f}% exact, {100 * decode['reduced_top1']:.2f}% "
+        f"at reduced scale ({drop:.2f} points lost, budget {decode['max_accuracy_drop']:g}) on "
+        f"{decode['images']} images ({decode['jpeg_images']} JPEG): reduced-scale decoding {verdict}"
+    )
 
 
 def to_markdown(report: Report) -> str:

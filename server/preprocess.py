@@ -44,6 +44,9 @@ ENCODED_INPUT_DIMS = (-1,)
 # What DALI's image decoder reads of what the gateway accepts (fn.decoders.image: JPEG, PNG, BMP, WebP, ...;
 # no GIF).
 ENCODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# Whether the model's measured top-1 allows JPEGs decoded at reduced scale (`builder evaluate
+# --gateway-decode` measures it, `builder publish` writes it with the two accuracies): "true" or "false".
+REDUCED_SCALE_PARAMETER = "decode.reduced_scale"
 
 
 class InvalidImageError(ValueError):
@@ -127,6 +130,11 @@ class PreprocessSpec:
         values["mean"] = json.loads(values["mean"])
         values["std"] = json.loads(values["std"])
         return cls.from_dict(values)
+
+
+def allows_reduced_scale(parameters: Mapping[str, str]) -> bool:
+    """Whether a model's config parameters allow decoding its JPEGs at reduced scale; absent: no."""
+    return parameters.get(REDUCED_SCALE_PARAMETER, "").strip().lower() == "true"
 
 
 def _flag(value) -> bool:

@@ -439,7 +439,7 @@ async def classify(
                 images,
                 info.spec,
                 settings.max_image_pixels,
-                settings.jpeg_draft,
+                settings.reduced_scale_decode(info.reduced_scale_decode),
                 info.pixel_input,
                 batch,
                 max_request_pixels=settings.max_request_pixels,

@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from typing import Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Every request allocates and frees several 600 KB buffers (the normalized image, the batch, the gRPC
@@ -58,9 +58,10 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="to receive a request's body; past it 408")
     max_images_per_request: int = Field(32, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0, description="checked before decoding (decompression bombs)")
-    # Off by default: exact parity with the training transform. On, large JPEGs decode several times
-    # faster at reduced scale, with pixels ~0.6/255 off on average (docs/results.md).
-    jpeg_draft: bool = False
+    # Large JPEGs decode several times faster at reduced scale, with pixels ~0.6/255 off on average
+    # (docs/results.md). auto: for the models whose config allows it (their top-1 measured both ways at
+    # build time, `decode.reduced_scale`); off: never; on: for every model. true/false/1/0 mean on/off.
+    jpeg_draft: Literal["auto", "off", "on"] = "auto"
     default_top_k: int = Field(5, ge=1)
     # Worker processes on the one port (server/serve.py); unset: one per core this process may run on, at most
     # 8. Each worker has its own Triton connections, shared-memory region and threads, and every limit
@@ -94,6 +95,22 @@ class Settings(BaseSettings):
     # Comma-separated models that /readyz waits for; empty: every model in the repository except those
     # that failed to load (a broken model does not hold the others' gateway out of service).
     required_models: str = ""
+
+    @field_validator("jpeg_draft", mode="before")
+    @classmethod
+    def _jpeg_draft_spellings(cls, value: object) -> object:
+        # The setting was a boolean before it followed the model: its spellings keep their meaning.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(lowered, lowered)
+        return value
+
+    def reduced_scale_decode(self, model_allows: bool) -> bool:
+        """Whether a model's JPEGs are decoded at reduced scale: as its config says (`model_allows`), unless
+        GATEWAY_JPEG_DRAFT overrides it."""
+        return self.jpeg_draft == "on" or (self.jpeg_draft == "auto" and model_allows)
 
     def required_model_names(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.required_models.split(",") if name.strip())

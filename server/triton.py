@@ -31,7 +31,7 @@ from .errors import (
     TritonTimeout,
     TritonUnavailable,
 )
-from .preprocess import ENCODED_INPUT_DIMS, PIXEL_DATATYPE, PreprocessSpec
+from .preprocess import ENCODED_INPUT_DIMS, PIXEL_DATATYPE, PreprocessSpec, allows_reduced_scale
 from .rollout import Reference, Rollout
 from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
 from .tracing import client_span, with_trace_context
@@ -76,6 +76,8 @@ class ModelInfo:
     reference: Reference | None = None
     # Under overload, a faster model of the family answers (`builder degrade`; server/degrade.py).
     degrade: Degrade | None = None
+    # Its accuracy was measured with JPEGs decoded at reduced scale, and stayed within the budget.
+    reduced_scale_decode: bool = False
 
     @property
     def images_per_call(self) -> int | None:
@@ -159,6 +161,7 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             rollout=_rollout(name, parameters),
             reference=_reference(name, parameters),
             degrade=parse_degrade(name, parameters),
+            reduced_scale_decode=allows_reduced_scale(parameters),
             # Protobuf's JSON writes int64 as strings.
             specific_versions=tuple(
                 int(v) for v in config.get("version_policy", {}).get("specific", {}).get("versions", [])

@@ -137,3 +137,22 @@ def test_stage_cpu_is_measured_on_real_photos(photos):
 
     stages = stage_cpu_ms([photos[0].read_bytes()], IMAGENET, pixel_input=False, repeats=2)
     assert set(stages) == {"decode", "resize and normalize"} and all(ms > 0 for ms in stages.values())
+
+
+def test_photo_side_scales_every_bench_photo_to_that_longer_side():
+    from PIL import Image
+
+    from benchmarks.gateway import sample_jpegs
+
+    sizes = [Image.open(io.BytesIO(data)).size for data in sample_jpegs(1400)]
+    assert len(sizes) == 5 and all(max(size) == 1400 for size in sizes)
+    assert all(max(Image.open(io.BytesIO(data)).size) < 1400 for data in sample_jpegs())
+
+
+def test_jpeg_draft_compare_starts_gateways_of_its_own_so_it_excludes_workers(monkeypatch, capsys):
+    from benchmarks.gateway import main
+
+    monkeypatch.setattr(sys, "argv", ["gateway.py", "--jpeg-draft", "compare", "--workers", "1"])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 2 and "give one of them" in capsys.readouterr().err
