@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from . import rollout
 from .checkpoint import load_model
 from .data import ImageDataset, load_run_dataset
 from .engine import EngineConfig, build_engine
@@ -132,6 +133,7 @@ class BuildOverrides:
     no_prune: bool = False
     no_quantize: bool = False
     no_publish: bool = False
+    no_reference: bool = False
 
     def applied_to(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Build settings (sections as mappings, None for a stage switched off) with these overrides."""
@@ -176,6 +178,8 @@ class BuildOverrides:
             values["publish"] = merged("publish", repository=self.repository, target=self.target)
         if self.no_publish:
             values["publish"] = None
+        if self.no_reference:
+            values["reference"] = False
         return values
 
 
@@ -203,6 +207,9 @@ class BuildConfig:
     publish: PublishSettings | None = None
     repository: Path = DEFAULT_REPOSITORY  # where `publish` puts the model; a build file may name it there
     max_accuracy_drop: float = 1.0  # top-1 points below the trained model
+    # Where the published model is not the trained FP32 one (pruned, INT8), the FP32 model is published beside
+    # it as NAME-reference and named its reference: gateways compare a share of live answers with it.
+    reference: bool = True
     parity_images: int = 32
     benchmark_seconds: float = 1.5  # per batch size and stage; the median run is reported
 
@@ -429,6 +436,26 @@ def measure_gateway_decode(onnx_path: Path, data: ValidationData, max_accuracy_d
     return {"applies": True, "model": Path(onnx_path).name, **comparison.to_dict()}
 
 
+REFERENCE_SUFFIX = "-reference"
+
+
+def publish_reference(fp32: Path, repository: Path, name: str, settings: PublishSettings) -> str:
+    """The trained FP32 model, published as NAME-reference and recorded as `name`'s reference model: a share of
+    the requests each gateway answers with `name` is also sent to it, and top-1 agreement with it is counted
+    (server/shadow.py), which needs no labels. Its newest version only, whatever its accuracy against the last
+    one (it follows the build), taking the same input as `name` so that the gateway's tensor fits both."""
+    reference = f"{name}{REFERENCE_SUFFIX}"
+    publish(
+        fp32,
+        repository,
+        reference,
+        settings=dataclasses.replace(settings, canary_percent=None, keep=1, force=True, preprocess="cpu"),
+    )
+    rollout.set_reference(repository, name, reference)
+    log.info("published the FP32 model as %s, the reference of %s", reference, name)
+    return reference
+
+
 def build(config: BuildConfig) -> BuildResult:
     """Run every configured stage; write report.md/json/png into `out_dir` even when a stage fails."""
     out = Path(config.out_dir)
@@ -626,6 +653,9 @@ def build(config: BuildConfig) -> BuildResult:
         # Without an engine, GPU targets get FP32 ONNX: TensorRT in Triton builds its own FP16 engine from it.
         published_from = serving_fp32 if for_gpu_publish(settings) else latest
         published = publish(published_from, repository, config.name, settings=settings)
+    reference = None
+    if published is not None and config.reference and published_from != fp32:
+        reference = publish_reference(fp32, repository, config.name, settings)
     if published is not None:
         (out / "published.json").write_text(
             json.dumps(
@@ -634,6 +664,7 @@ def build(config: BuildConfig) -> BuildResult:
                     "version": published.version,
                     "path": str(published.version_dir),
                     "engine": published_engine,
+                    "reference": reference,
                 }
             )
         )

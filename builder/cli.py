@@ -1145,6 +1145,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-prune", action="store_true")
     build.add_argument("--no-quantize", action="store_true")
     build.add_argument("--no-publish", action="store_true")
+    build.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="publish no NAME-reference (the FP32 model, compared with the served one on a share of requests)",
+    )
     build.set_defaults(func=_build)
     return parser
 

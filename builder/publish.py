@@ -41,7 +41,7 @@ from onnx.external_data_helper import load_external_data_for_model, uses_externa
 
 from server.degrade import PARAMETER_PREFIX as DEGRADE_PREFIX
 from server.preprocess import PARAMETER_PREFIX, PIXEL_DATATYPE, REDUCED_SCALE_PARAMETER, PreprocessSpec, model_input
-from server.rollout import new_rollout
+from server.rollout import REFERENCE_PREFIX, new_rollout
 
 from . import dali_preprocess, model_config
 from .errors import BuilderError, PublishError, error_line
@@ -815,13 +815,14 @@ def _check_shared_interface(model_dir: Path, config: model_config.ModelConfig) -
         )
 
 
-def _keep_degrade(model_dir: Path, config: model_config.ModelConfig) -> model_config.ModelConfig:
-    """A new version keeps the model's degradation setting (`builder degrade`): it belongs to the model."""
+def _keep_model_settings(model_dir: Path, config: model_config.ModelConfig) -> model_config.ModelConfig:
+    """A new version keeps the model's degradation setting (`builder degrade`) and its reference model
+    (`builder rollout --reference`, `builder build`): they belong to the model, not to a version."""
     try:
         served = model_config.parse((model_dir / "config.pbtxt").read_text())
     except Exception:  # no config yet, or one that cannot be read: nothing to keep
         return config
-    kept = {k: v for k, v in served.parameters.items() if k.startswith(DEGRADE_PREFIX)}
+    kept = {k: v for k, v in served.parameters.items() if k.startswith((DEGRADE_PREFIX, REFERENCE_PREFIX))}
     return dataclasses.replace(config, parameters={**config.parameters, **kept}) if kept else config
 
 
@@ -836,7 +837,7 @@ def _publish_files(
     warmup_files: Mapping[str, bytes] | None = None,
 ) -> PublishedVersion:
     canary = None
-    config = _keep_degrade(Path(repository) / name, config)
+    config = _keep_model_settings(Path(repository) / name, config)
     if settings.canary_percent is not None:
         # Both versions are served with this config: they must agree on preprocessing and labels. A canary
         # replaces nothing: a worse one is published with a warning (the rollout compares the two live).

@@ -29,8 +29,9 @@ MIN_AGREEMENT = "rollout.min_agreement"
 MIN_REQUESTS = "rollout.min_requests"
 # A model to compare every served version with (its answers are never served), and the share of classify
 # requests sent to it too; parameters of the model's own config, kept across rollouts.
-REFERENCE_MODEL = "reference.model"
-REFERENCE_PERCENT = "reference.shadow_percent"
+REFERENCE_PREFIX = "reference."
+REFERENCE_MODEL = f"{REFERENCE_PREFIX}model"
+REFERENCE_PERCENT = f"{REFERENCE_PREFIX}shadow_percent"
 # Every canary answer is checked by default: the stable version answers the canary's share once more.
 DEFAULT_SHADOW_PERCENT = 100.0
 DEFAULT_REFERENCE_PERCENT = 10.0

@@ -7,6 +7,7 @@ from builder import model_config
 from builder.build import BuildConfig, build
 from builder.cli import main
 from builder.errors import BudgetError, BuilderError
+from builder.publish import PublishSettings, publish
 from builder.quantize import QuantizeConfig
 
 QUICK_PRUNE = {"keep_ratio": 0.6, "steps": 1, "finetune_epochs": 0.2, "increments": 40}
@@ -47,6 +48,17 @@ def test_build_from_a_yaml_file_prunes_quantizes_publishes_and_reports_every_sta
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["published_version"] == 1 and summary["published_from"] == str(out / "int8.onnx")
+    # The trained FP32 model beside it, as the served model's reference: gateways compare answers with it.
+    assert config.parameters["reference.model"] == "digits-reference"
+    assert json.loads((out / "published.json").read_text())["reference"] == "digits-reference"
+    reference = tmp_path / "repo" / "digits-reference"
+    assert json.loads((reference / "1" / "build.json").read_text())["source_onnx"] == str(out / "fp32.onnx")
+    reference_config = model_config.parse((reference / "config.pbtxt").read_text())
+    assert reference_config.parameters["labels"] == config.parameters["labels"]
+    # A version published by hand later keeps the model's reference.
+    publish(out / "int8.onnx", tmp_path / "repo", "digits", settings=PublishSettings(force=True))
+    config = model_config.parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text())
+    assert config.parameters["reference.model"] == "digits-reference"
 
 
 @pytest.mark.slow
@@ -351,7 +363,9 @@ def test_build_for_a_gpu_target_measures_and_gates_the_tensorrt_int8(tiny_run, t
     # ... and the build still publishes what it did before: the float ONNX for TensorRT in Triton.
     assert result.published_engine is None and published.platform != "tensorrt_plan"
     assert result.published_from == tmp_path / "build" / "fp32.onnx"
-    assert json.loads((tmp_path / "build" / "published.json").read_text())["engine"] is None
+    published_json = json.loads((tmp_path / "build" / "published.json").read_text())
+    assert published_json["engine"] is None
+    assert published_json["reference"] is None  # what is served is the trained FP32 model itself
 
 
 def _negate_classifier_weight(onnx_path):
