@@ -515,6 +515,9 @@ def build(config: BuildConfig) -> BuildResult:
             benchmark_seconds=config.benchmark_seconds,
         )
         report.add(metrics)
+        # What publish's accuracy check and `builder degrade` read: this file's own top-1 on the build's
+        # validation split (an INT8 file carries none of its own, a model exported elsewhere none at all).
+        record_metadata(onnx_path, {"val_accuracy": f"{metrics.top1:.6f}"})
         log.info("stage %s: top-1 %.4f, %.0f images/s at batch 8", name, metrics.top1, metrics.throughput_b8)
         if check:
             report.check_budget(metrics)

@@ -147,6 +147,14 @@ def quantize_int8(
             proto, extra = _modelopt_int8(onnx_path, output, images, config)
         else:
             proto, extra = _onnxruntime_int8(onnx_path, output, images, input_name, config)
+        # The float model's top-1 is not the INT8 model's: left out rather than carried over (the quantizers
+        # copy the source's metadata; `builder evaluate` measures it, `builder build` records what it
+        # measured), so that publish's accuracy check and a degradation's accuracy cost never take one for
+        # the other.
+        metadata.pop("val_accuracy", None)
+        for position in reversed(range(len(proto.metadata_props))):
+            if proto.metadata_props[position].key == "val_accuracy":
+                del proto.metadata_props[position]
         set_metadata(
             proto,
             {

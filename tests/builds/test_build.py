@@ -7,6 +7,7 @@ from builder import model_config
 from builder.build import BuildConfig, build
 from builder.cli import main
 from builder.errors import BudgetError, BuilderError
+from builder.onnx_meta import read_metadata
 from builder.publish import PublishSettings, publish
 from builder.quantize import QuantizeConfig
 
@@ -40,6 +41,9 @@ def test_build_from_a_yaml_file_prunes_quantizes_publishes_and_reports_every_sta
         assert after["change"]["file_ratio"] == pytest.approx(after["file_bytes"] / before["file_bytes"])
         assert after["change"]["top1_points"] == pytest.approx(100 * (after["top1"] - before["top1"]))
     assert "| int8 |" in (out / "report.md").read_text() and (out / "report.png").is_file()
+    # Each stage's file records the top-1 the build measured on it (what publish and degrade compare).
+    for stage, name in ((fp32, "fp32"), (pruned, "pruned"), (int8, "int8")):
+        assert float(read_metadata(out / f"{name}.onnx")["val_accuracy"]) == pytest.approx(stage["top1"], abs=1e-6)
     config = model_config.parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text())
     assert config.backend == "python"
     assert (

@@ -34,6 +34,8 @@ def test_int8_model_is_qdq_with_per_channel_weights_and_keeps_the_metadata(int8,
     assert metadata["precision"] == "int8" and metadata["calibration_method"] == "entropy"
     assert json.loads(metadata["labels"]) == [str(i) for i in range(10)]
     assert int8.onnx_path.stat().st_size * 3 < (tiny_run / "model.onnx").stat().st_size
+    # The float model's top-1 is not carried over as the INT8 model's own.
+    assert "val_accuracy" in read_metadata(tiny_run / "model.onnx") and "val_accuracy" not in metadata
 
 
 def test_int8_model_mostly_agrees_with_fp32_on_the_validation_split(int8, tiny_run):
