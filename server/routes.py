@@ -412,8 +412,14 @@ async def classify(
             # Triton decodes (`builder publish --preprocess gpu`): only the headers are read here, for the limits;
             # in the thread pool unless they are quick to read (Pillow parses a JPEG's header in Python).
             started = time.perf_counter()
+            # The padded batch may take what one request's body may: past it, one large image among many small
+            # ones would cost memory here and in Triton many times the body limit.
             headers = partial(
-                encoded_batch, images, settings.max_image_pixels, max_request_pixels=settings.max_request_pixels
+                encoded_batch,
+                images,
+                settings.max_image_pixels,
+                max_request_pixels=settings.max_request_pixels,
+                max_batch_bytes=settings.max_body_bytes,
             )
             if quick_to_preprocess(images, settings.inline_preprocess_max_pixels, settings.inline_preprocess_max_bytes):
                 batch, _ = headers()

@@ -209,6 +209,13 @@ def test_encoded_images_go_as_their_bytes_padded_to_the_longest():
         # DALI's decoder reads no GIF: refused from the header, before Triton sees it.
         ([_image("JPEG"), _image("GIF")], {"max_pixels": 10**6}, "InvalidImage", "image 1"),
         ([b"not an image"], {"max_pixels": 10**6}, "InvalidImage", "image 0"),
+        # Padded to the longest: one PNG among small JPEGs makes a batch of 4 x the PNG's length.
+        (
+            [_image("PNG", (300, 200))] + [_image("JPEG")] * 3,
+            {"max_pixels": 10**6, "max_batch_bytes": 3 * len(_image("PNG", (300, 200)))},
+            "PayloadTooLarge",
+            "padded to the longest",
+        ),
     ],
 )
 def test_encoded_images_are_checked_from_their_headers(images, limits, error, words):
