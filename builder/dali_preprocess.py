@@ -19,6 +19,7 @@ No DALI import here: publishing checks and writes files; only tests and `make gp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -77,6 +78,21 @@ def check_destinations(repository: Path, name: str) -> None:
             )
         if not os.access(model_dir, os.W_OK | os.X_OK):
             raise PublishError(f"cannot write to model repository {repository}: {model_dir} is not writable")
+
+
+def local_stack_lacks_dali(repository: Path) -> bool:
+    """Whether `repository` is the one the local stack serves (TRITON_MODEL_REPOSITORY) and the stack's Triton,
+    the nvidia-pytriton wheel's, has no DALI backend: there the DALI model and the ensemble cannot load. As much
+    as is known without asking a server (Triton's API lists no backends)."""
+    from stack.settings import TritonSettings
+
+    if Path(TritonSettings().model_repository).resolve() != repository.resolve():
+        return False
+    wheel = importlib.util.find_spec("pytriton")  # found, not imported: the package's import is slow
+    if wheel is None or not wheel.submodule_search_locations:
+        return False
+    backends = Path(next(iter(wheel.submodule_search_locations))) / "tritonserver" / "backends"
+    return backends.is_dir() and not (backends / "dali").is_dir()
 
 
 def check_applicable(spec: PreprocessSpec, *, pixel_input: bool, batching: bool, canary: bool) -> None:

@@ -444,6 +444,13 @@ def publish(
             for state in before:
                 state.restore()
             raise
+        if dali_preprocess.local_stack_lacks_dali(Path(repository)):
+            log.warning(
+                "the local stack serves %s with a Triton that has no DALI backend: %s and %s will fail to load "
+                "there (the classifier serves on)",
+                repository,
+                *dali_preprocess.model_names(name),
+            )
         return published
 
 

@@ -300,3 +300,14 @@ def test_a_companion_failing_to_write_undoes_the_whole_publish(tmp_path, capsys,
         assert _tree(tmp_path / "repo") == before
     else:
         assert not any((tmp_path / "repo").iterdir())
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_publishing_into_the_local_stacks_repository_warns_that_dali_cannot_load_there(
+    tmp_path, capsys, monkeypatch, caplog, served
+):
+    # The stack's Triton is the nvidia-pytriton wheel's, whose backends hold no DALI.
+    monkeypatch.setenv("TRITON_MODEL_REPOSITORY", str(tmp_path / ("repo" if served else "elsewhere")))
+    assert _publish(tmp_path, capsys, "--preprocess", "gpu") == 0, capsys.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if "no DALI backend" in r.getMessage()]
+    assert len(warned) == served
