@@ -19,7 +19,9 @@ No DALI import here: publishing checks and writes files; only tests and `make gp
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +46,53 @@ PREPROCESS_CHOICES = ("cpu", "gpu")
 def model_names(name: str) -> tuple[str, str]:
     """The preprocessing model's and the ensemble's names for classifier `name`."""
     return f"{name}{PREPROCESS_SUFFIX}", f"{name}{ENSEMBLE_SUFFIX}"
+
+
+def is_companion(model_dir: Path, classifier: str) -> bool:
+    """Whether `model_dir` is what an earlier `--preprocess gpu` publish of `classifier` wrote there: a DALI
+    model, or an ensemble with a step running `classifier`. Anything else is another model, not ours to replace."""
+    try:
+        config = model_config.parse((model_dir / "config.pbtxt").read_text())
+    except (OSError, ValueError):  # text_format.ParseError is a ValueError
+        return False
+    if model_dir.name.endswith(PREPROCESS_SUFFIX):
+        return config.backend == "dali"
+    return config.platform == "ensemble" and any(step.model_name == classifier for step in config.ensemble_steps)
+
+
+def check_destinations(repository: Path, name: str) -> None:
+    """PublishError, before anything is written, where a companion model of `name` cannot be written: another
+    model of that name, a file in the way, or a folder this user cannot write to."""
+    for companion in model_names(name):
+        model_dir = repository / companion
+        if not model_dir.exists():
+            if repository.is_dir() and not os.access(repository, os.W_OK | os.X_OK):
+                raise PublishError(f"cannot write to model repository {repository}: it is not writable")
+            continue
+        if not model_dir.is_dir():
+            raise PublishError(f"--preprocess gpu writes model {companion}, but {model_dir} is a file in the way")
+        if not is_companion(model_dir, name):
+            raise PublishError(
+                f"--preprocess gpu writes model {companion}, but {model_dir} holds another model: "
+                f"publish under another --name or remove it"
+            )
+        if not os.access(model_dir, os.W_OK | os.X_OK):
+            raise PublishError(f"cannot write to model repository {repository}: {model_dir} is not writable")
+
+
+def local_stack_lacks_dali(repository: Path) -> bool:
+    """Whether `repository` is the one the local stack serves (TRITON_MODEL_REPOSITORY) and the stack's Triton,
+    the nvidia-pytriton wheel's, has no DALI backend: there the DALI model and the ensemble cannot load. As much
+    as is known without asking a server (Triton's API lists no backends)."""
+    from stack.settings import TritonSettings
+
+    if Path(TritonSettings().model_repository).resolve() != repository.resolve():
+        return False
+    wheel = importlib.util.find_spec("pytriton")  # found, not imported: the package's import is slow
+    if wheel is None or not wheel.submodule_search_locations:
+        return False
+    backends = Path(next(iter(wheel.submodule_search_locations))) / "tritonserver" / "backends"
+    return backends.is_dir() and not (backends / "dali").is_dir()
 
 
 def check_applicable(spec: PreprocessSpec, *, pixel_input: bool, batching: bool, canary: bool) -> None:

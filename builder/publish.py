@@ -412,6 +412,7 @@ def publish(
         )
         for extra in dali_preprocess.model_names(name):
             _check_name(extra)
+        dali_preprocess.check_destinations(Path(repository), name)
     config, warmup_files, warmup_data = with_warmup(config, model.metadata, spec, settings)
     lineage = {
         "source_onnx": str(Path(onnx_path).resolve()),
@@ -431,10 +432,56 @@ def publish(
         files = {"model.onnx": Path(onnx_path)}
         if settings.target == "cpu":
             files["model.py"] = BACKEND_MODEL
-        published = _publish_files(files, Path(repository), name, config, labels, lineage, settings, warmup_files)
-        if settings.preprocess == "gpu":
+        if settings.preprocess != "gpu":
+            return _publish_files(files, Path(repository), name, config, labels, lineage, settings, warmup_files)
+        # Three models or none: where a companion still fails to write, what this publish wrote is undone.
+        model_dirs = [Path(repository) / n for n in (name, *dali_preprocess.model_names(name))]
+        before = [_ModelFolderState.of(d) for d in model_dirs]
+        try:
+            published = _publish_files(files, Path(repository), name, config, labels, lineage, settings, warmup_files)
             _publish_gpu_preprocessing(Path(repository), config, spec, labels, lineage, settings, Path(tmp))
+        except BaseException:
+            for state in before:
+                state.restore()
+            raise
+        if dali_preprocess.local_stack_lacks_dali(Path(repository)):
+            log.warning(
+                "the local stack serves %s with a Triton that has no DALI backend: %s and %s will fail to load "
+                "there (the classifier serves on)",
+                repository,
+                *dali_preprocess.model_names(name),
+            )
         return published
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelFolderState:
+    """A model folder's versions and config files before a publish, to put back if the publish fails."""
+
+    model_dir: Path
+    existed: bool
+    versions: frozenset[int]
+    texts: Mapping[str, str]
+
+    @classmethod
+    def of(cls, model_dir: Path) -> _ModelFolderState:
+        texts = {}
+        for file_name in ("config.pbtxt", "labels.txt"):
+            if (model_dir / file_name).is_file():
+                texts[file_name] = (model_dir / file_name).read_text()
+        return cls(model_dir, model_dir.exists(), frozenset(versions(model_dir)), texts)
+
+    def restore(self) -> None:
+        if not self.existed:
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+            return
+        for version in set(versions(self.model_dir)) - self.versions:
+            shutil.rmtree(self.model_dir / str(version), ignore_errors=True)
+        for file_name, text in self.texts.items():
+            try:
+                _write_atomic(self.model_dir / file_name, text)
+            except OSError:
+                pass  # nothing more to do: the error that made this publish fail is what is reported
 
 
 def _publish_gpu_preprocessing(

@@ -575,13 +575,22 @@ def prepare_batch(
 
 
 def encoded_batch(
-    images: list[bytes], max_pixels: int, *, max_request_pixels: int | None = None
+    images: list[bytes], max_pixels: int, *, max_request_pixels: int | None = None, max_batch_bytes: int | None = None
 ) -> tuple[np.ndarray, int]:
     """The request to a model that decodes the images itself: N x L uint8, each image's bytes padded with zeros
     to the longest (Triton takes one shape per batch; JPEG, PNG, BMP and WebP decoders stop at their end
     marker or declared size, and the DALI backend's README suggests zero padding). Nothing is decoded here;
     every header is read and checked against the same limits as a decode (413, 400) first. Returns the batch
-    and the images' pixels in all."""
+    and the images' pixels in all.
+
+    `max_batch_bytes`: the most the padded batch may take (images x longest), checked before it is allocated:
+    padding makes one large image and many small ones cost the large one's size each (413)."""
+    longest = max((len(data) for data in images), default=0)
+    if max_batch_bytes is not None and len(images) * longest > max_batch_bytes:
+        raise PayloadTooLarge(
+            f"{len(images)} images padded to the longest ({longest} bytes) make {len(images) * longest} bytes, "
+            f"more than the limit of {max_batch_bytes}: send images of very different sizes in separate requests"
+        )
     sizes = []
     for position, data in enumerate(images):
         try:
@@ -595,7 +604,7 @@ def encoded_batch(
         raise PayloadTooLarge(
             f"the images have {sum(sizes)} pixels in all, more than the limit of {max_request_pixels} per request"
         )
-    batch = np.zeros((len(images), max(len(data) for data in images)), dtype=np.uint8)
+    batch = np.zeros((len(images), longest), dtype=np.uint8)
     for row, data in zip(batch, images):
         row[: len(data)] = np.frombuffer(data, dtype=np.uint8)
     return batch, sum(sizes)

@@ -204,9 +204,18 @@ def _load_failed(version: dict[str, Any]) -> bool:
 
 
 def _failed(model: dict[str, Any]) -> bool:
-    """Triton tried to load the model and could not: no version ready, and each one failed to load."""
+    """Triton tried to load the model and could not: no version ready, and each one failed to load. A model
+    listed with no version at all is one Triton did not load: an ensemble whose step failed to load is left
+    so, the error only in Triton's log (its model_repository_manager.cc, "depends on ... which has no loaded
+    version"); a model loading or retried lists its versions as LOADING."""
     versions = model["versions"]
-    return not model["ready"] and bool(versions) and all(_load_failed(v) for v in versions)
+    return not model["ready"] and all(_load_failed(v) for v in versions)
+
+
+def _not_ready_names(models: list[dict[str, Any]], shown: int = 3) -> str:
+    """The names of the models not ready, the first few: enough to find them on /v1/models."""
+    names = [m["name"] for m in models]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 async def _served_models(triton: ReplicaPool, metrics: GatewayMetrics) -> list[dict[str, Any]]:
@@ -258,14 +267,17 @@ async def readyz(triton: ReplicasDep, settings: SettingsDep, drain: DrainDep, me
         ready = {m["name"] for m in served if m["ready"]}
         missing = [name for name in required if name not in ready]
         if missing:
-            return _not_ready(f"{len(missing)} of {len(required)} required models not ready")
+            return _not_ready(
+                f"{len(missing)} of {len(required)} required models not ready: "
+                + _not_ready_names([{"name": name} for name in missing])
+            )
         return JSONResponse({"status": "ready"})
     wanted = [m for m in served if not _failed(m)]
     if not wanted:
         return _not_ready("no model can be served")
     loading = [m for m in wanted if not m["ready"]]
     if loading:
-        return _not_ready(f"{len(loading)} of {len(wanted)} models not ready")
+        return _not_ready(f"{len(loading)} of {len(wanted)} models not ready: {_not_ready_names(loading)}")
     return JSONResponse({"status": "ready"})
 
 
@@ -412,8 +424,14 @@ async def classify(
             # Triton decodes (`builder publish --preprocess gpu`): only the headers are read here, for the limits;
             # in the thread pool unless they are quick to read (Pillow parses a JPEG's header in Python).
             started = time.perf_counter()
+            # The padded batch may take what one request's body may: past it, one large image among many small
+            # ones would cost memory here and in Triton many times the body limit.
             headers = partial(
-                encoded_batch, images, settings.max_image_pixels, max_request_pixels=settings.max_request_pixels
+                encoded_batch,
+                images,
+                settings.max_image_pixels,
+                max_request_pixels=settings.max_request_pixels,
+                max_batch_bytes=settings.max_body_bytes,
             )
             if quick_to_preprocess(images, settings.inline_preprocess_max_pixels, settings.inline_preprocess_max_bytes):
                 batch, _ = headers()

@@ -151,3 +151,17 @@ def test_versions_that_failed_to_load_are_counted_per_model_from_each_read_of_th
         replicas.index = [{"name": MODEL, "version": "1", "state": "READY", "reason": ""}]
         assert client.get("/readyz").status_code == 200
         assert unavailable(client, MODEL) == 0 and unavailable(client, "other") is None
+
+
+def test_readiness_waits_for_no_model_that_cannot_load_and_names_those_it_waits_for():
+    replicas = IndexedReplicas()
+    ready = {"name": MODEL, "version": "1", "state": "READY", "reason": ""}
+    no_backend = {"name": "m-preprocess", "version": "1", "state": "UNAVAILABLE", "reason": "unable to find 'dali'"}
+    # An ensemble whose step failed to load: Triton lists its name alone, with no version or state.
+    ensemble = {"name": "m-ensemble", "version": "", "state": "", "reason": ""}
+    replicas.index = [ready, no_backend, ensemble]
+    with client_of(gateway_settings(), replicas) as client:
+        assert client.get("/readyz").status_code == 200
+        replicas.index = [ready, no_backend, ensemble, {"name": "m", "version": "1", "state": "LOADING", "reason": ""}]
+        waiting = client.get("/readyz")
+        assert waiting.status_code == 503 and waiting.json()["reason"] == "1 of 2 models not ready: m"

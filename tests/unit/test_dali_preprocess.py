@@ -209,6 +209,13 @@ def test_encoded_images_go_as_their_bytes_padded_to_the_longest():
         # DALI's decoder reads no GIF: refused from the header, before Triton sees it.
         ([_image("JPEG"), _image("GIF")], {"max_pixels": 10**6}, "InvalidImage", "image 1"),
         ([b"not an image"], {"max_pixels": 10**6}, "InvalidImage", "image 0"),
+        # Padded to the longest: one PNG among small JPEGs makes a batch of 4 x the PNG's length.
+        (
+            [_image("PNG", (300, 200))] + [_image("JPEG")] * 3,
+            {"max_pixels": 10**6, "max_batch_bytes": 3 * len(_image("PNG", (300, 200)))},
+            "PayloadTooLarge",
+            "padded to the longest",
+        ),
     ],
 )
 def test_encoded_images_are_checked_from_their_headers(images, limits, error, words):
@@ -237,3 +244,70 @@ def test_only_a_uint8_input_of_any_length_is_taken_for_encoded_images():
     assert (encoded.encoded_input, encoded.pixel_input) == (True, False)
     assert (pixels.encoded_input, pixels.pixel_input) == (False, True)
     assert (floats.encoded_input, floats.pixel_input, floats.input_datatype) == (False, False, "FP32")
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("companion", ["m-preprocess", "m-ensemble"])
+def test_another_model_at_a_companion_name_is_refused_with_nothing_written(tmp_path, capsys, companion):
+    assert _publish(tmp_path, capsys, name=companion) == 0, capsys.readouterr().err
+    before = _tree(tmp_path / "repo")
+    assert _publish(tmp_path, capsys, "--preprocess", "gpu") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert companion in line and "another model" in line
+    assert _tree(tmp_path / "repo") == before
+
+
+def test_a_file_in_the_way_of_a_companion_is_refused_with_nothing_written(tmp_path, capsys):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "m-ensemble").write_text("not a model")
+    assert _publish(tmp_path, capsys, "--preprocess", "gpu") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "m-ensemble" in line and "in the way" in line
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["m-ensemble"]
+
+
+def test_republishing_with_gpu_preprocessing_adds_a_version_to_each_companion(tmp_path, capsys):
+    assert _publish(tmp_path, capsys, "--preprocess", "gpu") == 0, capsys.readouterr().err
+    assert _publish(tmp_path, capsys, "--preprocess", "gpu") == 0, capsys.readouterr().err
+    for model in ("m", "m-preprocess", "m-ensemble"):
+        assert model_config.present_versions(tmp_path / "repo" / model) == [1, 2]
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_a_companion_failing_to_write_undoes_the_whole_publish(tmp_path, capsys, monkeypatch, first):
+    import errno
+
+    from builder import publish
+
+    if first:
+        assert _publish(tmp_path, capsys, "--preprocess", "gpu") == 0, capsys.readouterr().err
+    before = _tree(tmp_path / "repo") if first else None
+    write_version = publish._write_version
+
+    def full_disk_at_the_ensemble(files, repository, name, *args, **kwargs):
+        if name.endswith("-ensemble"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_version(files, repository, name, *args, **kwargs)
+
+    monkeypatch.setattr(publish, "_write_version", full_disk_at_the_ensemble)
+    assert _publish(tmp_path, capsys, "--preprocess", "gpu") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "No space left" in line
+    if first:
+        assert _tree(tmp_path / "repo") == before
+    else:
+        assert not any((tmp_path / "repo").iterdir())
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_publishing_into_the_local_stacks_repository_warns_that_dali_cannot_load_there(
+    tmp_path, capsys, monkeypatch, caplog, served
+):
+    # The stack's Triton is the nvidia-pytriton wheel's, whose backends hold no DALI.
+    monkeypatch.setenv("TRITON_MODEL_REPOSITORY", str(tmp_path / ("repo" if served else "elsewhere")))
+    assert _publish(tmp_path, capsys, "--preprocess", "gpu") == 0, capsys.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if "no DALI backend" in r.getMessage()]
+    assert len(warned) == served
