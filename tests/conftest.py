@@ -27,9 +27,12 @@ def pytest_collection_modifyitems(config, items):
     # stack stay together, one after another in one of them: they start Triton servers, whose Python
     # backends' scratch folders are told apart by when they appear, and they mostly wait on those servers,
     # while the other process trains and checks models on the cores they leave idle.
-    for item in items:
-        if Path(str(item.path)).is_relative_to(FUNCTIONAL):
-            item.add_marker(pytest.mark.xdist_group("servers"))
+    # They go first: the longest share of the suite, started at once in one process while the other process
+    # takes everything else.
+    functional = [item for item in items if Path(str(item.path)).is_relative_to(FUNCTIONAL)]
+    for item in functional:
+        item.add_marker(pytest.mark.xdist_group("servers"))
+    items[:] = functional + [item for item in items if not Path(str(item.path)).is_relative_to(FUNCTIONAL)]
 
 
 @pytest.fixture(scope="session")
