@@ -22,14 +22,17 @@ from typing import Any
 
 from server.preprocess import PARAMETER_PREFIX as PREPROCESS_PREFIX
 from server.rollout import (
+    CANARY,
     DEFAULT_SHADOW_PERCENT,
     MAX_HEADER_NAME,
     REFERENCE_MODEL,
     REFERENCE_PERCENT,
+    STABLE,
     Guard,
     Reference,
     Rollout,
     new_rollout_id,
+    version_of,
 )
 
 from . import model_config
@@ -179,10 +182,15 @@ def set_reference(repository: Path, name: str, reference: str, percent: float | 
 
 def _finish(repository: Path, name: str, promote: bool) -> int:
     model_dir, config, present = _model_dir(repository, name)
-    rollout = model_config.rollout_of(config)
-    if rollout is None:
+    if STABLE not in config.parameters and CANARY not in config.parameters:
         raise RolloutError(f"model {name!r} has no rollout under way")
-    keep = rollout.canary if promote else rollout.stable
+    # Only the version kept is read: a hand-edited guard rail or shadow share the gateway cannot follow
+    # must not stand in the way of the one command that removes them.
+    key = CANARY if promote else STABLE
+    keep = version_of(config.parameters, key)
+    if keep is None:
+        value = config.parameters.get(key, "")
+        raise RolloutError(f"model {name!r}: {key} {value!r} is not a version; edit config.pbtxt")
     # Served alone, a version without its folder would leave the model with nothing to load.
     _check_present(name, (keep,), present, repository)
     model_config.write_config(model_dir, model_config.serving_only(config, keep))
