@@ -38,6 +38,7 @@ log = logging.getLogger("server.shadow")
 
 # Failures of the version itself, which the other version may not share; a refusal of the client's input
 # (BadRequest) or a version gone from Triton (handled by re-routing in server/routes.py) are not among them.
+# TritonUnavailable counts only where the stable version then answers (see CanaryWatch.infer).
 CANARY_FAILURES = (TritonFailed, TritonTimeout, TritonUnavailable, TooManyRequests)
 # Outcomes kept per version: this many times the guard's minimum number of requests.
 WINDOW_FACTOR = 4
@@ -224,13 +225,20 @@ class CanaryWatch:
         started = loop.time()
         try:
             inference = await triton.infer(info, batch, version, slot)
-        except CANARY_FAILURES:
+        except CANARY_FAILURES as error:
             rollout = info.rollout
             if rollout is None or version != str(rollout.canary):
                 raise
-            self.record(info, version, loop.time() - started, failed=True)
+            seconds = loop.time() - started
             self.metrics.canary_retries.labels(info.name, version).inc()
-            return await triton.infer(info, batch, str(rollout.stable), slot)
+            if not isinstance(error, TritonUnavailable):
+                self.record(info, version, seconds, failed=True)
+                return await triton.infer(info, batch, str(rollout.stable), slot)
+            # Unreachable or not ready: the canary's own failure only if the stable version answers the same
+            # request; a Triton outage fails both, raises here and halts nothing.
+            inference = await triton.infer(info, batch, str(rollout.stable), slot)
+            self.record(info, version, seconds, failed=True)
+            return inference
         self.record(info, inference.version, loop.time() - started, failed=False)
         return inference
 
