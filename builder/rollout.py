@@ -161,8 +161,27 @@ def _guard(current: Guard | None, changes: dict[str, float] | None) -> Guard:
         raise RolloutError(f"guard rail: {e}") from None
 
 
-def set_reference(repository: Path, name: str, reference: str, percent: float | None = None) -> Reference | None:
-    """Compare `name`'s answers with model `reference` on `percent` of classify requests ("": no more)."""
+def _check_reference(model_dir: Path, config: ModelConfig, reference: str) -> None:
+    """The reference must be in the repository and take what the model takes: the gateway sends it the same
+    preprocessed tensor and compares class by class."""
+    reference_dir = model_dir.parent / reference
+    if not (reference_dir / "config.pbtxt").is_file():
+        raise RolloutError(f"--reference {reference!r} is not a model in repository {model_dir.parent}")
+    other = model_config.read_config(reference_dir)
+    inputs = [(t.data_type, t.dims) for t in config.inputs]
+    if _interface(dict(other.parameters)) != _interface(dict(config.parameters)):
+        raise RolloutError(f"--reference {reference!r} has other preprocessing or labels than {model_dir.name!r}")
+    if [(t.data_type, t.dims) for t in other.inputs] != inputs:
+        raise RolloutError(f"--reference {reference!r} takes another input than {model_dir.name!r}")
+
+
+def set_reference(
+    repository: Path, name: str, reference: str, percent: float | None = None, must_fit: bool = False
+) -> Reference | None:
+    """Compare `name`'s answers with model `reference` on `percent` of classify requests ("": no more).
+    `must_fit` (`builder rollout --reference`): refuse a reference missing from the repository or taking other
+    inputs. A build publishes its own reference just before naming it, and the gateway skips one that does
+    not fit, so the build does not ask."""
     model_dir, config, _ = _model_dir(repository, name)
     parameters = {k: v for k, v in config.parameters.items() if k not in (REFERENCE_MODEL, REFERENCE_PERCENT)}
     chosen = None
@@ -175,6 +194,8 @@ def set_reference(repository: Path, name: str, reference: str, percent: float | 
             chosen = Reference(reference) if percent is None else Reference(reference, percent)
         except ValueError as e:
             raise RolloutError(str(e)) from None
+        if must_fit:
+            _check_reference(model_dir, config, reference)
         parameters.update(chosen.to_parameters())
     model_config.write_config(model_dir, dataclasses.replace(config, parameters=parameters))
     return chosen

@@ -389,8 +389,32 @@ def test_a_rollout_written_before_guard_rails_has_none_and_no_shadow_share() -> 
     assert old is not None and old.guard is None and old.shadow_percent == 0 and old.id == ""
 
 
+def _reference(repository: Path, name: str = "digits-fp32", **overrides) -> None:
+    (repository / name).mkdir()
+    config = dataclasses.replace(_config(), name=name, **overrides)
+    (repository / name / "config.pbtxt").write_text(model_config.render(config))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (None, "is not a model in repository"),
+        ({"parameters": {**SPEC.to_parameters(), "labels": json.dumps(["b", "a"])}}, "other preprocessing"),
+        ({"inputs": (model_config.TensorSpec("input", (1, 8, 8)),)}, "another input"),
+    ],
+)
+def test_a_reference_missing_or_taking_other_inputs_is_refused(tmp_path, capsys, overrides, message) -> None:
+    repository = _repository(tmp_path, versions=2)
+    if overrides is not None:
+        _reference(repository, **overrides)
+    before = (repository / MODEL / "config.pbtxt").read_bytes()
+    assert message in _refused(capsys, MODEL, "--reference", "digits-fp32", "--repository", str(repository))
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+
+
 def test_the_reference_model_is_set_and_removed_in_the_config(tmp_path, capsys) -> None:
     repository = _repository(tmp_path, versions=2)
+    _reference(repository)
     argv = ["rollout", MODEL, "--repository", str(repository)]
     assert main([*argv, "--reference", "digits-fp32", "--reference-percent", "25"]) == 0
     assert json.loads(capsys.readouterr().out)["reference"] == {"model": "digits-fp32", "percent": 25.0}
