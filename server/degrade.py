@@ -11,6 +11,7 @@ here), so a request is preprocessed once, whichever model answers it.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ class Degrade:
             to=parameters[TO].strip(),
             in_flight=in_flight,
             to_in_flight=int(parameters.get(TO_IN_FLIGHT, str(in_flight))),
-            accuracy_cost=float(cost) if cost else None,
+            # Informational: a value that is no number (nan, inf) is as good as none, and JSON has no NaN.
+            accuracy_cost=float(cost) if cost and math.isfinite(float(cost)) else None,
         )
 
     def to_parameters(self) -> dict[str, str]:
