@@ -28,6 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .degrade import named_models
 from .errors import GatewayError, TooManyRequests, TritonFailed, TritonTimeout, TritonUnavailable
 from .metrics import GatewayMetrics
 from .rollout import Guard, Rollout
@@ -141,7 +142,6 @@ class CanaryWatch:
         self.metrics, self.concurrency, self.draw = metrics, concurrency, draw
         self.watched: dict[str, Watched] = {}
         self.running: set[asyncio.Task] = set()
-        self._mismatch_told: set[tuple[str, str]] = set()
 
     # Routing and the guard rails.
 
@@ -296,17 +296,21 @@ class CanaryWatch:
     async def _against_reference(self, triton: Inferring, info: ModelInfo, tensor: np.ndarray, served: Inference):
         assert info.reference is not None
         name = info.reference.model
+        models = named_models(triton)
         try:
-            reference = await triton.model_info(name)
+            reference = await models.info(triton, name)
+        except GatewayError as e:
+            models.warn_once(log, info.name, name, f"reference model {name!r}: {e}: not compared with it")
+            self.metrics.shadow_skipped.labels(info.name, "error").inc()
+            return
+        try:
             if reference.spec != info.spec or reference.input_datatype != info.input_datatype:
-                if (info.name, name) not in self._mismatch_told:
-                    self._mismatch_told.add((info.name, name))
-                    log.warning(
-                        "model %r: reference model %r takes other inputs (preprocessing or datatype): "
-                        "not compared with it",
-                        info.name,
-                        name,
-                    )
+                models.warn_once(
+                    log,
+                    info.name,
+                    name,
+                    f"reference model {name!r} takes other inputs (preprocessing or datatype): not compared with it",
+                )
                 self.metrics.shadow_skipped.labels(info.name, "reference_mismatch").inc()
                 return
             answer = await triton.infer(reference, tensor)
