@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -308,6 +309,8 @@ def status(repository: Path, name: str, gateway_url: str, api_key: str | None = 
     """The rollout's state, and per version what one gateway has seen since it started."""
     import httpx
 
+    # httpx logs every request at INFO, which the CLI's logging would print before the JSON.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     report = state(repository, name)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = gateway_url.rstrip("/") + "/metrics"

@@ -330,6 +330,17 @@ def test_status_without_a_gateway_is_one_line_and_exit_2(tmp_path, capsys) -> No
     assert "cannot read the gateway's metrics" in _refused(capsys, MODEL, *argv)
 
 
+def test_status_logs_no_http_request_line_before_its_json(tmp_path, caplog, monkeypatch) -> None:
+    import httpx
+
+    repository = _repository(tmp_path, versions=2)
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=""))
+    monkeypatch.setattr(httpx, "get", lambda url, **kwargs: httpx.Client(transport=transport).get(url, **kwargs))
+    with caplog.at_level(logging.INFO):
+        assert rollout.status(repository, MODEL, "http://127.0.0.1:9")["versions"] == {}
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("httpx")] == []
+
+
 def _rollout_edited(repository: Path, **parameters: str) -> bytes:
     """The rollout's parameters in config.pbtxt changed by hand; returns the file's bytes."""
     config = _served(repository)
