@@ -232,7 +232,12 @@ def abort(repository: Path, name: str) -> int:
 def state(repository: Path, name: str) -> dict[str, Any]:
     """What the repository says: the versions served and the rollout, if one is under way."""
     _, config, present = _model_dir(repository, name)
-    rollout = model_config.rollout_of(config)
+    unreadable = None
+    try:
+        rollout = model_config.rollout_of(config)
+    except RolloutError as e:
+        # Shown, not refused: --status is how one finds out, --abort or --promote how one gets out.
+        rollout, unreadable = None, f"{e}; --abort or --promote ends it"
     try:
         reference = Reference.from_parameters(config.parameters)
     except ValueError:
@@ -242,6 +247,7 @@ def state(repository: Path, name: str) -> dict[str, Any]:
         "served": model_config.served_versions(config, present),
         "rollout": dataclasses.asdict(rollout) if rollout else None,
         "reference": dataclasses.asdict(reference) if reference else None,
+        **({"rollout_unreadable": unreadable} if unreadable else {}),
     }
 
 

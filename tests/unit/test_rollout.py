@@ -123,6 +123,8 @@ def test_a_rollout_with_unreadable_rails_is_still_aborted_and_promoted(tmp_path,
     config = _served(repository)
     broken = {**config.parameters, "rollout.max_error_rate": "nan", "rollout.shadow_percent": "lots"}
     model_config.write_config(repository / MODEL, dataclasses.replace(config, parameters=broken))
+    shown = rollout.state(repository, MODEL)
+    assert shown["rollout"] is None and "cannot be read" in shown["rollout_unreadable"]
     assert main(["rollout", MODEL, command, "--repository", str(repository)]) == 0
     served = _served(repository)
     assert served.specific_versions == (kept,)
