@@ -172,7 +172,7 @@ def _rollout(args: argparse.Namespace) -> None:
         )
         print(json.dumps({"model": args.name, "rollout": dataclasses.asdict(started)}))
     elif args.reference is not None:
-        chosen = rollout.set_reference(repository, args.name, args.reference, args.reference_percent)
+        chosen = rollout.set_reference(repository, args.name, args.reference, args.reference_percent, must_fit=True)
         print(json.dumps({"model": args.name, "reference": dataclasses.asdict(chosen) if chosen else None}))
     elif args.promote or args.abort:
         kept = rollout.promote(repository, args.name) if args.promote else rollout.abort(repository, args.name)

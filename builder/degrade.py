@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from .errors import BuilderError, DegradeError
 from .model_config import ModelConfig
 
 LABELS_PARAMETER = "labels"
+# A model name as publish accepts it (and the gateway's routes): never a path out of the repository.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _read(repository: Path, name: str) -> tuple[Path, ModelConfig]:
@@ -62,6 +65,8 @@ def enable(repository: Path, name: str, to: str, in_flight: int, to_in_flight: i
     unless `to` has `to_in_flight` (default: `in_flight`) in flight itself; then 429."""
     if in_flight < 1 or (to_in_flight is not None and to_in_flight < 1):
         raise DegradeError("in-flight thresholds are at least 1")
+    if not MODEL_NAME.fullmatch(to):
+        raise DegradeError(f"--to {to!r} is not a model name")
     if to == name:
         raise DegradeError(f"model {name!r} cannot degrade to itself")
     model_dir, config = _read(repository, name)
@@ -87,8 +92,11 @@ def with_degrade(config: ModelConfig, degrade: Degrade | None) -> ModelConfig:
 def disable(repository: Path, name: str) -> Degrade | None:
     """The model answers every request itself again; returns the setting it had, if any."""
     model_dir, config = _read(repository, name)
-    current = setting(config)
-    if current is not None:
+    try:
+        current = setting(config)
+    except DegradeError:
+        current = None  # unreadable (edited by hand): cleared all the same
+    if any(k.startswith(PARAMETER_PREFIX) for k in config.parameters):
         model_config.write_config(model_dir, with_degrade(config, None))
     return current
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -22,14 +23,17 @@ from typing import Any
 
 from server.preprocess import PARAMETER_PREFIX as PREPROCESS_PREFIX
 from server.rollout import (
+    CANARY,
     DEFAULT_SHADOW_PERCENT,
     MAX_HEADER_NAME,
     REFERENCE_MODEL,
     REFERENCE_PERCENT,
+    STABLE,
     Guard,
     Reference,
     Rollout,
     new_rollout_id,
+    version_of,
 )
 
 from . import model_config
@@ -158,8 +162,27 @@ def _guard(current: Guard | None, changes: dict[str, float] | None) -> Guard:
         raise RolloutError(f"guard rail: {e}") from None
 
 
-def set_reference(repository: Path, name: str, reference: str, percent: float | None = None) -> Reference | None:
-    """Compare `name`'s answers with model `reference` on `percent` of classify requests ("": no more)."""
+def _check_reference(model_dir: Path, config: ModelConfig, reference: str) -> None:
+    """The reference must be in the repository and take what the model takes: the gateway sends it the same
+    preprocessed tensor and compares class by class."""
+    reference_dir = model_dir.parent / reference
+    if not (reference_dir / "config.pbtxt").is_file():
+        raise RolloutError(f"--reference {reference!r} is not a model in repository {model_dir.parent}")
+    other = model_config.read_config(reference_dir)
+    inputs = [(t.data_type, t.dims) for t in config.inputs]
+    if _interface(dict(other.parameters)) != _interface(dict(config.parameters)):
+        raise RolloutError(f"--reference {reference!r} has other preprocessing or labels than {model_dir.name!r}")
+    if [(t.data_type, t.dims) for t in other.inputs] != inputs:
+        raise RolloutError(f"--reference {reference!r} takes another input than {model_dir.name!r}")
+
+
+def set_reference(
+    repository: Path, name: str, reference: str, percent: float | None = None, must_fit: bool = False
+) -> Reference | None:
+    """Compare `name`'s answers with model `reference` on `percent` of classify requests ("": no more).
+    `must_fit` (`builder rollout --reference`): refuse a reference missing from the repository or taking other
+    inputs. A build publishes its own reference just before naming it, and the gateway skips one that does
+    not fit, so the build does not ask."""
     model_dir, config, _ = _model_dir(repository, name)
     parameters = {k: v for k, v in config.parameters.items() if k not in (REFERENCE_MODEL, REFERENCE_PERCENT)}
     chosen = None
@@ -172,6 +195,8 @@ def set_reference(repository: Path, name: str, reference: str, percent: float | 
             chosen = Reference(reference) if percent is None else Reference(reference, percent)
         except ValueError as e:
             raise RolloutError(str(e)) from None
+        if must_fit:
+            _check_reference(model_dir, config, reference)
         parameters.update(chosen.to_parameters())
     model_config.write_config(model_dir, dataclasses.replace(config, parameters=parameters))
     return chosen
@@ -179,10 +204,15 @@ def set_reference(repository: Path, name: str, reference: str, percent: float | 
 
 def _finish(repository: Path, name: str, promote: bool) -> int:
     model_dir, config, present = _model_dir(repository, name)
-    rollout = model_config.rollout_of(config)
-    if rollout is None:
+    if STABLE not in config.parameters and CANARY not in config.parameters:
         raise RolloutError(f"model {name!r} has no rollout under way")
-    keep = rollout.canary if promote else rollout.stable
+    # Only the version kept is read: a hand-edited guard rail or shadow share the gateway cannot follow
+    # must not stand in the way of the one command that removes them.
+    key = CANARY if promote else STABLE
+    keep = version_of(config.parameters, key)
+    if keep is None:
+        value = config.parameters.get(key, "")
+        raise RolloutError(f"model {name!r}: {key} {value!r} is not a version; edit config.pbtxt")
     # Served alone, a version without its folder would leave the model with nothing to load.
     _check_present(name, (keep,), present, repository)
     model_config.write_config(model_dir, model_config.serving_only(config, keep))
@@ -202,7 +232,12 @@ def abort(repository: Path, name: str) -> int:
 def state(repository: Path, name: str) -> dict[str, Any]:
     """What the repository says: the versions served and the rollout, if one is under way."""
     _, config, present = _model_dir(repository, name)
-    rollout = model_config.rollout_of(config)
+    unreadable = None
+    try:
+        rollout = model_config.rollout_of(config)
+    except RolloutError as e:
+        # Shown, not refused: --status is how one finds out, --abort or --promote how one gets out.
+        rollout, unreadable = None, f"{e}; --abort or --promote ends it"
     try:
         reference = Reference.from_parameters(config.parameters)
     except ValueError:
@@ -212,6 +247,7 @@ def state(repository: Path, name: str) -> dict[str, Any]:
         "served": model_config.served_versions(config, present),
         "rollout": dataclasses.asdict(rollout) if rollout else None,
         "reference": dataclasses.asdict(reference) if reference else None,
+        **({"rollout_unreadable": unreadable} if unreadable else {}),
     }
 
 
@@ -279,6 +315,8 @@ def status(repository: Path, name: str, gateway_url: str, api_key: str | None = 
     """The rollout's state, and per version what one gateway has seen since it started."""
     import httpx
 
+    # httpx logs every request at INFO, which the CLI's logging would print before the JSON.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     report = state(repository, name)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = gateway_url.rstrip("/") + "/metrics"

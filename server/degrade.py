@@ -11,6 +11,9 @@ here), so a request is preprocessed once, whichever model answers it.
 from __future__ import annotations
 
 import logging
+import math
+import time
+import weakref
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +28,9 @@ if TYPE_CHECKING:  # imported for their types only: server.triton and server.dep
     from .triton import ModelInfo
 
 log = logging.getLogger(__name__)
+
+# The gateway's default config lifetime (GATEWAY_MODEL_INFO_TTL_S), for a pool that does not say its own.
+DEFAULT_INFO_TTL_S = 5.0
 
 PARAMETER_PREFIX = "degrade."
 TO = "degrade.to"
@@ -62,7 +68,8 @@ class Degrade:
             to=parameters[TO].strip(),
             in_flight=in_flight,
             to_in_flight=int(parameters.get(TO_IN_FLIGHT, str(in_flight))),
-            accuracy_cost=float(cost) if cost else None,
+            # Informational: a value that is no number (nan, inf) is as good as none, and JSON has no NaN.
+            accuracy_cost=float(cost) if cost and math.isfinite(float(cost)) else None,
         )
 
     def to_parameters(self) -> dict[str, str]:
@@ -146,16 +153,57 @@ async def answering_model(
     return info
 
 
+class NamedModels:
+    """Configs of the models a model names beside itself (its degrade target, its reference model), for one
+    ReplicaPool. A lookup that failed is not repeated for the pool's config lifetime (`info_ttl_s`): a missing
+    model would otherwise cost a call to Triton on every request. Each (model, other model, problem) is
+    logged once per process."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.failed: dict[str, tuple[float, GatewayError]] = {}
+        self.told: set[tuple[str, str, str]] = set()
+
+    async def info(self, triton: Any, name: str) -> ModelInfo:
+        failed = self.failed.get(name)
+        if failed is not None and time.monotonic() - failed[0] < self.ttl_s:
+            raise failed[1]
+        try:
+            info = await triton.model_info(name)
+        except GatewayError as e:
+            self.failed[name] = (time.monotonic(), e)
+            raise
+        self.failed.pop(name, None)
+        return info
+
+    def warn_once(self, logger: logging.Logger, model: str, other: str, problem: str) -> None:
+        if (model, other, problem) not in self.told:
+            self.told.add((model, other, problem))
+            logger.warning("model %r: %s", model, problem)
+
+
+# One per ReplicaPool (a gateway worker has one; in-process tests make many).
+_named_models: weakref.WeakKeyDictionary[Any, NamedModels] = weakref.WeakKeyDictionary()
+
+
+def named_models(triton: Any) -> NamedModels:
+    found = _named_models.get(triton)
+    if found is None:
+        found = _named_models[triton] = NamedModels(getattr(triton, "info_ttl_s", DEFAULT_INFO_TTL_S))
+    return found
+
+
 async def _fast_model(triton: ReplicaPool, info: ModelInfo, name: str) -> ModelInfo | None:
     """The faster model's config, where it can take this model's batches; None (the model answers on its
     own) where it is not served or has been republished with another interface since the setting."""
+    models = named_models(triton)
     try:
-        fast = await triton.model_info(name)
+        fast = await models.info(triton, name)
     except GatewayError as e:
-        log.warning("model %r: cannot degrade to %r: %s", info.name, name, e)
+        models.warn_once(log, info.name, name, f"cannot degrade to {name!r}: {e}")
         return None
     if not compatible(info, fast):
-        log.warning("model %r: cannot degrade to %r: its preprocessing, labels or input differ", info.name, name)
+        models.warn_once(log, info.name, name, f"cannot degrade to {name!r}: its preprocessing, labels or input differ")
         return None
     return fast
 

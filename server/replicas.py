@@ -74,6 +74,7 @@ class ReplicaPool:
             tracer=tracer,
         )
         self.probe_interval_s = probe_interval_s
+        self.info_ttl_s = info_ttl_s  # server/degrade.py keeps a failed lookup as long
         endpoints, self.dns_name = parse_endpoints(spec)
         self.replicas: dict[str, Replica] = {}
         for url in endpoints:

@@ -90,6 +90,16 @@ GUARD_PARAMETERS = {
 }
 
 
+def version_of(parameters: Mapping[str, str], key: str) -> int | None:
+    """The version `key` (STABLE, CANARY) names, where it reads as one; else None. A rollout whose other
+    values are unreadable still says which version to fall back on (the gateway) or to keep (`builder`)."""
+    try:
+        version = int(parameters.get(key, ""))
+    except ValueError:
+        return None
+    return version if 1 <= version <= MAX_VERSION else None
+
+
 def new_rollout_id() -> str:
     return uuid.uuid4().hex[:12]
 

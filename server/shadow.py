@@ -28,6 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .degrade import named_models
 from .errors import GatewayError, TooManyRequests, TritonFailed, TritonTimeout, TritonUnavailable
 from .metrics import GatewayMetrics
 from .rollout import Guard, Rollout
@@ -38,6 +39,7 @@ log = logging.getLogger("server.shadow")
 
 # Failures of the version itself, which the other version may not share; a refusal of the client's input
 # (BadRequest) or a version gone from Triton (handled by re-routing in server/routes.py) are not among them.
+# TritonUnavailable counts only where the stable version then answers (see CanaryWatch.infer).
 CANARY_FAILURES = (TritonFailed, TritonTimeout, TritonUnavailable, TooManyRequests)
 # Outcomes kept per version: this many times the guard's minimum number of requests.
 WINDOW_FACTOR = 4
@@ -140,7 +142,6 @@ class CanaryWatch:
         self.metrics, self.concurrency, self.draw = metrics, concurrency, draw
         self.watched: dict[str, Watched] = {}
         self.running: set[asyncio.Task] = set()
-        self._mismatch_told: set[tuple[str, str]] = set()
 
     # Routing and the guard rails.
 
@@ -224,13 +225,20 @@ class CanaryWatch:
         started = loop.time()
         try:
             inference = await triton.infer(info, batch, version, slot)
-        except CANARY_FAILURES:
+        except CANARY_FAILURES as error:
             rollout = info.rollout
             if rollout is None or version != str(rollout.canary):
                 raise
-            self.record(info, version, loop.time() - started, failed=True)
+            seconds = loop.time() - started
             self.metrics.canary_retries.labels(info.name, version).inc()
-            return await triton.infer(info, batch, str(rollout.stable), slot)
+            if not isinstance(error, TritonUnavailable):
+                self.record(info, version, seconds, failed=True)
+                return await triton.infer(info, batch, str(rollout.stable), slot)
+            # Unreachable or not ready: the canary's own failure only if the stable version answers the same
+            # request; a Triton outage fails both, raises here and halts nothing.
+            inference = await triton.infer(info, batch, str(rollout.stable), slot)
+            self.record(info, version, seconds, failed=True)
+            return inference
         self.record(info, inference.version, loop.time() - started, failed=False)
         return inference
 
@@ -288,17 +296,21 @@ class CanaryWatch:
     async def _against_reference(self, triton: Inferring, info: ModelInfo, tensor: np.ndarray, served: Inference):
         assert info.reference is not None
         name = info.reference.model
+        models = named_models(triton)
         try:
-            reference = await triton.model_info(name)
+            reference = await models.info(triton, name)
+        except GatewayError as e:
+            models.warn_once(log, info.name, name, f"reference model {name!r}: {e}: not compared with it")
+            self.metrics.shadow_skipped.labels(info.name, "error").inc()
+            return
+        try:
             if reference.spec != info.spec or reference.input_datatype != info.input_datatype:
-                if (info.name, name) not in self._mismatch_told:
-                    self._mismatch_told.add((info.name, name))
-                    log.warning(
-                        "model %r: reference model %r takes other inputs (preprocessing or datatype): "
-                        "not compared with it",
-                        info.name,
-                        name,
-                    )
+                models.warn_once(
+                    log,
+                    info.name,
+                    name,
+                    f"reference model {name!r} takes other inputs (preprocessing or datatype): not compared with it",
+                )
                 self.metrics.shadow_skipped.labels(info.name, "reference_mismatch").inc()
                 return
             answer = await triton.infer(reference, tensor)

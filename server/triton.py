@@ -32,7 +32,8 @@ from .errors import (
     TritonUnavailable,
 )
 from .preprocess import ENCODED_INPUT_DIMS, PIXEL_DATATYPE, PreprocessSpec, allows_reduced_scale
-from .rollout import Reference, Rollout
+from .rollout import PARAMETER_PREFIX as ROLLOUT_PREFIX
+from .rollout import STABLE, Reference, Rollout, version_of
 from .shared_memory import REGION_PREFIX, InputRegion, Slot, region_exists
 from .tracing import client_span, with_trace_context
 
@@ -145,6 +146,7 @@ def _takes_encoded_images(tensor: dict) -> bool:
 def model_info_from_config(name: str, config: dict) -> ModelInfo:
     """A model's config, as Triton's model-config API returns it in JSON, -> what serving it needs."""
     parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+    rollout, fallback = _rollout(name, parameters)
     try:
         encoded = _takes_encoded_images(config["input"][0])
         return ModelInfo(
@@ -158,27 +160,39 @@ def model_info_from_config(name: str, config: dict) -> ModelInfo:
             encoded_input=encoded,
             response_cache=bool(config.get("response_cache", {}).get("enable", False)),
             fixed_batch=_fixed_batch(config),
-            rollout=_rollout(name, parameters),
+            rollout=rollout,
             reference=_reference(name, parameters),
             degrade=parse_degrade(name, parameters),
             reduced_scale_decode=allows_reduced_scale(parameters),
             # Protobuf's JSON writes int64 as strings.
-            specific_versions=tuple(
-                int(v) for v in config.get("version_policy", {}).get("specific", {}).get("versions", [])
-            ),
+            # An unreadable rollout's stable version stands for the policy (server/shadow.py routes to it).
+            specific_versions=(fallback,)
+            if fallback
+            else tuple(int(v) for v in config.get("version_policy", {}).get("specific", {}).get("versions", [])),
         )
     except (KeyError, ValueError, IndexError) as e:
         raise TritonFailed(f"model {name!r} has no usable preprocessing spec in its config: {e}") from e
 
 
-def _rollout(name: str, parameters: dict[str, str]) -> Rollout | None:
+# (model, its rollout parameters) already logged as unreadable: a config is read again every TTL.
+_unreadable_rollouts: set[tuple[str, frozenset[tuple[str, str]]]] = set()
+
+
+def _rollout(name: str, parameters: dict[str, str]) -> tuple[Rollout | None, int | None]:
+    """The rollout, and the version to serve alone where it cannot be read but names its stable version."""
     try:
-        return Rollout.from_parameters(parameters)
+        return Rollout.from_parameters(parameters), None
     except (KeyError, ValueError) as e:
-        # A hand-edited rollout the gateway cannot follow: Triton's own choice (its newest loaded version)
-        # keeps the model serving.
-        log.warning("model %r: ignoring its rollout parameters: %s", name, e)
-        return None
+        # A hand-edited rollout the gateway cannot follow: its stable version serves everything (the newest
+        # version, the canary, would otherwise get every request with no guard rail); without one, Triton's
+        # own choice (its newest loaded version) keeps the model serving.
+        stable = version_of(parameters, STABLE)
+        key = (name, frozenset((k, v) for k, v in parameters.items() if k.startswith(ROLLOUT_PREFIX)))
+        if key not in _unreadable_rollouts:
+            _unreadable_rollouts.add(key)
+            then = f"version {stable} serves every request" if stable else "Triton chooses the version"
+            log.warning("model %r: ignoring its rollout parameters (%s): %s", name, e, then)
+        return None, stable
 
 
 def _reference(name: str, parameters: dict[str, str]) -> Reference | None:

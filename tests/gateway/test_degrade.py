@@ -88,3 +88,29 @@ def test_a_faster_model_with_other_labels_is_not_used():
         answer = client.post(CLASSIFY, content=png(), headers=PNG)
     assert answer.status_code == 200 and "degraded" not in answer.json()
     assert replicas.ran == [SLOW]
+
+
+class MissingTarget(TwoModels):
+    """FAST is not in the repository; counts how often its config is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.infos[FAST]
+        self.asked: list[str] = []
+
+    async def model_info(self, name: str) -> ModelInfo:
+        self.asked.append(name)
+        return await super().model_info(name)
+
+
+def test_a_missing_faster_model_is_logged_once_and_not_asked_for_on_every_request(caplog):
+    replicas = MissingTarget()
+    with caplog.at_level(logging.WARNING, logger="server"), client_of(gateway_settings(), replicas) as client:
+        for _ in range(5):
+            _counts(client)[SLOW] = 1
+            assert client.post(CLASSIFY, content=png(), headers=PNG).status_code == 200
+    assert replicas.ran == [SLOW] * 5
+    assert replicas.asked.count(FAST) == 1  # within the config lifetime, the failed lookup is kept
+    assert [r.getMessage() for r in caplog.records if "cannot degrade" in r.getMessage()] == [
+        f"model {SLOW!r}: cannot degrade to {FAST!r}: model {FAST!r} is not served"
+    ]

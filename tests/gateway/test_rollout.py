@@ -154,3 +154,20 @@ def test_what_a_failing_canary_gets_the_stable_version_answers_until_the_canary_
     assert set(versions) == {"1"}
     # Five failures (min_requests) halt it: no request is sent to it after them.
     assert replicas.asked.count("2") == 5 and retried == 5 and halted == 1
+
+
+class TritonDownReplicas(RolloutReplicas):
+    """Triton is unreachable: every version fails alike."""
+
+    async def infer(self, info: ModelInfo, batch: np.ndarray, version: str = "", slot=None) -> Inference:
+        self.asked.append(version)
+        raise TritonUnavailable("Triton is unreachable", retry_after_s=1)
+
+
+def test_a_triton_outage_is_not_counted_against_the_canary() -> None:
+    replicas = TritonDownReplicas(Rollout(1, 2, 100, guard=Guard(min_requests=5), id="r1"))
+    with client_of(gateway_settings(), replicas) as client:
+        statuses = {client.post(CLASSIFY, content=png(), headers=PNG).status_code for _ in range(10)}
+        watch = client.app.state.canary_watch
+        assert watch.halted(MODEL) is None and not any(watch.watched[MODEL].windows.canary_errors)
+    assert statuses == {503} and replicas.asked.count("2") == 10

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -157,6 +158,7 @@ def _refused(capsys, *argv: str) -> str:
         (["elsewhere", "--to", FAST, "--in-flight", "2"], SPEC, ("a", "b"), "not in repository"),
         ([SLOW, "--to", "elsewhere", "--in-flight", "2"], SPEC, ("a", "b"), "not in repository"),
         ([SLOW, "--to", SLOW, "--in-flight", "2"], SPEC, ("a", "b"), "itself"),
+        ([SLOW, "--to", f"../repo/{FAST}", "--in-flight", "2"], SPEC, ("a", "b"), "not a model name"),
         ([SLOW, "--to", FAST, "--in-flight", "0"], SPEC, ("a", "b"), "must be"),
         ([SLOW, "--to", FAST, "--in-flight", "-3"], SPEC, ("a", "b"), "must be"),
         ([SLOW, "--to", FAST, "--in-flight", "2", "--to-in-flight", "0"], SPEC, ("a", "b"), "must be"),
@@ -179,6 +181,21 @@ def test_bad_degrade_commands_leave_the_repository_unchanged(
     before = {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()}
     assert message in _refused(capsys, *argv, "--repository", str(repository))
     assert {p: p.read_bytes() for p in repository.rglob("*") if p.is_file()} == before
+
+
+def test_unreadable_degrade_values_are_cleared_by_off_and_a_nan_cost_prints_null(tmp_path, capsys) -> None:
+    repository = _repository(tmp_path)
+    degrade.enable(repository, SLOW, FAST, in_flight=2)
+    config = model_config.parse((repository / SLOW / "config.pbtxt").read_text())
+    parameters = {**config.parameters, "degrade.accuracy_cost": "nan"}
+    model_config.write_config(repository / SLOW, dataclasses.replace(config, parameters=parameters))
+    assert main(["degrade", SLOW, "--repository", str(repository)]) == 0
+    assert '"accuracy_cost": null' in capsys.readouterr().out
+    parameters["degrade.in_flight"] = "many"
+    model_config.write_config(repository / SLOW, dataclasses.replace(config, parameters=parameters))
+    assert main(["degrade", SLOW, "--off", "--repository", str(repository)]) == 0
+    assert json.loads(capsys.readouterr().out)["degrade"] is None
+    assert not [k for k in _parameters(repository) if k.startswith("degrade.")]
 
 
 def test_a_new_version_keeps_the_models_degrade_setting(tmp_path, capsys) -> None:

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from builder import model_config, rollout
 from builder.cli import main
+from server.metrics import GatewayMetrics
 from server.preprocess import PreprocessSpec
 from server.rollout import DEFAULT_SHADOW_PERCENT, Guard, Rollout
+from server.shadow import CanaryWatch
 from server.triton import model_info_from_config
 from tests.onnx_variants import conv_classifier
 
@@ -81,7 +85,7 @@ def test_zero_and_a_hundred_percent_send_everything_one_way() -> None:
     assert {Rollout(1, 2, 100).choose(draw=lambda d=d: d) for d in draws} == {2}
 
 
-def test_the_gateway_reads_the_rollout_from_the_config_triton_returns() -> None:
+def test_the_gateway_reads_the_rollout_from_the_config_triton_returns(caplog) -> None:
     config = model_config.with_rollout(_config(), Rollout(3, 4, 12.5, "x-client-id"))
     # Triton's model-config API in JSON: parameters as {"key": {"string_value": ...}}.
     triton_json = {
@@ -94,9 +98,37 @@ def test_the_gateway_reads_the_rollout_from_the_config_triton_returns() -> None:
     info = model_info_from_config(MODEL, triton_json)
     assert info.rollout == Rollout(3, 4, 12.5, "x-client-id") and info.specific_versions == (3, 4)
     assert config.version_policy == "specific" and config.specific_versions == (3, 4)
-    # A rollout the gateway cannot read (edited by hand) is ignored: Triton's own choice serves.
-    triton_json["parameters"]["rollout.canary"] = {"string_value": "three"}
-    assert model_info_from_config(MODEL, triton_json).rollout is None
+    # A rollout the gateway cannot read (edited by hand) is ignored; the stable version it names serves
+    # every request (the newest version, the canary, would otherwise get them all with no guard rail).
+    triton_json["parameters"]["rollout.max_error_rate"] = {"string_value": "nan"}
+    with caplog.at_level(logging.WARNING, logger="server.triton"):
+        for _ in range(3):  # the config read again each TTL: logged once
+            info = model_info_from_config(MODEL, triton_json)
+    assert info.rollout is None and info.specific_versions == (3,)
+    assert CanaryWatch(GatewayMetrics(CollectorRegistry())).route(info, {}) == "3"
+    assert [r.getMessage() for r in caplog.records if "ignoring its rollout" in r.getMessage()] == [
+        "model 'digits': ignoring its rollout parameters (max_error_rate nan is not between 0 and 1): "
+        "version 3 serves every request"
+    ]
+    # Without a readable stable version, Triton's own choice serves.
+    triton_json["parameters"]["rollout.stable"] = {"string_value": "three"}
+    info = model_info_from_config(MODEL, triton_json)
+    assert info.rollout is None and info.specific_versions == (3, 4)
+
+
+@pytest.mark.parametrize(("command", "kept"), [("--abort", 1), ("--promote", 2)])
+def test_a_rollout_with_unreadable_rails_is_still_aborted_and_promoted(tmp_path, capsys, command, kept) -> None:
+    repository = _repository(tmp_path, versions=2)
+    rollout.start(repository, MODEL, 10)
+    config = _served(repository)
+    broken = {**config.parameters, "rollout.max_error_rate": "nan", "rollout.shadow_percent": "lots"}
+    model_config.write_config(repository / MODEL, dataclasses.replace(config, parameters=broken))
+    shown = rollout.state(repository, MODEL)
+    assert shown["rollout"] is None and "cannot be read" in shown["rollout_unreadable"]
+    assert main(["rollout", MODEL, command, "--repository", str(repository)]) == 0
+    served = _served(repository)
+    assert served.specific_versions == (kept,)
+    assert not [k for k in served.parameters if k.startswith("rollout.")]
 
 
 # builder rollout
@@ -300,6 +332,17 @@ def test_status_without_a_gateway_is_one_line_and_exit_2(tmp_path, capsys) -> No
     assert "cannot read the gateway's metrics" in _refused(capsys, MODEL, *argv)
 
 
+def test_status_logs_no_http_request_line_before_its_json(tmp_path, caplog, monkeypatch) -> None:
+    import httpx
+
+    repository = _repository(tmp_path, versions=2)
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=""))
+    monkeypatch.setattr(httpx, "get", lambda url, **kwargs: httpx.Client(transport=transport).get(url, **kwargs))
+    with caplog.at_level(logging.INFO):
+        assert rollout.status(repository, MODEL, "http://127.0.0.1:9")["versions"] == {}
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("httpx")] == []
+
+
 def _rollout_edited(repository: Path, **parameters: str) -> bytes:
     """The rollout's parameters in config.pbtxt changed by hand; returns the file's bytes."""
     config = _served(repository)
@@ -326,7 +369,7 @@ def test_a_version_past_int64_in_the_config_is_a_one_line_refusal_and_no_rollout
     repository = _repository(tmp_path, versions=2)
     rollout.start(repository, MODEL, 10)
     before = _rollout_edited(repository, **{"rollout.canary": "99999999999999999999"})
-    assert "cannot be read" in _refused(capsys, MODEL, "--promote", "--repository", str(repository))
+    assert "is not a version" in _refused(capsys, MODEL, "--promote", "--repository", str(repository))
     assert (repository / MODEL / "config.pbtxt").read_bytes() == before
     with pytest.raises(ValueError, match="int64"):
         Rollout.from_parameters(_served(repository).parameters)
@@ -359,8 +402,32 @@ def test_a_rollout_written_before_guard_rails_has_none_and_no_shadow_share() -> 
     assert old is not None and old.guard is None and old.shadow_percent == 0 and old.id == ""
 
 
+def _reference(repository: Path, name: str = "digits-fp32", **overrides) -> None:
+    (repository / name).mkdir()
+    config = dataclasses.replace(_config(), name=name, **overrides)
+    (repository / name / "config.pbtxt").write_text(model_config.render(config))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (None, "is not a model in repository"),
+        ({"parameters": {**SPEC.to_parameters(), "labels": json.dumps(["b", "a"])}}, "other preprocessing"),
+        ({"inputs": (model_config.TensorSpec("input", (1, 8, 8)),)}, "another input"),
+    ],
+)
+def test_a_reference_missing_or_taking_other_inputs_is_refused(tmp_path, capsys, overrides, message) -> None:
+    repository = _repository(tmp_path, versions=2)
+    if overrides is not None:
+        _reference(repository, **overrides)
+    before = (repository / MODEL / "config.pbtxt").read_bytes()
+    assert message in _refused(capsys, MODEL, "--reference", "digits-fp32", "--repository", str(repository))
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+
+
 def test_the_reference_model_is_set_and_removed_in_the_config(tmp_path, capsys) -> None:
     repository = _repository(tmp_path, versions=2)
+    _reference(repository)
     argv = ["rollout", MODEL, "--repository", str(repository)]
     assert main([*argv, "--reference", "digits-fp32", "--reference-percent", "25"]) == 0
     assert json.loads(capsys.readouterr().out)["reference"] == {"model": "digits-fp32", "percent": 25.0}

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pytest
 
-from server.errors import BadRequest, TritonFailed
+from server.errors import BadRequest, ModelNotFound, TritonFailed
 from server.metrics import GatewayMetrics
 from server.preprocess import PreprocessSpec
 from server.rollout import Guard, Reference, Rollout
@@ -193,6 +193,33 @@ def test_a_reference_model_with_other_preprocessing_is_skipped_and_said_once(cap
     asyncio.run(run())
     assert sample(metrics, "gateway_shadow_comparisons_total", version="1", against="reference") == 6
     assert sample(metrics, "gateway_shadow_agreements_total", version="1", against="reference") == 6
+
+
+class NoReference(Triton):
+    async def model_info(self, name: str) -> ModelInfo:
+        self.asked.append(f"config of {name}")
+        raise ModelNotFound(f"model {name!r} is not served")
+
+
+def test_a_missing_reference_model_is_said_once_and_not_asked_for_on_every_request(caplog) -> None:
+    metrics = GatewayMetrics()
+    watch = CanaryWatch(metrics, draw=lambda: 0.0)
+    info = dataclasses.replace(INFO, rollout=None, reference=Reference("nosuch", 100))
+    triton = NoReference()
+    served = Inference(np.tile(np.arange(4, dtype=np.float32), (2, 1)), "1", "bytes")
+
+    async def run() -> None:
+        for _ in range(3):
+            watch.shadow(triton, info, BATCH, served, routed=False)
+            await asyncio.gather(*watch.running)
+
+    with caplog.at_level(logging.WARNING, logger="server.shadow"):
+        asyncio.run(run())
+    assert sample(metrics, "gateway_shadow_skipped_total", reason="error") == 3
+    assert triton.asked == ["config of nosuch"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "model 'digits': reference model 'nosuch': model 'nosuch' is not served: not compared with it"
+    ]
 
 
 def test_the_p99_rail_compares_stable_times_from_the_same_moments_as_the_canarys() -> None:
