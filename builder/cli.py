@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,14 +185,23 @@ def _rollout(args: argparse.Namespace) -> None:
 GUARD_OPTIONS = ("max_error_rate", "max_p99_ratio", "min_agreement", "min_requests")
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{value:g} is not a fraction from 0 to 1")
-    return value
+def _number_from_0_to(high: float, what: str) -> Callable[[str], float]:
+    """An argparse type: a number from 0 to `high`, else "... is not `what`"."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{value:g} is not {what}")
+        return value
+
+    return parse
+
+
+_fraction = _number_from_0_to(1, "a fraction from 0 to 1")
+_percent = _number_from_0_to(100, "a percentage from 0 to 100")
 
 
 def _ratio(text: str) -> float:
@@ -217,16 +226,6 @@ def _degrade(args: argparse.Namespace) -> None:
     elif args.in_flight is not None or args.to_in_flight is not None:
         raise BuilderError("--in-flight and --to-in-flight go with --to")
     print(json.dumps(degrade.state(repository, args.name)))
-
-
-def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 100:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{value:g} is not a percentage from 0 to 100")
-    return value
 
 
 def _publish_interface(args: argparse.Namespace):
