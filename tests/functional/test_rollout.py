@@ -1,6 +1,6 @@
 """Canary rollouts against the real stack: the gateway follows the split written into config.pbtxt, a
-promote or an abort under steady load fails no request, and a canary that disagrees with the stable version
-is halted without failing one.
+promote or an abort under steady load fails no request, and a canary that disagrees with the stable version,
+or is much slower, is halted without failing one.
 
 One Triton (polling its repository every second) and one gateway (config cache 0.5 s) for the module, on a
 repository of its own: version 1, then version 2 published with `--canary`.
@@ -22,7 +22,7 @@ from PIL import Image
 
 from builder import rollout
 from builder.publish import PublishSettings, publish
-from loadtests.canary import with_classes_rolled
+from loadtests.canary import with_classes_rolled, with_extra_work
 from tests.onnx_variants import retrained
 
 from .conftest import start_gateway, start_triton
@@ -233,6 +233,38 @@ def test_promote_and_abort_under_steady_load_fail_no_request(stack, tiny_run, tm
     assert all(v["errors"] == 0 for v in report["versions"].values())
 
 
+def canary_halted(gateway, canary: int) -> str | None:
+    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    return rollout.traffic(text, MODEL).get(str(canary), {}).get("halted")
+
+
+def test_a_slow_canary_is_halted_by_its_p99_with_no_request_failed(stack, tiny_run, tmp_path):
+    repository, triton, gateway = stack
+    if rollout.state(repository, MODEL)["rollout"] is not None:
+        rollout.abort(repository, MODEL)
+    # The same answers after some 50 million more multiply-adds per image: many times the stable version's
+    # inference time, whatever the machine's load (the rail compares the two over the same moments).
+    slow = with_extra_work(tiny_run / "model.onnx", tmp_path / "slow.onnx")
+    canary = publish(slow, repository, MODEL, settings=PublishSettings(instance_count=1, canary_percent=50)).version
+    # The p99 rail alone (2x, its default) over 20 requests; no shadow calls to load the stable version.
+    started = rollout.start(repository, MODEL, 50, shadow_percent=0, guard={"min_requests": 20, "min_agreement": 0})
+    stable = str(started.stable)
+    expected = {"stable": started.stable, "canary": canary, "canary_percent": 50.0, "id": started.id}
+    gateway_follows(gateway, triton, expected, {stable, str(canary)})
+
+    answers: list[httpx.Response] = []
+    with httpx.Client() as client:
+        while not canary_halted(gateway, canary) and len(answers) < 400:
+            answers += [classify(client, gateway.url) for _ in range(5)]
+        before = Counter(a.json()["version"] for a in answers if a.status_code == 200)
+        after = [classify(client, gateway.url) for _ in range(20)]
+    failed = [a.text for a in answers + after if a.status_code != 200]
+    print(f"\nslow canary halted after {len(answers)} requests, {before[str(canary)]} answered by it")
+    assert canary_halted(gateway, canary) == "p99" and failed == []
+    assert {a.json()["version"] for a in after} == {stable}
+    rollout.abort(repository, MODEL)
+
+
 def test_a_bad_canary_is_halted_with_no_request_failed_and_status_shows_why(stack, tiny_run, tmp_path):
     repository, triton, gateway = stack
     if rollout.state(repository, MODEL)["rollout"] is not None:  # run on its own: the module's first rollout
@@ -246,8 +278,7 @@ def test_a_bad_canary_is_halted_with_no_request_failed_and_status_shows_why(stac
     gateway_follows(gateway, triton, expected, {stable, str(canary)})
 
     def halted() -> str | None:
-        text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-        return rollout.traffic(text, MODEL).get(str(canary), {}).get("halted")
+        return canary_halted(gateway, canary)
 
     answers: list[httpx.Response] = []
     with httpx.Client() as client:
