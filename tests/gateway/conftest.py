@@ -57,6 +57,13 @@ class ServedReplicas:
         return Inference(logits, version or "1", "bytes")
 
 
+@pytest.fixture(autouse=True)
+def pillows_pixel_limit(monkeypatch):
+    """Each app sets Pillow's process-wide pixel limit from its settings (server/app.py): every test starts
+    from the gateway's default and leaves it as it found it, so that none depends on the apps made before."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Settings.model_fields["max_image_pixels"].default)
+
+
 def gateway_settings(**overrides) -> Settings:
     return Settings(
         triton_grpc_url="127.0.0.1:9",
