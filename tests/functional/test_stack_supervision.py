@@ -277,4 +277,7 @@ def test_the_stack_of_make_demo_and_make_loadtest_restarts_a_killed_triton(repos
         assert restarts.value("tritonserver", "crashed") == 1 and restarts.value("gateway") == 0
         assert not group_members(killed) and not regions(prefix)
         assert not env_dir.exists(), "the killed server's Python backend folder was left in /tmp"
-        assert triton.python_env_dir not in (None, env_dir) and triton.python_env_dir.is_dir()
+        # The gateway can answer before the supervisor's thread, on its own poll, has seen the new server
+        # ready and claimed its folder: wait for that claim rather than read it at once.
+        assert wait_for(lambda: triton.python_env_dir not in (None, env_dir), READY_TIMEOUT_S)
+        assert triton.python_env_dir.is_dir()
