@@ -399,6 +399,8 @@ class TritonServer(_ManagedProcess):
             log.debug("%d Python backend folders appeared while tritonserver started; none is claimed", len(new))
 
     def _clean_up(self, pid: int) -> None:
+        # Killed before anyone saw it ready: its folder, if it made one, is claimed now, by the same rule.
+        self._claim_python_env_dir()
         freed = remove_regions(self.shm_region_prefix)
         if freed:
             log.info("removed %.1f MB of shared memory that tritonserver (pid %d) left", freed / 1e6, pid)

@@ -292,8 +292,11 @@ time.sleep(60)
 
 
 @pytest.mark.spawns
+@pytest.mark.parametrize("seen_ready", [True, False])
 @pytest.mark.parametrize("folders", [1, 2])
-def test_a_killed_tritons_python_backend_folder_is_removed_and_no_one_elses(tmp_path, monkeypatch, folders):
+def test_a_killed_tritons_python_backend_folder_is_removed_and_no_one_elses(
+    tmp_path, monkeypatch, folders, seen_ready
+):
     envs = tmp_path / "tmp"
     envs.mkdir()
     monkeypatch.setattr(launcher, "PYTHON_ENV_DIRECTORY", envs)
@@ -313,7 +316,9 @@ def test_a_killed_tritons_python_backend_folder_is_removed_and_no_one_elses(tmp_
             time.sleep(0.02)
         if folders == 1:
             others[1].rmdir()  # only this server's folder is new
-        server._claim_python_env_dir()
+        if seen_ready:
+            server._claim_python_env_dir()
+        # else: killed while starting, before anyone asked whether it was ready
         os.kill(server.pid, signal.SIGKILL)
         server._process.wait()
         server.stop()
