@@ -294,9 +294,7 @@ time.sleep(60)
 @pytest.mark.spawns
 @pytest.mark.parametrize("seen_ready", [True, False])
 @pytest.mark.parametrize("folders", [1, 2])
-def test_a_killed_tritons_python_backend_folder_is_removed_and_no_one_elses(
-    tmp_path, monkeypatch, folders, seen_ready
-):
+def test_a_killed_tritons_python_backend_folder_is_removed_and_no_one_elses(tmp_path, monkeypatch, folders, seen_ready):
     envs = tmp_path / "tmp"
     envs.mkdir()
     monkeypatch.setattr(launcher, "PYTHON_ENV_DIRECTORY", envs)
