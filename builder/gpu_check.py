@@ -260,7 +260,10 @@ def need_modelopt() -> tuple[str, str | None] | None:
 
 def need_tritonserver() -> tuple[str, str | None] | None:
     if shutil.which("tritonserver") is None:
-        return "tritonserver is not on PATH", None
+        return "tritonserver is not on PATH", (
+            "run in NVIDIA's tritonserver container (nvcr.io/nvidia/tritonserver:24.10-py3) with torch (a CUDA "
+            "build), tensorrt==10.5.* and this project's builder packages installed in it"
+        )
     return None
 
 
@@ -348,6 +351,10 @@ class Kit:
     def exported(self) -> Exported:
         return self.shared("CUDA export", lambda: _export(self, self.trained().model, self.dir / "fp32.onnx"))
 
+    def other_weights(self) -> Exported:
+        """The trained architecture with its classifier re-initialized: what a retrained version is to a cache."""
+        return self.shared("other-weights export", lambda: _export_other_weights(self))
+
     def fp16_plan(self) -> Path:
         return self.shared("FP16 engine", lambda: _build(self.exported().onnx_path, self.dir / "fp16", "fp16"))
 
@@ -432,6 +439,15 @@ def _train(kit: Kit) -> Trained:
     accuracy = evaluate_loader(model, val_loader, len(dataset.classes), device=DEVICE)["val_accuracy"]
     model.eval()
     return Trained(model, losses, steps, accuracy)
+
+
+def _export_other_weights(kit: Kit) -> Exported:
+    import torch
+
+    other = copy.deepcopy(kit.trained().model)
+    torch.manual_seed(1)
+    other.fc.reset_parameters()  # one architecture, other weights
+    return _export(kit, other, kit.dir / "other-weights.onnx")
 
 
 @contextlib.contextmanager
@@ -590,15 +606,10 @@ def check_int8_engine(kit: Kit) -> str:
 def check_engine_caches(kit: Kit) -> str:
     require(need_cuda, need_tensorrt, need_trt_runtime)
     import onnx
-    import torch
 
     from .publish import PublishSettings, publish
 
-    trained = kit.trained().model
-    other = copy.deepcopy(trained)
-    torch.manual_seed(1)
-    other.fc.reset_parameters()  # one architecture, other weights: what a retrained version is to the cache
-    sources = [kit.exported().onnx_path, _export(kit, other, kit.dir / "other-weights.onnx").onnx_path]
+    sources = [kit.exported().onnx_path, kit.other_weights().onnx_path]
     settings = PublishSettings(target="gpu", trt_cache_path=str(kit.dir / "ort-trt-cache" / "cache-check"))
     versions = [publish(source, kit.dir / "repository", "cache-check", settings=settings) for source in sources]
     published = [version.version_dir / "model.onnx" for version in versions]
@@ -681,7 +692,39 @@ def check_triton(kit: Kit) -> str:
     summary = f"max |Triton - ONNX Runtime CPU| at batch {len(images)}: {found}"
     if not all(difference <= FP16_TOLERANCE for difference in differences.values()):
         raise CheckFailed(f"{summary} (> {FP16_TOLERANCE:.0e})")
-    return f"{summary} (<= {FP16_TOLERANCE:.0e})"
+    return f"{summary} (<= {FP16_TOLERANCE:.0e}); {_second_version_in_triton(kit, repository, images, expected)}"
+
+
+def _second_version_in_triton(kit: Kit, repository: Path, images, first_expected) -> str:
+    """Version 2 with other weights, published beside version 1 into the same engine-cache folder, which now
+    holds version 1's engine: Triton's ONNX Runtime + TensorRT model must answer with version 2's weights,
+    as after a retrain in production (ONNX Runtime names cached engines by graph name, not weights)."""
+    from .publish import PublishSettings, publish
+
+    name = "gpu_check_onnx_trt"
+    cache = kit.dir / "triton-trt-cache" / name
+    engines_before = {p.name for p in cache.iterdir() if p.suffix == ".engine"}
+    source = kit.other_weights().onnx_path
+    version = publish(source, repository, name, settings=PublishSettings(target="gpu", trt_cache_path=str(cache)))
+    expected = kit.ort_logits(version.version_dir / "model.onnx", images)
+    if not _max_abs(expected, first_expected) > WEIGHTS_CHANGED:
+        raise CheckFailed("the two versions' weights give the same outputs on ONNX Runtime: nothing to tell apart")
+    with _tritonserver(repository, kit.dir / "tritonserver-v2.log") as url:
+        state, reason = _model_states(url, version.version).get(name, ("MISSING", "not in the repository index"))
+        if state != "READY":
+            raise CheckFailed(f"{name} version {version.version} did not load ({state}): {reason.splitlines()[0]}")
+        answer = _triton_infer(url, name, images, version=version.version)
+    own, first = _max_abs(answer, expected), _max_abs(answer, first_expected)
+    if not (own <= FP16_TOLERANCE and first > WEIGHTS_CHANGED):
+        raise CheckFailed(
+            f"version {version.version} answered {own:.1e} from its own weights' outputs and {first:.1e} from "
+            f"version 1's (its engine came from the cache of version 1?)"
+        )
+    engines = {p.name for p in cache.iterdir() if p.suffix == ".engine"}
+    return (
+        f"version {version.version} (other weights, same cache folder) answered like its own weights "
+        f"({own:.1e}), engines cached {len(engines_before)} -> {len(engines)}"
+    )
 
 
 def _free_port() -> int:
@@ -745,15 +788,23 @@ def _tritonserver(repository: Path, log_path: Path) -> Iterator[str]:
                 process.wait()
 
 
-def _model_states(url: str) -> dict[str, tuple[str, str]]:
+def _model_states(url: str, version: int | None = None) -> dict[str, tuple[str, str]]:
+    """Model name -> (state, reason) from Triton's repository index; of one version where it lists several."""
     return {
         entry["name"]: (entry.get("state", ""), entry.get("reason", ""))
         for entry in _http(f"{url}/v2/repository/index", body={})
+        if version is None or entry.get("version") in (None, str(version))
     }
 
 
 def _triton_infer(
-    url: str, name: str, images, datatype: str = "FP32", input_name: str | None = None, output_name: str | None = None
+    url: str,
+    name: str,
+    images,
+    datatype: str = "FP32",
+    input_name: str | None = None,
+    output_name: str | None = None,
+    version: int | None = None,
 ):
     import numpy as np
 
@@ -771,7 +822,8 @@ def _triton_infer(
     }
     if output_name:
         body["outputs"] = [{"name": output_name}]
-    (output,) = _http(f"{url}/v2/models/{name}/infer", body=body)["outputs"][:1]
+    model = f"{name}/versions/{version}" if version is not None else name
+    (output,) = _http(f"{url}/v2/models/{model}/infer", body=body)["outputs"][:1]
     return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
 
 

@@ -284,6 +284,11 @@ def test_triton_is_built_with_onnxruntime(services):
     assert instructions[0] == ("FROM", "nvcr.io/nvidia/tritonserver:24.10-py3")
     installs = " ".join(args for word, args in instructions if word == "RUN" and "pip install" in args)
     assert "onnxruntime" in installs and '"numpy<2"' in installs
+    # A `docker run` without the compose volume still loads --target gpu models: the cache root exists.
+    from builder.model_config import DEFAULT_TRT_CACHE_ROOT
+
+    made = [args for word, args in instructions if word == "RUN" and args.startswith("mkdir -p ")]
+    assert any(DEFAULT_TRT_CACHE_ROOT in args.split() for args in made)
 
 
 def test_only_the_gateway_is_published_beyond_localhost(services):

@@ -45,7 +45,9 @@ def test_without_a_gpu_every_check_skips_naming_what_is_missing(bare_machine) ->
     for title in ("3 FP16 TensorRT engine", "4 INT8 TensorRT engine (ModelOpt)", "5 Engine caches follow the weights"):
         assert "TensorRT is not installed" in results[title].detail
         assert ("builder.trt_runtime missing" in results[title].detail) is not TRT_RUNTIME_PRESENT
-    assert "tritonserver is not on PATH" in results["6 Triton: plan and ORT+TensorRT models"].detail
+    triton = results["6 Triton: plan and ORT+TensorRT models"]
+    assert "tritonserver is not on PATH" in triton.detail
+    assert any("tritonserver:24.10" in hint and "tensorrt==10.5" in hint for hint in triton.hints)
     dali = results["7 Triton: DALI preprocessing ensemble"]
     assert "DALI backend is not installed" in dali.detail and "tritonserver:24.10" in " ".join(dali.hints)
     # What to install for TensorRT is the engine stage's line: the release Triton loads.
