@@ -517,6 +517,15 @@ def test_builder_image_torch_satisfies_every_dependency():
     assert vision.local == torch_version.local
 
 
+def test_builder_image_holds_onnx_to_the_release_the_tests_run():
+    # ModelOpt's and ONNX Runtime's quantizers are tested with constraints.txt's onnx; left free, the
+    # image's pip would take whatever is newest when it is built.
+    pins, _ = builder_image_pins()
+    tested = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert pins["onnx"] == tested["onnx"]
+    assert "onnxruntime" in pins  # the newest for the image's Python 3.10, not constraints.txt's (3.11 and up)
+
+
 def test_monitoring_mounts_existing_files(services):
     prometheus = volumes(services["prometheus"])
     assert {
