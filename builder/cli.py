@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import BuilderError
+from .errors import BuilderError, RolloutError
 from .train_config import (
     AMP_MODES,
     ARCHITECTURES,
@@ -166,6 +166,8 @@ def _rollout(args: argparse.Namespace) -> None:
         raise BuilderError("--version, --sticky-header, --shadow-percent and the guard rails go with --canary")
     if args.reference is None and args.reference_percent is not None:
         raise BuilderError("--reference-percent goes with --reference")
+    if args.force and not args.promote:
+        raise BuilderError("--force goes with --promote")
     if args.canary is not None:
         started = rollout.start(
             repository, args.name, args.canary, args.version, args.sticky_header, args.shadow_percent, guard
@@ -175,11 +177,31 @@ def _rollout(args: argparse.Namespace) -> None:
         chosen = rollout.set_reference(repository, args.name, args.reference, args.reference_percent, must_fit=True)
         print(json.dumps({"model": args.name, "reference": dataclasses.asdict(chosen) if chosen else None}))
     elif args.promote or args.abort:
+        if args.promote and not args.force:
+            _refuse_a_halted_canary(args, rollout)
         kept = rollout.promote(repository, args.name) if args.promote else rollout.abort(repository, args.name)
         print(json.dumps({"model": args.name, "serving": kept}))
     else:
-        key = args.api_key or os.environ.get("GATEWAY_API_KEY") or None
-        print(json.dumps(rollout.status(repository, args.name, args.gateway_url, key), indent=2))
+        print(json.dumps(rollout.status(repository, args.name, args.gateway_url, _gateway_key(args)), indent=2))
+
+
+def _gateway_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("GATEWAY_API_KEY") or None
+
+
+def _refuse_a_halted_canary(args: argparse.Namespace, rollout: Any) -> None:
+    """--promote asks the gateway first: a canary its guard rails halted is not promoted without --force."""
+    try:
+        halt = rollout.canary_halt(Path(args.repository), args.name, args.gateway_url, _gateway_key(args))
+    except RolloutError as e:
+        log.warning("%s: promoting without knowing whether a gateway halted the canary", e)
+        return
+    if halt is not None:
+        version, reason = halt
+        raise BuilderError(
+            f"the gateway at {args.gateway_url} halted version {version} of {args.name!r} ({reason} guard rail, "
+            "see --status): --abort it, or give --force to promote it anyway"
+        )
 
 
 GUARD_OPTIONS = ("max_error_rate", "max_p99_ratio", "min_agreement", "min_requests")
@@ -945,8 +967,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument(
         "--reference-percent", type=_percent, metavar="PERCENT", help="--reference: share of requests (default 10)"
     )
-    rollout.add_argument("--gateway-url", default="http://127.0.0.1:8080", help="--status: the gateway to ask")
-    rollout.add_argument("--api-key", help="--status: the gateway's API key (default: $GATEWAY_API_KEY)")
+    rollout.add_argument(
+        "--gateway-url",
+        default="http://127.0.0.1:8080",
+        help="--status, --promote: the gateway to ask (--promote refuses a canary it halted)",
+    )
+    rollout.add_argument("--api-key", help="--status, --promote: the gateway's API key (default: $GATEWAY_API_KEY)")
+    rollout.add_argument("--force", action="store_true", help="--promote: even a canary the gateway halted")
     rollout.set_defaults(func=_rollout)
 
     degrade = commands.add_parser(

@@ -311,13 +311,11 @@ def traffic(metrics_text: str, name: str) -> dict[str, dict[str, Any]]:
     return versions
 
 
-def status(repository: Path, name: str, gateway_url: str, api_key: str | None = None) -> dict[str, Any]:
-    """The rollout's state, and per version what one gateway has seen since it started."""
+def _gateway_metrics(gateway_url: str, api_key: str | None) -> str:
     import httpx
 
     # httpx logs every request at INFO, which the CLI's logging would print before the JSON.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    report = state(repository, name)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = gateway_url.rstrip("/") + "/metrics"
     try:
@@ -325,5 +323,26 @@ def status(repository: Path, name: str, gateway_url: str, api_key: str | None = 
         response.raise_for_status()
     except httpx.HTTPError as e:
         raise RolloutError(f"cannot read the gateway's metrics at {url}: {e}") from e
-    report["versions"] = traffic(response.text, name)
+    return response.text
+
+
+def status(repository: Path, name: str, gateway_url: str, api_key: str | None = None) -> dict[str, Any]:
+    """The rollout's state, and per version what one gateway has seen since it started."""
+    report = state(repository, name)
+    report["versions"] = traffic(_gateway_metrics(gateway_url, api_key), name)
     return report
+
+
+def canary_halt(repository: Path, name: str, gateway_url: str, api_key: str | None = None) -> tuple[int, str] | None:
+    """The canary under way and the guard rail it broke, where the gateway at `gateway_url` halted it; None
+    where it did not, or no readable rollout is under way. RolloutError where the gateway cannot be asked."""
+    _, config, _ = _model_dir(repository, name)
+    try:
+        current = model_config.rollout_of(config)
+    except RolloutError:
+        return None
+    if current is None:
+        return None
+    # The gauge is set for this rollout only: a new rollout of the same version is judged again.
+    reason = traffic(_gateway_metrics(gateway_url, api_key), name).get(str(current.canary), {}).get("halted")
+    return (current.canary, reason) if reason else None

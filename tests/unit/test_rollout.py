@@ -460,3 +460,69 @@ def test_status_reads_agreement_and_the_halt_from_the_gateways_metrics() -> None
     assert figures["2"]["halted"] == "agreement"
     assert figures["1"]["agreement"] == {"reference": {"images": 10, "top1": 1.0}}
     assert "halted" not in figures["1"] and "3" not in figures
+
+
+@pytest.fixture
+def gateway_metrics():
+    """A loopback HTTP server answering /metrics with the text the test puts in `served[0]`."""
+    import http.server
+    import threading
+
+    served = [""]
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = served[0].encode()
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", served
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_promote_refuses_a_canary_the_gateway_halted_unless_forced(tmp_path, capsys, gateway_metrics) -> None:
+    url, served = gateway_metrics
+    repository = _repository(tmp_path, versions=2)
+    rollout.start(repository, MODEL, 10)
+    served[0] = SHADOW_METRICS  # version 2 halted by its agreement
+    argv = ["--promote", "--repository", str(repository), "--gateway-url", url]
+    error = _refused(capsys, MODEL, *argv)
+    assert "halted version 2" in error and "agreement" in error and "--force" in error
+    assert model_config.rollout_of(_served(repository)) is not None  # nothing was changed
+    assert main(["rollout", MODEL, *argv, "--force"]) == 0
+    assert model_config.rollout_of(_served(repository)) is None and _served(repository).specific_versions == (2,)
+
+
+def test_promote_goes_ahead_when_the_gateway_did_not_halt_or_cannot_be_asked(tmp_path, caplog, gateway_metrics) -> None:
+    url, served = gateway_metrics
+    served[0] = METRICS + SHADOW_METRICS  # version 2 halted; version 3's gauge is 0
+    repository = _repository(tmp_path / "asked", versions=3)
+    rollout.start(repository, MODEL, 10)  # version 3
+    assert main(["rollout", MODEL, "--promote", "--repository", str(repository), "--gateway-url", url]) == 0
+    assert _served(repository).specific_versions == (3,)
+
+    repository = _repository(tmp_path / "unasked", versions=2)
+    rollout.start(repository, MODEL, 10)
+    nowhere = "http://127.0.0.1:9"
+    with caplog.at_level(logging.WARNING):
+        assert main(["rollout", MODEL, "--promote", "--repository", str(repository), "--gateway-url", nowhere]) == 0
+    assert _served(repository).specific_versions == (2,)
+    assert any("without knowing whether a gateway halted" in r.getMessage() for r in caplog.records)
+
+
+def test_force_goes_with_promote_only(tmp_path, capsys) -> None:
+    repository = _repository(tmp_path, versions=2)
+    assert "--force goes with --promote" in _refused(
+        capsys, MODEL, "--abort", "--force", "--repository", str(repository)
+    )
