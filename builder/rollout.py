@@ -311,6 +311,15 @@ def traffic(metrics_text: str, name: str) -> dict[str, dict[str, Any]]:
     return versions
 
 
+def _gateway_traffic(gateway_url: str, api_key: str | None, name: str) -> dict[str, dict[str, Any]]:
+    """traffic() from the gateway at `gateway_url`; RolloutError where it cannot be asked or read."""
+    text = _gateway_metrics(gateway_url, api_key)
+    try:
+        return traffic(text, name)
+    except ValueError as e:  # answered, but not in Prometheus's text format: not a gateway's /metrics
+        raise RolloutError(f"{gateway_url.rstrip('/')}/metrics is not a gateway's metrics: {e}") from e
+
+
 def _gateway_metrics(gateway_url: str, api_key: str | None) -> str:
     import httpx
 
@@ -329,7 +338,7 @@ def _gateway_metrics(gateway_url: str, api_key: str | None) -> str:
 def status(repository: Path, name: str, gateway_url: str, api_key: str | None = None) -> dict[str, Any]:
     """The rollout's state, and per version what one gateway has seen since it started."""
     report = state(repository, name)
-    report["versions"] = traffic(_gateway_metrics(gateway_url, api_key), name)
+    report["versions"] = _gateway_traffic(gateway_url, api_key, name)
     return report
 
 
@@ -344,5 +353,5 @@ def canary_halt(repository: Path, name: str, gateway_url: str, api_key: str | No
     if current is None:
         return None
     # The gauge is set for this rollout only: a new rollout of the same version is judged again.
-    reason = traffic(_gateway_metrics(gateway_url, api_key), name).get(str(current.canary), {}).get("halted")
+    reason = _gateway_traffic(gateway_url, api_key, name).get(str(current.canary), {}).get("halted")
     return (current.canary, reason) if reason else None

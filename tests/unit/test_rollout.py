@@ -526,3 +526,11 @@ def test_force_goes_with_promote_only(tmp_path, capsys) -> None:
     assert "--force goes with --promote" in _refused(
         capsys, MODEL, "--abort", "--force", "--repository", str(repository)
     )
+
+
+def test_status_of_something_that_is_not_a_gateway_is_one_line_and_exit_2(tmp_path, capsys, gateway_metrics) -> None:
+    url, served = gateway_metrics
+    served[0] = "<html><body>a web page</body></html>"
+    repository = _repository(tmp_path, versions=2)
+    error = _refused(capsys, MODEL, "--status", "--repository", str(repository), "--gateway-url", url)
+    assert "is not a gateway's metrics" in error
