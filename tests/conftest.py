@@ -27,6 +27,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
+# Pillow's own pixel limit, as this process found it. An app sets the limit process-wide from its settings
+# (server/app.py); in a test process shared by the tiers, an app of tests/functional (made once for a
+# module) would otherwise set it for the tests after it, which then fail or pass by the order they ran in.
+# Those apps' own tests keep the limit their app set; tests/gateway sets the gateway's default per test.
+PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+@pytest.fixture(autouse=True)
+def pillows_pixel_limit_as_found(request, monkeypatch):
+    if not Path(str(request.node.path)).is_relative_to(FUNCTIONAL):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_MAX_IMAGE_PIXELS)
+
+
 def pytest_collection_modifyitems(config, items):
     # `make test` runs the suite in two processes (pytest-xdist, --dist loadgroup). The tests of the real
     # stack stay together, one after another in one of them: they start Triton servers, whose Python

@@ -45,7 +45,11 @@ def stack(tiny_run, repository, triton, tmp_path_factory):  # noqa: F811  (tiny_
         GATEWAY_TRITON_TIMEOUT_S=str(2 * HOLD_S),
     )
     try:
-        assert wait_for(lambda: all(_ready(gateway.url, name) for name in (HELD, HELD_PLAIN)), 60)
+        # Triton may load HELD from publish's config before `degrade.enable` rewrites it, then load it again
+        # at a later poll: wait for the version that carries the setting.
+        assert wait_for(
+            lambda: all(_ready(gateway.url, name) for name in (HELD, HELD_PLAIN)) and _degrades(gateway.url), 60
+        )
         yield gateway
     finally:
         gateway.stop()
@@ -54,6 +58,10 @@ def stack(tiny_run, repository, triton, tmp_path_factory):  # noqa: F811  (tiny_
 def _ready(url: str, name: str) -> bool:
     details = httpx.get(f"{url}/v1/models/{name}", timeout=10)
     return details.status_code == 200 and details.json()["ready"]
+
+
+def _degrades(url: str) -> bool:
+    return httpx.get(f"{url}/v1/models/{HELD}", timeout=10).json().get("degrade") is not None
 
 
 def classify(url: str, model: str, query: str = "") -> httpx.Response:
