@@ -27,7 +27,7 @@ from builder.export import export_onnx
 from builder.publish import publish
 from builder.train import train
 from builder.train_config import TrainConfig
-from stack.launcher import GatewayProcess, TritonServer, free_port
+from stack.launcher import GatewayProcess, triton_and_gateway
 
 
 def transparent_png(side: int) -> bytes:
@@ -61,25 +61,11 @@ def main() -> int:
     run = train(TrainConfig(dataset="digits", epochs=1, image_size=8, out_dir=work / "run"))
     export_onnx(run.best_checkpoint, work / "model.onnx", parity_images=4)
     publish(work / "model.onnx", work / "repo", "digits")
-    triton = TritonServer(
-        model_repository=work / "repo",
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        cache_dir=work / "cache",
-        repository_poll_s=1,
-    )
-    triton.start()
-    gateway = GatewayProcess(
-        port=free_port(),
-        log_path=work / "gateway.log",
-        env={
-            "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
-            "GATEWAY_TRITON_HTTP_URL": triton.http_url,
-            "GATEWAY_PREPROCESS_THREADS": "2",
-        },
-    )
-    gateway.start()
+    with triton_and_gateway(work / "repo", work, {"GATEWAY_PREPROCESS_THREADS": "2"}) as (_, gateway):
+        return measure(args, gateway)
+
+
+def measure(args: argparse.Namespace, gateway: GatewayProcess) -> int:
     url = f"{gateway.url}/v1/models/digits/classify"
     png = transparent_png(args.side)
     buffer = io.BytesIO()
@@ -94,41 +80,37 @@ def main() -> int:
     def small() -> float:
         return post(content=photo, headers={"Content-Type": "image/jpeg"})[1]
 
-    try:
-        for _ in range(3):
-            small()
-        idle = [small() for _ in range(10)]
+    for _ in range(3):
+        small()
+    idle = [small() for _ in range(10)]
+    print(
+        f"PNG {args.side}x{args.side} RGBA, {len(png)} bytes; a small JPEG alone: p50 "
+        f"{statistics.median(idle) * 1000:.1f} ms"
+    )
+    before = memory_mib(gateway.pid)
+    status, seconds = post(content=png, headers={"Content-Type": "image/png"})
+    print(
+        f"one PNG: {status} in {seconds:.2f} s; gateway RSS {before['VmRSS']} -> peak "
+        f"{memory_mib(gateway.pid)['VmHWM']} MiB"
+    )
+    time.sleep(2)
+    print(f"  RSS 2 s later: {memory_mib(gateway.pid)['VmRSS']} MiB")
+    for count in args.counts:
+        files = [("image", (f"{i}.png", png, "image/png")) for i in range(count)]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            large = [pool.submit(post, files=files) for _ in range(2)]
+            time.sleep(0.3)
+            beside: list[float] = []
+            while not all(f.done() for f in large) and len(beside) < 200:
+                beside.append(small())
+            answers = [f.result() for f in large]
         print(
-            f"PNG {args.side}x{args.side} RGBA, {len(png)} bytes; a small JPEG alone: p50 "
-            f"{statistics.median(idle) * 1000:.1f} ms"
-        )
-        before = memory_mib(gateway.pid)
-        status, seconds = post(content=png, headers={"Content-Type": "image/png"})
-        print(
-            f"one PNG: {status} in {seconds:.2f} s; gateway RSS {before['VmRSS']} -> peak "
-            f"{memory_mib(gateway.pid)['VmHWM']} MiB"
+            f"two requests of {count} PNGs at once: {[(code, round(s, 2)) for code, s in answers]}; small "
+            f"requests meanwhile: {len(beside)}, median {statistics.median(beside or [0]):.3f} s, max "
+            f"{max(beside or [0]):.3f} s; gateway peak RSS {memory_mib(gateway.pid)['VmHWM']} MiB"
         )
         time.sleep(2)
         print(f"  RSS 2 s later: {memory_mib(gateway.pid)['VmRSS']} MiB")
-        for count in args.counts:
-            files = [("image", (f"{i}.png", png, "image/png")) for i in range(count)]
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                large = [pool.submit(post, files=files) for _ in range(2)]
-                time.sleep(0.3)
-                beside: list[float] = []
-                while not all(f.done() for f in large) and len(beside) < 200:
-                    beside.append(small())
-                answers = [f.result() for f in large]
-            print(
-                f"two requests of {count} PNGs at once: {[(code, round(s, 2)) for code, s in answers]}; small "
-                f"requests meanwhile: {len(beside)}, median {statistics.median(beside or [0]):.3f} s, max "
-                f"{max(beside or [0]):.3f} s; gateway peak RSS {memory_mib(gateway.pid)['VmHWM']} MiB"
-            )
-            time.sleep(2)
-            print(f"  RSS 2 s later: {memory_mib(gateway.pid)['VmRSS']} MiB")
-    finally:
-        gateway.stop()
-        triton.stop()
     return 0
 
 

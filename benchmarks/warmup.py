@@ -27,7 +27,7 @@ import numpy as np
 import tritonclient.http as httpclient
 
 from builder.publish import PublishSettings, publish
-from stack.launcher import GatewayProcess, TritonServer, free_port
+from stack.launcher import TritonServer, triton_and_gateway
 
 READY_TIMEOUT_S = 120.0
 
@@ -83,29 +83,10 @@ def measure(args: argparse.Namespace, folder: Path) -> list[dict]:
     }
     for name, settings in models.items():
         publish(Path(args.onnx), repository, name, settings=settings)
-    triton = TritonServer(
-        model_repository=repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        cache_dir=folder / "cache",
-        repository_poll_s=1,
-    )
-    gateway = None
     image = _image()
     results = []
-    try:
-        triton.start()
-        gateway = GatewayProcess(
-            port=free_port(),
-            log_path=folder / "gateway.log",
-            env={
-                "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
-                "GATEWAY_TRITON_HTTP_URL": triton.http_url,
-                "GATEWAY_MODEL_INFO_TTL_S": "0.5",
-            },
-        )
-        gateway.start()
+    gateway_env = {"GATEWAY_MODEL_INFO_TTL_S": "0.5"}
+    with triton_and_gateway(repository, folder, gateway_env) as (triton, gateway):
         for name in models:  # version 1 of each answers once: the gateway's connections are up
             wait_ready(triton, name, 1)
             first_requests(gateway.url, name, 1, image, 1)
@@ -126,10 +107,6 @@ def measure(args: argparse.Namespace, folder: Path) -> list[dict]:
                     }
                 )
                 print(json.dumps(results[-1]), flush=True)
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        triton.stop()
     return results
 
 

@@ -226,37 +226,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would cost the load generator
 
-    from stack.launcher import GatewayProcess, TritonServer, free_port
+    from stack.launcher import triton_and_gateway
 
     folder = Path(tempfile.mkdtemp(prefix="degrade-loadtest-"))
-    triton = gateway = None
+    gateway_env = {"GATEWAY_WORKERS": str(args.workers), "GATEWAY_TRITON_TIMEOUT_S": str(CLIENT_TIMEOUT_S)}
     try:
         slow, degrading = publish_models(args, folder / "repo")
-        triton = TritonServer(
-            model_repository=folder / "repo",
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            cache_dir=folder / "cache",
-        )
-        triton.start()
-        gateway = GatewayProcess(
-            port=free_port(),
-            log_path=folder / "gateway.log",
-            env={
-                "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
-                "GATEWAY_TRITON_HTTP_URL": triton.http_url,
-                "GATEWAY_WORKERS": str(args.workers),
-                "GATEWAY_TRITON_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
-            },
-        )
-        gateway.start()
-        report = asyncio.run(measure(args, gateway.url, slow, degrading))
+        with triton_and_gateway(folder / "repo", folder, gateway_env) as (_, gateway):
+            report = asyncio.run(measure(args, gateway.url, slow, degrading))
     finally:
-        if gateway is not None:
-            gateway.stop()
-        if triton is not None:
-            triton.stop()
         shutil.rmtree(folder, ignore_errors=True)
     text = json.dumps(report, indent=2)
     if args.out:

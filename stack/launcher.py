@@ -20,7 +20,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -487,3 +488,38 @@ class GatewayProcess(_ManagedProcess):
         # option read from the gateway's settings, here given this process's host and port.
         env = {**self.environment(), "GATEWAY_HOST": self.host, "GATEWAY_PORT": str(self.port)}
         self._spawn([sys.executable, *GATEWAY_MODULE], env)
+
+
+@contextmanager
+def triton_and_gateway(
+    repository: Path, folder: Path, gateway_env: dict[str, str] | None = None, repository_poll_s: int = 1
+) -> Iterator[tuple[TritonServer, GatewayProcess]]:
+    """A Triton on `repository` and one gateway in front of it, on free loopback ports, both stopped on exit.
+
+    For benchmarks and load tests that measure one setting against another: no supervision, no restarts
+    (`python -m stack` is the stack users run). Logs and Triton's backends go under `folder`.
+    """
+    triton = TritonServer(
+        model_repository=repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        cache_dir=Path(folder) / "cache",
+        repository_poll_s=repository_poll_s,
+    )
+    gateway = GatewayProcess(
+        port=free_port(),
+        log_path=Path(folder) / "gateway.log",
+        env={
+            "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
+            "GATEWAY_TRITON_HTTP_URL": triton.http_url,
+            **(gateway_env or {}),
+        },
+    )
+    try:
+        triton.start()
+        gateway.start()
+        yield triton, gateway
+    finally:
+        gateway.stop()
+        triton.stop()
