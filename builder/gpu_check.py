@@ -703,7 +703,7 @@ def _second_version_in_triton(kit: Kit, repository: Path, images, first_expected
 
     name = "gpu_check_onnx_trt"
     cache = kit.dir / "triton-trt-cache" / name
-    engines_before = {p.name for p in cache.iterdir() if p.suffix == ".engine"}
+    engines_before = _engine_files(cache)
     source = kit.other_weights().onnx_path
     version = publish(source, repository, name, settings=PublishSettings(target="gpu", trt_cache_path=str(cache)))
     expected = kit.ort_logits(version.version_dir / "model.onnx", images)
@@ -720,7 +720,7 @@ def _second_version_in_triton(kit: Kit, repository: Path, images, first_expected
             f"version {version.version} answered {own:.1e} from its own weights' outputs and {first:.1e} from "
             f"version 1's (its engine came from the cache of version 1?)"
         )
-    engines = {p.name for p in cache.iterdir() if p.suffix == ".engine"}
+    engines = _engine_files(cache)
     return (
         f"version {version.version} (other weights, same cache folder) answered like its own weights "
         f"({own:.1e}), engines cached {len(engines_before)} -> {len(engines)}"
@@ -786,6 +786,11 @@ def _tritonserver(repository: Path, log_path: Path) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _engine_files(folder: Path) -> set[str]:
+    """The engines ONNX Runtime's TensorRT provider cached in `folder` (none where it made no folder)."""
+    return {p.name for p in folder.iterdir() if p.suffix == ".engine"} if folder.is_dir() else set()
 
 
 def _model_states(url: str, version: int | None = None) -> dict[str, tuple[str, str]]:
