@@ -138,6 +138,12 @@ def start(
         # plain publish under the `latest` policy), the version before it.
         others = [v for v in model_config.served_versions(config, present) if v != canary]
         older = [v for v in present if v < canary]
+        if not others and config.version_policy == "specific":
+            # Named alone (a promote or an abort chose it): an older version was retired, not kept serving.
+            raise RolloutError(
+                f"version {canary} of {name!r} is already the only version served: publish a newer one to roll "
+                "it out beside it"
+            )
         if not others and not older:
             raise RolloutError(f"model {name!r} has no version to keep serving beside version {canary}")
         stable = max(others) if others else max(older)

@@ -534,3 +534,13 @@ def test_status_of_something_that_is_not_a_gateway_is_one_line_and_exit_2(tmp_pa
     repository = _repository(tmp_path, versions=2)
     error = _refused(capsys, MODEL, "--status", "--repository", str(repository), "--gateway-url", url)
     assert "is not a gateway's metrics" in error
+
+
+def test_a_promoted_version_is_not_rolled_out_again_against_the_one_it_retired(tmp_path, capsys) -> None:
+    repository = _repository(tmp_path, versions=2)
+    rollout.start(repository, MODEL, 10)
+    rollout.promote(repository, MODEL)  # version 2 alone; version 1 retired
+    before = (repository / MODEL / "config.pbtxt").read_text()
+    error = _refused(capsys, MODEL, "--canary", "50", "--repository", str(repository))
+    assert "version 2 of 'digits' is already the only version served" in error
+    assert (repository / MODEL / "config.pbtxt").read_text() == before
