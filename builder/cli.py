@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import BuilderError, RolloutError
+from .errors import BuilderError
 from .train_config import (
     AMP_MODES,
     ARCHITECTURES,
@@ -177,31 +177,53 @@ def _rollout(args: argparse.Namespace) -> None:
         chosen = rollout.set_reference(repository, args.name, args.reference, args.reference_percent, must_fit=True)
         print(json.dumps({"model": args.name, "reference": dataclasses.asdict(chosen) if chosen else None}))
     elif args.promote or args.abort:
-        if args.promote and not args.force:
-            _refuse_a_halted_canary(args, rollout)
-        kept = rollout.promote(repository, args.name) if args.promote else rollout.abort(repository, args.name)
+        if args.promote:
+            ask = None if args.force else _refusing_a_halted_canary(args)
+            kept = rollout.promote(repository, args.name, before_write=ask)
+        else:
+            kept = rollout.abort(repository, args.name)
         print(json.dumps({"model": args.name, "serving": kept}))
     else:
-        print(json.dumps(rollout.status(repository, args.name, args.gateway_url, _gateway_key(args)), indent=2))
+        print(json.dumps(rollout.status(repository, args.name, _gateway_url(args), _gateway_key(args)), indent=2))
 
 
 def _gateway_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get("GATEWAY_API_KEY") or None
 
 
-def _refuse_a_halted_canary(args: argparse.Namespace, rollout: Any) -> None:
-    """--promote asks the gateway first: a canary its guard rails halted is not promoted without --force."""
-    try:
-        halt = rollout.canary_halt(Path(args.repository), args.name, args.gateway_url, _gateway_key(args))
-    except RolloutError as e:
-        log.warning("%s: promoting without knowing whether a gateway halted the canary", e)
-        return
-    if halt is not None:
-        version, reason = halt
-        raise BuilderError(
-            f"the gateway at {args.gateway_url} halted version {version} of {args.name!r} ({reason} guard rail, "
-            "see --status): --abort it, or give --force to promote it anyway"
-        )
+def _gateway_url(args: argparse.Namespace) -> str:
+    """--gateway-url, else where a gateway started from this environment listens (GATEWAY_HOST, GATEWAY_PORT)."""
+    if args.gateway_url:
+        return args.gateway_url
+    host = os.environ.get("GATEWAY_HOST") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):  # every interface: this machine answers on loopback
+        host = "127.0.0.1"
+    return f"http://{host}:{os.environ.get('GATEWAY_PORT') or 8080}"
+
+
+def _refusing_a_halted_canary(args: argparse.Namespace) -> Callable[[Any], None]:
+    """--promote's check before it writes: a canary the gateway's guard rails halted, or one no gateway
+    could be asked about, is not promoted without --force."""
+    from .rollout import GatewayUnanswered, canary_halt
+
+    def ask(current: Any) -> None:
+        if current is None:
+            return  # a rollout no gateway can read is followed by none, so none halted its canary
+        url = _gateway_url(args)
+        try:
+            reason = canary_halt(url, _gateway_key(args), args.name, current)
+        except GatewayUnanswered as e:
+            raise BuilderError(
+                f"{e}: no gateway said whether it halted the canary; give --gateway-url (and --api-key), or "
+                "--force to promote without asking"
+            ) from e
+        if reason is not None:
+            raise BuilderError(
+                f"the gateway at {url} halted version {current.canary} of {args.name!r} ({reason} guard rail, "
+                "see --status): --abort it, start it again with --canary, or give --force to promote it anyway"
+            )
+
+    return ask
 
 
 GUARD_OPTIONS = ("max_error_rate", "max_p99_ratio", "min_agreement", "min_requests")
@@ -969,11 +991,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollout.add_argument(
         "--gateway-url",
-        default="http://127.0.0.1:8080",
-        help="--status, --promote: the gateway to ask (--promote refuses a canary it halted)",
+        help="--status, --promote: the gateway to ask; --promote refuses a canary it halted, or where it cannot "
+        "ask (default: http://127.0.0.1:$GATEWAY_PORT, else 8080)",
     )
     rollout.add_argument("--api-key", help="--status, --promote: the gateway's API key (default: $GATEWAY_API_KEY)")
-    rollout.add_argument("--force", action="store_true", help="--promote: even a canary the gateway halted")
+    rollout.add_argument(
+        "--force", action="store_true", help="--promote: without asking a gateway, even a canary it halted"
+    )
     rollout.set_defaults(func=_rollout)
 
     degrade = commands.add_parser(

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,9 @@ def set_reference(
     return chosen
 
 
-def _finish(repository: Path, name: str, promote: bool) -> int:
+def _finish(
+    repository: Path, name: str, promote: bool, before_write: Callable[[Rollout | None], None] | None = None
+) -> int:
     model_dir, config, present = _model_dir(repository, name)
     if STABLE not in config.parameters and CANARY not in config.parameters:
         raise RolloutError(f"model {name!r} has no rollout under way")
@@ -221,13 +224,21 @@ def _finish(repository: Path, name: str, promote: bool) -> int:
         raise RolloutError(f"model {name!r}: {key} {value!r} is not a version; edit config.pbtxt")
     # Served alone, a version without its folder would leave the model with nothing to load.
     _check_present(name, (keep,), present, repository)
+    if before_write is not None:
+        try:
+            current = model_config.rollout_of(config)
+        except RolloutError:
+            current = None  # unreadable: no gateway follows it
+        before_write(current)
     model_config.write_config(model_dir, model_config.serving_only(config, keep))
     return keep
 
 
-def promote(repository: Path, name: str) -> int:
-    """The canary becomes the only version served; returns it."""
-    return _finish(repository, name, promote=True)
+def promote(repository: Path, name: str, before_write: Callable[[Rollout | None], None] | None = None) -> int:
+    """The canary becomes the only version served; returns it. `before_write(rollout)` runs once the promote
+    is known to be possible and before anything is written (None: the rollout cannot be read); it stops the
+    promote by raising."""
+    return _finish(repository, name, promote=True, before_write=before_write)
 
 
 def abort(repository: Path, name: str) -> int:
@@ -276,10 +287,11 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
     return lower_bound
 
 
-def traffic(metrics_text: str, name: str) -> dict[str, dict[str, Any]]:
+def traffic(metrics_text: str, name: str, rollout_id: str | None = None) -> dict[str, dict[str, Any]]:
     """Per version of `name`, from a gateway's /metrics: requests, errors (5xx), p50 and p99 in ms; where
     shadow requests compared it, top-1 agreement per `against` ("stable", "reference"); where the gateway
-    halted it as a canary, the guard rail it broke ("halted")."""
+    halted it as the canary of rollout `rollout_id`, the guard rail it broke ("halted"). A halt of another
+    rollout is not shown: the gateway drops it only once a request shows it the new one."""
     from prometheus_client.parser import text_string_to_metric_families
 
     versions: dict[str, dict[str, Any]] = {}
@@ -305,7 +317,8 @@ def traffic(metrics_text: str, name: str) -> dict[str, dict[str, Any]]:
                 counts = compared.setdefault((version, labels.get("against", "")), [0.0, 0.0])
                 counts[sample.name == "gateway_shadow_agreements_total"] += sample.value
             elif sample.name == "gateway_rollout_canary_halted" and sample.value >= 1:
-                entry(version)["halted"] = labels.get("reason", "")
+                if rollout_id is not None and labels.get("rollout") == rollout_id:
+                    entry(version)["halted"] = labels.get("reason", "")
     for version, item in versions.items():
         for key, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
             value = quantile(buckets.get(version, []), q)
@@ -317,13 +330,19 @@ def traffic(metrics_text: str, name: str) -> dict[str, dict[str, Any]]:
     return versions
 
 
-def _gateway_traffic(gateway_url: str, api_key: str | None, name: str) -> dict[str, dict[str, Any]]:
-    """traffic() from the gateway at `gateway_url`; RolloutError where it cannot be asked or read."""
+class GatewayUnanswered(RolloutError):
+    """The gateway could not be asked, or its answer was not a gateway's metrics."""
+
+
+def _gateway_traffic(
+    gateway_url: str, api_key: str | None, name: str, rollout_id: str | None
+) -> dict[str, dict[str, Any]]:
+    """traffic() from the gateway at `gateway_url`."""
     text = _gateway_metrics(gateway_url, api_key)
     try:
-        return traffic(text, name)
+        return traffic(text, name, rollout_id)
     except ValueError as e:  # answered, but not in Prometheus's text format: not a gateway's /metrics
-        raise RolloutError(f"{gateway_url.rstrip('/')}/metrics is not a gateway's metrics: {e}") from e
+        raise GatewayUnanswered(f"{gateway_url.rstrip('/')}/metrics is not a gateway's metrics: {e}") from e
 
 
 def _gateway_metrics(gateway_url: str, api_key: str | None) -> str:
@@ -337,27 +356,19 @@ def _gateway_metrics(gateway_url: str, api_key: str | None) -> str:
         response = httpx.get(url, headers=headers, timeout=10)
         response.raise_for_status()
     except httpx.HTTPError as e:
-        raise RolloutError(f"cannot read the gateway's metrics at {url}: {e}") from e
+        raise GatewayUnanswered(f"cannot read the gateway's metrics at {url}: {e}") from e
     return response.text
 
 
 def status(repository: Path, name: str, gateway_url: str, api_key: str | None = None) -> dict[str, Any]:
     """The rollout's state, and per version what one gateway has seen since it started."""
     report = state(repository, name)
-    report["versions"] = _gateway_traffic(gateway_url, api_key, name)
+    current = report["rollout"]
+    report["versions"] = _gateway_traffic(gateway_url, api_key, name, current["id"] if current else None)
     return report
 
 
-def canary_halt(repository: Path, name: str, gateway_url: str, api_key: str | None = None) -> tuple[int, str] | None:
-    """The canary under way and the guard rail it broke, where the gateway at `gateway_url` halted it; None
-    where it did not, or no readable rollout is under way. RolloutError where the gateway cannot be asked."""
-    _, config, _ = _model_dir(repository, name)
-    try:
-        current = model_config.rollout_of(config)
-    except RolloutError:
-        return None
-    if current is None:
-        return None
-    # The gauge is set for this rollout only: a new rollout of the same version is judged again.
-    reason = _gateway_traffic(gateway_url, api_key, name).get(str(current.canary), {}).get("halted")
-    return (current.canary, reason) if reason else None
+def canary_halt(gateway_url: str, api_key: str | None, name: str, current: Rollout) -> str | None:
+    """The guard rail whose breach made the gateway at `gateway_url` halt `current`'s canary; None where it
+    has not. GatewayUnanswered where the gateway cannot be asked or read."""
+    return _gateway_traffic(gateway_url, api_key, name, current.id).get(str(current.canary), {}).get("halted")

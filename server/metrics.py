@@ -141,8 +141,8 @@ class GatewayMetrics:
         )
         self.canary_halted = Gauge(
             "gateway_rollout_canary_halted",
-            "1: this gateway stopped routing to the canary, by the guard rail it broke",
-            ["model", "version", "reason"],
+            "1: this gateway stopped routing to the canary of this rollout (rollout.id), by the guard rail it broke",
+            ["model", "version", "rollout", "reason"],
             registry=r,
             multiprocess_mode="livemax",
         )

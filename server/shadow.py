@@ -150,7 +150,9 @@ class CanaryWatch:
         if state is None or state.rollout != rollout:
             if state is not None and state.halted:
                 # Another rollout (or the same one rewritten): its canary is served again.
-                self.metrics.canary_halted.labels(name, str(state.rollout.canary), state.halted).set(0)
+                self.metrics.canary_halted.labels(name, str(state.rollout.canary), state.rollout.id, state.halted).set(
+                    0
+                )
             guard = rollout.guard or Guard()
             state = Watched(rollout, Windows(guard.min_requests * WINDOW_FACTOR))
             self.watched[name] = state
@@ -182,7 +184,7 @@ class CanaryWatch:
             return
         state.halted = reason
         canary = str(state.rollout.canary)
-        self.metrics.canary_halted.labels(name, canary, reason).set(1)
+        self.metrics.canary_halted.labels(name, canary, state.rollout.id, reason).set(1)
         log.warning(
             "model %r: canary version %s halted, version %s serves every request: %s",
             name,

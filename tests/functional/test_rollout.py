@@ -21,6 +21,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from builder import rollout
+from builder.cli import main
 from builder.publish import PublishSettings, publish
 from loadtests.canary import with_classes_rolled, with_extra_work
 from tests.onnx_variants import retrained
@@ -233,9 +234,9 @@ def test_promote_and_abort_under_steady_load_fail_no_request(stack, tiny_run, tm
     assert all(v["errors"] == 0 for v in report["versions"].values())
 
 
-def canary_halted(gateway, canary: int) -> str | None:
+def canary_halted(gateway, canary: int, rollout_id: str) -> str | None:
     text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-    return rollout.traffic(text, MODEL).get(str(canary), {}).get("halted")
+    return rollout.traffic(text, MODEL, rollout_id).get(str(canary), {}).get("halted")
 
 
 def test_a_slow_canary_is_halted_by_its_p99_with_no_request_failed(stack, tiny_run, tmp_path):
@@ -254,13 +255,13 @@ def test_a_slow_canary_is_halted_by_its_p99_with_no_request_failed(stack, tiny_r
 
     answers: list[httpx.Response] = []
     with httpx.Client() as client:
-        while not canary_halted(gateway, canary) and len(answers) < 400:
+        while not canary_halted(gateway, canary, started.id) and len(answers) < 400:
             answers += [classify(client, gateway.url) for _ in range(5)]
         before = Counter(a.json()["version"] for a in answers if a.status_code == 200)
         after = [classify(client, gateway.url) for _ in range(20)]
     failed = [a.text for a in answers + after if a.status_code != 200]
     print(f"\nslow canary halted after {len(answers)} requests, {before[str(canary)]} answered by it")
-    assert canary_halted(gateway, canary) == "p99" and failed == []
+    assert canary_halted(gateway, canary, started.id) == "p99" and failed == []
     assert {a.json()["version"] for a in after} == {stable}
     rollout.abort(repository, MODEL)
 
@@ -278,7 +279,7 @@ def test_a_bad_canary_is_halted_with_no_request_failed_and_status_shows_why(stac
     gateway_follows(gateway, triton, expected, {stable, str(canary)})
 
     def halted() -> str | None:
-        return canary_halted(gateway, canary)
+        return canary_halted(gateway, canary, started.id)
 
     answers: list[httpx.Response] = []
     with httpx.Client() as client:
@@ -299,8 +300,16 @@ def test_a_bad_canary_is_halted_with_no_request_failed_and_status_shows_why(stac
     assert agreement["images"] >= 20 and agreement["top1"] < 0.9
     assert gateway.log_path.read_text().count(f"canary version {canary} halted") == 1
 
-    # Another `rollout --canary` is another rollout: this gateway serves its canary again.
+    # `rollout --promote` asks this gateway first, and refuses: nothing is written.
+    config_before = (repository / MODEL / "config.pbtxt").read_bytes()
+    promote = ["rollout", MODEL, "--promote", "--repository", str(repository), "--gateway-url", gateway.url]
+    assert main(promote) == 2
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == config_before
+
+    # Another `rollout --canary` is another rollout: this gateway serves its canary again. The old halt is
+    # not reported for it, even before a request has shown the gateway the new rollout.
     again = rollout.start(repository, MODEL, 50)
+    assert "halted" not in rollout.status(repository, MODEL, gateway.url)["versions"].get(str(canary), {})
     gateway_follows(gateway, triton, {**expected, "id": again.id}, {stable, str(canary)})
     assert str(canary) in versions_answering(gateway.url, 20)
     rollout.abort(repository, MODEL)

@@ -149,7 +149,7 @@ def test_what_a_failing_canary_gets_the_stable_version_answers_until_the_canary_
         registry = client.app.state.metrics.registry
         retried = registry.get_sample_value("gateway_rollout_canary_retries_total", {"model": MODEL, "version": "2"})
         halted = registry.get_sample_value(
-            "gateway_rollout_canary_halted", {"model": MODEL, "version": "2", "reason": "error_rate"}
+            "gateway_rollout_canary_halted", {"model": MODEL, "version": "2", "rollout": "r1", "reason": "error_rate"}
         )
     assert set(versions) == {"1"}
     # Five failures (min_requests) halt it: no request is sent to it after them.

@@ -125,7 +125,10 @@ def test_a_rollout_with_unreadable_rails_is_still_aborted_and_promoted(tmp_path,
     model_config.write_config(repository / MODEL, dataclasses.replace(config, parameters=broken))
     shown = rollout.state(repository, MODEL)
     assert shown["rollout"] is None and "cannot be read" in shown["rollout_unreadable"]
-    assert main(["rollout", MODEL, command, "--repository", str(repository)]) == 0
+    # Unreadable, the rollout is followed by no gateway: --promote asks none.
+    assert (
+        main(["rollout", MODEL, command, "--repository", str(repository), "--gateway-url", "http://127.0.0.1:9"]) == 0
+    )
     served = _served(repository)
     assert served.specific_versions == (kept,)
     assert not [k for k in served.parameters if k.startswith("rollout.")]
@@ -245,7 +248,7 @@ def test_the_cli_starts_and_promotes_a_rollout(tmp_path, capsys) -> None:
         "canary_percent": 10.0,
         "sticky_header": "",
     }
-    assert main(["rollout", MODEL, "--promote", "--repository", str(repository)]) == 0
+    assert main(["rollout", MODEL, "--promote", "--force", "--repository", str(repository)]) == 0
     assert json.loads(capsys.readouterr().out) == {"model": MODEL, "serving": 2}
 
 
@@ -449,17 +452,21 @@ gateway_shadow_comparisons_total{against="reference",model="digits",version="1"}
 gateway_shadow_agreements_total{against="stable",model="digits",version="2"} 4.0
 gateway_shadow_agreements_total{against="reference",model="digits",version="1"} 10.0
 # TYPE gateway_rollout_canary_halted gauge
-gateway_rollout_canary_halted{model="digits",reason="agreement",version="2"} 1.0
-gateway_rollout_canary_halted{model="digits",reason="p99",version="3"} 0.0
+gateway_rollout_canary_halted{model="digits",reason="agreement",rollout="r2",version="2"} 1.0
+gateway_rollout_canary_halted{model="digits",reason="p99",rollout="r3",version="3"} 0.0
 """
 
 
 def test_status_reads_agreement_and_the_halt_from_the_gateways_metrics() -> None:
-    figures = rollout.traffic(METRICS + SHADOW_METRICS, MODEL)
+    figures = rollout.traffic(METRICS + SHADOW_METRICS, MODEL, "r2")
     assert figures["2"]["agreement"] == {"stable": {"images": 40, "top1": 0.1}}
     assert figures["2"]["halted"] == "agreement"
     assert figures["1"]["agreement"] == {"reference": {"images": 10, "top1": 1.0}}
     assert "halted" not in figures["1"] and "3" not in figures
+    # A halt of another rollout (the gateway drops it only when a request shows it the new one), or with
+    # no rollout under way, is not this rollout's.
+    assert "halted" not in rollout.traffic(METRICS + SHADOW_METRICS, MODEL, "r9")["2"]
+    assert "halted" not in rollout.traffic(METRICS + SHADOW_METRICS, MODEL)["2"]
 
 
 @pytest.fixture
@@ -491,34 +498,46 @@ def gateway_metrics():
         server.server_close()
 
 
+def _halted_metrics(started: Rollout, reason: str = "agreement") -> str:
+    labels = f'model="{MODEL}",reason="{reason}",rollout="{started.id}",version="{started.canary}"'
+    return f"# TYPE gateway_rollout_canary_halted gauge\ngateway_rollout_canary_halted{{{labels}}} 1.0\n"
+
+
 def test_promote_refuses_a_canary_the_gateway_halted_unless_forced(tmp_path, capsys, gateway_metrics) -> None:
     url, served = gateway_metrics
     repository = _repository(tmp_path, versions=2)
-    rollout.start(repository, MODEL, 10)
-    served[0] = SHADOW_METRICS  # version 2 halted by its agreement
+    started = rollout.start(repository, MODEL, 10)
+    served[0] = METRICS + _halted_metrics(started)
+    before = (repository / MODEL / "config.pbtxt").read_bytes()
     argv = ["--promote", "--repository", str(repository), "--gateway-url", url]
     error = _refused(capsys, MODEL, *argv)
     assert "halted version 2" in error and "agreement" in error and "--force" in error
-    assert model_config.rollout_of(_served(repository)) is not None  # nothing was changed
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
     assert main(["rollout", MODEL, *argv, "--force"]) == 0
     assert model_config.rollout_of(_served(repository)) is None and _served(repository).specific_versions == (2,)
 
 
-def test_promote_goes_ahead_when_the_gateway_did_not_halt_or_cannot_be_asked(tmp_path, caplog, gateway_metrics) -> None:
+def test_promote_goes_ahead_where_the_gateway_halted_another_rollout_or_nothing(tmp_path, gateway_metrics) -> None:
     url, served = gateway_metrics
-    served[0] = METRICS + SHADOW_METRICS  # version 2 halted; version 3's gauge is 0
-    repository = _repository(tmp_path / "asked", versions=3)
-    rollout.start(repository, MODEL, 10)  # version 3
+    repository = _repository(tmp_path, versions=2)
+    halted = rollout.start(repository, MODEL, 10)
+    served[0] = METRICS + _halted_metrics(halted)
+    rollout.start(repository, MODEL, 20)  # the same canary again: a new rollout, judged afresh
     assert main(["rollout", MODEL, "--promote", "--repository", str(repository), "--gateway-url", url]) == 0
-    assert _served(repository).specific_versions == (3,)
-
-    repository = _repository(tmp_path / "unasked", versions=2)
-    rollout.start(repository, MODEL, 10)
-    nowhere = "http://127.0.0.1:9"
-    with caplog.at_level(logging.WARNING):
-        assert main(["rollout", MODEL, "--promote", "--repository", str(repository), "--gateway-url", nowhere]) == 0
     assert _served(repository).specific_versions == (2,)
-    assert any("without knowing whether a gateway halted" in r.getMessage() for r in caplog.records)
+
+
+def test_promote_refuses_where_no_gateway_can_be_asked_unless_forced(tmp_path, capsys, monkeypatch) -> None:
+    repository = _repository(tmp_path, versions=2)
+    rollout.start(repository, MODEL, 10)
+    before = (repository / MODEL / "config.pbtxt").read_bytes()
+    # No --gateway-url: the gateway this environment would start (GATEWAY_PORT), where nothing listens.
+    monkeypatch.setenv("GATEWAY_PORT", "9")
+    error = _refused(capsys, MODEL, "--promote", "--repository", str(repository))
+    assert "http://127.0.0.1:9/metrics" in error and "--force" in error
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+    assert main(["rollout", MODEL, "--promote", "--force", "--repository", str(repository)]) == 0
+    assert _served(repository).specific_versions == (2,)
 
 
 def test_force_goes_with_promote_only(tmp_path, capsys) -> None:

@@ -116,7 +116,7 @@ def test_a_canary_that_never_agrees_is_halted_with_one_log_line_and_a_metric(cap
     # Two images per request: min_requests (10) comparisons after 5 requests, then every request is stable's.
     assert answered == ["2"] * 5 + ["1"] * 5
     assert watch.halted(MODEL) == "agreement"
-    assert sample(metrics, "gateway_rollout_canary_halted", version="2", reason="agreement") == 1
+    assert sample(metrics, "gateway_rollout_canary_halted", version="2", rollout="first", reason="agreement") == 1
     assert sample(metrics, "gateway_shadow_comparisons_total", version="2", against="stable") == 10
     assert sample(metrics, "gateway_shadow_agreements_total", version="2", against="stable") == 0
     halts = [r for r in caplog.records if "halted" in r.getMessage()]
@@ -130,7 +130,7 @@ def test_a_canary_that_never_agrees_is_halted_with_one_log_line_and_a_metric(cap
     # A new `builder rollout --canary` (a new id): the canary serves again.
     again = dataclasses.replace(INFO, rollout=dataclasses.replace(INFO.rollout, id="second"))
     assert watch.route(again, {}) == "2" and watch.halted(MODEL) is None
-    assert sample(metrics, "gateway_rollout_canary_halted", version="2", reason="agreement") == 0
+    assert sample(metrics, "gateway_rollout_canary_halted", version="2", rollout="first", reason="agreement") == 0
 
 
 def test_what_the_canary_fails_the_stable_version_answers_and_a_refused_input_is_not_retried() -> None:
