@@ -1219,6 +1219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line whatever the message carries (a library's error can span several).
         print(f"builder {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Whoever read the output went away (`| head`): nothing is wrong with the command. Standard output goes
+        # to /dev/null so that the flush at exit fails no more (the signal module's note on SIGPIPE), and the
+        # exit status is the shell's for a process a closed pipe stops (128 + SIGPIPE).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         # A file the command reads or writes: an unwritable output folder, a path under a file, a full disk.
         where = f" {e.filename}" if e.filename else ""

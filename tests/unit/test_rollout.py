@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -563,3 +564,21 @@ def test_a_promoted_version_is_not_rolled_out_again_against_the_one_it_retired(t
     error = _refused(capsys, MODEL, "--canary", "50", "--repository", str(repository))
     assert "version 2 of 'digits' is already the only version served" in error
     assert (repository / MODEL / "config.pbtxt").read_text() == before
+
+
+@pytest.mark.spawns
+def test_output_into_a_closed_pipe_is_no_error_message(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    repository = _repository(tmp_path, versions=2)
+    rollout.start(repository, MODEL, 10)
+    command = [sys.executable, "-m", "builder", "rollout", MODEL, "--abort", "--repository", str(repository)]
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes (as `| head` once it has its lines)
+    try:
+        done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == ""
+    assert _served(repository).specific_versions == (1,)  # the abort itself was done
