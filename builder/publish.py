@@ -836,7 +836,7 @@ def _interface_parameters(config: model_config.ModelConfig) -> dict[str, str]:
     return {k: v for k, v in config.parameters.items() if k.startswith(PARAMETER_PREFIX) or k == LABELS_PARAMETER}
 
 
-def _check_shared_interface(model_dir: Path, config: model_config.ModelConfig) -> None:
+def _check_shared_interface(model_dir: Path, config: model_config.ModelConfig, canary: bool = False) -> None:
     """Triton keeps one config, so one preprocessing spec and one label list, per model. Where the new
     config serves older versions beside the new one, they would be preprocessed and labelled as the new
     one is: wrong answers, without an error. Refused unless the two agree."""
@@ -855,6 +855,11 @@ def _check_shared_interface(model_dir: Path, config: model_config.ModelConfig) -
     )
     if changed:
         what = "labels" if changed == [LABELS_PARAMETER] else "preprocessing or labels"
+        if canary:
+            raise PublishError(
+                f"a canary is served beside the version of {model_dir.name} served now, and the two share one "
+                f"config: this version's {what} differ ({', '.join(changed)}); publish it under another name"
+            )
         raise PublishError(
             f"model {model_dir.name} would serve its older versions beside this one (version policy "
             f"{config.version_policy}), and they share one config: this version's {what} differ "
@@ -888,7 +893,7 @@ def _publish_files(
     if settings.canary_percent is not None:
         # Both versions are served with this config: they must agree on preprocessing and labels. A canary
         # replaces nothing: a worse one is published with a warning (the rollout compares the two live).
-        _check_shared_interface(Path(repository) / name, dataclasses.replace(config, version_policy="all"))
+        _check_shared_interface(Path(repository) / name, dataclasses.replace(config, version_policy="all"), canary=True)
         check_accuracy(Path(repository) / name, lineage.get("val_accuracy"), settings)
         canary = (model_config.pin_served_version(Path(repository) / name), settings.canary_percent)
     else:

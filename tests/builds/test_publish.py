@@ -580,6 +580,10 @@ def test_versions_served_side_by_side_must_share_preprocessing_and_labels(tiny_r
     # newest version is served.
     assert publish(onnx_path, repository, "digits", settings=both).version == 2
     assert publish(onnx_path, repository, "digits", spec=other_spec).version == 3
+    # A canary is served beside the version served now: the same rule, said of the canary.
+    with pytest.raises(PublishError, match="a canary is served beside") as refused:
+        publish(onnx_path, repository, "digits", settings=PublishSettings(canary_percent=10))
+    assert "--version-policy" not in str(refused.value)
 
 
 def test_two_publishes_racing_for_one_version_number_both_land_whole(tiny_run, tmp_path, monkeypatch):
