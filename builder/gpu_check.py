@@ -213,7 +213,12 @@ def need_tensorrt() -> tuple[str, str | None] | None:
         try:
             import_tensorrt()
         except EngineError as e:
-            return "TensorRT is not installed", error_line(e)
+            try:
+                from .trt_runtime import install_hint as tensorrt_install_hint
+            except ImportError:
+                return "TensorRT is not installed", error_line(e)
+            # Not the engine stage's whole line: its other way out (publish --target gpu) runs no check here.
+            return "TensorRT is not installed", f"TensorRT is not installed: {tensorrt_install_hint()}"
         return "TensorRT is not importable", None  # the importer got it after all: a broken install
     try:
         engine.check_tensorrt_version(getattr(tensorrt, "__version__", "unknown"))
@@ -261,8 +266,9 @@ def need_modelopt() -> tuple[str, str | None] | None:
 def need_tritonserver() -> tuple[str, str | None] | None:
     if shutil.which("tritonserver") is None:
         return "tritonserver is not on PATH", (
-            "run in NVIDIA's tritonserver container (nvcr.io/nvidia/tritonserver:24.10-py3) with torch (a CUDA "
-            "build), tensorrt==10.5.* and this project's builder packages installed in it"
+            "tritonserver (checks 6, 7): run in NVIDIA's tritonserver container "
+            "(nvcr.io/nvidia/tritonserver:24.10-py3) with torch (a CUDA build) and this project's builder "
+            "packages installed in it, and tensorrt==10.5.* for check 6"
         )
     return None
 
@@ -276,7 +282,8 @@ def need_dali_backend() -> tuple[str, str | None] | None:
     if not (TRITON_BACKENDS / "dali").is_dir():
         return (
             f"Triton's DALI backend is not installed ({TRITON_BACKENDS / 'dali'} is missing)",
-            "run in NVIDIA's tritonserver container (nvcr.io/nvidia/tritonserver:24.10-py3), which has it",
+            "Triton's DALI backend (check 7): NVIDIA's tritonserver container (nvcr.io/nvidia/tritonserver:24.10-py3) "
+            "has it",
         )
     return None
 
