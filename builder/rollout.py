@@ -341,23 +341,58 @@ def _gateway_traffic(
     text = _gateway_metrics(gateway_url, api_key)
     try:
         return traffic(text, name, rollout_id)
-    except ValueError as e:  # answered, but not in Prometheus's text format: not a gateway's /metrics
-        raise GatewayUnanswered(f"{gateway_url.rstrip('/')}/metrics is not a gateway's metrics: {e}") from e
+    except (ValueError, KeyError, OverflowError) as e:  # not Prometheus's text format, or not the gateway's series
+        raise GatewayUnanswered(f"{gateway_url.rstrip('/')}/metrics is not a gateway's metrics: {e!r}") from e
+
+
+# For the whole answer, not each read: a server that trickles bytes would otherwise hold the command for ever.
+METRICS_DEADLINE_S = 15.0
+# A gateway's /metrics is some tens of kB per model; an answer past this is not one.
+MAX_METRICS_BYTES = 32 * 1024 * 1024
 
 
 def _gateway_metrics(gateway_url: str, api_key: str | None) -> str:
+    """The text of the gateway's /metrics, within METRICS_DEADLINE_S and MAX_METRICS_BYTES; GatewayUnanswered
+    for anything else (unreachable, refused, a bad URL, too slow, too large)."""
+    import threading
+
     import httpx
 
     # httpx logs every request at INFO, which the CLI's logging would print before the JSON.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = gateway_url.rstrip("/") + "/metrics"
-    try:
-        response = httpx.get(url, headers=headers, timeout=10)
-        response.raise_for_status()
-    except httpx.HTTPError as e:
-        raise GatewayUnanswered(f"cannot read the gateway's metrics at {url}: {e}") from e
-    return response.text
+    given_up = threading.Event()
+    outcome: list[str | Exception] = []
+
+    def fetch() -> None:
+        try:
+            with httpx.stream("GET", url, headers=headers, timeout=10) as response:
+                response.raise_for_status()
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_METRICS_BYTES:
+                        raise GatewayUnanswered(f"{url} sent more than {MAX_METRICS_BYTES >> 20} MiB: not a gateway's")
+                    if given_up.is_set():
+                        return
+                outcome.append(body.decode(response.encoding or "utf-8", errors="replace"))
+        except GatewayUnanswered as e:
+            outcome.append(e)
+        except Exception as e:  # a bad URL, a refused connection, an HTTP error status, a broken stream
+            outcome.append(GatewayUnanswered(f"cannot read the gateway's metrics at {url}: {e}"))
+
+    # A daemon thread, so that a server that never finishes cannot keep the process from exiting either.
+    reader = threading.Thread(target=fetch, name="gateway-metrics", daemon=True)
+    reader.start()
+    reader.join(METRICS_DEADLINE_S)
+    if reader.is_alive() or not outcome:
+        given_up.set()
+        raise GatewayUnanswered(f"the gateway at {url} sent no whole answer within {METRICS_DEADLINE_S:g} s")
+    result = outcome[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def status(repository: Path, name: str, gateway_url: str, api_key: str | None = None) -> dict[str, Any]:

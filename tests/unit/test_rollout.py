@@ -341,7 +341,9 @@ def test_status_logs_no_http_request_line_before_its_json(tmp_path, caplog, monk
 
     repository = _repository(tmp_path, versions=2)
     transport = httpx.MockTransport(lambda request: httpx.Response(200, text=""))
-    monkeypatch.setattr(httpx, "get", lambda url, **kwargs: httpx.Client(transport=transport).get(url, **kwargs))
+    monkeypatch.setattr(
+        httpx, "stream", lambda method, url, **kwargs: httpx.Client(transport=transport).stream(method, url, **kwargs)
+    )
     with caplog.at_level(logging.INFO):
         assert rollout.status(repository, MODEL, "http://127.0.0.1:9")["versions"] == {}
     assert [r.getMessage() for r in caplog.records if r.name.startswith("httpx")] == []
@@ -582,3 +584,89 @@ def test_output_into_a_closed_pipe_is_no_error_message(tmp_path) -> None:
         os.close(write)
     assert done.returncode == 141 and done.stderr == ""
     assert _served(repository).specific_versions == (1,)  # the abort itself was done
+
+
+class _Hostile:
+    """A loopback server that answers every connection by `answer(socket)`, in a thread of its own."""
+
+    def __init__(self, answer) -> None:
+        import socket
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopped = threading.Event()
+
+        def serve() -> None:
+            while not self.stopped.is_set():
+                try:
+                    connection, _ = self.listener.accept()
+                except OSError:
+                    return
+                with connection:
+                    connection.recv(65536)
+                    try:
+                        answer(connection, self.stopped)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+
+def _trickle(connection, stopped) -> None:
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"#" * 100000:
+        if stopped.wait(0.2):
+            return
+        connection.sendall(bytes([byte]))
+
+
+def _endless(connection, stopped) -> None:
+    connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (65536, b"# x\n" * 16384)
+    while not stopped.is_set():
+        connection.sendall(chunk)
+
+
+@pytest.mark.parametrize("answer", [_trickle, _endless])
+def test_promote_ends_in_bounded_time_and_memory_whatever_the_gateway_sends(tmp_path, capsys, monkeypatch, answer):
+    monkeypatch.setattr(rollout, "METRICS_DEADLINE_S", 1.0)
+    monkeypatch.setattr(rollout, "MAX_METRICS_BYTES", 1 << 20)
+    repository = _repository(tmp_path, versions=2)
+    rollout.start(repository, MODEL, 10)
+    before = (repository / MODEL / "config.pbtxt").read_bytes()
+    hostile = _Hostile(answer)
+    try:
+        error = _refused(capsys, MODEL, "--promote", "--repository", str(repository), "--gateway-url", hostile.url)
+    finally:
+        hostile.close()
+    assert ("no whole answer within 1 s" in error) if answer is _trickle else ("more than 1 MiB" in error)
+    assert (repository / MODEL / "config.pbtxt").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        'gateway_version_request_seconds_bucket{model="digits",version="2"} 1\n',  # no `le`
+        'gateway_version_requests_total{model="digits",version="2",status="200"} +Inf\n',
+    ],
+)
+def test_metrics_that_parse_but_are_not_the_gateways_are_one_line(tmp_path, capsys, gateway_metrics, metrics):
+    url, served = gateway_metrics
+    served[0] = metrics
+    repository = _repository(tmp_path, versions=2)
+    assert "is not a gateway's metrics" in _refused(
+        capsys, MODEL, "--status", "--repository", str(repository), "--gateway-url", url
+    )
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:9:1", "http://127.0.0.1:9/\x01"])
+def test_a_malformed_gateway_url_is_one_line(tmp_path, capsys, url):
+    repository = _repository(tmp_path, versions=2)
+    rollout.start(repository, MODEL, 10)
+    assert "cannot read the gateway's metrics" in _refused(
+        capsys, MODEL, "--promote", "--repository", str(repository), "--gateway-url", url
+    )
