@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -516,10 +517,23 @@ def triton_and_gateway(
             **(gateway_env or {}),
         },
     )
+    # SIGTERM ends the run as Ctrl-C does, through the `finally` below and the caller's own clean-up.
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         triton.start()
         gateway.start()
         yield triton, gateway
     finally:
-        gateway.stop()
-        triton.stop()
+        try:
+            gateway.stop()
+        finally:  # a second Ctrl-C while the gateway drains still stops Triton
+            triton.stop(timeout_s=5)
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
