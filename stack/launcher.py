@@ -7,6 +7,7 @@ The only module that spawns processes. `TritonServer` runs the real `tritonserve
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -89,6 +90,54 @@ def remove_regions(prefix: str) -> int:
             continue
         freed += size
     return freed
+
+
+# The Python backend's stub processes, by their executable's name (python_backend, src/stub_launcher.cc).
+PYTHON_BACKEND_STUB = "triton_python_backend_stub"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
+def remove_dead_launchers_leftovers() -> int:
+    """The Python-backend leftovers of Tritons whose launcher was killed outright (SIGKILL: no clean-up ran):
+    a Triton killed while it loaded models can leave its stub processes running, orphaned, and their shared
+    memory. Each start's region prefix names the launcher's pid (TritonServer._new_region_prefix): prefixes of
+    pids no longer running are dead starts' own, whatever else runs here. Returns the stubs killed."""
+    dead = set()
+    for path in Path(SHM_DIRECTORY).glob(f"{PYTHON_BACKEND_REGION_PREFIX}*"):
+        owner = path.name[len(PYTHON_BACKEND_REGION_PREFIX) :].split("_", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            dead.add(f"{PYTHON_BACKEND_REGION_PREFIX}{owner}_")
+    if not dead:
+        return 0
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if Path(argv[0]).name == PYTHON_BACKEND_STUB and any(arg.startswith(tuple(dead)) for arg in argv[1:]):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    freed = sum(remove_regions(prefix) for prefix in dead)
+    log.info(
+        "removed what %d killed launchers left: %d Python backend stubs, %.1f MB of shared memory",
+        len(dead),
+        killed,
+        freed / 1e6,
+    )
+    return killed
 
 
 def _http_ok(url: str, timeout_s: float = 1.0) -> bool:
@@ -368,6 +417,7 @@ class TritonServer(_ManagedProcess):
             raise LaunchError(f"model repository {self.model_repository} is not a directory")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         backends = prepare_backends(self.cache_dir)
+        remove_dead_launchers_leftovers()
         self.shm_region_prefix = self._new_region_prefix()
         self.python_env_dir, self._env_dirs_at_launch = None, python_env_dirs()
         self._spawn(self.command(backends), self.environment())

@@ -330,3 +330,34 @@ def test_a_killed_tritons_python_backend_folder_is_removed_and_no_one_elses(tmp_
     finally:
         remove_regions(server.shm_region_prefix)
         server.stop(timeout_s=0)
+
+
+@pytest.mark.spawns
+def test_stubs_and_regions_of_a_killed_launcher_are_removed_at_the_next_start_and_no_one_elses(tmp_path):
+    # A launcher killed outright (SIGKILL) while its Triton loaded models: the stubs were left running,
+    # orphaned, with their shared memory. Its pid, in their region prefix, is no longer running.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead_prefix = f"{launcher.PYTHON_BACKEND_REGION_PREFIX}{gone.pid}_0a1b2c3d_"
+    live_prefix = f"{launcher.PYTHON_BACKEND_REGION_PREFIX}{os.getpid()}_0a1b2c3d_"
+    regions = [Path("/dev/shm") / f"{prefix}stub-1" for prefix in (dead_prefix, live_prefix)]
+    stubs = []
+    try:
+        for region in regions:
+            region.write_bytes(b"x" * 4096)
+            stub = tmp_path / launcher.PYTHON_BACKEND_STUB  # how the backend names it (argv[0])
+            argv = [str(stub), "-c", "import time; time.sleep(60)", region.name, "1048576"]
+            stubs.append(subprocess.Popen(argv, executable=sys.executable))
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while not all(Path(f"/proc/{p.pid}/cmdline").read_bytes().startswith(str(stub).encode()) for p in stubs):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert launcher.remove_dead_launchers_leftovers() == 1
+        assert stubs[0].wait(timeout=CHILD_TIMEOUT_S) == -signal.SIGKILL and not regions[0].exists()
+        assert stubs[1].poll() is None and regions[1].exists()  # a running launcher's: left alone
+    finally:
+        for stub_process in stubs:
+            stub_process.kill()
+            stub_process.wait()
+        for region in regions:
+            region.unlink(missing_ok=True)
