@@ -202,16 +202,19 @@ def _gateway_url(args: argparse.Namespace) -> str:
 
 
 def _refusing_a_halted_canary(args: argparse.Namespace) -> Callable[[Any], None]:
-    """--promote's check before it writes: a canary the gateway's guard rails halted, or one no gateway
-    could be asked about, is not promoted without --force."""
-    from .rollout import GatewayUnanswered, canary_halt
+    """--promote's check before it writes: a canary the gateway's guard rails halted, or have not yet judged
+    on --min-requests of its requests in this rollout, or one no gateway could be asked about, is not
+    promoted without --force."""
+    from server.rollout import Guard
+
+    from .rollout import GatewayUnanswered, canary_verdict
 
     def ask(current: Any) -> None:
         if current is None:
             return  # a rollout no gateway can read is followed by none, so none halted its canary
         url = _gateway_url(args)
         try:
-            reason = canary_halt(url, _gateway_key(args), args.name, current)
+            reason, judged = canary_verdict(url, _gateway_key(args), args.name, current)
         except GatewayUnanswered as e:
             raise BuilderError(
                 f"{e}: no gateway said whether it halted the canary; give --gateway-url (and --api-key), or "
@@ -220,7 +223,14 @@ def _refusing_a_halted_canary(args: argparse.Namespace) -> Callable[[Any], None]
         if reason is not None:
             raise BuilderError(
                 f"the gateway at {url} halted version {current.canary} of {args.name!r} ({reason} guard rail, "
-                "see --status): --abort it, start it again with --canary, or give --force to promote it anyway"
+                "see --status): --abort it, or give --force to promote it anyway"
+            )
+        needed = (current.guard or Guard()).min_requests
+        if judged < needed:
+            raise BuilderError(
+                f"the gateway at {url} has judged {judged} requests of version {current.canary} of {args.name!r} "
+                f"in this rollout, fewer than the {needed} its guard rails need (--min-requests): let it serve "
+                "more first, or give --force to promote it unjudged"
             )
 
     return ask

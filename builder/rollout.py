@@ -287,11 +287,17 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
     return lower_bound
 
 
+# A series every gateway exports from its start, whatever it has served (server/metrics.py): an answer without
+# it comes from another service (Triton's metrics, the stack's, anything else that serves /metrics).
+GATEWAY_FAMILY = "gateway_request_bytes"
+
+
 def traffic(metrics_text: str, name: str, rollout_id: str | None = None) -> dict[str, dict[str, Any]]:
     """Per version of `name`, from a gateway's /metrics: requests, errors (5xx), p50 and p99 in ms; where
     shadow requests compared it, top-1 agreement per `against` ("stable", "reference"); where the gateway
-    halted it as the canary of rollout `rollout_id`, the guard rail it broke ("halted"). A halt of another
-    rollout is not shown: the gateway drops it only once a request shows it the new one."""
+    halted it as the canary of rollout `rollout_id`, the guard rail it broke ("halted"), and the requests of
+    that rollout its guard rails judged ("judged"). Another rollout's are not shown: the gateway drops a halt
+    only once a request shows it the new rollout. ValueError where the text is not a gateway's metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     versions: dict[str, dict[str, Any]] = {}
@@ -301,7 +307,9 @@ def traffic(metrics_text: str, name: str, rollout_id: str | None = None) -> dict
     def entry(version: str) -> dict[str, Any]:
         return versions.setdefault(version, {"requests": 0, "errors": 0})
 
+    gateway = False
     for family in text_string_to_metric_families(metrics_text):
+        gateway = gateway or family.name == GATEWAY_FAMILY
         for sample in family.samples:
             labels = sample.labels
             if labels.get("model") != name:
@@ -319,6 +327,11 @@ def traffic(metrics_text: str, name: str, rollout_id: str | None = None) -> dict
             elif sample.name == "gateway_rollout_canary_halted" and sample.value >= 1:
                 if rollout_id is not None and labels.get("rollout") == rollout_id:
                     entry(version)["halted"] = labels.get("reason", "")
+            elif sample.name == "gateway_rollout_canary_requests_total":
+                if rollout_id is not None and labels.get("rollout") == rollout_id:
+                    entry(version)["judged"] = int(sample.value)
+    if not gateway:
+        raise ValueError(f"no {GATEWAY_FAMILY} series: another service's metrics, or none")
     for version, item in versions.items():
         for key, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
             value = quantile(buckets.get(version, []), q)
@@ -403,7 +416,9 @@ def status(repository: Path, name: str, gateway_url: str, api_key: str | None = 
     return report
 
 
-def canary_halt(gateway_url: str, api_key: str | None, name: str, current: Rollout) -> str | None:
-    """The guard rail whose breach made the gateway at `gateway_url` halt `current`'s canary; None where it
-    has not. GatewayUnanswered where the gateway cannot be asked or read."""
-    return _gateway_traffic(gateway_url, api_key, name, current.id).get(str(current.canary), {}).get("halted")
+def canary_verdict(gateway_url: str, api_key: str | None, name: str, current: Rollout) -> tuple[str | None, int]:
+    """What the gateway at `gateway_url` says of `current`'s canary: the guard rail whose breach halted it
+    (None: not halted), and how many of its requests in this rollout the rails judged. GatewayUnanswered where
+    the gateway cannot be asked or read."""
+    seen = _gateway_traffic(gateway_url, api_key, name, current.id).get(str(current.canary), {})
+    return seen.get("halted"), seen.get("judged", 0)

@@ -146,6 +146,12 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.canary_requests = Counter(
+            "gateway_rollout_canary_requests",
+            "Requests routed to the canary of this rollout (rollout.id): what its guard rails judge",
+            ["model", "version", "rollout"],
+            registry=r,
+        )
         self.canary_retries = Counter(
             "gateway_rollout_canary_retries",
             "Requests the canary failed (Triton errors) and the stable version answered",

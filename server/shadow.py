@@ -202,6 +202,7 @@ class CanaryWatch:
         state = self._state(info.name, rollout)
         windows = state.windows
         if version == str(rollout.canary):
+            self.metrics.canary_requests.labels(info.name, version, rollout.id).inc()
             windows.canary_errors.append(failed)
             if not failed:
                 windows.canary_seconds.append(seconds)

@@ -310,6 +310,8 @@ def test_a_bad_canary_is_halted_with_no_request_failed_and_status_shows_why(stac
     # not reported for it, even before a request has shown the gateway the new rollout.
     again = rollout.start(repository, MODEL, 50)
     assert "halted" not in rollout.status(repository, MODEL, gateway.url)["versions"].get(str(canary), {})
+    # Nor can it be promoted at once: its rails have judged none of its requests yet.
+    assert main(promote) == 2
     gateway_follows(gateway, triton, {**expected, "id": again.id}, {stable, str(canary)})
     assert str(canary) in versions_answering(gateway.url, 20)
     rollout.abort(repository, MODEL)

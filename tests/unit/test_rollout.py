@@ -300,7 +300,17 @@ def test_publish_with_a_canary_refuses_a_new_model_and_a_bad_percentage(tmp_path
 # --status
 
 
-METRICS = """\
+# What every gateway exports from its start (the sign that a gateway answered).
+GATEWAY_BASE = """\
+# TYPE gateway_request_bytes histogram
+gateway_request_bytes_bucket{le="+Inf"} 0.0
+gateway_request_bytes_count 0.0
+gateway_request_bytes_sum 0.0
+"""
+
+METRICS = (
+    GATEWAY_BASE
+    + """\
 # TYPE gateway_version_requests_total counter
 gateway_version_requests_total{model="digits",status="200",version="1"} 90.0
 gateway_version_requests_total{model="digits",status="503",version="1"} 2.0
@@ -318,6 +328,7 @@ gateway_version_request_seconds_bucket{le="+Inf",model="digits",version="2"} 10.
 gateway_version_request_seconds_count{model="digits",version="2"} 10.0
 gateway_version_request_seconds_sum{model="digits",version="2"} 0.05
 """
+)
 
 
 def test_status_reads_requests_errors_and_quantiles_per_version_from_the_gateways_metrics() -> None:
@@ -340,7 +351,7 @@ def test_status_logs_no_http_request_line_before_its_json(tmp_path, caplog, monk
     import httpx
 
     repository = _repository(tmp_path, versions=2)
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=""))
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=GATEWAY_BASE))
     monkeypatch.setattr(
         httpx, "stream", lambda method, url, **kwargs: httpx.Client(transport=transport).stream(method, url, **kwargs)
     )
@@ -506,6 +517,14 @@ def _halted_metrics(started: Rollout, reason: str = "agreement") -> str:
     return f"# TYPE gateway_rollout_canary_halted gauge\ngateway_rollout_canary_halted{{{labels}}} 1.0\n"
 
 
+def _judged_metrics(started: Rollout, requests: int) -> str:
+    labels = f'model="{MODEL}",rollout="{started.id}",version="{started.canary}"'
+    return (
+        "# TYPE gateway_rollout_canary_requests counter\n"
+        f"gateway_rollout_canary_requests_total{{{labels}}} {requests}.0\n"
+    )
+
+
 def test_promote_refuses_a_canary_the_gateway_halted_unless_forced(tmp_path, capsys, gateway_metrics) -> None:
     url, served = gateway_metrics
     repository = _repository(tmp_path, versions=2)
@@ -520,14 +539,30 @@ def test_promote_refuses_a_canary_the_gateway_halted_unless_forced(tmp_path, cap
     assert model_config.rollout_of(_served(repository)) is None and _served(repository).specific_versions == (2,)
 
 
-def test_promote_goes_ahead_where_the_gateway_halted_another_rollout_or_nothing(tmp_path, gateway_metrics) -> None:
+def test_promote_waits_for_the_rails_to_judge_this_rollout_and_ignores_an_earlier_halt(
+    tmp_path, capsys, gateway_metrics
+) -> None:
     url, served = gateway_metrics
     repository = _repository(tmp_path, versions=2)
     halted = rollout.start(repository, MODEL, 10)
-    served[0] = METRICS + _halted_metrics(halted)
-    rollout.start(repository, MODEL, 20)  # the same canary again: a new rollout, judged afresh
-    assert main(["rollout", MODEL, "--promote", "--repository", str(repository), "--gateway-url", url]) == 0
+    again = rollout.start(repository, MODEL, 20, guard={"min_requests": 30})  # a new rollout, judged afresh
+    argv = ["--promote", "--repository", str(repository), "--gateway-url", url]
+    # The earlier rollout's halt and requests are not this one's: 29 of its own are not enough yet.
+    served[0] = METRICS + _halted_metrics(halted) + _judged_metrics(halted, 500) + _judged_metrics(again, 29)
+    error = _refused(capsys, MODEL, *argv)
+    assert "has judged 29 requests of version 2" in error and "the 30 its guard rails need" in error
+    served[0] = METRICS + _halted_metrics(halted) + _judged_metrics(again, 30)
+    assert main(["rollout", MODEL, *argv]) == 0
     assert _served(repository).specific_versions == (2,)
+
+
+def test_promote_refuses_what_answers_with_another_services_metrics(tmp_path, capsys, gateway_metrics) -> None:
+    url, served = gateway_metrics
+    served[0] = '# TYPE nv_inference_count counter\nnv_inference_count{model="digits",version="2"} 7.0\n'
+    repository = _repository(tmp_path, versions=2)
+    rollout.start(repository, MODEL, 10)
+    error = _refused(capsys, MODEL, "--promote", "--repository", str(repository), "--gateway-url", url)
+    assert "is not a gateway's metrics" in error and "no gateway_request_bytes series" in error
 
 
 def test_promote_refuses_where_no_gateway_can_be_asked_unless_forced(tmp_path, capsys, monkeypatch) -> None:

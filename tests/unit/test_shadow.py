@@ -119,6 +119,8 @@ def test_a_canary_that_never_agrees_is_halted_with_one_log_line_and_a_metric(cap
     assert sample(metrics, "gateway_rollout_canary_halted", version="2", rollout="first", reason="agreement") == 1
     assert sample(metrics, "gateway_shadow_comparisons_total", version="2", against="stable") == 10
     assert sample(metrics, "gateway_shadow_agreements_total", version="2", against="stable") == 0
+    # The canary's requests of this rollout, which `rollout --promote` asks for before it promotes.
+    assert sample(metrics, "gateway_rollout_canary_requests_total", version="2", rollout="first") == 5
     halts = [r for r in caplog.records if "halted" in r.getMessage()]
     assert len(halts) == 1 and "agreement with the stable version 0.000 < 0.9 over 10 images" in halts[0].getMessage()
     # Halted, nothing is compared any more; and a stable answer is never sent to the canary.
