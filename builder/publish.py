@@ -691,12 +691,21 @@ def recorded_accuracy(metadata: Mapping[str, str]) -> float | None:
 
 
 def _serving_version(model_dir: Path) -> int | None:
-    """The version Triton serves as the model's newest: the highest one, or the highest of a specific policy."""
+    """The version the model is served by: during a rollout its stable version (the canary is on trial), else
+    the highest one, or the highest of a specific policy."""
     existing = versions(model_dir)
     try:
-        pinned = model_config.parse((model_dir / "config.pbtxt").read_text()).specific_versions
+        config = model_config.parse((model_dir / "config.pbtxt").read_text())
     except Exception:  # no config, or one that cannot be read: the newest folder is what Triton would load
-        pinned = ()
+        config = None
+    if config is not None:
+        try:
+            rollout = model_config.rollout_of(config)
+        except BuilderError:
+            rollout = None
+        if rollout is not None and rollout.stable in existing:
+            return rollout.stable
+    pinned = config.specific_versions if config is not None else ()
     chosen = [v for v in existing if v in pinned] or existing
     return chosen[-1] if chosen else None
 

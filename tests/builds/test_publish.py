@@ -667,6 +667,18 @@ def test_a_worse_canary_is_published_with_a_warning_and_a_plain_publish_says_it_
     assert "ends the rollout of version 2 (10%) beside version 1 of digits" in caplog.text
 
 
+def test_a_plain_publish_during_a_rollout_is_compared_with_the_stable_version_not_the_canary(tiny_run, tmp_path):
+    repository = tmp_path / "repo"
+    publish(_scored(tiny_run, tmp_path, "1.0", "good"), repository, "digits")
+    worse = _scored(tiny_run, tmp_path, "0.1", "chance")
+    publish(worse, repository, "digits", settings=PublishSettings(canary_percent=10))  # version 2, on trial
+    before = _listing(repository)
+    # It would replace both versions: the one it falls short of is the stable version 1, whatever the canary.
+    with pytest.raises(PublishError, match="90.00 points below the 100.00% of version 1"):
+        publish(worse, repository, "digits")
+    assert _listing(repository) == before
+
+
 def test_a_model_without_a_recorded_accuracy_is_published_with_one_warning(tiny_run, tmp_path, caplog):
     repository = tmp_path / "repo"
     publish(tiny_run / "model.onnx", repository, "digits")
