@@ -971,7 +971,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare every served version's answers with model MODEL's (same preprocessing), as shadow "
         'requests ("": no reference)',
     )
-    rollout.add_argument("--version", type=_positive_int, help="version to roll out (default: the newest)")
+    rollout.add_argument(
+        "--version", type=_positive_int, help="version to roll out (default: the newest; during a rollout, its canary)"
+    )
     rollout.add_argument(
         "--sticky-header",
         metavar="HEADER",

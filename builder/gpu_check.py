@@ -168,7 +168,10 @@ def cuda_unavailable(torch_version: str, torch_cuda: str, driver: NvidiaDriver |
     """Why torch sees no GPU, and what to install: with a driver present, the usual cause is a torch built
     for a newer CUDA than the driver supports (CUDA's minor version compatibility stops at the major)."""
     if driver is None:
-        return "no NVIDIA GPU is visible (torch.cuda.is_available() is False)", None
+        return (
+            "no NVIDIA GPU is visible (torch.cuda.is_available() is False)",
+            "an NVIDIA GPU with its driver loaded (nvidia-smi lists it): every check needs one",
+        )
     driver_text = f"NVIDIA driver {driver.version or '(version unread)'}"
     if driver.cuda:
         driver_text += f", which supports CUDA up to {driver.cuda},"
@@ -218,7 +221,7 @@ def need_tensorrt() -> tuple[str, str | None] | None:
             except ImportError:
                 return "TensorRT is not installed", error_line(e)
             # Not the engine stage's whole line: its other way out (publish --target gpu) runs no check here.
-            return "TensorRT is not installed", f"TensorRT is not installed: {tensorrt_install_hint()}"
+            return "TensorRT is not installed", f"TensorRT (checks 3-6): {tensorrt_install_hint()}"
         return "TensorRT is not importable", None  # the importer got it after all: a broken install
     try:
         engine.check_tensorrt_version(getattr(tensorrt, "__version__", "unknown"))
@@ -268,7 +271,7 @@ def need_tritonserver() -> tuple[str, str | None] | None:
         return "tritonserver is not on PATH", (
             "tritonserver (checks 6, 7): run in NVIDIA's tritonserver container "
             "(nvcr.io/nvidia/tritonserver:24.10-py3) with torch (a CUDA build) and this project's builder "
-            "packages installed in it, and tensorrt==10.5.* for check 6"
+            "packages installed in it, and tensorrt==10.5.* for check 6 (docs/gpu.md has the command)"
         )
     return None
 

@@ -143,7 +143,7 @@ def start(
             # Named alone (a promote or an abort chose it): an older version was retired, not kept serving.
             raise RolloutError(
                 f"version {canary} of {name!r} is already the only version served: publish a newer one to roll "
-                "it out beside it"
+                "out beside it, or name an older one with --version to roll back to it"
             )
         if not others and not older:
             raise RolloutError(f"model {name!r} has no version to keep serving beside version {canary}")
@@ -392,7 +392,10 @@ def _gateway_metrics(gateway_url: str, api_key: str | None) -> str:
                 outcome.append(body.decode(response.encoding or "utf-8", errors="replace"))
         except GatewayUnanswered as e:
             outcome.append(e)
-        except Exception as e:  # a bad URL, a refused connection, an HTTP error status, a broken stream
+        except httpx.HTTPStatusError as e:
+            answer = e.response
+            outcome.append(GatewayUnanswered(f"{url} answered {answer.status_code} {answer.reason_phrase}"))
+        except Exception as e:  # a bad URL, a refused connection, a broken stream
             outcome.append(GatewayUnanswered(f"cannot read the gateway's metrics at {url}: {e}"))
 
     # A daemon thread, so that a server that never finishes cannot keep the process from exiting either.

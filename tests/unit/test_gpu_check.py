@@ -73,7 +73,8 @@ def test_without_a_gpu_main_prints_the_table_and_exits_0(bare_machine, capsys) -
     out = capsys.readouterr().out
     assert "0 passed, 0 failed, 7 skipped" in out
     # Said once, not per check: the engine stage's line, naming the release Triton loads.
-    assert out.count("TensorRT is not installed: pip install 'tensorrt==10.5.*'") == 1
+    assert out.count("TensorRT (checks 3-6): pip install 'tensorrt==10.5.*'") == 1
+    assert out.count("an NVIDIA GPU with its driver loaded") == 1
 
 
 def test_a_raising_check_is_a_failed_row_with_one_line_and_exit_1(capsys) -> None:

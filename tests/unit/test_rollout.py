@@ -591,6 +591,9 @@ def test_status_of_something_that_is_not_a_gateway_is_one_line_and_exit_2(tmp_pa
     repository = _repository(tmp_path, versions=2)
     error = _refused(capsys, MODEL, "--status", "--repository", str(repository), "--gateway-url", url)
     assert "is not a gateway's metrics" in error
+    # An error status is said as such, without the HTTP library's advice.
+    error = _refused(capsys, MODEL, "--status", "--repository", str(repository), "--gateway-url", f"{url}/elsewhere")
+    assert error.strip().endswith("/elsewhere/metrics answered 404 Not Found")
 
 
 def test_a_promoted_version_is_not_rolled_out_again_against_the_one_it_retired(tmp_path, capsys) -> None:
