@@ -27,7 +27,7 @@ import numpy as np
 import tritonclient.http as httpclient
 
 from builder.publish import PublishSettings, publish
-from stack.launcher import TritonServer, triton_and_gateway
+from stack.launcher import TritonServer, sigterm_as_interrupt, triton_and_gateway
 
 READY_TIMEOUT_S = 120.0
 
@@ -118,11 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=2, help="model instances per version")
     parser.add_argument("--out", help="also write the figures here as JSON")
     args = parser.parse_args(argv)
-    folder = Path(tempfile.mkdtemp(prefix="warmup-bench-"))
-    try:
-        results = measure(args, folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with sigterm_as_interrupt():
+        folder = Path(tempfile.mkdtemp(prefix="warmup-bench-"))
+        try:
+            results = measure(args, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     print("| run | without: first / p50 / p99 ms | with: first / p50 / p99 ms |")
     print("| --- | --- | --- |")
     for repetition in range(1, args.repetitions + 1):

@@ -193,11 +193,13 @@ def _gateway_key(args: argparse.Namespace) -> str | None:
 
 def _gateway_url(args: argparse.Namespace) -> str:
     """--gateway-url, else where a gateway started from this environment listens (GATEWAY_HOST, GATEWAY_PORT)."""
-    if args.gateway_url:
+    if args.gateway_url is not None:
         return args.gateway_url
     host = os.environ.get("GATEWAY_HOST") or "127.0.0.1"
     if host in ("0.0.0.0", "::"):  # every interface: this machine answers on loopback
         host = "127.0.0.1"
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
     return f"http://{host}:{os.environ.get('GATEWAY_PORT') or 8080}"
 
 

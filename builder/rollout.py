@@ -324,7 +324,8 @@ def traffic(metrics_text: str, name: str, rollout_id: str | None = None) -> dict
             elif sample.name in ("gateway_shadow_comparisons_total", "gateway_shadow_agreements_total"):
                 counts = compared.setdefault((version, labels.get("against", "")), [0.0, 0.0])
                 counts[sample.name == "gateway_shadow_agreements_total"] += sample.value
-            elif sample.name == "gateway_rollout_canary_halted" and sample.value >= 1:
+            # Set to 1 when halted, else 0: anything else (NaN) is taken as a halt, not as its absence.
+            elif sample.name == "gateway_rollout_canary_halted" and not sample.value < 1:
                 if rollout_id is not None and labels.get("rollout") == rollout_id:
                     entry(version)["halted"] = labels.get("reason", "")
             elif sample.name == "gateway_rollout_canary_requests_total":

@@ -226,16 +226,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would cost the load generator
 
-    from stack.launcher import triton_and_gateway
+    from stack.launcher import sigterm_as_interrupt, triton_and_gateway
 
-    folder = Path(tempfile.mkdtemp(prefix="degrade-loadtest-"))
     gateway_env = {"GATEWAY_WORKERS": str(args.workers), "GATEWAY_TRITON_TIMEOUT_S": str(CLIENT_TIMEOUT_S)}
-    try:
-        slow, degrading = publish_models(args, folder / "repo")
-        with triton_and_gateway(folder / "repo", folder, gateway_env) as (_, gateway):
-            report = asyncio.run(measure(args, gateway.url, slow, degrading))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with sigterm_as_interrupt():
+        folder = Path(tempfile.mkdtemp(prefix="degrade-loadtest-"))
+        try:
+            slow, degrading = publish_models(args, folder / "repo")
+            with triton_and_gateway(folder / "repo", folder, gateway_env) as (_, gateway):
+                report = asyncio.run(measure(args, gateway.url, slow, degrading))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text)

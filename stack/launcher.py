@@ -106,37 +106,62 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_dead_launchers_leftovers() -> int:
-    """The Python-backend leftovers of Tritons whose launcher was killed outright (SIGKILL: no clean-up ran):
-    a Triton killed while it loaded models can leave its stub processes running, orphaned, and their shared
-    memory. Each start's region prefix names the launcher's pid (TritonServer._new_region_prefix): prefixes of
-    pids no longer running are dead starts' own, whatever else runs here. Returns the stubs killed."""
-    dead = set()
-    for path in Path(SHM_DIRECTORY).glob(f"{PYTHON_BACKEND_REGION_PREFIX}*"):
-        owner = path.name[len(PYTHON_BACKEND_REGION_PREFIX) :].split("_", 1)[0]
-        if owner.isdigit() and not _alive(int(owner)):
-            dead.add(f"{PYTHON_BACKEND_REGION_PREFIX}{owner}_")
-    if not dead:
-        return 0
-    killed = 0
+def _processes() -> Iterator[tuple[int, int, list[str]]]:
+    """(pid, parent pid, argv) of every process this one can see."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
+            # The parent pid is the field after the command name, which is in parentheses and may hold spaces.
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if Path(argv[0]).name == PYTHON_BACKEND_STUB and any(arg.startswith(tuple(dead)) for arg in argv[1:]):
+        yield int(entry.name), parent, argv
+
+
+def remove_dead_launchers_leftovers() -> int:
+    """The Python-backend leftovers of Tritons whose launcher was killed outright (SIGKILL: no clean-up ran):
+    a Triton killed while it loaded models can leave its stub processes running, orphaned, and their shared
+    memory. Each start's region prefix names its launcher's pid (TritonServer._new_region_prefix). A start's
+    stubs are killed and its regions removed only when all of these hold: that pid is not running here, no
+    process this one can see names the prefix but its stubs, and they are orphans (no tritonserver parent).
+    Another PID namespace sharing /dev/shm may reuse the pid, and its processes may be invisible from here:
+    what cannot be shown dead is left alone. Returns the stubs killed."""
+    suspects = set()  # one prefix per start: <launcher pid>_<token>_
+    for path in Path(SHM_DIRECTORY).glob(f"{PYTHON_BACKEND_REGION_PREFIX}*"):
+        owner, token, *_ = path.name[len(PYTHON_BACKEND_REGION_PREFIX) :].split("_") + ["", ""]
+        if owner.isdigit() and token and not _alive(int(owner)):
+            suspects.add(f"{PYTHON_BACKEND_REGION_PREFIX}{owner}_{token}_")
+    if not suspects:
+        return 0
+    processes = list(_processes())
+    names = {pid: Path(argv[0]).name for pid, _, argv in processes}
+    orphans: dict[str, list[int]] = {}
+    alive: set[str] = set()
+    for pid, parent, argv in processes:
+        found = {prefix for prefix in suspects if any(prefix in arg for arg in argv[1:])}
+        if not found:
+            continue
+        # An orphan's parent is init or a subreaper, not the tritonserver that started it.
+        if names[pid] == PYTHON_BACKEND_STUB and names.get(parent) != "tritonserver":
+            for prefix in found:
+                orphans.setdefault(prefix, []).append(pid)
+        else:
+            alive |= found  # its server, a stub of a running server, anything else that names it: left alone
+    killed = freed = 0
+    for prefix, pids in orphans.items():
+        if prefix in alive:
+            continue
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
                 killed += 1
-    freed = sum(remove_regions(prefix) for prefix in dead)
-    log.info(
-        "removed what %d killed launchers left: %d Python backend stubs, %.1f MB of shared memory",
-        len(dead),
-        killed,
-        freed / 1e6,
-    )
+        freed += remove_regions(prefix)
+    if killed:
+        log.info(
+            "removed what killed launchers left: %d Python backend stubs, %.1f MB of shared memory", killed, freed / 1e6
+        )
     return killed
 
 
@@ -567,22 +592,30 @@ def triton_and_gateway(
             **(gateway_env or {}),
         },
     )
-    # SIGTERM ends the run as Ctrl-C does, through the `finally` below and the caller's own clean-up.
-    previous = signal.getsignal(signal.SIGTERM)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
-        signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        triton.start()
-        gateway.start()
-        yield triton, gateway
-    finally:
+    with sigterm_as_interrupt():
         try:
-            gateway.stop()
-        finally:  # a second Ctrl-C while the gateway drains still stops Triton
-            triton.stop(timeout_s=5)
-            if in_main_thread:
-                signal.signal(signal.SIGTERM, previous)
+            triton.start()
+            gateway.start()
+            yield triton, gateway
+        finally:
+            try:
+                gateway.stop()
+            finally:  # a second Ctrl-C while the gateway drains still stops Triton
+                triton.stop(timeout_s=5)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the block as Ctrl-C does (KeyboardInterrupt), so that its `finally` clauses run: without
+    it a benchmark killed by SIGTERM leaves its temporary folder. Only in the main thread, where signals go."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -1,6 +1,7 @@
 """The local stack's launcher: the gateway process's environment, and how any child is started, stopped,
 and cleaned up (small Python children stand in for the servers)."""
 
+import contextlib
 import logging
 import os
 import signal
@@ -332,32 +333,69 @@ def test_a_killed_tritons_python_backend_folder_is_removed_and_no_one_elses(tmp_
         server.stop(timeout_s=0)
 
 
+# Starts a process whose argv[0] is sys.argv[1] (a stub's name) with a region name in its arguments, prints
+# its pid, and exits at once (its child an orphan) or stays (its child's parent). sys.argv[4]: the Python to
+# run, which a process given another argv[0] cannot tell by itself.
+SPAWNS_NAMED = """
+import subprocess, sys, time
+stub = subprocess.Popen([sys.argv[1], "-c", "import time; time.sleep(60)", sys.argv[2]], executable=sys.argv[4])
+print(stub.pid, flush=True)
+if sys.argv[3] == "stay":
+    time.sleep(60)
+"""
+
+
+def _named_process(name: Path, region: str, parent: str, parent_name: str = "launcher") -> tuple[int, subprocess.Popen]:
+    """(pid of a process called `name` naming `region`, the process that started it, called `parent_name`)."""
+    starter = subprocess.Popen(
+        [parent_name, "-c", SPAWNS_NAMED, str(name), region, parent, sys.executable],
+        executable=sys.executable,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return int(starter.stdout.readline()), starter
+
+
 @pytest.mark.spawns
 def test_stubs_and_regions_of_a_killed_launcher_are_removed_at_the_next_start_and_no_one_elses(tmp_path):
     # A launcher killed outright (SIGKILL) while its Triton loaded models: the stubs were left running,
     # orphaned, with their shared memory. Its pid, in their region prefix, is no longer running.
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead_prefix = f"{launcher.PYTHON_BACKEND_REGION_PREFIX}{gone.pid}_0a1b2c3d_"
-    live_prefix = f"{launcher.PYTHON_BACKEND_REGION_PREFIX}{os.getpid()}_0a1b2c3d_"
-    regions = [Path("/dev/shm") / f"{prefix}stub-1" for prefix in (dead_prefix, live_prefix)]
-    stubs = []
+    stub = tmp_path / launcher.PYTHON_BACKEND_STUB  # how the backend names it (argv[0])
+    dead = f"{launcher.PYTHON_BACKEND_REGION_PREFIX}{gone.pid}_0a1b2c3d_"
+    # The same pid, from another PID namespace sharing /dev/shm: its server runs, seen here under another pid.
+    elsewhere = f"{launcher.PYTHON_BACKEND_REGION_PREFIX}{gone.pid}_4e5f6a7b_"
+    running = f"{launcher.PYTHON_BACKEND_REGION_PREFIX}{os.getpid()}_0a1b2c3d_"
+    regions = [Path("/dev/shm") / f"{prefix}stub-1" for prefix in (dead, elsewhere, running)]
+    started: list[subprocess.Popen] = []
+    pids: list[int] = []
     try:
         for region in regions:
             region.write_bytes(b"x" * 4096)
-            stub = tmp_path / launcher.PYTHON_BACKEND_STUB  # how the backend names it (argv[0])
-            argv = [str(stub), "-c", "import time; time.sleep(60)", region.name, "1048576"]
-            stubs.append(subprocess.Popen(argv, executable=sys.executable))
-        deadline = time.monotonic() + CHILD_TIMEOUT_S
-        while not all(Path(f"/proc/{p.pid}/cmdline").read_bytes().startswith(str(stub).encode()) for p in stubs):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        for region, parent, parent_name in (
+            (regions[0], "exit", "launcher"),  # orphaned
+            (regions[1], "stay", "tritonserver"),  # its server runs
+            (regions[2], "exit", "launcher"),  # orphaned, but its launcher (this process) runs
+        ):
+            pid, starter = _named_process(stub, region.name, parent, parent_name)
+            pids.append(pid)
+            started.append(starter)
+        started[0].wait()
+        started[2].wait()
         assert launcher.remove_dead_launchers_leftovers() == 1
-        assert stubs[0].wait(timeout=CHILD_TIMEOUT_S) == -signal.SIGKILL and not regions[0].exists()
-        assert stubs[1].poll() is None and regions[1].exists()  # a running launcher's: left alone
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while launcher._alive(pids[0]) and Path(f"/proc/{pids[0]}").exists():
+            assert time.monotonic() < deadline, "the orphan stub was not killed"
+            time.sleep(0.02)
+        assert not regions[0].exists()
+        assert all(Path(f"/proc/{pid}").exists() for pid in pids[1:]) and regions[1].exists() and regions[2].exists()
     finally:
-        for stub_process in stubs:
-            stub_process.kill()
-            stub_process.wait()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for starter in started:
+            starter.kill()
+            starter.wait()
         for region in regions:
             region.unlink(missing_ok=True)

@@ -685,6 +685,32 @@ def test_promote_ends_in_bounded_time_and_memory_whatever_the_gateway_sends(tmp_
     assert (repository / MODEL / "config.pbtxt").read_bytes() == before
 
 
+def test_a_halt_gauge_that_is_not_0_or_1_counts_as_a_halt(tmp_path, capsys, gateway_metrics) -> None:
+    url, served = gateway_metrics
+    repository = _repository(tmp_path, versions=2)
+    started = rollout.start(repository, MODEL, 10)
+    served[0] = METRICS + _halted_metrics(started).replace(" 1.0", " NaN") + _judged_metrics(started, 500)
+    error = _refused(capsys, MODEL, "--promote", "--repository", str(repository), "--gateway-url", url)
+    assert "halted version 2" in error
+
+
+def test_the_default_gateway_url_follows_the_gateways_own_settings(monkeypatch) -> None:
+    from builder.cli import _gateway_url, build_parser
+
+    def url(*argv: str) -> str:
+        return _gateway_url(build_parser().parse_args(["rollout", MODEL, "--status", *argv]))
+
+    monkeypatch.delenv("GATEWAY_HOST", raising=False)
+    monkeypatch.delenv("GATEWAY_PORT", raising=False)
+    assert url() == "http://127.0.0.1:8080"
+    monkeypatch.setenv("GATEWAY_PORT", "28080")
+    monkeypatch.setenv("GATEWAY_HOST", "::1")
+    assert url() == "http://[::1]:28080"
+    monkeypatch.setenv("GATEWAY_HOST", "0.0.0.0")
+    assert url() == "http://127.0.0.1:28080"
+    assert url("--gateway-url", "") == ""  # given, even empty: refused as a URL, not replaced by the default
+
+
 @pytest.mark.parametrize(
     "metrics",
     [
