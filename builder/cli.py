@@ -184,23 +184,27 @@ def _rollout(args: argparse.Namespace) -> None:
             kept = rollout.abort(repository, args.name)
         print(json.dumps({"model": args.name, "serving": kept}))
     else:
-        print(json.dumps(rollout.status(repository, args.name, _gateway_url(args), _gateway_key(args)), indent=2))
+        (url, *others) = _gateway_urls(args)
+        if others:
+            raise BuilderError("--status asks one gateway: give one --gateway-url")
+        print(json.dumps(rollout.status(repository, args.name, url, _gateway_key(args)), indent=2))
 
 
 def _gateway_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get("GATEWAY_API_KEY") or None
 
 
-def _gateway_url(args: argparse.Namespace) -> str:
-    """--gateway-url, else where a gateway started from this environment listens (GATEWAY_HOST, GATEWAY_PORT)."""
-    if args.gateway_url is not None:
-        return args.gateway_url
+def _gateway_urls(args: argparse.Namespace) -> list[str]:
+    """Every --gateway-url, else where a gateway started from this environment listens (GATEWAY_HOST,
+    GATEWAY_PORT)."""
+    if args.gateway_url:
+        return list(args.gateway_url)
     host = os.environ.get("GATEWAY_HOST") or "127.0.0.1"
     if host in ("0.0.0.0", "::"):  # every interface: this machine answers on loopback
         host = "127.0.0.1"
     if ":" in host:  # an IPv6 address
         host = f"[{host}]"
-    return f"http://{host}:{os.environ.get('GATEWAY_PORT') or 8080}"
+    return [f"http://{host}:{os.environ.get('GATEWAY_PORT') or 8080}"]
 
 
 def _refusing_a_halted_canary(args: argparse.Namespace) -> Callable[[Any], None]:
@@ -214,7 +218,11 @@ def _refusing_a_halted_canary(args: argparse.Namespace) -> Callable[[Any], None]
     def ask(current: Any) -> None:
         if current is None:
             return  # a rollout no gateway can read is followed by none, so none halted its canary
-        url = _gateway_url(args)
+        # Each gateway judges the canary on its own requests: every one named must have judged it, none halted.
+        for url in _gateway_urls(args):
+            ask_one(url, current)
+
+    def ask_one(url: str, current: Any) -> None:
         try:
             reason, judged = canary_verdict(url, _gateway_key(args), args.name, current)
         except GatewayUnanswered as e:
@@ -1005,8 +1013,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollout.add_argument(
         "--gateway-url",
+        action="append",
         help="--status, --promote: the gateway to ask; --promote refuses a canary it halted, or where it cannot "
-        "ask (default: http://127.0.0.1:$GATEWAY_PORT, else 8080)",
+        "ask (default: http://127.0.0.1:$GATEWAY_PORT, else 8080); again for each gateway --promote asks",
     )
     rollout.add_argument("--api-key", help="--status, --promote: the gateway's API key (default: $GATEWAY_API_KEY)")
     rollout.add_argument(

@@ -309,7 +309,7 @@ def traffic(metrics_text: str, name: str, rollout_id: str | None = None) -> dict
 
     gateway = False
     for family in text_string_to_metric_families(metrics_text):
-        gateway = gateway or family.name == GATEWAY_FAMILY
+        gateway = gateway or (family.name == GATEWAY_FAMILY and bool(family.samples))
         for sample in family.samples:
             labels = sample.labels
             if labels.get("model") != name:
@@ -324,8 +324,8 @@ def traffic(metrics_text: str, name: str, rollout_id: str | None = None) -> dict
             elif sample.name in ("gateway_shadow_comparisons_total", "gateway_shadow_agreements_total"):
                 counts = compared.setdefault((version, labels.get("against", "")), [0.0, 0.0])
                 counts[sample.name == "gateway_shadow_agreements_total"] += sample.value
-            # Set to 1 when halted, else 0: anything else (NaN) is taken as a halt, not as its absence.
-            elif sample.name == "gateway_rollout_canary_halted" and not sample.value < 1:
+            # Set to 1 when halted, 0 once another rollout replaces it: anything but 0 is taken as a halt.
+            elif sample.name == "gateway_rollout_canary_halted" and sample.value != 0:
                 if rollout_id is not None and labels.get("rollout") == rollout_id:
                     entry(version)["halted"] = labels.get("reason", "")
             elif sample.name == "gateway_rollout_canary_requests_total":

@@ -601,7 +601,8 @@ def triton_and_gateway(
             try:
                 gateway.stop()
             finally:  # a second Ctrl-C while the gateway drains still stops Triton
-                triton.stop(timeout_s=5)
+                with signals_held():
+                    triton.stop(timeout_s=5)
 
 
 @contextmanager
@@ -620,3 +621,24 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block has finished (a stop must not be cut short, or it leaves its
+    server running), then interrupt as Ctrl-C does. Only in the main thread, where signals go."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {
+        number: signal.signal(number, lambda signum, frame: received.append(signum))
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        raise KeyboardInterrupt

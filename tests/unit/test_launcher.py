@@ -399,3 +399,16 @@ def test_stubs_and_regions_of_a_killed_launcher_are_removed_at_the_next_start_an
             starter.wait()
         for region in regions:
             region.unlink(missing_ok=True)
+
+
+def test_signals_wait_for_a_stop_to_finish_then_interrupt() -> None:
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with launcher.signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)  # a second Ctrl-C or SIGTERM while a server is being stopped
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            finished.append("the stop")
+    assert finished == ["the stop"]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # as they were

@@ -685,20 +685,48 @@ def test_promote_ends_in_bounded_time_and_memory_whatever_the_gateway_sends(tmp_
     assert (repository / MODEL / "config.pbtxt").read_bytes() == before
 
 
-def test_a_halt_gauge_that_is_not_0_or_1_counts_as_a_halt(tmp_path, capsys, gateway_metrics) -> None:
+@pytest.mark.parametrize("value", ["NaN", "-Inf", "-1.0"])
+def test_a_halt_gauge_that_is_not_0_counts_as_a_halt(tmp_path, capsys, gateway_metrics, value) -> None:
     url, served = gateway_metrics
     repository = _repository(tmp_path, versions=2)
     started = rollout.start(repository, MODEL, 10)
-    served[0] = METRICS + _halted_metrics(started).replace(" 1.0", " NaN") + _judged_metrics(started, 500)
+    served[0] = METRICS + _halted_metrics(started).replace(" 1.0", f" {value}") + _judged_metrics(started, 500)
     error = _refused(capsys, MODEL, "--promote", "--repository", str(repository), "--gateway-url", url)
     assert "halted version 2" in error
 
 
+def test_promote_asks_every_gateway_named_and_refuses_if_one_halted(tmp_path, capsys, gateway_metrics) -> None:
+    url, served = gateway_metrics
+    repository = _repository(tmp_path, versions=2)
+    started = rollout.start(repository, MODEL, 10)
+    judged = METRICS + _judged_metrics(started, 500)
+    halted = _HostileMetrics(judged + _halted_metrics(started))
+    try:
+        served[0] = judged  # this one judged the canary and did not halt it; the other one halted it
+        argv = ["--promote", "--repository", str(repository), "--gateway-url", url, "--gateway-url", halted.url]
+        assert f"the gateway at {halted.url} halted version 2" in _refused(capsys, MODEL, *argv)
+    finally:
+        halted.close()
+    assert model_config.rollout_of(_served(repository)) is not None
+
+
+def test_a_metrics_answer_naming_the_gateways_series_without_samples_is_not_a_gateway(
+    tmp_path, capsys, gateway_metrics
+) -> None:
+    url, served = gateway_metrics
+    repository = _repository(tmp_path, versions=2)
+    started = rollout.start(repository, MODEL, 10)
+    served[0] = "# HELP gateway_request_bytes x\n" + _judged_metrics(started, 500)
+    error = _refused(capsys, MODEL, "--promote", "--repository", str(repository), "--gateway-url", url)
+    assert "is not a gateway's metrics" in error
+
+
 def test_the_default_gateway_url_follows_the_gateways_own_settings(monkeypatch) -> None:
-    from builder.cli import _gateway_url, build_parser
+    from builder.cli import _gateway_urls, build_parser
 
     def url(*argv: str) -> str:
-        return _gateway_url(build_parser().parse_args(["rollout", MODEL, "--status", *argv]))
+        (only,) = _gateway_urls(build_parser().parse_args(["rollout", MODEL, "--status", *argv]))
+        return only
 
     monkeypatch.delenv("GATEWAY_HOST", raising=False)
     monkeypatch.delenv("GATEWAY_PORT", raising=False)
@@ -734,3 +762,19 @@ def test_a_malformed_gateway_url_is_one_line(tmp_path, capsys, url):
     assert "cannot read the gateway's metrics" in _refused(
         capsys, MODEL, "--promote", "--repository", str(repository), "--gateway-url", url
     )
+
+
+class _HostileMetrics:
+    """A second loopback /metrics server, answering `text`."""
+
+    def __init__(self, text: str) -> None:
+        self.server = _Hostile(
+            lambda connection, stopped: connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (len(text.encode()), text.encode())
+            )
+        )
+        self.url = self.server.url
+
+    def close(self) -> None:
+        self.server.close()
