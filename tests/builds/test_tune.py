@@ -76,7 +76,11 @@ def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(tmp_pat
     assert ran == [f"trial-{n:03d}" for n in range(4)]  # each trial trained by exactly one worker
     # Each worker's best.json is the study's best when it finished: the later one holds the study's record.
     best = max((json.loads((tmp_path / n / "best.json").read_text()) for n in "ab"), key=lambda b: b["val_accuracy"])
-    assert (best["trial"], best["val_accuracy"]) == (study.best_trial.number, study.best_value)
-    assert best["params"] == study.best_trial.params
+    assert best["val_accuracy"] == study.best_value
+    # Trials this small often tie (chance accuracy); Optuna names the first of them its best trial, a worker
+    # that finished before it names the one it saw: any of the tied trials, with its own parameters.
+    by_number = {t.number: t for t in trials}
+    assert by_number[best["trial"]].value == study.best_value
+    assert best["params"] == by_number[best["trial"]].params
     results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
     assert {r["trials"] for r in results} <= {3, 4} and max(r["trials"] for r in results) == 4
