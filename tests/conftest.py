@@ -40,6 +40,9 @@ def pillows_pixel_limit_as_found(request, monkeypatch):
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_MAX_IMAGE_PIXELS)
 
 
+# tryfirst: xdist's worker turns xdist_group markers into its groups in its own hook of this name, which
+# would otherwise run before this one and see no marker.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # `make test` runs the suite in two processes (pytest-xdist, --dist loadgroup). The tests of the real
     # stack stay together, one after another in one of them: they start Triton servers, whose Python

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,33 @@ from tests.fixtures import tiny_run  # noqa: F401  (the trained model every publ
 
 MODEL = "digits"
 PIXEL_MODEL = "digits-pixels"  # the same model, published to take 8-bit pixels
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_stack_tests_in_one_process(tmp_path_factory) -> None:
+    """Under pytest-xdist, the first process to run a test here claims them all; another one fails its tests.
+
+    Two processes starting Triton servers at the same moments cannot tell their Python backends' scratch
+    folders apart and take each other's free ports (see tests/conftest.py). The grouping that prevents it
+    breaks without a sound: pytest 9.2 ignores the group xdist 3.8 writes into node ids (pytest-xdist
+    issue 1386), which is why pyproject.toml holds pytest below 9.2."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return
+    run_folder = tmp_path_factory.getbasetemp().parent  # one per pytest run, shared by its processes
+    claim = run_folder / "real-stack-process"
+    written = run_folder / f"real-stack-process.{worker}"
+    written.write_text(worker)
+    try:
+        os.link(written, claim)  # atomic: exactly one process creates the claim, whole
+    except FileExistsError:
+        owner = claim.read_text()
+        if owner != worker:
+            pytest.fail(
+                f"real-stack tests run in two pytest-xdist processes ({owner} and {worker}): "
+                "--dist loadgroup is not keeping the xdist_group 'servers' together",
+                pytrace=False,
+            )
 
 
 class QuickStopTriton(TritonServer):
