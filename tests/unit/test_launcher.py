@@ -357,6 +357,9 @@ def _named_process(name: Path, region: str, parent: str, parent_name: str = "lau
 
 
 @pytest.mark.spawns
+# Its orphan stub is one that any Triton start on the machine removes (TritonServer.launch), so under
+# pytest-xdist it runs in the process that starts the real-stack tests' servers, never beside one of them.
+@pytest.mark.xdist_group("servers")
 def test_stubs_and_regions_of_a_killed_launcher_are_removed_at_the_next_start_and_no_one_elses(tmp_path):
     # A launcher killed outright (SIGKILL) while its Triton loaded models: the stubs were left running,
     # orphaned, with their shared memory. Its pid, in their region prefix, is no longer running.
