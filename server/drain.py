@@ -11,13 +11,22 @@ Every answer given while draining carries `Connection: close` (server/app.py), s
 opens a new connection: after the drain period the listeners close, and such a request is refused before it
 is sent, never sent and then cut off. Then uvicorn is told to stop as it would have been (`should_exit`),
 which finishes in-flight requests and exits 0. SIGINT (Ctrl+C) is left to uvicorn.
+
+Closing a listening socket resets the connections the kernel completed that no accept() took yet, and
+their clients may have sent a request by then: a request lost, not refused. So before the listeners close,
+the kernel is told to complete no more (`refuse_new_connections`) and the loop accepts what it already
+completed, for ACCEPT_QUEUE_S.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
+import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +40,31 @@ log = logging.getLogger("server")
 # After the drain period, how long connections still open are served (each answer closing its
 # connection) with the listeners already closed, before uvicorn's own shutdown.
 LISTENERS_CLOSED_S = 1.0
+# How long the loop accepts the connections the kernel completed before it was told to complete no more.
+ACCEPT_QUEUE_S = 0.2
+
+# setsockopt(SOL_SOCKET, SO_ATTACH_FILTER) takes a classic BPF program (linux/filter.h); this one is a
+# single instruction, BPF_RET|BPF_K with k = 0, "keep 0 bytes" of every packet: each is dropped.
+SO_ATTACH_FILTER = 26  # asm-generic/socket.h
+DROP_EVERY_PACKET = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def refuse_new_connections(sock: socket.socket) -> bool:
+    """Have the kernel complete no new connection on a listening socket; those it completed stay for
+    accept(). It ignores new SYNs: their clients send them again a second later, find the port closed and
+    are refused before sending a request. On a socket other processes listen on too, this stops them as
+    well. False, with nothing done, where socket filters are not available (other than Linux)."""
+    if sys.platform != "linux":
+        return False
+    program = ctypes.create_string_buffer(DROP_EVERY_PACKET, len(DROP_EVERY_PACKET))
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}, with the native padding.
+    fprog = struct.pack("HP", 1, ctypes.addressof(program))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies the program
+    except OSError as e:
+        log.warning("could not stop new connections before closing the listener: %s", e)
+        return False
+    return True
 
 
 class Drain:
@@ -70,6 +104,15 @@ def drain_on_sigterm(drain: Drain, settings: Settings) -> Callable[[], None] | N
         # requests: a request a client sends on such a connection at that moment gets no answer. So the
         # listeners close first; connections still open then are answered (503, Connection: close, which
         # ends them) for LISTENERS_CLOSED_S before uvicorn's shutdown closes what is left.
+        # With several workers the listening socket is one, shared: their supervisor stops its new
+        # connections when the drain period ends (server/serve.py), since one worker may drain alone.
+        if server.config.workers == 1:
+            for listener in server.servers:
+                for sock in listener.sockets:
+                    refuse_new_connections(sock)  # type: ignore[arg-type]  # asyncio's TransportSocket
+        loop.call_later(ACCEPT_QUEUE_S, close_listeners)
+
+    def close_listeners() -> None:
         for listener in server.servers:
             listener.close()
         loop.call_later(LISTENERS_CLOSED_S, exit_uvicorn)

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from multiprocessing import resource_tracker
 from pathlib import Path
 from socket import socket
@@ -33,6 +34,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
+from .drain import refuse_new_connections
 from .settings import NoApiKeys, Settings, SettingsError, get_settings
 from .shared_memory import REGION_PREFIX, SHM_DIRECTORY
 
@@ -91,16 +93,24 @@ def worker_app() -> FastAPI:
 class Workers(Multiprocess):
     """uvicorn's worker supervisor; a worker it replaces also has its live gauges dropped from the metrics."""
 
-    def __init__(self, config: uvicorn.Config, sockets: list[socket], metrics_dir: Path) -> None:
+    def __init__(self, config: uvicorn.Config, sockets: list[socket], metrics_dir: Path, drain_s: float) -> None:
         super().__init__(config, sockets)
         self.metrics_dir = metrics_dir
+        self.drain_s = drain_s
 
     def terminate_all(self) -> None:
         super().terminate_all()  # SIGTERM to each worker: each drains, then closes its copy of the listener
-        # This process's copy would keep the socket listening after the workers close theirs: the kernel
-        # would go on completing connections that no worker accepts, reset when this process exits. With
-        # it closed here, the last worker's close ends the listening and new connections are refused.
+        # When the drain period ends, the kernel is told to complete no more connections on the shared
+        # socket, while the workers accept what it completed before they close it (server/drain.py).
+        # Then this process's copy is closed: kept, it would go on listening after the workers close theirs,
+        # and what the kernel completed would be reset when this process exits.
+        stop = threading.Timer(self.drain_s, self.close_listeners)
+        stop.daemon = True
+        stop.start()
+
+    def close_listeners(self) -> None:
         for listener in self.sockets:
+            refuse_new_connections(listener)
             listener.close()
 
     def keep_subprocess_alive(self) -> None:
@@ -146,7 +156,7 @@ def serve(settings: Settings) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
         config = uvicorn_config(settings, workers)
-        supervisor = Workers(config, [config.bind_socket()], metrics_dir)
+        supervisor = Workers(config, [config.bind_socket()], metrics_dir, settings.drain_s)
         supervisor.run()
         # A worker that could not start stops the supervisor (the next would fail the same way).
         return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0

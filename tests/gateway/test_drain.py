@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import signal
+import socket
+import sys
 import time
 
 import pytest
 
-from server.drain import drain_on_sigterm
+from server.drain import drain_on_sigterm, refuse_new_connections
 
 from .conftest import MODEL, client_of, gateway_settings, png, rejections
 
@@ -39,3 +41,29 @@ def test_outside_uvicorn_the_gateway_leaves_sigterm_alone(replicas):
         assert client.get("/healthz").status_code == 200
         assert signal.getsignal(signal.SIGTERM) is before
     assert drain_on_sigterm(client.app.state.drain, gateway_settings()) is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="socket filters are Linux's")
+def test_a_listener_told_to_refuse_keeps_what_the_kernel_completed_and_completes_no_more():
+    listener = socket.create_server(("127.0.0.1", 0), backlog=8)
+    address = listener.getsockname()
+    early, late = socket.socket(), socket.socket()
+    try:
+        early.connect(address)  # completed by the kernel, not yet accepted
+        early.sendall(b"a request")
+        assert refuse_new_connections(listener)
+        late.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            late.connect(address)  # its SYN is ignored: no connection to reset at the close
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.recv(64) == b"a request"
+            accepted.sendall(b"an answer")
+            assert early.recv(64) == b"an answer"
+        listener.close()
+        fresh = socket.socket()
+        with fresh, pytest.raises(ConnectionRefusedError):
+            fresh.connect(address)
+    finally:
+        for sock in (early, late, listener):
+            sock.close()
