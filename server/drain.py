@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import socket
 import struct
@@ -94,6 +95,7 @@ def drain_on_sigterm(drain: Drain, settings: Settings) -> Callable[[], None] | N
     if not isinstance(server, uvicorn.Server) or threading.current_thread() is not threading.main_thread():
         return None
     loop = asyncio.get_running_loop()
+    supervisor = os.getppid()  # with several workers, the process that shares their listening socket
 
     def stop() -> None:
         # uvicorn waits for in-flight requests without a bound unless --timeout-graceful-shutdown is given.
@@ -105,8 +107,9 @@ def drain_on_sigterm(drain: Drain, settings: Settings) -> Callable[[], None] | N
         # listeners close first; connections still open then are answered (503, Connection: close, which
         # ends them) for LISTENERS_CLOSED_S before uvicorn's shutdown closes what is left.
         # With several workers the listening socket is one, shared: their supervisor stops its new
-        # connections when the drain period ends (server/serve.py), since one worker may drain alone.
-        if server.config.workers == 1:
+        # connections when the drain period ends (server/serve.py), since one worker may drain alone. A
+        # supervisor that was killed cannot; then every worker drains (each got SIGTERM at its death).
+        if server.config.workers == 1 or os.getppid() != supervisor:
             for listener in server.servers:
                 for sock in listener.sockets:
                     refuse_new_connections(sock)  # type: ignore[arg-type]  # asyncio's TransportSocket
